@@ -1,0 +1,370 @@
+"""Model hyperparameters: one frozen `Config` with the official `ModelArgs` field names.
+
+`Config.from_checkpoint(dir)` reads a checkpoint's Hugging Face `config.json` through one explicit
+rename table (`HF_RENAMES`), or the official `inference/config.json` as is. Every key must be
+known; a missing key never silently takes a default (other implementations shipped exactly that
+bug with `compress_rope_theta`, spec §10 rows 2-3).
+
+Presets: `flash()` (spec §2), `pro()` (spec §8.2) and `tiny()` (small, every structural feature).
+Official: inference/model.py ModelArgs (M:L34-80), inference/config.json, root config.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config file or preset that is unknown, incomplete or contradictory."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """DeepSeek V4 hyperparameters (defaults: V4 Flash). Field names = the official ModelArgs names.
+
+    Dims legend (used in every shape comment and einsum in refimpl):
+      b batch            s query positions      t key/value positions   k selected kv per query
+      c model width      h attention heads      d head dim              p rope dims
+      g output groups    r output lora rank     n residual streams      e routed experts
+      a experts / token  f expert hidden        v vocab                 m compression ratio
+      q q_lora_rank      i indexer heads        j indexer head dim      x mixes (2+n)*n
+    Flattened token rows are written b*s (as in n*c); no extra letter.
+    """
+    vocab_size: int = 129280                 # v
+    dim: int = 4096                          # c
+    moe_inter_dim: int = 2048                # f
+    n_layers: int = 43                       # main blocks; the MTP block is layer n_layers
+    n_hash_layers: int = 3                   # layers 0..n_hash_layers-1 route by token id
+    n_mtp_layers: int = 1
+    n_heads: int = 64                        # h
+    n_routed_experts: int = 256              # e
+    n_shared_experts: int = 1
+    n_activated_experts: int = 6             # a
+    score_func: str = "sqrtsoftplus"
+    route_scale: float = 1.5
+    swiglu_limit: float = 10.0
+    q_lora_rank: int = 1024                  # q
+    head_dim: int = 512                      # d  (rope dims are the last p of these)
+    rope_head_dim: int = 64                  # p
+    norm_eps: float = 1e-6
+    o_groups: int = 8                        # g
+    o_lora_rank: int = 1024                  # r
+    window_size: int = 128
+    compress_ratios: tuple[int, ...] = (0, 0) + (4, 128) * 20 + (4, 0)   # per layer (+ MTP): 0 = window only, else m
+    compress_rope_theta: float = 160000.0
+    original_seq_len: int = 65536            # YaRN original context; 0 = no YaRN
+    rope_theta: float = 10000.0
+    rope_factor: float = 16.0
+    beta_fast: int = 32
+    beta_slow: int = 1
+    index_n_heads: int = 64                  # i
+    index_head_dim: int = 128                # j
+    index_topk: int = 512
+    hc_mult: int = 4                         # n
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    dtype: str = "fp8"                       # FP8 e4m3 block weights
+    scale_fmt: str = "ue8m0"                 # power-of-two (E8M0) scales
+    expert_dtype: str = "fp4"                # routed experts: packed FP4 e2m1
+    max_seq_len: int = 4096                  # a load option, not a model limit (official default M:L38)
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+
+    def __post_init__(self):
+        self.validate()
+
+    # ---- derived facts (named predicates, each citing the official rule) ----
+    @property
+    def n_mix(self) -> int:
+        # official: mix_hc = (2 + hc_mult) * hc_mult (M:L663): pre n, post n, comb n*n
+        return (2 + self.hc_mult) * self.hc_mult
+
+    @property
+    def nope_head_dim(self) -> int:
+        return self.head_dim - self.rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        # official: self.softmax_scale = self.head_dim ** -0.5 (M:L464); no YaRN mscale
+        return self.head_dim ** -0.5
+
+    def compress_ratio(self, layer: int) -> int:
+        # official: self.compress_ratio = args.compress_ratios[layer_id] (M:L455); MTP = layer n_layers
+        return self.compress_ratios[layer]
+
+    def uses_compressor(self, layer: int) -> bool:
+        # official: a Compressor exists iff compress_ratio != 0 (M:L466-467)
+        return self.compress_ratios[layer] != 0
+
+    def uses_indexer(self, layer: int) -> bool:
+        # official: an Indexer exists only where compress_ratio == 4 (M:L468-471)
+        return self.compress_ratios[layer] == 4
+
+    def uses_overlap(self, layer: int) -> bool:
+        # official: Compressor.overlap = compress_ratio == 4 (M:L290)
+        return self.compress_ratios[layer] == 4
+
+    def is_hash_layer(self, layer: int) -> bool:
+        # official: Gate.hash = layer_id < args.n_hash_layers (M:L555); the MTP block is never one
+        return layer < self.n_hash_layers
+
+    def rope_base(self, layer: int) -> float:
+        # official: compressed layers use compress_rope_theta with YaRN, window-only layers use
+        # rope_theta without YaRN (M:L475-479)
+        return self.compress_rope_theta if self.uses_compressor(layer) else self.rope_theta
+
+    def rope_original_seq_len(self, layer: int) -> int:
+        # official: original_seq_len = 0 (YaRN off) on ratio-0 layers (M:L478)
+        return self.original_seq_len if self.uses_compressor(layer) else 0
+
+    @property
+    def mtp_layer(self) -> int:
+        return self.n_layers
+
+    # ---- checks ----
+    def validate(self) -> None:
+        """Reject contradictory or unsupported values (released configurations only)."""
+        def need(cond: bool, msg: str):
+            if not cond:
+                raise ConfigError(msg)
+        need(self.score_func == "sqrtsoftplus", f"score_func {self.score_func!r}: only 'sqrtsoftplus' (released V4) is supported")
+        need(self.n_shared_experts == 1, "n_shared_experts must be 1 (official asserts it, M:L626)")
+        need(self.dtype == "fp8" and self.scale_fmt == "ue8m0", "only dtype 'fp8' with scale_fmt 'ue8m0' is supported")
+        need(self.expert_dtype == "fp4", "only expert_dtype 'fp4' is supported")
+        need(len(self.compress_ratios) == self.n_layers + self.n_mtp_layers,
+             f"compress_ratios has {len(self.compress_ratios)} entries, expected n_layers + n_mtp_layers = "
+             f"{self.n_layers + self.n_mtp_layers}")
+        need(all(r in (0, 4) or (r > 4 and r % 2 == 0) for r in self.compress_ratios),
+             f"compress_ratios {self.compress_ratios}: each must be 0, 4 (CSA) or an even ratio > 4 (HCA)")
+        need(self.n_mtp_layers in (0, 1), "n_mtp_layers must be 0 or 1")
+        need(0 <= self.n_hash_layers <= self.n_layers, "n_hash_layers out of range")
+        need(0 < self.rope_head_dim < self.head_dim and self.rope_head_dim % 2 == 0, "rope_head_dim must be even and < head_dim")
+        # KV FP8 simulation works on blocks of 64 of the non-rope dims (M:L506, act_quant asserts N % block == 0)
+        need(self.nope_head_dim % 64 == 0, f"head_dim - rope_head_dim = {self.nope_head_dim} must be a multiple of 64")
+        need(self.n_heads % self.o_groups == 0, "n_heads must be a multiple of o_groups")
+        need(self.index_head_dim > self.rope_head_dim and self.index_head_dim % 32 == 0
+             and (self.index_head_dim & (self.index_head_dim - 1)) == 0,
+             "index_head_dim must be a power of two (Hadamard), a multiple of 32 and > rope_head_dim")
+        need(1 <= self.n_activated_experts <= self.n_routed_experts, "n_activated_experts out of range")
+        need(self.window_size >= 1 and self.index_topk >= 1 and self.hc_mult >= 1, "window_size, index_topk, hc_mult must be >= 1")
+        need(self.hc_sinkhorn_iters >= 1, "hc_sinkhorn_iters must be >= 1")
+        need(self.max_seq_len >= 1, "max_seq_len must be >= 1")
+        # FP8 weights carry one scale per 128x128 block; partial blocks are refused by other tools
+        fp8_dims = {"dim": self.dim, "q_lora_rank": self.q_lora_rank, "moe_inter_dim": self.moe_inter_dim,
+                    "n_heads*head_dim": self.n_heads * self.head_dim, "head_dim": self.head_dim,
+                    "o_groups*o_lora_rank": self.o_groups * self.o_lora_rank,
+                    "index_n_heads*index_head_dim": self.index_n_heads * self.index_head_dim}
+        bad = {k: v for k, v in fp8_dims.items() if v % 128}
+        need(not bad, f"dimensions carrying FP8 weights must be multiples of 128: {bad}")
+
+    # ---- presets ----
+    @classmethod
+    def flash(cls) -> "Config":
+        """DeepSeek-V4-Flash (spec §2)."""
+        return cls()
+
+    @classmethod
+    def pro(cls) -> "Config":
+        """DeepSeek-V4-Pro (spec §8.2): same code, different configuration."""
+        return cls(dim=7168, n_layers=61, n_heads=128, q_lora_rank=1536, o_groups=16,
+                   n_routed_experts=384, moe_inter_dim=3072, route_scale=2.5, index_topk=1024,
+                   compress_ratios=(128, 128) + (4, 128) * 29 + (4, 0))
+
+    @classmethod
+    def tiny(cls) -> "Config":
+        """Small dimensions keeping every structural feature (SWA, hash, CSA + indexer, HCA, MTP).
+
+        Layers: 0, 1 window-only; 2 CSA (hash-routed, like Flash); 3 HCA; 4 CSA; 5 HCA; MTP window-only.
+        HCA uses ratio 16 in place of 128 and the window is 32, so every length threshold of spec
+        §10.3 is crossed by sequences of at most a few hundred tokens; index_topk 16 drops entries
+        from 68 tokens on (query t sees (t+1)//4 CSA entries).
+        """
+        return cls(vocab_size=1280, dim=256, moe_inter_dim=128, n_layers=6, n_hash_layers=3,
+                   n_heads=8, n_routed_experts=8, n_activated_experts=2, q_lora_rank=128,
+                   head_dim=128, rope_head_dim=64, o_groups=2, o_lora_rank=128, window_size=32,
+                   compress_ratios=(0, 0, 4, 16, 4, 16, 0), index_n_heads=16, index_head_dim=128,
+                   index_topk=16)
+
+    PRESETS = ("flash", "pro", "tiny")
+
+    @classmethod
+    def preset(cls, name: str) -> "Config":
+        if name not in cls.PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(cls.PRESETS)}")
+        return getattr(cls, name)()
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    # ---- files ----
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **overrides) -> "Config":
+        """Read `config.json` (HF format) of a checkpoint dir, or an official `inference/config.json`."""
+        path = Path(path)
+        if path.is_dir():
+            f = path / "config.json"
+            if not f.exists() and (path / "inference" / "config.json").exists():
+                f = path / "inference" / "config.json"
+        else:
+            f = path
+        if not f.exists():
+            raise ConfigError(f"{f}: no config.json in the checkpoint directory")
+        try:
+            raw = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{f}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{f}: expected a JSON object")
+        fields = from_hf_dict(raw, f) if "hidden_size" in raw or "model_type" in raw else from_inference_dict(raw, f)
+        fields.update(overrides)
+        try:
+            return cls(**fields)
+        except ConfigError as e:
+            raise ConfigError(f"{f}: {e}") from None
+
+    def to_hf_dict(self) -> dict:
+        """The HF `config.json` of this config, keys as DeepSeek ships them (spec §2.1)."""
+        d = {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
+             "attention_bias": False, "attention_dropout": 0.0, "hidden_act": "silu",
+             "initializer_range": 0.02, "max_position_embeddings": 1048576, "norm_topk_prob": True,
+             "num_key_value_heads": 1, "tie_word_embeddings": False, "topk_method": "noaux_tc",
+             "torch_dtype": "bfloat16", "transformers_version": "4.57.1", "use_cache": True,
+             "quantization_config": dict(QUANTIZATION_CONFIG), "expert_dtype": self.expert_dtype,
+             "rope_scaling": {"beta_fast": self.beta_fast, "beta_slow": self.beta_slow,
+                              "factor": _num(self.rope_factor),
+                              "original_max_position_embeddings": self.original_seq_len, "type": "yarn"}}
+        for hf, ours in HF_RENAMES.items():
+            v = getattr(self, ours)
+            d[hf] = list(v) if isinstance(v, tuple) else _num(v) if isinstance(v, float) else v
+        return dict(sorted(d.items()))
+
+    def to_inference_dict(self) -> dict:
+        """The official `inference/config.json` of this config (ModelArgs names, spec §2.2)."""
+        skip = {"max_seq_len", "bos_token_id", "eos_token_id", "n_mtp_layers", "norm_eps", "hc_eps"}
+        return {f.name: (list(v) if isinstance(v, tuple) else _num(v) if isinstance(v, float) else v)
+                for f in dataclasses.fields(self) if f.name not in skip
+                for v in [getattr(self, f.name)]}
+
+
+def _num(v: float):
+    return int(v) if float(v).is_integer() and abs(v) >= 1 else v
+
+
+# HF config.json key -> ModelArgs field (the one rename table; spec §2.1 / §2.2)
+HF_RENAMES: dict[str, str] = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "dim",
+    "moe_intermediate_size": "moe_inter_dim",
+    "num_hidden_layers": "n_layers",
+    "num_hash_layers": "n_hash_layers",
+    "num_nextn_predict_layers": "n_mtp_layers",
+    "num_attention_heads": "n_heads",
+    "n_routed_experts": "n_routed_experts",
+    "n_shared_experts": "n_shared_experts",
+    "num_experts_per_tok": "n_activated_experts",
+    "scoring_func": "score_func",
+    "routed_scaling_factor": "route_scale",
+    "swiglu_limit": "swiglu_limit",
+    "q_lora_rank": "q_lora_rank",
+    "head_dim": "head_dim",
+    "qk_rope_head_dim": "rope_head_dim",
+    "rms_norm_eps": "norm_eps",
+    "o_groups": "o_groups",
+    "o_lora_rank": "o_lora_rank",
+    "sliding_window": "window_size",
+    "compress_ratios": "compress_ratios",
+    "compress_rope_theta": "compress_rope_theta",
+    "rope_theta": "rope_theta",
+    "index_n_heads": "index_n_heads",
+    "index_head_dim": "index_head_dim",
+    "index_topk": "index_topk",
+    "hc_mult": "hc_mult",
+    "hc_sinkhorn_iters": "hc_sinkhorn_iters",
+    "hc_eps": "hc_eps",
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+}
+# rope_scaling sub-key -> ModelArgs field
+HF_ROPE_RENAMES = {"original_max_position_embeddings": "original_seq_len", "factor": "rope_factor",
+                   "beta_fast": "beta_fast", "beta_slow": "beta_slow"}
+# HF keys the official code does not read; each must hold the value V4 ships (else: contradiction)
+HF_FIXED = {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
+            "attention_bias": False, "hidden_act": "silu", "norm_topk_prob": True,
+            "num_key_value_heads": 1, "tie_word_embeddings": False, "topk_method": "noaux_tc"}
+HF_IGNORED = {"attention_dropout", "initializer_range", "torch_dtype", "transformers_version",
+              "use_cache", "max_position_embeddings"}
+QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                       "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
+# keys whose absence is allowed: expert_dtype (added only in the current official revision, spec §8.1)
+HF_OPTIONAL = {"expert_dtype"}
+
+
+def from_hf_dict(raw: dict, where: Path | str = "config.json") -> dict:
+    """Map an HF config.json dict to Config fields; unknown, missing or contradictory keys raise."""
+    known = set(HF_RENAMES) | set(HF_FIXED) | HF_IGNORED | {"rope_scaling", "quantization_config"} | HF_OPTIONAL
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}")
+    missing = sorted(k for k in known - HF_OPTIONAL - HF_IGNORED if k not in raw)
+    if missing:
+        raise ConfigError(f"{where}: missing keys {missing} (no defaults are assumed)")
+    for k, v in HF_FIXED.items():
+        if raw[k] != v:
+            raise ConfigError(f"{where}: {k} = {raw[k]!r}, but DeepSeek V4 has {v!r}")
+    q = raw["quantization_config"]
+    if q != QUANTIZATION_CONFIG:
+        raise ConfigError(f"{where}: quantization_config {q!r} differs from the official {QUANTIZATION_CONFIG!r}")
+    rs = raw["rope_scaling"]
+    if not isinstance(rs, dict) or rs.get("type") != "yarn" or set(rs) != set(HF_ROPE_RENAMES) | {"type"}:
+        raise ConfigError(f"{where}: rope_scaling must be a yarn dict with keys "
+                          f"{sorted(set(HF_ROPE_RENAMES) | {'type'})}, got {rs!r}")
+    out = {ours: raw[hf] for hf, ours in HF_RENAMES.items()}
+    out.update({ours: rs[k] for k, ours in HF_ROPE_RENAMES.items()})
+    out["expert_dtype"] = raw.get("expert_dtype", "fp4")
+    return _typed(out, where)
+
+
+def from_inference_dict(raw: dict, where: Path | str = "inference/config.json") -> dict:
+    """Map an official inference/config.json (ModelArgs names) to Config fields."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(raw) - names - {"max_batch_size", "scale_dtype"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}")
+    # ModelArgs defaults that differ from V4 Flash must never apply silently (spec §10 row 3)
+    required = {"vocab_size", "dim", "moe_inter_dim", "n_layers", "n_hash_layers", "n_heads",
+                "n_routed_experts", "n_activated_experts", "route_scale", "swiglu_limit",
+                "compress_ratios", "compress_rope_theta", "original_seq_len", "rope_factor",
+                "index_topk", "q_lora_rank", "head_dim", "o_groups", "o_lora_rank"}
+    missing = sorted(required - set(raw))
+    if missing:
+        raise ConfigError(f"{where}: missing keys {missing} (the ModelArgs defaults differ from V4; "
+                          "no defaults are assumed)")
+    if raw.get("scale_dtype", "fp8") != "fp8":
+        raise ConfigError(f"{where}: scale_dtype must be 'fp8' (power-of-two activation scales)")
+    out = {k: v for k, v in raw.items() if k in names}
+    return _typed(out, where)
+
+
+def _typed(fields: dict, where) -> dict:
+    """Coerce JSON values to the field types; reject wrong types with the key named."""
+    types = {f.name: f.type for f in dataclasses.fields(Config)}
+    out = {}
+    for k, v in fields.items():
+        t = types[k]
+        if t == "int":
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif t == "float":
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            v = float(v) if ok else v
+        elif t == "str":
+            ok = isinstance(v, str)
+        else:  # tuple[int, ...]
+            ok = isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+            v = tuple(v) if ok else v
+        if not ok:
+            raise ConfigError(f"{where}: key for {k!r} has a value of the wrong type: {v!r} (expected {t})")
+        out[k] = v
+    return out
