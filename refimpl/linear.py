@@ -1,0 +1,93 @@
+"""The products of the precision map (spec §3.0 P5-P7), one function per kind.
+
+    fp8_linear   y = bf16( act_quant(x) @ dequant(W8)ᵀ )      FP8 e4m3 weight, E8M0 128x128 scales (P5)
+    fp4_linear   y = bf16( act_quant(x) @ dequant(W4)ᵀ )      packed FP4 e2m1 weight, E8M0 1x32 scales (P6)
+    bf16_linear  y = bf16( x @ Wᵀ )                           bf16 weight, no activation quantization (P7)
+    fp32_linear  y = f32( x @ Wᵀ )                            fp32 weight (exact upcast of bf16)     (P7)
+
+Weights are `[out, in]` and used as `x @ w.T`, as in the official `F.linear`.
+
+Row-count independence. On a CPU, a BLAS product's result for one row can change in the last bit
+with the number of rows in the call, and `mirror` mode amplifies such flips through the FP8
+re-quantization of the next layer. An oracle must give a position the same output whatever the
+length of the sequence or the chunking, so in `float64` and `mirror` mode every product is taken
+row by row (one matrix-vector product per row, always the same BLAS call for the same shapes), in
+float64, and the result is rounded once to the official accumulator precision (fp32), then to the
+output dtype. In `float32` mode one matrix product is used (faster; rows may then differ in the
+last bit with the row count, which the float32 tolerance profile allows).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from refimpl.numerics import (act_quant_fp8, bf16, dequant_fp4_weight, dequant_fp8_weight, f32,
+                              work_dtype)
+
+
+@dataclass(frozen=True)
+class Fp8Matrix:
+    """FP8 e4m3 weight with one E8M0 scale per 128x128 block (spec §5.2)."""
+    values: np.ndarray   # [out, in]                      float8_e4m3fn   <name>.weight
+    scale: np.ndarray    # [ceil(out/128), ceil(in/128)]  float8_e8m0fnu  <name>.scale
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.values.shape)
+
+    def dequantize(self) -> np.ndarray:
+        """Exact float32 weight: e4m3 value times its power-of-two block scale."""
+        return dequant_fp8_weight(self.values, self.scale)
+
+
+@dataclass(frozen=True)
+class Fp4Matrix:
+    """Packed FP4 e2m1 weight (two per byte, low nibble first) with one E8M0 scale per 1x32 block."""
+    values: np.ndarray   # [out, in/2]   int8            <name>.weight
+    scale: np.ndarray    # [out, in/32]  float8_e8m0fnu  <name>.scale
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.values.shape[0], self.values.shape[1] * 2)
+
+    def dequantize(self) -> np.ndarray:
+        """Exact float32 weight: e2m1 value times its power-of-two block scale."""
+        return dequant_fp4_weight(self.values, self.scale)
+
+
+def dense(w: np.ndarray, prec: str) -> np.ndarray:
+    """A bf16/fp32 checkpoint matrix as the working dtype (exact upcast)."""
+    return np.asarray(w).astype(work_dtype(prec))    # bf16 -> f32/f64 is exact
+
+
+def matmul(x: np.ndarray, w: np.ndarray, prec: str) -> np.ndarray:
+    """x [..., in] @ w[out, in]ᵀ -> [..., out]; row by row in float64 outside float32 mode."""
+    if prec == "float32":
+        return x.astype(np.float32) @ w.astype(np.float32).T          # one BLAS call
+    rows = x.reshape(-1, x.shape[-1]).astype(np.float64)              # [b*s, in]
+    w64 = w.astype(np.float64)                                        # [out, in]
+    out = np.empty((rows.shape[0], w.shape[0]), dtype=np.float64)    # [b*s, out]
+    for r in range(rows.shape[0]):       # one product per row: independent of the row count
+        out[r] = w64 @ rows[r]
+    out = out.reshape(*x.shape[:-1], w.shape[0])
+    return f32(out, prec) if prec == "mirror" else out               # mirror: round once to fp32
+
+
+def fp32_linear(x: np.ndarray, w: np.ndarray, prec: str) -> np.ndarray:
+    """Official fp32 `F.linear` (compressor wkv/wgate, gate, hc_fn, head): fp32 output."""
+    return matmul(x, dense(w, prec), prec)
+
+
+def bf16_linear(x: np.ndarray, w: np.ndarray, prec: str) -> np.ndarray:
+    """Official bf16 `F.linear` (indexer weights_proj, wo_a einsum): fp32 accumulation, bf16 output."""
+    return bf16(matmul(x, dense(w, prec), prec), prec)
+
+
+def quantized_linear(x: np.ndarray, w: Fp8Matrix | Fp4Matrix, prec: str) -> np.ndarray:
+    """Official `linear` for FP8/FP4 weights (P5/P6): FP8 activation quant (mirror), fp32 accumulate, bf16 out."""
+    if prec == "mirror":
+        q, s = act_quant_fp8(x, block=128)                             # official: act_quant(x, 128, ue8m0)
+        x = q * np.repeat(s, 128, axis=-1)                             # exact: power-of-two scales
+    y = matmul(x, w.dequantize(), prec)                                # [..., out]
+    return bf16(y, prec)                                               # official: fp32 accumulator -> bf16

@@ -1,0 +1,86 @@
+"""Rotary position embedding with YaRN frequencies (spec §3.0 P9-P10, pitfalls 1-4).
+
+Pair layout: INTERLEAVED (adjacent pairs). On the last p dims of a vector, the pair
+(x[2i], x[2i+1]) is the complex number x[2i] + i·x[2i+1], multiplied by cis[t, i] = e^{i·t·f_i}
+(or its conjugate for the inverse rotation). This is not the "rotate_half" split-halves layout.
+
+    f_i = base^(-2i/p)                                                  i = 0 .. p/2-1
+    YaRN (original_seq_len > 0):  f_i = f_i/factor · ramp_i + f_i · (1 - ramp_i)
+        ramp_i = clamp((i - low) / (high - low), 0, 1),  low/high from beta_fast/beta_slow
+    angle[t, i] = t · f_i             (no mscale: the rotation has unit magnitude)
+
+Per layer: ratio-0 layers use rope_theta without YaRN, compressed layers compress_rope_theta with
+YaRN (Config.rope_base / rope_original_seq_len). The table is computed for the positions asked
+for, so there is no max_seq_len limit here.
+Official: model.py precompute_freqs_cis (M:L199-229), apply_rotary_emb (M:L232-244).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from refimpl.numerics import bf16, work_dtype
+
+
+@dataclass(frozen=True)
+class RopeTable:
+    """cos/sin of the rotation angles for a run of positions."""
+    cos: np.ndarray   # [s, p/2]
+    sin: np.ndarray   # [s, p/2]
+
+
+def yarn_frequencies(*, dim: int, base: float, original_seq_len: int, factor: float,
+                     beta_fast: int, beta_slow: int, dtype=np.float32) -> np.ndarray:
+    """Rotation frequency of each of the dim/2 pairs. -> [dim/2]"""
+    # official: freqs = 1 / base ** (arange(0, dim, 2, fp32) / dim)   (fp32 unless dtype is float64)
+    freqs = dtype(1.0) / (dtype(base) ** (np.arange(0, dim, 2, dtype=dtype) / dtype(dim)))
+    if original_seq_len > 0:
+        def correction_dim(rot):                                       # official: find_correction_dim
+            return dim * math.log(original_seq_len / (rot * 2 * math.pi)) / (2 * math.log(base))
+        low = max(math.floor(correction_dim(beta_fast)), 0)
+        high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+        if low == high:
+            high += 0.001                                              # official: linear_ramp_factor
+        ramp = np.clip((np.arange(dim // 2, dtype=dtype) - dtype(low)) / dtype(high - low), 0, 1).astype(dtype)
+        smooth = dtype(1) - ramp
+        freqs = (freqs / dtype(factor) * (dtype(1) - smooth) + freqs * smooth).astype(dtype)
+    return freqs
+
+
+def rope_table(positions: np.ndarray, *, dim: int, base: float, original_seq_len: int,
+               factor: float, beta_fast: int, beta_slow: int, prec: str) -> RopeTable:
+    """cos/sin for absolute positions. positions: [s] int -> RopeTable([s, dim/2])."""
+    dt = work_dtype(prec)
+    freqs = yarn_frequencies(dim=dim, base=base, original_seq_len=original_seq_len, factor=factor,
+                             beta_fast=beta_fast, beta_slow=beta_slow, dtype=dt)
+    angle = np.asarray(positions).astype(dt)[:, None] * freqs[None, :]   # official: torch.outer, fp32 product
+    # official: torch.polar (fp32 cos/sin); cos/sin of the fp32 angle, rounded once to fp32
+    return RopeTable(cos=np.cos(angle.astype(np.float64)).astype(dt),
+                     sin=np.sin(angle.astype(np.float64)).astype(dt))
+
+
+def layer_rope_table(positions: np.ndarray, cfg, layer: int, prec: str) -> RopeTable:
+    """The RoPE table of one layer (base and YaRN by layer type, spec pitfall 2)."""
+    return rope_table(positions, dim=cfg.rope_head_dim, base=cfg.rope_base(layer),
+                      original_seq_len=cfg.rope_original_seq_len(layer), factor=cfg.rope_factor,
+                      beta_fast=cfg.beta_fast, beta_slow=cfg.beta_slow, prec=prec)
+
+
+def apply_rope(x: np.ndarray, table: RopeTable, prec: str, *, inverse: bool = False) -> np.ndarray:
+    """Rotate the last p dims of x by position. x: [b, s, (heads,) d], table [s, p/2] -> same shape."""
+    dt = work_dtype(prec)
+    half = table.cos.shape[-1]
+    x = x.astype(dt)
+    pairs = x[..., -2 * half:].reshape(*x.shape[:-1], half, 2)          # [..., p/2, 2] adjacent pairs
+    a, b = pairs[..., 0], pairs[..., 1]
+    cos, sin = table.cos, -table.sin if inverse else table.sin         # inverse: conjugate cis
+    if x.ndim == 4:                                                    # [b, s, h, d]: broadcast over heads
+        cos, sin = cos[:, None, :], sin[:, None, :]
+    re = a * cos - b * sin                                             # official: complex product in fp32
+    im = a * sin + b * cos
+    rotated = np.stack([re, im], axis=-1).reshape(*x.shape[:-1], 2 * half)
+    out = x.copy()
+    out[..., -2 * half:] = bf16(rotated, prec)                         # official: copy_ back into bf16
+    return out
