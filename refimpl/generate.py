@@ -1,0 +1,118 @@
+"""Generation: a sampling loop over Model.prefill / Model.decode. The random generator is an argument.
+
+Samplers (all on the fp32 logits of the last position):
+    greedy       argmax (the lowest id wins a tie)
+    gumbel       the official sampler: argmax(softmax(logits / T) / Exp(1))  (Gumbel-max trick,
+                 official generate.py `sample`, G:L19-24); the same distribution as multinomial
+    multinomial  inverse-CDF draw from softmax(logits / T), optionally restricted to the top-p nucleus
+temperature 0 means greedy. top_p < 1 keeps the smallest set of most likely tokens whose
+probability reaches top_p (ties in probability: the lower id first) and uses `multinomial`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+SAMPLERS = ("gumbel", "multinomial")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0          # 0 = greedy
+    top_p: float = 1.0
+    sampler: str = "gumbel"           # used when temperature > 0 and top_p == 1
+
+    def __post_init__(self):
+        if not (self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler {self.sampler!r}: choose one of {SAMPLERS}")
+
+
+def probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(logits / T) in float64. logits [v] -> [v]."""
+    z = np.asarray(logits, dtype=np.float64) / max(temperature, 1e-5)   # official: max(T, 1e-5)
+    z = z - z.max()
+    p = np.exp(z)
+    return p / p.sum()
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """One token id from the logits of one position. logits [v] -> int."""
+    if params.temperature == 0:
+        return int(np.argmax(logits))
+    p = probabilities(logits, params.temperature)                       # [v]
+    if params.top_p < 1:
+        order = np.argsort(-p, kind="stable")                           # most likely first, ties: lower id
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), params.top_p) + 1)]
+        q = np.zeros_like(p)
+        q[keep] = p[keep]
+        return _inverse_cdf(q / q.sum(), rng)
+    if params.sampler == "gumbel":
+        return int(np.argmax(p / rng.exponential(1.0, size=p.shape)))  # official: probs / Exp(1), argmax
+    return _inverse_cdf(p, rng)
+
+
+def _inverse_cdf(p: np.ndarray, rng: np.random.Generator) -> int:
+    c = np.cumsum(p)
+    return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(p) - 1))
+
+
+@dataclass
+class Generation:
+    """The result of one generate() call."""
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)       # new tokens (EOS included if it was drawn)
+    stopped_on_eos: bool = False
+    prefill_s: float = 0.0
+    decode_s: list[float] = field(default_factory=list)   # seconds per decode step
+    state: object = None
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1000 * float(np.mean(self.decode_s)) if self.decode_s else float("nan")
+
+
+def generate(model, prompt: list[int], *, max_new_tokens: int, params: SamplingParams = SamplingParams(),
+             seed: int | None = 0, eos_id: int | None = None, stop_on_eos: bool = True,
+             on_token: Callable[[int], None] | None = None) -> Generation:
+    """Prefill the prompt, then sample up to max_new_tokens tokens one decode step at a time."""
+    if max_new_tokens < 0:
+        raise ValueError("max_new_tokens must be >= 0")
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise ValueError("empty prompt: at least one token is needed")
+    cfg = model.cfg
+    if len(prompt) + max_new_tokens > cfg.max_seq_len:
+        max_new_tokens = cfg.max_seq_len - len(prompt)      # the context ends here (a load option)
+        if max_new_tokens < 0:
+            raise ValueError(f"prompt of {len(prompt)} tokens exceeds max_seq_len={cfg.max_seq_len}")
+    eos_id = cfg.eos_token_id if eos_id is None else eos_id
+    rng = np.random.default_rng(seed)
+    out = Generation(prompt=prompt)
+    if max_new_tokens == 0:
+        return out
+    t0 = time.perf_counter()
+    logits, state = model.prefill(np.asarray(prompt))
+    out.prefill_s = time.perf_counter() - t0
+    last = logits[-1]
+    for step in range(max_new_tokens):
+        tok = sample(last, params, rng)
+        out.tokens.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        if stop_on_eos and tok == eos_id:
+            out.stopped_on_eos = True
+            break
+        if step == max_new_tokens - 1:
+            break
+        t0 = time.perf_counter()
+        last, state = model.decode(tok, state)
+        out.decode_s.append(time.perf_counter() - t0)
+    out.state = state
+    return out

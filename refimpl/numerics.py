@@ -1,0 +1,482 @@
+"""Number formats, simulated roundings and the small math every module uses.
+
+Precision modes (DESIGN.md §5). Every function that stands for an official rounding takes `prec`:
+
+    float64   exact math: weights dequantized exactly, activations in float64, no simulated rounding
+    float32   the same math in float32
+    mirror    round exactly where the official code rounds (spec §3.0 precision map): activations
+              are float32 arrays holding bf16-representable values; FP8/FP4 QDQ as the kernels do
+
+The mode steps `bf16`, `f32`, `qdq_fp8`, `qdq_fp4` are identities outside `mirror`.
+
+Formats (spec §3.0 P2-P4, §5.2; "fp32(v)" = v rounded to float32):
+
+    bf16       fp32 with the low 16 bits rounded off, round-to-nearest-even (RNE)
+    e4m3fn     s eeee mmm, bias 7: (1 + m/8)·2^(e-7); e = 0: (m/8)·2^-6 (subnormals down to 2^-9);
+               max 448 (0x7E); NaN only 0x7F / 0xFF; no ∞; 0x80 = -0
+    ue8m0      byte b -> 2^(b-127); 255 = NaN
+    e2m1       s ee m, bias 1: {0, .5, 1, 1.5, 2, 3, 4, 6}; nibble bit 3 = sign
+    FP4 pack   byte j holds element 2j in bits 0-3 and element 2j+1 in bits 4-7 (C:L30-33)
+
+Block quantization (K:L22-200), per block of the last axis, all in fp32:
+
+    amax = max(max|x_block|, floor)               floor 1e-4 (FP8) or 6·2^-126 (FP4)
+    s    = 2^ceil(log2(fp32(amax · fp32(1/max))))  max 448 (e4m3) or 6 (e2m1); ceil(log2) from the bits
+    q    = round(clamp(x / s, -max, max))         RNE to e4m3 / e2m1; x / s is exact (s = 2^k)
+    QDQ  = bf16(q · s)                            the official in-place mode (current revision)
+
+Weights (spec §5.2):  W[o, i] = e4m3(Wq[o, i]) · 2^(S[o//128, i//128] - 127)     (FP8, 128x128 blocks)
+                      W[o, k] = e2m1(nib(o, k)) · 2^(S[o, k//32] - 127)           (FP4, 1x32 blocks)
+
+Rounding choices: `round_bf16` rounds float64 input to float32 first (the official code only ever
+rounds fp32 values to bf16); the e4m3 / e2m1 encoders round the given value directly (exact for
+float32 and float64 input). fp32(1/448) and fp32(1/6) lie above 1/448 and 1/6, so s·max >= amax
+always and the official clamp never fires (a test checks the binade edges).
+Weight quantization (the synthetic checkpoint writer): s = the smallest power of two with
+amax/s <= max, computed exactly, with the amax floors of the activation quantizers, so an
+all-zero FP8 block gets s = 2^-22 (E8M0 105) and an all-zero FP4 block s = 2^-126 (E8M0 1).
+Hadamard: y = x·H_n/sqrt(n), H_n Sylvester (natural order). softmax raises on an all -inf slice
+instead of returning NaN. top_k breaks ties by a stable rule: the lower index wins (NaN counts
+as the largest, as in torch.topk).
+
+Official: kernel.py fast_log2_ceil / fast_pow2 (K:L22-37), act_quant (K:L40-125), fp4_act_quant
+(K:L128-200); model.py RMSNorm (M:L183-196), rotate_activation (M:L247-251); convert.py FP4_TABLE.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+PRECISIONS = ("float64", "float32", "mirror")
+
+FP8_MAX = 448.0                        # largest finite e4m3fn value (0x7E)
+FP4_MAX = 6.0                          # largest e2m1 value (nibble 7)
+FP8_AMAX_FLOOR = np.float32(1e-4)      # official: T.max(amax, 1e-4) (K:L79)
+FP4_AMAX_FLOOR = np.float32(6 * 2.0**-126)   # official: T.max(amax, 6 * 2**-126) (K:L163)
+FP8_MAX_INV = np.float32(1 / 448)      # official: fp8_max_inv = 1 / fp8_max, used in fp32
+FP4_MAX_INV = np.float32(1 / 6)        # official: fp4_max_inv = 1.0 / fp4_max
+WEIGHT_BLOCK = 128                     # FP8 weight block, both axes (M:L17)
+FP4_BLOCK = 32                         # FP4 weight / activation block along the input dim (M:L18)
+
+
+# ------------------------------------------------------------------------------------------------
+# precision modes
+
+def check_precision(prec: str) -> None:
+    """Raise ValueError unless prec is one of PRECISIONS."""
+    if prec not in PRECISIONS:
+        raise ValueError(f"unknown precision {prec!r}; expected one of {PRECISIONS}")
+
+
+def work_dtype(prec: str) -> type:
+    """Activation dtype of a mode: float64 for "float64", float32 otherwise."""
+    check_precision(prec)
+    return np.float64 if prec == "float64" else np.float32
+
+
+def _is_mirror(prec: str) -> bool:
+    """True in mirror mode; False in the other modes; ValueError for an unknown mode."""
+    if prec == "mirror":
+        return True
+    if prec == "float64" or prec == "float32":
+        return False
+    raise ValueError(f"unknown precision {prec!r}; expected one of {PRECISIONS}")
+
+
+# ------------------------------------------------------------------------------------------------
+# bf16 / fp32
+
+def round_f32(x) -> np.ndarray:
+    """Round to float32 (RNE)."""
+    return np.asarray(x).astype(np.float32)                      # RNE, the fp32 accumulator
+
+
+def round_bf16(x) -> np.ndarray:
+    """Round to bfloat16 (RNE), returned as float32; float64 input is rounded to float32 first."""
+    x = np.asarray(x).astype(np.float32)                         # f64 -> f32 first (documented above)
+    bits = x.view(np.uint32)
+    lsb = (bits >> 16) & 1                                       # last kept bit: ties go to even
+    rounded = ((bits + np.uint32(0x7FFF) + lsb) & np.uint32(0xFFFF0000)).view(np.float32)
+    return np.where(np.isnan(x), np.float32(np.nan), rounded)    # a NaN payload must not carry to ∞
+
+
+# ------------------------------------------------------------------------------------------------
+# minifloats: e4m3fn, e2m1 (shared RNE rounding), ue8m0
+
+def _decode_minifloat(codes: np.ndarray, *, exp_bits: int, mant_bits: int, bias: int) -> np.ndarray:
+    """Sign/exponent/mantissa fields -> float32 (no NaN handling)."""
+    c = codes.astype(np.int32)                                   # room for the shifts below
+    sign = (c >> (exp_bits + mant_bits)) & 1
+    e = (c >> mant_bits) & ((1 << exp_bits) - 1)
+    m = c & ((1 << mant_bits) - 1)
+    mag = np.where(e == 0,
+                   np.ldexp(m.astype(np.float32), 1 - bias - mant_bits),                   # subnormal
+                   np.ldexp((m + (1 << mant_bits)).astype(np.float32), e - bias - mant_bits))  # normal
+    return np.where(sign == 1, -mag, mag).astype(np.float32)     # -0 for sign 1, mantissa 0
+
+
+def _pow2(e: np.ndarray, dtype) -> np.ndarray:
+    """2^e for integer e in the normal range of dtype (float32/float64), built from the exponent bits."""
+    if np.dtype(dtype) == np.float32:
+        return ((e.astype(np.int32) + 127) << 23).view(np.float32)    # as the official fast_pow2
+    return ((e.astype(np.int64) + 1023) << 52).view(np.float64)
+
+
+def _round_minifloat(x: np.ndarray, *, mant_bits: int, bias: int, max_val: float) -> np.ndarray:
+    """RNE to the minifloat grid (subnormals included), saturating at ±max_val; same dtype as x."""
+    a = np.minimum(np.abs(x), max_val)                           # saturate first
+    _, e = np.frexp(a)                                           # a = f·2^e, f in [0.5, 1)
+    exp = np.maximum(e - 1, 1 - bias)                            # binade; subnormals share the lowest
+    quantum = _pow2(exp - mant_bits, a.dtype)                    # spacing of the grid in that binade
+    q = np.rint(a / quantum) * quantum                           # exact scaling; np.rint is RNE
+    return np.copysign(q, x)                                     # -0 stays -0, tiny negatives -> -0
+
+
+def _encode_minifloat(x: np.ndarray, *, exp_bits: int, mant_bits: int, bias: int,
+                      max_val: float) -> np.ndarray:
+    """RNE-round x (no NaN) then pack sign/exponent/mantissa fields into uint8 codes."""
+    q = _round_minifloat(x, mant_bits=mant_bits, bias=bias, max_val=max_val)
+    mag = np.abs(q)
+    _, e = np.frexp(mag)
+    normal = mag >= 2.0 ** (1 - bias)
+    e_field = np.where(normal, e - 1 + bias, 0)                  # biased exponent; 0 = subnormal
+    lsb = _pow2(np.where(normal, e - 1, 1 - bias) - mant_bits, mag.dtype)
+    m_field = (mag / lsb).astype(np.int32) - np.where(normal, 1 << mant_bits, 0)  # exact integer
+    code = (np.signbit(q).astype(np.int32) << (exp_bits + mant_bits)) | (e_field << mant_bits) | m_field
+    return code.astype(np.uint8)                                 # fits: 1 + exp_bits + mant_bits <= 8
+
+
+def _as_float(x, name: str) -> np.ndarray:
+    """x as a float32/float64 array (other dtypes -> float64); ValueError on NaN."""
+    x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float64)                                 # float16, bfloat16, small ints: exact
+    if np.isnan(x).any():
+        raise ValueError(f"{name}: NaN input cannot be encoded")
+    return x
+
+
+def _as_codes(a, name: str) -> np.ndarray:
+    """Byte codes as uint8: accepts uint8/int8 or a 1-byte ml_dtypes array (reinterpreted)."""
+    a = np.asarray(a)
+    if a.dtype.itemsize != 1 or a.dtype == np.bool_:
+        raise TypeError(f"{name}: expected 1-byte codes (uint8, int8 or an ml_dtypes 8-bit type), "
+                        f"got {a.dtype}")
+    return a.view(np.uint8)                                      # reinterpret, no conversion
+
+
+def decode_fp8_e4m3(codes) -> np.ndarray:
+    """e4m3fn codes -> float32 values (0x7F / 0xFF -> NaN, 0x80 -> -0)."""
+    c = _as_codes(codes, "decode_fp8_e4m3")
+    v = _decode_minifloat(c, exp_bits=4, mant_bits=3, bias=7)
+    return np.where((c & 0x7F) == 0x7F, np.float32(np.nan), v)   # e4m3fn: no ∞, one NaN per sign
+
+
+def encode_fp8_e4m3(x) -> np.ndarray:
+    """Values -> e4m3fn codes, RNE, saturating at ±448; ValueError on NaN."""
+    x = _as_float(x, "encode_fp8_e4m3")
+    return _encode_minifloat(x, exp_bits=4, mant_bits=3, bias=7, max_val=FP8_MAX)
+
+
+def decode_ue8m0(codes) -> np.ndarray:
+    """E8M0 scale bytes -> float32 2^(b-127) (255 -> NaN; 0 -> 2^-127, an fp32 subnormal)."""
+    c = _as_codes(codes, "decode_ue8m0")
+    b = np.where(c == 255, 127, c).astype(np.int32)             # 255 (NaN) is filled in below
+    return np.where(c == 255, np.float32(np.nan), np.ldexp(np.ones(c.shape, np.float32), b - 127))
+
+
+def encode_ue8m0(s) -> np.ndarray:
+    """Exact powers of two 2^-127..2^127 -> E8M0 bytes; ValueError for anything else."""
+    s = np.asarray(s, dtype=np.float64)                          # exact for float32 input
+    f, e = np.frexp(s)                                           # s = f·2^e; a power of two has f = 0.5
+    code = e.astype(np.int64) - 1 + 127
+    ok = (f == 0.5) & (code >= 0) & (code <= 254)
+    if not ok.all():
+        bad = s[~ok].ravel()[:4]
+        raise ValueError(f"encode_ue8m0: not a power of two in [2^-127, 2^127]: {bad.tolist()}")
+    return code.astype(np.uint8)
+
+
+def decode_fp4_e2m1(nibbles) -> np.ndarray:
+    """e2m1 nibbles 0..15 -> float32 values (table above; 8 -> -0)."""
+    c = _as_codes(nibbles, "decode_fp4_e2m1")
+    if (c > 15).any():
+        raise ValueError("decode_fp4_e2m1: nibbles must be 0..15")
+    return _decode_minifloat(c, exp_bits=2, mant_bits=1, bias=1)
+
+
+def encode_fp4_e2m1(x) -> np.ndarray:
+    """Values -> e2m1 nibbles (uint8 0..15), RNE, saturating at ±6; ValueError on NaN."""
+    x = _as_float(x, "encode_fp4_e2m1")
+    return _encode_minifloat(x, exp_bits=2, mant_bits=1, bias=1, max_val=FP4_MAX)
+
+
+def pack_fp4(nibbles) -> np.ndarray:
+    """[..., K] nibbles -> [..., K/2] int8; element 2j in bits 0-3, 2j+1 in bits 4-7 (C:L30-33)."""
+    n = _as_codes(nibbles, "pack_fp4")
+    if n.shape[-1] % 2 or (n > 15).any():
+        raise ValueError(f"pack_fp4: need nibbles 0..15 and an even last dim, got shape {n.shape}")
+    packed = n[..., 0::2] | (n[..., 1::2] << 4)                  # [..., K/2] uint8
+    return packed.view(np.int8)                                  # the checkpoint's I8 storage
+
+
+def unpack_fp4(packed) -> np.ndarray:
+    """[..., K/2] int8/uint8 bytes -> [..., K] uint8 nibbles, low nibble first."""
+    p = _as_codes(packed, "unpack_fp4")
+    pairs = np.stack([p & 0x0F, p >> 4], axis=-1)                # [..., K/2, 2]
+    return pairs.reshape(*p.shape[:-1], p.shape[-1] * 2)         # [..., K]
+
+
+# ------------------------------------------------------------------------------------------------
+# power-of-two scales
+
+def pow2_scale(amax, inv_max) -> np.ndarray:
+    """2^ceil(log2(fp32(amax·inv_max))) with the official bit tricks (K:L22-37); float32."""
+    v = np.asarray(np.asarray(amax, np.float32) * np.float32(inv_max), np.float32)  # fp32 product
+    if not (np.isfinite(v) & (v > 0)).all():
+        raise ValueError("pow2_scale: amax * inv_max must be positive and finite")
+    bits = v.view(np.uint32)
+    exp = ((bits >> 23) & 0xFF).astype(np.int32) - 127           # unbiased exponent (subnormal: -127)
+    exp = exp + ((bits & 0x7FFFFF) != 0)                         # + 1 unless an exact power of two
+    return ((exp + 127).astype(np.uint32) << 23).view(np.float32)  # fast_pow2: exponent field only
+
+
+def _exact_pow2_exponent(amax: np.ndarray, max_val: float) -> np.ndarray:
+    """Smallest integer e with amax <= max_val·2^e (amax > 0), computed exactly in float64."""
+    a = amax.astype(np.float64)                                  # exact upcast
+    _, e = np.frexp(a / max_val)                                 # estimate: ceil(log2) is e-1 or e
+    e = e.astype(np.int64)
+    e = np.where(a <= max_val * np.ldexp(1.0, e - 1), e - 1, e)  # products by 2^k are exact
+    return np.where(a > max_val * np.ldexp(1.0, e), e + 1, e)    # guards the quotient's rounding
+
+
+# ------------------------------------------------------------------------------------------------
+# weights: dequantize (loading) and quantize (the synthetic checkpoint writer)
+
+def _check_scale_grid(scale: np.ndarray, shape: tuple[int, int], name: str) -> None:
+    """Raise ValueError on a wrong scale-grid shape or a NaN (0xFF) E8M0 byte."""
+    if scale.shape != shape:
+        raise ValueError(f"{name}: scale grid has shape {scale.shape}, expected {shape}")
+    if (scale == 255).any():
+        r, c = np.argwhere(scale == 255)[0]
+        raise ValueError(f"{name}: scale is NaN (E8M0 byte 0xFF) at block row {r}, col {c}")
+
+
+def dequant_fp8_weight(values, scale, *, block: int = WEIGHT_BLOCK) -> np.ndarray:
+    """e4m3 [N, K] with E8M0 [ceil(N/128), ceil(K/128)] -> float32 [N, K]; block index o//128, i//128."""
+    v = _as_codes(values, "dequant_fp8_weight values")
+    sc = _as_codes(scale, "dequant_fp8_weight scale")
+    if v.ndim != 2:
+        raise ValueError(f"dequant_fp8_weight: values must be 2-D, got shape {v.shape}")
+    n, k = v.shape
+    _check_scale_grid(sc, (-(-n // block), -(-k // block)), "dequant_fp8_weight")
+    s = decode_ue8m0(sc)                                         # [ceil(N/128), ceil(K/128)]
+    s = np.repeat(np.repeat(s, block, axis=0), block, axis=1)[:n, :k]  # fixed block, never from the grid
+    return decode_fp8_e4m3(v) * s                                # exact: power-of-two scale
+
+
+def dequant_fp4_weight(packed, scale) -> np.ndarray:
+    """Packed e2m1 [N, K/2] (low nibble first) with E8M0 [N, K/32] -> float32 [N, K]."""
+    p = _as_codes(packed, "dequant_fp4_weight values")
+    sc = _as_codes(scale, "dequant_fp4_weight scale")
+    if p.ndim != 2:
+        raise ValueError(f"dequant_fp4_weight: packed values must be 2-D, got shape {p.shape}")
+    n, k = p.shape[0], 2 * p.shape[1]
+    _check_scale_grid(sc, (n, -(-k // FP4_BLOCK)), "dequant_fp4_weight")
+    s = np.repeat(decode_ue8m0(sc), FP4_BLOCK, axis=1)[:, :k]    # [N, K]: scale of column k//32
+    return decode_fp4_e2m1(unpack_fp4(p)) * s                    # exact: power-of-two scale
+
+
+def quant_fp8_weight(w, *, block: int = WEIGHT_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """w [N, K] -> (e4m3 codes [N, K] uint8, E8M0 [ceil(N/128), ceil(K/128)] uint8); amax floor 1e-4."""
+    w = _as_float(w, "quant_fp8_weight")
+    if w.ndim != 2:
+        raise ValueError(f"quant_fp8_weight: w must be 2-D, got shape {w.shape}")
+    if not np.isfinite(w).all():
+        raise ValueError("quant_fp8_weight: w has non-finite values")
+    n, k = w.shape
+    nb, kb = -(-n // block), -(-k // block)
+    wp = np.zeros((nb * block, kb * block), dtype=w.dtype)      # zero-padded partial edge blocks
+    wp[:n, :k] = w
+    blocks = wp.reshape(nb, block, kb, block)                    # [nb, 128, kb, 128]
+    amax = np.maximum(np.abs(blocks).max(axis=(1, 3)), FP8_AMAX_FLOOR)  # floor as in act_quant
+    e = _exact_pow2_exponent(amax, FP8_MAX)                      # smallest s = 2^e with amax/s <= 448
+    scale = encode_ue8m0(np.ldexp(1.0, e))                       # ValueError if out of E8M0 range
+    s = np.ldexp(np.ones((), w.dtype), e)[:, None, :, None]      # [nb, 1, kb, 1] in w's dtype
+    values = encode_fp8_e4m3(blocks / s).reshape(nb * block, kb * block)[:n, :k]  # exact division
+    return np.ascontiguousarray(values), scale
+
+
+def quant_fp4_weight(w) -> tuple[np.ndarray, np.ndarray]:
+    """w [N, K] -> (packed int8 [N, K/2], E8M0 [N, K/32] uint8); per 1x32 block, amax floor 6·2^-126."""
+    w = _as_float(w, "quant_fp4_weight")
+    if w.ndim != 2 or w.shape[1] % FP4_BLOCK:
+        raise ValueError(f"quant_fp4_weight: need a 2-D w with K % 32 == 0, got shape {w.shape}")
+    if not np.isfinite(w).all():
+        raise ValueError("quant_fp4_weight: w has non-finite values")
+    n, k = w.shape
+    blocks = w.reshape(n, k // FP4_BLOCK, FP4_BLOCK)             # [N, K/32, 32]
+    amax = np.maximum(np.abs(blocks).max(axis=-1), FP4_AMAX_FLOOR)
+    e = _exact_pow2_exponent(amax, FP4_MAX)                      # smallest s = 2^e with amax/s <= 6
+    scale = encode_ue8m0(np.ldexp(1.0, e))
+    s = np.ldexp(np.ones((), w.dtype), e)[..., None]             # [N, K/32, 1]
+    nibbles = encode_fp4_e2m1(blocks / s).reshape(n, k)          # exact division
+    return pack_fp4(nibbles), scale
+
+
+# ------------------------------------------------------------------------------------------------
+# activations: dynamic block quantization (official act_quant / fp4_act_quant with ue8m0 scales)
+
+def _act_blocks(x, block: int, name: str) -> np.ndarray:
+    """float32 x [..., K] -> [..., K/block, block]; checks dtype, divisibility and finiteness."""
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        raise TypeError(f"{name}: activations must be float32 (bf16 values), got {x.dtype}")
+    if block <= 0 or x.shape[-1] % block:
+        raise ValueError(f"{name}: block {block} must divide the last dim {x.shape[-1]}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name}: non-finite activation")
+    return x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+
+
+def act_quant_fp8(x, *, block: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """x [..., K] float32 -> (e4m3 values [..., K] float32, scales [..., K/block] float32) (K:L40-125)."""
+    xb = _act_blocks(x, block, "act_quant_fp8")                  # [..., K/blk, blk]
+    amax = np.maximum(np.abs(xb).max(axis=-1), FP8_AMAX_FLOOR)   # [..., K/blk]  fp32
+    s = pow2_scale(amax, FP8_MAX_INV)                            # official: fast_round_scale
+    y = np.clip(xb / s[..., None], -FP8_MAX, FP8_MAX)            # fp32; exact: s = 2^k
+    q = _round_minifloat(y, mant_bits=3, bias=7, max_val=FP8_MAX)  # cast to float8_e4m3fn, RNE
+    return q.reshape(np.shape(x)), s
+
+
+def act_quant_fp4(x, *, block: int = FP4_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """x [..., K] float32 -> (e2m1 values [..., K] float32, scales [..., K/block] float32) (K:L128-200)."""
+    xb = _act_blocks(x, block, "act_quant_fp4")                  # [..., K/blk, blk]
+    amax = np.maximum(np.abs(xb).max(axis=-1), FP4_AMAX_FLOOR)   # [..., K/blk]  fp32
+    s = pow2_scale(amax, FP4_MAX_INV)
+    y = np.clip(xb / s[..., None], -FP4_MAX, FP4_MAX)            # fp32; exact: s = 2^k
+    q = _round_minifloat(y, mant_bits=1, bias=1, max_val=FP4_MAX)  # cast to float4_e2m1fn, RNE (assumed, §9)
+    return q.reshape(np.shape(x)), s
+
+
+def _dequant_blocks(q: np.ndarray, s: np.ndarray, block: int) -> np.ndarray:
+    """bf16(q·s) with s broadcast over its block of the last axis."""
+    qb = q.reshape(*q.shape[:-1], q.shape[-1] // block, block)   # [..., K/blk, blk]
+    return round_bf16(qb * s[..., None]).reshape(q.shape)        # q·s exact; official: .to(bf16)
+
+
+def qdq_fp8_values(x, *, block: int) -> np.ndarray:
+    """In-place act_quant of the current revision: bf16(e4m3(clamp(x/s))·s), float32 [..., K]."""
+    q, s = act_quant_fp8(x, block=block)
+    return _dequant_blocks(q, s, block)
+
+
+def qdq_fp4_values(x, *, block: int = FP4_BLOCK) -> np.ndarray:
+    """In-place fp4_act_quant: bf16(e2m1(clamp(x/s))·s), float32 [..., K]."""
+    q, s = act_quant_fp4(x, block=block)
+    return _dequant_blocks(q, s, block)
+
+
+# ------------------------------------------------------------------------------------------------
+# mode steps: the model calls these at every official rounding site
+
+def bf16(x, prec: str):
+    """Round to bf16 in mirror mode; x unchanged otherwise."""
+    return round_bf16(x) if _is_mirror(prec) else x
+
+
+def f32(x, prec: str):
+    """Round a float64-computed value once to the fp32 accumulator in mirror mode; x unchanged otherwise."""
+    return round_f32(x) if _is_mirror(prec) else x
+
+
+def qdq_fp8(x, prec: str, *, block: int):
+    """FP8 QDQ (qdq_fp8_values) in mirror mode; x unchanged otherwise."""
+    return qdq_fp8_values(x, block=block) if _is_mirror(prec) else x
+
+
+def qdq_fp4(x, prec: str, *, block: int = FP4_BLOCK):
+    """FP4 QDQ (qdq_fp4_values) in mirror mode; x unchanged otherwise."""
+    return qdq_fp4_values(x, block=block) if _is_mirror(prec) else x
+
+
+# ------------------------------------------------------------------------------------------------
+# Hadamard rotation (P8)
+
+def hadamard(x) -> np.ndarray:
+    """x · H_n / sqrt(n) along the last axis (Sylvester H_n, n a power of two), in x's dtype."""
+    x = np.asarray(x)
+    if x.dtype.kind != "f":
+        raise TypeError(f"hadamard: expected a float array, got {x.dtype}")
+    n = x.shape[-1]
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"hadamard: last dim {n} is not a power of two")
+    y = x.reshape(-1, n)                                         # [rows, n]
+    h = 1
+    while h < n:                     # butterfly on bit h: (y_i, y_i+h) -> (y_i + y_i+h, y_i - y_i+h)
+        pairs = y.reshape(y.shape[0], n // (2 * h), 2, h)        # [rows, n/2h, 2, h]
+        a, b = pairs[:, :, 0, :], pairs[:, :, 1, :]
+        y = np.stack([a + b, a - b], axis=2).reshape(-1, n)      # natural (Sylvester) order
+        h *= 2
+    # NOTE(official): fast_hadamard_transform sums in another order (fp32); results may differ in the last bit
+    return (y * x.dtype.type(n ** -0.5)).reshape(x.shape)        # official: scale = dim ** -0.5
+
+
+# ------------------------------------------------------------------------------------------------
+# small math (dtype-preserving)
+
+def softmax(x, axis: int = -1) -> np.ndarray:
+    """exp(x - max) / sum; ValueError if a slice is all -inf (never returns NaN for finite input)."""
+    x = np.asarray(x)
+    m = np.max(x, axis=axis, keepdims=True)
+    if np.isneginf(m).any():
+        raise ValueError("softmax: a slice is entirely -inf (no position to attend to)")
+    e = np.exp(x - m)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def sigmoid(x) -> np.ndarray:
+    """1 / (1 + exp(-x)), without overflow for large |x|."""
+    x = np.asarray(x)
+    e = np.exp(-np.abs(x))                                       # in (0, 1]: never overflows
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def softplus(x) -> np.ndarray:
+    """torch softplus (beta 1, threshold 20): x where x > 20, else log1p(exp(x))."""
+    x = np.asarray(x)
+    return np.where(x > 20, x, np.log1p(np.exp(np.minimum(x, 20))))  # min: no overflow in the unused branch
+
+
+def silu(x) -> np.ndarray:
+    """x · sigmoid(x)."""
+    x = np.asarray(x)
+    return x * sigmoid(x)
+
+
+def rms_norm(x, weight, *, eps: float) -> np.ndarray:
+    """weight ⊙ x / sqrt(mean(x²) + eps) over the last axis in x's dtype; weight None = weightless."""
+    x = np.asarray(x)
+    dt = x.dtype.type
+    var = np.mean(x * x, axis=-1, keepdims=True)                 # [..., 1]
+    y = x * (dt(1) / np.sqrt(var + dt(eps)))                     # official: x * rsqrt(var + eps)
+    if weight is None:
+        return y
+    weight = np.asarray(weight)
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"rms_norm: weight shape {weight.shape} != {x.shape[-1:]}")
+    return weight.astype(x.dtype) * y                            # exact for bf16-valued weights
+
+
+def top_k(x, k: int, axis: int = -1) -> np.ndarray:
+    """Indices (int64) of the k largest values along axis, largest first; ties: the lower index wins."""
+    x = np.asarray(x)
+    n = x.shape[axis]
+    if not 0 <= k <= n:
+        raise ValueError(f"top_k: k={k} not in [0, {n}]")
+    # a stable ascending sort of the reversed axis, reversed back, is descending with ties in
+    # ascending index order; no negation, so it works for every dtype. NaN sorts as the largest,
+    # as in torch.topk.
+    rev = np.flip(x, axis=axis)
+    order = np.flip(np.argsort(rev, axis=axis, kind="stable"), axis=axis)
+    idx = (n - 1) - order                                        # back to indices of x
+    return np.take(idx, np.arange(k), axis=axis).astype(np.int64)

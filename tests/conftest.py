@@ -1,0 +1,56 @@
+"""Shared fixtures: the tiny config, a synthetic tiny checkpoint, models in each precision.
+
+NUMBA_CACHE_DIR points at a writable folder for any test that JIT-compiles; Hypothesis runs with
+deadline=None (JIT compilation and first calls are slow) through the "refimpl" profile.
+"""
+import os
+import tempfile
+
+os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "refimpl-numba-cache"))
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("refimpl", deadline=None, max_examples=25,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "refimpl"))
+
+from refimpl.config import Config  # noqa: E402
+
+TINY = Config.tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny random-weight checkpoint in the official format (seed 0), with its tokenizer."""
+    from refimpl.synthetic import make_checkpoint
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    make_checkpoint(TINY, path, seed=0)
+    return path
+
+
+_MODELS = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_ckpt):
+    """tiny_model(precision="float64", revision="current") -> Model (cached per session)."""
+    from refimpl.model import load
+
+    def get(precision="float64", revision="current"):
+        key = (precision, revision)
+        if key not in _MODELS:
+            _MODELS[key] = load(tiny_ckpt, precision=precision, revision=revision)
+        return _MODELS[key]
+    return get
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

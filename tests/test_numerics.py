@@ -1,0 +1,559 @@
+"""Tests of refimpl.numerics: formats on named and on all codes, quantization, modes, small math."""
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from refimpl import numerics as nx
+
+pytestmark = pytest.mark.filterwarnings("error")       # no overflow / invalid-value warnings anywhere
+
+ALL_BYTES = np.arange(256, dtype=np.uint8)
+
+
+def same_floats(a, b):
+    """Equal values, equal signs of zero, NaN in the same places."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape
+    assert np.array_equal(np.isnan(a), np.isnan(b))
+    ok = ~np.isnan(a)
+    assert np.array_equal(a[ok], b[ok])
+    assert np.array_equal(np.signbit(a[ok]), np.signbit(b[ok]))
+
+
+def ulp_e4m3(v):
+    """Spacing of the e4m3 grid at |v| (subnormal spacing 2^-9 below 2^-6)."""
+    _, e = np.frexp(np.abs(v))
+    return np.ldexp(1.0, np.maximum(e - 1, -6) - 3)
+
+
+def ulp_e2m1(v):
+    """Spacing of the e2m1 grid at |v| (0.5 below 2)."""
+    _, e = np.frexp(np.abs(v))
+    return np.ldexp(1.0, np.maximum(e - 1, 0) - 1)
+
+
+def bf16_values(rng, shape, scale=1.0):
+    """Random float32 arrays holding bf16 values (what mirror-mode activations are)."""
+    return nx.round_bf16(rng.standard_normal(shape) * scale)
+
+
+# ------------------------------------------------------------------------------------------------
+# precision modes
+
+def test_precisions_and_work_dtype():
+    assert nx.PRECISIONS == ("float64", "float32", "mirror")
+    assert nx.work_dtype("float64") is np.float64
+    assert nx.work_dtype("float32") is np.float32
+    assert nx.work_dtype("mirror") is np.float32
+    for bad in ("bf16", "Mirror", "", None):
+        with pytest.raises(ValueError):
+            nx.check_precision(bad)
+        with pytest.raises(ValueError):
+            nx.work_dtype(bad)
+
+
+def test_mode_steps_identity_outside_mirror():
+    x = np.array([[1.0 + 2**-9, 3.3, -7.1] * 64], dtype=np.float32)   # [1, 192]
+    for prec in ("float64", "float32"):
+        assert nx.bf16(x, prec) is x
+        assert nx.f32(x, prec) is x
+        assert nx.qdq_fp8(x, prec, block=64) is x
+        assert nx.qdq_fp4(x, prec) is x
+    assert np.array_equal(nx.bf16(x, "mirror"), nx.round_bf16(x))
+    assert np.array_equal(nx.qdq_fp8(x, "mirror", block=64), nx.qdq_fp8_values(x, block=64))
+    assert np.array_equal(nx.qdq_fp4(x, "mirror"), nx.qdq_fp4_values(x, block=32))
+    x64 = np.array([1 + 2**-40], dtype=np.float64)
+    assert nx.f32(x64, "mirror").dtype == np.float32 and nx.f32(x64, "mirror")[0] == 1.0
+    with pytest.raises(ValueError):
+        nx.bf16(x, "fp32")
+
+
+# ------------------------------------------------------------------------------------------------
+# bf16 / fp32
+
+def test_round_bf16_hand_worked():
+    x = np.array([1.0, 1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, -(1 + 2**-8), 2.0**-130,
+                  np.inf, -np.inf, np.finfo(np.float32).max], dtype=np.float32)
+    # ties (1 + 2^-8, 1 + 3·2^-8) go to the even mantissa; fp32 max rounds up to ∞ (as torch)
+    want = [1.0, 1.0, 1 + 2**-6, 1 + 2**-7, -1.0, 2.0**-130, np.inf, -np.inf, np.inf]
+    same_floats(nx.round_bf16(x), want)
+    assert nx.round_bf16(x).dtype == np.float32
+    assert np.isnan(nx.round_bf16(np.float32(np.nan)))
+
+
+def test_round_bf16_float64_goes_through_float32():
+    # direct f64 -> bf16 would round up (above the midpoint); f64 -> f32 drops 2^-30 and leaves a tie
+    x = np.array([1 + 2**-8 + 2**-30], dtype=np.float64)
+    assert nx.round_bf16(x)[0] == 1.0                                 # direct rounding would give 1 + 2^-7
+
+
+def test_round_bf16_matches_ml_dtypes_on_random_bit_patterns():
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**32, size=200_000, dtype=np.uint64).astype(np.uint32)
+    bits[:4] = [0x3F808000, 0x3F818000, 0x7F7FFFFF, 0x7F800001]   # ties, overflow, NaN with tiny payload
+    x = bits.view(np.float32)
+    with np.errstate(invalid="ignore"):                               # ml_dtypes' NaN casts warn
+        want = x.astype(ml_dtypes.bfloat16).astype(np.float32)
+    same_floats(nx.round_bf16(x), want)
+
+
+def test_round_f32():
+    assert nx.round_f32(np.array([1 + 2**-30])).dtype == np.float32
+    assert nx.round_f32(np.array([1 + 2**-24 + 2**-40]))[0] == np.float32(1 + 2**-23)
+
+
+# ------------------------------------------------------------------------------------------------
+# e4m3fn
+
+def test_decode_fp8_e4m3_named_codes():
+    codes = np.array([0x00, 0x01, 0x07, 0x08, 0x38, 0x40, 0x7E, 0x80, 0xFE, 0x7F, 0xFF], np.uint8)
+    want = [0.0, 2.0**-9, 7 * 2.0**-9, 2.0**-6, 1.0, 2.0, 448.0, -0.0, -448.0, np.nan, np.nan]
+    v = nx.decode_fp8_e4m3(codes)
+    assert v.dtype == np.float32
+    same_floats(v, want)
+    assert np.signbit(v[7])                          # 0x80 is -0 in e4m3fn (NaN in FNUZ: spec §10 row 11)
+
+
+def test_decode_fp8_e4m3_all_codes_match_ml_dtypes():
+    same_floats(nx.decode_fp8_e4m3(ALL_BYTES),
+                ALL_BYTES.view(ml_dtypes.float8_e4m3fn).astype(np.float32))
+    same_floats(nx.decode_fp8_e4m3(ALL_BYTES.view(ml_dtypes.float8_e4m3fn)),
+                nx.decode_fp8_e4m3(ALL_BYTES))      # ml_dtypes arrays are reinterpreted, not converted
+    assert np.isnan(nx.decode_fp8_e4m3(ALL_BYTES)).sum() == 2
+
+
+def test_encode_fp8_e4m3_round_trips_every_code():
+    codes = ALL_BYTES[(ALL_BYTES & 0x7F) != 0x7F]   # the 254 non-NaN codes, -0 included
+    assert np.array_equal(nx.encode_fp8_e4m3(nx.decode_fp8_e4m3(codes)), codes)
+
+
+def test_encode_fp8_e4m3_ties_and_saturation():
+    # 1.0625 = 1 + 1/16: tie between 1 (mantissa 000) and 1.125 (001) -> 1; 1.1875: tie -> 1.25 (010)
+    # 2^-10: tie between 0 and 2^-9 -> 0; 464: tie between 448 and (absent) 480 -> saturates to 448
+    x = np.array([1.0625, 1.1875, 2.0**-10, 3 * 2.0**-10, 464.0, 500.0, 1e30, np.inf, -np.inf, -1e-9])
+    want = [1.0, 1.25, 0.0, 2 * 2.0**-9, 448.0, 448.0, 448.0, 448.0, -448.0, -0.0]
+    same_floats(nx.decode_fp8_e4m3(nx.encode_fp8_e4m3(x)), want)
+    assert nx.encode_fp8_e4m3(np.float32(-1e-9)) == 0x80
+
+
+def test_encode_fp8_e4m3_matches_ml_dtypes_on_midpoints_and_random_values():
+    pos = np.sort(nx.decode_fp8_e4m3(np.arange(0x7F, dtype=np.uint8)).astype(np.float64))
+    mids = (pos[1:] + pos[:-1]) / 2                                   # every tie, exact in float32
+    rng = np.random.default_rng(1)
+    rand = rng.uniform(-448, 448, 50_000) * 2.0 ** rng.integers(-14, 1, 50_000)
+    x = np.concatenate([mids, -mids, rand]).astype(np.float32)
+    assert np.array_equal(nx.encode_fp8_e4m3(x), x.astype(ml_dtypes.float8_e4m3fn).view(np.uint8))
+
+
+def test_encode_fp8_e4m3_rejects_nan():
+    with pytest.raises(ValueError, match="NaN"):
+        nx.encode_fp8_e4m3(np.array([1.0, np.nan]))
+
+
+# ------------------------------------------------------------------------------------------------
+# ue8m0
+
+def test_decode_ue8m0_named_and_all_codes():
+    same_floats(nx.decode_ue8m0(np.array([127, 128, 126, 0, 254, 255], np.uint8)),
+                [1.0, 2.0, 0.5, 2.0**-127, 2.0**127, np.nan])
+    same_floats(nx.decode_ue8m0(ALL_BYTES), ALL_BYTES.view(ml_dtypes.float8_e8m0fnu).astype(np.float32))
+    assert nx.decode_ue8m0(ALL_BYTES).dtype == np.float32
+
+
+def test_encode_ue8m0_round_trip_and_rejects_non_powers_of_two():
+    codes = ALL_BYTES[:255]
+    assert np.array_equal(nx.encode_ue8m0(nx.decode_ue8m0(codes)), codes)
+    assert nx.encode_ue8m0(np.float64(2.0**-22)) == 105
+    for bad in (3.0, 0.75, 0.0, -1.0, -0.5, np.inf, np.nan, 2.0**128, 2.0**-128):
+        with pytest.raises(ValueError):
+            nx.encode_ue8m0(np.array([1.0, bad]))
+
+
+# ------------------------------------------------------------------------------------------------
+# e2m1 and packing
+
+def test_decode_fp4_e2m1_named_and_all_codes():
+    table = [0, .5, 1, 1.5, 2, 3, 4, 6, -0.0, -.5, -1, -1.5, -2, -3, -4, -6]
+    nib = np.arange(16, dtype=np.uint8)
+    same_floats(nx.decode_fp4_e2m1(nib), table)
+    same_floats(nx.decode_fp4_e2m1(nib), nib.view(ml_dtypes.float4_e2m1fn).astype(np.float32))
+    assert nx.decode_fp4_e2m1(np.uint8(7)) == 6.0 and nx.decode_fp4_e2m1(np.uint8(0xF)) == -6.0
+    with pytest.raises(ValueError):
+        nx.decode_fp4_e2m1(np.array([16], np.uint8))
+
+
+def test_encode_fp4_e2m1_hand_worked_rne():
+    x = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, 100.0, -5.0, -0.1, 0.2600])
+    # ties go to the even code: 0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4
+    want = [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0, -4.0, -0.0, 0.5]
+    same_floats(nx.decode_fp4_e2m1(nx.encode_fp4_e2m1(x)), want)
+    nib = np.arange(16, dtype=np.uint8)
+    assert np.array_equal(nx.encode_fp4_e2m1(nx.decode_fp4_e2m1(nib)), nib)
+    with pytest.raises(ValueError):
+        nx.encode_fp4_e2m1(np.array([np.nan]))
+
+
+def test_encode_fp4_e2m1_matches_ml_dtypes():
+    rng = np.random.default_rng(2)
+    grid = np.array([0, .5, 1, 1.5, 2, 3, 4, 6])
+    mids = (grid[1:] + grid[:-1]) / 2
+    x = np.concatenate([mids, -mids, rng.uniform(-6, 6, 20_000)]).astype(np.float32)
+    assert np.array_equal(nx.encode_fp4_e2m1(x),
+                          x.astype(ml_dtypes.float4_e2m1fn).view(np.uint8) & 0x0F)
+
+
+def test_pack_fp4_hand_worked():
+    nib = np.array([[0x1, 0x2, 0xF, 0x7, 0x8, 0xF]], np.uint8)
+    packed = nx.pack_fp4(nib)
+    assert packed.dtype == np.int8
+    assert packed.view(np.uint8).tolist() == [[0x21, 0x7F, 0xF8]]    # element 2j in the low nibble
+    assert np.array_equal(nx.unpack_fp4(packed), nib)
+    with pytest.raises(ValueError):
+        nx.pack_fp4(np.zeros((2, 3), np.uint8))
+
+
+@settings(deadline=None, max_examples=50)
+@given(hnp.arrays(np.uint8, hnp.array_shapes(min_dims=1, max_dims=3, max_side=8),
+                  elements=st.integers(0, 15)))
+def test_pack_unpack_round_trip(nib):
+    nib = np.concatenate([nib, nib], axis=-1)                         # even last dim
+    packed = nx.pack_fp4(nib)
+    assert packed.shape == (*nib.shape[:-1], nib.shape[-1] // 2)
+    assert np.array_equal(nx.unpack_fp4(packed), nib)
+    assert np.array_equal(nx.unpack_fp4(packed.view(np.uint8)), nib)
+
+
+# ------------------------------------------------------------------------------------------------
+# power-of-two scales
+
+def test_pow2_scale_hand_worked():
+    inv8, inv4 = np.float32(1 / 448), np.float32(1 / 6)
+    amax = np.array([448, 449, 224, 224.001, 1e-4, 896], np.float32)
+    assert nx.pow2_scale(amax, inv8).tolist() == [1.0, 2.0, 0.5, 1.0, 2.0**-22, 2.0]
+    assert nx.pow2_scale(np.array([6, 6.001, 3, 6 * 2.0**-126], np.float32), inv4).tolist() == \
+        [1.0, 2.0, 0.5, 2.0**-126]
+    assert nx.pow2_scale(np.float32(448), inv8).dtype == np.float32
+    with pytest.raises(ValueError):
+        nx.pow2_scale(np.array([0.0], np.float32), inv8)
+
+
+def test_pow2_scale_equals_ceil_log2_of_the_fp32_product():
+    rng = np.random.default_rng(3)
+    amax = (rng.uniform(0.5, 1, 10_000) * 2.0 ** rng.integers(-30, 30, 10_000)).astype(np.float32)
+    prod = (amax * np.float32(1 / 448)).astype(np.float64)          # the fp32 product, exactly
+    assert np.array_equal(nx.pow2_scale(amax, 1 / 448), np.exp2(np.ceil(np.log2(prod))))
+
+
+# ------------------------------------------------------------------------------------------------
+# weights
+
+def test_dequant_fp8_weight_partial_block_uses_fixed_128():
+    # 192 x 384 with a 2 x 3 grid: rows 96-127 belong to block-row 0 (spec §10 row 29)
+    grid = np.array([[127, 128, 129], [130, 131, 132]], np.uint8)
+    values = np.full((192, 384), 0x38, np.uint8)                      # e4m3 1.0 everywhere
+    w = nx.dequant_fp8_weight(values, grid)
+    assert w.shape == (192, 384) and w.dtype == np.float32
+    assert np.all(w[:128, :128] == 1.0) and np.all(w[:128, 128:256] == 2.0) and np.all(w[:128, 256:] == 4.0)
+    assert np.all(w[96:128] == w[0])                                  # a 96-row block would give w[96:] == w[128]
+    assert np.all(w[128:, :128] == 8.0) and np.all(w[128:, 256:] == 32.0)
+    w2 = nx.dequant_fp8_weight(values.view(ml_dtypes.float8_e4m3fn), grid.view(ml_dtypes.float8_e8m0fnu))
+    assert np.array_equal(w, w2)
+
+
+def test_dequant_fp8_weight_values_and_errors():
+    values = np.array([[0x7E, 0x01, 0x80, 0xB8]], np.uint8)          # 448, 2^-9, -0, -1
+    w = nx.dequant_fp8_weight(values, np.array([[125]], np.uint8))    # scale 2^-2
+    same_floats(w, [[112.0, 2.0**-11, -0.0, -0.25]])
+    values = np.zeros((192, 384), np.uint8)
+    for bad_shape in [(3, 3), (2, 4), (1, 3), (2, 2)]:               # a grid with any other shape
+        with pytest.raises(ValueError, match="shape"):
+            nx.dequant_fp8_weight(values, np.full(bad_shape, 127, np.uint8))
+    grid = np.full((2, 3), 127, np.uint8)
+    grid[1, 2] = 0xFF
+    with pytest.raises(ValueError, match=r"NaN.*block row 1, col 2"):
+        nx.dequant_fp8_weight(values, grid)
+    with pytest.raises(TypeError):
+        nx.dequant_fp8_weight(values.astype(np.float32), grid)
+
+
+def test_dequant_fp4_weight_hand_worked_and_errors():
+    nib = np.zeros((2, 64), np.uint8)
+    nib[0, :4] = [7, 0xF, 1, 0x8]                                     # 6, -6, 0.5, -0
+    nib[1, 32:34] = [2, 3]                                            # 1, 1.5 in the second 1x32 block
+    scale = np.array([[126, 127], [127, 130]], np.uint8)              # [[0.5, 1], [1, 8]]
+    w = nx.dequant_fp4_weight(nx.pack_fp4(nib), scale)
+    assert w.shape == (2, 64) and w.dtype == np.float32
+    same_floats(w[0, :4], [3.0, -3.0, 0.25, -0.0])
+    assert w[1, 32:34].tolist() == [8.0, 12.0] and w[1, :32].sum() == 0
+    with pytest.raises(ValueError, match="shape"):
+        nx.dequant_fp4_weight(nx.pack_fp4(nib), scale[:, :1])
+    scale[1, 0] = 0xFF
+    with pytest.raises(ValueError, match=r"NaN.*block row 1, col 0"):
+        nx.dequant_fp4_weight(nx.pack_fp4(nib), scale)
+
+
+def _block_scales_fp8(scale, n, k):
+    """E8M0 grid -> float64 [n, k] scale of each element (block 128)."""
+    s = nx.decode_ue8m0(scale).astype(np.float64)
+    return np.repeat(np.repeat(s, 128, 0), 128, 1)[:n, :k]
+
+
+@settings(deadline=None, max_examples=15)
+@given(n=st.integers(1, 300), k=st.integers(1, 300), seed=st.integers(0, 2**32 - 1),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_quant_fp8_weight_round_trip_within_half_ulp(n, k, seed, dtype):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * 2.0 ** rng.integers(-20, 20, (n, 1))).astype(dtype)
+    values, scale = nx.quant_fp8_weight(w)
+    assert values.shape == (n, k) and values.dtype == np.uint8
+    assert scale.shape == (-(-n // 128), -(-k // 128)) and scale.dtype == np.uint8
+    s = _block_scales_fp8(scale, n, k)
+    err = np.abs(nx.dequant_fp8_weight(values, scale).astype(np.float64) - w)
+    assert np.all(err <= s * ulp_e4m3(w / s) / 2)
+    # the smallest power of two with amax / s <= 448 (above the 1e-4 floor)
+    nb, kb = scale.shape
+    amax = np.zeros((nb, kb))
+    for i in range(nb):
+        for j in range(kb):
+            amax[i, j] = max(np.abs(w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128]).max(), np.float32(1e-4))
+    sb = nx.decode_ue8m0(scale).astype(np.float64)
+    assert np.all(amax <= 448 * sb) and np.all(amax > 224 * sb)
+
+
+def test_quant_fp8_weight_zero_block_and_partial_edges():
+    w = np.zeros((192, 384), np.float32)
+    w[:96, 128:256] = 3.0                                             # block (0, 1)
+    w[150, 300] = -960.0                                              # block (1, 2), in the partial row block
+    values, scale = nx.quant_fp8_weight(w)
+    # all-zero blocks take the 1e-4 floor: s = 2^ceil(log2(1e-4/448)) = 2^-22 (code 105), values 0
+    # 3/448 -> 2^-7 (code 120); 960/448 -> 2^2 (code 129), 960/4 = 240 is an e4m3 value
+    assert scale.tolist() == [[105, 120, 105], [105, 105, 129]]
+    assert np.all(values[:, :128] == 0)
+    assert np.array_equal(nx.dequant_fp8_weight(values, scale), w)    # exactly representable
+    with pytest.raises(ValueError):
+        nx.quant_fp8_weight(np.array([[np.inf]]))
+
+
+@settings(deadline=None, max_examples=15)
+@given(n=st.integers(1, 40), kb=st.integers(1, 6), seed=st.integers(0, 2**32 - 1))
+def test_quant_fp4_weight_round_trip_within_half_ulp(n, kb, seed):
+    rng = np.random.default_rng(seed)
+    k = 32 * kb
+    w = rng.standard_normal((n, k)) * 2.0 ** rng.integers(-20, 20, (n, 1))
+    w[0, :32] = 0.0                                                   # an all-zero block
+    packed, scale = nx.quant_fp4_weight(w)
+    assert packed.shape == (n, k // 2) and packed.dtype == np.int8
+    assert scale.shape == (n, kb) and scale.dtype == np.uint8
+    assert scale[0, 0] == 1                                           # floor 6·2^-126 -> s = 2^-126
+    s = np.repeat(nx.decode_ue8m0(scale).astype(np.float64), 32, axis=1)
+    err = np.abs(nx.dequant_fp4_weight(packed, scale).astype(np.float64) - w)
+    assert np.all(err <= s * ulp_e2m1(w / s) / 2)
+    amax = np.maximum(np.abs(w).reshape(n, kb, 32).max(-1), 6 * 2.0**-126)
+    sb = nx.decode_ue8m0(scale).astype(np.float64)
+    assert np.all(amax <= 6 * sb) and np.all(amax > 3 * sb)
+
+
+def test_quant_fp4_weight_rejects_bad_k():
+    with pytest.raises(ValueError):
+        nx.quant_fp4_weight(np.ones((2, 48)))
+
+
+# ------------------------------------------------------------------------------------------------
+# activation quantization
+
+def test_act_quant_fp8_hand_worked():
+    x = np.zeros((2, 256), np.float32)
+    x[0, 0], x[0, 1], x[0, 2] = 448.0, 1.0625, -3.0                   # block (0, 0): amax 448 -> s = 1
+    x[0, 128] = 1000.0                                                # block (0, 1): s = 4, 1000/4 = 250 -> 256
+    q, s = nx.act_quant_fp8(x, block=128)
+    assert q.dtype == np.float32 and s.dtype == np.float32 and s.shape == (2, 2)
+    assert s.tolist() == [[1.0, 4.0], [2.0**-22, 2.0**-22]]           # all-zero blocks: 2^ceil(log2(1e-4/448))
+    assert q[0, :3].tolist() == [448.0, 1.0, -3.0] and q[0, 128] == 256.0
+    assert np.all(q[1] == 0)
+    with pytest.raises(ValueError):
+        nx.act_quant_fp8(x, block=96)
+    with pytest.raises(TypeError):
+        nx.act_quant_fp8(x.astype(np.float64))
+    with pytest.raises(ValueError):
+        nx.act_quant_fp8(np.full((1, 128), np.nan, np.float32))
+
+
+@pytest.mark.parametrize("max_val", [448.0, 6.0])
+def test_pow2_scale_never_below_amax_over_max(max_val):
+    # fp32(1/448) and fp32(1/6) lie above 1/448 and 1/6, so the fp32 product never rounds down to a
+    # power of two below amax/max: the official clamp to ±max only guards, it never fires
+    inv = np.float32(1 / max_val)
+    edge = (max_val * 2.0 ** np.arange(-100, 100)).astype(np.float32)
+    amax = np.concatenate([edge, np.nextafter(edge, np.float32(np.inf)), np.nextafter(edge, np.float32(0))])
+    s = nx.pow2_scale(amax, inv).astype(np.float64)
+    assert np.all(amax <= max_val * s) and np.all(amax > max_val * s / 2)
+
+
+def test_act_quant_fp4_hand_worked():
+    x = np.zeros((1, 64), np.float32)
+    x[0, :4] = [6.0, 5.0, -0.25, 2.5]                                 # s = 1: 6, 4 (tie), -0 (tie), 2 (tie)
+    q, s = nx.act_quant_fp4(x)
+    assert s.tolist() == [[1.0, 2.0**-126]]                          # zero block: floor 6·2^-126
+    same_floats(q[0, :4], [6.0, 4.0, -0.0, 2.0])
+    assert np.all(q[0, 32:] == 0)
+
+
+@settings(deadline=None, max_examples=40)
+@given(seed=st.integers(0, 2**32 - 1), lg=st.integers(-40, 40), block=st.sampled_from([32, 64, 128]),
+       rows=st.integers(1, 4))
+def test_act_quant_fp8_properties(seed, lg, block, rows):
+    rng = np.random.default_rng(seed)
+    x = bf16_values(rng, (rows, 2 * block), 2.0**lg)
+    x[0, :block] *= rng.integers(0, 2)                                # sometimes an all-zero block
+    q, s = nx.act_quant_fp8(x, block=block)
+    f, _ = np.frexp(s)
+    assert np.all(f == 0.5)                                           # exact powers of two
+    assert np.all(np.abs(q) <= 448)
+    sb = np.repeat(s, block, axis=-1).astype(np.float64)
+    err = np.abs(q * sb - x)
+    assert np.all(err <= sb * ulp_e4m3(x / sb) / 2)
+    assert np.array_equal(nx.decode_fp8_e4m3(nx.encode_fp8_e4m3(q)), q)   # q is on the e4m3 grid
+    y = nx.qdq_fp8_values(x, block=block)
+    assert y.dtype == np.float32
+    assert np.array_equal(nx.qdq_fp8_values(y, block=block), y)       # idempotent
+
+
+@settings(deadline=None, max_examples=40)
+@given(seed=st.integers(0, 2**32 - 1), lg=st.integers(-40, 40), rows=st.integers(1, 4))
+def test_act_quant_fp4_properties(seed, lg, rows):
+    rng = np.random.default_rng(seed)
+    x = bf16_values(rng, (rows, 128), 2.0**lg)
+    q, s = nx.act_quant_fp4(x)
+    f, _ = np.frexp(s)
+    assert np.all(f == 0.5)
+    assert np.all(np.abs(q) <= 6)
+    assert np.all(np.isin(np.abs(q), [0, .5, 1, 1.5, 2, 3, 4, 6]))
+    sb = np.repeat(s, 32, axis=-1).astype(np.float64)
+    assert np.all(np.abs(q * sb - x) <= sb * ulp_e2m1(x / sb) / 2)
+    y = nx.qdq_fp4_values(x)
+    assert np.array_equal(nx.qdq_fp4_values(y), y)                    # idempotent
+    assert np.array_equal(nx.round_bf16(y), y)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hadamard
+
+def sylvester(n):
+    """Natural-order ±1 Hadamard matrix, as scipy.linalg.hadamard(n)."""
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
+def test_sylvester_helper_hand_worked():
+    assert sylvester(4).tolist() == [[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]]
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 128])
+def test_hadamard_matches_sylvester_matrix(n):
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((3, 2, n))
+    want = x @ sylvester(n) / np.sqrt(n)
+    y = nx.hadamard(x)
+    assert y.dtype == np.float64 and y.shape == x.shape
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-13)
+    y32 = nx.hadamard(x.astype(np.float32))
+    assert y32.dtype == np.float32
+    np.testing.assert_allclose(y32, want, rtol=0, atol=1e-5)
+
+
+@settings(deadline=None, max_examples=25)
+@given(seed=st.integers(0, 2**32 - 1), lg=st.integers(0, 8))
+def test_hadamard_orthogonal(seed, lg):
+    x = np.random.default_rng(seed).standard_normal((5, 2**lg))
+    y = nx.hadamard(x)
+    np.testing.assert_allclose(nx.hadamard(y), x, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-13)
+
+
+def test_hadamard_rejects_bad_input():
+    with pytest.raises(ValueError):
+        nx.hadamard(np.ones((2, 12)))
+    with pytest.raises(TypeError):
+        nx.hadamard(np.ones((2, 4), np.int64))
+
+
+# ------------------------------------------------------------------------------------------------
+# small math
+
+def test_softmax():
+    x = np.array([[1000.0, 1000.0, -np.inf], [0.0, np.log(3.0), -np.inf]], np.float32)
+    p = nx.softmax(x)
+    assert p.dtype == np.float32
+    np.testing.assert_allclose(p, [[0.5, 0.5, 0.0], [0.25, 0.75, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(nx.softmax(x.T, axis=0), p.T, rtol=0)
+    with pytest.raises(ValueError):
+        nx.softmax(np.array([[0.0, 1.0], [-np.inf, -np.inf]]))
+
+
+def test_sigmoid_silu_extremes():
+    x = np.array([-1000.0, -30.0, 0.0, 30.0, 1000.0], np.float32)
+    s = nx.sigmoid(x)
+    assert s.dtype == np.float32
+    np.testing.assert_allclose(s, [0.0, 9.357623e-14, 0.5, 1.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(nx.silu(x), x * s, rtol=0)
+    assert nx.silu(np.float64(-1000.0)) == 0.0
+
+
+def test_softplus_threshold():
+    x = np.array([-100.0, 0.0, 20.0, np.nextafter(20.0, 21.0), 50.0, 1e30])
+    y = nx.softplus(x)
+    assert y[0] == np.log1p(np.exp(-100.0)) and y[1] == np.log(2.0)
+    assert y[2] == np.log1p(np.exp(20.0)) and y[2] != 20.0           # threshold is strict: x > 20
+    assert y[3] == x[3] and y[4] == 50.0 and y[5] == 1e30
+    assert nx.softplus(x.astype(np.float32)).dtype == np.float32
+
+
+@settings(deadline=None, max_examples=30)
+@given(seed=st.integers(0, 2**32 - 1), lg=st.integers(-30, 30))
+def test_rms_norm_scale_invariant(seed, lg):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((3, 64))
+    w = rng.standard_normal(64)
+    a = 2.0**lg                                                       # exact scaling; eps tiny vs mean(x²)
+    np.testing.assert_allclose(nx.rms_norm(a * x, w, eps=0.0), nx.rms_norm(x, w, eps=0.0), rtol=1e-14)
+
+
+def test_rms_norm_hand_worked_and_dtypes():
+    x = np.array([[3.0, 4.0]], np.float32)                            # mean(x²) = 12.5
+    y = nx.rms_norm(x, None, eps=0.0)
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, [[3 / np.sqrt(12.5), 4 / np.sqrt(12.5)]], rtol=1e-7)
+    yw = nx.rms_norm(x, np.array([2.0, -1.0]), eps=1e-6)
+    assert yw.dtype == np.float32
+    np.testing.assert_allclose(yw, [[6 / np.sqrt(12.5 + 1e-6), -4 / np.sqrt(12.5 + 1e-6)]], rtol=1e-6)
+    assert nx.rms_norm(x.astype(np.float64), None, eps=1e-6).dtype == np.float64
+    with pytest.raises(ValueError):
+        nx.rms_norm(x, np.ones(3), eps=1e-6)
+
+
+def test_top_k_ties_lower_index_wins():
+    x = np.array([1.0, 3.0, 3.0, 2.0, 3.0])
+    assert nx.top_k(x, 3).tolist() == [1, 2, 4]                      # the three 3.0s, in index order
+    assert nx.top_k(x, 4).tolist() == [1, 2, 4, 3]
+    assert nx.top_k(x, 0).tolist() == []
+    assert nx.top_k(x, 3).dtype == np.int64
+    m = np.array([[0.5, 0.5], [0.5, 0.7], [0.5, 0.7]])
+    assert nx.top_k(m, 2, axis=0).tolist() == [[0, 1], [1, 2]]
+    assert nx.top_k(np.array([1, 5, 5, -3], np.int32), 2).tolist() == [1, 2]
+    assert nx.top_k(np.array([1.0, np.nan, 2.0]), 1).tolist() == [1]  # NaN is the largest, as torch.topk
+    with pytest.raises(ValueError):
+        nx.top_k(x, 6)
+
+
+@settings(deadline=None, max_examples=30)
+@given(hnp.arrays(np.float32, st.integers(1, 20), elements=st.sampled_from([0.0, 1.0, 2.0, -1.0])),
+       st.data())
+def test_top_k_matches_sorted_reference(x, data):
+    k = data.draw(st.integers(0, x.size))
+    ref = sorted(range(x.size), key=lambda i: (-x[i], i))[:k]         # descending value, then index
+    assert nx.top_k(x, k).tolist() == ref
