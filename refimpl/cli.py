@@ -49,7 +49,7 @@ def cmd_inspect(a) -> int:
     from refimpl.synthetic import format_summary, summarize
     s = summarize(a.ckpt)
     print(format_summary(s))
-    return 0 if s.get("valid") else 1
+    return 0 if s["ok"] else 1
 
 
 # ---------------------------------------------------------------- model runs
