@@ -28,7 +28,7 @@ from refimpl.compressor import CompressorState, CompressorWeights, compress
 from refimpl.indexer import IndexerState, IndexerWeights, indexer
 from refimpl.linear import Fp8Matrix, bf16_linear, quantized_linear
 from refimpl.norm import head_rms_norm, rms_norm
-from refimpl.numerics import bf16, f32, qdq_fp8, work_dtype
+from refimpl.numerics import bf16, f32, qdq_fp8, storage_dtype, work_dtype
 from refimpl.rope import apply_rope, layer_rope_table
 from refimpl.trace import record
 
@@ -51,14 +51,16 @@ class AttentionWeights:
 @dataclass(frozen=True)
 class AttentionState:
     """Decode state of one layer's attention (spec §4.1)."""
-    window: np.ndarray                      # [b, W, d] ring: row = position mod W (bf16 values)
+    window: np.ndarray                      # [b, W, d] ring: row = position mod W
     compressed: np.ndarray | None           # [b, n_entries, d] main compressed entries
+    # window, compressed entries and index keys are stored in storage_dtype(prec): bfloat16 in
+    # mirror (they hold bf16 values, as the official bf16 caches), else the working dtype
     compressor: CompressorState | None
     indexer: IndexerState | None
 
     @staticmethod
     def empty(cfg, layer: int, batch: int, prec: str) -> "AttentionState":
-        dt = work_dtype(prec)
+        dt = storage_dtype(prec)
         m, d = cfg.compress_ratio(layer), cfg.head_dim
         idx = None
         if cfg.uses_indexer(layer):
@@ -149,11 +151,11 @@ def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: Attention
 
     # A3: window rows = the last W' positions from the ring, then this call's rows
     win_idx, n_prev = window_indices(start_pos, s, W)                  # [s, width]
-    prev_rows = state.window[:, (start_pos - n_prev + np.arange(n_prev)) % W]   # [b, n_prev, d]
+    prev_rows = state.window[:, (start_pos - n_prev + np.arange(n_prev)) % W].astype(dt)   # [b, n_prev, d]
     rows = np.concatenate([prev_rows, kv], axis=1)                     # [b, n_prev+s, d]
     new_window = state.window.copy()
     keep = positions[-W:]                                              # last W positions of this call
-    new_window[:, keep % W] = kv[:, -len(keep):]
+    new_window[:, keep % W] = kv[:, -len(keep):]                       # stored losslessly (bf16 in mirror)
 
     # A4-A7: compressed entries and their index sets
     topk_idxs = np.broadcast_to(win_idx, (b, s, win_idx.shape[1]))
@@ -162,7 +164,7 @@ def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: Attention
         entries, cstate = compress(x, start_pos, state.compressor, w.compressor, cfg, layer, prec,
                                    ratio=m, head_dim=d, rotate=False, revision=revision)
         record(trace, f"layers.{layer}.attn.compressed_kv", entries)
-        compressed = np.concatenate([state.compressed, entries.astype(dt)], axis=1)  # [b, (start_pos+s)//m, d]
+        compressed = np.concatenate([state.compressed, entries.astype(state.compressed.dtype)], axis=1)  # [b, n_entries, d]
         if cfg.uses_indexer(layer):
             sel, istate = indexer(x, qr, start_pos, state.indexer, w.indexer, table, cfg, layer, prec,
                                   revision, trace)                     # [b, s, k] entry ids
@@ -170,7 +172,7 @@ def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: Attention
             sel = np.broadcast_to(compressed_indices(start_pos, s, m), (b, s, compressed.shape[1]))
         offset = rows.shape[1]                                         # entries follow the raw rows
         topk_idxs = np.concatenate([topk_idxs, np.where(sel >= 0, sel + offset, -1)], axis=-1)
-        rows = np.concatenate([rows, compressed], axis=1)              # [b, n_prev+s+n_entries, d]
+        rows = np.concatenate([rows, compressed.astype(dt)], axis=1)   # [b, n_prev+s+n_entries, d]
 
     # A8: sparse attention with sink, A9: de-rotation and grouped output projection
     o = sparse_attention(q, rows, w.attn_sink, topk_idxs, cfg.softmax_scale, prec)   # [b, s, h, d]

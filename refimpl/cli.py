@@ -129,8 +129,18 @@ def cmd_generate(a) -> int:
     tty = sys.stderr.isatty()
     print(f"[prompt: {len(ids)} tokens; prefill ...]", file=sys.stderr, flush=True) if tty else None
 
+    new: list[int] = []
+    shown = [""]
+
     def show(t: int) -> None:                     # stream each token as it is produced
-        sys.stdout.write(tok.decode([t]) if tok is not None else f"{t} ")
+        new.append(t)
+        if tok is None:
+            sys.stdout.write(f"{t} ")
+        else:                                     # decode the whole completion; print what is new,
+            text = tok.decode(new)                # holding back a partial UTF-8 character
+            if not text.endswith("\ufffd"):
+                sys.stdout.write(text[len(shown[0]):])
+                shown[0] = text
         sys.stdout.flush()
 
     g = generate(model, ids, max_new_tokens=a.max_new_tokens, params=params, seed=a.seed, on_token=show)

@@ -63,7 +63,7 @@ def indexer(x: np.ndarray, qr: np.ndarray, start_pos: int, state: IndexerState, 
     q = qdq_fp4(bf16(hadamard(q), prec), prec, block=32)                # official: rotate_activation; fp4 sim
     new_keys, cstate = compress(x, start_pos, state.compressor, w.compressor, cfg, layer, prec,
                                 ratio=m, head_dim=hd, rotate=True, revision=revision)
-    keys = np.concatenate([state.keys, new_keys.astype(dt)], axis=1)   # [b, (start_pos+s)//m, j]
+    keys = np.concatenate([state.keys, new_keys.astype(state.keys.dtype)], axis=1)  # [b, (start_pos+s)//m, j]
     weights = bf16_linear(x, w.weights_proj, prec)                      # [b, s, i]
     weights = bf16(weights * dt(hd ** -0.5 * n_heads ** -0.5), prec)    # official: * (softmax_scale * i^-0.5)
 
@@ -75,7 +75,7 @@ def indexer(x: np.ndarray, qr: np.ndarray, start_pos: int, state: IndexerState, 
             visible = (start_pos + si + 1) // m                          # entry e visible iff m(e+1) <= t+1
             if visible == 0:
                 continue
-            sc = index_scores(q[bi, si], keys[bi, :visible], weights[bi, si], prec)   # [visible]
+            sc = index_scores(q[bi, si], keys[bi, :visible].astype(dt), weights[bi, si], prec)   # [visible]
             scores[bi, si, :visible] = sc
             k = min(cfg.index_topk, visible)
             topk[bi, si, :k] = top_k(sc, k)

@@ -44,6 +44,7 @@ Official: kernel.py fast_log2_ceil / fast_pow2 (K:L22-37), act_quant (K:L40-125)
 """
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
 PRECISIONS = ("float64", "float32", "mirror")
@@ -71,6 +72,12 @@ def work_dtype(prec: str) -> type:
     """Activation dtype of a mode: float64 for "float64", float32 otherwise."""
     check_precision(prec)
     return np.float64 if prec == "float64" else np.float32
+
+
+def storage_dtype(prec: str):
+    """dtype of stored activations (KV caches in a decode state): bfloat16 in mirror, else work_dtype."""
+    check_precision(prec)
+    return ml_dtypes.bfloat16 if prec == "mirror" else work_dtype(prec)
 
 
 def _is_mirror(prec: str) -> bool:
