@@ -1,0 +1,95 @@
+"""Generation: samplers, seeding, stopping, and agreement with a one-shot forward."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from refimpl.generate import SamplingParams, generate, probabilities, sample
+
+
+def test_greedy_is_argmax_lowest_id_on_ties():
+    logits = np.array([0.0, 2.0, 2.0, -1.0], np.float32)
+    assert sample(logits, SamplingParams(), np.random.default_rng(0)) == 1
+
+
+@pytest.mark.parametrize("sampler", ["gumbel", "multinomial"])
+def test_sampler_matches_softmax_distribution(sampler):
+    """Gumbel-max (official G:L19-24) and inverse-CDF draw from softmax(logits / T)."""
+    logits = np.array([1.0, 0.0, -1.0, 2.0])
+    params = SamplingParams(temperature=0.7, sampler=sampler)
+    rng = np.random.default_rng(123)
+    n = 20000
+    counts = np.bincount([sample(logits, params, rng) for _ in range(n)], minlength=4)
+    p = probabilities(logits, 0.7)
+    # 5-sigma binomial bound per token
+    assert np.all(np.abs(counts / n - p) < 5 * np.sqrt(p * (1 - p) / n))
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    params = SamplingParams(temperature=1.0, top_p=0.7)       # nucleus = {0, 1}
+    rng = np.random.default_rng(0)
+    drawn = {sample(logits, params, rng) for _ in range(500)}
+    assert drawn == {0, 1}
+
+
+@given(st.floats(-1, 2), st.floats(0.01, 1.5))
+def test_bad_sampling_params_are_rejected(t, p):
+    if t < 0:
+        with pytest.raises(ValueError):
+            SamplingParams(temperature=t)
+    elif p > 1:
+        with pytest.raises(ValueError):
+            SamplingParams(top_p=p)
+    else:
+        SamplingParams(temperature=t, top_p=p)
+
+
+class _Scripted:
+    """A model stub whose logits make a chosen token most likely after each step."""
+
+    def __init__(self, script, vocab=8, eos=1, max_seq_len=100):
+        self.cfg = SimpleNamespace(max_seq_len=max_seq_len, eos_token_id=eos, vocab_size=vocab)
+        self.script, self.vocab = list(script), vocab
+
+    def _logits(self, step):
+        z = np.zeros(self.vocab, np.float32)
+        z[self.script[min(step, len(self.script) - 1)]] = 10
+        return z
+
+    def prefill(self, tokens):
+        return np.stack([self._logits(0)] * len(tokens)), 1
+
+    def decode(self, token, state):
+        return self._logits(state), state + 1
+
+
+def test_stops_on_eos_and_streams_each_token():
+    seen = []
+    g = generate(_Scripted([5, 6, 1, 7]), [0, 3], max_new_tokens=10, on_token=seen.append)
+    assert g.tokens == [5, 6, 1] and g.stopped_on_eos and seen == g.tokens
+
+
+def test_max_new_tokens_and_context_limit():
+    assert generate(_Scripted([5]), [0], max_new_tokens=4, stop_on_eos=False).tokens == [5] * 4
+    assert len(generate(_Scripted([5], max_seq_len=6), [0, 2, 3], max_new_tokens=10).tokens) == 3
+    with pytest.raises(ValueError):
+        generate(_Scripted([5]), [], max_new_tokens=1)
+
+
+def test_greedy_generation_equals_one_shot_forward(tiny_model):
+    """Each greedy token is the argmax of a one-shot forward over the tokens before it."""
+    model = tiny_model("mirror")
+    prompt = [0, 17, 256, 900, 31]
+    g = generate(model, prompt, max_new_tokens=6, stop_on_eos=False)
+    logits = model.forward(np.asarray(prompt + g.tokens[:-1]))
+    assert [int(t) for t in logits[len(prompt) - 1:].argmax(-1)] == g.tokens
+
+
+def test_seeded_sampling_is_reproducible(tiny_model):
+    model = tiny_model("float32")
+    params = SamplingParams(temperature=1.0)
+    a = generate(model, [0, 5, 9], max_new_tokens=5, params=params, seed=7, stop_on_eos=False).tokens
+    b = generate(model, [0, 5, 9], max_new_tokens=5, params=params, seed=7, stop_on_eos=False).tokens
+    assert a == b
