@@ -1,0 +1,476 @@
+"""DeepSeek V4 chat encoding: OpenAI-style messages -> prompt text, completion text -> message.
+
+Our own rewrite of the official `encoding/encoding_dsv4.py` (cited as E:Lnnn); it gives the same
+output byte for byte (tests/data/encoding holds the official fixtures). A prompt is (spec §6):
+
+    [BOS] [REASONING_EFFORT_MAX]  then per message:
+      system           content ["\\n\\n" tools block] ["\\n\\n" response format]
+      developer        <｜User｜> content [tools block] [response format]
+      user             <｜User｜> blocks joined by "\\n\\n": text, or <tool_result>...</tool_result>
+      latest_reminder  <｜latest_reminder｜> content
+      assistant        [reasoning </think>] content ["\\n\\n" DSML tool calls] [EOS]
+    and, where the message is the last one or is followed by assistant / latest_reminder:
+      its task token(s) if it has a `task`, else after user/developer: <｜Assistant｜> <think>|</think>
+
+Pipeline, as the official: check -> merge tool messages into user turns -> order tool results by
+the preceding assistant's calls -> drop old reasoning (thinking mode) -> render each message.
+
+Differences from the official, all on input it mishandles: bad input raises `EncodingError` (a
+ValueError) where the official raises KeyError/TypeError/AssertionError or renders "None"; tool-call
+arguments must be a JSON object string (the official wraps other text as {"arguments": text},
+E:L152-155); a tool message must answer the nearest preceding assistant's tool calls; `tools` and
+`response_format` are accepted only on system/developer messages (the only roles that render them).
+
+`parse_message_from_completion_text` reads one assistant turn back (official: E:L687-744) and is as
+lenient as the official: EOS may be missing after tool calls, and a string="false" parameter value
+is copied into the arguments JSON text unchecked. Tool and parameter names are not escaped (as the
+official), so a name containing '"' does not survive a round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+# Special tokens (official: E:L17-35); ids are the official tokenizer's (spec §6).
+BOS = "<｜begin▁of▁sentence｜>"                   # id 0
+EOS = "<｜end▁of▁sentence｜>"                     # id 1, also pad
+USER = "<｜User｜>"                               # id 128803
+ASSISTANT = "<｜Assistant｜>"                     # id 128804
+THINK_START = "<think>"                          # id 128821
+THINK_END = "</think>"                           # id 128822
+DSML = "｜DSML｜"                                 # id 128825, inside the tool-call tags
+LATEST_REMINDER = "<｜latest_reminder｜>"         # id 128828
+ACTION = "<｜action｜>"                           # id 128829
+QUERY = "<｜query｜>"                             # id 128830
+AUTHORITY = "<｜authority｜>"                     # id 128831
+DOMAIN = "<｜domain｜>"                           # id 128832
+TITLE = "<｜title｜>"                             # id 128836
+EXTRACTED_URL = "<｜extracted_url｜>"             # id 128844; written in user content before a read_url task
+READ_URL = "<｜read_url｜>"                       # id 128845
+
+TASK_TOKENS = {"action": ACTION, "query": QUERY, "authority": AUTHORITY,       # official: E:L28-35
+               "domain": DOMAIN, "title": TITLE, "read_url": READ_URL}
+SPECIAL_TOKENS = (BOS, EOS, USER, ASSISTANT, THINK_START, THINK_END, DSML, LATEST_REMINDER,
+                  ACTION, QUERY, AUTHORITY, DOMAIN, TITLE, EXTRACTED_URL, READ_URL)  # official id order
+ROLES = ("system", "user", "assistant", "developer", "latest_reminder", "tool")
+THINKING_MODES = ("chat", "thinking")
+REASONING_EFFORTS = (None, "max", "high")        # official: E:L261; "high" adds nothing
+
+# Fixed prompt text (official: E:L49-95), written out with the tokens in place.
+REASONING_EFFORT_MAX = (
+    "Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
+    "You MUST be very thorough in your thinking and comprehensively decompose the problem to resolve"
+    " the root cause, rigorously stress-testing your logic against all potential paths, edge cases,"
+    " and adversarial scenarios.\n"
+    "Explicitly write out your entire deliberation process, documenting every intermediate step,"
+    " considered alternative, and rejected hypothesis to ensure absolutely no assumption is left"
+    " unchecked.\n\n"
+)
+RESPONSE_FORMAT_HEAD = (
+    "## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n")
+TOOLS_HEAD = """## Tools
+
+You have access to a set of tools to help answer the user's question. You can invoke tools by writing a "<｜DSML｜tool_calls>" block like the following:
+
+<｜DSML｜tool_calls>
+<｜DSML｜invoke name="$TOOL_NAME">
+<｜DSML｜parameter name="$PARAMETER_NAME" string="true|false">$PARAMETER_VALUE</｜DSML｜parameter>
+...
+</｜DSML｜invoke>
+<｜DSML｜invoke name="$TOOL_NAME2">
+...
+</｜DSML｜invoke>
+</｜DSML｜tool_calls>
+
+String parameters should be specified as is and set `string="true"`. For all other types (numbers, booleans, arrays, objects), pass the value in JSON format and set `string="false"`.
+
+If thinking_mode is enabled (triggered by <think>), you MUST output your complete reasoning inside <think>...</think> BEFORE any tool calls or final response.
+
+Otherwise, output directly after </think> with tool calls or final response.
+
+### Available Tool Schemas
+
+"""
+TOOLS_TAIL = """
+
+You MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.
+"""
+
+# DSML tags (official: E:L52-58, L149); the parser searches for these prefixes.
+_CALLS_OPEN, _CALLS_CLOSE = f"<{DSML}tool_calls>", f"</{DSML}tool_calls>"
+_INVOKE_OPEN, _INVOKE_CLOSE = f"<{DSML}invoke", f"</{DSML}invoke"
+_PARAM_OPEN, _PARAM_END = f"<{DSML}parameter", f"/{DSML}parameter"
+_CALLS_START = "\n\n" + f"<{DSML}tool_calls"    # official: E:L710, how content ends in a completion
+# `$` also matches before a final "\n" (as in the official), so an invoke with no parameters parses
+_INVOKE_HEAD_RE = re.compile(r'\s*name="(.*?)">\n$', re.DOTALL)                       # E:L659
+_PARAM_RE = re.compile(r' name="(.*?)" string="(true|false)">(.*?)<$', re.DOTALL)    # E:L668
+
+
+class EncodingError(ValueError):
+    """Malformed messages, options or completion text."""
+
+
+def _to_json(value: Any, where: str) -> str:
+    """JSON with non-ASCII kept (official: E:L101-106; its ensure_ascii=True retry never helps)."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError) as err:
+        raise EncodingError(f"{where}: not JSON-serializable: {err}") from None
+
+
+# ---- checking: one OpenAI-style message -> the fields the renderer uses ----
+
+def _text(msg: Mapping, key: str, where: str, *, required: bool = False) -> str:
+    """A string field; missing or None is "" unless required."""
+    value = msg.get(key)
+    if value is None:
+        if required:
+            raise EncodingError(f"{where}: `{key}` is required for role {msg.get('role')!r}")
+        return ""
+    if not isinstance(value, str):
+        raise EncodingError(f"{where}: `{key}` must be a string, got {type(value).__name__}")
+    return value
+
+
+def _tool_result_text(msg: Mapping, where: str) -> str:
+    """Tool message content: a string, or text parts joined by "\\n\\n" (official: E:L296-306)."""
+    content = msg.get("content")
+    if not isinstance(content, list):
+        return _text(msg, "content", where, required=True)
+    parts = []
+    for k, part in enumerate(content):
+        if not isinstance(part, Mapping):
+            raise EncodingError(f"{where}.content[{k}]: a content part must be a dict")
+        if part.get("type") == "text":
+            parts.append(_text(part, "text", f"{where}.content[{k}]"))
+        else:
+            parts.append(f"[Unsupported {part.get('type')}]")   # official: E:L304, kept as text
+    return "\n\n".join(parts)
+
+
+def _tools(msg: Mapping, where: str) -> list[dict]:
+    """OpenAI tool specs -> their `function` objects (official: E:L109-111)."""
+    tools = msg.get("tools")
+    if not tools:
+        return []
+    if not isinstance(tools, list):
+        raise EncodingError(f"{where}: `tools` must be a list of OpenAI tool specs")
+    for k, tool in enumerate(tools):
+        if not isinstance(tool, Mapping) or not isinstance(tool.get("function"), Mapping):
+            raise EncodingError(f"{where}.tools[{k}]: expected {{'type': 'function', 'function': {{...}}}}")
+    return [tool["function"] for tool in tools]
+
+
+def _tool_calls(msg: Mapping, where: str) -> list[tuple[str, str, dict]]:
+    """OpenAI tool calls -> (id, name, arguments dict) (official: E:L114-122, L153)."""
+    calls = msg.get("tool_calls")
+    if not calls:
+        return []
+    if not isinstance(calls, list):
+        raise EncodingError(f"{where}: `tool_calls` must be a list")
+    out = []
+    for k, call in enumerate(calls):
+        at = f"{where}.tool_calls[{k}]"
+        if not isinstance(call, Mapping) or not isinstance(call.get("function"), Mapping):
+            raise EncodingError(f"{at}: expected {{'type': 'function', 'function': {{'name', 'arguments'}}}}")
+        fn = call["function"]
+        call_id = call.get("id") or fn.get("id") or ""          # official: E:L478
+        name, args = fn.get("name"), fn.get("arguments")
+        if not isinstance(call_id, str):
+            raise EncodingError(f"{at}: `id` must be a string")
+        if not isinstance(name, str):
+            raise EncodingError(f"{at}: function `name` must be a string")
+        if not isinstance(args, str):
+            raise EncodingError(f"{at}: function `arguments` must be a JSON string, got {type(args).__name__}")
+        try:
+            parsed = json.loads(args)
+        except json.JSONDecodeError as err:
+            raise EncodingError(f"{at}: function `arguments` is not valid JSON ({err})") from None
+        if not isinstance(parsed, dict):
+            raise EncodingError(f"{at}: function `arguments` must be a JSON object")
+        out.append((call_id, name, parsed))
+    return out
+
+
+def _check_message(msg: Any, where: str) -> dict:
+    """Check one message and return a fresh dict of what the renderer reads."""
+    if not isinstance(msg, Mapping):
+        raise EncodingError(f"{where}: a message must be a dict, got {type(msg).__name__}")
+    role = msg.get("role")
+    if role not in ROLES:
+        raise EncodingError(f"{where}: unknown role {role!r}; expected one of {ROLES}")
+    task = msg.get("task")
+    if task is not None and task not in TASK_TOKENS:
+        raise EncodingError(f"{where}: unknown task {task!r}; expected one of {tuple(TASK_TOKENS)}")
+    if role not in ("system", "developer") and (msg.get("tools") or msg.get("response_format")):
+        raise EncodingError(f"{where}: `tools`/`response_format` belong on a system or developer message")
+    m = {"role": role, "where": where, "task": task, "tools": _tools(msg, where),
+         "response_format": msg.get("response_format"), "wo_eos": bool(msg.get("wo_eos"))}
+    if role == "tool":
+        call_id = msg.get("tool_call_id") or ""
+        if not isinstance(call_id, str):
+            raise EncodingError(f"{where}: `tool_call_id` must be a string")
+        m.update(content=_tool_result_text(msg, where), call_id=call_id)
+    elif role == "assistant":
+        m.update(content=_text(msg, "content", where),
+                 reasoning=_text(msg, "reasoning_content", where),
+                 calls=_tool_calls(msg, where))
+    else:
+        required = role in ("developer", "latest_reminder")  # official: E:L273 asserts; E:L314 would print "None"
+        m["content"] = _text(msg, "content", where, required=required)
+        if role == "developer" and not m["content"]:
+            raise EncodingError(f"{where}: a developer message needs non-empty content")
+    return m
+
+
+def _check_tool_results(msgs: list[dict]) -> None:
+    """Each tool message answers the nearest preceding assistant message's tool calls."""
+    call_ids = None                                          # None: that assistant made no calls
+    for m in msgs:
+        if m["role"] == "assistant":
+            call_ids = [c[0] for c in m["calls"]] if m["calls"] else None
+        elif m["role"] == "tool":
+            if call_ids is None:
+                raise EncodingError(f"{m['where']}: tool message without a preceding assistant tool call")
+            if m["call_id"] and m["call_id"] not in call_ids:
+                raise EncodingError(f"{m['where']}: tool_call_id {m['call_id']!r} not found in the "
+                                    f"preceding assistant's tool calls {call_ids}")
+
+
+# ---- preprocessing (official: E:L401-499, L575-599) ----
+
+def _merge_tool_messages(msgs: list[dict]) -> list[dict]:
+    """Fold each tool result, and each user message after a user turn, into that user turn."""
+    out: list[dict] = []
+    for m in msgs:
+        prev = out[-1] if out and out[-1]["role"] == "user" else None
+        if m["role"] == "tool":                                               # official: E:L424-438
+            block = ("tool_result", m["call_id"], m["content"])
+            if prev is not None:
+                out[-1] = {**prev, "blocks": prev["blocks"] + [block]}
+            else:
+                out.append({"role": "user", "where": m["where"], "task": None, "tools": [],
+                            "response_format": None, "wo_eos": False, "blocks": [block]})
+        elif m["role"] == "user":                                             # official: E:L439-453
+            block = ("text", "", m["content"])
+            if prev is not None and prev["task"] is None:     # NOTE(official): this user's task is lost
+                out[-1] = {**prev, "blocks": prev["blocks"] + [block]}
+            else:
+                out.append({**m, "blocks": [block]})
+        else:
+            out.append(m)
+    return out
+
+
+def _order_tool_results(msgs: list[dict]) -> list[dict]:
+    """Sort each user turn's tool results by the last assistant's call order; unknown ids rank 0."""
+    order: dict[str, int] = {}
+    out = []
+    for m in msgs:
+        if m["role"] == "assistant" and m["calls"]:                           # official: E:L475-480
+            order = {call_id: k for k, (call_id, _, _) in enumerate(m["calls"]) if call_id}
+        elif m["role"] == "user":                                             # official: E:L482-497
+            results = iter(sorted((b for b in m["blocks"] if b[0] == "tool_result"),
+                                  key=lambda b: order.get(b[1], 0)))          # stable, as the official
+            m = {**m, "blocks": [next(results) if b[0] == "tool_result" else b for b in m["blocks"]]}
+        out.append(m)
+    return out
+
+
+def _last_user_index(msgs: list[dict]) -> int:
+    """Index of the last user or developer message, -1 if none (official: E:L209-216)."""
+    return max((i for i, m in enumerate(msgs) if m["role"] in ("user", "developer")), default=-1)
+
+
+def _drop_old_reasoning(msgs: list[dict]) -> list[dict]:
+    """Before the last user turn: strip assistant reasoning and drop developer turns (E:L575-599)."""
+    last = _last_user_index(msgs)
+    out = []
+    for i, m in enumerate(msgs):
+        if i >= last or m["role"] in ("system", "user", "latest_reminder"):
+            out.append(m)
+        elif m["role"] == "assistant":
+            out.append({**m, "reasoning": ""})
+    return out
+
+
+# ---- rendering (official: E:L223-394) ----
+
+def _tools_and_format(m: dict) -> str:
+    """Tools block and response format appended to a system or developer message."""
+    text = ""
+    if m["tools"]:                                                            # official: E:L189-206
+        schemas = "\n".join(_to_json(t, f"{m['where']}.tools") for t in m["tools"])
+        text += "\n\n" + TOOLS_HEAD + schemas + TOOLS_TAIL
+    if m["response_format"]:
+        text += "\n\n" + RESPONSE_FORMAT_HEAD + _to_json(m["response_format"],
+                                                           f"{m['where']}.response_format")
+    return text
+
+
+def _render_params(args: dict, where: str) -> str:
+    """DSML parameter lines: strings raw with string="true", other JSON with "false" (E:L139-166)."""
+    lines = []
+    for key, value in args.items():
+        is_str = isinstance(value, str)
+        shown = value if is_str else _to_json(value, where)
+        lines.append(f'{_PARAM_OPEN} name="{key}" string="{"true" if is_str else "false"}">'
+                     f"{shown}<{_PARAM_END}>")
+    return "\n".join(lines)
+
+
+def _render_tool_calls(calls: list[tuple[str, str, dict]], where: str) -> str:
+    """"\\n\\n" + the DSML tool_calls block of one assistant turn, "" without calls (E:L323-336)."""
+    if not calls:
+        return ""
+    invokes = [f'{_INVOKE_OPEN} name="{name}">\n{_render_params(args, where)}\n{_INVOKE_CLOSE}>'
+               for _, name, args in calls]
+    return f"\n\n{_CALLS_OPEN}\n" + "\n".join(invokes) + f"\n{_CALLS_CLOSE}"
+
+
+def _render_message(i: int, msgs: list[dict], *, thinking: bool, drop: bool, effort: str | None,
+                    last_user: int) -> str:
+    """Message i followed by its transition tokens."""
+    m, role = msgs[i], msgs[i]["role"]
+    text = REASONING_EFFORT_MAX if i == 0 and thinking and effort == "max" else ""  # E:L262
+    if role == "system":
+        text += m["content"] + _tools_and_format(m)
+    elif role == "developer":
+        text += USER + m["content"] + _tools_and_format(m)
+    elif role == "user":
+        text += USER + "\n\n".join(b[2] if b[0] == "text" else f"<tool_result>{b[2]}</tool_result>"
+                                   for b in m["blocks"])
+    elif role == "latest_reminder":
+        text += LATEST_REMINDER + m["content"]
+    else:                                                                     # assistant, E:L319-362
+        after_task = i > 0 and msgs[i - 1]["task"] is not None   # a task's answer carries no reasoning
+        if thinking and not after_task and (not drop or i > last_user):
+            text += m["reasoning"] + THINK_END
+        text += m["content"] + _render_tool_calls(m["calls"], m["where"]) + ("" if m["wo_eos"] else EOS)
+
+    # transition (official: E:L365-392): only before an assistant / latest_reminder turn or at the end
+    if i + 1 < len(msgs) and msgs[i + 1]["role"] not in ("assistant", "latest_reminder"):
+        return text
+    if m["task"] == "action":
+        text += ASSISTANT + (THINK_START if thinking else THINK_END) + ACTION
+    elif m["task"] is not None:
+        text += TASK_TOKENS[m["task"]]
+    elif role in ("user", "developer"):
+        opens = thinking and (not drop or i >= last_user)
+        text += ASSISTANT + (THINK_START if opens else THINK_END)
+    return text
+
+
+def _check_options(thinking_mode: str, reasoning_effort: str | None = None) -> None:
+    if thinking_mode not in THINKING_MODES:
+        raise EncodingError(f"thinking_mode must be one of {THINKING_MODES}, got {thinking_mode!r}")
+    if reasoning_effort not in REASONING_EFFORTS:
+        raise EncodingError(f"reasoning_effort must be one of {REASONING_EFFORTS}, got {reasoning_effort!r}")
+
+
+def _check_list(messages: Any, name: str) -> list[dict]:
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise EncodingError(f"{name} must be a list of message dicts, got {type(messages).__name__}")
+    return [_check_message(m, f"{name}[{i}]") for i, m in enumerate(messages)]
+
+
+def encode_messages(messages: Sequence[Mapping[str, Any]], *, thinking_mode: str = "chat",
+                    drop_thinking: bool = True, reasoning_effort: str | None = None,
+                    add_default_bos_token: bool = True,
+                    context: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """Prompt text for `messages` (OpenAI schema), after an already-encoded `context` if given."""
+    _check_options(thinking_mode, reasoning_effort)
+    ctx, msgs = _check_list(context or [], "context"), _check_list(messages, "messages")
+    _check_tool_results(ctx + msgs)
+    ctx, msgs = _merge_tool_messages(ctx), _merge_tool_messages(msgs)  # official: E:L538-542, apart
+    full = _order_tool_results(ctx + msgs)
+    thinking = thinking_mode == "thinking"
+    drop = drop_thinking and not any(m["tools"] for m in full)     # official: E:L549-551
+    start = len(ctx)
+    if thinking and drop:
+        full = _drop_old_reasoning(full)
+        start = len(_drop_old_reasoning(ctx))   # NOTE(official): context is dropped on its own (E:L557)
+    last_user = _last_user_index(full)
+    prompt = BOS if add_default_bos_token and not ctx else ""
+    for i in range(start, len(full)):
+        prompt += _render_message(i, full, thinking=thinking, drop=drop, effort=reasoning_effort,
+                                  last_user=last_user)
+    return prompt
+
+
+# ---- parsing a completion (official: E:L606-744) ----
+
+def _read_until(text: str, pos: int, stops: tuple[str, ...]) -> tuple[int, str, str | None]:
+    """(position after the first stop, text before it, the stop) or (len, rest, None)."""
+    found = [(at, k) for k, s in enumerate(stops) if (at := text.find(s, pos)) != -1]
+    if not found:
+        return len(text), text[pos:], None
+    at, k = min(found)                                    # the earliest; ties go to the first listed
+    return at + len(stops[k]), text[pos:at], stops[k]
+
+
+def _parse_tool_calls(text: str, pos: int) -> tuple[int, list[tuple[str, str]]]:
+    """DSML invokes after "\\n\\n<｜DSML｜tool_calls" -> (position, [(name, arguments JSON)])."""
+    calls = []
+    while pos < len(text):                                                    # official: E:L646-682
+        pos, gap, stop = _read_until(text, pos, (_INVOKE_OPEN, _CALLS_CLOSE))
+        if gap != ">\n":
+            raise EncodingError(f"tool call format error: expected '>\\n' but got {gap!r}")
+        if stop == _CALLS_CLOSE:
+            break
+        if stop is None:
+            raise EncodingError("tool calls block ends without a closing tag")
+        pos, head, stop = _read_until(text, pos, (_PARAM_OPEN, _INVOKE_CLOSE))
+        match = _INVOKE_HEAD_RE.match(head)
+        if match is None:
+            raise EncodingError(f"tool name format error: {head!r}")
+        params: dict[str, tuple[str, str]] = {}
+        while stop == _PARAM_OPEN:
+            pos, body, stop = _read_until(text, pos, (_PARAM_END,))
+            pm = _PARAM_RE.match(body)
+            if pm is None:
+                raise EncodingError(f"parameter format error: {body!r}")
+            key, is_str, value = pm.groups()
+            if key in params:
+                raise EncodingError(f"duplicate parameter name {key!r}")
+            params[key] = (value, is_str)
+            pos, gap, stop = _read_until(text, pos, (_PARAM_OPEN, _INVOKE_CLOSE))
+            if gap != ">\n":
+                raise EncodingError(f"parameter format error: expected '>\\n' but got {gap!r}")
+        # arguments JSON built as text: non-string values are copied unchecked (official: E:L169-186)
+        items = (f"{json.dumps(k, ensure_ascii=False)}: "
+                 f"{json.dumps(v, ensure_ascii=False) if s == 'true' else v}" for k, (v, s) in params.items())
+        calls.append((match.group(1), "{" + ", ".join(items) + "}"))
+    return pos, calls
+
+
+def parse_message_from_completion_text(text: str, *, thinking_mode: str = "chat") -> dict[str, Any]:
+    """One assistant completion (text after the prompt, with EOS) -> OpenAI-style message dict."""
+    _check_options(thinking_mode)
+    if not isinstance(text, str):
+        raise EncodingError(f"completion must be a string, got {type(text).__name__}")
+    pos, reasoning = 0, ""
+    if thinking_mode == "thinking":                                           # official: E:L715-718
+        pos, reasoning, stop = _read_until(text, pos, (THINK_END, _CALLS_START))
+        if stop != THINK_END:
+            raise EncodingError("invalid thinking format: missing </think>")
+    pos, content, stop = _read_until(text, pos, (EOS, _CALLS_START))
+    calls: list[tuple[str, str]] = []
+    if stop == _CALLS_START:                                                  # official: E:L727-731
+        pos, calls = _parse_tool_calls(text, pos)
+        pos, rest, stop = _read_until(text, pos, (EOS,))      # NOTE(official): EOS optional here
+        if rest:
+            raise EncodingError(f"unexpected text after tool calls: {rest!r}")
+    elif stop is None:
+        raise EncodingError("invalid format: missing EOS token")
+    if pos != len(text):
+        raise EncodingError(f"unexpected text after EOS: {text[pos:]!r}")
+    for token in (BOS, EOS, THINK_START, THINK_END, DSML):                   # official: E:L735-737
+        if token in content or token in reasoning:
+            raise EncodingError(f"unexpected special token {token!r} in content")
+    return {"role": "assistant", "content": content, "reasoning_content": reasoning,
+            "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args}}
+                           for name, args in calls]}
