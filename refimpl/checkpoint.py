@@ -195,6 +195,20 @@ class SafetensorsFile:
                 raise CheckpointError(f"{self.path}: cannot map the file ({e})") from None
         return np.ndarray(t.shape, dtype=dt, buffer=self._map, offset=t.begin)
 
+    def iter_bytes(self, name: str, chunk: int = 1 << 24):
+        """The raw bytes of tensor `name` in chunks, read with pread: nothing stays mapped (for scans)."""
+        t = self.tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"{self.path}: no tensor {name!r}")
+        pos, end = self.data_start + t.begin, self.data_start + t.end
+        with open(self.path, "rb") as f:
+            while pos < end:
+                b = os.pread(f.fileno(), min(chunk, end - pos), pos)
+                if not b:
+                    raise CheckpointError(f"{self.path}: tensor {name!r} is cut short (truncated file?)")
+                yield b
+                pos += len(b)
+
 
 # ---------------------------------------------------------------- reading a checkpoint
 
@@ -289,6 +303,11 @@ class TensorSource:
     def file_of(self, name: str) -> Path:
         self._info(name)
         return self.files[self.where[name]].path
+
+    def iter_bytes(self, name: str, chunk: int = 1 << 24):
+        """Raw bytes of tensor `name` in chunks, without mapping them (memory stays flat; not recorded)."""
+        self._info(name)
+        return self.files[self.where[name]].iter_bytes(name, chunk)
 
     def get(self, name: str, *, record: bool = True) -> np.ndarray:
         """Read-only memory-mapped view of tensor `name`; counted in `self.used` unless record=False."""

@@ -177,8 +177,8 @@ def validate(source: TensorSource | str | Path, cfg: Config, *, scan_scales: boo
         if src.shape(n) != s.shape:
             problems.append(f"tensor {n!r} has shape {list(src.shape(n))}, expected {list(s.shape)}")
         elif scan_scales and s.dtype == "F8_E8M0" and src.dtype(n) == "F8_E8M0":
-            # E8M0 byte 0xFF is NaN (spec §3.0 P2)
-            nan = int(np.count_nonzero(src.get(n, record=False).view(np.uint8) == 0xFF))
+            # E8M0 byte 0xFF is NaN (spec §3.0 P2); read in chunks, not mapped, so memory stays flat
+            nan = sum(chunk.count(0xFF) for chunk in src.iter_bytes(n))
             if nan:
                 problems.append(f"tensor {n!r}: {nan} E8M0 scale byte(s) are 0xFF (NaN)")
     return problems
