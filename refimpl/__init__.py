@@ -3,9 +3,18 @@
 The contract: given the official checkpoint format and token ids, refimpl computes what the
 official inference code (deepseek-ai/DeepSeek-V4-Flash, `inference/model.py`) computes, in three
 precision modes (`float64` exact math, `float32`, `mirror` = rounds where the official code rounds),
-with every sub-operation traceable by name. It is an oracle, not a fast engine.
+with every sub-operation traceable by name. A position's result never depends on the sequence
+length or the chunking (float64, mirror). It is an oracle, not a fast engine.
+
+    model = refimpl.load(ckpt, precision="mirror")      # memory-mapped; nothing dequantized yet
+    logits = model.forward(tokens)                      # [s, v] for every position
+    logits, state = model.prefill(tokens, state)        # from any position
+    logits, state = model.decode(token, state)
 """
 from refimpl.config import Config, ConfigError
+from refimpl.generate import SamplingParams, generate
+from refimpl.model import Model, load
+from refimpl.trace import Trace
 
 __version__ = "0.1.0"
-__all__ = ["Config", "ConfigError", "__version__"]
+__all__ = ["Config", "ConfigError", "Model", "SamplingParams", "Trace", "generate", "load", "__version__"]
