@@ -32,17 +32,13 @@ def block(h: np.ndarray, tokens: np.ndarray, start_pos: int, state: AttentionSta
           cfg, layer: int, prec: str, revision: str, trace=None):
     """One block. h [b,s,n,c] streams, tokens [b,s] -> ([b,s,n,c], new attention state)."""
     residual = h
-    x, post, comb = hc_pre(h, w.hc_attn, cfg, prec)                    # [b, s, c]
-    record(trace, f"layers.{layer}.hc_attn.post", post)
-    record(trace, f"layers.{layer}.hc_attn.comb", comb)
+    x, post, comb = hc_pre(h, w.hc_attn, cfg, prec, trace, f"layers.{layer}.hc_attn")   # [b, s, c]
     x = rms_norm(x, w.attn_norm, eps=cfg.norm_eps, prec=prec)
     x, state = attention(x, start_pos, state, w.attn, cfg, layer, prec, revision, trace)
     h = hc_post(x, residual, post, comb, prec)                         # [b, s, n, c]
 
     residual = h
-    x, post, comb = hc_pre(h, w.hc_ffn, cfg, prec)
-    record(trace, f"layers.{layer}.hc_ffn.post", post)
-    record(trace, f"layers.{layer}.hc_ffn.comb", comb)
+    x, post, comb = hc_pre(h, w.hc_ffn, cfg, prec, trace, f"layers.{layer}.hc_ffn")
     x = rms_norm(x, w.ffn_norm, eps=cfg.norm_eps, prec=prec)
     x = moe(x, tokens, w.ffn, cfg, layer, prec, revision, trace)
     h = hc_post(x, residual, post, comb, prec)

@@ -22,6 +22,7 @@ import numpy as np
 
 from refimpl.linear import fp32_linear
 from refimpl.numerics import bf16, sigmoid, work_dtype
+from refimpl.trace import record
 
 
 @dataclass(frozen=True)
@@ -61,13 +62,16 @@ def _mixes(h: np.ndarray, fn: np.ndarray, *, norm_eps: float, prec: str):
     return fp32_linear(v, fn, prec) * rsqrt, v                                    # [b, s, x]
 
 
-def hc_pre(h: np.ndarray, w: HyperConnWeights, cfg, prec: str):
+def hc_pre(h: np.ndarray, w: HyperConnWeights, cfg, prec: str, trace=None, site: str = "hc"):
     """Collapse the n streams into one sublayer input. h: [b,s,n,c] -> x [b,s,c], post [b,s,n], comb [b,s,n,n]."""
     b, s, n, c = h.shape
     assert (n, c) == (cfg.hc_mult, cfg.dim), h.shape
     mixes, v = _mixes(h, w.fn, norm_eps=cfg.norm_eps, prec=prec)                  # [b, s, x]
     pre, post, comb = split_sinkhorn(mixes, w.scale, w.base, n=n, iters=cfg.hc_sinkhorn_iters,
                                      eps=cfg.hc_eps, prec=prec)
+    record(trace, f"{site}.pre", pre)
+    record(trace, f"{site}.post", post)
+    record(trace, f"{site}.comb", comb)
     x = np.sum(pre[..., None] * v.reshape(b, s, n, c), axis=2)                   # [b, s, c] fp32
     return bf16(x, prec), post, comb                                             # official: y.to(bf16)
 

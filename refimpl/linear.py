@@ -66,10 +66,12 @@ def matmul(x: np.ndarray, w: np.ndarray, prec: str) -> np.ndarray:
     if prec == "float32":
         return x.astype(np.float32) @ w.astype(np.float32).T          # one BLAS call
     rows = x.reshape(-1, x.shape[-1]).astype(np.float64)              # [b*s, in]
-    w64 = w.astype(np.float64)                                        # [out, in]
     out = np.empty((rows.shape[0], w.shape[0]), dtype=np.float64)    # [b*s, out]
-    for r in range(rows.shape[0]):       # one product per row: independent of the row count
-        out[r] = w64 @ rows[r]
+    step = max(1, (1 << 23) // w.shape[1])       # float64 copies of at most 64 MB of the weight at a time
+    for lo in range(0, w.shape[0], step):        # the split depends on the weight's shape only
+        w64 = w[lo:lo + step].astype(np.float64)                      # [step, in]
+        for r in range(rows.shape[0]):   # one product per row: independent of the row count
+            out[r, lo:lo + step] = w64 @ rows[r]
     out = out.reshape(*x.shape[:-1], w.shape[0])
     return f32(out, prec) if prec == "mirror" else out               # mirror: round once to fp32
 

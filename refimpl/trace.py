@@ -14,14 +14,14 @@ import numpy as np
 # The stable sites, in data-flow order ({i} = layer index). See README "Trace sites".
 SITES = (
     "embed",                                   # [s, c]
-    "layers.{i}.hc_attn.post", "layers.{i}.hc_attn.comb",   # mHC mixes of the attention sublayer
+    "layers.{i}.hc_attn.pre", "layers.{i}.hc_attn.post", "layers.{i}.hc_attn.comb",   # mHC mixes, attention
     "layers.{i}.attn.q",                       # [s, h, d] after norm + RoPE
     "layers.{i}.attn.kv",                      # [s, d] after norm + RoPE (+ QDQ in mirror)
     "layers.{i}.attn.compressed_kv",           # [s//m, d] entries completed in this call
     "layers.{i}.attn.indexer.scores",          # [s, s//4] (-inf where not visible)
     "layers.{i}.attn.indexer.topk",            # [s, k] int32, -1 padding
     "layers.{i}.attn.out",                     # [s, c] after wo_b
-    "layers.{i}.hc_ffn.post", "layers.{i}.hc_ffn.comb",
+    "layers.{i}.hc_ffn.pre", "layers.{i}.hc_ffn.post", "layers.{i}.hc_ffn.comb",
     "layers.{i}.ffn.expert_ids",               # [s, a] int32
     "layers.{i}.ffn.expert_weights",           # [s, a]
     "layers.{i}.ffn.out",                      # [s, c]
