@@ -21,15 +21,6 @@ from refimpl.model import load
 from refimpl.synthetic import make_checkpoint
 
 
-def layer_bytes(ls) -> int:
-    arrays = [ls.window, ls.compressed]
-    if ls.compressor is not None:
-        arrays += [ls.compressor.kv, ls.compressor.score]
-    if ls.indexer is not None:
-        arrays += [ls.indexer.keys, ls.indexer.compressor.kv, ls.indexer.compressor.score]
-    return sum(a.nbytes for a in arrays if a is not None)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--precision", default="mirror")
@@ -50,8 +41,8 @@ def main():
     per = {}
     for i, (l1, l2) in enumerate(zip(s1.layers, s2.layers)):
         kind = kinds.get(model.cfg.compress_ratio(i), "HCA")
-        per[kind] = (layer_bytes(l2) - layer_bytes(l1)) / n2
-        print(f"layer {i} ({kind}): {layer_bytes(l1):,} B at {n1} tokens, {layer_bytes(l2):,} B at {n1 + n2}: "
+        per[kind] = (l2.nbytes() - l1.nbytes()) / n2
+        print(f"layer {i} ({kind}): {l1.nbytes():,} B at {n1} tokens, {l2.nbytes():,} B at {n1 + n2}: "
               f"{per[kind]:.1f} B/token")
     flash = Config.flash()
     n_csa = sum(r == 4 for r in flash.compress_ratios[:flash.n_layers])

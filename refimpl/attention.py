@@ -58,6 +58,15 @@ class AttentionState:
     compressor: CompressorState | None
     indexer: IndexerState | None
 
+    def nbytes(self) -> int:
+        """Bytes held by this layer's state arrays."""
+        arrays = [self.window, self.compressed]
+        if self.compressor is not None:
+            arrays += [self.compressor.kv, self.compressor.score]
+        if self.indexer is not None:
+            arrays += [self.indexer.keys, self.indexer.compressor.kv, self.indexer.compressor.score]
+        return sum(a.nbytes for a in arrays if a is not None)
+
     @staticmethod
     def empty(cfg, layer: int, batch: int, prec: str) -> "AttentionState":
         dt = storage_dtype(prec)

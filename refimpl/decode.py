@@ -45,12 +45,4 @@ class State:
 
     def nbytes(self) -> int:
         """Bytes held by the state's arrays."""
-        total = 0
-        for ls in self.layers:
-            arrays = [ls.window, ls.compressed]
-            if ls.compressor is not None:
-                arrays += [ls.compressor.kv, ls.compressor.score]
-            if ls.indexer is not None:
-                arrays += [ls.indexer.keys, ls.indexer.compressor.kv, ls.indexer.compressor.score]
-            total += sum(a.nbytes for a in arrays if a is not None)
-        return total
+        return sum(ls.nbytes() for ls in self.layers)
