@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from refimpl.config import Config
-from refimpl.model import load
-from refimpl.synthetic import make_checkpoint
+from refimpl.formats.weights import load
+from refimpl.synthetic.writer import make_checkpoint
 
 
 def main():

@@ -13,8 +13,9 @@ length or the chunking (float64, mirror). It is an oracle, not a fast engine.
 """
 from refimpl.config import Config, ConfigError
 from refimpl.generate import SamplingParams, generate
-from refimpl.model import Model, load
-from refimpl.trace import Trace
+from refimpl.formats.weights import load
+from refimpl.model.transformer import Model
+from refimpl.oracle.trace import Trace
 
 __version__ = "0.1.0"
 __all__ = ["Config", "ConfigError", "Model", "SamplingParams", "Trace", "generate", "load", "__version__"]

@@ -29,7 +29,7 @@ def tiny_cfg():
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """A tiny random-weight checkpoint in the official format (seed 0), with its tokenizer."""
-    from refimpl.synthetic import make_checkpoint
+    from refimpl.synthetic.writer import make_checkpoint
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     make_checkpoint(TINY, path, seed=0)
     return path
@@ -41,7 +41,7 @@ _MODELS = {}
 @pytest.fixture(scope="session")
 def tiny_model(tiny_ckpt):
     """tiny_model(precision="float64", revision="current") -> Model (cached per session)."""
-    from refimpl.model import load
+    from refimpl.formats.weights import load
 
     def get(precision="float64", revision="current"):
         key = (precision, revision)

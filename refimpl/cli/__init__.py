@@ -1,0 +1,1 @@
+"""The `refimpl` command: thin subcommands over library functions (`main`), and the demo."""

@@ -1,0 +1,195 @@
+"""Attention: one shared K=V head over a sliding window plus compressed entries (spec §3.4 A1-A10).
+
+    qr = q_norm(wq_a(x));  q = head_rms_norm(wq_b(qr)) as [s, h, d];  RoPE(q)          (A1)
+    kv = kv_norm(wkv(x));  RoPE(kv);  FP8-QDQ of the non-rope dims (block 64)          (A2)
+    index set of query t = window positions max(0, t-W+1) .. t                          (A3)
+                         + compressed entries: all visible (HCA, A6) or indexer top-k (CSA, A5)
+    o = Σ_j softmax-with-sink(scale · q·kv_j) · kv_j        (sink in the denominator only, A8)
+    o = RoPE⁻¹(o) at the query position;  out = wo_b(wo_a_g(o_g))                        (A9)
+
+KV rows given to `sparse_attention` (the official in-call KV of a prefill, generalised to a
+prefill from any position): the previous window rows (positions start_pos-W' .. start_pos-1,
+taken from the ring), then this call's rows, then every compressed entry made so far. Indices
+are -1 padded; the window part is in position order, the compressed part ascending (HCA) or in
+descending index score (CSA), as in the official code.
+
+State: the window ring (row = position mod W, spec §4.1) and the compressed entries, plus the
+compressor / indexer states. It is passed in and returned; nothing is written in place.
+Official: model.py Attention (M:L436-543), get_window_topk_idxs / get_compress_topk_idxs
+(M:L254-276), kernel.py sparse_attn (K:L276-368).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from refimpl.model.compressor import CompressorState, CompressorWeights, compress
+from refimpl.model.indexer import IndexerState, IndexerWeights, indexer
+from refimpl.model.linear import Fp8Matrix, bf16_linear, quantized_linear
+from refimpl.model.norm import head_rms_norm, rms_norm
+from refimpl.numerics import bf16, f32, qdq_fp8, storage_dtype, work_dtype
+from refimpl.model.rope import apply_rope, layer_rope_table
+from refimpl.oracle.trace import record
+
+
+@dataclass(frozen=True)
+class AttentionWeights:
+    """Attention of one layer (layers.{i}.attn.*)."""
+    wq_a: Fp8Matrix                  # [q, c]        FP8    attn.wq_a
+    q_norm: np.ndarray               # [q]           bf16   attn.q_norm.weight
+    wq_b: Fp8Matrix                  # [h*d, q]      FP8    attn.wq_b
+    wkv: Fp8Matrix                   # [d, c]        FP8    attn.wkv
+    kv_norm: np.ndarray              # [d]           bf16   attn.kv_norm.weight
+    wo_a: Fp8Matrix                  # [g*r, h*d/g]  FP8 in the checkpoint, bf16 at run time (convert.py)
+    wo_b: Fp8Matrix                  # [c, g*r]      FP8    attn.wo_b
+    attn_sink: np.ndarray            # [h]           f32    attn.attn_sink
+    compressor: CompressorWeights | None   # ratio != 0    attn.compressor.*
+    indexer: IndexerWeights | None         # ratio == 4    attn.indexer.*
+
+
+@dataclass(frozen=True)
+class AttentionState:
+    """Decode state of one layer's attention (spec §4.1)."""
+    window: np.ndarray                      # [b, W, d] ring: row = position mod W
+    compressed: np.ndarray | None           # [b, n_entries, d] main compressed entries
+    # window, compressed entries and index keys are stored in storage_dtype(prec): bfloat16 in
+    # mirror (they hold bf16 values, as the official bf16 caches), else the working dtype
+    compressor: CompressorState | None
+    indexer: IndexerState | None
+
+    def nbytes(self) -> int:
+        """Bytes held by this layer's state arrays."""
+        arrays = [self.window, self.compressed]
+        if self.compressor is not None:
+            arrays += [self.compressor.kv, self.compressor.score]
+        if self.indexer is not None:
+            arrays += [self.indexer.keys, self.indexer.compressor.kv, self.indexer.compressor.score]
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    @staticmethod
+    def empty(cfg, layer: int, batch: int, prec: str) -> "AttentionState":
+        dt = storage_dtype(prec)
+        m, d = cfg.compress_ratio(layer), cfg.head_dim
+        idx = None
+        if cfg.uses_indexer(layer):
+            idx = IndexerState(keys=np.zeros((batch, 0, cfg.index_head_dim), dt),
+                               compressor=CompressorState.empty(batch, ratio=m, head_dim=cfg.index_head_dim, prec=prec))
+        return AttentionState(
+            window=np.zeros((batch, cfg.window_size, d), dt),
+            compressed=np.zeros((batch, 0, d), dt) if m else None,
+            compressor=CompressorState.empty(batch, ratio=m, head_dim=d, prec=prec) if m else None,
+            indexer=idx)
+
+
+def window_indices(start_pos: int, s: int, window: int) -> tuple[np.ndarray, int]:
+    """Window index set of each query as rows of [previous window rows ++ this call's rows].
+
+    -> (idx [s, min(start_pos+s, W)] int64 -1 padded, n_prev = number of previous rows used).
+    Query t = start_pos + i sees positions max(0, t-W+1) .. t, in position order.
+    """
+    n_prev = min(start_pos, window - 1)                 # earlier positions any query here can see
+    first = start_pos - n_prev                          # position of row 0
+    width = min(start_pos + s, window)
+    t = start_pos + np.arange(s)[:, None]               # [s, 1] query positions
+    pos = np.maximum(t - window + 1, 0) + np.arange(width)[None, :]   # [s, width]
+    return np.where(pos > t, -1, pos - first), n_prev
+
+
+def compressed_indices(start_pos: int, s: int, ratio: int) -> np.ndarray:
+    """HCA index set (A6): query t sees entries 0 .. (t+1)//m - 1. -> [s, (start_pos+s)//m] -1 padded."""
+    width = (start_pos + s) // ratio
+    t = start_pos + np.arange(s)[:, None]
+    j = np.arange(width)[None, :]
+    return np.where(j < (t + 1) // ratio, j, -1)
+
+
+def sparse_attention(q: np.ndarray, kv: np.ndarray, attn_sink: np.ndarray, topk_idxs: np.ndarray,
+                     softmax_scale: float, prec: str) -> np.ndarray:
+    """Attention over gathered rows with a per-head sink. q [b,s,h,d], kv [b,n,d], topk_idxs [b,s,k] -> [b,s,h,d]."""
+    dt = work_dtype(prec)
+    b, s, h, d = q.shape
+    sink = attn_sink.astype(dt)
+    o = np.empty((b, s, h, d), dt)
+    for bi in range(b):
+        for si in range(s):
+            idx = topk_idxs[bi, si]
+            rows = kv[bi, idx[idx >= 0]]                                  # [k, d]  -1 entries skipped
+            qi = q[bi, si]                                                # [h, d]
+            if prec == "float32":
+                scores = (qi @ rows.T) * dt(softmax_scale)                 # [h, k]
+            else:   # exact dot products rounded once to the fp32 accumulator, then * scale in fp32
+                scores = f32(qi.astype(np.float64) @ rows.astype(np.float64).T, prec) * dt(softmax_scale)
+            mx = scores.max(axis=-1, keepdims=True)                       # [h, 1]  sink not in the max
+            p = np.exp(scores - mx)                                       # [h, k]  fp32
+            denom = p.sum(axis=-1, keepdims=True) + np.exp(sink[:, None] - mx)   # sink: denominator only
+            pv = bf16(p, prec)                                            # official: probabilities -> bf16 for P·V
+            if prec == "float32":
+                acc = pv @ rows
+            else:
+                acc = f32(pv.astype(np.float64) @ rows.astype(np.float64), prec)  # [h, d]
+            o[bi, si] = acc / denom
+    # NOTE(official): the kernel runs an online softmax over blocks of 64 indices; here the max is
+    # taken once over the whole set (the same math; bf16 rounding of p may differ in the last bit).
+    return bf16(o, prec)
+
+
+def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: AttentionWeights, cfg,
+              layer: int, prec: str, revision: str, trace=None):
+    """One layer's attention for tokens start_pos .. start_pos+s-1. x [b,s,c] -> ([b,s,c], state)."""
+    dt = work_dtype(prec)
+    b, s, _ = x.shape
+    h, d, p, W = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim, cfg.window_size
+    m = cfg.compress_ratio(layer)
+    positions = start_pos + np.arange(s)
+    table = layer_rope_table(positions, cfg, layer, prec)            # one table for every site (pitfall 2)
+
+    # A1: query
+    qr = rms_norm(quantized_linear(x, w.wq_a, prec), w.q_norm, eps=cfg.norm_eps, prec=prec)   # [b, s, q]
+    q = quantized_linear(qr, w.wq_b, prec).reshape(b, s, h, d)                                 # [b, s, h, d]
+    q = head_rms_norm(q, eps=cfg.norm_eps, prec=prec)                 # weightless, bf16 ops (pitfall 5)
+    q = apply_rope(q, table, prec)
+    record(trace, f"layers.{layer}.attn.q", q)
+
+    # A2: the single K=V head of this call's tokens
+    kv = rms_norm(quantized_linear(x, w.wkv, prec), w.kv_norm, eps=cfg.norm_eps, prec=prec)  # [b, s, d]
+    kv = apply_rope(kv, table, prec)
+    if revision == "current":   # FP8-simulate non-rope dims (QAT); identity in the initial revision
+        kv = np.concatenate([qdq_fp8(kv[..., :d - p], prec, block=64), kv[..., d - p:]], axis=-1)
+    record(trace, f"layers.{layer}.attn.kv", kv)
+
+    # A3: window rows = the last W' positions from the ring, then this call's rows
+    win_idx, n_prev = window_indices(start_pos, s, W)                  # [s, width]
+    prev_rows = state.window[:, (start_pos - n_prev + np.arange(n_prev)) % W].astype(dt)   # [b, n_prev, d]
+    rows = np.concatenate([prev_rows, kv], axis=1)                     # [b, n_prev+s, d]
+    new_window = state.window.copy()
+    keep = positions[-W:]                                              # last W positions of this call
+    new_window[:, keep % W] = kv[:, -len(keep):]                       # stored losslessly (bf16 in mirror)
+
+    # A4-A7: compressed entries and their index sets
+    topk_idxs = np.broadcast_to(win_idx, (b, s, win_idx.shape[1]))
+    compressed, cstate, istate = state.compressed, state.compressor, state.indexer
+    if m:
+        entries, cstate = compress(x, start_pos, state.compressor, w.compressor, cfg, layer, prec,
+                                   ratio=m, head_dim=d, rotate=False, revision=revision)
+        record(trace, f"layers.{layer}.attn.compressed_kv", entries)
+        compressed = np.concatenate([state.compressed, entries.astype(state.compressed.dtype)], axis=1)  # [b, n_entries, d]
+        if cfg.uses_indexer(layer):
+            sel, istate = indexer(x, qr, start_pos, state.indexer, w.indexer, table, cfg, layer, prec,
+                                  revision, trace)                     # [b, s, k] entry ids
+        else:
+            sel = np.broadcast_to(compressed_indices(start_pos, s, m), (b, s, compressed.shape[1]))
+        offset = rows.shape[1]                                         # entries follow the raw rows
+        topk_idxs = np.concatenate([topk_idxs, np.where(sel >= 0, sel + offset, -1)], axis=-1)
+        rows = np.concatenate([rows, compressed.astype(dt)], axis=1)   # [b, n_prev+s+n_entries, d]
+
+    # A8: sparse attention with sink, A9: de-rotation and grouped output projection
+    o = sparse_attention(q, rows, w.attn_sink, topk_idxs, cfg.softmax_scale, prec)   # [b, s, h, d]
+    o = apply_rope(o, table, prec, inverse=True)                       # by the query position (pitfall 4)
+    g = cfg.o_groups
+    wo_a = w.wo_a.dequantize().reshape(g, cfg.o_lora_rank, -1)        # [g, r, h*d/g] exact in bf16 (C:L137-141)
+    o = o.reshape(b, s, g, -1)                                         # [b, s, g, h*d/g] head-major groups
+    u = np.stack([bf16_linear(o[:, :, gi], wo_a[gi], prec) for gi in range(g)], axis=2)   # [b, s, g, r]
+    out = quantized_linear(u.reshape(b, s, -1), w.wo_b, prec)          # [b, s, c]
+    record(trace, f"layers.{layer}.attn.out", out)
+    return out, AttentionState(window=new_window, compressed=compressed, compressor=cstate, indexer=istate)

@@ -1,0 +1,94 @@
+"""Manifold-constrained hyper-connections (mHC): n residual streams mixed around every sublayer.
+
+    v      = flatten(h)  [n*c],   ρ = 1/sqrt(mean(v²) + norm_eps)
+    mixes  = (v @ fnᵀ) · ρ                                        [(2+n)·n]: pre n | post n | comb n·n
+    pre_j  = sigmoid(mixes_j · scale[0] + base_j) + hc_eps
+    post_j = 2 · sigmoid(mixes_{n+j} · scale[1] + base_{n+j})
+    comb   = SinkhornKnopp(mixes_{2n+jn+k} · scale[2] + base_{2n+jn+k})
+    x      = Σ_j pre[j] · h[j]                                    (hc_pre)
+    h'[k]  = post[k] · f(x) + Σ_j comb[j, k] · h[j]               (hc_post: column k forms stream k)
+
+comb[j, k] is the weight of old stream j in new stream k. Sinkhorn: a row softmax + eps, one
+column normalisation, then (iters - 1) times (row, column); every denominator has + eps, so the
+columns sum to 1 within eps and the rows approach 1 as iterations grow. pre is not normalised.
+Official: model.py Block.hc_pre / hc_post (M:L674-687), ParallelHead.hc_head (M:L729-736),
+kernel.py hc_split_sinkhorn_kernel (K:L371-438).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from refimpl.model.linear import fp32_linear
+from refimpl.numerics import bf16, sigmoid, work_dtype
+from refimpl.oracle.trace import record
+
+
+@dataclass(frozen=True)
+class HyperConnWeights:
+    """Mixing weights of one sublayer (loaded from hc_attn_* or hc_ffn_*), or of the head (hc_head_*)."""
+    fn: np.ndarray      # [x, n*c] float32    layers.{i}.hc_{attn,ffn}_fn    (head: [n, n*c] hc_head_fn)
+    base: np.ndarray    # [x]      float32    layers.{i}.hc_{attn,ffn}_base  (head: [n])
+    scale: np.ndarray   # [3]      float32    layers.{i}.hc_{attn,ffn}_scale (head: [1])
+
+
+def split_sinkhorn(mixes: np.ndarray, scale: np.ndarray, base: np.ndarray, *, n: int, iters: int,
+                   eps: float, prec: str):
+    """Split mixing logits [.., x] into pre [.., n], post [.., n], comb [.., n, n] (K:L386-425)."""
+    dt = work_dtype(prec)
+    m, scale, base = mixes.astype(dt), scale.astype(dt), base.astype(dt)
+    eps = dt(eps)
+    pre = sigmoid(m[..., :n] * scale[0] + base[:n]) + eps                        # [.., n]
+    post = dt(2) * sigmoid(m[..., n:2 * n] * scale[1] + base[n:2 * n])           # [.., n]
+    logits = (m[..., 2 * n:] * scale[2] + base[2 * n:]).reshape(*m.shape[:-1], n, n)  # [.., j, k]
+    # comb = comb.softmax(-1) + eps
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    comb = e / e.sum(axis=-1, keepdims=True) + eps
+    # comb = comb / (comb.sum(-2) + eps)                                         (column step)
+    comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(axis=-1, keepdims=True) + eps)                   # row step
+        comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)                   # column step
+    return pre, post, comb
+
+
+def _mixes(h: np.ndarray, fn: np.ndarray, *, norm_eps: float, prec: str):
+    """Weightless RMS over the flattened streams, then the projection. h: [b,s,n,c] -> ([b,s,x], v [b,s,n*c])."""
+    dt = work_dtype(prec)
+    b, s, n, c = h.shape
+    v = h.reshape(b, s, n * c).astype(dt)                                        # official: x.flatten(2).float()
+    rsqrt = dt(1.0) / np.sqrt(np.mean(v * v, axis=-1, keepdims=True) + dt(norm_eps))  # [b, s, 1]
+    return fp32_linear(v, fn, prec) * rsqrt, v                                    # [b, s, x]
+
+
+def hc_pre(h: np.ndarray, w: HyperConnWeights, cfg, prec: str, trace=None, site: str = "hc"):
+    """Collapse the n streams into one sublayer input. h: [b,s,n,c] -> x [b,s,c], post [b,s,n], comb [b,s,n,n]."""
+    b, s, n, c = h.shape
+    assert (n, c) == (cfg.hc_mult, cfg.dim), h.shape
+    mixes, v = _mixes(h, w.fn, norm_eps=cfg.norm_eps, prec=prec)                  # [b, s, x]
+    pre, post, comb = split_sinkhorn(mixes, w.scale, w.base, n=n, iters=cfg.hc_sinkhorn_iters,
+                                     eps=cfg.hc_eps, prec=prec)
+    record(trace, f"{site}.pre", pre)
+    record(trace, f"{site}.post", post)
+    record(trace, f"{site}.comb", comb)
+    x = np.sum(pre[..., None] * v.reshape(b, s, n, c), axis=2)                   # [b, s, c] fp32
+    return bf16(x, prec), post, comb                                             # official: y.to(bf16)
+
+
+def hc_post(x: np.ndarray, residual: np.ndarray, post: np.ndarray, comb: np.ndarray, prec: str) -> np.ndarray:
+    """Expand a sublayer output back into n streams. x [b,s,c], residual [b,s,n,c] -> [b,s,n,c]."""
+    dt = work_dtype(prec)
+    mixed = np.sum(comb[..., None] * residual.astype(dt)[:, :, :, None, :], axis=2)  # [b,s,k,c]: Σ_j comb[j,k]·h[j]
+    y = post[..., None] * x.astype(dt)[:, :, None, :] + mixed                        # [b, s, n, c] fp32
+    return bf16(y, prec)                                                             # official: .type_as(x)
+
+
+def hc_head(h: np.ndarray, w: HyperConnWeights, cfg, prec: str) -> np.ndarray:
+    """Final collapse of the streams: sigmoid pre weights, no Sinkhorn, no post. h [b,s,n,c] -> [b,s,c]."""
+    dt = work_dtype(prec)
+    b, s, n, c = h.shape
+    mixes, v = _mixes(h, w.fn, norm_eps=cfg.norm_eps, prec=prec)                  # [b, s, n]
+    pre = sigmoid(mixes * w.scale.astype(dt)[0] + w.base.astype(dt)) + dt(cfg.hc_eps)  # [b, s, n]
+    x = np.sum(pre[..., None] * v.reshape(b, s, n, c), axis=2)                   # [b, s, c]
+    return bf16(x, prec)

@@ -1,0 +1,96 @@
+"""Mixture of experts: sqrt-softplus router, SwiGLU experts, one shared expert (spec §3.5, pitfalls 15-18, 31).
+
+    z       = x @ gate.weightᵀ (fp32);   sc = sqrt(softplus(z))
+    ids     = tid2eid[token]                 (hash layers: layer < n_hash_layers)
+            = top_a(sc + bias)               (other layers: the bias only chooses)
+    weights = sc[ids] / Σ sc[ids] · route_scale
+    expert  = w2( bf16( weight · silu(min(w1 x, L)) · clamp(w3 x, -L, L) ) )   (weight applied BEFORE w2)
+    y       = Σ_e ascending expert(x)  (fp32)  + shared(x);   out = bf16(y)
+The shared expert has the clamp in the current official revision and none in the initial one.
+Official: model.py Gate (M:L546-584), Expert (M:L587-606), MoE (M:L609-645).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from refimpl.model.linear import Fp4Matrix, Fp8Matrix, fp32_linear, quantized_linear
+from refimpl.numerics import bf16, silu, softplus, top_k, work_dtype
+from refimpl.oracle.trace import record
+
+
+@dataclass(frozen=True)
+class GateWeights:
+    """Router of one MoE layer."""
+    weight: np.ndarray            # [e, c]  bf16 (used as fp32)   layers.{i}.ffn.gate.weight
+    bias: np.ndarray | None       # [e]     float32              layers.{i}.ffn.gate.bias     (score-routed layers)
+    tid2eid: np.ndarray | None    # [v, a]  int64                layers.{i}.ffn.gate.tid2eid  (hash layers)
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """One SwiGLU expert: routed (FP4) or shared (FP8)."""
+    w1: Fp4Matrix | Fp8Matrix     # [f, c]   gate projection    ffn.experts.{e}.w1 / ffn.shared_experts.w1
+    w2: Fp4Matrix | Fp8Matrix     # [c, f]   down projection
+    w3: Fp4Matrix | Fp8Matrix     # [f, c]   up projection
+
+
+@dataclass(frozen=True)
+class MoEWeights:
+    """The feed-forward sublayer of one block (layers.{i}.ffn.*)."""
+    gate: GateWeights
+    experts: tuple                # n_routed_experts ExpertWeights (a lazy sequence is fine)
+    shared: ExpertWeights
+
+
+def route(x: np.ndarray, tokens: np.ndarray, w: GateWeights, cfg, prec: str):
+    """Choose experts and their weights. x [T, c], tokens [T] -> (weights [T, a], ids [T, a] int64)."""
+    dt = work_dtype(prec)
+    z = fp32_linear(x.astype(dt), w.weight, prec)                  # [T, e]  official: x.float() @ W.float()
+    scores = np.sqrt(softplus(z))                                  # sqrt(softplus(z)), fp32
+    if w.tid2eid is not None:                                      # hash layer: ids from the token id only
+        ids = np.asarray(w.tid2eid[tokens], dtype=np.int64)        # [T, a]
+    else:
+        ids = top_k(scores + w.bias.astype(dt), cfg.n_activated_experts)   # bias chooses, never weighs
+    weights = np.take_along_axis(scores, ids, axis=-1)             # [T, a]  unbiased scores
+    weights = weights / weights.sum(axis=-1, keepdims=True)        # official: weights /= weights.sum()
+    return weights * dt(cfg.route_scale), ids
+
+
+def expert(x: np.ndarray, w: ExpertWeights, prec: str, *, swiglu_limit: float,
+           weights: np.ndarray | None = None) -> np.ndarray:
+    """SwiGLU expert. x [T, c] (bf16 values), weights [T, 1] or None -> [T, c] (bf16 values)."""
+    dt = work_dtype(prec)
+    gate = quantized_linear(x, w.w1, prec).astype(dt)              # [T, f]  bf16 GEMM out, .float()
+    up = quantized_linear(x, w.w3, prec).astype(dt)
+    if swiglu_limit > 0:                                           # asymmetric clamp (pitfall 18)
+        up = np.clip(up, -swiglu_limit, swiglu_limit)
+        gate = np.minimum(gate, dt(swiglu_limit))
+    h = silu(gate) * up                                            # [T, f] fp32
+    if weights is not None:
+        h = weights.astype(dt) * h                                 # routing weight before w2 (pitfall 17)
+    return quantized_linear(bf16(h, prec), w.w2, prec)             # official: w2(x.to(bf16))
+
+
+def moe(x: np.ndarray, tokens: np.ndarray, w: MoEWeights, cfg, layer: int, prec: str, revision: str,
+        trace=None) -> np.ndarray:
+    """The MoE sublayer. x [b,s,c], tokens [b,s] -> [b,s,c]."""
+    dt = work_dtype(prec)
+    b, s, c = x.shape
+    flat = x.reshape(b * s, c)
+    weights, ids = route(flat, tokens.reshape(-1), w.gate, cfg, prec)   # [b*s, a]
+    record(trace, f"layers.{layer}.ffn.expert_ids", ids.reshape(b, s, -1).astype(np.int32))
+    record(trace, f"layers.{layer}.ffn.expert_weights", weights.reshape(b, s, -1))
+    y = np.zeros((b * s, c), dt)                                   # fp32 accumulator
+    for e in np.unique(ids):                                       # ascending expert id (pitfall 31)
+        rows, slot = np.nonzero(ids == e)
+        out = expert(flat[rows], w.experts[e], prec, swiglu_limit=cfg.swiglu_limit,
+                     weights=weights[rows, slot][:, None])
+        y[rows] += out                                             # fp32 add of the bf16 output
+    # the shared expert: clamp only in the current revision (spec §8.1)
+    limit = cfg.swiglu_limit if revision == "current" else 0.0
+    y = y + expert(flat, w.shared, prec, swiglu_limit=limit)      # shared expert last
+    out = bf16(y, prec).reshape(b, s, c)                           # official: y.type_as(x)
+    record(trace, f"layers.{layer}.ffn.out", out)
+    return out

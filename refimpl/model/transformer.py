@@ -1,0 +1,178 @@
+"""The whole model: embed → n streams → blocks → hc_head → norm → logits, and the MTP block.
+
+    h = embed[tokens] repeated into n streams           [b, s, n, c]   (spec §3.1-3.2)
+    h = block_i(h)  for i = 0 .. n_layers-1                             (§3.3)
+    x = norm(hc_head(h));  logits = x @ headᵀ (fp32)     [b, s, v]      (§3.6) for EVERY position
+MTP (§3.7): position t pairs the main model's final streams h_t with the embedding of token t+1
+and predicts token t+2 (the DeepSeek-V3 convention: the MTP module sees the hidden state of t and
+the next token, and predicts one token further). The official generate.py never runs the MTP
+block, so the code fixes no pairing (spec §9 open question 3); this one is the published V3 design.
+
+`Model.prefill(tokens, state)` runs tokens from any position (`state.pos`), `Model.decode(token,
+state)` one token; both return `(logits, new_state)`. `Model.forward(tokens)` is a prefill from an
+empty state. Any split of a sequence into chunks gives the same logits and state as one prefill.
+Official: model.py Transformer (M:L770-810), MTPBlock (M:L739-767), ParallelHead (M:L704-736).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from refimpl.model.attention import AttentionState
+from refimpl.model.block import BlockWeights, block
+from refimpl.model.state import State, StateError, config_id
+from refimpl.model.hyperconn import HyperConnWeights, hc_head
+from refimpl.model.linear import Fp8Matrix, fp32_linear, quantized_linear
+from refimpl.model.norm import rms_norm
+from refimpl.numerics import bf16, check_precision, work_dtype
+from refimpl.oracle.trace import record
+
+REVISIONS = ("current", "initial")
+
+
+class InputError(ValueError):
+    """Token ids or lengths the model cannot take."""
+
+
+@dataclass(frozen=True)
+class MTPWeights:
+    """The multi-token-prediction block (mtp.0.*); shares embed and head with the main model."""
+    block: BlockWeights
+    e_proj: Fp8Matrix          # [c, c] FP8   mtp.0.e_proj
+    h_proj: Fp8Matrix          # [c, c] FP8   mtp.0.h_proj
+    enorm: np.ndarray          # [c] bf16     mtp.0.enorm.weight
+    hnorm: np.ndarray          # [c] bf16     mtp.0.hnorm.weight
+    norm: np.ndarray           # [c] bf16     mtp.0.norm.weight
+    hc_head: HyperConnWeights  # mtp.0.hc_head_fn / _base / _scale
+
+
+@dataclass(frozen=True)
+class ModelWeights:
+    """Every weight of the model, as memory-mapped checkpoint views (nothing dequantized yet)."""
+    embed: np.ndarray                  # [v, c] bf16   embed.weight
+    layers: tuple[BlockWeights, ...]   # layers.{i}.*
+    norm: np.ndarray                   # [c] bf16      norm.weight
+    hc_head: HyperConnWeights          # hc_head_fn [n, n*c] / hc_head_base [n] / hc_head_scale [1]
+    head: np.ndarray                   # [v, c] bf16   head.weight (used as fp32)
+    mtp: MTPWeights | None
+
+
+def head_logits(h: np.ndarray, hc: HyperConnWeights, norm: np.ndarray, head: np.ndarray, cfg, prec: str,
+                trace=None, site: str = "final.x") -> np.ndarray:
+    """Streams to logits at every position. h [b,s,n,c] -> [b,s,v] fp32 (float64 in float64 mode)."""
+    x = rms_norm(hc_head(h, hc, cfg, prec), norm, eps=cfg.norm_eps, prec=prec)   # [b, s, c]
+    record(trace, site, x)
+    return fp32_linear(x, head, prec)                  # official: F.linear(x.float(), head fp32)
+
+
+class Model:
+    """DeepSeek V4 over a checkpoint, in one precision mode and official revision."""
+
+    def __init__(self, cfg, weights: ModelWeights, *, precision: str = "float32", revision: str = "current"):
+        check_precision(precision)
+        if revision not in REVISIONS:
+            raise ValueError(f"revision {revision!r}: choose one of {REVISIONS}")
+        self.cfg, self.weights, self.precision, self.revision = cfg, weights, precision, revision
+
+    # ---- public API ----
+    def new_state(self, batch: int = 1) -> State:
+        """An empty state (position 0) for `batch` sequences."""
+        return State.empty(self.cfg, batch, self.precision, self.revision)
+
+    def forward(self, tokens, *, trace=None, mtp: bool = False):
+        """Logits for every position. tokens [s] -> [s, v]  (or [b, s] -> [b, s, v]); with mtp, also MTP logits."""
+        ids, single = self._as_batch(tokens)
+        logits, h, _ = self._run(ids, self.new_state(ids.shape[0]), trace)
+        mtp_logits = None
+        if (mtp or (trace is not None and trace.wants("mtp.logits"))) and self.weights.mtp is not None:
+            mtp_logits = self.mtp_forward(h, ids, trace)
+        if single:
+            logits = logits[0]
+            mtp_logits = None if mtp_logits is None else mtp_logits[0]
+        return (logits, mtp_logits) if mtp else logits
+
+    def prefill(self, tokens, state: State | None = None, *, trace=None):
+        """Run tokens from state.pos on (any chunk). -> (logits [s, v] or [b, s, v], new state)."""
+        ids, single = self._as_batch(tokens)
+        state = self.new_state(ids.shape[0]) if state is None else state
+        logits, _, new_state = self._run(ids, state, trace)
+        return (logits[0] if single else logits), new_state
+
+    def decode(self, token, state: State):
+        """One token per sequence. token int or [b] -> (logits [v] or [b, v], new state)."""
+        ids = np.asarray(token)
+        single = ids.ndim == 0
+        logits, new_state = self.prefill(ids.reshape(-1, 1), state)
+        return (logits[0, -1] if single else logits[:, -1]), new_state
+
+    # ---- the forward pass ----
+    def _run(self, ids: np.ndarray, state: State, trace):
+        """ids [b, s] from state.pos -> (logits [b, s, v], final streams [b, s, n, c], new state)."""
+        cfg, prec, rev = self.cfg, self.precision, self.revision
+        self._check_state(state, ids)
+        b, s = ids.shape
+        h = np.asarray(self.weights.embed[ids]).astype(work_dtype(prec))   # [b, s, c] bf16 rows, exact upcast
+        record(trace, "embed", h)
+        h = np.repeat(h[:, :, None, :], cfg.hc_mult, axis=2)                # [b, s, n, c] identical streams
+        layers = []
+        for i in range(cfg.n_layers):
+            h, ls = block(h, ids, state.pos, state.layers[i], self.weights.layers[i], cfg, i, prec, rev, trace)
+            layers.append(ls)
+        w = self.weights
+        logits = head_logits(h, w.hc_head, w.norm, w.head, cfg, prec, trace)   # [b, s, v]
+        record(trace, "logits", logits)
+        new_state = State(pos=state.pos + s, layers=tuple(layers), batch=b, precision=prec, revision=rev,
+                          config_id=state.config_id)
+        return logits, h, new_state
+
+    def mtp_forward(self, h: np.ndarray, ids: np.ndarray, trace=None) -> np.ndarray:
+        """MTP logits: position t uses streams h_t and token t+1, predicting t+2. h [b,s,n,c] -> [b, s-1, v]."""
+        cfg, prec, w = self.cfg, self.precision, self.weights
+        m = w.mtp
+        b, s = ids.shape
+        if s < 2:
+            return np.zeros((b, 0, cfg.vocab_size), work_dtype(prec))
+        nxt = ids[:, 1:]                                                    # [b, s-1] token t+1
+        e = rms_norm(np.asarray(w.embed[nxt]).astype(work_dtype(prec)), m.enorm, eps=cfg.norm_eps, prec=prec)
+        hs = rms_norm(h[:, :-1], m.hnorm, eps=cfg.norm_eps, prec=prec)      # [b, s-1, n, c] per stream
+        x = bf16(quantized_linear(e, m.e_proj, prec)[:, :, None, :] + quantized_linear(hs, m.h_proj, prec), prec)
+        layer = cfg.mtp_layer
+        state = AttentionState.empty(cfg, layer, b, prec)
+        x, _ = block(x, nxt, 0, state, m.block, cfg, layer, prec, self.revision, trace)
+        logits = head_logits(x, m.hc_head, m.norm, w.head, cfg, prec, trace, site="mtp.final.x")
+        record(trace, "mtp.logits", logits)
+        return logits
+
+    # ---- input checks (DESIGN.md §10) ----
+    def _as_batch(self, tokens) -> tuple[np.ndarray, bool]:
+        ids = np.asarray(tokens)
+        if ids.dtype == object or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
+            raise InputError(f"token ids must be integers, got dtype {ids.dtype}")
+        if ids.ndim not in (1, 2):
+            raise InputError(f"tokens must be [s] or [b, s], got shape {ids.shape}")
+        single = ids.ndim == 1
+        ids = ids.reshape(1, -1) if single else ids
+        if ids.size == 0:
+            raise InputError("empty input: at least one token is needed")
+        bad = (ids < 0) | (ids >= self.cfg.vocab_size)
+        if bad.any():
+            where = tuple(int(v) for v in np.argwhere(bad)[0])
+            raise InputError(f"token id {int(ids[where])} at {where} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        return ids.astype(np.int64), single
+
+    def _check_state(self, state: State, ids: np.ndarray) -> None:
+        if not isinstance(state, State):
+            raise StateError(f"expected a refimpl State, got {type(state).__name__}")
+        if state.config_id != config_id(self.cfg):
+            raise StateError("this state belongs to a model with another configuration")
+        if (state.precision, state.revision) != (self.precision, self.revision):
+            raise StateError(f"this state was made in precision {state.precision!r} / revision {state.revision!r}, "
+                             f"the model runs {self.precision!r} / {self.revision!r}")
+        if state.batch != ids.shape[0]:
+            raise StateError(f"the state holds {state.batch} sequences, the input {ids.shape[0]}")
+        end = state.pos + ids.shape[1]
+        if end > self.cfg.max_seq_len:
+            raise InputError(f"sequence of {end} tokens exceeds the configured maximum context "
+                             f"max_seq_len={self.cfg.max_seq_len} (a load option: load(..., max_seq_len=N))")
+

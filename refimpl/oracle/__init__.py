@@ -1,0 +1,1 @@
+"""The oracle tools: named trace sites of a forward pass (`trace`)."""

@@ -1,0 +1,1 @@
+"""Random-weight checkpoints in the exact official format, with realistic weight scales."""

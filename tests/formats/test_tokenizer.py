@@ -1,0 +1,138 @@
+"""Tests of refimpl.formats.tokenizer: the tiny trained tokenizer, the checkpoint files, text <-> ids."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from refimpl.formats.encoding import BOS, EOS, SPECIAL_TOKENS, USER, encode_messages
+from refimpl.formats.tokenizer import Tokenizer, build_tiny_tokenizer, write_tokenizer_files
+
+REPO = Path(__file__).resolve().parents[2]
+
+# the official tokenizer_config.json (spec §6), written out
+AT = {"__type": "AddedToken", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+OFFICIAL_CONFIG = {
+    "add_bos_token": False, "add_eos_token": False, "bos_token": {**AT, "content": BOS},
+    "clean_up_tokenization_spaces": False, "eos_token": {**AT, "content": EOS}, "legacy": True,
+    "model_max_length": 1048576, "pad_token": {**AT, "content": EOS}, "sp_model_kwargs": {},
+    "unk_token": None, "tokenizer_class": "PreTrainedTokenizerFast"}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return Tokenizer(build_tiny_tokenizer(1024))
+
+
+@pytest.mark.parametrize("vocab_size", [len(SPECIAL_TOKENS) + 256, 1024, 2048, 4096])
+def test_build_tiny_tokenizer_vocab_size_exact(vocab_size):
+    tok = build_tiny_tokenizer(vocab_size)
+    assert tok.get_vocab_size(with_added_tokens=True) == vocab_size
+    assert max(tok.get_vocab(with_added_tokens=True).values()) == vocab_size - 1   # ids are 0..v-1
+
+
+@pytest.mark.parametrize("vocab_size", [10, len(SPECIAL_TOKENS) + 255, 1 << 20, 1024.0])
+def test_build_tiny_tokenizer_bad_size(vocab_size):
+    with pytest.raises(ValueError, match="vocab_size"):
+        build_tiny_tokenizer(vocab_size)
+
+
+def test_build_tiny_tokenizer_deterministic():
+    assert build_tiny_tokenizer(1024).to_str() == build_tiny_tokenizer(1024).to_str()
+    # another process (other hash seeds) gives the same file
+    code = "from refimpl.formats.tokenizer import build_tiny_tokenizer; print(build_tiny_tokenizer(1024).to_str())"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "123"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.rstrip("\n") == build_tiny_tokenizer(1024).to_str()
+
+
+def test_bos_eos_ids(tiny):
+    assert (tiny.bos_id, tiny.eos_id) == (0, 1)
+    assert (tiny.id_to_token(0), tiny.id_to_token(1)) == (BOS, EOS)
+    assert [tiny.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    assert tiny.vocab_size == 1024
+
+
+def test_special_tokens_are_single_ids(tiny):
+    for k, token in enumerate(SPECIAL_TOKENS):
+        assert tiny.encode(token) == [k]
+        ids = tiny.encode("ab" + token + "cd")
+        assert ids.count(k) == 1 and tiny.decode(ids) == "ab" + token + "cd"
+
+
+def test_no_automatic_bos_or_eos(tiny):
+    assert tiny.encode("") == []
+    ids = tiny.encode("hello world")
+    assert ids and tiny.bos_id not in ids and tiny.eos_id not in ids
+    assert tiny.encode(BOS + "hi")[0] == tiny.bos_id   # BOS only where the text has it
+
+
+def test_encoded_prompt_roundtrip(tiny):
+    messages = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "你好"},
+                {"role": "assistant", "content": "答案", "reasoning_content": "推理"}]
+    prompt = encode_messages(messages, thinking_mode="thinking")
+    ids = tiny.encode(prompt)
+    assert ids[0] == tiny.bos_id and ids[-1] == tiny.eos_id
+    assert ids.count(tiny.token_to_id(USER)) == prompt.count(USER)
+    assert tiny.decode(ids) == prompt
+
+
+@settings(deadline=None, max_examples=200)
+@given(text=st.text())
+def test_decode_encode_roundtrip(tiny, text):
+    assert tiny.decode(tiny.encode(text)) == text
+
+
+@settings(deadline=None, max_examples=200)
+@given(parts=st.lists(st.text(max_size=8) | st.sampled_from(SPECIAL_TOKENS), max_size=8))
+def test_decode_encode_roundtrip_with_special_tokens(tiny, parts):
+    text = "".join(parts)
+    assert tiny.decode(tiny.encode(text)) == text
+
+
+def test_write_and_load_checkpoint_files(tmp_path, tiny):
+    write_tokenizer_files(tmp_path, tiny.tok)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config == OFFICIAL_CONFIG and list(config) == list(OFFICIAL_CONFIG)
+    assert "chat_template" not in config
+    loaded = Tokenizer.from_checkpoint(tmp_path)
+    assert (loaded.bos_token, loaded.eos_token) == (BOS, EOS)
+    assert (loaded.bos_id, loaded.eos_id, loaded.vocab_size) == (0, 1, 1024)
+    text = "<｜User｜>print('hi')  # 中文<｜Assistant｜></think>"
+    assert loaded.encode(text) == tiny.encode(text)
+    write_tokenizer_files(tmp_path / "again", loaded)             # a Tokenizer is accepted too
+    assert (tmp_path / "again" / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
+
+
+def test_from_checkpoint_string_tokens(tmp_path, tiny):
+    write_tokenizer_files(tmp_path, tiny.tok)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": BOS, "eos_token": EOS}))
+    assert Tokenizer.from_checkpoint(tmp_path).eos_id == 1
+
+
+@pytest.mark.parametrize("missing", ["tokenizer.json", "tokenizer_config.json"])
+def test_from_checkpoint_missing_file(tmp_path, tiny, missing):
+    write_tokenizer_files(tmp_path, tiny.tok)
+    (tmp_path / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=missing):
+        Tokenizer.from_checkpoint(tmp_path)
+
+
+def test_from_checkpoint_bad_config(tmp_path, tiny):
+    write_tokenizer_files(tmp_path, tiny.tok)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": EOS}))
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        Tokenizer.from_checkpoint(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS}))
+    with pytest.raises(ValueError, match="bos_token"):
+        Tokenizer.from_checkpoint(tmp_path)
+
+
+def test_encode_rejects_non_text(tiny):
+    with pytest.raises(TypeError):
+        tiny.encode(b"bytes")

@@ -1,0 +1,320 @@
+"""Any split of a sequence into prefill chunks and decode steps == one prefill (logits and state).
+
+Spec §4 (state, prefill, decode, stale state), §10 rows 8, 12, 26 and §10.3 (irregular chunkings
+must equal one prefill). Bit-identical in float64 and mirror; within 1e-4 in float32 (one BLAS
+call per product there, so rows may move in the last bit with the row count). Also bad input:
+every refusal is a ValueError subclass with a clear message and leaves the given state untouched.
+"""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from refimpl.config import Config
+from refimpl.model.state import StateError
+from refimpl.formats.weights import load
+from refimpl.model.transformer import InputError
+
+TINY = Config.tiny()
+V = TINY.vocab_size
+EXACT = ("float64", "mirror")
+CSA, HCA = (2, 4), (3, 5)
+
+
+def tokens(n, seed):
+    return np.random.default_rng(seed).integers(0, V, n)
+
+
+def state_arrays(state):
+    """Every array of every layer state, by name (window, compressed, compressor, indexer)."""
+    out = {}
+    for i, ls in enumerate(state.layers):
+        out[f"{i}.window"] = ls.window
+        if ls.compressed is not None:
+            out[f"{i}.compressed"] = ls.compressed
+            out[f"{i}.compressor.kv"] = ls.compressor.kv
+            out[f"{i}.compressor.score"] = ls.compressor.score
+        if ls.indexer is not None:
+            out[f"{i}.indexer.keys"] = ls.indexer.keys
+            out[f"{i}.indexer.compressor.kv"] = ls.indexer.compressor.kv
+            out[f"{i}.indexer.compressor.score"] = ls.indexer.compressor.score
+    return out
+
+
+def snapshot(state):
+    return (state.pos, state.batch, state.precision, state.revision,
+            {k: v.copy() for k, v in state_arrays(state).items()})
+
+
+def assert_same_state(a, b, prec, tol=1e-4):
+    """Same position and the same arrays (bit-identical in the exact modes)."""
+    assert (a.pos, a.batch, a.precision, a.revision) == (b.pos, b.batch, b.precision, b.revision)
+    sa, sb = state_arrays(a), state_arrays(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype, k
+        if prec in EXACT:
+            assert np.array_equal(sa[k], sb[k]), k
+        else:
+            assert np.allclose(sa[k], sb[k], rtol=0, atol=tol), k         # -inf rows: same place, same sign
+
+
+def assert_unchanged(state, snap):
+    pos, batch, prec, rev, arrays = snap
+    assert (state.pos, state.batch, state.precision, state.revision) == (pos, batch, prec, rev)
+    now = state_arrays(state)
+    assert now.keys() == arrays.keys()
+    for k in arrays:
+        assert np.array_equal(now[k], arrays[k]), k
+
+
+def same(a, b, prec, tol=1e-4):
+    return np.array_equal(a, b) if prec in EXACT else np.allclose(a, b, rtol=0, atol=tol)
+
+
+def run_chunks(model, toks, sizes):
+    """Feed toks in chunks; size-1 chunks go through decode(), the others through prefill()."""
+    state, out = None, []
+    pos = 0
+    for n in sizes:
+        if n == 1 and state is not None:
+            logits, state = model.decode(int(toks[pos]), state)
+            out.append(logits[None])
+        else:
+            logits, state = model.prefill(toks[pos:pos + n], state)
+            out.append(logits)
+        pos += n
+    return np.concatenate(out), state
+
+
+# ------------------------------------------------------------------------------------------------
+# the property
+
+@st.composite
+def chunkings(draw, max_len=80):
+    """A length <= 80 (half the draws 60..80: past 64 and the top-k boundary 68) and a split of it:
+    <= 6 random cuts, then 0..6 single-token decode steps."""
+    n = draw(st.integers(1, max_len) | st.integers(60, max_len))
+    n_dec = draw(st.integers(0, min(6, n - 1)))
+    head = n - n_dec
+    cuts = sorted(draw(st.sets(st.integers(1, head - 1), max_size=6))) if head > 1 else []
+    bounds = [0] + cuts + [head]
+    return [b - a for a, b in zip(bounds, bounds[1:])] + [1] * n_dec
+
+
+@pytest.mark.parametrize("prec", ["float64", "mirror", "float32"])
+@settings(max_examples=6)
+@given(sizes=chunkings(), seed=st.integers(0, 2**32 - 1))
+def test_any_chunking_equals_one_prefill(tiny_model, prec, sizes, seed):
+    """§4 / §10.3: chunked logits and final state == one prefill (float64, mirror bit-identical; float32 1e-4)."""
+    model = tiny_model(prec)
+    toks = tokens(sum(sizes), seed)
+    whole, state_whole = model.prefill(toks)
+    got, state = run_chunks(model, toks, sizes)
+    assert got.shape == whole.shape
+    assert same(got, whole, prec), sizes
+    assert_same_state(state, state_whole, prec)
+
+
+IRREGULAR = [
+    [3, 2, 1, 3, 1, 1, 5, 16, 1, 1, 1, 2, 31, 1, 1, 1, 10],     # 80: crosses 4, 8, 16, 32, 64, 68
+    [31, 1, 1, 1, 30, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],   # decode across 32, 64, 68
+    [67, 1, 1, 1, 1, 1],                                         # the index_topk boundary by decode
+]
+
+
+@pytest.mark.parametrize("prec", EXACT)
+@pytest.mark.parametrize("sizes", IRREGULAR, ids=["mixed", "decode-boundaries", "topk-boundary"])
+def test_irregular_chunkings_bit_identical(tiny_model, prec, sizes):
+    """§10.3: chunks of 3, 2, 1, 3 ... and token-by-token decode across every tiny threshold."""
+    model = tiny_model(prec)
+    toks = tokens(sum(sizes), sum(sizes) + len(sizes))
+    whole, state_whole = model.prefill(toks)
+    got, state = run_chunks(model, toks, sizes)
+    assert np.array_equal(got, whole)
+    assert_same_state(state, state_whole, prec)
+
+
+# ------------------------------------------------------------------------------------------------
+# known field bugs
+
+@pytest.mark.parametrize("prec", EXACT)
+def test_overlap_kept_when_decoding_after_prefill(tiny_model, prec):
+    """§10 row 8: prefill 6, decode to 12: the ratio-4 entries 1, 2 (made by decode) == a 12-token prefill's."""
+    model = tiny_model(prec)
+    toks = tokens(12, 8)
+    whole, sw = model.prefill(toks)
+    logits, state = model.prefill(toks[:6])
+    steps = [logits]
+    for p in range(6, 12):
+        lg, state = model.decode(int(toks[p]), state)
+        steps.append(lg[None])
+    for layer in CSA:
+        a, b = state.layers[layer], sw.layers[layer]
+        assert a.compressed.shape == (1, 3, TINY.head_dim)
+        assert np.array_equal(a.compressed, b.compressed), layer
+        assert np.array_equal(a.indexer.keys, b.indexer.keys), layer
+    assert np.array_equal(np.concatenate(steps), whole)
+    assert_same_state(state, sw, prec)
+
+
+@pytest.mark.parametrize("prec", EXACT)
+@pytest.mark.parametrize("m", [4, 16])
+def test_first_entry_at_exactly_ratio_tokens(tiny_model, prec, m):
+    """§10 row 12: prefill m-1 then decode token m: entry 0 (and the logits) == an m-token prefill's."""
+    model = tiny_model(prec)
+    toks = tokens(m, 12 + m)
+    whole, sw = model.prefill(toks)
+    _, state = model.prefill(toks[:m - 1])
+    layers = CSA if m == 4 else HCA
+    for layer in layers:
+        assert state.layers[layer].compressed.shape[1] == 0            # nothing before the block completes
+    last, state = model.decode(int(toks[m - 1]), state)
+    for layer in layers:
+        got = state.layers[layer].compressed
+        assert got.shape == (1, 1, TINY.head_dim)
+        assert np.array_equal(got, sw.layers[layer].compressed), layer
+        if m == 4:
+            assert np.array_equal(state.layers[layer].indexer.keys, sw.layers[layer].indexer.keys)
+    assert np.array_equal(last, whole[-1])
+    assert_same_state(state, sw, prec)
+
+
+@pytest.mark.parametrize("prec", EXACT)
+def test_new_short_sequence_does_not_see_the_previous_one(tiny_ckpt, tiny_model, prec):
+    """§4.4 / pitfall 29: after a long sequence, a new 2-token prompt decoded past 4 == a fresh model's run."""
+    model = tiny_model(prec)
+    _, old = model.prefill(tokens(50, 20))
+    old_snap = snapshot(old)
+    new = tokens(8, 21)
+    fresh = load(tiny_ckpt, precision=prec)
+    want = fresh.forward(new)
+    for start in (None, model.new_state()):
+        logits, state = model.prefill(new[:2], start)
+        got = [logits]
+        for p in range(2, 8):
+            lg, state = model.decode(int(new[p]), state)
+            got.append(lg[None])
+        assert np.array_equal(np.concatenate(got), want)
+        _, sf = fresh.prefill(new)
+        assert_same_state(state, sf, prec)
+    assert_unchanged(old, old_snap)
+
+
+def test_state_is_a_value_calls_never_write_into_it(tiny_model):
+    """§4 / §10 row 26: prefill/decode return a new state; the one given stays as it was (restorable)."""
+    model = tiny_model("mirror")
+    toks = tokens(40, 30)
+    _, s20 = model.prefill(toks[:20])
+    snap = snapshot(s20)
+    a, _ = model.prefill(toks[20:], s20)
+    assert_unchanged(s20, snap)
+    b, _ = model.prefill(toks[20:], s20)                     # the same saved state, reused
+    assert np.array_equal(a, b)
+    model.decode(int(toks[20]), s20)
+    assert_unchanged(s20, snap)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+
+def test_token_ids_outside_vocabulary(tiny_model):
+    """Ids must lie in [0, vocab): InputError (a ValueError) naming the id, state untouched."""
+    model = tiny_model("float64")
+    for bad in ([0, V], [-1, 3], [[1, 2], [3, V + 5]]):
+        with pytest.raises(InputError, match="outside the vocabulary"):
+            model.forward(bad)
+    _, state = model.prefill([1, 2, 3])
+    snap = snapshot(state)
+    with pytest.raises(ValueError, match=f"token id {V} .*vocabulary"):
+        model.decode(V, state)
+    with pytest.raises(ValueError, match="vocabulary"):
+        model.prefill([5, -2], state)
+    assert_unchanged(state, snap)
+    with pytest.raises(ValueError, match="integers"):
+        model.forward([1.5, 2.0])
+
+
+def test_empty_input(tiny_model):
+    """An empty sequence is refused (InputError), from an empty or a running state."""
+    model = tiny_model("float64")
+    with pytest.raises(InputError, match="empty"):
+        model.forward([])
+    with pytest.raises(InputError, match="empty"):
+        model.forward(np.zeros((2, 0), np.int64))
+    _, state = model.prefill([1, 2])
+    snap = snapshot(state)
+    with pytest.raises(ValueError, match="empty"):
+        model.prefill(np.array([], np.int64), state)
+    assert_unchanged(state, snap)
+
+
+def test_max_seq_len_prefill_and_decode(tiny_ckpt):
+    """A load option: sequences and decode steps past max_seq_len are refused with the option named."""
+    model = load(tiny_ckpt, precision="float64", max_seq_len=8)
+    toks = tokens(9, 40)
+    with pytest.raises(InputError, match="max_seq_len=8"):
+        model.forward(toks)
+    logits, state = model.prefill(toks[:8])                 # exactly 8 is fine
+    assert logits.shape == (8, V)
+    snap = snapshot(state)
+    with pytest.raises(InputError, match="max_seq_len"):
+        model.decode(int(toks[8]), state)
+    assert_unchanged(state, snap)
+    _, s5 = model.prefill(toks[:5])
+    with pytest.raises(ValueError, match="exceeds"):
+        model.prefill(toks[:4], s5)
+
+
+def test_state_from_another_precision_revision_or_batch(tiny_model):
+    """A state belongs to one precision, revision and batch size: StateError (a ValueError) otherwise."""
+    f64, mirror, initial = tiny_model("float64"), tiny_model("mirror"), tiny_model("float64", "initial")
+    _, s_mirror = mirror.prefill([1, 2, 3])
+    snap = snapshot(s_mirror)
+    with pytest.raises(StateError, match="precision 'mirror'"):
+        f64.decode(4, s_mirror)
+    with pytest.raises(ValueError, match="precision"):
+        f64.prefill([4, 5], s_mirror)
+    assert_unchanged(s_mirror, snap)
+    _, s_init = initial.prefill([1, 2, 3])
+    with pytest.raises(StateError, match="revision 'initial'"):
+        f64.decode(4, s_init)
+    _, s1 = f64.prefill([1, 2, 3])
+    snap1 = snapshot(s1)
+    with pytest.raises(StateError, match="holds 1 sequences, the input 2"):
+        f64.decode(np.array([4, 5]), s1)
+    with pytest.raises(StateError, match="sequences"):
+        f64.prefill([[4], [5]], s1)
+    _, s2 = f64.prefill([[1, 2], [3, 4]])
+    with pytest.raises(StateError, match="holds 2 sequences"):
+        f64.decode(4, s2)
+    assert_unchanged(s1, snap1)
+    with pytest.raises(StateError, match="expected a refimpl State"):
+        f64.decode(4, {"pos": 3})
+
+
+def test_state_from_another_configuration(tiny_model):
+    """A state made for another Config (here index_topk 8) is refused: StateError naming the configuration."""
+    from refimpl.model.state import State
+    other = State.empty(TINY.replace(index_topk=8), 1, "float64", "current")
+    with pytest.raises(StateError, match="another configuration"):
+        tiny_model("float64").prefill([1, 2, 3], other)
+    assert other.pos == 0 and all(ls.window.sum() == 0 for ls in other.layers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prec", ["float64", "mirror", "float32"])
+def test_long_sequence_random_chunks_slow(tiny_model, prec):
+    """§10.3 at length 300 (many HCA entries, top-k dropping 60 of 75): random chunks and decode runs == one prefill."""
+    rng = np.random.default_rng(77)
+    toks = tokens(300, 77)
+    sizes, left = [], 300
+    while left:
+        n = int(min(left, rng.choice([1, 1, 1, 2, 3, 5, 17, 40])))
+        sizes.append(n)
+        left -= n
+    model = tiny_model(prec)
+    whole, sw = model.prefill(toks)
+    got, state = run_chunks(model, toks, sizes)
+    assert same(got, whole, prec)
+    assert_same_state(state, sw, prec)

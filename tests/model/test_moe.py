@@ -1,0 +1,246 @@
+"""Tests of refimpl.model.moe: routing (hash and score), SwiGLU clamp, combination, shared expert by revision.
+
+Spec §3.5, pitfalls 15-18, 31, §10 rows 13, 14, 17, 18, 22.
+"""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from refimpl.config import Config
+from refimpl.model.linear import Fp4Matrix, Fp8Matrix
+from refimpl.model.moe import ExpertWeights, GateWeights, MoEWeights, expert, moe, route
+from refimpl.numerics import quant_fp4_weight, quant_fp8_weight, round_bf16
+from refimpl.oracle.trace import Trace
+
+TINY = Config.tiny()                      # 8 experts, top-2, route_scale 1.5, swiglu_limit 10
+E, A, L = TINY.n_routed_experts, TINY.n_activated_experts, TINY.swiglu_limit
+C, F = 128, 128                           # hand-built expert sizes (multiples of 128: FP8 act-quant blocks)
+
+
+def sqrt_softplus(z):
+    z = np.asarray(z, dtype=np.float64)
+    return np.sqrt(np.where(z > 20, z, np.log1p(np.exp(np.minimum(z, 20)))))
+
+
+def silu(x):
+    return x / (1 + np.exp(-x))
+
+
+def fp8(w):
+    return Fp8Matrix(*quant_fp8_weight(w))
+
+
+def fp4(w):
+    return Fp4Matrix(*quant_fp4_weight(w))
+
+
+def make_expert(rng, gate_scale=1.0, up_scale=1.0, kind=fp4):
+    return ExpertWeights(w1=kind(rng.standard_normal((F, C)) * gate_scale / math.sqrt(C)),
+                         w2=kind(rng.standard_normal((C, F)) / math.sqrt(F)),
+                         w3=kind(rng.standard_normal((F, C)) * up_scale / math.sqrt(C)))
+
+
+def swiglu_ref(x, w, limit, weight=None, symmetric_gate=False):
+    """Direct float64 SwiGLU: silu(min(g, L)) · clamp(u, -L, L) [· weight] @ w2ᵀ."""
+    g, u = x @ w.w1.dequantize().T.astype(np.float64), x @ w.w3.dequantize().T.astype(np.float64)
+    if limit > 0:
+        u = np.clip(u, -limit, limit)
+        g = np.clip(g, -limit, limit) if symmetric_gate else np.minimum(g, limit)
+    h = silu(g) * u
+    if weight is not None:
+        h = weight * h
+    return h @ w.w2.dequantize().T.astype(np.float64)
+
+
+# ------------------------------------------------------------------------------------------------
+# routing: hand-worked
+
+def test_hash_routing_hand_worked():
+    """Pitfall 15: hash layers take ids = tid2eid[token]; weights from the gate's sqrt-softplus scores."""
+    tid2eid = np.array([[0, 1], [2, 3], [4, 5], [6, 7], [1, 0]])
+    tokens = np.array([3, 0, 4, 3])
+    x = np.random.default_rng(0).standard_normal((4, 8))
+    gate = GateWeights(weight=np.zeros((E, 8)), bias=None, tid2eid=tid2eid)
+    w, ids = route(x, tokens, gate, TINY, "float64")
+    assert ids.tolist() == [[6, 7], [0, 1], [1, 0], [6, 7]]
+    assert np.allclose(w, 0.75, rtol=1e-15)                     # equal scores sqrt(ln 2): 1.5 / 2 each
+    # non-zero gate logits: z = x · e_k (identity weight), weights = sc[ids] / Σ · 1.5
+    gate = GateWeights(weight=np.eye(E, 8), bias=None, tid2eid=tid2eid)
+    x = np.zeros((1, 8))
+    x[0, 6], x[0, 7] = 2.0, -1.0
+    w, ids = route(x, np.array([3]), gate, TINY, "float64")
+    s6, s7 = sqrt_softplus(2.0), sqrt_softplus(-1.0)
+    assert ids.tolist() == [[6, 7]]
+    assert np.allclose(w, [[1.5 * s6 / (s6 + s7), 1.5 * s7 / (s6 + s7)]], rtol=1e-14)
+
+
+def test_score_routing_hand_worked_bias_selects_only():
+    """Pitfalls 16, 17 (§10 row 17): top-a of sc + bias chooses; weights are unbiased sc, renormalised, × 1.5."""
+    gate = GateWeights(weight=np.eye(E), bias=np.zeros(E), tid2eid=None)
+    x = np.array([[3.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    w, ids = route(x, np.array([0]), gate, TINY, "float64")
+    s = sqrt_softplus(x[0])
+    assert ids.tolist() == [[0, 2]]
+    assert np.allclose(w, [[1.5 * s[0] / (s[0] + s[2]), 1.5 * s[2] / (s[0] + s[2])]], rtol=1e-14)
+    bias = np.zeros(E)
+    bias[3] = 5.0                                               # pushes expert 3 (z = 0) to the top
+    w, ids = route(x, np.array([0]), GateWeights(np.eye(E), bias, None), TINY, "float64")
+    assert ids.tolist() == [[3, 0]]
+    assert np.allclose(w, [[1.5 * s[3] / (s[3] + s[0]), 1.5 * s[0] / (s[3] + s[0])]], rtol=1e-14)
+    assert math.isclose(s[3], math.sqrt(math.log(2)), rel_tol=1e-15)
+    # softplus threshold 20: z > 20 returns z, so sc = sqrt(z)
+    x = np.zeros((1, E))
+    x[0, 1], x[0, 4] = 25.0, 36.0
+    w, ids = route(x, np.array([0]), GateWeights(np.eye(E), np.zeros(E), None), TINY, "float64")
+    assert ids.tolist() == [[4, 1]] and np.allclose(w, [[1.5 * 6 / 11, 1.5 * 5 / 11]], rtol=1e-15)
+
+
+# ------------------------------------------------------------------------------------------------
+# routing: properties
+
+@settings(max_examples=30)
+@given(seed=st.integers(0, 2**32 - 1), T=st.integers(1, 12))
+def test_hash_ids_depend_only_on_token(seed, T):
+    """Pitfall 15 / §10 row 22: hash ids = tid2eid[token] whatever x; weights sum to route_scale."""
+    rng = np.random.default_rng(seed)
+    tid2eid = np.stack([rng.permutation(E)[:A] for _ in range(20)])
+    gate = GateWeights(weight=rng.standard_normal((E, 16)), bias=None, tid2eid=tid2eid)
+    tokens = rng.integers(0, 20, T)
+    w1, ids1 = route(rng.standard_normal((T, 16)) * 3, tokens, gate, TINY, "float64")
+    w2, ids2 = route(rng.standard_normal((T, 16)) * 3, tokens, gate, TINY, "float64")
+    assert np.array_equal(ids1, tid2eid[tokens]) and np.array_equal(ids2, tid2eid[tokens])
+    assert np.allclose(w1.sum(-1), TINY.route_scale, rtol=1e-14) and np.all(w1 > 0)
+
+
+@settings(max_examples=40)
+@given(seed=st.integers(0, 2**32 - 1), T=st.integers(1, 12), spread=st.floats(0.0, 3.0))
+def test_bias_changes_choice_not_weights(seed, T, spread):
+    """Pitfall 16: weights = unbiased sc[ids] / Σ · 1.5; the same chosen set gets the same weights under any bias."""
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((E, 16))
+    x = rng.standard_normal((T, 16))
+    b1, b2 = rng.standard_normal(E) * spread, rng.standard_normal(E) * spread
+    w1, ids1 = route(x, np.zeros(T, int), GateWeights(W, b1, None), TINY, "float64")
+    w2, ids2 = route(x, np.zeros(T, int), GateWeights(W, b2, None), TINY, "float64")
+    sc = sqrt_softplus(x @ W.T)
+    for w, ids, b in ((w1, ids1, b1), (w2, ids2, b2)):
+        chosen = np.take_along_axis(sc, ids, -1)
+        assert np.allclose(w, 1.5 * chosen / chosen.sum(-1, keepdims=True), rtol=1e-13)
+        biased = sc + b
+        worst_in = np.take_along_axis(biased, ids, -1).min(-1)
+        masked = biased.copy()
+        np.put_along_axis(masked, ids, -np.inf, -1)
+        assert np.all(worst_in >= masked.max(-1))               # the biased top-a
+        assert np.allclose(w.sum(-1), TINY.route_scale, rtol=1e-14)
+    for r in range(T):
+        if set(ids1[r].tolist()) == set(ids2[r].tolist()):
+            d1, d2 = dict(zip(ids1[r].tolist(), w1[r])), dict(zip(ids2[r].tolist(), w2[r]))
+            assert all(d1[k] == d2[k] for k in d1)
+
+
+# ------------------------------------------------------------------------------------------------
+# SwiGLU clamp
+
+def test_swiglu_clamp_fires_beyond_limit():
+    """Pitfall 18 / §10 row 14: up ∈ [-10, 10], gate ≤ 10; inputs beyond ±10 must be clamped."""
+    rng = np.random.default_rng(0)
+    w = make_expert(rng, gate_scale=30.0, up_scale=30.0)        # |w1 x|, |w3 x| ~ 30
+    x = rng.standard_normal((6, C))
+    g = x @ w.w1.dequantize().T
+    u = x @ w.w3.dequantize().T
+    assert (g > L).any() and (g < -L).any() and (np.abs(u) > L).any()
+    y = expert(x, w, "float64", swiglu_limit=L)
+    assert np.allclose(y, swiglu_ref(x, w, L), rtol=1e-12, atol=1e-12)
+    assert not np.allclose(y, swiglu_ref(x, w, 0.0), rtol=1e-3)     # the clamp really changed the result
+    assert not np.allclose(y, swiglu_ref(x, w, L, symmetric_gate=True), rtol=1e-9, atol=1e-12)
+    assert np.allclose(expert(x, w, "float64", swiglu_limit=0.0), swiglu_ref(x, w, 0.0), rtol=1e-12)
+
+
+def test_swiglu_gate_has_no_lower_clamp():
+    """Pitfall 18: gate clamped only from above: a gate of about -40 gives silu(-40), not silu(-10)."""
+    rng = np.random.default_rng(1)
+    w = make_expert(rng)
+    x = np.abs(rng.standard_normal((3, C)))                      # x >= 0 and w1 <= 0: every gate value < 0
+    w1 = -np.abs(w.w1.dequantize())
+    w1 = w1 * 40 / np.abs(x @ w1.T).mean()
+    big = ExpertWeights(w1=fp4(w1), w2=w.w2, w3=w.w3)
+    g, u = x @ big.w1.dequantize().T, x @ big.w3.dequantize().T
+    assert (g < -L).all() and (np.abs(u) < L).all()
+    y = expert(x, big, "float64", swiglu_limit=L)
+    assert np.allclose(y, swiglu_ref(x, big, L), rtol=1e-12, atol=1e-15)
+    assert np.allclose(y, swiglu_ref(x, big, 0.0), rtol=1e-12, atol=1e-15)            # nothing clamped
+    assert not np.allclose(y, swiglu_ref(x, big, L, symmetric_gate=True), rtol=1e-3, atol=0)
+
+
+def test_routing_weight_applied_before_w2_mirror():
+    """Pitfall 17: w·h enters the FP8 activation quantization of w2 (differs from scaling the output)."""
+    rng = np.random.default_rng(2)
+    w = make_expert(rng)
+    x = round_bf16(rng.standard_normal((4, C)))
+    wt = np.array([[0.3], [0.77], [1.1], [0.123]], dtype=np.float32)
+    inside = expert(x, w, "mirror", swiglu_limit=L, weights=wt)
+    outside = wt * expert(x, w, "mirror", swiglu_limit=L)
+    assert not np.array_equal(inside, outside)
+    assert np.linalg.norm(inside - outside) < 0.05 * np.linalg.norm(outside)   # FP8-level difference
+    x64 = x.astype(np.float64)
+    assert np.allclose(expert(x64, w, "float64", swiglu_limit=L, weights=wt),
+                       swiglu_ref(x64, w, L, weight=wt), rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole MoE sublayer
+
+def make_moe(rng, shared_scale):
+    gate = GateWeights(weight=rng.standard_normal((E, C)) / math.sqrt(C), bias=rng.standard_normal(E) * 0.05,
+                       tid2eid=None)
+    experts = tuple(make_expert(rng) for _ in range(E))
+    shared = make_expert(rng, gate_scale=shared_scale, up_scale=shared_scale, kind=fp8)
+    return MoEWeights(gate=gate, experts=experts, shared=shared)
+
+
+def moe_ref(x, tokens, w, limit_shared):
+    """y_t = Σ_a weight_ta · expert_{id_ta}(x_t) + shared(x_t), float64."""
+    flat = x.reshape(-1, C)
+    weights, ids = route(flat, tokens.reshape(-1), w.gate, TINY, "float64")
+    y = np.zeros_like(flat)
+    for t in range(len(flat)):
+        for a in range(A):
+            y[t] += swiglu_ref(flat[t:t + 1], w.experts[ids[t, a]], L, weight=weights[t, a])[0]
+    return (y + swiglu_ref(flat, w.shared, limit_shared)).reshape(x.shape)
+
+
+def test_moe_shared_expert_clamp_only_in_current_revision():
+    """§3.5 / §8.1 / §10 row 13: the shared expert is clamped (10) in "current", unclamped in "initial"."""
+    rng = np.random.default_rng(3)
+    w = make_moe(rng, shared_scale=30.0)
+    x = rng.standard_normal((1, 5, C))
+    tokens = np.arange(5)[None]
+    cur = moe(x, tokens, w, TINY, 3, "float64", "current")
+    ini = moe(x, tokens, w, TINY, 3, "float64", "initial")
+    assert np.allclose(cur, moe_ref(x, tokens, w, L), rtol=1e-11, atol=1e-11)
+    assert np.allclose(ini, moe_ref(x, tokens, w, 0.0), rtol=1e-11, atol=1e-11)
+    assert not np.allclose(cur, ini, rtol=1e-3)
+    # small activations: no clamp fires, the two revisions agree
+    w = make_moe(rng, shared_scale=1.0)
+    assert np.allclose(moe(x, tokens, w, TINY, 3, "float64", "current"),
+                       moe(x, tokens, w, TINY, 3, "float64", "initial"), rtol=1e-13, atol=1e-14)
+
+
+def test_moe_trace_ids_and_weights(tiny_model):
+    """Pitfall 15 on the tiny model: layers 0..2 route by tid2eid[token]; every layer's weights sum to 1.5."""
+    model = tiny_model("float64")
+    toks = np.random.default_rng(9).integers(0, TINY.vocab_size, 30)
+    t = Trace(("layers.*.ffn.expert_*",))
+    model.forward(toks, trace=t)
+    for layer in range(TINY.n_layers):
+        ids = t.tensors[f"layers.{layer}.ffn.expert_ids"]
+        w = t.tensors[f"layers.{layer}.ffn.expert_weights"]
+        assert ids.shape == (30, A) and np.allclose(w.sum(-1), 1.5, rtol=1e-12)
+        gate = model.weights.layers[layer].ffn.gate
+        if layer < TINY.n_hash_layers:
+            assert gate.bias is None and np.array_equal(ids, np.asarray(gate.tid2eid)[toks])
+        else:
+            assert gate.tid2eid is None and gate.bias is not None
