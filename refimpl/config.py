@@ -3,9 +3,9 @@
 `Config.from_checkpoint(dir)` reads a checkpoint's Hugging Face `config.json` through one explicit
 rename table (`HF_RENAMES`), or the official `inference/config.json` as is. Every key must be
 known; a missing key never silently takes a default (other implementations shipped exactly that
-bug with `compress_rope_theta`, spec §10 rows 2-3).
+bug with `compress_rope_theta`, docs/architecture.md §19.2).
 
-Presets: `flash()` (spec §2), `pro()` (spec §8.2) and `tiny()` (small, every structural feature).
+Presets: `flash()`, `pro()` and `tiny()` (small, every structural feature); docs/architecture.md §2.
 Official: inference/model.py ModelArgs (M:L34-80), inference/config.json, root config.json.
 """
 from __future__ import annotations
@@ -31,7 +31,10 @@ class Config:
       g output groups    r output lora rank     n residual streams      e routed experts
       a experts / token  f expert hidden        v vocab                 m compression ratio
       q q_lora_rank      i indexer heads        j indexer head dim      x mixes (2+n)*n
-    Flattened token rows are written b*s (as in n*c); no extra letter.
+      W window size      o overlap factor: 2 where m == 4, else 1 (official `coff`)
+      T token rows b*s, flattened (the MoE works on rows)
+      N, K rows and columns of a weight matrix [N, K] (out, in), in the format code
+    Where no letter fits, a shape names its quantity (n_entries, width).
     """
     vocab_size: int = 129280                 # v
     dim: int = 4096                          # c
@@ -79,7 +82,7 @@ class Config:
     # ---- derived facts (named predicates, each citing the official rule) ----
     @property
     def n_mix(self) -> int:
-        # official: mix_hc = (2 + hc_mult) * hc_mult (M:L663): pre n, post n, comb n*n
+        # official: mix_hc = (2 + hc_mult) * hc_mult (M:L664): pre n, post n, comb n*n
         return (2 + self.hc_mult) * self.hc_mult
 
     @property
@@ -92,7 +95,7 @@ class Config:
         return self.head_dim ** -0.5
 
     def compress_ratio(self, layer: int) -> int:
-        # official: self.compress_ratio = args.compress_ratios[layer_id] (M:L455); MTP = layer n_layers
+        # official: self.compress_ratio = args.compress_ratios[layer_id] (M:L453); MTP = layer n_layers
         return self.compress_ratios[layer]
 
     def uses_compressor(self, layer: int) -> bool:
@@ -108,7 +111,7 @@ class Config:
         return self.compress_ratios[layer] == 4
 
     def is_hash_layer(self, layer: int) -> bool:
-        # official: Gate.hash = layer_id < args.n_hash_layers (M:L555); the MTP block is never one
+        # official: Gate.hash = layer_id < args.n_hash_layers (M:L556); the MTP block is never one
         return layer < self.n_hash_layers
 
     def rope_base(self, layer: int) -> float:
@@ -117,7 +120,7 @@ class Config:
         return self.compress_rope_theta if self.uses_compressor(layer) else self.rope_theta
 
     def rope_original_seq_len(self, layer: int) -> int:
-        # official: original_seq_len = 0 (YaRN off) on ratio-0 layers (M:L478)
+        # official: original_seq_len = 0 (YaRN off) on ratio-0 layers (M:L478-479)
         return self.original_seq_len if self.uses_compressor(layer) else 0
 
     @property
@@ -163,12 +166,12 @@ class Config:
     # ---- presets ----
     @classmethod
     def flash(cls) -> "Config":
-        """DeepSeek-V4-Flash (spec §2)."""
+        """DeepSeek-V4-Flash (docs/architecture.md §2)."""
         return cls()
 
     @classmethod
     def pro(cls) -> "Config":
-        """DeepSeek-V4-Pro (spec §8.2): same code, different configuration."""
+        """DeepSeek-V4-Pro: same code, different configuration (docs/architecture.md §2)."""
         return cls(dim=7168, n_layers=61, n_heads=128, q_lora_rank=1536, o_groups=16,
                    n_routed_experts=384, moe_inter_dim=3072, route_scale=2.5, index_topk=1024,
                    compress_ratios=(128, 128) + (4, 128) * 29 + (4, 0))
@@ -178,9 +181,9 @@ class Config:
         """Small dimensions keeping every structural feature (SWA, hash, CSA + indexer, HCA, MTP).
 
         Layers: 0, 1 window-only; 2 CSA (hash-routed, like Flash); 3 HCA; 4 CSA; 5 HCA; MTP window-only.
-        HCA uses ratio 16 in place of 128 and the window is 32, so every length threshold of spec
-        §10.3 is crossed by sequences of at most a few hundred tokens; index_topk 16 drops entries
-        from 68 tokens on (query t sees (t+1)//4 CSA entries).
+        HCA uses ratio 16 in place of 128 and the window is 32, so every length threshold of
+        docs/architecture.md §20 is crossed by sequences of at most a few hundred tokens;
+        index_topk 16 drops entries from 68 tokens on (query t sees (t+1)//4 CSA entries).
         """
         return cls(vocab_size=1280, dim=256, moe_inter_dim=128, n_layers=6, n_hash_layers=3,
                    n_heads=8, n_routed_experts=8, n_activated_experts=2, q_lora_rank=128,
@@ -226,7 +229,7 @@ class Config:
             raise ConfigError(f"{f}: {e}") from None
 
     def to_hf_dict(self) -> dict:
-        """The HF `config.json` of this config, keys as DeepSeek ships them (spec §2.1)."""
+        """The HF `config.json` of this config, keys as DeepSeek ships them (docs/architecture.md §2)."""
         d = {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
              "attention_bias": False, "attention_dropout": 0.0, "hidden_act": "silu",
              "initializer_range": 0.02, "max_position_embeddings": 1048576, "norm_topk_prob": True,
@@ -242,7 +245,7 @@ class Config:
         return dict(sorted(d.items()))
 
     def to_inference_dict(self) -> dict:
-        """The official `inference/config.json` of this config (ModelArgs names, spec §2.2)."""
+        """The official `inference/config.json` of this config (ModelArgs names, docs/architecture.md §2)."""
         skip = {"max_seq_len", "bos_token_id", "eos_token_id", "n_mtp_layers", "norm_eps", "hc_eps"}
         return {f.name: (list(v) if isinstance(v, tuple) else _num(v) if isinstance(v, float) else v)
                 for f in dataclasses.fields(self) if f.name not in skip
@@ -253,7 +256,7 @@ def _num(v: float):
     return int(v) if float(v).is_integer() and abs(v) >= 1 else v
 
 
-# HF config.json key -> ModelArgs field (the one rename table; spec §2.1 / §2.2)
+# HF config.json key -> ModelArgs field (the one rename table; docs/architecture.md §2)
 HF_RENAMES: dict[str, str] = {
     "vocab_size": "vocab_size",
     "hidden_size": "dim",
@@ -298,7 +301,7 @@ HF_IGNORED = {"attention_dropout", "initializer_range", "torch_dtype", "transfor
               "use_cache", "max_position_embeddings"}
 QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                        "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
-# keys whose absence is allowed: expert_dtype (added only in the current official revision, spec §8.1)
+# keys whose absence is allowed: expert_dtype (added only in the current official revision, docs/architecture.md §18)
 HF_OPTIONAL = {"expert_dtype"}
 
 
@@ -333,7 +336,7 @@ def from_inference_dict(raw: dict, where: Path | str = "inference/config.json") 
     unknown = sorted(set(raw) - names - {"max_batch_size", "scale_dtype"})
     if unknown:
         raise ConfigError(f"{where}: unknown keys {unknown}")
-    # ModelArgs defaults that differ from V4 Flash must never apply silently (spec §10 row 3)
+    # ModelArgs defaults that differ from V4 Flash must never apply silently (docs/architecture.md §19.2)
     required = {"vocab_size", "dim", "moe_inter_dim", "n_layers", "n_hash_layers", "n_heads",
                 "n_routed_experts", "n_activated_experts", "route_scale", "swiglu_limit",
                 "compress_ratios", "compress_rope_theta", "original_seq_len", "rope_factor",

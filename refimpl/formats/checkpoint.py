@@ -2,6 +2,13 @@
 
 This module knows bytes and dtypes, not model names (those live in `weights.py`).
 
+Why a hand-written reader: the `safetensors` library's NumPy backend (`safetensors.numpy`, 0.8)
+cannot read the checkpoint's F8_E4M3 / F8_E8M0 tensors (it looks for `numpy.float8_e4m3fn`,
+which NumPy lacks; here `ml_dtypes` supplies the formats, and the packed FP4 experts are I8), and
+it returns every tensor as a writeable copy in memory instead of a view of the mapped file,
+which a 160 GB checkpoint cannot afford. The format is small (a length, a JSON header, raw
+C-order bytes), so this module reads it directly.
+
 File layout (the safetensors format, as the `safetensors` library writes it):
     [8 bytes]  N, little-endian u64: the header length
     [N bytes]  JSON {"__metadata__": {str: str}, name: {"dtype", "shape", "data_offsets": [b, e]}, ...},

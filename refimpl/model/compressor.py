@@ -1,8 +1,8 @@
 """Compressor: one compressed KV entry per m tokens, by gated pooling (spec §3.4 A4, pitfalls 3, 13, 14).
 
 For a token at position t with input x_t (cast to fp32):
-    kv_t    = x_t @ wkvᵀ                       [c·d]   (c = 2 with overlap, else 1)
-    score_t = x_t @ wgateᵀ + ape[t mod m]      [c·d]   (ape is added to the scores, by in-block position)
+    kv_t    = x_t @ wkvᵀ                       [o·d]   (o = 2 with overlap, else 1)
+    score_t = x_t @ wgateᵀ + ape[t mod m]      [o·d]   (ape is added to the scores, by in-block position)
 Entry i (block i = tokens m·i .. m·i+m-1) is made when its last token arrives:
     no overlap (m > 4):  e_i[ch] = Σ_{t ∈ block i} softmax_t(score_t[ch]) · kv_t[ch]
     overlap (m = 4):     channels [0:d] come from block i-1, channels [d:2d] from block i,
@@ -12,7 +12,7 @@ Then   e = rms_norm(bf16(e)) ; RoPE on the last p dims at position m·i (the blo
        indexer (rotate):  e = FP4-QDQ(Hadamard(e))        main:  FP8-QDQ of the non-rope dims (block 64)
 The softmax is per channel over positions; everything before the bf16 cast is fp32.
 
-State (decode and chunked prefill): the official fp32 buffers (M:L301-304), [b, c·m, c·d]:
+State (decode and chunked prefill): the official fp32 buffers (M:L301-304), [b, o·m, o·d]:
 rows 0..m-1 hold the previous complete block (overlap only), the next m rows the tokens of the
 block in progress (row = t mod m); score rows already include ape. A fresh state is kv 0 /
 score -inf (spec §4.4). Here unused rows are always reset to 0 / -inf, so a state is canonical:
@@ -34,17 +34,17 @@ from refimpl.model.rope import apply_rope, layer_rope_table
 @dataclass(frozen=True)
 class CompressorWeights:
     """Gated pooling of one compressor (main: attn.compressor.*, indexer: attn.indexer.compressor.*)."""
-    wkv: np.ndarray     # [c*d, dim]  bf16 (used as fp32)   <prefix>.wkv.weight
-    wgate: np.ndarray   # [c*d, dim]  bf16 (used as fp32)   <prefix>.wgate.weight
-    ape: np.ndarray     # [m, c*d]    float32               <prefix>.ape
+    wkv: np.ndarray     # [o*d, c]    bf16 (used as fp32)   <prefix>.wkv.weight
+    wgate: np.ndarray   # [o*d, c]    bf16 (used as fp32)   <prefix>.wgate.weight
+    ape: np.ndarray     # [m, o*d]    float32               <prefix>.ape
     norm: np.ndarray    # [d]         bf16                  <prefix>.norm.weight
 
 
 @dataclass(frozen=True)
 class CompressorState:
     """Pending rows of the compressor (official kv_state / score_state)."""
-    kv: np.ndarray      # [b, c*m, c*d]  fp32 (float64 in float64 mode); unused rows 0
-    score: np.ndarray   # [b, c*m, c*d]  same dtype; unused rows -inf
+    kv: np.ndarray      # [b, o*m, o*d]  fp32 (float64 in float64 mode); unused rows 0
+    score: np.ndarray   # [b, o*m, o*d]  same dtype; unused rows -inf
 
     @staticmethod
     def empty(batch: int, *, ratio: int, head_dim: int, prec: str) -> "CompressorState":
@@ -64,16 +64,16 @@ def compress(x: np.ndarray, start_pos: int, state: CompressorState, w: Compresso
     b, s, _ = x.shape
     m, d, overlap = ratio, head_dim, ratio == 4
     off = m if overlap else 0                                          # first row of the block in progress
-    kv = fp32_linear(x.astype(dt), w.wkv, prec)                        # [b, s, c*d]  official: x.float() @ wkv
+    kv = fp32_linear(x.astype(dt), w.wkv, prec)                        # [b, s, o*d]  official: x.float() @ wkv
     ape = w.ape.astype(dt)
-    score = fp32_linear(x.astype(dt), w.wgate, prec) + ape[(start_pos + np.arange(s)) % m]  # [b, s, c*d]
+    score = fp32_linear(x.astype(dt), w.wgate, prec) + ape[(start_pos + np.arange(s)) % m]  # [b, s, o*d]
 
     # tokens of the blocks touched by this call: the pending rows, then the new ones
     first_block, n_pending = start_pos // m, start_pos % m
-    tok_kv = np.concatenate([state.kv[:, off:off + n_pending], kv], axis=1)        # [b, n_pending+s, c*d]
+    tok_kv = np.concatenate([state.kv[:, off:off + n_pending], kv], axis=1)        # [b, n_pending+s, o*d]
     tok_score = np.concatenate([state.score[:, off:off + n_pending], score], axis=1)
     n_full = (start_pos + s) // m - first_block                         # blocks completed now
-    blk_kv = tok_kv[:, :n_full * m].reshape(b, n_full, m, kv.shape[-1])  # [b, n_full, m, c*d]
+    blk_kv = tok_kv[:, :n_full * m].reshape(b, n_full, m, kv.shape[-1])  # [b, n_full, m, o*d]
     blk_score = tok_score[:, :n_full * m].reshape(b, n_full, m, kv.shape[-1])
     if overlap:
         # previous block of each completed block: the stored one, then the completed ones (M:L307-314)
