@@ -1,15 +1,15 @@
 """Number formats, simulated roundings and the small math every module uses.
 
-Precision modes (DESIGN.md §5). Every function that stands for an official rounding takes `prec`:
+Precision modes (docs/architecture.md §3). Every function that stands for an official rounding takes `prec`:
 
     float64   exact math: weights dequantized exactly, activations in float64, no simulated rounding
     float32   the same math in float32
-    mirror    round exactly where the official code rounds (spec §3.0 precision map): activations
+    mirror    round exactly where the official code rounds (docs/architecture.md §3, the precision map): activations
               are float32 arrays holding bf16-representable values; FP8/FP4 QDQ as the kernels do
 
 The mode steps `bf16`, `f32`, `qdq_fp8`, `qdq_fp4` are identities outside `mirror`.
 
-Formats (spec §3.0 P2-P4, §5.2; "fp32(v)" = v rounded to float32):
+Formats (docs/architecture.md §3; "fp32(v)" = v rounded to float32):
 
     bf16       fp32 with the low 16 bits rounded off, round-to-nearest-even (RNE)
     e4m3fn     s eeee mmm, bias 7: (1 + m/8)·2^(e-7); e = 0: (m/8)·2^-6 (subnormals down to 2^-9);
@@ -25,7 +25,7 @@ Block quantization (K:L22-200), per block of the last axis, all in fp32:
     q    = round(clamp(x / s, -max, max))         RNE to e4m3 / e2m1; x / s is exact (s = 2^k)
     QDQ  = bf16(q · s)                            the official in-place mode (current revision)
 
-Weights (spec §5.2):  W[o, i] = e4m3(Wq[o, i]) · 2^(S[o//128, i//128] - 127)     (FP8, 128x128 blocks)
+Weights (docs/architecture.md §16):  W[o, i] = e4m3(Wq[o, i]) · 2^(S[o//128, i//128] - 127)     (FP8, 128x128 blocks)
                       W[o, k] = e2m1(nib(o, k)) · 2^(S[o, k//32] - 127)           (FP4, 1x32 blocks)
 
 Rounding choices: `round_bf16` rounds float64 input to float32 first (the official code only ever
@@ -361,7 +361,7 @@ def act_quant_fp4(x, *, block: int = FP4_BLOCK) -> tuple[np.ndarray, np.ndarray]
     amax = np.maximum(np.abs(xb).max(axis=-1), FP4_AMAX_FLOOR)   # [..., K/blk]  fp32
     s = pow2_scale(amax, FP4_MAX_INV)
     y = np.clip(xb / s[..., None], -FP4_MAX, FP4_MAX)            # fp32; exact: s = 2^k
-    q = _round_minifloat(y, mant_bits=1, bias=1, max_val=FP4_MAX)  # cast to float4_e2m1fn, RNE (assumed, §9)
+    q = _round_minifloat(y, mant_bits=1, bias=1, max_val=FP4_MAX)  # cast to float4_e2m1fn, RNE (assumed; GPU cvt.rn)
     return q.reshape(np.shape(x)), s
 
 
@@ -407,7 +407,7 @@ def qdq_fp4(x, prec: str, *, block: int = FP4_BLOCK):
 
 
 # ------------------------------------------------------------------------------------------------
-# Hadamard rotation (P8)
+# Hadamard rotation (M:L247-251)
 
 def hadamard(x) -> np.ndarray:
     """x · H_n / sqrt(n) along the last axis (Sylvester H_n, n a power of two), in x's dtype."""

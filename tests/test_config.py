@@ -79,7 +79,7 @@ def test_bad_configs_are_clear_errors(tmp_path, mutate, words):
 
 
 def test_inference_config_without_compress_rope_theta_is_refused(tmp_path):
-    """Spec §10 rows 2-3: the ModelArgs default (40000) must never apply silently."""
+    """docs/architecture.md §19.2: the ModelArgs default (40000) must never apply silently."""
     raw = json.loads((DATA / "official_inference_config.json").read_text())
     del raw["compress_rope_theta"]
     with pytest.raises(ConfigError, match="compress_rope_theta"):

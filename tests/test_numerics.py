@@ -114,7 +114,7 @@ def test_decode_fp8_e4m3_named_codes():
     v = nx.decode_fp8_e4m3(codes)
     assert v.dtype == np.float32
     same_floats(v, want)
-    assert np.signbit(v[7])                          # 0x80 is -0 in e4m3fn (NaN in FNUZ: spec §10 row 11)
+    assert np.signbit(v[7])                          # 0x80 is -0 in e4m3fn (NaN in FNUZ: docs/architecture.md §19.33)
 
 
 def test_decode_fp8_e4m3_all_codes_match_ml_dtypes():
@@ -251,7 +251,7 @@ def test_pow2_scale_equals_ceil_log2_of_the_fp32_product():
 # weights
 
 def test_dequant_fp8_weight_partial_block_uses_fixed_128():
-    # 192 x 384 with a 2 x 3 grid: rows 96-127 belong to block-row 0 (spec §10 row 29)
+    # 192 x 384 with a 2 x 3 grid: rows 96-127 belong to block-row 0 (docs/architecture.md §19.34)
     grid = np.array([[127, 128, 129], [130, 131, 132]], np.uint8)
     values = np.full((192, 384), 0x38, np.uint8)                      # e4m3 1.0 everywhere
     w = nx.dequant_fp8_weight(values, grid)

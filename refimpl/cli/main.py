@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("ckpt", help="checkpoint directory (config.json + safetensors)")
         q.add_argument("--precision", default="float32", choices=("float64", "float32", "mirror"))
         q.add_argument("--revision", default="current", choices=("current", "initial"),
-                       help="official code revision to reproduce (spec §8.1)")
+                       help="official code revision to reproduce (docs/architecture.md §18)")
         q.add_argument("--max-seq-len", type=int, default=None, help="maximum context (default: 4096)")
 
     q = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the official format")

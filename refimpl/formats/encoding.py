@@ -1,7 +1,7 @@
 """DeepSeek V4 chat encoding: OpenAI-style messages -> prompt text, completion text -> message.
 
 Our own rewrite of the official `encoding/encoding_dsv4.py` (cited as E:Lnnn); it gives the same
-output byte for byte (tests/data/encoding holds the official fixtures). A prompt is (spec §6):
+output byte for byte (tests/data/encoding holds the official fixtures). A prompt is (docs/architecture.md §17):
 
     [BOS] [REASONING_EFFORT_MAX]  then per message:
       system           content ["\\n\\n" tools block] ["\\n\\n" response format]
@@ -34,7 +34,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-# Special tokens (official: E:L17-35); ids are the official tokenizer's (spec §6).
+# Special tokens (official: E:L17-35); ids are the official tokenizer's (docs/architecture.md §17).
 BOS = "<｜begin▁of▁sentence｜>"                   # id 0
 EOS = "<｜end▁of▁sentence｜>"                     # id 1, also pad
 USER = "<｜User｜>"                               # id 128803

@@ -7,7 +7,7 @@ the BOS text itself) and then calls `tokenizer.encode(string)` (official: G:L125
 
 `build_tiny_tokenizer` trains a small byte-level BPE on a built-in corpus for synthetic
 checkpoints: every `encoding.SPECIAL_TOKENS` string is a special token, BOS = 0 and EOS = 1 as in
-the official tokenizer (spec §6), and the same vocab_size always gives the same tokenizer.json.
+the official tokenizer (docs/architecture.md §17), and the same vocab_size always gives the same tokenizer.json.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The checkpoint's key table: every official tensor name with its dtype and shape (spec §5.1).
+"""The checkpoint's key table: every official tensor name with its dtype and shape (docs/architecture.md §16).
 
 This module knows names, not bytes (bytes live in `checkpoint.py`). `expected_tensors(cfg)` lists
 every tensor the official HF checkpoint holds for a `Config`, in file order (embed, layers, MTP,
@@ -15,7 +15,7 @@ Kinds (for `refimpl inspect`, bytes per kind):
   head           head.weight
   mtp            everything under mtp.0. (the MTP block, all its sublayers)
 
-Official: the module tree of inference/model.py (M:L279-800); names as DeepSeek ships them (S4).
+Official: the module tree of inference/model.py (M:L279-800); names as DeepSeek ships them.
 """
 from __future__ import annotations
 
@@ -49,14 +49,14 @@ class TensorSpec(NamedTuple):
 
 
 def _fp8(out: dict, name: str, n: int, k: int, kind: str):
-    # FP8 e4m3 weight [n, k] + E8M0 scale [ceil(n/128), ceil(k/128)] (spec §5.2)
+    # FP8 e4m3 weight [n, k] + E8M0 scale [ceil(n/128), ceil(k/128)] (docs/architecture.md §16)
     out[f"{name}.weight"] = TensorSpec("F8_E4M3", (n, k), kind)
     out[f"{name}.scale"] = TensorSpec("F8_E8M0", (math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK)), kind)
 
 
 def _fp4(out: dict, name: str, n: int, k: int, kind: str):
     # FP4 e2m1 weight [n, k] packed two per byte along k (low nibble first) as I8 [n, k/2],
-    # + E8M0 scale [n, k/32] (spec §5.2)
+    # + E8M0 scale [n, k/32] (docs/architecture.md §16)
     out[f"{name}.weight"] = TensorSpec("I8", (n, k // 2), kind)
     out[f"{name}.scale"] = TensorSpec("F8_E8M0", (n, k // FP4_BLOCK), kind)
 
@@ -70,7 +70,7 @@ def _hc(out: dict, p: str, sub: str, cfg: Config, kind: str):
 
 
 def _hc_head(out: dict, p: str, cfg: Config, kind: str):
-    # final stream collapse: fn [n, n*c], base [n], scale [1] (F32; spec §3.6)
+    # final stream collapse: fn [n, n*c], base [n], scale [1] (F32; docs/architecture.md §7)
     n, nc = cfg.hc_mult, cfg.hc_mult * cfg.dim
     out[f"{p}hc_head_fn"] = TensorSpec("F32", (n, nc), kind)
     out[f"{p}hc_head_base"] = TensorSpec("F32", (n,), kind)
@@ -79,7 +79,7 @@ def _hc_head(out: dict, p: str, cfg: Config, kind: str):
 
 def _compressor(out: dict, p: str, ratio: int, d: int, cfg: Config, kind: str):
     # Compressor(m=ratio, d): wkv, wgate [coff*d, c] BF16; ape [m, coff*d] F32; norm [d] BF16;
-    # coff = 2 where the windows overlap (m == 4, M:L290), else 1 (spec §3.4 A4)
+    # coff = 2 where the windows overlap (m == 4, M:L290), else 1 (docs/architecture.md §8)
     coff = 2 if ratio == 4 else 1
     out[f"{p}wkv.weight"] = TensorSpec("BF16", (coff * d, cfg.dim), kind)
     out[f"{p}wgate.weight"] = TensorSpec("BF16", (coff * d, cfg.dim), kind)
@@ -92,7 +92,7 @@ def _block(out: dict, p: str, layer: int, cfg: Config, mtp: bool):
     k = lambda kind: "mtp" if mtp else kind                                   # noqa: E731
     c, d, h, q = cfg.dim, cfg.head_dim, cfg.n_heads, cfg.q_lora_rank
     e, f = cfg.n_routed_experts, cfg.moe_inter_dim
-    # attention (spec §3.4): q/kv low-rank paths, grouped output wo_a [g*r, h*d/g], wo_b [c, g*r]
+    # attention (docs/architecture.md §10): q/kv low-rank paths, grouped output wo_a [g*r, h*d/g], wo_b [c, g*r]
     a = f"{p}attn."
     out[f"{a}attn_sink"] = TensorSpec("F32", (h,), k("attention"))
     out[f"{a}q_norm.weight"] = TensorSpec("BF16", (q,), k("attention"))
@@ -100,7 +100,7 @@ def _block(out: dict, p: str, layer: int, cfg: Config, mtp: bool):
     _fp8(out, f"{a}wq_a", q, c, k("attention"))
     _fp8(out, f"{a}wq_b", h * d, q, k("attention"))
     _fp8(out, f"{a}wkv", d, c, k("attention"))
-    # wo_a stays FP8 + scale in the checkpoint (convert.py dequantizes it to bf16, spec §5.3)
+    # wo_a stays FP8 + scale in the checkpoint (convert.py dequantizes it to bf16, C:L137-141)
     _fp8(out, f"{a}wo_a", cfg.o_groups * cfg.o_lora_rank, h * d // cfg.o_groups, k("attention"))
     _fp8(out, f"{a}wo_b", c, cfg.o_groups * cfg.o_lora_rank, k("attention"))
     if cfg.uses_compressor(layer):
@@ -110,7 +110,7 @@ def _block(out: dict, p: str, layer: int, cfg: Config, mtp: bool):
         _fp8(out, f"{a}indexer.wq_b", i * j, q, k("attention"))
         out[f"{a}indexer.weights_proj.weight"] = TensorSpec("BF16", (i, c), k("attention"))
         _compressor(out, f"{a}indexer.compressor.", cfg.compress_ratio(layer), j, cfg, k("attention"))
-    # MoE (spec §3.5): router, e routed FP4 experts, one FP8 shared expert
+    # MoE (docs/architecture.md §11): router, e routed FP4 experts, one FP8 shared expert
     g = f"{p}ffn.gate."
     out[f"{g}weight"] = TensorSpec("BF16", (e, c), k("router"))
     if cfg.is_hash_layer(layer) and not mtp:
@@ -124,7 +124,7 @@ def _block(out: dict, p: str, layer: int, cfg: Config, mtp: bool):
     _fp8(out, f"{p}ffn.shared_experts.w1", f, c, k("shared_expert"))
     _fp8(out, f"{p}ffn.shared_experts.w2", c, f, k("shared_expert"))
     _fp8(out, f"{p}ffn.shared_experts.w3", f, c, k("shared_expert"))
-    # block norms and mHC (spec §3.3)
+    # block norms and mHC (docs/architecture.md §7)
     out[f"{p}attn_norm.weight"] = TensorSpec("BF16", (c,), k("norms"))
     out[f"{p}ffn_norm.weight"] = TensorSpec("BF16", (c,), k("norms"))
     _hc(out, p, "attn", cfg, k("mhc"))
@@ -132,13 +132,13 @@ def _block(out: dict, p: str, layer: int, cfg: Config, mtp: bool):
 
 
 def expected_tensors(cfg: Config) -> dict[str, TensorSpec]:
-    """Every tensor of the official checkpoint for cfg (spec §5.1), in file order."""
+    """Every tensor of the official checkpoint for cfg (docs/architecture.md §16), in file order."""
     c = cfg.dim
     out: dict[str, TensorSpec] = {"embed.weight": TensorSpec("BF16", (cfg.vocab_size, c), "embedding")}
     for i in range(cfg.n_layers):
         _block(out, f"layers.{i}.", i, cfg, mtp=False)
     for m in range(cfg.n_mtp_layers):
-        # MTP block: layer id n_layers (+m), plus its input projections, norms and own hc_head (spec §3.7)
+        # MTP block: layer id n_layers (+m), plus its input projections, norms and own hc_head (docs/architecture.md §14)
         p = f"mtp.{m}."
         _block(out, p, cfg.n_layers + m, cfg, mtp=True)
         _fp8(out, f"{p}e_proj", c, c, "mtp")
@@ -177,7 +177,7 @@ def validate(source: TensorSource | str | Path, cfg: Config, *, scan_scales: boo
         if src.shape(n) != s.shape:
             problems.append(f"tensor {n!r} has shape {list(src.shape(n))}, expected {list(s.shape)}")
         elif scan_scales and s.dtype == "F8_E8M0" and src.dtype(n) == "F8_E8M0":
-            # E8M0 byte 0xFF is NaN (spec §3.0 P2); read in chunks, not mapped, so memory stays flat
+            # E8M0 byte 0xFF is NaN (docs/architecture.md §3); read in chunks, not mapped, so memory stays flat
             nan = sum(chunk.count(0xFF) for chunk in src.iter_bytes(n))
             if nan:
                 problems.append(f"tensor {n!r}: {nan} E8M0 scale byte(s) are 0xFF (NaN)")

@@ -1,11 +1,13 @@
-"""Attention: one shared K=V head over a sliding window plus compressed entries (spec §3.4 A1-A10).
+"""Attention: one shared K=V head over a sliding window plus compressed entries.
 
-    qr = q_norm(wq_a(x));  q = head_rms_norm(wq_b(qr)) as [s, h, d];  RoPE(q)          (A1)
-    kv = kv_norm(wkv(x));  RoPE(kv);  FP8-QDQ of the non-rope dims (block 64)          (A2)
-    index set of query t = window positions max(0, t-W+1) .. t                          (A3)
-                         + compressed entries: all visible (HCA, A6) or indexer top-k (CSA, A5)
-    o = Σ_j softmax-with-sink(scale · q·kv_j) · kv_j        (sink in the denominator only, A8)
-    o = RoPE⁻¹(o) at the query position;  out = wo_b(wo_a_g(o_g))                        (A9)
+The numbers (1)-(6) are the steps of docs/architecture.md §10:
+
+    qr = q_norm(wq_a(x));  q = head_rms_norm(wq_b(qr)) as [s, h, d];  RoPE(q)          (1)
+    kv = kv_norm(wkv(x));  RoPE(kv);  FP8-QDQ of the non-rope dims (block 64)          (2)
+    index set of query t = window positions max(0, t-W+1) .. t                          (3)
+                         + compressed entries: all visible (HCA) or indexer top-k (CSA)  (4)
+    o = Σ_j softmax-with-sink(scale · q·kv_j) · kv_j        (5) sink in the denominator only
+    o = RoPE⁻¹(o) at the query position;  out = wo_b(wo_a_g(o_g))                        (6)
 
 KV rows given to `sparse_attention` (the official in-call KV of a prefill, generalised to a
 prefill from any position): the previous window rows (positions start_pos-W' .. start_pos-1,
@@ -13,7 +15,7 @@ taken from the ring), then this call's rows, then every compressed entry made so
 are -1 padded; the window part is in position order, the compressed part ascending (HCA) or in
 descending index score (CSA), as in the official code.
 
-State: the window ring (row = position mod W, spec §4.1) and the compressed entries, plus the
+State: the window ring (row = position mod W, docs/architecture.md §15) and the compressed entries, plus the
 compressor / indexer states. It is passed in and returned; nothing is written in place.
 Official: model.py Attention (M:L436-543), get_window_topk_idxs / get_compress_topk_idxs
 (M:L254-276), kernel.py sparse_attn (K:L276-368).
@@ -50,7 +52,7 @@ class AttentionWeights:
 
 @dataclass(frozen=True)
 class AttentionState:
-    """Decode state of one layer's attention (spec §4.1)."""
+    """Decode state of one layer's attention (docs/architecture.md §15)."""
     window: np.ndarray                      # [b, W, d] ring: row = position mod W
     compressed: np.ndarray | None           # [b, n_entries, d] main compressed entries
     # window, compressed entries and index keys are stored in storage_dtype(prec): bfloat16 in
@@ -97,7 +99,7 @@ def window_indices(start_pos: int, s: int, window: int) -> tuple[np.ndarray, int
 
 
 def compressed_indices(start_pos: int, s: int, ratio: int) -> np.ndarray:
-    """HCA index set (A6): query t sees entries 0 .. (t+1)//m - 1. -> [s, (start_pos+s)//m] -1 padded."""
+    """HCA index set (M:L268-276): query t sees entries 0 .. (t+1)//m - 1. -> [s, (start_pos+s)//m] -1 padded."""
     width = (start_pos + s) // ratio
     t = start_pos + np.arange(s)[:, None]
     j = np.arange(width)[None, :]
@@ -142,23 +144,23 @@ def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: Attention
     h, d, p, W = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim, cfg.window_size
     m = cfg.compress_ratio(layer)
     positions = start_pos + np.arange(s)
-    table = layer_rope_table(positions, cfg, layer, prec)            # one table for every site (pitfall 2)
+    table = layer_rope_table(positions, cfg, layer, prec)            # one table for every site (M:L475-482)
 
-    # A1: query
+    # step 1: query
     qr = rms_norm(quantized_linear(x, w.wq_a, prec), w.q_norm, eps=cfg.norm_eps, prec=prec)   # [b, s, q]
     q = quantized_linear(qr, w.wq_b, prec).reshape(b, s, h, d)                                 # [b, s, h, d]
-    q = head_rms_norm(q, eps=cfg.norm_eps, prec=prec)                 # weightless, bf16 ops (pitfall 5)
+    q = head_rms_norm(q, eps=cfg.norm_eps, prec=prec)                 # weightless, bf16 ops (docs/architecture.md §19.5)
     q = apply_rope(q, table, prec)
     record(trace, f"layers.{layer}.attn.q", q)
 
-    # A2: the single K=V head of this call's tokens
+    # step 2: the single K=V head of this call's tokens
     kv = rms_norm(quantized_linear(x, w.wkv, prec), w.kv_norm, eps=cfg.norm_eps, prec=prec)  # [b, s, d]
     kv = apply_rope(kv, table, prec)
     if revision == "current":   # FP8-simulate non-rope dims (QAT); identity in the initial revision
         kv = np.concatenate([qdq_fp8(kv[..., :d - p], prec, block=64), kv[..., d - p:]], axis=-1)
     record(trace, f"layers.{layer}.attn.kv", kv)
 
-    # A3: window rows = the last W' positions from the ring, then this call's rows
+    # step 3: window rows = the last W' positions from the ring, then this call's rows
     win_idx, n_prev = window_indices(start_pos, s, W)                  # [s, width]
     prev_rows = state.window[:, (start_pos - n_prev + np.arange(n_prev)) % W].astype(dt)   # [b, n_prev, d]
     rows = np.concatenate([prev_rows, kv], axis=1)                     # [b, n_prev+s, d]
@@ -166,7 +168,7 @@ def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: Attention
     keep = positions[-W:]                                              # last W positions of this call
     new_window[:, keep % W] = kv[:, -len(keep):]                       # stored losslessly (bf16 in mirror)
 
-    # A4-A7: compressed entries and their index sets
+    # step 4: compressed entries and their index sets
     topk_idxs = np.broadcast_to(win_idx, (b, s, win_idx.shape[1]))
     compressed, cstate, istate = state.compressed, state.compressor, state.indexer
     if m:
@@ -183,9 +185,9 @@ def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: Attention
         topk_idxs = np.concatenate([topk_idxs, np.where(sel >= 0, sel + offset, -1)], axis=-1)
         rows = np.concatenate([rows, compressed.astype(dt)], axis=1)   # [b, n_prev+s+n_entries, d]
 
-    # A8: sparse attention with sink, A9: de-rotation and grouped output projection
+    # step 5: sparse attention with sink, step 6: de-rotation and grouped output projection
     o = sparse_attention(q, rows, w.attn_sink, topk_idxs, cfg.softmax_scale, prec)   # [b, s, h, d]
-    o = apply_rope(o, table, prec, inverse=True)                       # by the query position (pitfall 4)
+    o = apply_rope(o, table, prec, inverse=True)                       # by the query position (docs/architecture.md §19.4)
     g = cfg.o_groups
     wo_a = w.wo_a.dequantize().reshape(g, cfg.o_lora_rank, -1)        # [g, r, h*d/g] exact in bf16 (C:L137-141)
     o = o.reshape(b, s, g, -1)                                         # [b, s, g, h*d/g] head-major groups

@@ -1,4 +1,4 @@
-"""One transformer block: mHC around attention, then mHC around the MoE (spec §3.3).
+"""One transformer block: mHC around attention, then mHC around the MoE (docs/architecture.md §12).
 
     R = h;  x, post, comb = hc_pre(h);  x = attn_norm(x);  x = attention(x);  h = hc_post(x, R, post, comb)
     R = h;  x, post, comb = hc_pre(h);  x = ffn_norm(x);   x = moe(x, ids);   h = hc_post(x, R, post, comb)

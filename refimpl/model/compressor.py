@@ -1,4 +1,4 @@
-"""Compressor: one compressed KV entry per m tokens, by gated pooling (spec §3.4 A4, pitfalls 3, 13, 14).
+"""Compressor: one compressed KV entry per m tokens, by gated pooling (docs/architecture.md §8).
 
 For a token at position t with input x_t (cast to fp32):
     kv_t    = x_t @ wkvᵀ                       [o·d]   (o = 2 with overlap, else 1)
@@ -15,7 +15,7 @@ The softmax is per channel over positions; everything before the bf16 cast is fp
 State (decode and chunked prefill): the official fp32 buffers (M:L301-304), [b, o·m, o·d]:
 rows 0..m-1 hold the previous complete block (overlap only), the next m rows the tokens of the
 block in progress (row = t mod m); score rows already include ape. A fresh state is kv 0 /
-score -inf (spec §4.4). Here unused rows are always reset to 0 / -inf, so a state is canonical:
+score -inf (docs/architecture.md §19.29). Here unused rows are always reset to 0 / -inf, so a state is canonical:
 any chunking of a sequence ends in the same state.
 Official: model.py Compressor (M:L279-377).
 """

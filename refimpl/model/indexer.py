@@ -1,4 +1,4 @@
-"""Lightning indexer: chooses which compressed entries a CSA query attends (spec §3.4 A5, pitfalls 8, 12, 30).
+"""Lightning indexer: chooses which compressed entries a CSA query attends (docs/architecture.md §9).
 
     qI      = wq_b(qr) as [s, i, j];  RoPE on the last p dims;  FP4-QDQ(Hadamard(qI))
     K_e     = entries of the indexer's own compressor (m = 4, d = j, rotate = True)
@@ -7,7 +7,7 @@
     topk    = the k = min(index_topk, visible) best e, descending score
 
 Top-k ties: a stable rule, the lower entry index wins (numerics.top_k); the official torch.topk
-leaves ties unspecified (pitfall 24). The returned ids are entry numbers (0-based), -1 padded;
+leaves ties unspecified (docs/architecture.md §19.24). The returned ids are entry numbers (0-based), -1 padded;
 attention turns them into rows of its KV tensor. The scores only choose entries: attention reads
 the MAIN compressor's entries with the same ids.
 Official: model.py Indexer (M:L380-433).

@@ -1,9 +1,9 @@
-"""The products of the precision map (spec §3.0 P5-P7), one function per kind.
+"""The products of the precision map (docs/architecture.md §3-4), one function per kind.
 
-    fp8_linear   y = bf16( act_quant(x) @ dequant(W8)ᵀ )      FP8 e4m3 weight, E8M0 128x128 scales (P5)
-    fp4_linear   y = bf16( act_quant(x) @ dequant(W4)ᵀ )      packed FP4 e2m1 weight, E8M0 1x32 scales (P6)
-    bf16_linear  y = bf16( x @ Wᵀ )                           bf16 weight, no activation quantization (P7)
-    fp32_linear  y = f32( x @ Wᵀ )                            fp32 weight (exact upcast of bf16)     (P7)
+    fp8_linear   y = bf16( act_quant(x) @ dequant(W8)ᵀ )      FP8 e4m3 weight, E8M0 128x128 scales (M:L116-118)
+    fp4_linear   y = bf16( act_quant(x) @ dequant(W4)ᵀ )      packed FP4 e2m1 weight, E8M0 1x32 scales (M:L113-115)
+    bf16_linear  y = bf16( x @ Wᵀ )                           bf16 weight, no activation quantization (M:L120)
+    fp32_linear  y = f32( x @ Wᵀ )                            fp32 weight (exact upcast of bf16)     (M:L120)
 
 Weights are `[out, in]` and used as `x @ w.T`, as in the official `F.linear`.
 
@@ -28,7 +28,7 @@ from refimpl.numerics import (act_quant_fp8, bf16, dequant_fp4_weight, dequant_f
 
 @dataclass(frozen=True)
 class Fp8Matrix:
-    """FP8 e4m3 weight with one E8M0 scale per 128x128 block (spec §5.2)."""
+    """FP8 e4m3 weight with one E8M0 scale per 128x128 block (docs/architecture.md §16)."""
     values: np.ndarray   # [out, in]                      float8_e4m3fn   <name>.weight
     scale: np.ndarray    # [ceil(out/128), ceil(in/128)]  float8_e8m0fnu  <name>.scale
 
@@ -87,7 +87,7 @@ def bf16_linear(x: np.ndarray, w: np.ndarray, prec: str) -> np.ndarray:
 
 
 def quantized_linear(x: np.ndarray, w: Fp8Matrix | Fp4Matrix, prec: str) -> np.ndarray:
-    """Official `linear` for FP8/FP4 weights (P5/P6): FP8 activation quant (mirror), fp32 accumulate, bf16 out."""
+    """Official `linear` for FP8/FP4 weights (M:L108-120): FP8 activation quant (mirror), fp32 accumulate, bf16 out."""
     if prec == "mirror":
         q, s = act_quant_fp8(x, block=128)                             # official: act_quant(x, 128, ue8m0)
         x = q * np.repeat(s, 128, axis=-1)                             # exact: power-of-two scales

@@ -1,4 +1,4 @@
-"""Mixture of experts: sqrt-softplus router, SwiGLU experts, one shared expert (spec §3.5, pitfalls 15-18, 31).
+"""Mixture of experts: sqrt-softplus router, SwiGLU experts, one shared expert (docs/architecture.md §11).
 
     z       = x @ gate.weightᵀ (fp32);   sc = sqrt(softplus(z))
     ids     = tid2eid[token]                 (hash layers: layer < n_hash_layers)
@@ -64,12 +64,12 @@ def expert(x: np.ndarray, w: ExpertWeights, prec: str, *, swiglu_limit: float,
     dt = work_dtype(prec)
     gate = quantized_linear(x, w.w1, prec).astype(dt)              # [T, f]  bf16 GEMM out, .float()
     up = quantized_linear(x, w.w3, prec).astype(dt)
-    if swiglu_limit > 0:                                           # asymmetric clamp (pitfall 18)
+    if swiglu_limit > 0:                                           # asymmetric clamp (docs/architecture.md §19.18)
         up = np.clip(up, -swiglu_limit, swiglu_limit)
         gate = np.minimum(gate, dt(swiglu_limit))
     h = silu(gate) * up                                            # [T, f] fp32
     if weights is not None:
-        h = weights.astype(dt) * h                                 # routing weight before w2 (pitfall 17)
+        h = weights.astype(dt) * h                                 # routing weight before w2 (docs/architecture.md §19.17)
     return quantized_linear(bf16(h, prec), w.w2, prec)             # official: w2(x.to(bf16))
 
 
@@ -83,12 +83,12 @@ def moe(x: np.ndarray, tokens: np.ndarray, w: MoEWeights, cfg, layer: int, prec:
     record(trace, f"layers.{layer}.ffn.expert_ids", ids.reshape(b, s, -1).astype(np.int32))
     record(trace, f"layers.{layer}.ffn.expert_weights", weights.reshape(b, s, -1))
     y = np.zeros((b * s, c), dt)                                   # fp32 accumulator
-    for e in np.unique(ids):                                       # ascending expert id (pitfall 31)
+    for e in np.unique(ids):                                       # ascending expert id (docs/architecture.md §19.31)
         rows, slot = np.nonzero(ids == e)
         out = expert(flat[rows], w.experts[e], prec, swiglu_limit=cfg.swiglu_limit,
                      weights=weights[rows, slot][:, None])
         y[rows] += out                                             # fp32 add of the bf16 output
-    # the shared expert: clamp only in the current revision (spec §8.1)
+    # the shared expert: clamp only in the current revision (docs/architecture.md §18)
     limit = cfg.swiglu_limit if revision == "current" else 0.0
     y = y + expert(flat, w.shared, prec, swiglu_limit=limit)      # shared expert last
     out = bf16(y, prec).reshape(b, s, c)                           # official: y.type_as(x)

@@ -1,7 +1,7 @@
-"""RMSNorm, in the three variants the model uses (spec §3.0 P1).
+"""RMSNorm, in the three variants the model uses (docs/architecture.md §5).
 
     rms_norm       y = w ⊙ x / sqrt(mean(x²) + eps)     fp32 math, bf16 out     (attn_norm, q_norm, kv_norm, ...)
-    head_rms_norm  y = x / sqrt(mean(x²) + eps)         per head, in bf16 ops   (the weightless q norm, A1)
+    head_rms_norm  y = x / sqrt(mean(x²) + eps)         per head, in bf16 ops   (the weightless q norm, §19.5)
     (the weightless RMS over the flattened n*c streams of hc_pre / hc_head lives in hyperconn.py)
 
 Official: model.py RMSNorm (M:L183-196), Attention.forward q norm (M:L498).

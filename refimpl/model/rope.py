@@ -1,4 +1,4 @@
-"""Rotary position embedding with YaRN frequencies (spec §3.0 P9-P10, pitfalls 1-4).
+"""Rotary position embedding with YaRN frequencies (docs/architecture.md §6).
 
 Pair layout: INTERLEAVED (adjacent pairs). On the last p dims of a vector, the pair
 (x[2i], x[2i+1]) is the complex number x[2i] + i·x[2i+1], multiplied by cis[t, i] = e^{i·t·f_i}
@@ -62,7 +62,7 @@ def rope_table(positions: np.ndarray, *, dim: int, base: float, original_seq_len
 
 
 def layer_rope_table(positions: np.ndarray, cfg, layer: int, prec: str) -> RopeTable:
-    """The RoPE table of one layer (base and YaRN by layer type, spec pitfall 2)."""
+    """The RoPE table of one layer (base and YaRN by layer type, docs/architecture.md §19.2)."""
     return rope_table(positions, dim=cfg.rope_head_dim, base=cfg.rope_base(layer),
                       original_seq_len=cfg.rope_original_seq_len(layer), factor=cfg.rope_factor,
                       beta_fast=cfg.beta_fast, beta_slow=cfg.beta_slow, prec=prec)

@@ -1,10 +1,10 @@
-"""Decode state: everything a sequence carries from one call to the next (spec §4).
+"""Decode state: everything a sequence carries from one call to the next (docs/architecture.md §15).
 
 Per layer: the window ring (W rows, row = position mod W), the main compressed entries, the
 compressor's pending fp32 rows, and on CSA layers the index keys and the indexer compressor's
 rows. The state is a value: `Model.prefill` / `Model.decode` take one and return a new one,
 and never write into the one they were given. It grows by the compressed entries only.
-A fresh state is the official fresh-model state (compressor kv 0 / score -inf, spec §4.4), so a
+A fresh state is the official fresh-model state (compressor kv 0 / score -inf, docs/architecture.md §19.29), so a
 new sequence never sees an earlier one.
 """
 from __future__ import annotations

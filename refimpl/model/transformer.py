@@ -1,12 +1,13 @@
 """The whole model: embed → n streams → blocks → hc_head → norm → logits, and the MTP block.
 
-    h = embed[tokens] repeated into n streams           [b, s, n, c]   (spec §3.1-3.2)
-    h = block_i(h)  for i = 0 .. n_layers-1                             (§3.3)
-    x = norm(hc_head(h));  logits = x @ headᵀ (fp32)     [b, s, v]      (§3.6) for EVERY position
-MTP (§3.7): position t pairs the main model's final streams h_t with the embedding of token t+1
-and predicts token t+2 (the DeepSeek-V3 convention: the MTP module sees the hidden state of t and
-the next token, and predicts one token further). The official generate.py never runs the MTP
-block, so the code fixes no pairing (spec §9 open question 3); this one is the published V3 design.
+    h = embed[tokens] repeated into n streams           [b, s, n, c]
+    h = block_i(h)  for i = 0 .. n_layers-1                             (block.py)
+    x = norm(hc_head(h));  logits = x @ headᵀ (fp32)     [b, s, v]      for EVERY position
+(docs/architecture.md §13). MTP (docs/architecture.md §14): position t pairs the main model's
+final streams h_t with the embedding of token t+1 and predicts token t+2 (the DeepSeek-V3
+convention: the MTP module sees the hidden state of t and the next token, and predicts one token
+further). The official generate.py never runs the MTP block, so the code fixes no pairing; this
+one is the published V3 design.
 
 `Model.prefill(tokens, state)` runs tokens from any position (`state.pos`), `Model.decode(token,
 state)` one token; both return `(logits, new_state)`. `Model.forward(tokens)` is a prefill from an
@@ -144,7 +145,7 @@ class Model:
         record(trace, "mtp.logits", logits)
         return logits
 
-    # ---- input checks (DESIGN.md §10) ----
+    # ---- input checks: bad input raises a ValueError subclass naming the problem ----
     def _as_batch(self, tokens) -> tuple[np.ndarray, bool]:
         ids = np.asarray(tokens)
         if ids.dtype == object or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):

@@ -267,7 +267,7 @@ def make_checkpoint(cfg: Config, out_dir: str | Path, *, seed: int = 0, layers: 
         write_json(tmp / "config.json", cfg.to_hf_dict())
         write_json(tmp / "generation_config.json", {"bos_token_id": cfg.bos_token_id, "do_sample": True,
                                                     "eos_token_id": cfg.eos_token_id, "temperature": 1.0,
-                                                    "top_p": 1.0})          # spec §2.1
+                                                    "top_p": 1.0})          # official generation_config.json
         note = _write_tokenizer(cfg, tmp)
         if out.exists():
             old = out.parent / f"{out.name}.old-{uuid.uuid4().hex[:8]}"

@@ -1,8 +1,8 @@
 """Tests of refimpl.formats.encoding against the official encoder's fixtures and hand-derived strings.
 
-Spec §6 rule -> tests covering it (hand-derived strings unless said otherwise):
+Encoding rule (docs/architecture.md §17) -> tests covering it (hand-derived strings unless said otherwise):
 
-| §6 rule                                              | tests                                         |
+| rule                                                 | tests                                         |
 |------------------------------------------------------|-----------------------------------------------|
 | special token strings                                | test_special_token_strings                    |
 | BOS first (add_default_bos_token); none after a      | test_bos_prefix,                              |

@@ -15,7 +15,7 @@ from refimpl.formats.tokenizer import Tokenizer, build_tiny_tokenizer, write_tok
 
 REPO = Path(__file__).resolve().parents[2]
 
-# the official tokenizer_config.json (spec §6), written out
+# the official tokenizer_config.json (docs/architecture.md §17), written out
 AT = {"__type": "AddedToken", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
 OFFICIAL_CONFIG = {
     "add_bos_token": False, "add_eos_token": False, "bos_token": {**AT, "content": BOS},

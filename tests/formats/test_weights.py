@@ -1,4 +1,4 @@
-"""weights.py: the key table of spec §5.1 and checkpoint validation against a Config."""
+"""weights.py: the key table of docs/architecture.md §16 and checkpoint validation against a Config."""
 import math
 
 import numpy as np
@@ -28,7 +28,7 @@ def tiny_ckpt(tmp_path_factory):
 
 def test_flash_inventory_count_and_total_size(flash_specs):
     specs = flash_specs
-    assert len(specs) == 69_187                                  # spec §5.1 count check (S4 index)
+    assert len(specs) == 69_187                                  # the official index's tensor count
     total = sum(math.prod(s.shape) * DTYPES[s.dtype].itemsize for s in specs.values())
     assert total == 159_609_485_896                              # S4: index.json metadata.total_size
 

@@ -1,6 +1,6 @@
 """Tests of refimpl.model.attention: window and compressed index sets, sparse attention with sink, the layer state.
 
-Spec §3.4 A3, A6, A7, A8, §4.1, pitfalls 9-11, §10 rows 21, 23, 27. Index-set literals are drawn as
+docs/architecture.md §10, §15, watch points §19.9-19.12. Index-set literals are drawn as
 0/1 rows over absolute positions (Gemma style): row = query position, column = key position.
 """
 import numpy as np
@@ -38,10 +38,10 @@ def drawn_entries(idx, n):
 
 
 # ------------------------------------------------------------------------------------------------
-# A3: window index sets (W = 4 for readability)
+# window index sets (docs/architecture.md §10 step 3) (W = 4 for readability)
 
 def test_window_prefill_literal():
-    """A3 prefill: query t sees max(0, t-W+1) .. t; indices are rows of this call's KV, -1 padded."""
+    """Window, prefill: query t sees max(0, t-W+1) .. t; indices are rows of this call's KV, -1 padded."""
     idx, n_prev = window_indices(0, 6, 4)
     assert n_prev == 0
     assert idx.tolist() == [[0, -1, -1, -1], [0, 1, -1, -1], [0, 1, 2, -1],
@@ -56,7 +56,7 @@ def test_window_prefill_literal():
 
 
 def test_window_mid_sequence_chunk_literal():
-    """A3 generalised: a chunk from start_pos uses the W-1 previous rows (from the ring) then its own."""
+    """Window, generalised: a chunk from start_pos uses the W-1 previous rows (from the ring) then its own."""
     idx, n_prev = window_indices(5, 3, 4)
     assert n_prev == 3 and idx.tolist() == [[0, 1, 2, 3], [1, 2, 3, 4], [2, 3, 4, 5]]
     assert drawn_window(5, 3, 4) == ["00111100",
@@ -70,7 +70,7 @@ def test_window_mid_sequence_chunk_literal():
 
 
 def test_window_decode_literal():
-    """A3 decode: the current token and the previous <= W-1 tokens."""
+    """Window, decode: the current token and the previous <= W-1 tokens."""
     assert drawn_window(1, 1, 4) == ["11"]
     assert drawn_window(3, 1, 4) == ["1111"]
     assert drawn_window(9, 1, 4) == ["0000001111"]
@@ -81,7 +81,7 @@ def test_window_decode_literal():
 @settings(max_examples=60)
 @given(start=st.integers(0, 200), s=st.integers(1, 40), window=st.integers(1, 40))
 def test_window_sets_property(start, s, window):
-    """A3: every query t sees exactly positions max(0, t-W+1) .. t, in position order."""
+    """Window: every query t sees exactly positions max(0, t-W+1) .. t, in position order."""
     idx, n_prev = window_indices(start, s, window)
     assert idx.shape == (s, min(start + s, window)) and n_prev == min(start, window - 1)
     first = start - n_prev
@@ -94,10 +94,10 @@ def test_window_sets_property(start, s, window):
 
 
 # ------------------------------------------------------------------------------------------------
-# A6: compressed visibility
+# compressed visibility (docs/architecture.md §19.10)
 
 def test_compressed_indices_literal_ratio4():
-    """A6 / pitfall 10: entry i visible to query t iff 4(i+1) <= t+1 ((t+1)//m, not t//m)."""
+    """docs/architecture.md §19.10: entry i visible to query t iff 4(i+1) <= t+1 ((t+1)//m, not t//m)."""
     idx = compressed_indices(0, 10, 4)
     assert idx.shape == (10, 2)
     assert drawn_entries(idx, 2) == ["00", "00", "00",
@@ -108,11 +108,11 @@ def test_compressed_indices_literal_ratio4():
     assert drawn_entries(compressed_indices(5, 6, 4), 2) == ["10", "10", "11", "11", "11", "11"]
     assert compressed_indices(6, 1, 4).tolist() == [[0]]
     assert compressed_indices(7, 1, 4).tolist() == [[0, 1]]                 # completed at this very step
-    assert compressed_indices(0, 3, 4).shape == (3, 0)                       # pitfall 12: width 0
+    assert compressed_indices(0, 3, 4).shape == (3, 0)                       # docs/architecture.md §19.12: width 0
 
 
 def test_compressed_indices_literal_ratio16():
-    """A6 for HCA (tiny m = 16): entry 0 from t = 15, entry 1 from t = 31."""
+    """HCA visibility (tiny m = 16): entry 0 from t = 15, entry 1 from t = 31."""
     idx = compressed_indices(0, 33, 16)
     assert idx.shape == (33, 2)
     assert drawn_entries(idx, 2) == ["00"] * 15 + ["10"] * 16 + ["11"] * 2
@@ -121,7 +121,7 @@ def test_compressed_indices_literal_ratio16():
 @settings(max_examples=60)
 @given(start=st.integers(0, 300), s=st.integers(1, 40), m=st.sampled_from([2, 4, 8, 16, 128]))
 def test_compressed_visibility_property(start, s, m):
-    """Pitfall 10: compressed entry i visible to query t iff m(i+1) <= t+1; width (start+s)//m."""
+    """docs/architecture.md §19.10: compressed entry i visible to query t iff m(i+1) <= t+1; width (start+s)//m."""
     idx = compressed_indices(start, s, m)
     assert idx.shape == (s, (start + s) // m)
     for r, t in enumerate(range(start, start + s)):
@@ -131,7 +131,7 @@ def test_compressed_visibility_property(start, s, m):
 
 
 # ------------------------------------------------------------------------------------------------
-# A8: sparse attention with sink
+# sparse attention with sink (docs/architecture.md §10 step 5)
 
 def dense_sink_attention(q, kv, sink, idx, scale):
     """o[t,h] = Σ_j e^(s_j-M) kv_j / (Σ_j e^(s_j-M) + e^(sink_h-M)), M = max_j s_j (float64, direct)."""
@@ -149,7 +149,7 @@ def dense_sink_attention(q, kv, sink, idx, scale):
 
 
 def test_sparse_attention_hand_worked():
-    """A8: q·kv scores ln2, (skipped), ln2 -> p = [1, 1], sink 0 adds e^(0-ln2) = 1/2 to the denominator."""
+    """Sink attention: q·kv scores ln2, (skipped), ln2 -> p = [1, 1], sink 0 adds e^(0-ln2) = 1/2 to the denominator."""
     q = np.array([[[[np.log(2), 0.0]]]])                       # [b, s, h, d] = [1, 1, 1, 2]
     kv = np.array([[[1.0, 0.0], [0.0, 5.0], [1.0, 1.0]]])       # row 1 is not selected
     o = sparse_attention(q, kv, np.array([0.0]), np.array([[[0, 2, -1]]]), 1.0, "float64")
@@ -163,7 +163,7 @@ def test_sparse_attention_hand_worked():
 @given(seed=st.integers(0, 2**32 - 1), s=st.integers(1, 5), h=st.integers(1, 4), n=st.integers(1, 12),
        k=st.integers(1, 12), scale=st.floats(0.05, 2.0))
 def test_sparse_attention_matches_direct_formula(seed, s, h, n, k, scale):
-    """A8: the gathered, -1 padded index set; sink in the denominator only; float64 exact math."""
+    """Sink attention: the gathered, -1 padded index set; sink in the denominator only; float64 exact math."""
     rng = np.random.default_rng(seed)
     q, kv = rng.standard_normal((2, s, h, 8)), rng.standard_normal((2, n, 8))
     sink = rng.standard_normal(h) * 2
@@ -179,7 +179,7 @@ def test_sparse_attention_matches_direct_formula(seed, s, h, n, k, scale):
 @settings(max_examples=30)
 @given(seed=st.integers(0, 2**32 - 1), s=st.integers(1, 10), h=st.integers(1, 4))
 def test_sink_minus_inf_is_plain_softmax_attention(seed, s, h):
-    """Pitfall 9: a sink of -inf adds e^-inf = 0: plain causal softmax attention."""
+    """docs/architecture.md §19.9: a sink of -inf adds e^-inf = 0: plain causal softmax attention."""
     rng = np.random.default_rng(seed)
     q, kv = rng.standard_normal((1, s, h, 16)), rng.standard_normal((1, s, 16))
     t = np.arange(s)
@@ -195,7 +195,7 @@ def test_sink_minus_inf_is_plain_softmax_attention(seed, s, h):
 @settings(max_examples=30)
 @given(seed=st.integers(0, 2**32 - 1), s=st.integers(1, 10), h=st.integers(1, 4))
 def test_sparse_over_all_causal_positions_equals_dense_causal_with_sink(seed, s, h):
-    """A8: sparse attention over every causal position == dense masked attention with a sink logit."""
+    """Sink attention: sparse attention over every causal position == dense masked attention with a sink logit."""
     rng = np.random.default_rng(seed)
     q, kv = rng.standard_normal((1, s, h, 16)), rng.standard_normal((1, s, 16))
     sink = rng.standard_normal(h)
@@ -211,7 +211,7 @@ def test_sparse_over_all_causal_positions_equals_dense_causal_with_sink(seed, s,
 
 
 def test_sparse_attention_mirror_bf16_output_close_to_exact():
-    """A8: bf16 probabilities for P·V, fp32 denominator, bf16 output (mirror)."""
+    """Sink attention: bf16 probabilities for P·V, fp32 denominator, bf16 output (mirror)."""
     rng = np.random.default_rng(5)
     q = nx.round_bf16(rng.standard_normal((1, 4, 8, 128)))
     kv = nx.round_bf16(rng.standard_normal((1, 20, 128)))
@@ -227,7 +227,7 @@ def test_sparse_attention_mirror_bf16_output_close_to_exact():
 # the layer inside the tiny model
 
 def test_window_layer_sees_exactly_w_tokens(tiny_model):
-    """A3 / §10 rows 21, 23: layer 0 (window only) at query t depends on tokens t-31 .. t, not on t-32."""
+    """docs/architecture.md §19.11: layer 0 (window only) at query t depends on tokens t-31 .. t, not on t-32."""
     model = tiny_model("float64")
     toks = np.random.default_rng(3).integers(0, TINY.vocab_size, 40)
     def out(tokens):
@@ -246,7 +246,7 @@ def test_window_layer_sees_exactly_w_tokens(tiny_model):
 
 @pytest.mark.parametrize("prec", ["float64", "mirror"])
 def test_state_ring_and_compressed_entries_after_prefill(tiny_model, prec):
-    """§4.1: ring row = position mod W holds the last W kv rows; compressed = every entry made."""
+    """docs/architecture.md §15: ring row = position mod W holds the last W kv rows; compressed = every entry made."""
     model = tiny_model(prec)
     toks = np.random.default_rng(4).integers(0, TINY.vocab_size, 45)
     t = Trace(("layers.*.attn.kv", "layers.*.attn.compressed_kv"))
@@ -267,7 +267,10 @@ def test_state_ring_and_compressed_entries_after_prefill(tiny_model, prec):
 
 
 def test_mirror_window_kv_fp8_qdq_on_nonrope_dims_current_only(tiny_model):
-    """A2 / pitfall 7: window KV dims 0:d-p are FP8-QDQ'd (block 64) in the current revision, not in the initial."""
+    """Window KV dims 0:d-p are FP8-QDQ'd (block 64) in the current revision, not in the initial.
+
+    docs/architecture.md §19.7.
+    """
     toks = np.random.default_rng(6).integers(0, TINY.vocab_size, 12)
     nope = TINY.head_dim - TINY.rope_head_dim
     kvs = {}
@@ -287,7 +290,7 @@ def test_mirror_window_kv_fp8_qdq_on_nonrope_dims_current_only(tiny_model):
 
 
 def direct_attention_layer(x, w, cfg, layer, entries, selected=None):
-    """One attention layer from the spec's formulas (A1-A3, A5-A9), float64, dense over the visible rows.
+    """One attention layer from the formulas of docs/architecture.md §10 (steps 1-6), float64, dense over the visible rows.
 
     x [s, c]; entries [n, d] the layer's compressed entries, or None (window only); selected [s, k]
     the indexer's entry ids per query (CSA, -1 padded), else every visible entry (HCA).
@@ -315,7 +318,7 @@ def direct_attention_layer(x, w, cfg, layer, entries, selected=None):
     t = np.arange(s)
     qr = rms(x @ deq(w.wq_a).T, w.q_norm.astype(np.float64))
     q = (qr @ deq(w.wq_b).T).reshape(s, h, d)
-    q = q / np.sqrt(np.mean(q * q, -1, keepdims=True) + eps)     # weightless per-head norm (A1)
+    q = q / np.sqrt(np.mean(q * q, -1, keepdims=True) + eps)     # weightless per-head norm (step 1)
     q = rot(q, t)
     kv = rot(rms(x @ deq(w.wkv).T, w.kv_norm.astype(np.float64)), t)
     sink = w.attn_sink.astype(np.float64)
@@ -332,7 +335,7 @@ def direct_attention_layer(x, w, cfg, layer, entries, selected=None):
         M = sc.max(-1, keepdims=True)
         pr = np.exp(sc - M)
         o[i] = (pr @ keys) / (pr.sum(-1, keepdims=True) + np.exp(sink[:, None] - M))
-    o = rot(o, t, -1.0)                                          # de-rotation by the query position (A9)
+    o = rot(o, t, -1.0)                                          # de-rotation by the query position (step 6)
     g = cfg.o_groups
     wo_a = deq(w.wo_a).reshape(g, cfg.o_lora_rank, -1)
     og = o.reshape(s, g, -1)
@@ -342,7 +345,7 @@ def direct_attention_layer(x, w, cfg, layer, entries, selected=None):
 
 @pytest.mark.parametrize("layer,n", [(0, 40), (3, 40), (2, 80)])
 def test_attention_layer_matches_direct_dense_formula(tiny_model, layer, n):
-    """A1-A9 (§10 rows 4, 6, 7, 15, 19, 23): window (0), HCA (3) and CSA (2, with the indexer's own
+    """docs/architecture.md §10, §19.3-19.5, §19.11, §19.35: window (0), HCA (3) and CSA (2, with the indexer's own
     selection of 16 of up to 20 entries) layers == the dense formula over the same rows, float64."""
     from refimpl.model.attention import AttentionState, attention
     from refimpl.model.compressor import CompressorState, compress

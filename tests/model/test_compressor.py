@@ -1,6 +1,6 @@
-"""Tests of refimpl.model.compressor (spec §3.4 A4, §4.2-4.4, pitfalls 3, 12-14, §10 rows 4, 5, 8, 12, 16).
+"""Tests of refimpl.model.compressor (docs/architecture.md §8, §15, §19.3, §19.12-19.14).
 
-The reference for the pooling is a direct NumPy computation written from the spec, token by
+The reference for the pooling is a direct NumPy computation written from docs/architecture.md §8, token by
 token, independent of the implementation's block reshapes.
 """
 import math
@@ -30,7 +30,7 @@ def make_weights(rng, m, d=D, c_in=C_IN, ape_scale=0.5):
 
 
 def yarn_freqs():
-    """Base 160000 + YaRN frequencies of the compressed layers: low 15, high 25 (spec P9)."""
+    """Base 160000 + YaRN frequencies of the compressed layers: low 15, high 25 (docs/architecture.md §6)."""
     f = 160000.0 ** (-np.arange(0, P, 2) / P)
     ramp = np.clip((np.arange(P // 2) - 15) / 10, 0, 1)
     return f / 16 * ramp + f * (1 - ramp)
@@ -48,7 +48,7 @@ def finish(e, pos, w, eps=1e-6):
 
 
 def direct_entries(x, w, m, d=D):
-    """Entries of one sequence x [s, c_in] from scratch, by the spec's per-channel formulas."""
+    """Entries of one sequence x [s, c_in] from scratch, by the per-channel formulas of docs/architecture.md §8."""
     kv = x @ w.wkv.T                                             # [s, c·d]
     score = x @ w.wgate.T + w.ape[np.arange(len(x)) % m]         # ape by in-block position
     out = []
@@ -82,14 +82,14 @@ def run(x, w, m, *, layer, prec="float64", rotate=False, revision="current", sta
 # hand-worked
 
 def test_overlap_two_blocks_against_direct_formula():
-    """A4 overlap (m=4): e_0 uses only block 0 channels d:2d; e_1 softmaxes 8 positions [0:d of block 0, d:2d of block 1]."""
+    """Overlap (m=4): e_0 uses only block 0 channels d:2d; e_1 softmaxes 8 positions [0:d of block 0, d:2d of block 1]."""
     rng = np.random.default_rng(0)
     w = make_weights(rng, 4)
     x = rng.standard_normal((1, 8, C_IN))
     e, state = run(x, w, 4, layer=CSA)
     assert e.shape == (1, 2, D)
     assert np.allclose(e[0], direct_entries(x[0], w, 4), rtol=1e-11, atol=1e-12)
-    # pitfall 3: entry 1 is rotated at position 4 (its block's first token), not at its pool index 1
+    # docs/architecture.md §19.3: entry 1 is rotated at position 4 (its block's first token), not at its pool index 1
     pooled = _pool_entry1(x[0], w)
     assert np.allclose(e[0, 1], finish(pooled, 4, w), rtol=1e-11, atol=1e-12)
     assert not np.allclose(e[0, 1], finish(pooled, 1, w), rtol=1e-3)
@@ -111,7 +111,10 @@ def _pool_entry1(x, w):
 
 
 def test_overlap_previous_block_contributes_only_channels_0_d():
-    """Pitfall 13: in entry i, block i-1 contributes channels [0:d] only; its [d:2d] half is ignored."""
+    """In entry i, block i-1 contributes channels [0:d] only; its [d:2d] half is ignored.
+
+    docs/architecture.md §19.13.
+    """
     rng = np.random.default_rng(1)
     w = make_weights(rng, 4)
     x = rng.standard_normal((1, 8, C_IN))
@@ -129,7 +132,10 @@ def test_overlap_previous_block_contributes_only_channels_0_d():
 
 
 def test_ape_added_to_scores_by_in_block_position():
-    """Pitfall 13: ape is added to the SCORES, row = in-block position (both halves); a huge row selects that token."""
+    """Ape is added to the SCORES, row = in-block position (both halves); a huge row selects that token.
+
+    docs/architecture.md §19.13.
+    """
     rng = np.random.default_rng(2)
     for m, layer in ((4, CSA), (16, HCA)):
         w = make_weights(rng, m, ape_scale=0.0)
@@ -154,7 +160,7 @@ def test_ape_added_to_scores_by_in_block_position():
 
 
 def test_non_overlap_ratio16_against_direct_formula():
-    """A4 non-overlap (m=16): softmax over the block per channel; RoPE at 16·i."""
+    """Non-overlap (m=16): softmax over the block per channel; RoPE at 16·i."""
     rng = np.random.default_rng(3)
     w = make_weights(rng, 16)
     x = rng.standard_normal((1, 40, C_IN))
@@ -168,7 +174,7 @@ def test_non_overlap_ratio16_against_direct_formula():
 
 @pytest.mark.parametrize("m,layer", [(4, CSA), (16, HCA)])
 def test_shorter_than_ratio_emits_nothing(m, layer):
-    """Pitfall 12: fewer than m tokens: no entry (width 0), the tokens wait in the state."""
+    """docs/architecture.md §19.12: fewer than m tokens: no entry (width 0), the tokens wait in the state."""
     rng = np.random.default_rng(4)
     w = make_weights(rng, m)
     e, st_ = run(rng.standard_normal((2, m - 1, C_IN)), w, m, layer=layer)
@@ -178,7 +184,10 @@ def test_shorter_than_ratio_emits_nothing(m, layer):
 
 
 def test_mirror_main_entries_fp8_qdq_nonrope_dims_current_revision_only():
-    """Pitfall 7: main entries get FP8 QDQ (block 64) on dims 0:d-p in the current revision, identity in the initial."""
+    """Main entries get FP8 QDQ (block 64) on dims 0:d-p in the current revision, identity in the initial.
+
+    docs/architecture.md §19.7.
+    """
     rng = np.random.default_rng(5)
     w = make_weights(rng, 4)
     x = nx.round_bf16(rng.standard_normal((1, 12, C_IN)))
@@ -193,7 +202,7 @@ def test_mirror_main_entries_fp8_qdq_nonrope_dims_current_revision_only():
 
 
 def test_mirror_indexer_entries_hadamard_then_fp4():
-    """P8 / P4 / §10 row 9: the indexer's keys are FP4-QDQ(bf16(Hadamard(e))) of the plain entries."""
+    """docs/architecture.md §19.8: the indexer's keys are FP4-QDQ(bf16(Hadamard(e))) of the plain entries."""
     rng = np.random.default_rng(6)
     w = make_weights(rng, 4)
     x = nx.round_bf16(rng.standard_normal((1, 8, C_IN)))
@@ -219,7 +228,10 @@ def chunks_st(max_len):
        kind=st.sampled_from([(4, CSA, False), (16, HCA, False), (4, CSA, True)]),
        prec=st.sampled_from(["float64", "mirror"]))
 def test_any_chunking_equals_one_call(seed, sizes, kind, prec):
-    """A4 / §4.3: splitting the tokens into calls gives the same entries and the same final state (bit-exact)."""
+    """Splitting the tokens into calls gives the same entries and the same final state (bit-exact).
+
+    docs/architecture.md §8, §15.
+    """
     m, layer, rotate = kind
     rng = np.random.default_rng(seed)
     w = make_weights(rng, m)
@@ -239,7 +251,10 @@ def test_any_chunking_equals_one_call(seed, sizes, kind, prec):
 
 
 def test_decode_after_prefill_keeps_overlap():
-    """§10 row 8: prefill 6 tokens then one token at a time to 12: entries 1, 2 still pool 8 positions."""
+    """Prefill 6 tokens then one token at a time to 12: entries 1, 2 still pool 8 positions.
+
+    docs/architecture.md §19.13.
+    """
     rng = np.random.default_rng(7)
     w = make_weights(rng, 4)
     x = rng.standard_normal((1, 12, C_IN))
@@ -255,7 +270,10 @@ def test_decode_after_prefill_keeps_overlap():
 
 @pytest.mark.parametrize("m,layer", [(4, CSA), (16, HCA)])
 def test_first_entry_at_exactly_ratio_tokens_by_decode(m, layer):
-    """§10 row 12: a prefill of m-1 tokens then one decode step yields entry 0 = an m-token prefill's."""
+    """A prefill of m-1 tokens then one decode step yields entry 0 = an m-token prefill's.
+
+    docs/architecture.md §19.12.
+    """
     rng = np.random.default_rng(8)
     w = make_weights(rng, m)
     x = rng.standard_normal((1, m, C_IN))
@@ -268,7 +286,7 @@ def test_first_entry_at_exactly_ratio_tokens_by_decode(m, layer):
 
 
 def test_fresh_state_is_zero_kv_and_minus_inf_score():
-    """§4.4: a new sequence starts from kv 0 / score -inf (nothing of an earlier sequence)."""
+    """docs/architecture.md §19.29: a new sequence starts from kv 0 / score -inf (nothing of an earlier sequence)."""
     s = CompressorState.empty(3, ratio=4, head_dim=D, prec="float64")
     assert s.kv.shape == (3, 8, 2 * D) and not s.kv.any() and np.all(np.isneginf(s.score))
     s = CompressorState.empty(1, ratio=16, head_dim=D, prec="mirror")

@@ -1,6 +1,6 @@
 """Any split of a sequence into prefill chunks and decode steps == one prefill (logits and state).
 
-Spec §4 (state, prefill, decode, stale state), §10 rows 8, 12, 26 and §10.3 (irregular chunkings
+docs/architecture.md §15 (state, prefill, decode), §19.12, §19.13, §19.29 and §20 (irregular chunkings
 must equal one prefill). Bit-identical in float64 and mirror; within 1e-4 in float32 (one BLAS
 call per product there, so rows may move in the last bit with the row count). Also bad input:
 every refusal is a ValueError subclass with a clear message and leaves the given state untouched.
@@ -106,7 +106,10 @@ def chunkings(draw, max_len=80):
 @settings(max_examples=6)
 @given(sizes=chunkings(), seed=st.integers(0, 2**32 - 1))
 def test_any_chunking_equals_one_prefill(tiny_model, prec, sizes, seed):
-    """§4 / §10.3: chunked logits and final state == one prefill (float64, mirror bit-identical; float32 1e-4)."""
+    """Chunked logits and final state == one prefill (float64, mirror bit-identical; float32 1e-4).
+
+    docs/architecture.md §15, §20.
+    """
     model = tiny_model(prec)
     toks = tokens(sum(sizes), seed)
     whole, state_whole = model.prefill(toks)
@@ -126,7 +129,7 @@ IRREGULAR = [
 @pytest.mark.parametrize("prec", EXACT)
 @pytest.mark.parametrize("sizes", IRREGULAR, ids=["mixed", "decode-boundaries", "topk-boundary"])
 def test_irregular_chunkings_bit_identical(tiny_model, prec, sizes):
-    """§10.3: chunks of 3, 2, 1, 3 ... and token-by-token decode across every tiny threshold."""
+    """docs/architecture.md §20: chunks of 3, 2, 1, 3 ... and token-by-token decode across every tiny threshold."""
     model = tiny_model(prec)
     toks = tokens(sum(sizes), sum(sizes) + len(sizes))
     whole, state_whole = model.prefill(toks)
@@ -140,7 +143,10 @@ def test_irregular_chunkings_bit_identical(tiny_model, prec, sizes):
 
 @pytest.mark.parametrize("prec", EXACT)
 def test_overlap_kept_when_decoding_after_prefill(tiny_model, prec):
-    """§10 row 8: prefill 6, decode to 12: the ratio-4 entries 1, 2 (made by decode) == a 12-token prefill's."""
+    """Prefill 6, decode to 12: the ratio-4 entries 1, 2 (made by decode) == a 12-token prefill's.
+
+    docs/architecture.md §19.13.
+    """
     model = tiny_model(prec)
     toks = tokens(12, 8)
     whole, sw = model.prefill(toks)
@@ -161,7 +167,10 @@ def test_overlap_kept_when_decoding_after_prefill(tiny_model, prec):
 @pytest.mark.parametrize("prec", EXACT)
 @pytest.mark.parametrize("m", [4, 16])
 def test_first_entry_at_exactly_ratio_tokens(tiny_model, prec, m):
-    """§10 row 12: prefill m-1 then decode token m: entry 0 (and the logits) == an m-token prefill's."""
+    """Prefill m-1 then decode token m: entry 0 (and the logits) == an m-token prefill's.
+
+    docs/architecture.md §19.12.
+    """
     model = tiny_model(prec)
     toks = tokens(m, 12 + m)
     whole, sw = model.prefill(toks)
@@ -182,7 +191,10 @@ def test_first_entry_at_exactly_ratio_tokens(tiny_model, prec, m):
 
 @pytest.mark.parametrize("prec", EXACT)
 def test_new_short_sequence_does_not_see_the_previous_one(tiny_ckpt, tiny_model, prec):
-    """§4.4 / pitfall 29: after a long sequence, a new 2-token prompt decoded past 4 == a fresh model's run."""
+    """After a long sequence, a new 2-token prompt decoded past 4 == a fresh model's run.
+
+    docs/architecture.md §19.29.
+    """
     model = tiny_model(prec)
     _, old = model.prefill(tokens(50, 20))
     old_snap = snapshot(old)
@@ -202,7 +214,10 @@ def test_new_short_sequence_does_not_see_the_previous_one(tiny_ckpt, tiny_model,
 
 
 def test_state_is_a_value_calls_never_write_into_it(tiny_model):
-    """§4 / §10 row 26: prefill/decode return a new state; the one given stays as it was (restorable)."""
+    """Prefill/decode return a new state; the one given stays as it was (restorable).
+
+    docs/architecture.md §15, §19.29.
+    """
     model = tiny_model("mirror")
     toks = tokens(40, 30)
     _, s20 = model.prefill(toks[:20])
@@ -305,7 +320,10 @@ def test_state_from_another_configuration(tiny_model):
 @pytest.mark.slow
 @pytest.mark.parametrize("prec", ["float64", "mirror", "float32"])
 def test_long_sequence_random_chunks_slow(tiny_model, prec):
-    """§10.3 at length 300 (many HCA entries, top-k dropping 60 of 75): random chunks and decode runs == one prefill."""
+    """Random chunks and decode runs == one prefill.
+
+    docs/architecture.md §20 at length 300 (many HCA entries, top-k dropping 60 of 75).
+    """
     rng = np.random.default_rng(77)
     toks = tokens(300, 77)
     sizes, left = [], 300

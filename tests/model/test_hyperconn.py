@@ -1,4 +1,4 @@
-"""Tests of refimpl.model.hyperconn: split + Sinkhorn, hc_pre / hc_post / hc_head (spec §3.3, §3.6, pitfalls 19-22)."""
+"""Tests of refimpl.model.hyperconn: split + Sinkhorn, hc_pre / hc_post / hc_head (docs/architecture.md §7, §19.19-19.22)."""
 import math
 
 import numpy as np
@@ -26,7 +26,7 @@ def sink(logits, iters, prec="float64"):
 # hand-worked
 
 def test_split_layout_pre_post_comb_hand_worked():
-    """§3.3 step 4: mixes [0:4] pre, [4:8] post, [8:24] comb row-major j·4+k; scale[0..2] per group."""
+    """docs/architecture.md §7: mixes [0:4] pre, [4:8] post, [8:24] comb row-major j·4+k; scale[0..2] per group."""
     base = np.zeros(24)
     base[:4] = [0.0, math.log(3), -math.log(3), 0.0]            # sigmoid: 0.5, 0.75, 0.25, 0.5
     base[4:8] = [0.0, math.log(3), 0.0, -math.log(3)]           # 2·sigmoid: 1, 1.5, 1, 0.5
@@ -51,7 +51,7 @@ def test_split_layout_pre_post_comb_hand_worked():
 
 
 def test_sinkhorn_first_steps_hand_worked():
-    """Pitfall 19: row softmax + eps, then a column step; iters=1 stops there (no row step)."""
+    """docs/architecture.md §19.19: row softmax + eps, then a column step; iters=1 stops there (no row step)."""
     L = np.array([[2.0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, -1.0]])
     e = np.exp(L - L.max(-1, keepdims=True))
     c = e / e.sum(-1, keepdims=True) + EPS
@@ -65,7 +65,10 @@ def test_sinkhorn_first_steps_hand_worked():
 
 
 def test_hc_pre_hand_worked():
-    """§3.3 hc_pre: x = Σ_j pre_j · stream_j with pre = sigmoid(...) + eps, NOT normalized to sum 1."""
+    """X = Σ_j pre_j · stream_j with pre = sigmoid(...) + eps, NOT normalized to sum 1.
+
+    docs/architecture.md §7 hc_pre.
+    """
     c = TINY.dim
     h = np.broadcast_to((np.arange(N) + 1.0)[:, None], (N, c))[None, None].copy()   # stream j = j+1
     base = np.zeros(TINY.n_mix)
@@ -78,7 +81,7 @@ def test_hc_pre_hand_worked():
 
 
 def test_hc_pre_mixes_use_rms_over_all_flattened_streams():
-    """Pitfall 21: mixes = (v @ fnᵀ) · rsqrt(mean(v²) + eps) over the n·c flattened values."""
+    """docs/architecture.md §19.21: mixes = (v @ fnᵀ) · rsqrt(mean(v²) + eps) over the n·c flattened values."""
     rng = np.random.default_rng(0)
     c = TINY.dim
     h = rng.standard_normal((1, 2, N, c)) * np.array([1.0, 2.0, 3.0, 4.0])[:, None]
@@ -94,7 +97,7 @@ def test_hc_pre_mixes_use_rms_over_all_flattened_streams():
 
 
 def test_hc_post_column_k_forms_stream_k():
-    """Pitfall 19: new stream k = post_k · x + Σ_j comb[j, k] · R_j (the transpose matters)."""
+    """docs/architecture.md §19.19: new stream k = post_k · x + Σ_j comb[j, k] · R_j (the transpose matters)."""
     x = np.array([[[0.0, 0.0, 1.0]]])                            # [b, s, c=3]
     R = np.array([[[[1.0, 0, 0], [0, 1.0, 0]]]])                 # [b, s, n=2, c]
     post = np.array([[[2.0, 0.5]]])
@@ -106,7 +109,7 @@ def test_hc_post_column_k_forms_stream_k():
 
 
 def test_hc_head_sigmoid_pre_no_sinkhorn():
-    """Pitfall 20 / §3.6: head pre = sigmoid(m · scale[0] + base) + eps; x = Σ pre_j stream_j."""
+    """docs/architecture.md §19.20: head pre = sigmoid(m · scale[0] + base) + eps; x = Σ pre_j stream_j."""
     c = TINY.dim
     h = np.broadcast_to((np.arange(N) + 1.0)[:, None], (N, c))[None, None].copy()
     w = HyperConnWeights(fn=np.zeros((N, N * c)), base=np.array([0.0, math.log(3), -math.log(3), 0.0]),
@@ -124,7 +127,10 @@ logits_st = st.integers(0, 2**32 - 1)
 @settings(max_examples=40)
 @given(seed=logits_st, bound=st.floats(0.1, 10.0))
 def test_sinkhorn_nonnegative_columns_sum_to_one_rows_converge(seed, bound):
-    """§3.3 step 5: comb >= 0; columns sum to 1 within ~eps (ends on a column step); row error shrinks."""
+    """Comb >= 0; columns sum to 1 within ~eps (ends on a column step); row error shrinks.
+
+    docs/architecture.md §7 (Sinkhorn).
+    """
     L = np.random.default_rng(seed).uniform(-bound, bound, (3, N, N))
     errs = []
     for iters in (1, 2, 3, 5, 10, 20, 40):
@@ -143,7 +149,7 @@ def test_sinkhorn_nonnegative_columns_sum_to_one_rows_converge(seed, bound):
 @settings(max_examples=40)
 @given(seed=logits_st, scale=st.floats(0.0, 5.0), spread=st.floats(0.0, 5.0))
 def test_pre_in_eps_1eps_post_in_0_2(seed, scale, spread):
-    """Pitfall 20: pre ∈ (eps, 1+eps), post ∈ (0, 2) (bounded logits, float64)."""
+    """docs/architecture.md §19.20: pre ∈ (eps, 1+eps), post ∈ (0, 2) (bounded logits, float64)."""
     rng = np.random.default_rng(seed)
     mixes = rng.uniform(-spread, spread, (5, 24))
     base = rng.uniform(-5, 5, 24)
@@ -155,7 +161,7 @@ def test_pre_in_eps_1eps_post_in_0_2(seed, scale, spread):
 
 @pytest.mark.parametrize("prec", ["float64", "float32", "mirror"])
 def test_model_hc_mixes_in_range(tiny_model, prec):
-    """Pitfalls 19-20 on the tiny model: every recorded comb has columns ≈ 1, post ∈ (0, 2)."""
+    """docs/architecture.md §19.19-19.20 on the tiny model: every recorded comb has columns ≈ 1, post ∈ (0, 2)."""
     t = Trace(("layers.*.hc_*",))
     tiny_model(prec).forward(np.arange(1, 41), trace=t)
     names = [k for k in t.tensors if k.endswith(".comb")]

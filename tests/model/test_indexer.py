@@ -1,6 +1,6 @@
 """Tests of refimpl.model.indexer: index scores, top-k with -1 padding, Hadamard, the selection on the tiny model.
 
-Spec §3.4 A5, P8, pitfalls 8, 12, 24, 30, §10 rows 9, 10, 19.
+docs/architecture.md §9; watch points §19.8, §19.12, §19.24, §19.30, §19.35.
 """
 import numpy as np
 import pytest
@@ -17,7 +17,7 @@ CSA_LAYERS = (2, 4)
 
 
 def test_index_scores_hand_worked():
-    """A5: I[e] = Σ_h w[h] · ReLU(q[h] · K[e])."""
+    """Scores: I[e] = Σ_h w[h] · ReLU(q[h] · K[e])."""
     q = np.array([[1.0, 0.0], [0.0, 1.0]])                      # 2 heads, dim 2
     keys = np.array([[1.0, 1.0], [-1.0, 2.0], [2.0, -3.0]])     # 3 entries
     w = np.array([0.5, 2.0])
@@ -28,7 +28,7 @@ def test_index_scores_hand_worked():
 
 
 def test_top_k_ties_lower_index_wins_and_descending_order():
-    """Pitfall 24 (our rule): top-k is descending, ties go to the lower index."""
+    """docs/architecture.md §19.24 (our rule): top-k is descending, ties go to the lower index."""
     x = np.array([1.0, 3.0, 3.0, 2.0, 3.0, -np.inf])
     assert nx.top_k(x, 3).tolist() == [1, 2, 4]
     assert nx.top_k(x, 4).tolist() == [1, 2, 4, 3]
@@ -40,7 +40,7 @@ def test_top_k_ties_lower_index_wins_and_descending_order():
 @given(seed=st.integers(0, 2**32 - 1), heads=st.integers(1, 8), n=st.integers(1, 20),
        j=st.sampled_from([32, 64, 128]))
 def test_hadamard_on_q_and_keys_leaves_scores_unchanged(seed, heads, n, j):
-    """P8: (qH)·(KH) = q·K (H/sqrt(n) orthogonal), so with FP4 off (float64) the rotation is invisible."""
+    """Hadamard: (qH)·(KH) = q·K (H/sqrt(n) orthogonal), so with FP4 off (float64) the rotation is invisible."""
     rng = np.random.default_rng(seed)
     q, keys = rng.standard_normal((heads, j)), rng.standard_normal((n, j))
     w = rng.uniform(0.1, 1, heads)
@@ -50,7 +50,7 @@ def test_hadamard_on_q_and_keys_leaves_scores_unchanged(seed, heads, n, j):
 
 
 def test_hadamard_on_query_only_changes_scores():
-    """§10 row 9: a key left unrotated while the query is rotated gives (Hq)·k, a different score."""
+    """docs/architecture.md §19.8: a key left unrotated while the query is rotated gives (Hq)·k, a different score."""
     rng = np.random.default_rng(1)
     q, keys, w = rng.standard_normal((8, 128)), rng.standard_normal((20, 128)), rng.uniform(0.1, 1, 8)
     plain = index_scores(q, keys, w, "float64")
@@ -58,7 +58,7 @@ def test_hadamard_on_query_only_changes_scores():
 
 
 def test_index_scores_mirror_are_bf16_values():
-    """A5: einsum, ReLU, weighting and head sum are bf16 tensors in the official code."""
+    """Scores: einsum, ReLU, weighting and head sum are bf16 tensors in the official code."""
     rng = np.random.default_rng(0)
     q = nx.round_bf16(rng.standard_normal((16, 128)))
     keys = nx.round_bf16(rng.standard_normal((9, 128)))
@@ -83,7 +83,10 @@ def vis(topk_row):
 
 @pytest.mark.parametrize("prec", ["float64", "mirror"])
 def test_topk_padding_drawn_prefill_of_10(tiny_model, prec):
-    """Pitfalls 10, 12: width min(16, 10//4) = 2; query t sees entries e with 4(e+1) <= t+1, -1 elsewhere."""
+    """Width min(16, 10//4) = 2; query t sees entries e with 4(e+1) <= t+1, -1 elsewhere.
+
+    docs/architecture.md §19.10, §19.12.
+    """
     t = indexer_trace(tiny_model(prec), 10)
     for layer in CSA_LAYERS:
         topk = t.tensors[f"layers.{layer}.attn.indexer.topk"]
@@ -102,7 +105,10 @@ def test_topk_padding_drawn_prefill_of_10(tiny_model, prec):
 
 @pytest.mark.parametrize("prec", ["float64", "mirror"])
 def test_topk_drops_entries_past_index_topk(tiny_model, prec):
-    """§10 row 19: from t = 67 on, more than index_topk = 16 entries are visible and the best 16 are kept."""
+    """From t = 67 on, more than index_topk = 16 entries are visible and the best 16 are kept.
+
+    docs/architecture.md §19.35.
+    """
     n = 100
     t = indexer_trace(tiny_model(prec), n)
     for layer in CSA_LAYERS:
@@ -124,7 +130,7 @@ def test_topk_drops_entries_past_index_topk(tiny_model, prec):
 
 
 def test_decode_step_selection_matches_prefill(tiny_model):
-    """A5 decode: the step's top-k (no -1 once >= 16 visible) equals the prefill's row for that position."""
+    """Decode: the step's top-k (no -1 once >= 16 visible) equals the prefill's row for that position."""
     model = tiny_model("float64")
     toks = np.random.default_rng(100).integers(0, TINY.vocab_size, 100)
     full = indexer_trace(model, 100)

@@ -1,6 +1,6 @@
 """Tests of refimpl.model.moe: routing (hash and score), SwiGLU clamp, combination, shared expert by revision.
 
-Spec §3.5, pitfalls 15-18, 31, §10 rows 13, 14, 17, 18, 22.
+docs/architecture.md §11; watch points §19.15-19.18, §19.24, §19.31.
 """
 import math
 
@@ -59,7 +59,10 @@ def swiglu_ref(x, w, limit, weight=None, symmetric_gate=False):
 # routing: hand-worked
 
 def test_hash_routing_hand_worked():
-    """Pitfall 15: hash layers take ids = tid2eid[token]; weights from the gate's sqrt-softplus scores."""
+    """Hash layers take ids = tid2eid[token]; weights from the gate's sqrt-softplus scores.
+
+    docs/architecture.md §19.15.
+    """
     tid2eid = np.array([[0, 1], [2, 3], [4, 5], [6, 7], [1, 0]])
     tokens = np.array([3, 0, 4, 3])
     x = np.random.default_rng(0).standard_normal((4, 8))
@@ -78,7 +81,10 @@ def test_hash_routing_hand_worked():
 
 
 def test_score_routing_hand_worked_bias_selects_only():
-    """Pitfalls 16, 17 (§10 row 17): top-a of sc + bias chooses; weights are unbiased sc, renormalised, × 1.5."""
+    """Top-a of sc + bias chooses; weights are unbiased sc, renormalised, × 1.5.
+
+    docs/architecture.md §19.16, §19.17.
+    """
     gate = GateWeights(weight=np.eye(E), bias=np.zeros(E), tid2eid=None)
     x = np.array([[3.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
     w, ids = route(x, np.array([0]), gate, TINY, "float64")
@@ -104,7 +110,7 @@ def test_score_routing_hand_worked_bias_selects_only():
 @settings(max_examples=30)
 @given(seed=st.integers(0, 2**32 - 1), T=st.integers(1, 12))
 def test_hash_ids_depend_only_on_token(seed, T):
-    """Pitfall 15 / §10 row 22: hash ids = tid2eid[token] whatever x; weights sum to route_scale."""
+    """docs/architecture.md §19.15: hash ids = tid2eid[token] whatever x; weights sum to route_scale."""
     rng = np.random.default_rng(seed)
     tid2eid = np.stack([rng.permutation(E)[:A] for _ in range(20)])
     gate = GateWeights(weight=rng.standard_normal((E, 16)), bias=None, tid2eid=tid2eid)
@@ -118,7 +124,10 @@ def test_hash_ids_depend_only_on_token(seed, T):
 @settings(max_examples=40)
 @given(seed=st.integers(0, 2**32 - 1), T=st.integers(1, 12), spread=st.floats(0.0, 3.0))
 def test_bias_changes_choice_not_weights(seed, T, spread):
-    """Pitfall 16: weights = unbiased sc[ids] / Σ · 1.5; the same chosen set gets the same weights under any bias."""
+    """Weights = unbiased sc[ids] / Σ · 1.5; the same chosen set gets the same weights under any bias.
+
+    docs/architecture.md §19.16.
+    """
     rng = np.random.default_rng(seed)
     W = rng.standard_normal((E, 16))
     x = rng.standard_normal((T, 16))
@@ -145,7 +154,7 @@ def test_bias_changes_choice_not_weights(seed, T, spread):
 # SwiGLU clamp
 
 def test_swiglu_clamp_fires_beyond_limit():
-    """Pitfall 18 / §10 row 14: up ∈ [-10, 10], gate ≤ 10; inputs beyond ±10 must be clamped."""
+    """docs/architecture.md §19.18: up ∈ [-10, 10], gate ≤ 10; inputs beyond ±10 must be clamped."""
     rng = np.random.default_rng(0)
     w = make_expert(rng, gate_scale=30.0, up_scale=30.0)        # |w1 x|, |w3 x| ~ 30
     x = rng.standard_normal((6, C))
@@ -160,7 +169,10 @@ def test_swiglu_clamp_fires_beyond_limit():
 
 
 def test_swiglu_gate_has_no_lower_clamp():
-    """Pitfall 18: gate clamped only from above: a gate of about -40 gives silu(-40), not silu(-10)."""
+    """Gate clamped only from above: a gate of about -40 gives silu(-40), not silu(-10).
+
+    docs/architecture.md §19.18.
+    """
     rng = np.random.default_rng(1)
     w = make_expert(rng)
     x = np.abs(rng.standard_normal((3, C)))                      # x >= 0 and w1 <= 0: every gate value < 0
@@ -176,7 +188,10 @@ def test_swiglu_gate_has_no_lower_clamp():
 
 
 def test_routing_weight_applied_before_w2_mirror():
-    """Pitfall 17: w·h enters the FP8 activation quantization of w2 (differs from scaling the output)."""
+    """W·h enters the FP8 activation quantization of w2 (differs from scaling the output).
+
+    docs/architecture.md §19.17.
+    """
     rng = np.random.default_rng(2)
     w = make_expert(rng)
     x = round_bf16(rng.standard_normal((4, C)))
@@ -213,7 +228,10 @@ def moe_ref(x, tokens, w, limit_shared):
 
 
 def test_moe_shared_expert_clamp_only_in_current_revision():
-    """§3.5 / §8.1 / §10 row 13: the shared expert is clamped (10) in "current", unclamped in "initial"."""
+    """The shared expert is clamped (10) in "current", unclamped in "initial".
+
+    docs/architecture.md §11, §18, §19.18.
+    """
     rng = np.random.default_rng(3)
     w = make_moe(rng, shared_scale=30.0)
     x = rng.standard_normal((1, 5, C))
@@ -230,7 +248,10 @@ def test_moe_shared_expert_clamp_only_in_current_revision():
 
 
 def test_moe_trace_ids_and_weights(tiny_model):
-    """Pitfall 15 on the tiny model: layers 0..2 route by tid2eid[token]; every layer's weights sum to 1.5."""
+    """Layers 0..2 route by tid2eid[token]; every layer's weights sum to 1.5.
+
+    docs/architecture.md §19.15 on the tiny model.
+    """
     model = tiny_model("float64")
     toks = np.random.default_rng(9).integers(0, TINY.vocab_size, 30)
     t = Trace(("layers.*.ffn.expert_*",))

@@ -1,4 +1,4 @@
-"""Tests of refimpl.model.norm: weighted RMSNorm (spec §3.0 P1) and the weightless per-head q norm (A1, pitfall 5)."""
+"""Tests of refimpl.model.norm: weighted RMSNorm (docs/architecture.md §5) and the weightless per-head q norm (§19.5)."""
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,7 +10,7 @@ EPS = 1e-6
 
 
 def test_rms_norm_hand_worked():
-    """P1: y = w ⊙ x / sqrt(mean(x²) + eps); [3, 4] has mean square 12.5."""
+    """rms_norm: y = w ⊙ x / sqrt(mean(x²) + eps); [3, 4] has mean square 12.5."""
     y = rms_norm(np.array([3.0, 4.0]), np.array([1.0, 2.0]), eps=EPS, prec="float64")
     assert np.allclose(y, np.array([3.0, 8.0]) / np.sqrt(12.5 + EPS), rtol=1e-15, atol=0)
     # eps matters for tiny inputs: x = 0 gives 0, x = 1e-3 gives 1e-3/sqrt(1e-6 + 1e-6)
@@ -20,7 +20,7 @@ def test_rms_norm_hand_worked():
 
 
 def test_rms_norm_over_last_axis_only():
-    """P1: one RMS per row (last axis)."""
+    """rms_norm: one RMS per row (last axis)."""
     x = np.array([[3.0, 4.0], [30.0, 40.0]])
     y = rms_norm(x, np.ones(2), eps=0.0, prec="float64")
     assert np.allclose(y, [[3 / np.sqrt(12.5), 4 / np.sqrt(12.5)]] * 2, rtol=1e-15)
@@ -29,7 +29,7 @@ def test_rms_norm_over_last_axis_only():
 @settings(max_examples=30)
 @given(seed=st.integers(0, 2**32 - 1), a=st.floats(0.5, 100.0), n=st.integers(1, 300))
 def test_rms_norm_scale_invariant(seed, a, n):
-    """P1: rms_norm(a·x) == rms_norm(x) for a > 0 (up to eps, which is 1e-6 of a unit mean square)."""
+    """rms_norm: rms_norm(a·x) == rms_norm(x) for a > 0 (up to eps, which is 1e-6 of a unit mean square)."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((3, n)) + 1.0                # mean square >= ~0.25 per row (w.h.p. >= 0.1)
     w = 1 + 0.02 * rng.standard_normal(n)
@@ -44,7 +44,7 @@ def test_rms_norm_scale_invariant(seed, a, n):
 
 
 def test_rms_norm_mirror_returns_bf16_values_and_float32_agrees():
-    """P1: fp32 math, bf16 output (mirror); float32 mode equals float64 to fp32 precision."""
+    """rms_norm: fp32 math, bf16 output (mirror); float32 mode equals float64 to fp32 precision."""
     rng = np.random.default_rng(2)
     x = nx.round_bf16(rng.standard_normal((4, 256)) * 3)
     w = nx.round_bf16(1 + 0.02 * rng.standard_normal(256))
@@ -58,7 +58,7 @@ def test_rms_norm_mirror_returns_bf16_values_and_float32_agrees():
 
 
 def test_head_rms_norm_weightless_per_head():
-    """A1 / pitfall 5: q / sqrt(mean over the head dim of q² + eps), one factor per head, no weight."""
+    """docs/architecture.md §19.5: q / sqrt(mean over the head dim of q² + eps), one factor per head, no weight."""
     rng = np.random.default_rng(3)
     q = rng.standard_normal((2, 3, 4, 128)) * np.array([0.1, 1.0, 10.0, 100.0])[:, None]   # heads differ
     y = head_rms_norm(q, eps=EPS, prec="float64")
@@ -68,7 +68,7 @@ def test_head_rms_norm_weightless_per_head():
 
 
 def test_head_rms_norm_mirror_emulates_bf16_ops():
-    """A1: square, mean, +eps, rsqrt and the product are each bf16 tensors in the official code."""
+    """head_rms_norm: square, mean, +eps, rsqrt and the product are each bf16 tensors in the official code."""
     rng = np.random.default_rng(4)
     q = nx.round_bf16(rng.standard_normal((1, 5, 8, 128)) * 2)
     y = head_rms_norm(q, eps=EPS, prec="mirror")

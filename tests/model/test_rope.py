@@ -1,6 +1,6 @@
 """Tests of refimpl.model.rope: the interleaved layout, YaRN tables, the per-layer regime, properties.
 
-Spec §3.0 P9 (tables), P10 (interleaved pairs on the last p dims), pitfalls 1-4, §10 rows 1-3, 10.
+docs/architecture.md §6 (tables; interleaved pairs on the last p dims), watch points §19.1-19.4.
 """
 import math
 
@@ -28,7 +28,7 @@ def table_of(angles):
 # hand-worked: layout
 
 def test_apply_rope_4dim_interleaved_pairs_hand_worked():
-    """P10: (x0, x1) and (x2, x3) are complex numbers x0 + i·x1, x2 + i·x3 (adjacent pairs)."""
+    """Apply: (x0, x1) and (x2, x3) are complex numbers x0 + i·x1, x2 + i·x3 (adjacent pairs)."""
     # angles: pair 0 by π/2 (multiply by i), pair 1 by π (multiply by -1); cos/sin exact
     t = RopeTable(cos=np.array([[0.0, -1.0]]), sin=np.array([[1.0, 0.0]]))
     x = np.array([[[1.0, 2.0, 3.0, 4.0]]])                       # [b=1, s=1, 4]
@@ -42,7 +42,7 @@ def test_apply_rope_4dim_interleaved_pairs_hand_worked():
 
 
 def test_apply_rope_acts_on_last_p_dims_only():
-    """P10: the rotation uses x[..., -p:]; the leading d-p dims pass unchanged."""
+    """Apply: the rotation uses x[..., -p:]; the leading d-p dims pass unchanged."""
     t = RopeTable(cos=np.array([[0.0, -1.0]]), sin=np.array([[1.0, 0.0]]))
     x = np.array([[[7.0, 8.0, 1.0, 2.0, 3.0, 4.0]]])
     y = apply_rope(x, t, "float64")
@@ -51,7 +51,7 @@ def test_apply_rope_acts_on_last_p_dims_only():
 
 
 def test_apply_rope_per_position_and_broadcast_over_heads():
-    """P10: 3-D input indexes the table per token; 4-D [b,s,h,d] broadcasts it over heads."""
+    """Apply: 3-D input indexes the table per token; 4-D [b,s,h,d] broadcasts it over heads."""
     rng = np.random.default_rng(0)
     t = table_of(rng.uniform(-4, 4, (3, 2)))                      # 3 positions, p = 4
     x = rng.standard_normal((2, 3, 5, 6))                         # [b, s, h, d]
@@ -65,7 +65,7 @@ def test_apply_rope_per_position_and_broadcast_over_heads():
 
 
 def test_rope_table_small_base_hand_worked():
-    """P9: f_i = base^(-2i/p), angle = t·f_i; dim 4, base 100: f = [1, 0.1]."""
+    """Tables: f_i = base^(-2i/p), angle = t·f_i; dim 4, base 100: f = [1, 0.1]."""
     t = rope_table(np.array([0, 1, 3]), dim=4, base=100.0, original_seq_len=0, prec="float64", **YARN)
     assert np.allclose(t.cos, np.cos([[0, 0], [1, 0.1], [3, 0.3]]), rtol=0, atol=1e-15)
     assert np.allclose(t.sin, np.sin([[0, 0], [1, 0.1], [3, 0.3]]), rtol=0, atol=1e-15)
@@ -79,7 +79,7 @@ def plain_freqs(base, dim=64):
 
 
 def test_yarn_ramp_low15_high25_for_base_160000():
-    """P9: base 160000, dim 64, original 65536, beta 32/1: low = 15, high = 25.
+    """Tables: base 160000, dim 64, original 65536, beta 32/1: low = 15, high = 25.
 
     Pairs 0-15 keep f_i, pairs 25-31 use f_i/16, pairs in between blend linearly with ramp (i-15)/10.
     """
@@ -102,14 +102,14 @@ def test_yarn_ramp_low15_high25_for_base_160000():
 
 
 def test_no_yarn_when_original_seq_len_is_zero():
-    """P9: original_seq_len 0 = plain frequencies."""
+    """Tables: original_seq_len 0 = plain frequencies."""
     f = yarn_frequencies(dim=64, base=10000.0, original_seq_len=0, dtype=np.float64, **YARN)
     assert np.allclose(f, plain_freqs(10000.0), rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize("cfg", [TINY, FLASH], ids=["tiny", "flash"])
 def test_layer_regimes_ratio0_base10000_without_yarn(cfg):
-    """Pitfall 2 / §10 rows 1-3: ratio-0 layers base 10000 no YaRN; compressed layers 160000 + YaRN."""
+    """docs/architecture.md §19.2: ratio-0 layers base 10000 no YaRN; compressed layers 160000 + YaRN."""
     for layer, ratio in enumerate(cfg.compress_ratios):
         if ratio == 0:
             assert cfg.rope_base(layer) == 10000.0 and cfg.rope_original_seq_len(layer) == 0
@@ -147,7 +147,7 @@ def test_rope_table_float32_close_to_float64():
 @given(seed=st.integers(0, 2**32 - 1), s=st.integers(1, 6), layer=st.sampled_from([0, 2, 3]),
        start=st.integers(0, 70000))
 def test_rope_inverse_restores_input_and_preserves_pair_norms(seed, s, layer, start):
-    """P10 (float64): RoPE⁻¹(RoPE(x)) = x; each rotated pair keeps its norm."""
+    """Apply (float64): RoPE⁻¹(RoPE(x)) = x; each rotated pair keeps its norm."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((2, s, 3, TINY.head_dim))
     t = layer_rope_table(start + np.arange(s), TINY, layer, "float64")
@@ -164,7 +164,7 @@ def test_rope_inverse_restores_input_and_preserves_pair_norms(seed, s, layer, st
 @given(seed=st.integers(0, 2**32 - 1), t1=st.integers(0, 5000), t2=st.integers(0, 5000),
        shift=st.integers(0, 5000))
 def test_rope_dot_product_depends_on_relative_position(seed, t1, t2, shift):
-    """P10: <RoPE(q, t1), RoPE(k, t2)> depends only on t1 - t2 (the reason for A9's de-rotation)."""
+    """Apply: <RoPE(q, t1), RoPE(k, t2)> depends only on t1 - t2 (the reason for the output de-rotation)."""
     rng = np.random.default_rng(seed)
     q, k = rng.standard_normal((2, 1, 1, 64))
     def dot(a, b):
@@ -175,7 +175,7 @@ def test_rope_dot_product_depends_on_relative_position(seed, t1, t2, shift):
 
 
 def test_apply_rope_mirror_rounds_rotated_dims_to_bf16():
-    """P10: rotated pair written back into bf16 (mirror); the other dims unchanged."""
+    """Apply: rotated pair written back into bf16 (mirror); the other dims unchanged."""
     rng = np.random.default_rng(1)
     x = nx.round_bf16(rng.standard_normal((1, 4, 2, TINY.head_dim)))
     t = layer_rope_table(np.arange(4) + 5, TINY, 2, "mirror")

@@ -1,6 +1,6 @@
 """Tests of refimpl.model.transformer on the tiny synthetic checkpoint: lengths, modes, causality, batching, prefixes.
 
-Spec §3.1, §3.6, §4, §10.3 (lengths every run must straddle, scaled to the tiny config: window 32,
+docs/architecture.md §13, §15, §20 (lengths every run must straddle, scaled to the tiny config: window 32,
 ratios 4 and 16, index_topk 16), DESIGN precision modes (float64 exact, float32, mirror).
 
 Measured gaps on a 300-token forward (seed 300, tiny checkpoint seed 0; numbers stated in the asserts):
@@ -39,7 +39,10 @@ def same(a, b, prec, tol=1e-4):
 
 @pytest.mark.parametrize("prec", PRECS)
 def test_lengths_across_every_threshold(tiny_model, prec):
-    """§10.3: forward at each threshold length: right shape, finite; the last position again by prefill + decode."""
+    """Forward at each threshold length: right shape, finite; the last position again by prefill + decode.
+
+    docs/architecture.md §20.
+    """
     model = tiny_model(prec)
     toks = tokens(max(LENGTHS), 1)
     for n in LENGTHS:
@@ -86,7 +89,10 @@ def test_mirror_within_quantization_budget_of_float64(logits300):
 
 @pytest.mark.parametrize("prec", PRECS)
 def test_prefix_invariance(tiny_model, prec):
-    """§4.2: the logits of a prefix do not change when the sequence grows (bit-identical in float64 and mirror)."""
+    """The logits of a prefix do not change when the sequence grows (bit-identical in float64 and mirror).
+
+    docs/architecture.md §15.
+    """
     model = tiny_model(prec)
     toks = tokens(100, 2)
     short, long_ = model.forward(toks[:40]), model.forward(toks)
@@ -96,7 +102,10 @@ def test_prefix_invariance(tiny_model, prec):
 @settings(max_examples=5)
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 40), data=st.data())
 def test_causality(tiny_model, seed, n, data):
-    """§3.1: changing token t never changes the logits of positions before t (float64, bit-identical)."""
+    """Changing token t never changes the logits of positions before t (float64, bit-identical).
+
+    docs/architecture.md §13.
+    """
     model = tiny_model("float64")
     toks = tokens(n, seed)
     t = data.draw(st.integers(0, n - 1))
@@ -109,7 +118,10 @@ def test_causality(tiny_model, seed, n, data):
 
 @pytest.mark.parametrize("prec", PRECS)
 def test_batch_equals_single_sequences(tiny_model, prec):
-    """§10 row 28: a batch of B sequences gives each row's single-sequence logits (no padding, no mixing)."""
+    """A batch of B sequences gives each row's single-sequence logits (no padding, no mixing).
+
+    docs/architecture.md §19.36.
+    """
     model = tiny_model(prec)
     toks = np.stack([tokens(20, s) for s in (10, 11, 12)])       # 20 > 16: HCA and CSA entries exist
     batch = model.forward(toks)
@@ -124,7 +136,10 @@ def test_batch_equals_single_sequences(tiny_model, prec):
 
 
 def test_mtp_logits_shape_and_causality(tiny_model):
-    """§3.7: MTP logits [s-1, v] (position t pairs h_t with token t+1); they never see later tokens."""
+    """MTP logits [s-1, v] (position t pairs h_t with token t+1); they never see later tokens.
+
+    docs/architecture.md §14.
+    """
     model = tiny_model("float64")
     toks = tokens(12, 5)
     logits, mtp = model.forward(toks, mtp=True)
