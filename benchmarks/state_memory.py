@@ -1,4 +1,4 @@
-"""Decode-state bytes per token at Flash dimensions, measured, against the spec's arithmetic.
+"""Decode-state bytes per token at Flash dimensions, measured, against the arithmetic of docs/architecture.md §15.
 
 The state must grow by the compressed entries only (plus the fixed window and compressor rows):
 per CSA layer one main entry (head_dim) and one index key (index_head_dim) per 4 tokens, per HCA
