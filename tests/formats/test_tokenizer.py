@@ -1,19 +1,14 @@
-"""Tests of refimpl.formats.tokenizer: the tiny trained tokenizer, the checkpoint files, text <-> ids."""
+"""Tests of refimpl.formats.tokenizer: the checkpoint files, text <-> ids (on the synthetic tiny tokenizer)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refimpl.formats.encoding import BOS, EOS, SPECIAL_TOKENS, USER, encode_messages
-from refimpl.formats.tokenizer import Tokenizer, build_tiny_tokenizer, write_tokenizer_files
-
-REPO = Path(__file__).resolve().parents[2]
+from refimpl.formats.tokenizer import Tokenizer
+from refimpl.synthetic.tokenizer import build_tiny_tokenizer, write_tokenizer_files
 
 # the official tokenizer_config.json (spec §6), written out
 AT = {"__type": "AddedToken", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
@@ -27,28 +22,6 @@ OFFICIAL_CONFIG = {
 @pytest.fixture(scope="module")
 def tiny():
     return Tokenizer(build_tiny_tokenizer(1024))
-
-
-@pytest.mark.parametrize("vocab_size", [len(SPECIAL_TOKENS) + 256, 1024, 2048, 4096])
-def test_build_tiny_tokenizer_vocab_size_exact(vocab_size):
-    tok = build_tiny_tokenizer(vocab_size)
-    assert tok.get_vocab_size(with_added_tokens=True) == vocab_size
-    assert max(tok.get_vocab(with_added_tokens=True).values()) == vocab_size - 1   # ids are 0..v-1
-
-
-@pytest.mark.parametrize("vocab_size", [10, len(SPECIAL_TOKENS) + 255, 1 << 20, 1024.0])
-def test_build_tiny_tokenizer_bad_size(vocab_size):
-    with pytest.raises(ValueError, match="vocab_size"):
-        build_tiny_tokenizer(vocab_size)
-
-
-def test_build_tiny_tokenizer_deterministic():
-    assert build_tiny_tokenizer(1024).to_str() == build_tiny_tokenizer(1024).to_str()
-    # another process (other hash seeds) gives the same file
-    code = "from refimpl.formats.tokenizer import build_tiny_tokenizer; print(build_tiny_tokenizer(1024).to_str())"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "123"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.rstrip("\n") == build_tiny_tokenizer(1024).to_str()
 
 
 def test_bos_eos_ids(tiny):
