@@ -106,11 +106,20 @@ _PARAM_OPEN, _PARAM_END = f"<{DSML}parameter", f"/{DSML}parameter"
 _CALLS_START = "\n\n" + f"<{DSML}tool_calls"    # official: E:L710, how content ends in a completion
 # `$` also matches before a final "\n" (as in the official), so an invoke with no parameters parses
 _INVOKE_HEAD_RE = re.compile(r'\s*name="(.*?)">\n$', re.DOTALL)                       # E:L659
-_PARAM_RE = re.compile(r' name="(.*?)" string="(true|false)">(.*?)<$', re.DOTALL)    # E:L668
 
 
 class EncodingError(ValueError):
     """Malformed messages, options or completion text."""
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_unicode(text: str, where: str) -> None:
+    """Refuse a lone surrogate: such a string has no UTF-8 form, so no tokenizer can read it."""
+    if (m := _SURROGATE.search(text)) is not None:
+        raise EncodingError(f"{where}: lone surrogate {m.group()!r} at character {m.start()} "
+                            "(not valid Unicode text)")
 
 
 def _to_json(value: Any, where: str) -> str:
@@ -403,48 +412,99 @@ def encode_messages(messages: Sequence[Mapping[str, Any]], *, thinking_mode: str
 
 # ---- parsing a completion (official: E:L606-744) ----
 
-def _read_until(text: str, pos: int, stops: tuple[str, ...]) -> tuple[int, str, str | None]:
-    """(position after the first stop, text before it, the stop) or (len, rest, None)."""
-    found = [(at, k) for k, s in enumerate(stops) if (at := text.find(s, pos)) != -1]
-    if not found:
-        return len(text), text[pos:], None
-    at, k = min(found)                                    # the earliest; ties go to the first listed
-    return at + len(stops[k]), text[pos:at], stops[k]
+class _Reader:
+    """The official reader (E:L606-627) over one text, in time linear in the text.
+
+    `until` returns (position after the first stop, text before it, the stop) or (len, rest, None).
+    Positions only move forward, so the next occurrence of each stop is remembered: the official
+    searches the whole remaining text again for every stop at every step, which is quadratic when
+    a stop is absent (a block of many parameters and no </｜DSML｜invoke>).
+    """
+
+    def __init__(self, text: str):
+        self.text, self.pos, self._next = text, 0, {}
+
+    def _find(self, stop: str) -> int:
+        at = self._next.get(stop)                           # -1: none after an earlier position
+        if at is None or -1 < at < self.pos:                # unknown, or already passed
+            at = self.text.find(stop, self.pos)
+            self._next[stop] = at
+        return at
+
+    def until(self, *stops: str) -> tuple[str, str | None]:
+        found = [(at, k) for k, stop in enumerate(stops) if (at := self._find(stop)) != -1]
+        start = self.pos
+        if not found:
+            self.pos = len(self.text)
+            return self.text[start:], None
+        at, k = min(found)                                  # the earliest; ties go to the first listed
+        self.pos = at + len(stops[k])
+        return self.text[start:at], stops[k]
 
 
-def _parse_tool_calls(text: str, pos: int) -> tuple[int, list[tuple[str, str]]]:
-    """DSML invokes after "\\n\\n<｜DSML｜tool_calls" -> (position, [(name, arguments JSON)])."""
+def _excerpt(text: str, n: int = 60) -> str:
+    """repr of the start of `text`, for one-line errors."""
+    return repr(text) if len(text) <= n else f"{text[:n]!r}... ({len(text)} characters)"
+
+
+_PARAM_HEADS = ('" string="true">', '" string="false">')
+
+
+def _split_param(body: str) -> tuple[str, str, str] | None:
+    """(name, "true"|"false", value) of ' name="N" string="S">V<', as the official regex (E:L668).
+
+    re.findall(r'^ name="(.*?)" string="(true|false)">(.*?)<$', body, DOTALL) gives the first
+    ' string=' header after the name (later ones only end later), and the value runs to the final
+    "<" ($ also matches before a final "\n"). Done by hand: the regex is quadratic in the number
+    of headers when the body does not end with "<".
+    """
+    if not body.startswith(' name="'):
+        return None
+    heads = [(at, h) for h in _PARAM_HEADS if (at := body.find(h, 7)) != -1]
+    if not heads:
+        return None
+    at, head = min(heads)
+    lt = len(body) - (2 if body.endswith("<\n") else 1)
+    if lt < at + len(head) or body[lt] != "<":
+        return None
+    return body[7:at], head[10:-2], body[at + len(head):lt]
+
+
+def _parse_tool_calls(r: _Reader) -> list[tuple[str, str]]:
+    """DSML invokes after "\\n\\n<｜DSML｜tool_calls", up to its close tag -> [(name, arguments JSON)]."""
     calls = []
-    while pos < len(text):                                                    # official: E:L646-682
-        pos, gap, stop = _read_until(text, pos, (_INVOKE_OPEN, _CALLS_CLOSE))
+    while r.pos < len(r.text):                                                # official: E:L646-682
+        gap, stop = r.until(_INVOKE_OPEN, _CALLS_CLOSE)
         if gap != ">\n":
-            raise EncodingError(f"tool call format error: expected '>\\n' but got {gap!r}")
+            raise EncodingError(f"tool call format error: expected '>\\n' but got {_excerpt(gap)}")
         if stop == _CALLS_CLOSE:
-            break
+            return calls
         if stop is None:
-            raise EncodingError("tool calls block ends without a closing tag")
-        pos, head, stop = _read_until(text, pos, (_PARAM_OPEN, _INVOKE_CLOSE))
+            break
+        head, stop = r.until(_PARAM_OPEN, _INVOKE_CLOSE)
         match = _INVOKE_HEAD_RE.match(head)
         if match is None:
-            raise EncodingError(f"tool name format error: {head!r}")
+            raise EncodingError(f"tool name format error: {_excerpt(head)}")
         params: dict[str, tuple[str, str]] = {}
         while stop == _PARAM_OPEN:
-            pos, body, stop = _read_until(text, pos, (_PARAM_END,))
-            pm = _PARAM_RE.match(body)
-            if pm is None:
-                raise EncodingError(f"parameter format error: {body!r}")
-            key, is_str, value = pm.groups()
+            body, stop = r.until(_PARAM_END)
+            param = _split_param(body) if stop is not None else None   # unclosed: the official fails too
+            if param is None:
+                raise EncodingError(f"parameter format error: {_excerpt(body)}")
+            key, is_str, value = param
             if key in params:
                 raise EncodingError(f"duplicate parameter name {key!r}")
             params[key] = (value, is_str)
-            pos, gap, stop = _read_until(text, pos, (_PARAM_OPEN, _INVOKE_CLOSE))
+            gap, stop = r.until(_PARAM_OPEN, _INVOKE_CLOSE)
             if gap != ">\n":
-                raise EncodingError(f"parameter format error: expected '>\\n' but got {gap!r}")
+                raise EncodingError(f"parameter format error: expected '>\\n' but got {_excerpt(gap)}")
         # arguments JSON built as text: non-string values are copied unchecked (official: E:L169-186)
         items = (f"{json.dumps(k, ensure_ascii=False)}: "
                  f"{json.dumps(v, ensure_ascii=False) if s == 'true' else v}" for k, (v, s) in params.items())
         calls.append((match.group(1), "{" + ", ".join(items) + "}"))
-    return pos, calls
+    # NOTE(official): the official returns the calls read so far when the text ends inside the
+    # block (E:L646), so a cut-off completion reads as a complete message with fewer calls
+    raise EncodingError(f"the completion ends inside the tool-call block: no closing {_CALLS_CLOSE}")
 
 
 def parse_message_from_completion_text(text: str, *, thinking_mode: str = "chat") -> dict[str, Any]:
@@ -452,22 +512,23 @@ def parse_message_from_completion_text(text: str, *, thinking_mode: str = "chat"
     _check_options(thinking_mode)
     if not isinstance(text, str):
         raise EncodingError(f"completion must be a string, got {type(text).__name__}")
-    pos, reasoning = 0, ""
+    _check_unicode(text, "completion")
+    r, reasoning = _Reader(text), ""
     if thinking_mode == "thinking":                                           # official: E:L715-718
-        pos, reasoning, stop = _read_until(text, pos, (THINK_END, _CALLS_START))
+        reasoning, stop = r.until(THINK_END, _CALLS_START)
         if stop != THINK_END:
             raise EncodingError("invalid thinking format: missing </think>")
-    pos, content, stop = _read_until(text, pos, (EOS, _CALLS_START))
+    content, stop = r.until(EOS, _CALLS_START)
     calls: list[tuple[str, str]] = []
     if stop == _CALLS_START:                                                  # official: E:L727-731
-        pos, calls = _parse_tool_calls(text, pos)
-        pos, rest, stop = _read_until(text, pos, (EOS,))      # NOTE(official): EOS optional here
+        calls = _parse_tool_calls(r)
+        rest, stop = r.until(EOS)                             # NOTE(official): EOS optional here
         if rest:
-            raise EncodingError(f"unexpected text after tool calls: {rest!r}")
+            raise EncodingError(f"unexpected text after tool calls: {_excerpt(rest)}")
     elif stop is None:
         raise EncodingError("invalid format: missing EOS token")
-    if pos != len(text):
-        raise EncodingError(f"unexpected text after EOS: {text[pos:]!r}")
+    if r.pos != len(text):
+        raise EncodingError(f"unexpected text after EOS: {_excerpt(text[r.pos:])}")
     for token in (BOS, EOS, THINK_START, THINK_END, DSML):                   # official: E:L735-737
         if token in content or token in reasoning:
             raise EncodingError(f"unexpected special token {token!r} in content")

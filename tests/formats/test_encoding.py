@@ -44,6 +44,7 @@ Spec §6 rule -> tests covering it (hand-derived strings unless said otherwise):
 """
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -410,13 +411,59 @@ def test_parse_tool_calls():
 
 
 def test_parse_mirrors_official_leniency():
-    # official: EOS is optional after tool calls, a cut-off block is accepted, and a string="false"
-    # value is copied into the arguments text unchecked
+    # official: EOS is optional after a closed tool-call block, and a string="false" value is
+    # copied into the arguments text unchecked
     head = '\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n'
     param = '<｜DSML｜parameter name="a" string="false">abc</｜DSML｜parameter>\n'
-    got = parse_message_from_completion_text("c" + head + param)
+    got = parse_message_from_completion_text("c" + head + param + "</｜DSML｜invoke>\n</｜DSML｜tool_calls>")
     assert got["content"] == "c" and got["tool_calls"][0]["function"]["arguments"] == '{"a": abc}'
     assert parse_message_from_completion_text("c" + DSML_F_G)["tool_calls"][1]["function"]["name"] == "g"
+
+
+# the official parser returns the calls read so far for these (zero or one), as if complete
+CUT_OFF = ["hi\n\n<｜DSML｜tool_calls",
+           'hi\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n'
+           '<｜DSML｜parameter name="a" string="true">x</｜DSML｜parameter>\n',
+           'hi\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n\n</｜DSML｜invoke',
+           DSML_F_G[:DSML_F_G.rindex("</｜DSML｜invoke>") + len("</｜DSML｜invoke")]]
+
+
+@pytest.mark.parametrize("text", CUT_OFF)
+@pytest.mark.parametrize("mode", ["chat", "thinking"])
+def test_parse_refuses_cut_off_tool_calls(text, mode):
+    text = ("r" + TE if mode == "thinking" else "") + text
+    with pytest.raises(EncodingError, match="ends inside the tool-call block"):
+        parse_message_from_completion_text(text, thinking_mode=mode)
+
+
+def _parse_seconds(text):
+    start = time.perf_counter()
+    try:
+        parse_message_from_completion_text(text)
+    except EncodingError:
+        pass
+    return time.perf_counter() - start
+
+
+@pytest.mark.parametrize("unit", [
+    '<｜DSML｜parameter name="a" string="true">x',                          # parameters never closed
+    '<｜DSML｜parameter name="a{}" string="true">x</｜DSML｜parameter>\n',     # the invoke never closed
+])
+def test_parse_time_is_linear(unit):
+    # 50 times the text must take about 50 times as long (2,500 times if quadratic); ~1 MB here
+    def text(n):
+        return ('c\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n'
+                + "".join(unit.replace("{}", str(k)) for k in range(n)))
+    n_big = 2**20 // len(unit)
+    small = min(_parse_seconds(text(n_big // 50)) for _ in range(3))
+    assert _parse_seconds(text(n_big)) < 400 * small + 0.05
+
+
+def test_parse_errors_are_one_short_line():
+    body = '<｜DSML｜parameter name="a" string="true">' + "x" * 100_000
+    with pytest.raises(EncodingError) as err:
+        parse_message_from_completion_text('c\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n' + body)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 200 and "100024 characters" in str(err.value)
 
 
 @pytest.mark.parametrize("text, mode, message", [
