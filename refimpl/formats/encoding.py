@@ -280,14 +280,14 @@ def _merge_tool_messages(msgs: list[dict]) -> list[dict]:
         if m["role"] == "tool":                                               # official: E:L424-438
             block = ("tool_result", m["call_id"], m["content"], m["where"])
             if prev is not None:
-                out[-1] = {**prev, "blocks": prev["blocks"] + [block]}
+                prev["blocks"].append(block)              # a turn made here: its list is its own
             else:
                 out.append({"role": "user", "where": m["where"], "task": None, "tools": [], "calls": [],
                             "response_format": None, "wo_eos": False, "blocks": [block]})
         elif m["role"] == "user":                                             # official: E:L439-453
             block = ("text", "", m["content"], m["where"])
             if prev is not None and prev["task"] is None:     # NOTE(official): this user's task is lost
-                out[-1] = {**prev, "blocks": prev["blocks"] + [block]}
+                prev["blocks"].append(block)
             else:
                 out.append({**m, "tools": [], "calls": [], "response_format": None, "blocks": [block]})
         else:

@@ -40,7 +40,15 @@ Spec §6 rule -> tests covering it (hand-derived strings unless said otherwise):
 |                                                      | test_roundtrip_dsml_example                   |
 | bad input -> EncodingError (a ValueError)            | test_bad_messages, test_bad_options,          |
 |                                                      | test_bad_messages_in_context_are_named,       |
-|                                                      | test_parse_errors                             |
+|                                                      | test_parse_errors, test_deep_nesting_*        |
+| the shape of every message checked; the official's   | test_dropped_messages_are_not_checked,        |
+|   own rules only on the messages it renders          | test_context_messages_are_not_checked         |
+| tool results, tools on other roles: as the official  | test_tool_results_as_the_official,            |
+|                                                      | test_tools_on_other_roles_as_the_official     |
+| parse: a cut-off tool-call block is refused; linear  | test_parse_refuses_cut_off_tool_calls,        |
+|   time; one-line errors                              | test_parse_time_is_linear, test_parse_errors_*|
+| everything against the official encoder's outputs    | test_encoding_corpus.py (recorded corpus),    |
+|                                                      | test_encoding_strategies.py (properties)      |
 """
 
 import json
@@ -436,7 +444,7 @@ def test_tools_on_other_roles_as_the_official():
 
 def test_deep_nesting_is_a_clear_error():
     deep = []
-    for _ in range(100_000):
+    for _ in range(20_000):
         deep = [deep]
     with pytest.raises(EncodingError, match=r"messages\[0\].response_format: nested too deeply"):
         chat([{"role": "system", "content": "S", "response_format": {"a": deep}}])
@@ -500,6 +508,7 @@ def _parse_seconds(text):
 @pytest.mark.parametrize("unit", [
     '<｜DSML｜parameter name="a" string="true">x',                          # parameters never closed
     '<｜DSML｜parameter name="a{}" string="true">x</｜DSML｜parameter>\n',     # the invoke never closed
+    '</｜DSML｜invoke>\n<｜DSML｜invoke name="f{}">\n',                       # the block never closed
 ])
 def test_parse_time_is_linear(unit):
     # 50 times the text must take about 50 times as long (2,500 times if quadratic); ~1 MB here
@@ -509,6 +518,17 @@ def test_parse_time_is_linear(unit):
     n_big = 2**20 // len(unit)
     small = min(_parse_seconds(text(n_big // 50)) for _ in range(3))
     assert _parse_seconds(text(n_big)) < 400 * small + 0.05
+
+
+def test_encode_time_is_linear():
+    # 20 times the tool results must take about 20 times as long (400 times if quadratic)
+    def seconds(n):
+        msgs = [user("q"), asst(tool_calls=CALL_C1)] + [{"role": "tool", "content": "r"}] * n
+        start = time.perf_counter()
+        chat(msgs)
+        return time.perf_counter() - start
+    small = min(seconds(2_000) for _ in range(3))
+    assert seconds(40_000) < 80 * small + 0.05
 
 
 def test_parse_errors_are_one_short_line():
