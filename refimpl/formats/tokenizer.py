@@ -11,6 +11,8 @@ The small BPE tokenizer that synthetic checkpoints carry is trained in `refimpl.
 from __future__ import annotations
 
 import json
+import numbers
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,13 @@ from refimpl.formats.encoding import BOS, EOS
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 MODEL_MAX_LENGTH = 1048576                      # official tokenizer_config.json
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class TokenizerError(ValueError):
+    """Tokenizer files that cannot be read, or text or ids the tokenizer cannot take."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,19 +52,36 @@ class Tokenizer:
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path / name} not found: a checkpoint directory needs "
                                         f"{TOKENIZER_FILE} and {CONFIG_FILE}")
-        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-        return cls(tokenizers.Tokenizer.from_file(str(path / TOKENIZER_FILE)),
-                   bos_token=_token_string(config, "bos_token"),
+        try:
+            config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise TokenizerError(f"{path / CONFIG_FILE}: not a JSON file ({err})") from None
+        if not isinstance(config, dict):
+            raise TokenizerError(f"{path / CONFIG_FILE}: expected a JSON object, got {type(config).__name__}")
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(path / TOKENIZER_FILE))
+        except Exception as err:          # the tokenizers library raises a bare Exception on bad files
+            raise TokenizerError(f"{path / TOKENIZER_FILE}: not a tokenizer file ({err})") from None
+        return cls(tok, bos_token=_token_string(config, "bos_token"),
                    eos_token=_token_string(config, "eos_token"))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; no BOS/EOS is added (the encoder writes BOS as text)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        if (bad := _SURROGATE.search(text)) is not None:
+            raise TokenizerError(f"text has a lone surrogate {bad.group()!r} at character {bad.start()} "
+                                 "(not valid Unicode)")
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
         """Text of `ids`, special tokens included."""
+        ids, v = list(ids), self.vocab_size
+        for i in ids:
+            if not isinstance(i, numbers.Integral) or isinstance(i, bool):
+                raise TokenizerError(f"token ids must be integers, got {i!r}")
+            if not 0 <= i < v:      # the library decodes an id past the vocabulary as "" and fails below 0
+                raise TokenizerError(f"token id {i} is outside the vocabulary [0, {v})")
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def token_to_id(self, token: str) -> int | None:
@@ -83,5 +109,5 @@ def _token_string(config: dict, key: str) -> str:
     if isinstance(value, dict):
         value = value.get("content")
     if not isinstance(value, str):
-        raise ValueError(f"{CONFIG_FILE}: `{key}` must be a string or {{'content': str}}, got {value!r}")
+        raise TokenizerError(f"{CONFIG_FILE}: `{key}` must be a string or {{'content': str}}, got {value!r}")
     return value

@@ -2,12 +2,13 @@
 
 import json
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refimpl.formats.encoding import BOS, EOS, SPECIAL_TOKENS, USER, encode_messages
-from refimpl.formats.tokenizer import Tokenizer
+from refimpl.formats.tokenizer import Tokenizer, TokenizerError
 from refimpl.synthetic.tokenizer import build_tiny_tokenizer, write_tokenizer_files
 
 # the official tokenizer_config.json (spec §6), written out
@@ -109,3 +110,32 @@ def test_from_checkpoint_bad_config(tmp_path, tiny):
 def test_encode_rejects_non_text(tiny):
     with pytest.raises(TypeError):
         tiny.encode(b"bytes")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer.json", b"{not json", "tokenizer.json: not a tokenizer file"),
+    ("tokenizer.json", b'{"model": {"type": "BPE"}}', "tokenizer.json: not a tokenizer file"),
+    ("tokenizer_config.json", b"[1", "tokenizer_config.json: not a JSON file"),
+    ("tokenizer_config.json", b'{"bos_token": "\xff"}', "tokenizer_config.json: not a JSON file"),
+    ("tokenizer_config.json", b"[1]", "tokenizer_config.json: expected a JSON object, got list"),
+])
+def test_from_checkpoint_corrupt_files(tmp_path, tiny, name, content, message):
+    write_tokenizer_files(tmp_path, tiny.tok)
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(TokenizerError, match=message):
+        Tokenizer.from_checkpoint(tmp_path)
+    assert issubclass(TokenizerError, ValueError)
+
+
+def test_encode_refuses_lone_surrogates(tiny):
+    with pytest.raises(TokenizerError, match=r"lone surrogate '\\ud800' at character 1"):
+        tiny.encode("a\ud800b")
+
+
+@pytest.mark.parametrize("ids, message", [([5, 1024], "token id 1024 is outside the vocabulary"),
+                                          ([-1], "token id -1 is outside"), ([1.7], "must be integers"),
+                                          ([True], "must be integers")])
+def test_decode_refuses_bad_ids(tiny, ids, message):
+    with pytest.raises(TokenizerError, match=message):
+        tiny.decode(ids)
+    assert tiny.decode(np.array([5, 1023])) == tiny.decode([5, 1023])
