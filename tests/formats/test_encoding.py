@@ -52,6 +52,7 @@ Spec §6 rule -> tests covering it (hand-derived strings unless said otherwise):
 """
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -529,6 +530,18 @@ def test_encode_time_is_linear():
         return time.perf_counter() - start
     small = min(seconds(2_000) for _ in range(3))
     assert seconds(40_000) < 80 * small + 0.05
+
+
+OFFICIAL_PARAM_RE = re.compile(r'^ name="(.*?)" string="(true|false)">(.*?)<$', flags=re.DOTALL)   # E:L668
+
+
+@settings(max_examples=300)
+@given(body=st.lists(st.sampled_from([' name="', '" string="true">', '" string="false">', '"', "<", "\n", "<\n",
+                                      "a", " ", ">", "string"]), max_size=10).map("".join))
+def test_split_param_is_the_official_regex(body):
+    # the parameter split done by hand (linear) reads every body as the official regex does
+    found = OFFICIAL_PARAM_RE.findall(body)
+    assert encoding._split_param(body) == (found[0] if len(found) == 1 else None)
 
 
 def test_parse_errors_are_one_short_line():
