@@ -271,8 +271,8 @@ def _check_message(msg: Any, where: str) -> dict:
 def _merge_tool_messages(msgs: list[dict]) -> list[dict]:
     """Fold each tool result, and each user message after a user turn, into that user turn.
 
-    A user turn keeps only its content, task and wo_eos (official: E:L444-453): `tools` or
-    `tool_calls` on a user or tool message are dropped unread.
+    A user turn keeps only its content, task and wo_eos (official: E:L444-453): `tools`,
+    `tool_calls` and `response_format` on a user or tool message are dropped here.
     """
     out: list[dict] = []
     for m in msgs:
@@ -384,7 +384,8 @@ def _block_text(block: tuple) -> str:
     if kind == "text":
         return content
     if isinstance(content, list):
-        texts = [t if kind == "text" else f"[Unsupported {kind}]" for kind, t in content]   # E:L304
+        texts = [t if part_type == "text" else f"[Unsupported {part_type}]"            # E:L304
+                 for part_type, t in content]
         if None in texts:
             raise EncodingError(f"{where}: a text part's `text` must be a string, got None")
         content = "\n\n".join(texts)
