@@ -5,7 +5,8 @@ a response format, developer messages (empty ones too), user messages with tasks
 messages, assistant turns with reasoning and tool calls, and tool results in any order (matching,
 unknown or missing ids); chat and thinking modes, drop_thinking on and off, reasoning effort max,
 and sometimes a context split. Every message is well-typed (the shape refimpl checks everywhere),
-so the official decides each case by its own rules. `tools/make_encoding_corpus.py` runs their
+so the official decides each case by its own rules; a few fail them (a user's content None,
+tool-call arguments that are JSON but not an object, an empty developer message it renders). `tools/make_encoding_corpus.py` runs their
 examples through the official `encoding_dsv4.py` and records tests/data/encoding_corpus, which
 test_encoding_corpus.py replays; the tests here check properties that need no official file.
 """
@@ -92,8 +93,8 @@ def conversations(draw):
 @st.composite
 def assistant_turns(draw):
     """(assistant message, thinking_mode): one completion to render and parse back."""
-    msg = draw(assistant.filter(lambda m: "task" not in m and "wo_eos" not in m
-                                and all(c["function"]["arguments"].startswith("{") for c in m.get("tool_calls", []))))
+    msg = draw(assistant.filter(lambda m: "task" not in m and "wo_eos" not in m and all(
+        c["function"]["arguments"].startswith("{") for c in m.get("tool_calls", []))))
     return msg, draw(st.sampled_from(["chat", "thinking"]))
 
 
