@@ -1,7 +1,8 @@
 """DeepSeek V4 chat encoding: OpenAI-style messages -> prompt text, completion text -> message.
 
 Our own rewrite of the official `encoding/encoding_dsv4.py` (cited as E:Lnnn); it gives the same
-output byte for byte (tests/data/encoding holds the official fixtures). A prompt is (docs/architecture.md §17):
+output byte for byte (tests/data/encoding holds the official fixtures, tests/data/encoding_corpus
+a differential corpus recorded from the official file). A prompt is (docs/architecture.md §17):
 
     [BOS] [REASONING_EFFORT_MAX]  then per message:
       system           content ["\\n\\n" tools block] ["\\n\\n" response format]
@@ -12,19 +13,38 @@ output byte for byte (tests/data/encoding holds the official fixtures). A prompt
     and, where the message is the last one or is followed by assistant / latest_reminder:
       its task token(s) if it has a `task`, else after user/developer: <｜Assistant｜> <think>|</think>
 
-Pipeline, as the official: check -> merge tool messages into user turns -> order tool results by
-the preceding assistant's calls -> drop old reasoning (thinking mode) -> render each message.
+Pipeline, as the official: merge tool messages into user turns -> order tool results by the
+last assistant's calls -> drop old reasoning and old developer turns (thinking mode with
+drop_thinking) -> render each message, checking it as the official does when it renders it.
 
-Differences from the official, all on input it mishandles: bad input raises `EncodingError` (a
-ValueError) where the official raises KeyError/TypeError/AssertionError or renders "None"; tool-call
-arguments must be a JSON object string (the official wraps other text as {"arguments": text},
-E:L152-155); a tool message must answer the nearest preceding assistant's tool calls; `tools` and
-`response_format` are accepted only on system/developer messages (the only roles that render them).
+What is refused, and when. The rule: wherever the official gives a prompt, this gives the same
+prompt; it refuses more only where the official fails (raises, writes a value it cannot render,
+or writes what its own parser reads back as something else). In detail:
+- The shape of every message, rendered or not (context and dropped messages too): a dict with a
+  known role, `task` None or a known task name, each field of its JSON type (content a string or
+  None, a list of parts for a tool result; tools and tool_calls as OpenAI specs), and valid
+  Unicode text (no lone surrogate) in every string. The official notices these only on the
+  messages it renders, and then as KeyError/TypeError/AssertionError or as Python reprs in the
+  prompt; a caller's type error is refused here wherever it is.
+- The official's own rules only on the messages it renders (E:L240-394): a developer message
+  needs non-empty content, a latest_reminder needs content (the official writes "None"), a user
+  or tool content of None is refused (the official fails on the first, writes "None" for the
+  second; a missing one is ""), and tool-call arguments must be a JSON object string (the official
+  fails on other JSON and wraps non-JSON text as {"arguments": text}, E:L152-155). So a message
+  the official drops unrendered (an empty developer message before the last user turn in
+  thinking mode, anything in `context`) is never refused for its content.
+- As the official: a tool message needs no matching call (an unknown id ranks first); `tools`,
+  `tool_calls` and `response_format` on a user or tool message are ignored (E:L444-453; their
+  shape is still checked); `tools` on an assistant or reminder message are not rendered but
+  switch drop_thinking off (E:L549-551).
 
-`parse_message_from_completion_text` reads one assistant turn back (official: E:L687-744) and is as
-lenient as the official: EOS may be missing after tool calls, and a string="false" parameter value
-is copied into the arguments JSON text unchecked. Tool and parameter names are not escaped (as the
-official), so a name containing '"' does not survive a round trip.
+`parse_message_from_completion_text` reads one assistant turn back (official: E:L687-744), in time
+linear in the text (the official is quadratic in some malformed inputs). It is as lenient as the
+official (EOS may be missing after a closed tool-call block, a string="false" parameter value is
+copied into the arguments JSON text unchecked) except for one case: where the text ends inside
+the tool-call block, the official returns the calls read so far as if the message were complete;
+this refuses it. Tool and parameter names are not escaped (as the official), so a name
+containing '"' does not survive a round trip.
 """
 
 from __future__ import annotations
@@ -106,11 +126,20 @@ _PARAM_OPEN, _PARAM_END = f"<{DSML}parameter", f"/{DSML}parameter"
 _CALLS_START = "\n\n" + f"<{DSML}tool_calls"    # official: E:L710, how content ends in a completion
 # `$` also matches before a final "\n" (as in the official), so an invoke with no parameters parses
 _INVOKE_HEAD_RE = re.compile(r'\s*name="(.*?)">\n$', re.DOTALL)                       # E:L659
-_PARAM_RE = re.compile(r' name="(.*?)" string="(true|false)">(.*?)<$', re.DOTALL)    # E:L668
 
 
 class EncodingError(ValueError):
     """Malformed messages, options or completion text."""
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_unicode(text: str, where: str) -> None:
+    """Refuse a lone surrogate: such a string has no UTF-8 form, so no tokenizer can read it."""
+    if (m := _SURROGATE.search(text)) is not None:
+        raise EncodingError(f"{where}: lone surrogate {m.group()!r} at character {m.start()} "
+                            "(not valid Unicode text)")
 
 
 def _to_json(value: Any, where: str) -> str:
@@ -119,36 +148,50 @@ def _to_json(value: Any, where: str) -> str:
         return json.dumps(value, ensure_ascii=False)
     except (TypeError, ValueError) as err:
         raise EncodingError(f"{where}: not JSON-serializable: {err}") from None
+    except RecursionError:
+        raise EncodingError(f"{where}: nested too deeply to write as JSON") from None
 
 
-# ---- checking: one OpenAI-style message -> the fields the renderer uses ----
+def _type(value: Any) -> str:
+    return "None" if value is None else type(value).__name__
 
-def _text(msg: Mapping, key: str, where: str, *, required: bool = False) -> str:
-    """A string field; missing or None is "" unless required."""
+
+# ---- the shape of one message, checked on every message (rendered or not) ----
+
+def _check_strings(value: Any, where: str) -> None:
+    """Every string in a message (keys too, at any depth) is valid Unicode text."""
+    stack, seen = [(value, where)], set()
+    while stack:                                          # iterative: nesting depth is the caller's
+        value, at = stack.pop()
+        if isinstance(value, str):
+            _check_unicode(value, at)
+        elif isinstance(value, (Mapping, list, tuple)) and id(value) not in seen:
+            seen.add(id(value))
+            items = value.items() if isinstance(value, Mapping) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str):
+                    _check_unicode(key, f"{at} (a key)")
+                stack.append((item, f"{at}.{key}" if isinstance(key, str) else f"{at}[{key}]"))
+
+
+def _optional_text(msg: Mapping, key: str, where: str) -> str | None:
     value = msg.get(key)
-    if value is None:
-        if required:
-            raise EncodingError(f"{where}: `{key}` is required for role {msg.get('role')!r}")
-        return ""
-    if not isinstance(value, str):
-        raise EncodingError(f"{where}: `{key}` must be a string, got {type(value).__name__}")
+    if value is not None and not isinstance(value, str):
+        raise EncodingError(f"{where}: `{key}` must be a string, got {_type(value)}")
     return value
 
 
-def _tool_result_text(msg: Mapping, where: str) -> str:
-    """Tool message content: a string, or text parts joined by "\\n\\n" (official: E:L296-306)."""
-    content = msg.get("content")
-    if not isinstance(content, list):
-        return _text(msg, "content", where, required=True)
+def _tool_result_parts(content: list, where: str) -> list[tuple[str, str | None]]:
+    """Tool result content parts -> (type, text) (official: E:L298-305)."""
     parts = []
     for k, part in enumerate(content):
         if not isinstance(part, Mapping):
-            raise EncodingError(f"{where}.content[{k}]: a content part must be a dict")
-        if part.get("type") == "text":
-            parts.append(_text(part, "text", f"{where}.content[{k}]"))
-        else:
-            parts.append(f"[Unsupported {part.get('type')}]")   # official: E:L304, kept as text
-    return "\n\n".join(parts)
+            raise EncodingError(f"{where}.content[{k}]: a content part must be a dict, got {_type(part)}")
+        text = part.get("text", "")                                  # official: E:L302
+        if part.get("type") == "text" and text is not None and not isinstance(text, str):
+            raise EncodingError(f"{where}.content[{k}]: `text` must be a string, got {_type(text)}")
+        parts.append((part.get("type"), text))
+    return parts
 
 
 def _tools(msg: Mapping, where: str) -> list[dict]:
@@ -157,20 +200,20 @@ def _tools(msg: Mapping, where: str) -> list[dict]:
     if not tools:
         return []
     if not isinstance(tools, list):
-        raise EncodingError(f"{where}: `tools` must be a list of OpenAI tool specs")
+        raise EncodingError(f"{where}: `tools` must be a list of OpenAI tool specs, got {_type(tools)}")
     for k, tool in enumerate(tools):
         if not isinstance(tool, Mapping) or not isinstance(tool.get("function"), Mapping):
             raise EncodingError(f"{where}.tools[{k}]: expected {{'type': 'function', 'function': {{...}}}}")
     return [tool["function"] for tool in tools]
 
 
-def _tool_calls(msg: Mapping, where: str) -> list[tuple[str, str, dict]]:
-    """OpenAI tool calls -> (id, name, arguments dict) (official: E:L114-122, L153)."""
+def _tool_calls(msg: Mapping, where: str) -> list[tuple[str, str, str, str]]:
+    """OpenAI tool calls -> (id, name, arguments text, where) (official: E:L114-122, L478)."""
     calls = msg.get("tool_calls")
     if not calls:
         return []
     if not isinstance(calls, list):
-        raise EncodingError(f"{where}: `tool_calls` must be a list")
+        raise EncodingError(f"{where}: `tool_calls` must be a list, got {_type(calls)}")
     out = []
     for k, call in enumerate(calls):
         at = f"{where}.tool_calls[{k}]"
@@ -180,86 +223,73 @@ def _tool_calls(msg: Mapping, where: str) -> list[tuple[str, str, dict]]:
         call_id = call.get("id") or fn.get("id") or ""          # official: E:L478
         name, args = fn.get("name"), fn.get("arguments")
         if not isinstance(call_id, str):
-            raise EncodingError(f"{at}: `id` must be a string")
+            raise EncodingError(f"{at}: `id` must be a string, got {_type(call_id)}")
         if not isinstance(name, str):
-            raise EncodingError(f"{at}: function `name` must be a string")
+            raise EncodingError(f"{at}: function `name` must be a string, got {_type(name)}")
         if not isinstance(args, str):
-            raise EncodingError(f"{at}: function `arguments` must be a JSON string, got {type(args).__name__}")
-        try:
-            parsed = json.loads(args)
-        except json.JSONDecodeError as err:
-            raise EncodingError(f"{at}: function `arguments` is not valid JSON ({err})") from None
-        if not isinstance(parsed, dict):
-            raise EncodingError(f"{at}: function `arguments` must be a JSON object")
-        out.append((call_id, name, parsed))
+            raise EncodingError(f"{at}: function `arguments` must be a JSON string, got {_type(args)}")
+        out.append((call_id, name, args, at))
     return out
 
 
 def _check_message(msg: Any, where: str) -> dict:
-    """Check one message and return a fresh dict of what the renderer reads."""
+    """Check the shape of one message and return a fresh dict of what the pipeline reads.
+
+    Only field types are checked here; what the official asserts when it renders a message
+    (a developer's content, a reminder's content, tool-call arguments) is checked by the renderer.
+    """
     if not isinstance(msg, Mapping):
-        raise EncodingError(f"{where}: a message must be a dict, got {type(msg).__name__}")
+        raise EncodingError(f"{where}: a message must be a dict, got {_type(msg)}")
     role = msg.get("role")
-    if role not in ROLES:
-        raise EncodingError(f"{where}: unknown role {role!r}; expected one of {ROLES}")
+    if not isinstance(role, str) or role not in ROLES:
+        raise EncodingError(f"{where}: unknown `role` {role!r}; expected one of {ROLES}")
     task = msg.get("task")
-    if task is not None and task not in TASK_TOKENS:
-        raise EncodingError(f"{where}: unknown task {task!r}; expected one of {tuple(TASK_TOKENS)}")
-    if role not in ("system", "developer") and (msg.get("tools") or msg.get("response_format")):
-        raise EncodingError(f"{where}: `tools`/`response_format` belong on a system or developer message")
+    if task is not None and not (isinstance(task, str) and task in TASK_TOKENS):
+        got = repr(task) if isinstance(task, str) else f"of type {_type(task)}"
+        raise EncodingError(f"{where}: unknown `task` {got}; expected None or one of {tuple(TASK_TOKENS)}")
+    _check_strings(msg, where)
     m = {"role": role, "where": where, "task": task, "tools": _tools(msg, where),
-         "response_format": msg.get("response_format"), "wo_eos": bool(msg.get("wo_eos"))}
-    if role == "tool":
-        call_id = msg.get("tool_call_id") or ""
-        if not isinstance(call_id, str):
-            raise EncodingError(f"{where}: `tool_call_id` must be a string")
-        m.update(content=_tool_result_text(msg, where), call_id=call_id)
-    elif role == "assistant":
-        m.update(content=_text(msg, "content", where),
-                 reasoning=_text(msg, "reasoning_content", where),
-                 calls=_tool_calls(msg, where))
+         "response_format": msg.get("response_format"), "wo_eos": bool(msg.get("wo_eos")),
+         "calls": _tool_calls(msg, where)}        # read on every role, as the official (E:L255-258)
+    if role in ("user", "tool"):
+        content = msg.get("content", "")                         # official: E:L429, L440
+        if role == "tool" and isinstance(content, list):
+            content = _tool_result_parts(content, where)
+        elif content is not None and not isinstance(content, str):
+            raise EncodingError(f"{where}: `content` must be a string, got {_type(content)}")
+        m["content"] = content
+        if role == "tool":
+            m["call_id"] = _optional_text(msg, "tool_call_id", where) or ""
     else:
-        required = role in ("developer", "latest_reminder")  # official: E:L273 asserts; E:L314 would print "None"
-        m["content"] = _text(msg, "content", where, required=required)
-        if role == "developer" and not m["content"]:
-            raise EncodingError(f"{where}: a developer message needs non-empty content")
+        m["content"] = _optional_text(msg, "content", where)
+        m["reasoning"] = _optional_text(msg, "reasoning_content", where) if role == "assistant" else None
     return m
-
-
-def _check_tool_results(msgs: list[dict]) -> None:
-    """Each tool message answers the nearest preceding assistant message's tool calls."""
-    call_ids = None                                          # None: that assistant made no calls
-    for m in msgs:
-        if m["role"] == "assistant":
-            call_ids = [c[0] for c in m["calls"]] if m["calls"] else None
-        elif m["role"] == "tool":
-            if call_ids is None:
-                raise EncodingError(f"{m['where']}: tool message without a preceding assistant tool call")
-            if m["call_id"] and m["call_id"] not in call_ids:
-                raise EncodingError(f"{m['where']}: tool_call_id {m['call_id']!r} not found in the "
-                                    f"preceding assistant's tool calls {call_ids}")
 
 
 # ---- preprocessing (official: E:L401-499, L575-599) ----
 
 def _merge_tool_messages(msgs: list[dict]) -> list[dict]:
-    """Fold each tool result, and each user message after a user turn, into that user turn."""
+    """Fold each tool result, and each user message after a user turn, into that user turn.
+
+    A user turn keeps only its content, task and wo_eos (official: E:L444-453): `tools`,
+    `tool_calls` and `response_format` on a user or tool message are dropped here.
+    """
     out: list[dict] = []
     for m in msgs:
         prev = out[-1] if out and out[-1]["role"] == "user" else None
         if m["role"] == "tool":                                               # official: E:L424-438
-            block = ("tool_result", m["call_id"], m["content"])
+            block = ("tool_result", m["call_id"], m["content"], m["where"])
             if prev is not None:
-                out[-1] = {**prev, "blocks": prev["blocks"] + [block]}
+                prev["blocks"].append(block)              # a turn made here: its list is its own
             else:
-                out.append({"role": "user", "where": m["where"], "task": None, "tools": [],
+                out.append({"role": "user", "where": m["where"], "task": None, "tools": [], "calls": [],
                             "response_format": None, "wo_eos": False, "blocks": [block]})
         elif m["role"] == "user":                                             # official: E:L439-453
-            block = ("text", "", m["content"])
+            block = ("text", "", m["content"], m["where"])
             if prev is not None and prev["task"] is None:     # NOTE(official): this user's task is lost
-                out[-1] = {**prev, "blocks": prev["blocks"] + [block]}
+                prev["blocks"].append(block)
             else:
-                out.append({**m, "blocks": [block]})
+                out.append({**m, "tools": [], "calls": [], "response_format": None, "blocks": [block]})
         else:
             out.append(m)
     return out
@@ -271,7 +301,7 @@ def _order_tool_results(msgs: list[dict]) -> list[dict]:
     out = []
     for m in msgs:
         if m["role"] == "assistant" and m["calls"]:                           # official: E:L475-480
-            order = {call_id: k for k, (call_id, _, _) in enumerate(m["calls"]) if call_id}
+            order = {call[0]: k for k, call in enumerate(m["calls"]) if call[0]}
         elif m["role"] == "user":                                             # official: E:L482-497
             results = iter(sorted((b for b in m["blocks"] if b[0] == "tool_result"),
                                   key=lambda b: order.get(b[1], 0)))          # stable, as the official
@@ -293,11 +323,11 @@ def _drop_old_reasoning(msgs: list[dict]) -> list[dict]:
         if i >= last or m["role"] in ("system", "user", "latest_reminder"):
             out.append(m)
         elif m["role"] == "assistant":
-            out.append({**m, "reasoning": ""})
+            out.append({**m, "reasoning": None})
     return out
 
 
-# ---- rendering (official: E:L223-394) ----
+# ---- rendering (official: E:L223-394); the official's own checks happen here, as in the official ----
 
 def _tools_and_format(m: dict) -> str:
     """Tools block and response format appended to a system or developer message."""
@@ -311,6 +341,21 @@ def _tools_and_format(m: dict) -> str:
     return text
 
 
+def _arguments(args: str, where: str) -> dict:
+    """Tool-call arguments: a JSON object (official: E:L152-157)."""
+    try:
+        parsed = json.loads(args)
+    except json.JSONDecodeError as err:
+        # NOTE(official): the official renders other text as {"arguments": text}, which its parser
+        # reads back as a different call
+        raise EncodingError(f"{where}: function `arguments` is not valid JSON ({err})") from None
+    except RecursionError:
+        raise EncodingError(f"{where}: function `arguments` nested too deeply") from None
+    if not isinstance(parsed, dict):                          # the official fails on .items()
+        raise EncodingError(f"{where}: function `arguments` must be a JSON object, got {_type(parsed)}")
+    return parsed
+
+
 def _render_params(args: dict, where: str) -> str:
     """DSML parameter lines: strings raw with string="true", other JSON with "false" (E:L139-166)."""
     lines = []
@@ -322,13 +367,29 @@ def _render_params(args: dict, where: str) -> str:
     return "\n".join(lines)
 
 
-def _render_tool_calls(calls: list[tuple[str, str, dict]], where: str) -> str:
+def _render_tool_calls(calls: list[tuple[str, str, str, str]]) -> str:
     """"\\n\\n" + the DSML tool_calls block of one assistant turn, "" without calls (E:L323-336)."""
     if not calls:
         return ""
-    invokes = [f'{_INVOKE_OPEN} name="{name}">\n{_render_params(args, where)}\n{_INVOKE_CLOSE}>'
-               for _, name, args in calls]
+    invokes = [f'{_INVOKE_OPEN} name="{name}">\n{_render_params(_arguments(args, at), at)}\n{_INVOKE_CLOSE}>'
+               for _, name, args, at in calls]
     return f"\n\n{_CALLS_OPEN}\n" + "\n".join(invokes) + f"\n{_CALLS_CLOSE}"
+
+
+def _block_text(block: tuple) -> str:
+    """One block of a user turn: its text, or a tool result (official: E:L293-306)."""
+    kind, _, content, where = block
+    if content is None:        # NOTE(official): the official fails on a user's None, writes a tool's as "None"
+        raise EncodingError(f"{where}: `content` must be a string, got None")
+    if kind == "text":
+        return content
+    if isinstance(content, list):
+        texts = [t if part_type == "text" else f"[Unsupported {part_type}]"            # E:L304
+                 for part_type, t in content]
+        if None in texts:
+            raise EncodingError(f"{where}: a text part's `text` must be a string, got None")
+        content = "\n\n".join(texts)
+    return f"<tool_result>{content}</tool_result>"
 
 
 def _render_message(i: int, msgs: list[dict], *, thinking: bool, drop: bool, effort: str | None,
@@ -337,19 +398,22 @@ def _render_message(i: int, msgs: list[dict], *, thinking: bool, drop: bool, eff
     m, role = msgs[i], msgs[i]["role"]
     text = REASONING_EFFORT_MAX if i == 0 and thinking and effort == "max" else ""  # E:L262
     if role == "system":
-        text += m["content"] + _tools_and_format(m)
+        text += (m["content"] or "") + _tools_and_format(m)
     elif role == "developer":
+        if not m["content"]:                                  # official: E:L273 asserts
+            raise EncodingError(f"{m['where']}: a developer message needs non-empty content")
         text += USER + m["content"] + _tools_and_format(m)
     elif role == "user":
-        text += USER + "\n\n".join(b[2] if b[0] == "text" else f"<tool_result>{b[2]}</tool_result>"
-                                   for b in m["blocks"])
+        text += USER + "\n\n".join(_block_text(b) for b in m["blocks"])
     elif role == "latest_reminder":
+        if m["content"] is None:                              # NOTE(official): E:L314 would write "None"
+            raise EncodingError(f"{m['where']}: `content` is required for role 'latest_reminder'")
         text += LATEST_REMINDER + m["content"]
     else:                                                                     # assistant, E:L319-362
         after_task = i > 0 and msgs[i - 1]["task"] is not None   # a task's answer carries no reasoning
         if thinking and not after_task and (not drop or i > last_user):
-            text += m["reasoning"] + THINK_END
-        text += m["content"] + _render_tool_calls(m["calls"], m["where"]) + ("" if m["wo_eos"] else EOS)
+            text += (m["reasoning"] or "") + THINK_END
+        text += (m["content"] or "") + _render_tool_calls(m["calls"]) + ("" if m["wo_eos"] else EOS)
 
     # transition (official: E:L365-392): only before an assistant / latest_reminder turn or at the end
     if i + 1 < len(msgs) and msgs[i + 1]["role"] not in ("assistant", "latest_reminder"):
@@ -373,7 +437,7 @@ def _check_options(thinking_mode: str, reasoning_effort: str | None = None) -> N
 
 def _check_list(messages: Any, name: str) -> list[dict]:
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
-        raise EncodingError(f"{name} must be a list of message dicts, got {type(messages).__name__}")
+        raise EncodingError(f"{name} must be a list of message dicts, got {_type(messages)}")
     return [_check_message(m, f"{name}[{i}]") for i, m in enumerate(messages)]
 
 
@@ -384,11 +448,11 @@ def encode_messages(messages: Sequence[Mapping[str, Any]], *, thinking_mode: str
     """Prompt text for `messages` (OpenAI schema), after an already-encoded `context` if given."""
     _check_options(thinking_mode, reasoning_effort)
     ctx, msgs = _check_list(context or [], "context"), _check_list(messages, "messages")
-    _check_tool_results(ctx + msgs)
     ctx, msgs = _merge_tool_messages(ctx), _merge_tool_messages(msgs)  # official: E:L538-542, apart
     full = _order_tool_results(ctx + msgs)
     thinking = thinking_mode == "thinking"
-    drop = drop_thinking and not any(m["tools"] for m in full)     # official: E:L549-551
+    # NOTE(official): tools on any kept message count, also on an assistant or reminder (E:L549-551)
+    drop = drop_thinking and not any(m["tools"] for m in full)
     start = len(ctx)
     if thinking and drop:
         full = _drop_old_reasoning(full)
@@ -403,48 +467,99 @@ def encode_messages(messages: Sequence[Mapping[str, Any]], *, thinking_mode: str
 
 # ---- parsing a completion (official: E:L606-744) ----
 
-def _read_until(text: str, pos: int, stops: tuple[str, ...]) -> tuple[int, str, str | None]:
-    """(position after the first stop, text before it, the stop) or (len, rest, None)."""
-    found = [(at, k) for k, s in enumerate(stops) if (at := text.find(s, pos)) != -1]
-    if not found:
-        return len(text), text[pos:], None
-    at, k = min(found)                                    # the earliest; ties go to the first listed
-    return at + len(stops[k]), text[pos:at], stops[k]
+class _Reader:
+    """The official reader (E:L606-627) over one text, in time linear in the text.
+
+    `until` returns (position after the first stop, text before it, the stop) or (len, rest, None).
+    Positions only move forward, so the next occurrence of each stop is remembered: the official
+    searches the whole remaining text again for every stop at every step, which is quadratic when
+    a stop is absent (a block of many parameters and no </｜DSML｜invoke>).
+    """
+
+    def __init__(self, text: str):
+        self.text, self.pos, self._next = text, 0, {}
+
+    def _find(self, stop: str) -> int:
+        at = self._next.get(stop)                           # -1: none after an earlier position
+        if at is None or -1 < at < self.pos:                # unknown, or already passed
+            at = self.text.find(stop, self.pos)
+            self._next[stop] = at
+        return at
+
+    def until(self, *stops: str) -> tuple[str, str | None]:
+        found = [(at, k) for k, stop in enumerate(stops) if (at := self._find(stop)) != -1]
+        start = self.pos
+        if not found:
+            self.pos = len(self.text)
+            return self.text[start:], None
+        at, k = min(found)                                  # the earliest; ties go to the first listed
+        self.pos = at + len(stops[k])
+        return self.text[start:at], stops[k]
 
 
-def _parse_tool_calls(text: str, pos: int) -> tuple[int, list[tuple[str, str]]]:
-    """DSML invokes after "\\n\\n<｜DSML｜tool_calls" -> (position, [(name, arguments JSON)])."""
+def _excerpt(text: str, n: int = 60) -> str:
+    """repr of the start of `text`, for one-line errors."""
+    return repr(text) if len(text) <= n else f"{text[:n]!r}... ({len(text)} characters)"
+
+
+_PARAM_HEADS = ('" string="true">', '" string="false">')
+
+
+def _split_param(body: str) -> tuple[str, str, str] | None:
+    """(name, "true"|"false", value) of ' name="N" string="S">V<', as the official regex (E:L668).
+
+    re.findall(r'^ name="(.*?)" string="(true|false)">(.*?)<$', body, DOTALL) gives the first
+    ' string=' header after the name (later ones only end later), and the value runs to the final
+    "<" ($ also matches before a final "\n"). Done by hand: the regex is quadratic in the number
+    of headers when the body does not end with "<".
+    """
+    if not body.startswith(' name="'):
+        return None
+    heads = [(at, h) for h in _PARAM_HEADS if (at := body.find(h, 7)) != -1]
+    if not heads:
+        return None
+    at, head = min(heads)
+    lt = len(body) - (2 if body.endswith("<\n") else 1)
+    if lt < at + len(head) or body[lt] != "<":
+        return None
+    return body[7:at], head[10:-2], body[at + len(head):lt]
+
+
+def _parse_tool_calls(r: _Reader) -> list[tuple[str, str]]:
+    """DSML invokes after "\\n\\n<｜DSML｜tool_calls", up to its close tag -> [(name, arguments JSON)]."""
     calls = []
-    while pos < len(text):                                                    # official: E:L646-682
-        pos, gap, stop = _read_until(text, pos, (_INVOKE_OPEN, _CALLS_CLOSE))
+    while r.pos < len(r.text):                                                # official: E:L646-682
+        gap, stop = r.until(_INVOKE_OPEN, _CALLS_CLOSE)
         if gap != ">\n":
-            raise EncodingError(f"tool call format error: expected '>\\n' but got {gap!r}")
+            raise EncodingError(f"tool call format error: expected '>\\n' but got {_excerpt(gap)}")
         if stop == _CALLS_CLOSE:
-            break
+            return calls
         if stop is None:
-            raise EncodingError("tool calls block ends without a closing tag")
-        pos, head, stop = _read_until(text, pos, (_PARAM_OPEN, _INVOKE_CLOSE))
+            break
+        head, stop = r.until(_PARAM_OPEN, _INVOKE_CLOSE)
         match = _INVOKE_HEAD_RE.match(head)
         if match is None:
-            raise EncodingError(f"tool name format error: {head!r}")
+            raise EncodingError(f"tool name format error: {_excerpt(head)}")
         params: dict[str, tuple[str, str]] = {}
         while stop == _PARAM_OPEN:
-            pos, body, stop = _read_until(text, pos, (_PARAM_END,))
-            pm = _PARAM_RE.match(body)
-            if pm is None:
-                raise EncodingError(f"parameter format error: {body!r}")
-            key, is_str, value = pm.groups()
+            body, stop = r.until(_PARAM_END)
+            param = _split_param(body) if stop is not None else None   # unclosed: the official fails too
+            if param is None:
+                raise EncodingError(f"parameter format error: {_excerpt(body)}")
+            key, is_str, value = param
             if key in params:
                 raise EncodingError(f"duplicate parameter name {key!r}")
             params[key] = (value, is_str)
-            pos, gap, stop = _read_until(text, pos, (_PARAM_OPEN, _INVOKE_CLOSE))
+            gap, stop = r.until(_PARAM_OPEN, _INVOKE_CLOSE)
             if gap != ">\n":
-                raise EncodingError(f"parameter format error: expected '>\\n' but got {gap!r}")
+                raise EncodingError(f"parameter format error: expected '>\\n' but got {_excerpt(gap)}")
         # arguments JSON built as text: non-string values are copied unchecked (official: E:L169-186)
         items = (f"{json.dumps(k, ensure_ascii=False)}: "
                  f"{json.dumps(v, ensure_ascii=False) if s == 'true' else v}" for k, (v, s) in params.items())
         calls.append((match.group(1), "{" + ", ".join(items) + "}"))
-    return pos, calls
+    # NOTE(official): the official returns the calls read so far when the text ends inside the
+    # block (E:L646), so a cut-off completion reads as a complete message with fewer calls
+    raise EncodingError(f"the completion ends inside the tool-call block: no closing {_CALLS_CLOSE}")
 
 
 def parse_message_from_completion_text(text: str, *, thinking_mode: str = "chat") -> dict[str, Any]:
@@ -452,22 +567,23 @@ def parse_message_from_completion_text(text: str, *, thinking_mode: str = "chat"
     _check_options(thinking_mode)
     if not isinstance(text, str):
         raise EncodingError(f"completion must be a string, got {type(text).__name__}")
-    pos, reasoning = 0, ""
+    _check_unicode(text, "completion")
+    r, reasoning = _Reader(text), ""
     if thinking_mode == "thinking":                                           # official: E:L715-718
-        pos, reasoning, stop = _read_until(text, pos, (THINK_END, _CALLS_START))
+        reasoning, stop = r.until(THINK_END, _CALLS_START)
         if stop != THINK_END:
             raise EncodingError("invalid thinking format: missing </think>")
-    pos, content, stop = _read_until(text, pos, (EOS, _CALLS_START))
+    content, stop = r.until(EOS, _CALLS_START)
     calls: list[tuple[str, str]] = []
     if stop == _CALLS_START:                                                  # official: E:L727-731
-        pos, calls = _parse_tool_calls(text, pos)
-        pos, rest, stop = _read_until(text, pos, (EOS,))      # NOTE(official): EOS optional here
+        calls = _parse_tool_calls(r)
+        rest, stop = r.until(EOS)                             # NOTE(official): EOS optional here
         if rest:
-            raise EncodingError(f"unexpected text after tool calls: {rest!r}")
+            raise EncodingError(f"unexpected text after tool calls: {_excerpt(rest)}")
     elif stop is None:
         raise EncodingError("invalid format: missing EOS token")
-    if pos != len(text):
-        raise EncodingError(f"unexpected text after EOS: {text[pos:]!r}")
+    if r.pos != len(text):
+        raise EncodingError(f"unexpected text after EOS: {_excerpt(text[r.pos:])}")
     for token in (BOS, EOS, THINK_START, THINK_END, DSML):                   # official: E:L735-737
         if token in content or token in reasoning:
             raise EncodingError(f"unexpected special token {token!r} in content")

@@ -3,7 +3,7 @@
 `make_checkpoint(cfg, out)` writes every tensor of `weights.expected_tensors(cfg)` with its official
 dtype, sharded as DeepSeek ships it (model-0000i-of-0000n.safetensors + model.safetensors.index.json),
 with the HF `config.json` (= `cfg.to_hf_dict()`), `generation_config.json`, and `tokenizer.json` +
-`tokenizer_config.json` from `tokenizer.build_tiny_tokenizer` where its corpus can fill vocab_size
+`tokenizer_config.json` from `synthetic.tokenizer.build_tiny_tokenizer` where its corpus can fill vocab_size
 ids (tiny: yes; Flash's 129,280: no, a note says to copy the official files in). The directory
 appears only when complete (written as `out.tmp-…`, then renamed).
 
@@ -232,7 +232,7 @@ def _write_tokenizer(cfg: Config, out: Path) -> str | None:
     tokens: enough for tiny, not for Flash's 129,280. A tokenizer with fewer ids than the model
     would misdescribe the checkpoint, so larger vocabularies get none (copy the official one in).
     """
-    from refimpl.formats.tokenizer import build_tiny_tokenizer, write_tokenizer_files
+    from refimpl.synthetic.tokenizer import build_tiny_tokenizer, write_tokenizer_files
     try:
         tok = build_tiny_tokenizer(cfg.vocab_size)
     except ValueError as e:

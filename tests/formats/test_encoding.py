@@ -40,10 +40,20 @@ Encoding rule (docs/architecture.md §17) -> tests covering it (hand-derived str
 |                                                      | test_roundtrip_dsml_example                   |
 | bad input -> EncodingError (a ValueError)            | test_bad_messages, test_bad_options,          |
 |                                                      | test_bad_messages_in_context_are_named,       |
-|                                                      | test_parse_errors                             |
+|                                                      | test_parse_errors, test_deep_nesting_*        |
+| the shape of every message checked; the official's   | test_dropped_messages_are_not_checked,        |
+|   own rules only on the messages it renders          | test_context_messages_are_not_checked         |
+| tool results, tools on other roles: as the official  | test_tool_results_as_the_official,            |
+|                                                      | test_tools_on_other_roles_as_the_official     |
+| parse: a cut-off tool-call block is refused; linear  | test_parse_refuses_cut_off_tool_calls,        |
+|   time; one-line errors                              | test_parse_time_is_linear, test_parse_errors_*|
+| everything against the official encoder's outputs    | test_encoding_corpus.py (recorded corpus),    |
+|                                                      | test_encoding_strategies.py (properties)      |
 """
 
 import json
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -389,6 +399,58 @@ def test_context_with_dropped_developer():
     assert think([user("q2")], context=[{"role": "developer", "content": "D1"}, asst("c1", "r1")]) == ""
 
 
+# ---- what is checked: the shape of every message; the official's own rules where it renders ----
+
+ISSUE_13 = [{"role": "system", "content": "42"}, {"role": "developer", "content": ""},
+            user("Beijing 42"), asst("", "weather"), user("天气 北京"), asst("")]
+
+
+def test_dropped_messages_are_not_checked():
+    # thinking mode with drop_thinking drops the empty developer message before rendering it
+    assert think(ISSUE_13) == (B + "42" + U + "Beijing 42" + A + TE + E
+                               + U + "天气 北京" + A + TS + TE + E)
+    with pytest.raises(EncodingError, match=r"messages\[1\]: a developer message needs non-empty content"):
+        chat(ISSUE_13)                                           # rendered in chat mode
+    with pytest.raises(EncodingError, match="non-empty content"):
+        think(ISSUE_13, drop_thinking=False)
+    with pytest.raises(EncodingError, match="non-empty content"):
+        think(ISSUE_13[:2] + [asst("x")])                        # the last user turn is kept
+
+
+def test_context_messages_are_not_checked():
+    # the context is never rendered, so only the shape of its messages is checked
+    ctx = [{"role": "developer", "content": ""}, user("q0"), {"role": "latest_reminder"}]
+    assert think([user("q")], context=ctx) == U + "q" + A + TS
+    with pytest.raises(EncodingError, match=r"context\[0\]: unknown `task`"):
+        think([user("q")], context=[user("q0", task=7)])
+
+
+def test_tool_results_as_the_official():
+    # the official merges any tool message into a user turn; an unknown id ranks first (E:L487)
+    assert chat([user("q"), {"role": "tool", "content": "r"}]) == B + U + "q\n\n<tool_result>r</tool_result>" + A + TE
+    assert chat([{"role": "tool", "content": "r"}]) == B + U + "<tool_result>r</tool_result>" + A + TE
+    msgs = [user("q"), asst(tool_calls=CALLS_F_G), {"role": "tool", "tool_call_id": "c2", "content": "R2"},
+            {"role": "tool", "tool_call_id": "c9", "content": "R9"}, {"role": "tool", "tool_call_id": "c1"}]
+    assert chat(msgs).endswith(U + "<tool_result>R9</tool_result>\n\n<tool_result></tool_result>\n\n"
+                               "<tool_result>R2</tool_result>" + A + TE)
+
+
+def test_tools_on_other_roles_as_the_official():
+    # a user turn keeps only content, task and wo_eos (E:L444-453); tools on a kept assistant
+    # message still switch drop_thinking off (E:L549-551)
+    assert chat([user("q", tools=[TOOL_F], response_format={"a": 1})]) == chat([user("q")])
+    msgs = [user("q1"), asst("c1", "r1", tools=[TOOL_F]), user("q2")]
+    assert think(msgs) == B + U + "q1" + A + TS + "r1" + TE + "c1" + E + U + "q2" + A + TS
+
+
+def test_deep_nesting_is_a_clear_error():
+    deep = []
+    for _ in range(20_000):
+        deep = [deep]
+    with pytest.raises(EncodingError, match=r"messages\[0\].response_format: nested too deeply"):
+        chat([{"role": "system", "content": "S", "response_format": {"a": deep}}])
+
+
 # ---- parsing ----
 
 def test_parse_readme_example():
@@ -410,13 +472,83 @@ def test_parse_tool_calls():
 
 
 def test_parse_mirrors_official_leniency():
-    # official: EOS is optional after tool calls, a cut-off block is accepted, and a string="false"
-    # value is copied into the arguments text unchecked
+    # official: EOS is optional after a closed tool-call block, and a string="false" value is
+    # copied into the arguments text unchecked
     head = '\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n'
     param = '<｜DSML｜parameter name="a" string="false">abc</｜DSML｜parameter>\n'
-    got = parse_message_from_completion_text("c" + head + param)
+    got = parse_message_from_completion_text("c" + head + param + "</｜DSML｜invoke>\n</｜DSML｜tool_calls>")
     assert got["content"] == "c" and got["tool_calls"][0]["function"]["arguments"] == '{"a": abc}'
     assert parse_message_from_completion_text("c" + DSML_F_G)["tool_calls"][1]["function"]["name"] == "g"
+
+
+# the official parser returns the calls read so far for these (zero or one), as if complete
+CUT_OFF = ["hi\n\n<｜DSML｜tool_calls",
+           'hi\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n'
+           '<｜DSML｜parameter name="a" string="true">x</｜DSML｜parameter>\n',
+           'hi\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n\n</｜DSML｜invoke',
+           DSML_F_G[:DSML_F_G.rindex("</｜DSML｜invoke>") + len("</｜DSML｜invoke")]]
+
+
+@pytest.mark.parametrize("text", CUT_OFF)
+@pytest.mark.parametrize("mode", ["chat", "thinking"])
+def test_parse_refuses_cut_off_tool_calls(text, mode):
+    text = ("r" + TE if mode == "thinking" else "") + text
+    with pytest.raises(EncodingError, match="ends inside the tool-call block"):
+        parse_message_from_completion_text(text, thinking_mode=mode)
+
+
+def _parse_seconds(text):
+    start = time.perf_counter()
+    try:
+        parse_message_from_completion_text(text)
+    except EncodingError:
+        pass
+    return time.perf_counter() - start
+
+
+@pytest.mark.parametrize("unit", [
+    '<｜DSML｜parameter name="a" string="true">x',                          # parameters never closed
+    '<｜DSML｜parameter name="a{}" string="true">x</｜DSML｜parameter>\n',     # the invoke never closed
+    '</｜DSML｜invoke>\n<｜DSML｜invoke name="f{}">\n',                       # the block never closed
+])
+def test_parse_time_is_linear(unit):
+    # 50 times the text must take about 50 times as long (2,500 times if quadratic); ~1 MB here
+    def text(n):
+        return ('c\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n'
+                + "".join(unit.replace("{}", str(k)) for k in range(n)))
+    n_big = 2**20 // len(unit)
+    small = min(_parse_seconds(text(n_big // 50)) for _ in range(3))
+    assert _parse_seconds(text(n_big)) < 400 * small + 0.05
+
+
+def test_encode_time_is_linear():
+    # 20 times the tool results must take about 20 times as long (400 times if quadratic)
+    def seconds(n):
+        msgs = [user("q"), asst(tool_calls=CALL_C1)] + [{"role": "tool", "content": "r"}] * n
+        start = time.perf_counter()
+        chat(msgs)
+        return time.perf_counter() - start
+    small = min(seconds(2_000) for _ in range(3))
+    assert seconds(40_000) < 120 * small + 0.1
+
+
+OFFICIAL_PARAM_RE = re.compile(r'^ name="(.*?)" string="(true|false)">(.*?)<$', flags=re.DOTALL)   # E:L668
+
+
+@settings(max_examples=300)
+@given(body=st.lists(st.sampled_from([' name="', '" string="true">', '" string="false">', '"', "<", "\n", "<\n",
+                                      "a", " ", ">", "string"]), max_size=10).map("".join))
+def test_split_param_is_the_official_regex(body):
+    # the parameter split done by hand (linear) reads every body as the official regex does
+    found = OFFICIAL_PARAM_RE.findall(body)
+    assert encoding._split_param(body) == (found[0] if len(found) == 1 else None)
+
+
+def test_parse_errors_are_one_short_line():
+    body = '<｜DSML｜parameter name="a" string="true">' + "x" * 100_000
+    with pytest.raises(EncodingError) as err:
+        parse_message_from_completion_text('c\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">\n' + body)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 200 and "100024 characters" in str(err.value)
 
 
 @pytest.mark.parametrize("text, mode, message", [
@@ -491,8 +623,9 @@ CALL_C1 = [call("c1", "f", {})]
 @pytest.mark.parametrize("messages, message", [
     ("hello", "must be a list"),
     (["hello"], r"messages\[0\]: a message must be a dict"),
-    ([{"role": "bot", "content": "x"}], "unknown role 'bot'"),
-    ([{"content": "x"}], "unknown role None"),
+    ([{"role": "bot", "content": "x"}], "unknown `role` 'bot'"),
+    ([{"content": "x"}], "unknown `role` None"),
+    ([{"role": ["user"], "content": "x"}], r"unknown `role` \['user'\]"),
     ([user(5)], "`content` must be a string, got int"),
     ([user([{"type": "text", "text": "x"}])], "`content` must be a string, got list"),
     ([{"role": "system", "content": {"a": 1}}], "`content` must be a string"),
@@ -500,11 +633,11 @@ CALL_C1 = [call("c1", "f", {})]
     ([user("q"), asst("c", 1)], "`reasoning_content` must be a string"),
     ([{"role": "latest_reminder"}], "`content` is required"),
     ([{"role": "developer", "content": ""}], "non-empty content"),
-    ([user("q"), {"role": "tool", "content": "r"}], "without a preceding assistant tool call"),
-    ([user("q"), asst("c"), {"role": "tool", "content": "r"}], "without a preceding assistant tool call"),
-    ([user("q"), asst(tool_calls=CALL_C1), {"role": "tool", "tool_call_id": "c9", "content": "r"}],
-     "tool_call_id 'c9' not found"),
-    ([user("q"), asst(tool_calls=CALL_C1), {"role": "tool", "tool_call_id": "c1"}], "`content` is required"),
+    ([user(None)], r"messages\[0\]: `content` must be a string, got None"),        # official: TypeError
+    ([user("q"), asst(tool_calls=CALL_C1), {"role": "tool", "tool_call_id": "c1", "content": None}],
+     r"messages\[2\]: `content` must be a string, got None"),                      # official: writes "None"
+    ([user("q"), {"role": "tool", "content": [{"type": "text", "text": None}]}], "`text` must be a string"),
+    ([user("q"), {"role": "tool", "content": [{"type": "text", "text": 3}]}], "`text` must be a string"),
     ([user("q"), asst(tool_calls=CALL_C1), {"role": "tool", "tool_call_id": "c1", "content": ["x"]}],
      "content part must be a dict"),
     ([user("q"), asst(tool_calls=CALL_C1), {"role": "tool", "tool_call_id": 1, "content": "r"}],
@@ -519,8 +652,16 @@ CALL_C1 = [call("c1", "f", {})]
     ([{"role": "system", "content": "S", "tools": "f"}], "`tools` must be a list"),
     ([{"role": "system", "content": "S", "tools": [{"name": "f"}]}], r"tools\[0\]: expected"),
     ([{"role": "system", "content": "S", "tools": [{"function": {"f": object()}}]}], "not JSON-serializable"),
-    ([user("q", tools=[TOOL_F])], "belong on a system or developer"),
-    ([user("q", task="summary")], "unknown task 'summary'"),
+    ([user("q", tools=[{"name": "f"}])], r"tools\[0\]: expected"),     # checked on every role
+    ([{"role": "system", "content": "S", "tool_calls": [{"name": "f"}]}], r"tool_calls\[0\]: expected"),
+    ([user("q", task="summary")], r"messages\[0\]: unknown `task` 'summary'"),
+    ([user("q", task=["query"])], r"messages\[0\]: unknown `task` of type list"),
+    ([user("a", task={"query": 1}), user("b")], r"messages\[0\]: unknown `task` of type dict"),
+    ([user("a"), user("q\ud800x")], r"messages\[1\].content: lone surrogate '\\ud800' at character 1"),
+    ([{"role": "system", "tools": [{"function": {"description": "\udfff"}}]}],
+     r"messages\[0\].tools\[0\].function.description: lone surrogate"),
+    ([user("q"), asst(tool_calls=[call("c1", "f\ud800", {})])], r"tool_calls\[0\].function.name: lone surrogate"),
+    ([{"role": "system", "response_format": {"\ud800": 1}}], r"response_format \(a key\): lone surrogate"),
 ])
 def test_bad_messages(messages, message):
     with pytest.raises(EncodingError, match=message):
@@ -529,7 +670,7 @@ def test_bad_messages(messages, message):
 
 
 def test_bad_messages_in_context_are_named():
-    with pytest.raises(EncodingError, match=r"context\[0\]: unknown role"):
+    with pytest.raises(EncodingError, match=r"context\[0\]: unknown `role`"):
         chat([user("q")], context=[{"role": "bot"}])
 
 

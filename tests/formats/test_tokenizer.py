@@ -1,19 +1,15 @@
-"""Tests of refimpl.formats.tokenizer: the tiny trained tokenizer, the checkpoint files, text <-> ids."""
+"""Tests of refimpl.formats.tokenizer: the checkpoint files, text <-> ids (on the synthetic tiny tokenizer)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refimpl.formats.encoding import BOS, EOS, SPECIAL_TOKENS, USER, encode_messages
-from refimpl.formats.tokenizer import Tokenizer, build_tiny_tokenizer, write_tokenizer_files
-
-REPO = Path(__file__).resolve().parents[2]
+from refimpl.formats.tokenizer import Tokenizer, TokenizerError
+from refimpl.synthetic.tokenizer import build_tiny_tokenizer, write_tokenizer_files
 
 # the official tokenizer_config.json (docs/architecture.md §17), written out
 AT = {"__type": "AddedToken", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
@@ -27,28 +23,6 @@ OFFICIAL_CONFIG = {
 @pytest.fixture(scope="module")
 def tiny():
     return Tokenizer(build_tiny_tokenizer(1024))
-
-
-@pytest.mark.parametrize("vocab_size", [len(SPECIAL_TOKENS) + 256, 1024, 2048, 4096])
-def test_build_tiny_tokenizer_vocab_size_exact(vocab_size):
-    tok = build_tiny_tokenizer(vocab_size)
-    assert tok.get_vocab_size(with_added_tokens=True) == vocab_size
-    assert max(tok.get_vocab(with_added_tokens=True).values()) == vocab_size - 1   # ids are 0..v-1
-
-
-@pytest.mark.parametrize("vocab_size", [10, len(SPECIAL_TOKENS) + 255, 1 << 20, 1024.0])
-def test_build_tiny_tokenizer_bad_size(vocab_size):
-    with pytest.raises(ValueError, match="vocab_size"):
-        build_tiny_tokenizer(vocab_size)
-
-
-def test_build_tiny_tokenizer_deterministic():
-    assert build_tiny_tokenizer(1024).to_str() == build_tiny_tokenizer(1024).to_str()
-    # another process (other hash seeds) gives the same file
-    code = "from refimpl.formats.tokenizer import build_tiny_tokenizer; print(build_tiny_tokenizer(1024).to_str())"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "123"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.rstrip("\n") == build_tiny_tokenizer(1024).to_str()
 
 
 def test_bos_eos_ids(tiny):
@@ -136,3 +110,32 @@ def test_from_checkpoint_bad_config(tmp_path, tiny):
 def test_encode_rejects_non_text(tiny):
     with pytest.raises(TypeError):
         tiny.encode(b"bytes")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer.json", b"{not json", "tokenizer.json: not a tokenizer file"),
+    ("tokenizer.json", b'{"model": {"type": "BPE"}}', "tokenizer.json: not a tokenizer file"),
+    ("tokenizer_config.json", b"[1", "tokenizer_config.json: not a JSON file"),
+    ("tokenizer_config.json", b'{"bos_token": "\xff"}', "tokenizer_config.json: not a JSON file"),
+    ("tokenizer_config.json", b"[1]", "tokenizer_config.json: expected a JSON object, got list"),
+])
+def test_from_checkpoint_corrupt_files(tmp_path, tiny, name, content, message):
+    write_tokenizer_files(tmp_path, tiny.tok)
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(TokenizerError, match=message):
+        Tokenizer.from_checkpoint(tmp_path)
+    assert issubclass(TokenizerError, ValueError)
+
+
+def test_encode_refuses_lone_surrogates(tiny):
+    with pytest.raises(TokenizerError, match=r"lone surrogate '\\ud800' at character 1"):
+        tiny.encode("a\ud800b")
+
+
+@pytest.mark.parametrize("ids, message", [([5, 1024], "token id 1024 is outside the vocabulary"),
+                                          ([-1], "token id -1 is outside"), ([1.7], "must be integers"),
+                                          ([True], "must be integers")])
+def test_decode_refuses_bad_ids(tiny, ids, message):
+    with pytest.raises(TokenizerError, match=message):
+        tiny.decode(ids)
+    assert tiny.decode(np.array([5, 1023])) == tiny.decode([5, 1023])
