@@ -36,7 +36,7 @@ The rounding points of mirror, as the code has them (test names below without th
 | moe.expert | bf16 of the SwiGLU product before w2 | M:L604-606 | expert_rounds_to_bf16_before_w2 |
 | moe.moe | fp32 sum of expert outputs, output bf16 | M:L640-645 | moe_output_is_bf16_of_the_fp32_sum |
 | moe.route | router logits and weights fp32, not bf16 | M:L566-584 | router_stays_fp32 |
-| moe.moe | shared-expert SwiGLU clamp by revision | M:L604 | (tests/model/test_moe.py::test_moe_shared_expert_clamp_only_in_current_revision) |
+| moe.moe | shared-expert SwiGLU clamp in the current revision only | M:L604 | moe_output_is_bf16_of_the_fp32_sum |
 | transformer.head_logits | logits fp32 (NOT bf16) | M:L724-727 | logits_are_fp32_not_bf16 |
 | transformer.mtp_forward | bf16(e_proj(e) + h_proj(h)) | M:L760 | mtp_input_is_bf16 |
 
@@ -447,21 +447,29 @@ def test_expert_rounds_to_bf16_before_w2():
     assert differs(want, quantized_linear(f32r(hidden), w.w2, M))     # without the bf16 before w2
 
 
-def test_moe_output_is_bf16_of_the_fp32_sum():
+@pytest.mark.parametrize("revision", ["current", "initial"])
+def test_moe_output_is_bf16_of_the_fp32_sum(revision):
+    """y = Σ_e ascending expert_e(x) (fp32) + shared(x); out = bf16(y). The shared expert's w1/w3 are
+    large, so its SwiGLU clamp (current revision only) fires."""
     rng = np.random.default_rng(15)
-    gate = GateWeights(weight=bf16_values(rng, (TINY.n_routed_experts, TINY.dim), 0.1),
-                       bias=f32r(rng.standard_normal(TINY.n_routed_experts) * 0.01), tid2eid=None)
-    w = MoEWeights(gate=gate, experts=tuple(_expert(rng) for _ in range(TINY.n_routed_experts)),
-                   shared=_expert(rng, fp8_matrix))
-    x, tokens = bf16_values(rng, (1, 5, TINY.dim), 2.0), np.arange(5)[None]
-    got = moe(x, tokens, w, TINY, 3, M, "current")
+    e, c, f = TINY.n_routed_experts, TINY.dim, TINY.moe_inter_dim
+    gate = GateWeights(weight=bf16_values(rng, (e, c), 0.1), bias=f32r(rng.standard_normal(e) * 0.01), tid2eid=None)
+    shared = ExpertWeights(w1=fp8_matrix(rng, f, c, 3.0), w2=fp8_matrix(rng, c, f), w3=fp8_matrix(rng, f, c, 3.0))
+    w = MoEWeights(gate=gate, experts=tuple(_expert(rng) for _ in range(e)), shared=shared)
+    x, tokens = bf16_values(rng, (1, 5, c), 2.0), np.arange(5)[None]
+    got = moe(x, tokens, w, TINY, 3, M, revision)
     weights, ids = route(x[0], tokens[0], gate, TINY, M)
-    y = np.zeros((5, TINY.dim), np.float32)
-    for e in np.unique(ids):
-        rows, slot = np.nonzero(ids == e)
-        y[rows] += expert(x[0, rows], w.experts[e], M, swiglu_limit=10.0, weights=weights[rows, slot][:, None])
-    y = y + expert(x[0], w.shared, M, swiglu_limit=10.0)
-    assert np.array_equal(got[0], bf16r(y)) and differs(bf16r(y), y)
+    y = np.zeros((5, c), np.float32)
+    for ex in np.unique(ids):
+        rows, slot = np.nonzero(ids == ex)
+        y[rows] += expert(x[0, rows], w.experts[ex], M, swiglu_limit=10.0, weights=weights[rows, slot][:, None])
+
+    def out(limit):
+        return bf16r(y + expert(x[0], w.shared, M, swiglu_limit=limit))
+    want = out(10.0 if revision == "current" else 0.0)
+    assert np.array_equal(got[0], want)
+    assert differs(want, y + expert(x[0], w.shared, M, swiglu_limit=10.0 if revision == "current" else 0.0))
+    assert differs(out(10.0), out(0.0))                             # the clamp fires
 
 
 def test_router_stays_fp32():
