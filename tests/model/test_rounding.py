@@ -18,27 +18,28 @@ The rounding points of mirror, as the code has them (test names below without th
 |---|---|---|---|
 | linear.quantized_linear | FP8 e4m3 activation quantization, 1x128 blocks, power-of-two scales (`act_fp8`) | M:L108-120, K:L40-125 | quantized_linear_fp8_and_fp4 |
 | linear.quantized_linear | fp32 accumulator, output bf16 | K:L203-273 | quantized_linear_fp8_and_fp4 |
-| linear.bf16_linear | fp32 accumulator, output bf16 (weights_proj, wo_a) | M:L418, M:L530 | fp32_and_bf16_linear |
-| linear.fp32_linear | output fp32, not bf16 (compressor wkv/wgate, gate, hc fn, head) | M:L316, M:L569 | fp32_and_bf16_linear |
+| numerics (every FP8/FP4 quantization) | block scale a power of two, 2^ceil(log2(amax/max)) from the bits | K:L22-37 | quantized_linear_fp8_and_fp4 (and tests/test_numerics.py) |
+| linear.bf16_linear | fp32 accumulator, output bf16 (weights_proj, wo_a) | M:L380-433, M:L534-542 | fp32_and_bf16_linear |
+| linear.fp32_linear | output fp32, not bf16 (compressor wkv/wgate, gate, hc fn, head) | M:L279-377, M:L564-584 | fp32_and_bf16_linear |
 | linear.product | fp32 accumulator of attention/indexer products | K:L276-368 | product_rounds_once_to_fp32 |
 | norm.rms_norm | fp32 math, output bf16 | M:L183-196 | rms_norm_output_is_rounded_to_bf16 |
-| norm.head_rms_norm | five bf16 ops: q², mean, + eps, rsqrt, q·r | M:L498 | head_rms_norm_rounds_each_bf16_op |
+| norm.head_rms_norm | five bf16 ops: q², mean, + eps, rsqrt, q·r | M:L496-499 | head_rms_norm_rounds_each_bf16_op |
 | rope.apply_rope | rotated pair written back as bf16 | M:L232-244 | rope_writes_back_bf16 |
 | hyperconn.hc_pre / hc_post / hc_head | sublayer input / new streams / head input bf16 | M:L674-687, M:L729-736 | hyperconn_outputs_are_bf16 |
-| compressor.compress | bf16 of the pooled entry before its norm | M:L362 | compressor_rounds_to_bf16_before_the_norm |
+| compressor.compress | bf16 of the pooled entry before its norm | M:L362-372 | compressor_rounds_to_bf16_before_the_norm |
 | compressor.compress (main) | FP8 QDQ of the non-rope dims, block 64 (current revision) | M:L372 | compressor_rounds_to_bf16_before_the_norm |
 | compressor.compress (indexer) | bf16 Hadamard, then FP4 QDQ block 32 | M:L368-370 | compressor_index_keys_hadamard_bf16_then_fp4 |
-| indexer.indexer | q: bf16 Hadamard then FP4 QDQ; weights: bf16(weights_proj(x) · j^-0.5 · i^-0.5) | M:L410-420 | indexer_scores_against_independent_computation |
-| indexer.index_scores | bf16 einsum output, bf16 ReLU·weight, fp32 head sum rounded to bf16 | M:L421-425 | index_scores_each_bf16_step |
+| indexer.indexer | q: bf16 Hadamard then FP4 QDQ; weights: bf16(weights_proj(x) · j^-0.5 · i^-0.5) | M:L380-433 | indexer_scores_against_independent_computation |
+| indexer.index_scores | bf16 einsum output, bf16 ReLU·weight, fp32 head sum rounded to bf16 | M:L380-433 | index_scores_each_bf16_step |
 | attention.attention | FP8 QDQ of the window KV's non-rope dims, block 64 (current revision) | M:L506 | window_layer_attention_composition |
 | attention.sparse_attention | scores fp32, probabilities bf16 before P·V (unnormalised), output bf16 | K:L276-368 | sparse_attention_each_rounding |
-| attention.attention | wo_a: bf16 einsum output per group | M:L530 | window_layer_attention_composition |
+| attention.attention | wo_a: bf16 einsum output per group | M:L534-542 | window_layer_attention_composition |
 | moe.expert | bf16 of the SwiGLU product before w2 | M:L604-606 | expert_rounds_to_bf16_before_w2 |
-| moe.moe | fp32 sum of expert outputs, output bf16 | M:L640-645 | moe_output_is_bf16_of_the_fp32_sum |
-| moe.route | router logits and weights fp32, not bf16 | M:L566-584 | router_stays_fp32 |
-| moe.moe | shared-expert SwiGLU clamp in the current revision only | M:L604 | moe_output_is_bf16_of_the_fp32_sum |
-| transformer.head_logits | logits fp32 (NOT bf16) | M:L724-727 | logits_are_fp32_not_bf16 |
-| transformer.mtp_forward | bf16(e_proj(e) + h_proj(h)) | M:L760 | mtp_input_is_bf16 |
+| moe.moe | fp32 sum of expert outputs, output bf16 | M:L630-645 | moe_output_is_bf16_of_the_fp32_sum |
+| moe.route | router logits and weights fp32, not bf16 | M:L564-584 | router_stays_fp32 |
+| moe.moe | shared-expert SwiGLU clamp in the current revision only | M:L587-606 | moe_output_is_bf16_of_the_fp32_sum |
+| transformer.head_logits | logits fp32 (NOT bf16) | M:L704-736 | logits_are_fp32_not_bf16 |
+| transformer.mtp_forward | bf16(e_proj(e) + h_proj(h)) | M:L739-767 | mtp_input_is_bf16 |
 
 Steps that are exact by construction have no test of their own (removing them changes nothing):
 the bf16 rounding after an in-place FP8/FP4 QDQ (q·s has at most 4 significant bits), the fp32
@@ -515,6 +516,10 @@ def test_mtp_input_is_bf16(tiny_model):
     e = rms_norm(np.asarray(w.embed[ids[:, 1:]]).astype(np.float32), m.enorm, eps=EPS, prec=M)
     hs = rms_norm(h[:, :-1], m.hnorm, eps=EPS, prec=M)
     summed = quantized_linear(e, m.e_proj, M)[:, :, None, :] + quantized_linear(hs, m.h_proj, M)
-    pre = lambda v: (lambda tr: (hc_pre(v, m.block.hc_attn, TINY, M, tr, "p"), tr.tensors["p.pre"])[1])(Trace(("p.pre",)))  # noqa: E731
+
+    def pre(x):                                                     # the MTP block's first mHC pre mix
+        tr = Trace(("p.pre",))
+        hc_pre(x, m.block.hc_attn, TINY, M, tr, "p")
+        return tr.tensors["p.pre"]
     assert np.array_equal(t.tensors[f"layers.{layer}.hc_attn.pre"], pre(bf16r(summed)))
     assert differs(pre(bf16r(summed)), pre(summed))
