@@ -149,11 +149,17 @@ def exact_rows(x, w):
 @pytest.mark.parametrize("kind", ["fp8", "fp4"])
 def test_quantized_linear_fp8_and_fp4(kind):
     rng = np.random.default_rng(1)
+    # input dims 64..127 are 2^-16 of the others (e4m3 subnormals under the scale of a 128-wide block,
+    # not under a 64-wide one) and carry the output through weights 2^16 larger; dims 0..63 weigh 0
     x = bf16_values(rng, (3, 256), 3.0)
-    w = fp8_matrix(rng, 64, 256) if kind == "fp8" else fp4_matrix(rng, 64, 256)
+    x[:, 64:128] *= 2.0**-16
+    wf = rng.standard_normal((64, 256)) / 16
+    wf[:, :64], wf[:, 64:128] = 0.0, wf[:, 64:128] * 2.0**16
+    w = Fp8Matrix(*quant_fp8_weight(wf)) if kind == "fp8" else Fp4Matrix(*quant_fp4_weight(wf))
     wd = w.dequantize()
     want = bf16r(f32r(exact_rows(fp8_act_ref(x), wd)))
     assert np.array_equal(quantized_linear(x, w, M), want)
+    assert differs(want, bf16r(exact_rows(fp8_act_ref(x, 64), wd)))  # with blocks of 64
     assert differs(want, bf16r(exact_rows(x, wd)))                  # without the FP8 activation quantization
     assert differs(want, f32r(exact_rows(fp8_act_ref(x), wd)))      # without the bf16 output
 
