@@ -274,8 +274,7 @@ def act_quant_fp8(x, *, block: int = FP8_BLOCK) -> tuple[np.ndarray, np.ndarray]
     xb = _act_blocks(x, block, "act_quant_fp8")                  # [..., K/blk, blk]
     amax = np.maximum(np.abs(xb).max(axis=-1), FP8_AMAX_FLOOR)   # [..., K/blk]  fp32
     s = pow2_scale(amax, FP8_MAX_INV)                            # official: fast_round_scale
-    y = np.clip(xb / s[..., None], -FP8_MAX, FP8_MAX)            # fp32; exact: s = 2^k
-    q = y.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)     # cast to float8_e4m3fn, RNE
+    q = _to_e4m3(xb / s[..., None]).astype(np.float32)           # clamp, cast to e4m3 (RNE); x / s exact: s = 2^k
     return q.reshape(np.shape(x)), s
 
 
@@ -284,8 +283,7 @@ def act_quant_fp4(x, *, block: int = FP4_BLOCK) -> tuple[np.ndarray, np.ndarray]
     xb = _act_blocks(x, block, "act_quant_fp4")                  # [..., K/blk, blk]
     amax = np.maximum(np.abs(xb).max(axis=-1), FP4_AMAX_FLOOR)   # [..., K/blk]  fp32
     s = pow2_scale(amax, FP4_MAX_INV)
-    y = np.clip(xb / s[..., None], -FP4_MAX, FP4_MAX)            # fp32; exact: s = 2^k
-    q = y.astype(ml_dtypes.float4_e2m1fn).astype(np.float32)     # cast to float4_e2m1fn, RNE (assumed, §9)
+    q = _to_e2m1(xb / s[..., None]).astype(np.float32)           # clamp, cast to e2m1 (RNE, as the GPU cast is assumed to); x / s exact
     return q.reshape(np.shape(x)), s
 
 
