@@ -90,16 +90,6 @@ def test_round_bf16_float64_goes_through_float32():
     assert nx.round_bf16(x)[0] == 1.0                                 # direct rounding would give 1 + 2^-7
 
 
-def test_round_bf16_matches_ml_dtypes_on_random_bit_patterns():
-    rng = np.random.default_rng(0)
-    bits = rng.integers(0, 2**32, size=200_000, dtype=np.uint64).astype(np.uint32)
-    bits[:4] = [0x3F808000, 0x3F818000, 0x7F7FFFFF, 0x7F800001]   # ties, overflow, NaN with tiny payload
-    x = bits.view(np.float32)
-    with np.errstate(invalid="ignore"):                               # ml_dtypes' NaN casts warn
-        want = x.astype(ml_dtypes.bfloat16).astype(np.float32)
-    same_floats(nx.round_bf16(x), want)
-
-
 def test_round_f32():
     assert nx.round_f32(np.array([1 + 2**-30])).dtype == np.float32
     assert nx.round_f32(np.array([1 + 2**-24 + 2**-40]))[0] == np.float32(1 + 2**-23)
@@ -166,7 +156,9 @@ def tie_neighbourhoods(values, dtype):
 def test_e4m3_encode_equals_reference_at_every_tie_and_beyond_448(dtype):
     values, codes = e4m3_reference_table()
     x = tie_neighbourhoods(values, dtype)
-    x = np.concatenate([x, np.array([449, 463.9, 464, 464.1, 479, 480, 1e4], dtype)])   # ml_dtypes alone: NaN from 464
+    rng = np.random.default_rng(1)
+    rand = rng.uniform(-480, 480, 50_000) * 2.0 ** rng.integers(-14, 1, 50_000)
+    x = np.concatenate([x, np.array([449, 463.9, 464, 464.1, 479, 480, 1e4], dtype), rand.astype(dtype)])   # ml_dtypes alone: NaN from 464
     want_v, want_c = grid_round(x, values, codes)
     got = nx.encode_fp8_e4m3(x)
     assert np.array_equal(got & 0x7F, want_c)
@@ -176,7 +168,8 @@ def test_e4m3_encode_equals_reference_at_every_tie_and_beyond_448(dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_e2m1_encode_equals_reference_at_every_tie(dtype):
     values, codes = e2m1_reference_table()
-    x = tie_neighbourhoods(values, dtype)
+    rand = np.random.default_rng(2).uniform(-7, 7, 20_000).astype(dtype)
+    x = np.concatenate([tie_neighbourhoods(values, dtype), rand])
     want_v, want_c = grid_round(x, values, codes)
     got = nx.encode_fp4_e2m1(x)
     assert np.array_equal(got & 0x7, want_c)
@@ -248,15 +241,6 @@ def test_encode_fp8_e4m3_ties_and_saturation():
     assert nx.encode_fp8_e4m3(np.float32(-1e-9)) == 0x80
 
 
-def test_encode_fp8_e4m3_matches_ml_dtypes_on_midpoints_and_random_values():
-    pos = np.sort(nx.decode_fp8_e4m3(np.arange(0x7F, dtype=np.uint8)).astype(np.float64))
-    mids = (pos[1:] + pos[:-1]) / 2                                   # every tie, exact in float32
-    rng = np.random.default_rng(1)
-    rand = rng.uniform(-448, 448, 50_000) * 2.0 ** rng.integers(-14, 1, 50_000)
-    x = np.concatenate([mids, -mids, rand]).astype(np.float32)
-    assert np.array_equal(nx.encode_fp8_e4m3(x), x.astype(ml_dtypes.float8_e4m3fn).view(np.uint8))
-
-
 def test_encode_fp8_e4m3_rejects_nan():
     with pytest.raises(ValueError, match="NaN"):
         nx.encode_fp8_e4m3(np.array([1.0, np.nan]))
@@ -303,15 +287,6 @@ def test_encode_fp4_e2m1_hand_worked_rne():
     assert np.array_equal(nx.encode_fp4_e2m1(nx.decode_fp4_e2m1(nib)), nib)
     with pytest.raises(ValueError):
         nx.encode_fp4_e2m1(np.array([np.nan]))
-
-
-def test_encode_fp4_e2m1_matches_ml_dtypes():
-    rng = np.random.default_rng(2)
-    grid = np.array([0, .5, 1, 1.5, 2, 3, 4, 6])
-    mids = (grid[1:] + grid[:-1]) / 2
-    x = np.concatenate([mids, -mids, rng.uniform(-6, 6, 20_000)]).astype(np.float32)
-    assert np.array_equal(nx.encode_fp4_e2m1(x),
-                          x.astype(ml_dtypes.float4_e2m1fn).view(np.uint8) & 0x0F)
 
 
 def test_pack_fp4_hand_worked():
