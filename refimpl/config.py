@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from refimpl.numerics import FP4_BLOCK, FP8_BLOCK, KV_FP8_BLOCK
+
 
 class ConfigError(ValueError):
     """A config file or preset that is unknown, incomplete or contradictory."""
@@ -146,9 +148,10 @@ class Config:
         need(0 <= self.n_hash_layers <= self.n_layers, "n_hash_layers out of range")
         need(0 < self.rope_head_dim < self.head_dim and self.rope_head_dim % 2 == 0, "rope_head_dim must be even and < head_dim")
         # KV FP8 simulation works on blocks of 64 of the non-rope dims (M:L506, act_quant asserts N % block == 0)
-        need(self.nope_head_dim % 64 == 0, f"head_dim - rope_head_dim = {self.nope_head_dim} must be a multiple of 64")
+        need(self.nope_head_dim % KV_FP8_BLOCK == 0,
+             f"head_dim - rope_head_dim = {self.nope_head_dim} must be a multiple of {KV_FP8_BLOCK}")
         need(self.n_heads % self.o_groups == 0, "n_heads must be a multiple of o_groups")
-        need(self.index_head_dim > self.rope_head_dim and self.index_head_dim % 32 == 0
+        need(self.index_head_dim > self.rope_head_dim and self.index_head_dim % FP4_BLOCK == 0
              and (self.index_head_dim & (self.index_head_dim - 1)) == 0,
              "index_head_dim must be a power of two (Hadamard), a multiple of 32 and > rope_head_dim")
         need(1 <= self.n_activated_experts <= self.n_routed_experts, "n_activated_experts out of range")
@@ -160,8 +163,8 @@ class Config:
                     "n_heads*head_dim": self.n_heads * self.head_dim, "head_dim": self.head_dim,
                     "o_groups*o_lora_rank": self.o_groups * self.o_lora_rank,
                     "index_n_heads*index_head_dim": self.index_n_heads * self.index_head_dim}
-        bad = {k: v for k, v in fp8_dims.items() if v % 128}
-        need(not bad, f"dimensions carrying FP8 weights must be multiples of 128: {bad}")
+        bad = {k: v for k, v in fp8_dims.items() if v % FP8_BLOCK}
+        need(not bad, f"dimensions carrying FP8 weights must be multiples of {FP8_BLOCK}: {bad}")
 
     # ---- presets ----
     @classmethod

@@ -7,7 +7,8 @@ Precision modes (docs/architecture.md §3). Every function that stands for an of
     mirror    round exactly where the official code rounds (docs/architecture.md §3, the precision map): activations
               are float32 arrays holding bf16-representable values; FP8/FP4 QDQ as the kernels do
 
-The mode steps `bf16`, `f32`, `qdq_fp8`, `qdq_fp4` are identities outside `mirror`.
+The mode steps `bf16`, `f32`, `act_fp8`, `qdq_fp8`, `qdq_fp4` are identities outside `mirror`; each
+rounding point of mirror is one call of one of them.
 
 Formats (docs/architecture.md §3; "fp32(v)" = v rounded to float32):
 
@@ -32,15 +33,12 @@ Rounding choices: `round_bf16` rounds float64 input to float32 first (the offici
 rounds fp32 values to bf16); the e4m3 / e2m1 encoders round the given value directly (exact for
 float32 and float64 input). fp32(1/448) and fp32(1/6) lie above 1/448 and 1/6, so s·max >= amax
 always and the official clamp never fires (a test checks the binade edges).
-Weight quantization (the synthetic checkpoint writer): s = the smallest power of two with
-amax/s <= max, computed exactly, with the amax floors of the activation quantizers, so an
-all-zero FP8 block gets s = 2^-22 (E8M0 105) and an all-zero FP4 block s = 2^-126 (E8M0 1).
 Hadamard: y = x·H_n/sqrt(n), H_n Sylvester (natural order). softmax raises on an all -inf slice
 instead of returning NaN. top_k breaks ties by a stable rule: the lower index wins (NaN counts
 as the largest, as in torch.topk).
 
 Official: kernel.py fast_log2_ceil / fast_pow2 (K:L22-37), act_quant (K:L40-125), fp4_act_quant
-(K:L128-200); model.py RMSNorm (M:L183-196), rotate_activation (M:L247-251); convert.py FP4_TABLE.
+(K:L128-200); model.py linear (M:L108-120), rotate_activation (M:L247-251); convert.py FP4_TABLE.
 """
 from __future__ import annotations
 
@@ -55,8 +53,10 @@ FP8_AMAX_FLOOR = np.float32(1e-4)      # official: T.max(amax, 1e-4) (K:L79)
 FP4_AMAX_FLOOR = np.float32(6 * 2.0**-126)   # official: T.max(amax, 6 * 2**-126) (K:L163)
 FP8_MAX_INV = np.float32(1 / 448)      # official: fp8_max_inv = 1 / fp8_max, used in fp32
 FP4_MAX_INV = np.float32(1 / 6)        # official: fp4_max_inv = 1.0 / fp4_max
-WEIGHT_BLOCK = 128                     # FP8 weight block, both axes (M:L17)
-FP4_BLOCK = 32                         # FP4 weight / activation block along the input dim (M:L18)
+# block sizes: each is fixed by the official code, named once here and used everywhere
+FP8_BLOCK = 128      # official block_size (M:L17): FP8 weight blocks (128x128) and the 1x128 blocks of a GEMM's activation quantization
+FP4_BLOCK = 32       # official fp4_block_size (M:L18): FP4 weight blocks (1x32) and the indexer's FP4 QDQ blocks
+KV_FP8_BLOCK = 64    # FP8 QDQ of the KV's non-rope dims: act_quant(kv[..., :-rd], 64, ...) (M:L372 compressed, M:L506 window)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -100,56 +100,28 @@ def round_f32(x) -> np.ndarray:
 def round_bf16(x) -> np.ndarray:
     """Round to bfloat16 (RNE), returned as float32; float64 input is rounded to float32 first."""
     x = np.asarray(x).astype(np.float32)                         # f64 -> f32 first (documented above)
-    bits = x.view(np.uint32)
-    lsb = (bits >> 16) & 1                                       # last kept bit: ties go to even
-    rounded = ((bits + np.uint32(0x7FFF) + lsb) & np.uint32(0xFFFF0000)).view(np.float32)
-    return np.where(np.isnan(x), np.float32(np.nan), rounded)    # a NaN payload must not carry to ∞
+    with np.errstate(over="ignore", invalid="ignore"):           # fp32 max -> ∞ and NaN are intended
+        return x.astype(ml_dtypes.bfloat16).astype(np.float32)   # ml_dtypes: RNE, exact (see below)
 
 
 # ------------------------------------------------------------------------------------------------
-# minifloats: e4m3fn, e2m1 (shared RNE rounding), ue8m0
+# minifloats: e4m3fn, e2m1, ue8m0
+#
+# The ml_dtypes casts are exact round-to-nearest-even codecs for these formats (float32 and
+# float64 input, subnormals, -0 and NaN included; tests/test_numerics.py checks every code and
+# every tie against an independent reference). The one thing kept by hand is saturation:
+# ml_dtypes' e4m3fn cast turns |x| >= 464 into NaN (the format has no ∞), where the official
+# kernels clamp to ±448 first, so values are clipped to ±max before every cast. E8M0 encoding
+# is checked by hand too (only exact powers of two are scales; ml_dtypes would round others).
 
-def _decode_minifloat(codes: np.ndarray, *, exp_bits: int, mant_bits: int, bias: int) -> np.ndarray:
-    """Sign/exponent/mantissa fields -> float32 (no NaN handling)."""
-    c = codes.astype(np.int32)                                   # room for the shifts below
-    sign = (c >> (exp_bits + mant_bits)) & 1
-    e = (c >> mant_bits) & ((1 << exp_bits) - 1)
-    m = c & ((1 << mant_bits) - 1)
-    mag = np.where(e == 0,
-                   np.ldexp(m.astype(np.float32), 1 - bias - mant_bits),                   # subnormal
-                   np.ldexp((m + (1 << mant_bits)).astype(np.float32), e - bias - mant_bits))  # normal
-    return np.where(sign == 1, -mag, mag).astype(np.float32)     # -0 for sign 1, mantissa 0
-
-
-def _pow2(e: np.ndarray, dtype) -> np.ndarray:
-    """2^e for integer e in the normal range of dtype (float32/float64), built from the exponent bits."""
-    if np.dtype(dtype) == np.float32:
-        return ((e.astype(np.int32) + 127) << 23).view(np.float32)    # as the official fast_pow2
-    return ((e.astype(np.int64) + 1023) << 52).view(np.float64)
+def _to_e4m3(x: np.ndarray) -> np.ndarray:
+    """x (no NaN) -> ml_dtypes float8_e4m3fn, RNE, saturating at ±448."""
+    return np.clip(x, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
 
 
-def _round_minifloat(x: np.ndarray, *, mant_bits: int, bias: int, max_val: float) -> np.ndarray:
-    """RNE to the minifloat grid (subnormals included), saturating at ±max_val; same dtype as x."""
-    a = np.minimum(np.abs(x), max_val)                           # saturate first
-    _, e = np.frexp(a)                                           # a = f·2^e, f in [0.5, 1)
-    exp = np.maximum(e - 1, 1 - bias)                            # binade; subnormals share the lowest
-    quantum = _pow2(exp - mant_bits, a.dtype)                    # spacing of the grid in that binade
-    q = np.rint(a / quantum) * quantum                           # exact scaling; np.rint is RNE
-    return np.copysign(q, x)                                     # -0 stays -0, tiny negatives -> -0
-
-
-def _encode_minifloat(x: np.ndarray, *, exp_bits: int, mant_bits: int, bias: int,
-                      max_val: float) -> np.ndarray:
-    """RNE-round x (no NaN) then pack sign/exponent/mantissa fields into uint8 codes."""
-    q = _round_minifloat(x, mant_bits=mant_bits, bias=bias, max_val=max_val)
-    mag = np.abs(q)
-    _, e = np.frexp(mag)
-    normal = mag >= 2.0 ** (1 - bias)
-    e_field = np.where(normal, e - 1 + bias, 0)                  # biased exponent; 0 = subnormal
-    lsb = _pow2(np.where(normal, e - 1, 1 - bias) - mant_bits, mag.dtype)
-    m_field = (mag / lsb).astype(np.int32) - np.where(normal, 1 << mant_bits, 0)  # exact integer
-    code = (np.signbit(q).astype(np.int32) << (exp_bits + mant_bits)) | (e_field << mant_bits) | m_field
-    return code.astype(np.uint8)                                 # fits: 1 + exp_bits + mant_bits <= 8
+def _to_e2m1(x: np.ndarray) -> np.ndarray:
+    """x (no NaN) -> ml_dtypes float4_e2m1fn, RNE, saturating at ±6."""
+    return np.clip(x, -FP4_MAX, FP4_MAX).astype(ml_dtypes.float4_e2m1fn)
 
 
 def _as_float(x, name: str) -> np.ndarray:
@@ -174,21 +146,19 @@ def _as_codes(a, name: str) -> np.ndarray:
 def decode_fp8_e4m3(codes) -> np.ndarray:
     """e4m3fn codes -> float32 values (0x7F / 0xFF -> NaN, 0x80 -> -0)."""
     c = _as_codes(codes, "decode_fp8_e4m3")
-    v = _decode_minifloat(c, exp_bits=4, mant_bits=3, bias=7)
-    return np.where((c & 0x7F) == 0x7F, np.float32(np.nan), v)   # e4m3fn: no ∞, one NaN per sign
+    return c.view(ml_dtypes.float8_e4m3fn).astype(np.float32)   # exact
 
 
 def encode_fp8_e4m3(x) -> np.ndarray:
     """Values -> e4m3fn codes, RNE, saturating at ±448; ValueError on NaN."""
     x = _as_float(x, "encode_fp8_e4m3")
-    return _encode_minifloat(x, exp_bits=4, mant_bits=3, bias=7, max_val=FP8_MAX)
+    return _to_e4m3(x).view(np.uint8)
 
 
 def decode_ue8m0(codes) -> np.ndarray:
     """E8M0 scale bytes -> float32 2^(b-127) (255 -> NaN; 0 -> 2^-127, an fp32 subnormal)."""
     c = _as_codes(codes, "decode_ue8m0")
-    b = np.where(c == 255, 127, c).astype(np.int32)             # 255 (NaN) is filled in below
-    return np.where(c == 255, np.float32(np.nan), np.ldexp(np.ones(c.shape, np.float32), b - 127))
+    return c.view(ml_dtypes.float8_e8m0fnu).astype(np.float32)  # exact
 
 
 def encode_ue8m0(s) -> np.ndarray:
@@ -208,13 +178,13 @@ def decode_fp4_e2m1(nibbles) -> np.ndarray:
     c = _as_codes(nibbles, "decode_fp4_e2m1")
     if (c > 15).any():
         raise ValueError("decode_fp4_e2m1: nibbles must be 0..15")
-    return _decode_minifloat(c, exp_bits=2, mant_bits=1, bias=1)
+    return c.view(ml_dtypes.float4_e2m1fn).astype(np.float32)   # exact; one nibble per byte, bits 0-3
 
 
 def encode_fp4_e2m1(x) -> np.ndarray:
     """Values -> e2m1 nibbles (uint8 0..15), RNE, saturating at ±6; ValueError on NaN."""
     x = _as_float(x, "encode_fp4_e2m1")
-    return _encode_minifloat(x, exp_bits=2, mant_bits=1, bias=1, max_val=FP4_MAX)
+    return _to_e2m1(x).view(np.uint8) & np.uint8(0x0F)           # the code is the low nibble
 
 
 def pack_fp4(nibbles) -> np.ndarray:
@@ -247,17 +217,8 @@ def pow2_scale(amax, inv_max) -> np.ndarray:
     return ((exp + 127).astype(np.uint32) << 23).view(np.float32)  # fast_pow2: exponent field only
 
 
-def _exact_pow2_exponent(amax: np.ndarray, max_val: float) -> np.ndarray:
-    """Smallest integer e with amax <= max_val·2^e (amax > 0), computed exactly in float64."""
-    a = amax.astype(np.float64)                                  # exact upcast
-    _, e = np.frexp(a / max_val)                                 # estimate: ceil(log2) is e-1 or e
-    e = e.astype(np.int64)
-    e = np.where(a <= max_val * np.ldexp(1.0, e - 1), e - 1, e)  # products by 2^k are exact
-    return np.where(a > max_val * np.ldexp(1.0, e), e + 1, e)    # guards the quotient's rounding
-
-
 # ------------------------------------------------------------------------------------------------
-# weights: dequantize (loading) and quantize (the synthetic checkpoint writer)
+# weights: dequantize (loading; the synthetic writer quantizes, refimpl/synthetic/quantize.py)
 
 def _check_scale_grid(scale: np.ndarray, shape: tuple[int, int], name: str) -> None:
     """Raise ValueError on a wrong scale-grid shape or a NaN (0xFF) E8M0 byte."""
@@ -268,7 +229,7 @@ def _check_scale_grid(scale: np.ndarray, shape: tuple[int, int], name: str) -> N
         raise ValueError(f"{name}: scale is NaN (E8M0 byte 0xFF) at block row {r}, col {c}")
 
 
-def dequant_fp8_weight(values, scale, *, block: int = WEIGHT_BLOCK) -> np.ndarray:
+def dequant_fp8_weight(values, scale, *, block: int = FP8_BLOCK) -> np.ndarray:
     """e4m3 [N, K] with E8M0 [ceil(N/128), ceil(K/128)] -> float32 [N, K]; block index o//128, i//128."""
     v = _as_codes(values, "dequant_fp8_weight values")
     sc = _as_codes(scale, "dequant_fp8_weight scale")
@@ -293,43 +254,6 @@ def dequant_fp4_weight(packed, scale) -> np.ndarray:
     return decode_fp4_e2m1(unpack_fp4(p)) * s                    # exact: power-of-two scale
 
 
-def quant_fp8_weight(w, *, block: int = WEIGHT_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """w [N, K] -> (e4m3 codes [N, K] uint8, E8M0 [ceil(N/128), ceil(K/128)] uint8); amax floor 1e-4."""
-    w = _as_float(w, "quant_fp8_weight")
-    if w.ndim != 2:
-        raise ValueError(f"quant_fp8_weight: w must be 2-D, got shape {w.shape}")
-    if not np.isfinite(w).all():
-        raise ValueError("quant_fp8_weight: w has non-finite values")
-    n, k = w.shape
-    nb, kb = -(-n // block), -(-k // block)
-    wp = np.zeros((nb * block, kb * block), dtype=w.dtype)      # zero-padded partial edge blocks
-    wp[:n, :k] = w
-    blocks = wp.reshape(nb, block, kb, block)                    # [nb, 128, kb, 128]
-    amax = np.maximum(np.abs(blocks).max(axis=(1, 3)), FP8_AMAX_FLOOR)  # floor as in act_quant
-    e = _exact_pow2_exponent(amax, FP8_MAX)                      # smallest s = 2^e with amax/s <= 448
-    scale = encode_ue8m0(np.ldexp(1.0, e))                       # ValueError if out of E8M0 range
-    s = np.ldexp(np.ones((), w.dtype), e)[:, None, :, None]      # [nb, 1, kb, 1] in w's dtype
-    values = encode_fp8_e4m3(blocks / s).reshape(nb * block, kb * block)[:n, :k]  # exact division
-    return np.ascontiguousarray(values), scale
-
-
-def quant_fp4_weight(w) -> tuple[np.ndarray, np.ndarray]:
-    """w [N, K] -> (packed int8 [N, K/2], E8M0 [N, K/32] uint8); per 1x32 block, amax floor 6·2^-126."""
-    w = _as_float(w, "quant_fp4_weight")
-    if w.ndim != 2 or w.shape[1] % FP4_BLOCK:
-        raise ValueError(f"quant_fp4_weight: need a 2-D w with K % 32 == 0, got shape {w.shape}")
-    if not np.isfinite(w).all():
-        raise ValueError("quant_fp4_weight: w has non-finite values")
-    n, k = w.shape
-    blocks = w.reshape(n, k // FP4_BLOCK, FP4_BLOCK)             # [N, K/32, 32]
-    amax = np.maximum(np.abs(blocks).max(axis=-1), FP4_AMAX_FLOOR)
-    e = _exact_pow2_exponent(amax, FP4_MAX)                      # smallest s = 2^e with amax/s <= 6
-    scale = encode_ue8m0(np.ldexp(1.0, e))
-    s = np.ldexp(np.ones((), w.dtype), e)[..., None]             # [N, K/32, 1]
-    nibbles = encode_fp4_e2m1(blocks / s).reshape(n, k)          # exact division
-    return pack_fp4(nibbles), scale
-
-
 # ------------------------------------------------------------------------------------------------
 # activations: dynamic block quantization (official act_quant / fp4_act_quant with ue8m0 scales)
 
@@ -345,13 +269,12 @@ def _act_blocks(x, block: int, name: str) -> np.ndarray:
     return x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
 
 
-def act_quant_fp8(x, *, block: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def act_quant_fp8(x, *, block: int = FP8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """x [..., K] float32 -> (e4m3 values [..., K] float32, scales [..., K/block] float32) (K:L40-125)."""
     xb = _act_blocks(x, block, "act_quant_fp8")                  # [..., K/blk, blk]
     amax = np.maximum(np.abs(xb).max(axis=-1), FP8_AMAX_FLOOR)   # [..., K/blk]  fp32
     s = pow2_scale(amax, FP8_MAX_INV)                            # official: fast_round_scale
-    y = np.clip(xb / s[..., None], -FP8_MAX, FP8_MAX)            # fp32; exact: s = 2^k
-    q = _round_minifloat(y, mant_bits=3, bias=7, max_val=FP8_MAX)  # cast to float8_e4m3fn, RNE
+    q = _to_e4m3(xb / s[..., None]).astype(np.float32)           # clamp, cast to e4m3 (RNE); x / s exact: s = 2^k
     return q.reshape(np.shape(x)), s
 
 
@@ -360,8 +283,7 @@ def act_quant_fp4(x, *, block: int = FP4_BLOCK) -> tuple[np.ndarray, np.ndarray]
     xb = _act_blocks(x, block, "act_quant_fp4")                  # [..., K/blk, blk]
     amax = np.maximum(np.abs(xb).max(axis=-1), FP4_AMAX_FLOOR)   # [..., K/blk]  fp32
     s = pow2_scale(amax, FP4_MAX_INV)
-    y = np.clip(xb / s[..., None], -FP4_MAX, FP4_MAX)            # fp32; exact: s = 2^k
-    q = _round_minifloat(y, mant_bits=1, bias=1, max_val=FP4_MAX)  # cast to float4_e2m1fn, RNE (assumed; GPU cvt.rn)
+    q = _to_e2m1(xb / s[..., None]).astype(np.float32)           # clamp, cast to e2m1 (RNE, as the GPU cast is assumed to); x / s exact
     return q.reshape(np.shape(x)), s
 
 
@@ -394,6 +316,19 @@ def bf16(x, prec: str):
 def f32(x, prec: str):
     """Round a float64-computed value once to the fp32 accumulator in mirror mode; x unchanged otherwise."""
     return round_f32(x) if _is_mirror(prec) else x
+
+
+def act_fp8(x, prec: str):
+    """FP8 e4m3 quantization of an FP8/FP4 GEMM's input in mirror mode; x unchanged otherwise.
+
+    The official `linear` quantizes its bf16 input per 1x128 block, act_quant(x, block_size,
+    scale_fmt) (M:L108-120), and the GEMM multiplies e4m3 values by power-of-two scales; the
+    result here is those dequantized values q·s, exact in float32.
+    """
+    if not _is_mirror(prec):
+        return x
+    q, s = act_quant_fp8(x, block=FP8_BLOCK)
+    return q * np.repeat(s, FP8_BLOCK, axis=-1)                  # exact: power-of-two scales
 
 
 def qdq_fp8(x, prec: str, *, block: int):
@@ -458,20 +393,6 @@ def silu(x) -> np.ndarray:
     """x · sigmoid(x)."""
     x = np.asarray(x)
     return x * sigmoid(x)
-
-
-def rms_norm(x, weight, *, eps: float) -> np.ndarray:
-    """weight ⊙ x / sqrt(mean(x²) + eps) over the last axis in x's dtype; weight None = weightless."""
-    x = np.asarray(x)
-    dt = x.dtype.type
-    var = np.mean(x * x, axis=-1, keepdims=True)                 # [..., 1]
-    y = x * (dt(1) / np.sqrt(var + dt(eps)))                     # official: x * rsqrt(var + eps)
-    if weight is None:
-        return y
-    weight = np.asarray(weight)
-    if weight.shape != x.shape[-1:]:
-        raise ValueError(f"rms_norm: weight shape {weight.shape} != {x.shape[-1:]}")
-    return weight.astype(x.dtype) * y                            # exact for bf16-valued weights
 
 
 def top_k(x, k: int, axis: int = -1) -> np.ndarray:

@@ -27,6 +27,7 @@ import numpy as np
 
 from refimpl.formats.checkpoint import CheckpointError, TensorSource
 from refimpl.config import Config
+from refimpl.numerics import FP4_BLOCK, FP8_BLOCK
 from refimpl.model.linear import Fp8Matrix, Fp4Matrix
 from refimpl.model.hyperconn import HyperConnWeights
 from refimpl.model.compressor import CompressorWeights
@@ -36,8 +37,6 @@ from refimpl.model.moe import GateWeights, ExpertWeights, MoEWeights
 from refimpl.model.block import BlockWeights
 from refimpl.model.transformer import Model, MTPWeights, ModelWeights
 
-FP8_BLOCK = 128      # official block_size (M:L17): one E8M0 scale per 128x128 FP8 weight block
-FP4_BLOCK = 32       # official fp4_block_size (M:L18): one E8M0 scale per 1x32 FP4 weight block
 KINDS = ("attention", "experts", "shared_expert", "router", "mhc", "norms", "embedding", "head", "mtp")
 
 
@@ -77,10 +76,11 @@ def _hc_head(out: dict, p: str, cfg: Config, kind: str):
     out[f"{p}hc_head_scale"] = TensorSpec("F32", (1,), kind)
 
 
-def _compressor(out: dict, p: str, ratio: int, d: int, cfg: Config, kind: str):
+def _compressor(out: dict, p: str, layer: int, d: int, cfg: Config, kind: str):
     # Compressor(m=ratio, d): wkv, wgate [coff*d, c] BF16; ape [m, coff*d] F32; norm [d] BF16;
     # coff = 2 where the windows overlap (m == 4, M:L290), else 1 (docs/architecture.md §8)
-    coff = 2 if ratio == 4 else 1
+    ratio = cfg.compress_ratio(layer)
+    coff = 2 if cfg.uses_overlap(layer) else 1
     out[f"{p}wkv.weight"] = TensorSpec("BF16", (coff * d, cfg.dim), kind)
     out[f"{p}wgate.weight"] = TensorSpec("BF16", (coff * d, cfg.dim), kind)
     out[f"{p}ape"] = TensorSpec("F32", (ratio, coff * d), kind)
@@ -104,12 +104,12 @@ def _block(out: dict, p: str, layer: int, cfg: Config, mtp: bool):
     _fp8(out, f"{a}wo_a", cfg.o_groups * cfg.o_lora_rank, h * d // cfg.o_groups, k("attention"))
     _fp8(out, f"{a}wo_b", c, cfg.o_groups * cfg.o_lora_rank, k("attention"))
     if cfg.uses_compressor(layer):
-        _compressor(out, f"{a}compressor.", cfg.compress_ratio(layer), d, cfg, k("attention"))
+        _compressor(out, f"{a}compressor.", layer, d, cfg, k("attention"))
     if cfg.uses_indexer(layer):
         i, j = cfg.index_n_heads, cfg.index_head_dim
         _fp8(out, f"{a}indexer.wq_b", i * j, q, k("attention"))
         out[f"{a}indexer.weights_proj.weight"] = TensorSpec("BF16", (i, c), k("attention"))
-        _compressor(out, f"{a}indexer.compressor.", cfg.compress_ratio(layer), j, cfg, k("attention"))
+        _compressor(out, f"{a}indexer.compressor.", layer, j, cfg, k("attention"))
     # MoE (docs/architecture.md §11): router, e routed FP4 experts, one FP8 shared expert
     g = f"{p}ffn.gate."
     out[f"{g}weight"] = TensorSpec("BF16", (e, c), k("router"))

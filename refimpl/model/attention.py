@@ -28,9 +28,9 @@ import numpy as np
 
 from refimpl.model.compressor import CompressorState, CompressorWeights, compress
 from refimpl.model.indexer import IndexerState, IndexerWeights, indexer
-from refimpl.model.linear import Fp8Matrix, bf16_linear, quantized_linear
+from refimpl.model.linear import Fp8Matrix, bf16_linear, product, quantized_linear
 from refimpl.model.norm import head_rms_norm, rms_norm
-from refimpl.numerics import bf16, f32, qdq_fp8, storage_dtype, work_dtype
+from refimpl.numerics import KV_FP8_BLOCK, bf16, qdq_fp8, storage_dtype, work_dtype
 from refimpl.model.rope import apply_rope, layer_rope_table
 from refimpl.oracle.trace import record
 
@@ -76,11 +76,11 @@ class AttentionState:
         idx = None
         if cfg.uses_indexer(layer):
             idx = IndexerState(keys=np.zeros((batch, 0, cfg.index_head_dim), dt),
-                               compressor=CompressorState.empty(batch, ratio=m, head_dim=cfg.index_head_dim, prec=prec))
+                               compressor=CompressorState.empty(batch, cfg, layer, head_dim=cfg.index_head_dim, prec=prec))
         return AttentionState(
             window=np.zeros((batch, cfg.window_size, d), dt),
             compressed=np.zeros((batch, 0, d), dt) if m else None,
-            compressor=CompressorState.empty(batch, ratio=m, head_dim=d, prec=prec) if m else None,
+            compressor=CompressorState.empty(batch, cfg, layer, head_dim=d, prec=prec) if m else None,
             indexer=idx)
 
 
@@ -118,18 +118,12 @@ def sparse_attention(q: np.ndarray, kv: np.ndarray, attn_sink: np.ndarray, topk_
             idx = topk_idxs[bi, si]
             rows = kv[bi, idx[idx >= 0]]                                  # [k, d]  -1 entries skipped
             qi = q[bi, si]                                                # [h, d]
-            if prec == "float32":
-                scores = (qi @ rows.T) * dt(softmax_scale)                 # [h, k]
-            else:   # exact dot products rounded once to the fp32 accumulator, then * scale in fp32
-                scores = f32(qi.astype(np.float64) @ rows.astype(np.float64).T, prec) * dt(softmax_scale)
+            scores = product(qi, rows.T, prec) * dt(softmax_scale)        # [h, k] fp32 accumulator, * scale in fp32
             mx = scores.max(axis=-1, keepdims=True)                       # [h, 1]  sink not in the max
             p = np.exp(scores - mx)                                       # [h, k]  fp32
             denom = p.sum(axis=-1, keepdims=True) + np.exp(sink[:, None] - mx)   # sink: denominator only
             pv = bf16(p, prec)                                            # official: probabilities -> bf16 for P·V
-            if prec == "float32":
-                acc = pv @ rows
-            else:
-                acc = f32(pv.astype(np.float64) @ rows.astype(np.float64), prec)  # [h, d]
+            acc = product(pv, rows, prec)                                 # [h, d]
             o[bi, si] = acc / denom
     # NOTE(official): the kernel runs an online softmax over blocks of 64 indices; here the max is
     # taken once over the whole set (the same math; bf16 rounding of p may differ in the last bit).
@@ -157,7 +151,7 @@ def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: Attention
     kv = rms_norm(quantized_linear(x, w.wkv, prec), w.kv_norm, eps=cfg.norm_eps, prec=prec)  # [b, s, d]
     kv = apply_rope(kv, table, prec)
     if revision == "current":   # FP8-simulate non-rope dims (QAT); identity in the initial revision
-        kv = np.concatenate([qdq_fp8(kv[..., :d - p], prec, block=64), kv[..., d - p:]], axis=-1)
+        kv = np.concatenate([qdq_fp8(kv[..., :d - p], prec, block=KV_FP8_BLOCK), kv[..., d - p:]], axis=-1)
     record(trace, f"layers.{layer}.attn.kv", kv)
 
     # step 3: window rows = the last W' positions from the ring, then this call's rows

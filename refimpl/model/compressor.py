@@ -27,7 +27,7 @@ import numpy as np
 
 from refimpl.model.linear import fp32_linear
 from refimpl.model.norm import rms_norm
-from refimpl.numerics import bf16, hadamard, qdq_fp4, qdq_fp8, softmax, work_dtype
+from refimpl.numerics import FP4_BLOCK, KV_FP8_BLOCK, bf16, hadamard, qdq_fp4, qdq_fp8, softmax, work_dtype
 from refimpl.model.rope import apply_rope, layer_rope_table
 
 
@@ -47,9 +47,10 @@ class CompressorState:
     score: np.ndarray   # [b, o*m, o*d]  same dtype; unused rows -inf
 
     @staticmethod
-    def empty(batch: int, *, ratio: int, head_dim: int, prec: str) -> "CompressorState":
-        coff = 2 if ratio == 4 else 1
-        shape = (batch, coff * ratio, coff * head_dim)
+    def empty(batch: int, cfg, layer: int, *, head_dim: int, prec: str) -> "CompressorState":
+        """A fresh state of layer's compressor (main: head_dim = d, indexer: j)."""
+        coff = 2 if cfg.uses_overlap(layer) else 1
+        shape = (batch, coff * cfg.compress_ratio(layer), coff * head_dim)
         dt = work_dtype(prec)
         return CompressorState(kv=np.zeros(shape, dt), score=np.full(shape, -np.inf, dt))
 
@@ -62,7 +63,7 @@ def compress(x: np.ndarray, start_pos: int, state: CompressorState, w: Compresso
     """
     dt = work_dtype(prec)
     b, s, _ = x.shape
-    m, d, overlap = ratio, head_dim, ratio == 4
+    m, d, overlap = ratio, head_dim, cfg.uses_overlap(layer)
     off = m if overlap else 0                                          # first row of the block in progress
     kv = fp32_linear(x.astype(dt), w.wkv, prec)                        # [b, s, o*d]  official: x.float() @ wkv
     ape = w.ape.astype(dt)
@@ -101,8 +102,8 @@ def compress(x: np.ndarray, start_pos: int, state: CompressorState, w: Compresso
     positions = (first_block + np.arange(n_full)) * m                      # first token of each block
     e = apply_rope(e, layer_rope_table(positions, cfg, layer, prec), prec)
     if rotate:
-        e = qdq_fp4(bf16(hadamard(e), prec), prec, block=32)               # official: rotate_activation; fp4_act_quant
+        e = qdq_fp4(bf16(hadamard(e), prec), prec, block=FP4_BLOCK)             # official: rotate_activation; fp4_act_quant
     elif revision == "current":
         nope = d - cfg.rope_head_dim                                       # rope dims stay bf16
-        e = np.concatenate([qdq_fp8(e[..., :nope], prec, block=64), e[..., nope:]], axis=-1)
+        e = np.concatenate([qdq_fp8(e[..., :nope], prec, block=KV_FP8_BLOCK), e[..., nope:]], axis=-1)
     return e, new_state

@@ -1,9 +1,10 @@
 """The products of the precision map (docs/architecture.md §3-4), one function per kind.
 
-    fp8_linear   y = bf16( act_quant(x) @ dequant(W8)ᵀ )      FP8 e4m3 weight, E8M0 128x128 scales (M:L116-118)
-    fp4_linear   y = bf16( act_quant(x) @ dequant(W4)ᵀ )      packed FP4 e2m1 weight, E8M0 1x32 scales (M:L113-115)
-    bf16_linear  y = bf16( x @ Wᵀ )                           bf16 weight, no activation quantization (M:L120)
-    fp32_linear  y = f32( x @ Wᵀ )                            fp32 weight (exact upcast of bf16)     (M:L120)
+    quantized_linear  y = bf16( act_fp8(x) @ dequant(W)ᵀ )   FP8 e4m3 weight, E8M0 128x128 scales (M:L116-118),
+                                                             or packed FP4 e2m1, E8M0 1x32 scales (M:L113-115)
+    bf16_linear       y = bf16( x @ Wᵀ )                     bf16 weight, no activation quantization (M:L120)
+    fp32_linear       y = f32( x @ Wᵀ )                      fp32 weight (exact upcast of bf16)     (M:L120)
+    product           a @ b with the official fp32 accumulator (attention and indexer scores, P·V)
 
 Weights are `[out, in]` and used as `x @ w.T`, as in the official `F.linear`.
 
@@ -22,8 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refimpl.numerics import (act_quant_fp8, bf16, dequant_fp4_weight, dequant_fp8_weight, f32,
-                              work_dtype)
+from refimpl.numerics import act_fp8, bf16, dequant_fp4_weight, dequant_fp8_weight, f32, work_dtype
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,18 @@ def dense(w: np.ndarray, prec: str) -> np.ndarray:
     return np.asarray(w).astype(work_dtype(prec))    # bf16 -> f32/f64 is exact
 
 
-def matmul(x: np.ndarray, w: np.ndarray, prec: str) -> np.ndarray:
-    """x [..., in] @ w[out, in]ᵀ -> [..., out]; row by row in float64 outside float32 mode."""
+def product(a: np.ndarray, b: np.ndarray, prec: str) -> np.ndarray:
+    """a @ b with the official fp32 accumulator: exact (float64) and rounded once to fp32 in mirror,
+    exact in float64 mode, one float32 product in float32 mode."""
     if prec == "float32":
-        return x.astype(np.float32) @ w.astype(np.float32).T          # one BLAS call
+        return a.astype(np.float32) @ b.astype(np.float32)            # one BLAS call
+    return f32(a.astype(np.float64) @ b.astype(np.float64), prec)     # mirror: round once to fp32
+
+
+def matmul(x: np.ndarray, w: np.ndarray, prec: str) -> np.ndarray:
+    """x [..., in] @ w[out, in]ᵀ -> [..., out]: `product`, taken row by row outside float32 mode."""
+    if prec == "float32":
+        return product(x, w.T, prec)
     rows = x.reshape(-1, x.shape[-1]).astype(np.float64)              # [b*s, in]
     out = np.empty((rows.shape[0], w.shape[0]), dtype=np.float64)    # [b*s, out]
     step = max(1, (1 << 23) // w.shape[1])       # float64 copies of at most 64 MB of the weight at a time
@@ -72,8 +80,7 @@ def matmul(x: np.ndarray, w: np.ndarray, prec: str) -> np.ndarray:
         w64 = w[lo:lo + step].astype(np.float64)                      # [step, in]
         for r in range(rows.shape[0]):   # one product per row: independent of the row count
             out[r, lo:lo + step] = w64 @ rows[r]
-    out = out.reshape(*x.shape[:-1], w.shape[0])
-    return f32(out, prec) if prec == "mirror" else out               # mirror: round once to fp32
+    return f32(out.reshape(*x.shape[:-1], w.shape[0]), prec)         # mirror: round once to fp32
 
 
 def fp32_linear(x: np.ndarray, w: np.ndarray, prec: str) -> np.ndarray:
@@ -88,8 +95,6 @@ def bf16_linear(x: np.ndarray, w: np.ndarray, prec: str) -> np.ndarray:
 
 def quantized_linear(x: np.ndarray, w: Fp8Matrix | Fp4Matrix, prec: str) -> np.ndarray:
     """Official `linear` for FP8/FP4 weights (M:L108-120): FP8 activation quant (mirror), fp32 accumulate, bf16 out."""
-    if prec == "mirror":
-        q, s = act_quant_fp8(x, block=128)                             # official: act_quant(x, 128, ue8m0)
-        x = q * np.repeat(s, 128, axis=-1)                             # exact: power-of-two scales
+    x = act_fp8(x, prec)                                               # official: act_quant(x, 128, ue8m0)
     y = matmul(x, w.dequantize(), prec)                                # [..., out]
     return bf16(y, prec)                                               # official: fp32 accumulator -> bf16

@@ -42,7 +42,8 @@ import numpy as np
 from refimpl.formats.checkpoint import (DTYPES, CheckpointError, TensorSource, spec_nbytes, write_json,
                                 write_sharded)
 from refimpl.config import Config, ConfigError
-from refimpl.numerics import decode_fp4_e2m1, quant_fp8_weight
+from refimpl.numerics import FP4_BLOCK, FP8_BLOCK, decode_fp4_e2m1
+from refimpl.synthetic.quantize import quant_fp8_weight
 from refimpl.formats.weights import TensorSpec, expected_tensors, validate
 
 DEFAULT_SHARD_BYTES = 4 * 1024**3      # the official shards average 3.5 GB (46 for 160 GB)
@@ -91,13 +92,13 @@ def _fp8_pair(rng, shape) -> tuple[np.ndarray, np.ndarray]:
     """FP8 weight [N, K] ~ N(0, 1/K) quantized with 128x128 E8M0 block scales, in row chunks."""
     n, k = shape
     values = np.empty((n, k), ml_dtypes.float8_e4m3fn)
-    scale = np.empty((-(-n // 128), -(-k // 128)), ml_dtypes.float8_e8m0fnu)
-    step = max(128, CHUNK_ELEMENTS // k // 128 * 128)            # whole 128-row blocks per chunk
+    scale = np.empty((-(-n // FP8_BLOCK), -(-k // FP8_BLOCK)), ml_dtypes.float8_e8m0fnu)
+    step = max(FP8_BLOCK, CHUNK_ELEMENTS // k // FP8_BLOCK * FP8_BLOCK)   # whole 128-row blocks per chunk
     for r in range(0, n, step):
         w = rng.standard_normal((min(step, n - r), k), dtype=np.float32) * np.float32(k ** -0.5)
         v, s = quant_fp8_weight(w)                               # uint8 codes, uint8 E8M0
         values[r:r + step] = v.view(ml_dtypes.float8_e4m3fn)
-        scale[r // 128:(r + step) // 128] = s.view(ml_dtypes.float8_e8m0fnu)
+        scale[r // FP8_BLOCK:(r + step) // FP8_BLOCK] = s.view(ml_dtypes.float8_e8m0fnu)
     return values, scale
 
 
@@ -130,7 +131,7 @@ def _fp4_weight(rng, shape) -> np.ndarray:
 
 def _fp4_scale(rng, shape) -> np.ndarray:
     """E8M0 [N, K/32]: 2^e or 2^(e+1) per block, mixed so dequantized variance = 1/K (K = 32·cols)."""
-    k = shape[1] * 32
+    k = shape[1] * FP4_BLOCK
     target = 1.0 / k / _FP4_CODE_VAR                             # wanted E[scale^2]
     e = math.floor(math.log2(target) / 2)                        # 4^e <= target < 4^(e+1)
     p_hi = (target / 4.0**e - 1) / 3                             # p·4^(e+1) + (1-p)·4^e = target

@@ -358,7 +358,7 @@ def test_attention_layer_matches_direct_dense_formula(tiny_model, layer, n):
     entries, selected = None, None
     m = TINY.compress_ratio(layer)
     if m:
-        entries, _ = compress(x, 0, CompressorState.empty(1, ratio=m, head_dim=TINY.head_dim, prec="float64"),
+        entries, _ = compress(x, 0, CompressorState.empty(1, TINY, layer, head_dim=TINY.head_dim, prec="float64"),
                               w.compressor, TINY, layer, "float64", ratio=m, head_dim=TINY.head_dim, rotate=False,
                               revision="current")
         entries = entries[0]

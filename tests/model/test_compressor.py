@@ -73,7 +73,7 @@ def direct_entries(x, w, m, d=D):
 
 def run(x, w, m, *, layer, prec="float64", rotate=False, revision="current", start_pos=0, state=None, d=D):
     b = x.shape[0]
-    state = CompressorState.empty(b, ratio=m, head_dim=d, prec=prec) if state is None else state
+    state = CompressorState.empty(b, TINY, layer, head_dim=d, prec=prec) if state is None else state
     return compress(x, start_pos, state, w, TINY, layer, prec, ratio=m, head_dim=d, rotate=rotate,
                     revision=revision)
 
@@ -287,7 +287,7 @@ def test_first_entry_at_exactly_ratio_tokens_by_decode(m, layer):
 
 def test_fresh_state_is_zero_kv_and_minus_inf_score():
     """docs/architecture.md §19.29: a new sequence starts from kv 0 / score -inf (nothing of an earlier sequence)."""
-    s = CompressorState.empty(3, ratio=4, head_dim=D, prec="float64")
+    s = CompressorState.empty(3, TINY, CSA, head_dim=D, prec="float64")
     assert s.kv.shape == (3, 8, 2 * D) and not s.kv.any() and np.all(np.isneginf(s.score))
-    s = CompressorState.empty(1, ratio=16, head_dim=D, prec="mirror")
+    s = CompressorState.empty(1, TINY, HCA, head_dim=D, prec="mirror")
     assert s.kv.shape == (1, 16, D) and s.kv.dtype == np.float32

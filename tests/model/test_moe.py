@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from refimpl.config import Config
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix
 from refimpl.model.moe import ExpertWeights, GateWeights, MoEWeights, expert, moe, route
-from refimpl.numerics import quant_fp4_weight, quant_fp8_weight, round_bf16
+from refimpl.numerics import round_bf16
+from refimpl.synthetic.quantize import quant_fp4_weight, quant_fp8_weight
 from refimpl.oracle.trace import Trace
 
 TINY = Config.tiny()                      # 8 experts, top-2, route_scale 1.5, swiglu_limit 10

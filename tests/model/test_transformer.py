@@ -7,8 +7,11 @@ Measured gaps on a 300-token forward (seed 300, tiny checkpoint seed 0; numbers 
     float32 vs float64: max abs 8.5e-6 (1.6e-6 of max |logit| 5.3), relL2 1.3e-6, top-1 100 %
                         -> assert max abs < 1e-4, relL2 < 1e-5, top-1 >= 99 %
     mirror  vs float64: max abs 1.76 (0.33 of max |logit|),   relL2 0.184,   top-1 74 %
-                        -> assert 1e-2 < relL2 < 0.35, top-1 > 50 %
-(the mirror gap is FP8 activation quantization, ~4 % per product, compounding through 6 random layers).
+                        -> assert 0.15 < relL2 < 0.22, top-1 in [65 %, 85 %]
+(the mirror gap is FP8 activation quantization, ~4 % per product, compounding through 6 random layers;
+without that quantization the gap is relL2 0.129, top-1 87 %, outside the band. The band is a
+check of the whole, for a deterministic checkpoint and prompt; each rounding step is pinned
+exactly in test_rounding.py).
 """
 import numpy as np
 import pytest
@@ -78,12 +81,12 @@ def test_float32_within_tolerance_of_float64(logits300):
 
 
 def test_mirror_within_quantization_budget_of_float64(logits300):
-    """mirror mode rounds where the official code does (measured relL2 0.184, top-1 74 %): budget relL2 < 0.35."""
+    """mirror mode rounds where the official code does (measured relL2 0.184, top-1 74 %; 0.129 / 87 %
+    without the FP8 activation quantization): band 0.15 < relL2 < 0.22, top-1 in [65 %, 85 %]."""
     a, m = logits300["float64"], logits300["mirror"]
     g = gaps(a, m)
     assert np.all(np.isfinite(m))
-    assert g["rel_l2"] < 0.35 and g["top1"] > 0.5, g
-    assert g["rel_l2"] > 1e-2, g                                  # rounding really happens
+    assert 0.15 < g["rel_l2"] < 0.22 and 0.65 <= g["top1"] <= 0.85, g
     assert not np.array_equal(a, m)
 
 
