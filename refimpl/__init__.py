@@ -16,6 +16,6 @@ from refimpl.generate import SamplingParams, generate
 from refimpl.formats.weights import load
 from refimpl.model.transformer import Model
 from refimpl.oracle.trace import Trace
+from refimpl._version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["Config", "ConfigError", "Model", "SamplingParams", "Trace", "generate", "load", "__version__"]

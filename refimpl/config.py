@@ -20,7 +20,68 @@ from refimpl.numerics import FP4_BLOCK, FP8_BLOCK, KV_FP8_BLOCK
 
 
 class ConfigError(ValueError):
-    """A config file or preset that is unknown, incomplete or contradictory."""
+    """A config file or preset that is unknown, incomplete or contradictory; `field` names the culprit."""
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# Inclusive ranges of the integer fields. Each upper bound keeps a typo from allocating or looping
+# without end and admits the released configurations (Flash, Pro) many times over; the reason
+# for each is on its line.
+FIELD_RANGES: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 1 << 24),            # embed/head are [v, c]: 2^24 is 130x the released 129,280
+    "dim": (128, 1 << 16),                 # 9x Pro's 7168 (Flash 4096); every weight has a c axis
+    "moe_inter_dim": (128, 1 << 16),       # 21x Pro's 3072
+    "n_layers": (1, 1024),                 # 17x Pro's 61; a per-layer state and loop each
+    "n_hash_layers": (0, 1024),            # at most n_layers (checked below)
+    "n_mtp_layers": (0, 1),                # the official code builds at most one MTP block
+    "n_heads": (1, 4096),                  # 32x Pro's 128
+    "n_routed_experts": (1, 1 << 16),      # 170x Pro's 384; one loaded weight set per expert
+    "n_shared_experts": (1, 1),            # official asserts exactly one (M:L626)
+    "n_activated_experts": (1, 1 << 16),   # at most n_routed_experts (checked below)
+    "q_lora_rank": (128, 1 << 16),         # 43x Pro's 1536
+    "head_dim": (128, 8192),               # 16x the released 512
+    "rope_head_dim": (2, 4096),            # < head_dim (checked below)
+    "o_groups": (1, 4096),                 # divides n_heads (checked below)
+    "o_lora_rank": (1, 1 << 16),           # 64x the released 1024
+    "window_size": (1, 8192),              # 64x the released 128; the ring [b, W, d] is copied
+                                           # every call (1e8 rows allocated 47 GiB)
+    "original_seq_len": (0, 1 << 30),      # YaRN's original context: only enters a logarithm
+    "beta_fast": (1, 1 << 16),             # YaRN rotation counts (32 and 1): log(L / (2 pi beta)),
+    "beta_slow": (1, 1 << 16),             # so each must be >= 1
+    "index_n_heads": (1, 4096),            # 64x the released 64
+    "index_head_dim": (32, 4096),          # 32x the released 128; a Hadamard transform of this size
+    "index_topk": (1, 1 << 16),            # 64x Pro's 1024
+    "hc_mult": (1, 64),                    # 16x the released 4; mixes grow as (2+n)*n per token
+    "hc_sinkhorn_iters": (1, 1000),        # 50x the released 20; runs per token and sublayer
+                                           # (1e8 iterations never finish)
+    "max_seq_len": (1, 1 << 24),           # 16x the 1M-token context V4 ships (max_position_embeddings)
+    "bos_token_id": (0, 1 << 24),          # inside the vocabulary (checked below)
+    "eos_token_id": (0, 1 << 24),
+}
+MAX_COMPRESS_RATIO = 4096                  # 32x the released 128: the compressor state holds m (2m) rows
+# Lower bounds of the real-valued fields, all of which must be finite: (bound, inclusive). No upper
+# bound is needed: none of them sizes an array or a loop (the epsilons are kept <= 1 below).
+REAL_LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
+    "route_scale": (0.0, False),           # scales the routing weights
+    "swiglu_limit": (0.0, True),           # 0 = no clamp (moe.expert); the released value is 10
+    "norm_eps": (0.0, False),              # rsqrt(mean(x^2) + eps) must not divide by zero
+    "hc_eps": (0.0, False),                # Sinkhorn denominators + eps
+    "rope_theta": (1.0, False),            # YaRN divides by log(base) (precompute_freqs_cis, M:L199-229)
+    "compress_rope_theta": (1.0, False),
+    "rope_factor": (1.0, True),            # YaRN divides frequencies by factor (M:L199-229): 0 gave
+                                           # NaN logits; < 1 would shorten wavelengths, not stretch them
+}
 
 
 @dataclass(frozen=True)
@@ -131,40 +192,72 @@ class Config:
 
     # ---- checks ----
     def validate(self) -> None:
-        """Reject contradictory or unsupported values (released configurations only)."""
-        def need(cond: bool, msg: str):
+        """Reject a field outside its domain, or contradictory / unsupported values (released configs only).
+
+        Every message names the field. Upper bounds are there so that a typo cannot allocate
+        without limit or loop for hours; each admits the released Flash and Pro values many
+        times over (see FIELD_RANGES).
+        """
+        def need(cond: bool, msg: str, field: str | None = None):
             if not cond:
-                raise ConfigError(msg)
-        need(self.score_func == "sqrtsoftplus", f"score_func {self.score_func!r}: only 'sqrtsoftplus' (released V4) is supported")
-        need(self.n_shared_experts == 1, "n_shared_experts must be 1 (official asserts it, M:L626)")
-        need(self.dtype == "fp8" and self.scale_fmt == "ue8m0", "only dtype 'fp8' with scale_fmt 'ue8m0' is supported")
-        need(self.expert_dtype == "fp4", "only expert_dtype 'fp4' is supported")
+                raise ConfigError(msg, field=field)
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type == "int":
+                need(_is_int(v), f"{f.name} = {v!r}: must be an int", f.name)
+            elif f.type == "float":
+                need(_is_real(v) and math.isfinite(v), f"{f.name} = {v!r}: must be a finite number", f.name)
+            elif f.type == "str":
+                need(isinstance(v, str), f"{f.name} = {v!r}: must be a str", f.name)
+            else:  # tuple[int, ...]
+                need(isinstance(v, tuple) and all(_is_int(x) for x in v),
+                     f"{f.name} = {v!r}: must be a tuple of ints", f.name)
+        for name, (lo, hi) in FIELD_RANGES.items():
+            v = getattr(self, name)
+            need(lo <= v <= hi, f"{name} = {v!r}: must be between {lo} and {hi}", name)
+        for name, (lo, inclusive) in REAL_LOWER_BOUNDS.items():
+            v = getattr(self, name)
+            need(v >= lo if inclusive else v > lo, f"{name} = {v!r}: must be {'>=' if inclusive else '>'} {lo:g}", name)
+        need(self.norm_eps <= 1 and self.hc_eps <= 1,
+             f"norm_eps = {self.norm_eps}, hc_eps = {self.hc_eps}: an epsilon guards a division, it must be <= 1",
+             "norm_eps" if self.norm_eps > 1 else "hc_eps")
+        need(self.score_func == "sqrtsoftplus",
+             f"score_func {self.score_func!r}: only 'sqrtsoftplus' (released V4) is supported", "score_func")
+        need(self.n_shared_experts == 1, "n_shared_experts must be 1 (official asserts it, M:L626)", "n_shared_experts")
+        need(self.dtype == "fp8" and self.scale_fmt == "ue8m0",
+             "only dtype 'fp8' with scale_fmt 'ue8m0' is supported", "dtype")
+        need(self.expert_dtype == "fp4", "only expert_dtype 'fp4' is supported", "expert_dtype")
         need(len(self.compress_ratios) == self.n_layers + self.n_mtp_layers,
              f"compress_ratios has {len(self.compress_ratios)} entries, expected n_layers + n_mtp_layers = "
-             f"{self.n_layers + self.n_mtp_layers}")
-        need(all(r in (0, 4) or (r > 4 and r % 2 == 0) for r in self.compress_ratios),
-             f"compress_ratios {self.compress_ratios}: each must be 0, 4 (CSA) or an even ratio > 4 (HCA)")
-        need(self.n_mtp_layers in (0, 1), "n_mtp_layers must be 0 or 1")
-        need(0 <= self.n_hash_layers <= self.n_layers, "n_hash_layers out of range")
-        need(0 < self.rope_head_dim < self.head_dim and self.rope_head_dim % 2 == 0, "rope_head_dim must be even and < head_dim")
+             f"{self.n_layers + self.n_mtp_layers}", "compress_ratios")
+        need(all(r in (0, 4) or (4 < r <= MAX_COMPRESS_RATIO and r % 2 == 0) for r in self.compress_ratios),
+             f"compress_ratios {self.compress_ratios}: each must be 0, 4 (CSA) or an even ratio > 4 (HCA) "
+             f"up to {MAX_COMPRESS_RATIO}", "compress_ratios")
+        need(self.n_hash_layers <= self.n_layers, "n_hash_layers out of range (0 .. n_layers)", "n_hash_layers")
+        need(self.rope_head_dim < self.head_dim and self.rope_head_dim % 2 == 0,
+             "rope_head_dim must be even and < head_dim", "rope_head_dim")
         # KV FP8 simulation works on blocks of 64 of the non-rope dims (M:L506, act_quant asserts N % block == 0)
         need(self.nope_head_dim % KV_FP8_BLOCK == 0,
-             f"head_dim - rope_head_dim = {self.nope_head_dim} must be a multiple of {KV_FP8_BLOCK}")
-        need(self.n_heads % self.o_groups == 0, "n_heads must be a multiple of o_groups")
+             f"head_dim - rope_head_dim = {self.nope_head_dim} must be a multiple of {KV_FP8_BLOCK}", "head_dim")
+        need(self.n_heads % self.o_groups == 0, "n_heads must be a multiple of o_groups", "o_groups")
         need(self.index_head_dim > self.rope_head_dim and self.index_head_dim % FP4_BLOCK == 0
              and (self.index_head_dim & (self.index_head_dim - 1)) == 0,
-             "index_head_dim must be a power of two (Hadamard), a multiple of 32 and > rope_head_dim")
-        need(1 <= self.n_activated_experts <= self.n_routed_experts, "n_activated_experts out of range")
-        need(self.window_size >= 1 and self.index_topk >= 1 and self.hc_mult >= 1, "window_size, index_topk, hc_mult must be >= 1")
-        need(self.hc_sinkhorn_iters >= 1, "hc_sinkhorn_iters must be >= 1")
-        need(self.max_seq_len >= 1, "max_seq_len must be >= 1")
+             "index_head_dim must be a power of two (Hadamard), a multiple of 32 and > rope_head_dim", "index_head_dim")
+        need(self.n_activated_experts <= self.n_routed_experts,
+             "n_activated_experts out of range (1 .. n_routed_experts)", "n_activated_experts")
+        # YaRN ramps from beta_fast rotations (frequencies kept) down to beta_slow (interpolated), M:L213-221
+        need(self.beta_slow <= self.beta_fast, f"beta_slow = {self.beta_slow} must be <= beta_fast = {self.beta_fast}",
+             "beta_slow")
+        for name in ("bos_token_id", "eos_token_id"):
+            need(getattr(self, name) < self.vocab_size, f"{name} = {getattr(self, name)} is outside the vocabulary "
+                 f"[0, {self.vocab_size})", name)
         # FP8 weights carry one scale per 128x128 block; partial blocks are refused by other tools
         fp8_dims = {"dim": self.dim, "q_lora_rank": self.q_lora_rank, "moe_inter_dim": self.moe_inter_dim,
                     "n_heads*head_dim": self.n_heads * self.head_dim, "head_dim": self.head_dim,
                     "o_groups*o_lora_rank": self.o_groups * self.o_lora_rank,
                     "index_n_heads*index_head_dim": self.index_n_heads * self.index_head_dim}
         bad = {k: v for k, v in fp8_dims.items() if v % FP8_BLOCK}
-        need(not bad, f"dimensions carrying FP8 weights must be multiples of {FP8_BLOCK}: {bad}")
+        need(not bad, f"dimensions carrying FP8 weights must be multiples of {FP8_BLOCK}: {bad}", next(iter(bad), None))
 
     # ---- presets ----
     @classmethod
@@ -224,12 +317,15 @@ class Config:
             raise ConfigError(f"{f}: not valid JSON ({e})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{f}: expected a JSON object")
-        fields = from_hf_dict(raw, f) if "hidden_size" in raw or "model_type" in raw else from_inference_dict(raw, f)
+        hf = "hidden_size" in raw or "model_type" in raw
+        fields = from_hf_dict(raw, f) if hf else from_inference_dict(raw, f)
         fields.update(overrides)
         try:
             return cls(**fields)
         except ConfigError as e:
-            raise ConfigError(f"{f}: {e}") from None
+            key = HF_KEYS.get(e.field) if hf else None     # name the key as the file spells it
+            where = f" (key {key!r})" if key and key != e.field else ""
+            raise ConfigError(f"{f}: {e}{where}", field=e.field) from None
 
     def to_hf_dict(self) -> dict:
         """The HF `config.json` of this config, keys as DeepSeek ships them (docs/architecture.md §2)."""
@@ -246,13 +342,6 @@ class Config:
             v = getattr(self, ours)
             d[hf] = list(v) if isinstance(v, tuple) else _num(v) if isinstance(v, float) else v
         return dict(sorted(d.items()))
-
-    def to_inference_dict(self) -> dict:
-        """The official `inference/config.json` of this config (ModelArgs names, docs/architecture.md §2)."""
-        skip = {"max_seq_len", "bos_token_id", "eos_token_id", "n_mtp_layers", "norm_eps", "hc_eps"}
-        return {f.name: (list(v) if isinstance(v, tuple) else _num(v) if isinstance(v, float) else v)
-                for f in dataclasses.fields(self) if f.name not in skip
-                for v in [getattr(self, f.name)]}
 
 
 def _num(v: float):
@@ -296,6 +385,9 @@ HF_RENAMES: dict[str, str] = {
 # rope_scaling sub-key -> ModelArgs field
 HF_ROPE_RENAMES = {"original_max_position_embeddings": "original_seq_len", "factor": "rope_factor",
                    "beta_fast": "beta_fast", "beta_slow": "beta_slow"}
+# ModelArgs field -> its HF config.json key, for messages
+HF_KEYS = {**{ours: hf for hf, ours in HF_RENAMES.items()},
+           **{ours: f"rope_scaling.{k}" for k, ours in HF_ROPE_RENAMES.items()}}
 # HF keys the official code does not read; each must hold the value V4 ships (else: contradiction)
 HF_FIXED = {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
             "attention_bias": False, "hidden_act": "silu", "norm_topk_prob": True,

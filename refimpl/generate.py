@@ -10,6 +10,7 @@ probability reaches top_p (ties in probability: the lower id first) and uses `mu
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -26,12 +27,21 @@ class SamplingParams:
     sampler: str = "gumbel"           # used when temperature > 0 and top_p == 1
 
     def __post_init__(self):
-        if not (self.temperature >= 0):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.sampler not in SAMPLERS:
+        if not (_is_real(self.temperature) and 0 <= self.temperature < math.inf):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.sampler, str) or self.sampler not in SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r}: choose one of {SAMPLERS}")
+
+
+def _is_real(v) -> bool:
+    """An int or float (NumPy's included), not a bool, a str or None."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -82,9 +92,20 @@ def generate(model, prompt: list[int], *, max_new_tokens: int, params: SamplingP
              seed: int | None = 0, eos_id: int | None = None, stop_on_eos: bool = True,
              on_token: Callable[[int], None] | None = None) -> Generation:
     """Prefill the prompt, then sample up to max_new_tokens tokens one decode step at a time."""
-    if max_new_tokens < 0:
-        raise ValueError("max_new_tokens must be >= 0")
-    prompt = [int(t) for t in prompt]
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise ValueError(f"seed must be None or an int >= 0, got {seed!r}")
+    if eos_id is not None and not _is_int(eos_id):
+        raise ValueError(f"eos_id must be None or an int, got {eos_id!r}")
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+    iterable = hasattr(prompt, "__iter__") and not isinstance(prompt, (str, bytes))
+    items = list(prompt) if iterable else []
+    bad = [t for t in items if not _is_int(t)] if iterable else [prompt]
+    if bad:                                                 # never "0152" -> [0, 1, 5, 2], [1.7] -> [1]
+        raise ValueError(f"prompt must be a sequence of integer token ids, got {bad[0]!r}")
+    prompt = [int(t) for t in items]                        # exact: each is an integer already
     if not prompt:
         raise ValueError("empty prompt: at least one token is needed")
     cfg = model.cfg

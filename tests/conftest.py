@@ -54,3 +54,27 @@ def tiny_model(tiny_ckpt):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def patched_ckpt(tiny_ckpt, tmp_path):
+    """patched_ckpt({tensor: {flat element index: value}}) -> a copy of the tiny checkpoint with those
+    elements overwritten in its shard bytes (value: a number in the tensor's dtype, or raw bytes)."""
+    import shutil
+    from refimpl.formats.checkpoint import DTYPES, SafetensorsFile, TensorSource
+
+    def make(changes: dict, name: str = "patched"):
+        out = tmp_path / name
+        shutil.copytree(tiny_ckpt, out)
+        src = TensorSource(out)
+        for tensor, items in changes.items():
+            sf = SafetensorsFile(src.file_of(tensor))
+            info, dt = sf.tensors[tensor], DTYPES[sf.tensors[tensor].dtype]
+            with open(sf.path, "r+b") as f:
+                for index, value in items.items():
+                    raw = value if isinstance(value, bytes) else np.asarray(value, dt).tobytes()
+                    assert len(raw) == dt.itemsize and 0 <= index < info.nbytes // dt.itemsize
+                    f.seek(sf.data_start + info.begin + index * dt.itemsize)
+                    f.write(raw)
+        return out
+    return make

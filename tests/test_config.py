@@ -99,3 +99,58 @@ def test_missing_and_invalid_files(tmp_path):
 def test_max_seq_len_is_a_load_option(tmp_path):
     cfg = Config.from_checkpoint(_write(tmp_path, _flash_raw()), max_seq_len=1 << 20)
     assert cfg.max_seq_len == 1 << 20 and cfg.replace(max_seq_len=4096) == Config.flash()
+
+
+# ---------------------------------------------------------------- field domains
+
+@pytest.mark.parametrize("mutate, words", [
+    (lambda r: r.update(rms_norm_eps=-1), "norm_eps = -1.0: must be > 0 (key 'rms_norm_eps')"),
+    (lambda r: r["rope_scaling"].update(factor=0), "rope_factor = 0.0: must be >= 1 (key 'rope_scaling.factor')"),
+    (lambda r: r.update(rope_theta=-10000), "rope_theta = -10000.0: must be > 1"),
+    (lambda r: r.update(compress_rope_theta=1), "compress_rope_theta = 1.0: must be > 1"),
+    (lambda r: r.update(sliding_window=100_000_000), "window_size = 100000000: must be between 1 and 8192"),
+    (lambda r: r.update(hc_sinkhorn_iters=100_000_000), "hc_sinkhorn_iters = 100000000: must be between 1 and 1000"),
+    (lambda r: r.update(hc_eps=-1e-6), "hc_eps = -1e-06: must be > 0"),
+    (lambda r: r.update(routed_scaling_factor=0), "route_scale = 0.0: must be > 0 (key 'routed_scaling_factor')"),
+    (lambda r: r.update(swiglu_limit=-10), "swiglu_limit = -10.0: must be >= 0"),
+    (lambda r: r["rope_scaling"].update(beta_slow=0), "beta_slow = 0: must be between 1"),
+    (lambda r: r["rope_scaling"].update(beta_fast=0), "beta_fast = 0: must be between 1"),
+    (lambda r: r.update(eos_token_id=129280), "eos_token_id = 129280 is outside the vocabulary"),
+    (lambda r: r.update(index_topk=0), "index_topk = 0: must be between 1"),
+    (lambda r: r.update(compress_ratios=[128 << 8] * 44), "each must be 0, 4 (CSA) or an even ratio > 4 (HCA) up to 4096"),
+    (lambda r: r.update(vocab_size=1 << 30), "vocab_size = 1073741824: must be between 1 and 16777216"),
+])
+def test_field_domains_are_checked_naming_the_field(tmp_path, mutate, words):
+    """rms_norm_eps -1 / rope factor 0 gave all-NaN logits, a negative rope_theta 'math domain error',
+    sliding_window 1e8 allocated 47 GiB, hc_sinkhorn_iters 1e8 hung: each is now refused on reading."""
+    raw = _flash_raw()
+    mutate(raw)
+    with pytest.raises(ConfigError) as e:
+        Config.from_checkpoint(_write(tmp_path, raw))
+    assert words in str(e.value) and "config.json" in str(e.value)
+
+
+@pytest.mark.parametrize("field, value", [("window_size", 2.5), ("n_layers", True), ("dim", "4096"),
+                                          ("norm_eps", float("nan")), ("rope_factor", float("inf")),
+                                          ("route_scale", None), ("compress_ratios", [0, 0, 4, 16, 4, 16, 0]),
+                                          ("max_seq_len", 4096.0)])
+def test_python_built_configs_are_type_checked(field, value):
+    """Config(...) in Python gets the same checks as a file: no float where an int belongs, no bool as 1."""
+    with pytest.raises(ConfigError, match=rf"^{field} = .*must be") as e:
+        Config.tiny().replace(**{field: value})
+    assert e.value.field == field
+
+
+def test_every_int_field_has_a_range_admitting_the_releases():
+    """Each bound admits Flash and Pro; one past it is refused with the field named."""
+    import dataclasses
+    from refimpl.config import FIELD_RANGES
+    ints = {f.name for f in dataclasses.fields(Config) if f.type == "int"}
+    assert set(FIELD_RANGES) == ints
+    for cfg in (Config.flash(), Config.pro(), Config.tiny()):
+        for name, (lo, hi) in FIELD_RANGES.items():
+            assert lo <= getattr(cfg, name) <= hi, name
+    for name, (lo, hi) in FIELD_RANGES.items():
+        with pytest.raises(ConfigError, match=rf"\b{name}\b") as e:
+            Config.tiny().replace(**{name: hi + 1})
+        assert e.value.field is not None

@@ -93,3 +93,25 @@ def test_seeded_sampling_is_reproducible(tiny_model):
     a = generate(model, [0, 5, 9], max_new_tokens=5, params=params, seed=7, stop_on_eos=False).tokens
     b = generate(model, [0, 5, 9], max_new_tokens=5, params=params, seed=7, stop_on_eos=False).tokens
     assert a == b
+
+
+@pytest.mark.parametrize("prompt", [[1.7, 15.2], "0152", [0, True], 5, None, np.array([1.0, 2.0])])
+def test_non_integer_prompt_is_refused_not_coerced(prompt):
+    with pytest.raises(ValueError, match="integer token ids"):
+        generate(_Scripted([5]), prompt, max_new_tokens=1)
+
+
+@pytest.mark.parametrize("kwargs", [{"max_new_tokens": 2.5}, {"max_new_tokens": True}, {"max_new_tokens": "3"},
+                                    {"max_new_tokens": 1, "seed": 1.5}, {"max_new_tokens": 1, "seed": -1},
+                                    {"max_new_tokens": 1, "seed": True}, {"max_new_tokens": 1, "params": 0.5}])
+def test_non_integer_counts_and_seeds_are_refused(kwargs):
+    with pytest.raises(ValueError, match=next(iter(k for k in kwargs if k != "max_new_tokens"), "max_new_tokens")):
+        generate(_Scripted([5]), [0, 3], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": "0.7"}, {"temperature": None}, {"temperature": True},
+                                    {"temperature": float("inf")}, {"top_p": "1"}, {"top_p": None}])
+def test_non_numeric_or_out_of_range_sampling_params_are_clear_errors(kwargs):
+    """A ValueError naming the parameter, never a TypeError from a comparison."""
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        SamplingParams(**kwargs)

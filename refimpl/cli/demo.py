@@ -9,8 +9,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-
 DEMO_MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "What is the capital of France?"},
@@ -37,7 +35,7 @@ def run_demo(path: Path, *, max_new_tokens: int = 8, precision: str = "mirror") 
     from refimpl.generate import generate
     from refimpl.formats.weights import load
     from refimpl.formats.tokenizer import Tokenizer
-    from refimpl.oracle.trace import Trace
+    from refimpl.oracle.trace import run_trace
 
     t0 = time.perf_counter()
     path, made = ensure_tiny_checkpoint(Path(path))
@@ -57,15 +55,14 @@ def run_demo(path: Path, *, max_new_tokens: int = 8, precision: str = "mirror") 
 
     # decode == prefill: the same tokens in one prefill give the same logits at every position
     seq = ids + g.tokens
-    trace = Trace(("embed", "layers.*.out", "layers.*.attn.indexer.topk", "final.x", "logits"))
-    full = model.forward(np.asarray(seq[:-1]), trace=trace)
+    trace = run_trace(model, seq[:-1], patterns=("embed", "layers.*.out", "layers.*.attn.indexer.topk",
+                                                   "final.x", "logits"))
+    full = trace.tensors["logits"]                                  # [s, v]
     greedy = [int(t) for t in full[len(ids) - 1:].argmax(-1)]
     ok = greedy == g.tokens
     print(f"check       one-shot prefill reproduces every decoded token: {'yes' if ok else 'NO'}")
     out = path / "demo_trace.safetensors"
-    from refimpl.model.state import config_id
-    trace.save(out, {"config_id": config_id(model.cfg), "precision": precision, "revision": model.revision,
-                     "tokens": seq[:-1], "chunks": [len(seq) - 1]})
+    trace.save(out)
     print(f"trace       {out} ({len(trace.tensors)} sites)")
     print(f"total       {time.perf_counter() - t0:.1f} s")
     return 0 if ok else 1

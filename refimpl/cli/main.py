@@ -46,7 +46,7 @@ def cmd_make_checkpoint(a) -> int:
 
 
 def cmd_inspect(a) -> int:
-    from refimpl.synthetic.writer import format_summary, summarize
+    from refimpl.formats.inspect import format_summary, summarize
     s = summarize(a.ckpt)
     print(format_summary(s))
     return 0 if s["ok"] else 1
@@ -83,34 +83,13 @@ def _read_json(path: str):
 
 
 def cmd_trace(a) -> int:
-    import numpy as np
-    from refimpl.model.state import config_id
-    from refimpl.oracle.trace import Trace
+    from refimpl.oracle.trace import run_trace
     model = _load(a)
     ids = _prompt_ids(a, model)
-    trace = Trace(tuple(a.sites.split(",")) + ("logits",) if a.sites else ("*",))   # logits always
-    chunks = _chunks(a.chunks)
+    patterns = tuple(a.sites.split(",")) + ("logits",) if a.sites else ("*",)   # logits always
     t0 = time.perf_counter()
-    if chunks is None:
-        model.forward(np.asarray(ids), trace=trace)
-    else:
-        if sum(chunks) != len(ids):
-            raise SystemExit(f"error: --chunks add up to {sum(chunks)}, but there are {len(ids)} tokens")
-        # per-site tensors of each chunk are concatenated along the position axis
-        parts: dict[str, list] = {}
-        state, pos = None, 0
-        for n in chunks:
-            t = Trace(trace.patterns)
-            _, state = model.prefill(np.asarray(ids[pos:pos + n]), state, trace=t)
-            for k, v in t.tensors.items():
-                parts.setdefault(k, []).append(v)
-            pos += n
-        trace.tensors = {k: np.concatenate(v, axis=0) if v[0].ndim else v[-1] for k, v in parts.items()
-                         if not k.endswith("indexer.scores") and not k.endswith("indexer.topk")}
-    from refimpl import __version__
-    meta = {"refimpl": __version__, "config_id": config_id(model.cfg), "precision": model.precision,
-            "revision": model.revision, "tokens": ids, "chunks": chunks or [len(ids)]}
-    trace.save(a.out, meta)
+    trace = run_trace(model, ids, patterns=patterns, chunks=_chunks(a.chunks))
+    trace.save(a.out)
     print(f"wrote {a.out}: {len(trace.tensors)} sites, {len(ids)} tokens, precision {model.precision} "
           f"({time.perf_counter() - t0:.2f} s)")
     return 0

@@ -1,6 +1,6 @@
 """Formats: the official checkpoint (safetensors bytes, then tensor names) and text (tokenizer, chat).
 
 `checkpoint` knows bytes and dtypes, not model names; `weights` knows names, not bytes, and
-turns a checkpoint folder into a `Model` (`load`); `tokenizer` maps text to ids; `encoding` is
-the DeepSeek V4 chat format.
+turns a checkpoint folder into a `Model` (`load`); `inspect` summarizes any checkpoint and scans
+its values for NaN/Inf; `tokenizer` maps text to ids; `encoding` is the DeepSeek V4 chat format.
 """

@@ -19,8 +19,9 @@ plus `model.safetensors.index.json` = {"metadata": {"total_size": bytes}, "weigh
 
 Reading maps each file with `np.memmap` (mode "r") and returns read-only views: opening a
 checkpoint reads only the headers, and a tensor's pages are read when its values are touched.
-Every malformed input raises `CheckpointError` naming the file and the tensor. Writing streams one
-tensor at a time (peak memory: one tensor) to a temporary name, renamed when complete.
+Every malformed input raises `CheckpointError` naming the file and the tensor. `scan_values`
+streams tensors through pread in 16 MiB chunks to count NaN/Inf. Writing streams one tensor at
+a time (peak memory: one tensor) to a temporary name, renamed when complete.
 """
 from __future__ import annotations
 
@@ -322,6 +323,60 @@ class TensorSource:
         if record:
             self.used[name] += 1
         return self.files[self.where[name]].get(name)
+
+
+# ---------------------------------------------------------------- NaN / Inf in the values
+
+CHUNK_BYTES = 1 << 24            # 16 MiB per read: a multiple of every item size
+
+# dtype -> (unsigned view, mask): a value is NaN or Inf iff (bits & mask) == mask
+NONFINITE_BITS = {
+    "BF16": (np.uint16, 0x7F80),                   # IEEE layouts: every exponent bit set = Inf or NaN
+    "F16": (np.uint16, 0x7C00),
+    "F32": (np.uint32, 0x7F80_0000),
+    "F64": (np.uint64, 0x7FF0_0000_0000_0000),
+    "F8_E5M2": (np.uint8, 0x7C),
+    "F8_E4M3": (np.uint8, 0x7F),                   # float8_e4m3fn: only S.1111.111 (0x7F, 0xFF) is NaN; no Inf
+}
+# integer codes and ids (FP4 e2m1 packed two per I8 byte: every code is finite)
+NEVER_NONFINITE = ("I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64", "BOOL")
+
+
+def count_nonfinite(chunks, dtype: str) -> int:
+    """NaN/Inf values (FP8 e4m3: NaN codes) in a stream of raw little-endian byte chunks of one dtype."""
+    view, mask = NONFINITE_BITS[dtype]
+    size = np.dtype(view).itemsize
+    n, carry = 0, b""
+    for chunk in chunks:
+        buf = carry + chunk if carry else chunk
+        whole = len(buf) - len(buf) % size            # a short read may split an item: keep the rest
+        u = np.frombuffer(buf, view, count=whole // size)
+        n += int(np.count_nonzero((u & view(mask)) == view(mask)))
+        carry = buf[whole:]
+    return n
+
+
+def scan_values(src: TensorSource, dtypes: tuple[str, ...] = tuple(NONFINITE_BITS)) -> tuple[list[str], dict]:
+    """NaN/Inf in the tensors of these dtypes -> (a line per bad tensor, {bytes, skipped_bytes, tensors}).
+
+    E8M0 scales are scanned by weights.validate (byte 0xFF); integer tensors hold codes or ids.
+    """
+    problems, scanned, skipped, tensors = [], 0, 0, 0
+    for name in src.keys():
+        dtype, nbytes = src.dtype(name), src.nbytes(name)
+        if dtype in NEVER_NONFINITE:
+            skipped += nbytes
+            continue
+        if dtype not in NONFINITE_BITS or dtype not in dtypes:
+            continue
+        bad = count_nonfinite(src.iter_bytes(name, CHUNK_BYTES), dtype)
+        scanned, tensors = scanned + nbytes, tensors + 1
+        if bad and dtype == "F8_E4M3":
+            problems.append(f"tensor {name!r}: {bad} FP8 e4m3 byte(s) are NaN (0x7F/0xFF)")
+        elif bad:
+            problems.append(f"tensor {name!r}: {bad} NaN/Inf value(s) ({dtype})")
+    return problems, {"bytes": scanned, "skipped_bytes": skipped, "tensors": tensors}
+
 
 
 # ---------------------------------------------------------------- writing

@@ -25,8 +25,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from refimpl.formats.checkpoint import CheckpointError, TensorSource
-from refimpl.config import Config
+from refimpl.formats.checkpoint import CheckpointError, TensorSource, scan_values
+from refimpl.config import Config, ConfigError
 from refimpl.numerics import FP4_BLOCK, FP8_BLOCK
 from refimpl.model.linear import Fp8Matrix, Fp4Matrix
 from refimpl.model.hyperconn import HyperConnWeights
@@ -158,8 +158,9 @@ def expected_tensors(cfg: Config) -> dict[str, TensorSpec]:
 def validate(source: TensorSource | str | Path, cfg: Config, *, scan_scales: bool = True) -> list[str]:
     """Problems of a checkpoint against cfg, one line each naming the tensor (empty = valid).
 
-    Checks: missing, unexpected (extra) and index-unlisted tensors, dtype, shape, and (scan_scales)
-    every E8M0 scale for the NaN byte 0xFF. Scanning reads the scales (~5% of the real checkpoint).
+    Checks: missing, unexpected (extra) and index-unlisted tensors, dtype, shape, every hash-routing
+    table (tid2eid) for expert ids outside [0, n_routed_experts), and (scan_scales) every E8M0
+    scale for the NaN byte 0xFF. Scanning reads the scales (~5% of the real checkpoint).
     """
     src = source if isinstance(source, TensorSource) else TensorSource(source)
     want = expected_tensors(cfg)
@@ -181,7 +182,21 @@ def validate(source: TensorSource | str | Path, cfg: Config, *, scan_scales: boo
             nan = sum(chunk.count(0xFF) for chunk in src.iter_bytes(n))
             if nan:
                 problems.append(f"tensor {n!r}: {nan} E8M0 scale byte(s) are 0xFF (NaN)")
+        elif n.endswith(".gate.tid2eid") and src.dtype(n) == s.dtype:
+            problems += _check_tid2eid(src, n, cfg.n_routed_experts)
     return problems
+
+
+def _check_tid2eid(src: TensorSource, name: str, n_experts: int) -> list[str]:
+    """The hash-routing table [v, a] must hold expert ids in [0, e) (official Gate: tid2eid[input_ids],
+    M:L564-584): -1 would pick the last expert (NumPy wraps it), e or more fail mid-forward."""
+    table = src.get(name, record=False)                 # [v, a] int64, a few MB (read, not kept)
+    bad = (table < 0) | (table >= n_experts)
+    if not bad.any():
+        return []
+    row, col = (int(i) for i in np.argwhere(bad)[0])
+    return [f"tensor {name!r}: {int(bad.sum())} expert id(s) outside [0, n_routed_experts = {n_experts}), "
+            f"the first {int(table[row, col])} for token id {row}"]
 
 
 def check_checkpoint(source: TensorSource | str | Path, cfg: Config, *, scan_scales: bool = True,
@@ -280,8 +295,17 @@ def load_model_weights(t: TensorSource, cfg: Config) -> ModelWeights:
 
 def load(path, *, precision: str = "float32", revision: str = "current", max_seq_len: int | None = None) -> Model:
     """A model over a memory-mapped checkpoint directory; nothing is dequantized until used."""
-    overrides = {} if max_seq_len is None else {"max_seq_len": int(max_seq_len)}
+    if max_seq_len is not None and (not isinstance(max_seq_len, (int, np.integer)) or isinstance(max_seq_len, bool)):
+        raise ConfigError(f"max_seq_len = {max_seq_len!r}: must be an int (a number of tokens)", field="max_seq_len")
+    overrides = {} if max_seq_len is None else {"max_seq_len": int(max_seq_len)}   # exact: an int already
     cfg = Config.from_checkpoint(path, **overrides)
     source = TensorSource(path)
     check_checkpoint(source, cfg)        # config and tensors must agree, exactly
+    # The F32 tensors (mHC, attention sinks, compressor ape, router bias: 0.14 GB of Flash's 160)
+    # are scanned here: an Inf in them can vanish into a softmax denominator or a top-k choice
+    # without reaching any checked site. The rest feeds sites directly; `refimpl inspect` scans all.
+    bad, _ = scan_values(source, ("F32",))
+    if bad:
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise CheckpointError(f"{source.path}: NaN/Inf in the weights: " + "; ".join(bad[:5]) + more)
     return Model(cfg, load_model_weights(source, cfg), precision=precision, revision=revision)

@@ -75,6 +75,8 @@ def indexer(x: np.ndarray, qr: np.ndarray, start_pos: int, state: IndexerState, 
             scores[bi, si, :visible] = sc
             k = min(cfg.index_topk, visible)
             topk[bi, si, :k] = top_k(sc, k)
-    record(trace, f"layers.{layer}.attn.indexer.scores", scores)
+    t = start_pos + np.arange(s)                                        # query positions
+    hidden = np.arange(keys.shape[1])[None, :] >= ((t + 1) // m)[:, None]   # [s, n] not visible: -inf
+    record(trace, f"layers.{layer}.attn.indexer.scores", scores, hidden=hidden)
     record(trace, f"layers.{layer}.attn.indexer.topk", topk.astype(np.int32))
     return topk, IndexerState(keys=keys, compressor=cstate)

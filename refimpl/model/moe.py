@@ -17,7 +17,7 @@ import numpy as np
 
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix, fp32_linear, quantized_linear
 from refimpl.numerics import bf16, silu, softplus, top_k, work_dtype
-from refimpl.oracle.trace import record
+from refimpl.oracle.trace import check_finite, record
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class MoEWeights:
     shared: ExpertWeights
 
 
-def route(x: np.ndarray, tokens: np.ndarray, w: GateWeights, cfg, prec: str):
+def route(x: np.ndarray, tokens: np.ndarray, w: GateWeights, cfg, prec: str, layer: int | None = None):
     """Choose experts and their weights. x [T, c], tokens [T] -> (weights [T, a], ids [T, a] int64)."""
     dt = work_dtype(prec)
     z = fp32_linear(x.astype(dt), w.weight, prec)                  # [T, e]  official: x.float() @ W.float()
@@ -52,7 +52,10 @@ def route(x: np.ndarray, tokens: np.ndarray, w: GateWeights, cfg, prec: str):
     if w.tid2eid is not None:                                      # hash layer: ids from the token id only
         ids = np.asarray(w.tid2eid[tokens], dtype=np.int64)        # [T, a]
     else:
-        ids = top_k(scores + w.bias.astype(dt), cfg.n_activated_experts)   # bias chooses, never weighs
+        biased = scores + w.bias.astype(dt)                        # [T, e]
+        # the bias reaches no traced site: a NaN/Inf in it would silently change the choice
+        check_finite(f"layers.{layer}.ffn.gate.biased_scores", biased[None])
+        ids = top_k(biased, cfg.n_activated_experts)               # bias chooses, never weighs
     weights = np.take_along_axis(scores, ids, axis=-1)             # [T, a]  unbiased scores
     weights = weights / weights.sum(axis=-1, keepdims=True)        # official: weights /= weights.sum()
     return weights * dt(cfg.route_scale), ids
@@ -79,7 +82,7 @@ def moe(x: np.ndarray, tokens: np.ndarray, w: MoEWeights, cfg, layer: int, prec:
     dt = work_dtype(prec)
     b, s, c = x.shape
     flat = x.reshape(b * s, c)
-    weights, ids = route(flat, tokens.reshape(-1), w.gate, cfg, prec)   # [b*s, a]
+    weights, ids = route(flat, tokens.reshape(-1), w.gate, cfg, prec, layer)   # [b*s, a]
     record(trace, f"layers.{layer}.ffn.expert_ids", ids.reshape(b, s, -1).astype(np.int32))
     record(trace, f"layers.{layer}.ffn.expert_weights", weights.reshape(b, s, -1))
     y = np.zeros((b * s, c), dt)                                   # fp32 accumulator

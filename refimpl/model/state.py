@@ -38,11 +38,26 @@ class State:
     revision: str
     config_id: str
 
+    def __post_init__(self):
+        # a State may be built or edited by hand (dataclasses.replace): refuse what no call could make
+        if not _is_count(self.pos) or self.pos < 0:
+            raise StateError(f"state position pos = {self.pos!r}: must be an int >= 0")
+        if not _is_count(self.batch) or self.batch < 1:
+            raise StateError(f"state batch = {self.batch!r}: must be an int >= 1")
+        if not isinstance(self.layers, tuple) or not all(isinstance(ls, AttentionState) for ls in self.layers):
+            raise StateError("state layers must be a tuple of AttentionState, one per layer")
+
     @staticmethod
     def empty(cfg, batch: int, precision: str, revision: str) -> "State":
+        if not _is_count(batch) or batch < 1:
+            raise StateError(f"batch = {batch!r}: must be an int >= 1")
         return State(pos=0, batch=batch, precision=precision, revision=revision, config_id=config_id(cfg),
                      layers=tuple(AttentionState.empty(cfg, i, batch, precision) for i in range(cfg.n_layers)))
 
     def nbytes(self) -> int:
         """Bytes held by the state's arrays."""
         return sum(ls.nbytes() for ls in self.layers)
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))

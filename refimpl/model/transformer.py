@@ -27,7 +27,7 @@ from refimpl.model.hyperconn import HyperConnWeights, hc_head
 from refimpl.model.linear import Fp8Matrix, fp32_linear, quantized_linear
 from refimpl.model.norm import rms_norm
 from refimpl.numerics import bf16, check_precision, work_dtype
-from refimpl.oracle.trace import record
+from refimpl.oracle.trace import record, wants_mtp
 
 REVISIONS = ("current", "initial")
 
@@ -75,6 +75,7 @@ class Model:
         if revision not in REVISIONS:
             raise ValueError(f"revision {revision!r}: choose one of {REVISIONS}")
         self.cfg, self.weights, self.precision, self.revision = cfg, weights, precision, revision
+        self.config_id = config_id(cfg)          # identifies the states (and traces) of this model
 
     # ---- public API ----
     def new_state(self, batch: int = 1) -> State:
@@ -86,7 +87,7 @@ class Model:
         ids, single = self._as_batch(tokens)
         logits, h, _ = self._run(ids, self.new_state(ids.shape[0]), trace)
         mtp_logits = None
-        if (mtp or (trace is not None and trace.wants("mtp.logits"))) and self.weights.mtp is not None:
+        if (mtp or (trace is not None and wants_mtp(trace, self.cfg.mtp_layer))) and self.weights.mtp is not None:
             mtp_logits = self.mtp_forward(h, ids, trace)
         if single:
             logits = logits[0]
@@ -102,10 +103,15 @@ class Model:
 
     def decode(self, token, state: State):
         """One token per sequence. token int or [b] -> (logits [v] or [b, v], new state)."""
-        ids = np.asarray(token)
+        ids = token_ids(token)
         single = ids.ndim == 0
         logits, new_state = self.prefill(ids.reshape(-1, 1), state)
         return (logits[0, -1] if single else logits[:, -1]), new_state
+
+    def check_tokens(self, tokens) -> np.ndarray:
+        """tokens as the model takes them: int64 ids [s] or [b, s] inside the vocabulary (InputError if not)."""
+        ids, single = self._as_batch(tokens)
+        return ids[0] if single else ids
 
     # ---- the forward pass ----
     def _run(self, ids: np.ndarray, state: State, trace):
@@ -147,9 +153,7 @@ class Model:
 
     # ---- input checks: bad input raises a ValueError subclass naming the problem ----
     def _as_batch(self, tokens) -> tuple[np.ndarray, bool]:
-        ids = np.asarray(tokens)
-        if ids.dtype == object or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
-            raise InputError(f"token ids must be integers, got dtype {ids.dtype}")
+        ids = token_ids(tokens)
         if ids.ndim not in (1, 2):
             raise InputError(f"tokens must be [s] or [b, s], got shape {ids.shape}")
         single = ids.ndim == 1
@@ -160,20 +164,77 @@ class Model:
         if bad.any():
             where = tuple(int(v) for v in np.argwhere(bad)[0])
             raise InputError(f"token id {int(ids[where])} at {where} is outside the vocabulary [0, {self.cfg.vocab_size})")
-        return ids.astype(np.int64), single
+        return ids, single
 
     def _check_state(self, state: State, ids: np.ndarray) -> None:
         if not isinstance(state, State):
             raise StateError(f"expected a refimpl State, got {type(state).__name__}")
-        if state.config_id != config_id(self.cfg):
+        if state.config_id != self.config_id:
             raise StateError("this state belongs to a model with another configuration")
         if (state.precision, state.revision) != (self.precision, self.revision):
             raise StateError(f"this state was made in precision {state.precision!r} / revision {state.revision!r}, "
                              f"the model runs {self.precision!r} / {self.revision!r}")
         if state.batch != ids.shape[0]:
             raise StateError(f"the state holds {state.batch} sequences, the input {ids.shape[0]}")
+        check_state_layers(state, self.cfg)
         end = state.pos + ids.shape[1]
         if end > self.cfg.max_seq_len:
             raise InputError(f"sequence of {end} tokens exceeds the configured maximum context "
                              f"max_seq_len={self.cfg.max_seq_len} (a load option: load(..., max_seq_len=N))")
 
+
+def token_ids(tokens) -> np.ndarray:
+    """Token ids as an int64 array, refusing anything that is not an integer (no silent coercion).
+
+    A str, floats (even 2.0), bools and None are refused: `[1.7, 15.2]` must not run as `[1, 15]`,
+    nor `"0152"` as `[0, 1, 5, 2]`. Range checks against the vocabulary are the caller's.
+    """
+    if isinstance(tokens, np.ndarray):
+        if not np.issubdtype(tokens.dtype, np.integer):      # bool is not an integer dtype in NumPy
+            raise InputError(f"token ids must be integers, got an array of dtype {tokens.dtype}")
+        if tokens.dtype == np.uint64 and tokens.size and tokens.max() > np.iinfo(np.int64).max:
+            raise InputError(f"token id {int(tokens.max())} is outside the vocabulary")
+        return tokens.astype(np.int64)                      # exact: every other integer dtype fits
+    if isinstance(tokens, (str, bytes)):
+        raise InputError(f"token ids must be integers, got a {type(tokens).__name__} ({tokens[:20]!r})")
+    if _is_token(tokens):
+        return _int64(tokens)
+    try:
+        arr = np.asarray(tokens, dtype=object)                # nested lists; ragged ones raise
+    except ValueError:
+        raise InputError("token ids must be [s] or [b, s] integers; got rows of different lengths") from None
+    flat = arr.reshape(-1)
+    for x in flat:
+        if not _is_token(x):
+            raise InputError(f"token ids must be integers, got {x!r} ({type(x).__name__})")
+    out = np.empty(arr.shape, np.int64)
+    out.reshape(-1)[:] = [_int64(x) for x in flat]
+    return out
+
+
+def _is_token(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _int64(x) -> np.int64:
+    if not -2**63 <= int(x) < 2**63:
+        raise InputError(f"token id {int(x)} is outside the vocabulary")
+    return np.int64(x)
+
+
+def check_state_layers(state: State, cfg) -> None:
+    """A State whose arrays agree with its position, batch and the config (e.g. after an edit); StateError if not."""
+    if len(state.layers) != cfg.n_layers:
+        raise StateError(f"the state has {len(state.layers)} layers, the model {cfg.n_layers}")
+    b, W, d = state.batch, cfg.window_size, cfg.head_dim
+    for i, ls in enumerate(state.layers):
+        m = cfg.compress_ratio(i)
+        want = {"window": (ls.window, (b, W, d)),
+                "compressed": (ls.compressed, (b, state.pos // m, d) if m else None),
+                "index keys": (None if ls.indexer is None else ls.indexer.keys,
+                               (b, state.pos // m, cfg.index_head_dim) if cfg.uses_indexer(i) else None)}
+        for what, (arr, shape) in want.items():
+            got = None if arr is None else getattr(arr, "shape", "?")
+            if got != shape:
+                raise StateError(f"layer {i}: {what} of shape {got} does not fit a state at position {state.pos} "
+                                 f"with {b} sequence(s) (expected {shape}); was the state edited?")

@@ -1,8 +1,11 @@
-"""Named intermediate tensors ("sites") of a forward pass, recorded on request.
+"""Named intermediate tensors ("sites") of a forward pass, recorded on request and checked always.
 
-A trace costs nothing when unused: every site is recorded through `record(trace, name, x)`,
-which returns at once when `trace` is None. Site names follow the official code (README table).
-A trace file is a safetensors file, one tensor per site, plus JSON metadata.
+Every site goes through `record(trace, name, x)`. Recording costs nothing when `trace` is None,
+but the check does not depend on it: a site holding NaN or Inf raises `NonFiniteError` naming
+the site (and so the layer), so a forward pass never returns NaN logits or samples from them.
+Site names follow the official code (README table). A trace file is a safetensors file, one
+tensor per site, plus JSON metadata (`trace_metadata`); `run_trace` makes one, in one prefill or
+in chunks.
 """
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import json
 
 import numpy as np
 
-# The stable sites, in data-flow order ({i} = layer index). See README "Trace sites".
+from refimpl._version import __version__
+
+# The stable sites, in data-flow order ({i} = layer index; the MTP block is layer n_layers).
 SITES = (
     "embed",                                   # [s, c]
     "layers.{i}.hc_attn.pre", "layers.{i}.hc_attn.post", "layers.{i}.hc_attn.comb",   # mHC mixes, attention
@@ -28,16 +33,24 @@ SITES = (
     "layers.{i}.out",                          # [s, n, c] residual streams after block i
     "final.x",                                 # [s, c] after hc_head + norm
     "logits",                                  # [s, v] every position
+    "mtp.final.x",                             # [s-1, c] MTP block after its hc_head + norm
     "mtp.logits",                              # [s-1, v] MTP predictions of token t+2
 )
+
+
+class NonFiniteError(ValueError):
+    """A forward pass produced NaN or Inf; the message names the site (and layer) where it appeared."""
 
 
 class Trace:
     """Collects site tensors of one forward pass (batch element 0), filtered by glob patterns."""
 
     def __init__(self, patterns: tuple[str, ...] = ("*",)):
+        if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+            raise ValueError(f"trace patterns must be a tuple of glob strings, got {patterns!r}")
         self.patterns = tuple(patterns)
         self.tensors: dict[str, np.ndarray] = {}
+        self.metadata: dict | None = None          # set by run_trace (see trace_metadata)
 
     def wants(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
@@ -47,17 +60,127 @@ class Trace:
             x = np.asarray(x)
             self.tensors[name] = np.ascontiguousarray(x[0])   # every site has a batch axis; keep element 0
 
-    def save(self, path, metadata: dict) -> None:
+    def save(self, path, metadata: dict | None = None) -> None:
         """Write the trace as safetensors (written to a temporary name, then renamed)."""
         import os
         from safetensors.numpy import save_file
+        metadata = self.metadata if metadata is None else metadata
+        if metadata is None:
+            raise ValueError("a trace file needs its metadata (run_trace sets it; see trace_metadata)")
         tmp = f"{path}.tmp-{os.getpid()}"
         save_file({k: np.ascontiguousarray(v) for k, v in self.tensors.items()}, tmp,
                   metadata={"refimpl": json.dumps(metadata, sort_keys=True)})
         os.replace(tmp, path)
 
 
-def record(trace: Trace | None, name: str, x) -> None:
-    """Record a site tensor; a no-op when trace is None."""
+def check_finite(name: str, x, *, hidden=None) -> None:
+    """Raise NonFiniteError if site x holds NaN or Inf. hidden: entries that hold -inf by construction.
+
+    Integer sites (top-k, expert ids) are not checked. Where `hidden` (broadcast to x) is True the
+    value must be exactly -inf (the indexer scores of entries a query cannot see); elsewhere finite.
+    """
+    x = np.asarray(x)
+    if x.dtype.kind in "iub":
+        return
+    ok = np.isfinite(x)
+    if hidden is not None:
+        ok = np.where(hidden, x == -np.inf, ok)
+    if ok.all():
+        return
+    bad = ~ok
+    values = x[bad].astype(np.float64)
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    layer = f" (layer {name.split('.')[1]})" if name.startswith("layers.") else ""
+    raise NonFiniteError(
+        f"the forward pass produced non-finite values at site {name!r}{layer}: {int(np.isnan(values).sum())} NaN, "
+        f"{int(np.isinf(values).sum())} Inf{' where finite values belong' if hidden is not None else ''} "
+        f"of {x.size}, the first at index {first} (batch, position, ...); "
+        "the checkpoint's weights may hold NaN/Inf (`refimpl inspect` scans them)")
+
+
+def record(trace: Trace | None, name: str, x, *, hidden=None) -> None:
+    """Check a site tensor for NaN/Inf (always), then record it (a no-op when trace is None)."""
+    check_finite(name, x, hidden=hidden)
     if trace is not None:
         trace.record(name, x)
+
+
+def wants_mtp(trace: Trace, mtp_layer: int) -> bool:
+    """Whether the trace asks for any site of the MTP block (layer mtp_layer, mtp.*)."""
+    return any(trace.wants(site.format(i=mtp_layer)) for site in SITES if "{i}" in site or site.startswith("mtp."))
+
+
+def site_names(cfg) -> list[str]:
+    """Every site a forward pass of cfg records, in the order it records them (the MTP block last)."""
+    def layer_sites(layer):
+        return [site.format(i=layer) for site in SITES if "{i}" in site
+                and (".compressed_kv" not in site or cfg.uses_compressor(layer))
+                and (".indexer." not in site or cfg.uses_indexer(layer))]
+    names = ["embed"] + [n for i in range(cfg.n_layers) for n in layer_sites(i)] + ["final.x", "logits"]
+    if cfg.n_mtp_layers:
+        names += layer_sites(cfg.mtp_layer) + ["mtp.final.x", "mtp.logits"]
+    return names
+
+
+# ---------------------------------------------------------------- making a trace
+
+def trace_metadata(model, tokens, chunks) -> dict:
+    """The JSON metadata of a trace file: what ran, on which model, in which precision, in which chunks."""
+    tokens = [int(t) for t in tokens]
+    return {"refimpl": __version__, "config_id": model.config_id, "precision": model.precision,
+            "revision": model.revision, "tokens": tokens, "chunks": list(chunks) if chunks else [len(tokens)]}
+
+
+def run_trace(model, tokens, *, patterns: tuple[str, ...] = ("*",), chunks: list[int] | None = None) -> Trace:
+    """Run one sequence through model, in one forward pass or in prefills of `chunks` tokens; -> its Trace.
+
+    A chunked trace holds the same sites as an unchunked one. Per-chunk tensors are joined along
+    the position axis. The indexer's scores and top-k are as wide as the entries existing at the
+    end of a call, so a chunk's rows are padded to the full width with what one forward pass
+    holds there (-inf: not visible; -1: no entry). The MTP block keeps no state and no chunked
+    prefill runs it (the official generate never does): it runs once over the whole sequence, on
+    the final streams the chunks produced, as forward() runs it. In float64 and mirror, where the
+    model is chunking-invariant, every site equals the unchunked one bit for bit.
+    """
+    ids = model.check_tokens(tokens)                          # int64 ids in the vocabulary, or InputError
+    if ids.ndim != 1:
+        raise ValueError(f"a trace records one sequence: tokens must be [s], got shape {ids.shape}")
+    trace = Trace(patterns)
+    known = site_names(model.cfg)
+    unmatched = [p for p in trace.patterns if not any(fnmatch.fnmatchcase(n, p) for n in known)]
+    if unmatched:                                             # a typo would silently trace nothing
+        raise ValueError(f"trace pattern(s) {unmatched} match no site of this model (e.g. 'layers.0.attn.q', "
+                         f"'layers.*.out', 'logits'; the README lists them)")
+    if chunks is None:
+        model.forward(ids, trace=trace)
+    else:
+        sizes = list(chunks)
+        if not sizes or not all(isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_)) and n > 0
+                                for n in sizes):
+            raise ValueError(f"chunk sizes must be positive integers, got {sizes}")
+        sizes = [int(n) for n in sizes]
+        if sum(sizes) != len(ids):
+            raise ValueError(f"chunk sizes add up to {sum(sizes)}, but there are {len(ids)} tokens")
+        cfg = model.cfg
+        final = f"layers.{cfg.n_layers - 1}.out"                 # the final streams h, input of the MTP block
+        mtp = model.weights.mtp is not None and wants_mtp(trace, cfg.mtp_layer)
+        parts: dict[str, list[np.ndarray]] = {}
+        state, pos = None, 0
+        for n in sizes:
+            t = Trace(trace.patterns + ((final,) if mtp else ()))
+            _, state = model.prefill(ids[pos:pos + n], state, trace=t)
+            for k, v in t.tensors.items():
+                parts.setdefault(k, []).append(v)
+            pos += n
+        for k, v in parts.items():
+            if k.endswith((".indexer.scores", ".indexer.topk")):
+                width = max(x.shape[1] for x in v)
+                fill = -np.inf if k.endswith(".scores") else -1
+                v = [np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=fill) for x in v]
+            joined = np.concatenate(v, axis=0)                  # [s, ...]
+            if trace.wants(k):
+                trace.tensors[k] = joined
+        if mtp:                                                 # records layers.{n_layers}.*, mtp.*
+            model.mtp_forward(np.concatenate(parts[final], axis=0)[None], ids[None], trace)
+    trace.metadata = trace_metadata(model, ids, sizes if chunks is not None else None)
+    return trace

@@ -1,4 +1,4 @@
-"""Random-weight checkpoints in the exact official format, and `inspect` summaries of any checkpoint.
+"""Random-weight checkpoints in the exact official format.
 
 `make_checkpoint(cfg, out)` writes every tensor of `weights.expected_tensors(cfg)` with its official
 dtype, sharded as DeepSeek ships it (model-0000i-of-0000n.safetensors + model.safetensors.index.json),
@@ -33,18 +33,17 @@ import os
 import shutil
 import sys
 import uuid
-from collections import defaultdict
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
-from refimpl.formats.checkpoint import (DTYPES, CheckpointError, TensorSource, spec_nbytes, write_json,
+from refimpl.formats.checkpoint import (CheckpointError, spec_nbytes, write_json,
                                 write_sharded)
 from refimpl.config import Config, ConfigError
 from refimpl.numerics import FP4_BLOCK, FP8_BLOCK, decode_fp4_e2m1
 from refimpl.synthetic.quantize import quant_fp8_weight
-from refimpl.formats.weights import TensorSpec, expected_tensors, validate
+from refimpl.formats.weights import TensorSpec, expected_tensors
 
 DEFAULT_SHARD_BYTES = 4 * 1024**3      # the official shards average 3.5 GB (46 for 160 GB)
 CHUNK_ELEMENTS = 1 << 22               # large tensors are generated in row chunks of ~4M elements
@@ -56,6 +55,9 @@ FP4_CODE_STD = 2.0                     # nibbles ~ e2m1(N(0, 2^2)): amax/scale o
 def shrink(cfg: Config, *, layers: int | None = None, experts: int | None = None) -> Config:
     """cfg with fewer main layers (first `layers` ratios + the MTP entry) and/or routed experts."""
     changes = {}
+    for name, v in (("layers", layers), ("experts", experts)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            raise ConfigError(f"{name} = {v!r}: must be an int")
     if layers is not None:
         if not 1 <= layers <= cfg.n_layers:
             raise ConfigError(f"layers = {layers}: must be between 1 and n_layers = {cfg.n_layers}")
@@ -250,6 +252,8 @@ def make_checkpoint(cfg: Config, out_dir: str | Path, *, seed: int = 0, layers: 
 
     out_dir must not exist, or be empty, unless overwrite. progress: None = a bar on a terminal only.
     """
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(f"seed = {seed!r}: must be an int >= 0")
     cfg = shrink(cfg, layers=layers, experts=experts)
     out = Path(out_dir)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
@@ -286,70 +290,3 @@ def make_checkpoint(cfg: Config, out_dir: str | Path, *, seed: int = 0, layers: 
     if note:
         print(note, file=sys.stderr)
     return cfg
-
-
-# ---------------------------------------------------------------- inspect
-
-def summarize(source: TensorSource | str | Path, cfg: Config | None = None, *,
-              scan_scales: bool = True) -> dict:
-    """Counts and bytes by dtype and by kind, and the validation problems (cfg: from config.json)."""
-    src = source if isinstance(source, TensorSource) else TensorSource(source)
-    problems: list[str] = []
-    if cfg is None:
-        try:
-            cfg = Config.from_checkpoint(src.path if src.path.is_dir() else src.path.parent)
-        except ConfigError as e:
-            problems.append(f"config: {e}")
-    want = expected_tensors(cfg) if cfg is not None else {}
-    by_dtype: dict = defaultdict(lambda: {"count": 0, "bytes": 0})
-    by_kind: dict = defaultdict(lambda: {"count": 0, "bytes": 0})
-    total = 0
-    for name in src.keys():
-        n = src.nbytes(name)
-        total += n
-        kind = want[name].kind if name in want else ("unexpected" if cfg is not None else "unknown")
-        for table, key in ((by_dtype, src.dtype(name)), (by_kind, kind)):
-            table[key]["count"] += 1
-            table[key]["bytes"] += n
-    if cfg is not None:
-        problems += validate(src, cfg, scan_scales=scan_scales)
-    return {"path": str(src.path), "files": len(src.files), "tensors": len(src), "expected": len(want),
-            "bytes": total, "index_total_size": src.index_metadata.get("total_size"),
-            "by_dtype": dict(sorted(by_dtype.items())),
-            "by_kind": {k: by_kind[k] for k in sorted(by_kind, key=lambda k: -by_kind[k]["bytes"])},
-            "config": None if cfg is None else {"n_layers": cfg.n_layers, "dim": cfg.dim,
-                                                "n_routed_experts": cfg.n_routed_experts,
-                                                "vocab_size": cfg.vocab_size},
-            "problems": problems, "ok": not problems}
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
-
-
-def format_summary(s: dict, *, max_problems: int = 40) -> str:
-    """The summarize() dict as text for `refimpl inspect`."""
-    lines = [f"{s['path']}: {s['tensors']} tensors in {s['files']} file(s), {_size(s['bytes'])} "
-             f"({s['bytes']:,} bytes)"]
-    if s["config"]:
-        c = s["config"]
-        lines.append(f"config: {c['n_layers']} layers, dim {c['dim']}, {c['n_routed_experts']} experts, "
-                     f"vocab {c['vocab_size']}; expected {s['expected']} tensors")
-    if s["index_total_size"] is not None and s["index_total_size"] != s["bytes"]:
-        lines.append(f"index total_size {s['index_total_size']:,} != sum of tensor bytes {s['bytes']:,}")
-    for title, table in (("by dtype", s["by_dtype"]), ("by kind", s["by_kind"])):
-        lines.append(f"{title}:")
-        lines += [f"  {k:<14} {v['count']:>8} tensors  {_size(v['bytes']):>10}" for k, v in table.items()]
-    probs = s["problems"]
-    if not probs:
-        lines.append("validation: OK")
-    else:
-        lines.append(f"validation: {len(probs)} problem(s)")
-        lines += [f"  - {p}" for p in probs[:max_problems]]
-        if len(probs) > max_problems:
-            lines.append(f"  ... and {len(probs) - max_problems} more")
-    return "\n".join(lines)

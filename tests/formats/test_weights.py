@@ -1,5 +1,6 @@
 """weights.py: the key table of docs/architecture.md §16 and checkpoint validation against a Config."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -202,3 +203,37 @@ def test_unlisted_shard_tensor_is_a_problem(tiny_ckpt, tmp_path):
     problems = validate(d, TINY)
     assert any("missing tensor 'layers.0.attn.wq_a.scale'" in p for p in problems)
     assert any("'layers.0.attn.wq_a.scale' in shard" in p and "not listed in the index" in p for p in problems)
+
+
+@pytest.mark.parametrize("value", [2.9, True, "4096", 0.0])
+def test_load_refuses_a_non_integer_max_seq_len(tiny_ckpt, value):
+    """2.9 used to run as 2 and True as 1."""
+    from refimpl.config import ConfigError
+    from refimpl.formats.weights import load
+    with pytest.raises(ConfigError, match=r"max_seq_len = .*: must be an int"):
+        load(tiny_ckpt, max_seq_len=value)
+
+
+def test_load_refuses_an_out_of_range_tid2eid(tiny_ckpt, patched_ckpt):
+    """-1 in the hash-routing table used to pick the last expert silently."""
+    from refimpl.formats.weights import load
+    name = "layers.0.ffn.gate.tid2eid"
+    bad = patched_ckpt({name: {3 * TINY.n_activated_experts + 1: -1}})
+    assert validate(bad, TINY) == [f"tensor {name!r}: 1 expert id(s) outside [0, n_routed_experts = 8), "
+                                   "the first -1 for token id 3"]
+    with pytest.raises(CheckpointError, match=rf"tensor '{name}': 1 expert id\(s\) outside"):
+        load(bad)
+
+
+@pytest.mark.parametrize("tensor, index, value", [
+    ("layers.0.attn.attn_sink", 1, np.float32(-np.inf)),        # the forward stays finite: sink ignored
+    ("layers.3.attn.compressor.ape", 4, np.float32(-np.inf)),   # the forward stays finite: one row dropped
+    ("layers.2.hc_attn_fn", 0, np.float32(np.nan)),              # an mHC tensor
+    ("layers.4.ffn.gate.bias", 3, np.float32(np.inf)),           # would always choose expert 3
+])
+def test_nonfinite_f32_weights_are_refused_at_load(patched_ckpt, tensor, index, value):
+    """Inf in a sink, ape or router bias can vanish into a softmax or a top-k without reaching any
+    site, so load scans the (small) F32 tensors and names the tensor."""
+    from refimpl.formats.weights import load
+    with pytest.raises(CheckpointError, match=rf"NaN/Inf in the weights: tensor '{re.escape(tensor)}': 1 NaN/Inf"):
+        load(patched_ckpt({tensor: {index: value}}))

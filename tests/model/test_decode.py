@@ -250,6 +250,41 @@ def test_token_ids_outside_vocabulary(tiny_model):
         model.forward([1.5, 2.0])
 
 
+def test_non_integer_token_ids_are_refused_not_coerced(tiny_model):
+    """Floats, bools and strings never run as other ids ([1.7, 15.2] as [1, 15], "0152" as [0, 1, 5, 2])."""
+    model = tiny_model("float64")
+    _, state = model.prefill([1, 2, 3])
+    snap = snapshot(state)
+    for bad in ([1.7, 15.2], [1, True], [[1, 2], [3, 2.0]], "0152", [1, "2"], [[1, 2], [3]], [1, None],
+                np.array([True, False])):
+        with pytest.raises(InputError, match="integers"):
+            model.forward(bad)
+        with pytest.raises(InputError, match="integers"):
+            model.prefill(bad, state)
+    for bad in (True, 4.0, [4, False], "4"):
+        with pytest.raises(InputError, match="integers"):
+            model.decode(bad, state)
+    assert_unchanged(state, snap)
+    assert np.array_equal(model.forward([np.int32(1), 15]), model.forward(np.array([1, 15], np.uint16)))
+
+
+def test_edited_state_is_refused(tiny_model):
+    """A State edited by hand to a negative or inconsistent position (or batch) is a StateError."""
+    import dataclasses
+    model = tiny_model("float64")
+    _, state = model.prefill(tokens(9, 8))
+    for change in ({"pos": -1}, {"pos": 2.0}, {"pos": True}, {"batch": 0}):
+        with pytest.raises(StateError, match="pos|batch"):
+            dataclasses.replace(state, **change)
+    moved = dataclasses.replace(state, pos=12)           # 9 tokens made 2 CSA entries; 12 would make 3
+    with pytest.raises(StateError, match=r"layer 2: compressed of shape \(1, 2, 128\) does not fit .* position 12"):
+        model.decode(5, moved)
+    with pytest.raises(StateError, match="layers"):
+        model.decode(5, dataclasses.replace(state, layers=state.layers[:3]))
+    with pytest.raises(StateError, match="batch"):
+        model.new_state(batch=1.5)
+
+
 def test_empty_input(tiny_model):
     """An empty sequence is refused (InputError), from an empty or a running state."""
     model = tiny_model("float64")

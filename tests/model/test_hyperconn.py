@@ -165,7 +165,7 @@ def test_model_hc_mixes_in_range(tiny_model, prec):
     t = Trace(("layers.*.hc_*",))
     tiny_model(prec).forward(np.arange(1, 41), trace=t)
     names = [k for k in t.tensors if k.endswith(".comb")]
-    assert len(names) == 2 * TINY.n_layers
+    assert len(names) == 2 * (TINY.n_layers + TINY.n_mtp_layers)          # the MTP block (layer n_layers) too
     for k in names:
         comb = t.tensors[k]
         assert np.all(comb >= 0)

@@ -266,3 +266,14 @@ def test_moe_trace_ids_and_weights(tiny_model):
             assert gate.bias is None and np.array_equal(ids, np.asarray(gate.tid2eid)[toks])
         else:
             assert gate.tid2eid is None and gate.bias is not None
+
+
+def test_nonfinite_router_bias_is_named_not_silently_chosen():
+    """The bias only chooses (it reaches no traced site): an Inf in it would pick expert 3 for every token."""
+    from refimpl.oracle.trace import NonFiniteError
+    E = TINY.n_routed_experts
+    bias = np.zeros(E, np.float32)
+    bias[3] = np.inf
+    x = np.random.default_rng(0).standard_normal((2, E))
+    with pytest.raises(NonFiniteError, match=r"site 'layers\.4\.ffn\.gate\.biased_scores' \(layer 4\)"):
+        route(x, np.array([0, 1]), GateWeights(np.eye(E), bias, None), TINY, "float64", 4)

@@ -13,6 +13,8 @@ without that quantization the gap is relL2 0.129, top-1 87 %, outside the band. 
 check of the whole, for a deterministic checkpoint and prompt; each rounding step is pinned
 exactly in test_rounding.py).
 """
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -160,3 +162,34 @@ def test_forward_is_deterministic_and_does_not_depend_on_call_history(tiny_model
     a = model.forward(toks)
     model.forward(tokens(50, 7))
     assert np.array_equal(a, model.forward(toks))
+
+
+# ------------------------------------------------------------------------------------------------
+# non-finite values: a forward pass names the site where NaN/Inf appears instead of returning it
+
+@pytest.mark.parametrize("tensor, index, value, site", [
+    ("embed.weight", 5 * TINY.dim + 3, b"\xc0\x7f", "'embed'"),                   # NaN in token 5's row
+    ("layers.1.attn.wq_a.weight", 100, b"\x7f", "'layers.1.attn.q' (layer 1)"),   # FP8 e4m3 NaN byte
+    ("layers.2.attn.kv_norm.weight", 64, b"\xc0\x7f", "'layers.2.attn.kv' (layer 2)"),
+    ("layers.3.ffn.shared_experts.w2.weight", 5, b"\xff", "'layers.3.ffn.out' (layer 3)"),
+    ("norm.weight", 7, b"\x80\x7f", "'final.x'"),                                   # +Inf
+    ("head.weight", 9 * TINY.dim, b"\xc0\x7f", "'logits'"),
+])
+def test_nonfinite_weights_stop_the_forward_pass_at_their_site(patched_ckpt, tensor, index, value, site):
+    from refimpl.formats.weights import load
+    from refimpl.generate import generate
+    from refimpl.oracle.trace import NonFiniteError
+    model = load(patched_ckpt({tensor: {index: value}}), precision="float32")
+    with pytest.raises(NonFiniteError, match=rf"non-finite values at site {re.escape(site)}: "):
+        model.forward([0, 5, 9, 2, 3])
+    with pytest.raises(NonFiniteError, match=re.escape(site)):          # and no garbage token stream
+        generate(model, [0, 5, 9, 2, 3], max_new_tokens=3)
+
+
+def test_nonfinite_in_the_mtp_block_names_its_layer(patched_ckpt):
+    from refimpl.formats.weights import load
+    from refimpl.oracle.trace import NonFiniteError
+    model = load(patched_ckpt({"mtp.0.hnorm.weight": {0: b"\xc0\x7f"}}), precision="float64")
+    model.forward([0, 5, 9])                                             # the main model is untouched
+    with pytest.raises(NonFiniteError, match=rf"site 'layers.{TINY.n_layers}.hc_attn.pre' \(layer 6\)"):
+        model.forward([0, 5, 9], mtp=True)

@@ -9,7 +9,8 @@ import refimpl.synthetic.writer as synthetic
 from refimpl.formats.checkpoint import CheckpointError, TensorSource
 from refimpl.config import Config, ConfigError
 from refimpl.numerics import dequant_fp4_weight, dequant_fp8_weight
-from refimpl.synthetic.writer import format_summary, make_checkpoint, shrink, summarize
+from refimpl.formats.inspect import format_summary, summarize
+from refimpl.synthetic.writer import make_checkpoint, shrink
 from refimpl.formats.weights import check_checkpoint, expected_tensors
 
 TINY = Config.tiny()
@@ -91,6 +92,17 @@ def test_shrink_rejects_out_of_range():
         shrink(TINY, layers=0)
     with pytest.raises(ConfigError, match="experts = 9"):
         shrink(TINY, experts=9)
+
+
+def test_non_integer_counts_and_seeds_are_refused(tmp_path):
+    """layers=2.5 used to fail with a TypeError deep in slicing, seed=True to run as seed 1."""
+    for kwargs in ({"layers": 2.5}, {"experts": True}):
+        with pytest.raises(ConfigError, match=f"{next(iter(kwargs))} = .*: must be an int"):
+            shrink(TINY, **kwargs)
+    for seed in (True, 1.0, -1):
+        with pytest.raises(ConfigError, match="seed = .*: must be an int >= 0"):
+            make_checkpoint(TINY, tmp_path / "x", seed=seed, layers=1, experts=2)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------- weight scales
