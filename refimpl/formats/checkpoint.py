@@ -68,14 +68,6 @@ SINGLE_NAME = "model.safetensors"
 assert np.little_endian, "safetensors data is little-endian; refimpl reads it on little-endian hosts only"
 
 
-def dtype_name(dtype) -> str:
-    """The safetensors dtype string of a NumPy dtype (inverse of DTYPES)."""
-    for name, dt in DTYPES.items():
-        if dt == np.dtype(dtype):
-            return name
-    raise CheckpointError(f"dtype {np.dtype(dtype)} has no safetensors name")
-
-
 # ---------------------------------------------------------------- reading one file
 
 class TensorInfo:

@@ -16,7 +16,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-
 from refimpl.config import Config, ConfigError
 from refimpl.formats.checkpoint import TensorSource, scan_values
 from refimpl.formats.weights import expected_tensors, validate
