@@ -87,10 +87,19 @@ def cmd_trace(a) -> int:
     model = _load(a)
     ids = _prompt_ids(a, model)
     patterns = tuple(a.sites.split(",")) + ("logits",) if a.sites else ("*",)   # logits always
+    replay = None
+    if a.replay:
+        from refimpl.oracle.replay import Replay
+        replay = Replay.load(a.replay, weights=a.replay_weights)
+    elif a.replay_weights:
+        raise ValueError("--replay-weights needs --replay TRACE")
     t0 = time.perf_counter()
-    trace = run_trace(model, ids, patterns=patterns, chunks=_chunks(a.chunks))
+    trace = run_trace(model, ids, patterns=patterns, chunks=_chunks(a.chunks), decode_from=a.decode_from,
+                      replay=replay)
     trace.save(a.out)
-    print(f"wrote {a.out}: {len(trace.tensors)} sites, {len(ids)} tokens, precision {model.precision} "
+    how = (f", prefill {a.decode_from} + {len(ids) - a.decode_from} decode steps" if a.decode_from else "") + \
+          (f", replaying {a.replay}" if replay else "")
+    print(f"wrote {a.out}: {len(trace.tensors)} sites, {len(ids)} tokens, precision {model.precision}{how} "
           f"({time.perf_counter() - t0:.2f} s)")
     return 0
 
@@ -187,7 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokens", help="comma-separated token ids, e.g. 0,15,27")
     g.add_argument("--prompt", help="text, tokenized with the checkpoint's tokenizer.json")
     q.add_argument("--sites", default=None, help="comma-separated glob patterns of sites (default: all)")
-    q.add_argument("--chunks", default=None, help="prefill in chunks of these sizes, e.g. 3,2,1")
+    c = q.add_mutually_exclusive_group()
+    c.add_argument("--chunks", default=None, help="prefill in chunks of these sizes, e.g. 3,2,1")
+    c.add_argument("--decode-from", type=int, default=None, metavar="K",
+                   help="prefill the first K tokens, then decode the rest one step at a time (the decode path)")
+    q.add_argument("--replay", default=None, metavar="TRACE",
+                   help="force expert ids and indexer top-k sets from this trace (docs/replay.md)")
+    q.add_argument("--replay-weights", action="store_true", help="with --replay: force the expert weights too")
     q.add_argument("--out", required=True)
     q.set_defaults(func=cmd_trace)
 

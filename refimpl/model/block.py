@@ -40,7 +40,7 @@ def block(h: np.ndarray, tokens: np.ndarray, start_pos: int, state: AttentionSta
     residual = h
     x, post, comb = hc_pre(h, w.hc_ffn, cfg, prec, trace, f"layers.{layer}.hc_ffn")
     x = rms_norm(x, w.ffn_norm, eps=cfg.norm_eps, prec=prec)
-    x = moe(x, tokens, w.ffn, cfg, layer, prec, revision, trace)
+    x = moe(x, tokens, w.ffn, cfg, layer, prec, revision, trace, start_pos=start_pos)
     h = hc_post(x, residual, post, comb, prec)
     record(trace, f"layers.{layer}.out", h)
     return h, state

@@ -22,6 +22,7 @@ from refimpl.model.compressor import CompressorState, CompressorWeights, compres
 from refimpl.model.linear import Fp8Matrix, bf16_linear, product, quantized_linear
 from refimpl.numerics import FP4_BLOCK, bf16, hadamard, qdq_fp4, top_k, work_dtype
 from refimpl.model.rope import RopeTable, apply_rope
+from refimpl.oracle.replay import replay_of
 from refimpl.oracle.trace import record
 
 
@@ -66,6 +67,9 @@ def indexer(x: np.ndarray, qr: np.ndarray, start_pos: int, state: IndexerState, 
     width = min(cfg.index_topk, (start_pos + s) // m)                   # official: topk(min(topk, end_pos//m))
     topk = np.full((b, s, width), -1, dtype=np.int64)
     scores = np.full((b, s, keys.shape[1]), -np.inf, dtype=dt)
+    replay = replay_of(trace)                                           # forced entries (oracle/replay.py)
+    if replay is not None and layer in replay.topk and b != 1:
+        raise ValueError("replay forces the choices of one sequence; run a batch of 1")
     for bi in range(b):
         for si in range(s):
             visible = (start_pos + si + 1) // m                          # entry e visible iff m(e+1) <= t+1
@@ -74,7 +78,11 @@ def indexer(x: np.ndarray, qr: np.ndarray, start_pos: int, state: IndexerState, 
             sc = index_scores(q[bi, si], keys[bi, :visible].astype(dt), weights[bi, si], prec)   # [visible]
             scores[bi, si, :visible] = sc
             k = min(cfg.index_topk, visible)
-            topk[bi, si, :k] = top_k(sc, k)
+            forced = None if replay is None else replay.entries(layer, start_pos + si)
+            if forced is None:
+                topk[bi, si, :k] = top_k(sc, k)
+            else:                                                       # replay: the source's set, its order
+                topk[bi, si, :len(forced)] = forced
     t = start_pos + np.arange(s)                                        # query positions
     hidden = np.arange(keys.shape[1])[None, :] >= ((t + 1) // m)[:, None]   # [s, n] not visible: -inf
     record(trace, f"layers.{layer}.attn.indexer.scores", scores, hidden=hidden)

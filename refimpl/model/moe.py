@@ -17,6 +17,7 @@ import numpy as np
 
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix, fp32_linear, quantized_linear
 from refimpl.numerics import bf16, silu, softplus, top_k, work_dtype
+from refimpl.oracle.replay import replay_of
 from refimpl.oracle.trace import check_finite, record
 
 
@@ -44,12 +45,19 @@ class MoEWeights:
     shared: ExpertWeights
 
 
-def route(x: np.ndarray, tokens: np.ndarray, w: GateWeights, cfg, prec: str, layer: int | None = None):
-    """Choose experts and their weights. x [T, c], tokens [T] -> (weights [T, a], ids [T, a] int64)."""
+def route(x: np.ndarray, tokens: np.ndarray, w: GateWeights, cfg, prec: str, layer: int | None = None,
+          forced: np.ndarray | None = None):
+    """Choose experts and their weights. x [T, c], tokens [T] -> (weights [T, a], ids [T, a] int64).
+
+    forced [T, a]: use these expert ids instead of choosing (replay); the weights are still the
+    model's own scores at those ids, normalised.
+    """
     dt = work_dtype(prec)
     z = fp32_linear(x.astype(dt), w.weight, prec)                  # [T, e]  official: x.float() @ W.float()
     scores = np.sqrt(softplus(z))                                  # sqrt(softplus(z)), fp32
-    if w.tid2eid is not None:                                      # hash layer: ids from the token id only
+    if forced is not None:                                         # replay: the choice comes from elsewhere
+        ids = np.asarray(forced, dtype=np.int64)
+    elif w.tid2eid is not None:                                    # hash layer: ids from the token id only
         ids = np.asarray(w.tid2eid[tokens], dtype=np.int64)        # [T, a]
     else:
         biased = scores + w.bias.astype(dt)                        # [T, e]
@@ -77,12 +85,18 @@ def expert(x: np.ndarray, w: ExpertWeights, prec: str, *, swiglu_limit: float,
 
 
 def moe(x: np.ndarray, tokens: np.ndarray, w: MoEWeights, cfg, layer: int, prec: str, revision: str,
-        trace=None) -> np.ndarray:
-    """The MoE sublayer. x [b,s,c], tokens [b,s] -> [b,s,c]."""
+        trace=None, *, start_pos: int = 0) -> np.ndarray:
+    """The MoE sublayer. x [b,s,c], tokens [b,s] (positions start_pos..) -> [b,s,c]."""
     dt = work_dtype(prec)
     b, s, c = x.shape
     flat = x.reshape(b * s, c)
-    weights, ids = route(flat, tokens.reshape(-1), w.gate, cfg, prec, layer)   # [b*s, a]
+    replay = replay_of(trace)                                      # forced routing (oracle/replay.py)
+    forced = None if replay is None else replay.route(layer, start_pos, s)   # (ids, weights) or None
+    if forced and b != 1:
+        raise ValueError("replay forces the choices of one sequence; run a batch of 1")
+    weights, ids = route(flat, tokens.reshape(-1), w.gate, cfg, prec, layer, forced[0] if forced else None)
+    if forced and forced[1] is not None:                           # replay the weights too
+        weights = forced[1].astype(dt)
     record(trace, f"layers.{layer}.ffn.expert_ids", ids.reshape(b, s, -1).astype(np.int32))
     record(trace, f"layers.{layer}.ffn.expert_weights", weights.reshape(b, s, -1))
     y = np.zeros((b * s, c), dt)                                   # fp32 accumulator

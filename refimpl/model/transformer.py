@@ -101,11 +101,11 @@ class Model:
         logits, _, new_state = self._run(ids, state, trace)
         return (logits[0] if single else logits), new_state
 
-    def decode(self, token, state: State):
+    def decode(self, token, state: State, *, trace=None):
         """One token per sequence. token int or [b] -> (logits [v] or [b, v], new state)."""
         ids = token_ids(token)
         single = ids.ndim == 0
-        logits, new_state = self.prefill(ids.reshape(-1, 1), state)
+        logits, new_state = self.prefill(ids.reshape(-1, 1), state, trace=trace)
         return (logits[0, -1] if single else logits[:, -1]), new_state
 
     def check_tokens(self, tokens) -> np.ndarray:

@@ -45,12 +45,13 @@ class NonFiniteError(ValueError):
 class Trace:
     """Collects site tensors of one forward pass (batch element 0), filtered by glob patterns."""
 
-    def __init__(self, patterns: tuple[str, ...] = ("*",)):
+    def __init__(self, patterns: tuple[str, ...] = ("*",), *, replay=None):
         if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
             raise ValueError(f"trace patterns must be a tuple of glob strings, got {patterns!r}")
         self.patterns = tuple(patterns)
         self.tensors: dict[str, np.ndarray] = {}
         self.metadata: dict | None = None          # set by run_trace (see trace_metadata)
+        self.replay = replay                       # forced routing / top-k (oracle/replay.py), or None
 
     def wants(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
@@ -124,33 +125,59 @@ def site_names(cfg) -> list[str]:
 
 # ---------------------------------------------------------------- making a trace
 
-def trace_metadata(model, tokens, chunks) -> dict:
-    """The JSON metadata of a trace file: what ran, on which model, in which precision, in which chunks."""
+def trace_metadata(model, tokens, chunks, decode_from: int | None = None, replay=None) -> dict:
+    """The JSON metadata of a trace file: what ran, on which model, in which precision, in which calls.
+
+    chunks: the tokens of each call in order; decode_from: K when the first call was a K-token
+    prefill and every later one a one-token decode step (else None); replay: what was forced.
+    """
     tokens = [int(t) for t in tokens]
-    return {"refimpl": __version__, "config_id": model.config_id, "precision": model.precision,
-            "revision": model.revision, "tokens": tokens, "chunks": list(chunks) if chunks else [len(tokens)]}
+    meta = {"refimpl": __version__, "config_id": model.config_id, "precision": model.precision,
+            "revision": model.revision, "tokens": tokens, "chunks": list(chunks) if chunks else [len(tokens)],
+            "decode_from": decode_from}
+    if replay is not None:
+        meta["replay"] = {"source": replay.source, "expert_ids": sorted(replay.expert_ids),
+                          "expert_weights": sorted(replay.expert_weights), "topk": sorted(replay.topk)}
+    return meta
 
 
-def run_trace(model, tokens, *, patterns: tuple[str, ...] = ("*",), chunks: list[int] | None = None) -> Trace:
-    """Run one sequence through model, in one forward pass or in prefills of `chunks` tokens; -> its Trace.
+def run_trace(model, tokens, *, patterns: tuple[str, ...] = ("*",), chunks: list[int] | None = None,
+              decode_from: int | None = None, replay=None) -> Trace:
+    """Run one sequence through model and record its sites; -> its Trace.
 
-    A chunked trace holds the same sites as an unchunked one. Per-chunk tensors are joined along
-    the position axis. The indexer's scores and top-k are as wide as the entries existing at the
-    end of a call, so a chunk's rows are padded to the full width with what one forward pass
+    One forward pass by default; `chunks`: prefills of these sizes; `decode_from=K`: a K-token
+    prefill, then one decode step (Model.decode) per remaining token, so the trace shows the decode
+    path (caches, compressor state, the ratio-4 overlap). `replay` (oracle/replay.py): expert ids
+    (and weights) and indexer top-k sets forced from another run.
+
+    A chunked or decode trace holds the same sites as an unchunked one. Per-call tensors are joined
+    along the position axis. The indexer's scores and top-k are as wide as the entries existing at
+    the end of a call, so a call's rows are padded to the full width with what one forward pass
     holds there (-inf: not visible; -1: no entry). The MTP block keeps no state and no chunked
     prefill runs it (the official generate never does): it runs once over the whole sequence, on
-    the final streams the chunks produced, as forward() runs it. In float64 and mirror, where the
+    the final streams the calls produced, as forward() runs it. In float64 and mirror, where the
     model is chunking-invariant, every site equals the unchunked one bit for bit.
     """
     ids = model.check_tokens(tokens)                          # int64 ids in the vocabulary, or InputError
     if ids.ndim != 1:
         raise ValueError(f"a trace records one sequence: tokens must be [s], got shape {ids.shape}")
-    trace = Trace(patterns)
+    if replay is not None:
+        replay.check(model.cfg, ids)
+    trace = Trace(patterns, replay=replay)
     known = site_names(model.cfg)
     unmatched = [p for p in trace.patterns if not any(fnmatch.fnmatchcase(n, p) for n in known)]
     if unmatched:                                             # a typo would silently trace nothing
         raise ValueError(f"trace pattern(s) {unmatched} match no site of this model (e.g. 'layers.0.attn.q', "
                          f"'layers.*.out', 'logits'; the README lists them)")
+    if decode_from is not None:
+        if chunks is not None:
+            raise ValueError("a trace is either chunked or a decode trace: give chunks or decode_from, not both")
+        if not (isinstance(decode_from, (int, np.integer)) and not isinstance(decode_from, (bool, np.bool_))
+                and 1 <= decode_from < len(ids)):
+            raise ValueError(f"decode_from must be an integer in [1, {len(ids) - 1}] (the prefill length; "
+                             f"at least one token is left to decode), got {decode_from!r}")
+        decode_from = int(decode_from)
+        chunks = [decode_from] + [1] * (len(ids) - decode_from)
     if chunks is None:
         model.forward(ids, trace=trace)
     else:
@@ -166,9 +193,12 @@ def run_trace(model, tokens, *, patterns: tuple[str, ...] = ("*",), chunks: list
         mtp = model.weights.mtp is not None and wants_mtp(trace, cfg.mtp_layer)
         parts: dict[str, list[np.ndarray]] = {}
         state, pos = None, 0
-        for n in sizes:
-            t = Trace(trace.patterns + ((final,) if mtp else ()))
-            _, state = model.prefill(ids[pos:pos + n], state, trace=t)
+        for call, n in enumerate(sizes):
+            t = Trace(trace.patterns + ((final,) if mtp else ()), replay=replay)
+            if decode_from is not None and call > 0:            # a decode step: Model.decode, as generate runs it
+                _, state = model.decode(int(ids[pos]), state, trace=t)
+            else:
+                _, state = model.prefill(ids[pos:pos + n], state, trace=t)
             for k, v in t.tensors.items():
                 parts.setdefault(k, []).append(v)
             pos += n
@@ -182,5 +212,5 @@ def run_trace(model, tokens, *, patterns: tuple[str, ...] = ("*",), chunks: list
                 trace.tensors[k] = joined
         if mtp:                                                 # records layers.{n_layers}.*, mtp.*
             model.mtp_forward(np.concatenate(parts[final], axis=0)[None], ids[None], trace)
-    trace.metadata = trace_metadata(model, ids, sizes if chunks is not None else None)
+    trace.metadata = trace_metadata(model, ids, sizes if chunks is not None else None, decode_from, replay)
     return trace
