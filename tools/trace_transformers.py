@@ -266,11 +266,23 @@ def _official_value(source, name: str) -> np.ndarray:
     return v.astype(np.int64) if v.dtype.kind in "iu" else v.astype(np.float64)
 
 
-def check_weights(model, ckpt: Path, cfg: Config) -> list[tuple[str, str, float, int]]:
+def _row_runs(rows: np.ndarray) -> str:
+    """Sorted row indices as runs: [96, 97, ..., 127, 300] -> '96-127, 300'."""
+    runs, start = [], None
+    for k, r in enumerate(rows):
+        if start is None:
+            start = r
+        if k + 1 == len(rows) or rows[k + 1] != r + 1:
+            runs.append(f"{start}-{r}" if r != start else f"{r}")
+            start = None
+    return ", ".join(runs)
+
+
+def check_weights(model, ckpt: Path, cfg: Config) -> list[tuple[str, str, float, int, str]]:
     """Every transformers parameter against refimpl's dequantization of its official tensor(s).
 
-    -> [(parameter, official tensor, max |difference|, differing elements)] for the ones that
-    differ (an empty list: transformers holds exactly the weights the format defines).
+    -> [(parameter, official tensor, max |difference|, differing elements, differing rows)] for
+    the ones that differ (an empty list: transformers holds exactly the weights the format defines).
     """
     from refimpl.formats.checkpoint import TensorSource
     source = TensorSource(ckpt)
@@ -290,12 +302,13 @@ def check_weights(model, ckpt: Path, cfg: Config) -> list[tuple[str, str, float,
         else:
             ref = parts[0]
         if got.shape != ref.shape:
-            bad.append((hf, names[0], float("inf"), -1))
+            bad.append((hf, names[0], float("inf"), -1, f"shape {got.shape} vs {ref.shape}"))
             continue
         diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
         if (diff > 0).any():
+            rows = np.nonzero((diff > 0).reshape(-1, diff.shape[-1]).any(axis=1))[0] if diff.ndim == 2 else None
             bad.append((hf, names[0] if len(names) == 1 else f"{names[0]} ...", float(diff.max()),
-                        int((diff > 0).sum())))
+                        int((diff > 0).sum()), "" if rows is None else f"rows {_row_runs(rows)}"))
     return bad
 
 
@@ -494,11 +507,19 @@ def read_trace(path: Path) -> tuple[dict, dict]:
 
 # ---------------------------------------------------------------- command line
 
-def _tokens(text: str) -> np.ndarray:
-    try:
-        return np.array([int(t) for t in text.split(",")], dtype=np.int64)
-    except ValueError:
-        raise PeerError(f"--tokens must be comma-separated integers, got {text!r}") from None
+def _tokens(a, cfg: Config) -> np.ndarray:
+    """--tokens ids, or --prompt text through the checkpoint's tokenizer.json (as `refimpl trace` reads it)."""
+    if a.prompt is not None:
+        from refimpl.formats.tokenizer import Tokenizer
+        ids = np.array(Tokenizer.from_checkpoint(a.ckpt).encode(a.prompt), dtype=np.int64)
+    else:
+        try:
+            ids = np.array([int(t) for t in a.tokens.split(",")], dtype=np.int64)
+        except ValueError:
+            raise PeerError(f"--tokens must be comma-separated integers, got {a.tokens!r}") from None
+    if ids.size == 0 or ((ids < 0) | (ids >= cfg.vocab_size)).any():
+        raise PeerError(f"token ids must be a non-empty list inside the vocabulary [0, {cfg.vocab_size})")
+    return ids
 
 
 def _load_refimpl(ckpt: Path, cfg: Config, precision: str):
@@ -515,7 +536,7 @@ def cmd_trace(a) -> int:
     torch.set_num_threads(a.threads)
     ckpt = Path(a.ckpt)
     cfg = load_config(ckpt, a.partial_blocks)
-    ids = _tokens(a.tokens)
+    ids = _tokens(a, cfg)
     model = load_transformers(ckpt, cfg)
     t0 = time.perf_counter()
     trace = trace_transformers(model, cfg, ids)
@@ -542,15 +563,20 @@ def cmd_check(a) -> int:
     torch.set_num_threads(a.threads)
     ckpt = Path(a.ckpt)
     cfg = load_config(ckpt, a.partial_blocks)
-    ids = _tokens(a.tokens)
+    ids = _tokens(a, cfg)
     model = load_transformers(ckpt, cfg)
     bad = check_weights(model, ckpt, cfg)
     print(f"weights: {len(expected_parameters(cfg))} transformers parameters checked against the official tensors; "
           + ("all equal" if not bad else f"{len(bad)} differ:"))
-    for hf, name, mx, n in bad:
-        print(f"  {hf} ({name}): max |difference| {mx:.3g} in {n} elements")
+    for hf, name, mx, n, rows in bad:
+        print(f"  {hf} ({name}): max |difference| {mx:.3g} in {n} elements, {rows}")
     peer = trace_transformers(model, cfg, ids)
     ref = run_trace(_load_refimpl(ckpt, cfg, a.precision), ids)
+    if a.save_dir:
+        out = Path(a.save_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        peer.save(out / "transformers.safetensors", peer_metadata(cfg, ids))
+        ref.save(out / f"refimpl-{a.precision}.safetensors")
     rows = compare_traces(peer.tensors, ref.tensors)
     print(format_table(rows, a.markdown))
     first = first_divergent(rows, a.rel_tol)
@@ -560,11 +586,48 @@ def cmd_check(a) -> int:
     return 1 if first or bad else 0
 
 
-def cmd_make_partial(a) -> int:
+def make_partial_checkpoint(out: Path, seed: int = 0) -> list[str]:
+    """Write partial_config()'s checkpoint; the scales of every partial row block one binade up.
+
+    The writer draws every FP8 matrix i.i.d., so the two row blocks of a [192, K] matrix almost
+    always get the same power-of-two scale, and a reader that puts the block boundary at row 96
+    instead of 128 would go unnoticed. Trained checkpoints have different scales per block; here
+    the last (partial) row block's E8M0 bytes are raised by one (its rows doubled, an exact
+    change), so that rows 96-127 decode differently under the two readings.
+    -> the scale tensors changed.
+    """
+    from refimpl.formats.checkpoint import TensorSource
+    from refimpl.formats.weights import expected_tensors
+    from refimpl.numerics import FP8_BLOCK
     from refimpl.synthetic.writer import make_checkpoint
-    cfg = make_checkpoint(partial_config(), a.out, seed=a.seed, progress=False)
-    print(f"wrote {a.out}: tiny with head_dim {cfg.head_dim} (attn.wkv is [{cfg.head_dim}, {cfg.dim}] with "
-          f"a {-(-cfg.head_dim // 128)}-row scale grid); load it with --partial-blocks")
+    cfg = make_checkpoint(partial_config(), out, seed=seed, progress=False)
+    source = TensorSource(out)
+    changed = []
+    for name, spec in expected_tensors(cfg).items():
+        if spec.dtype != "F8_E4M3" or spec.shape[0] % FP8_BLOCK == 0:
+            continue
+        scale = name.removesuffix(".weight") + ".scale"
+        f = source.files[source.file_of(scale).name]
+        info = f.tensors[scale]
+        rows, cols = info.shape
+        with open(f.path, "r+b") as fh:
+            at = f.data_start + info.begin + (rows - 1) * cols      # the last row of the scale grid
+            fh.seek(at)
+            last = np.frombuffer(fh.read(cols), np.uint8)
+            if (last >= 254).any():
+                raise PeerError(f"{scale}: an E8M0 scale at the top of its range cannot be raised")
+            fh.seek(at)
+            fh.write((last + 1).astype(np.uint8).tobytes())
+        changed.append(scale)
+    return changed
+
+
+def cmd_make_partial(a) -> int:
+    changed = make_partial_checkpoint(Path(a.out), a.seed)
+    cfg = partial_config()
+    print(f"wrote {a.out}: tiny with head_dim {cfg.head_dim}; attn.wkv is [{cfg.head_dim}, {cfg.dim}] with a "
+          f"2-row scale grid, its second (partial) block's scales raised one binade in {len(changed)} "
+          "matrices; read it with --partial-blocks")
     return 0
 
 
@@ -574,7 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(q):
         q.add_argument("ckpt", help="checkpoint directory (config.json + safetensors)")
-        q.add_argument("--tokens", required=True, help="comma-separated token ids, e.g. 0,15,27")
+        g = q.add_mutually_exclusive_group(required=True)
+        g.add_argument("--tokens", help="comma-separated token ids, e.g. 0,15,27")
+        g.add_argument("--prompt", help="text, tokenized with the checkpoint's tokenizer.json")
         q.add_argument("--partial-blocks", action="store_true",
                        help="admit FP8 dimensions that are not multiples of 128 (see make-partial)")
         q.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -591,7 +656,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_compare)
     q = sub.add_parser("check", help="weights, transformers' trace and refimpl's, and the table")
     common(q)
-    q.add_argument("--precision", default="float32", choices=("float32", "float64"))
+    q.add_argument("--precision", default="float32", choices=("float32", "float64"),
+                   help="refimpl's precision mode (default float32)")
+    q.add_argument("--save-dir", help="also write both traces there (transformers.safetensors, "
+                   "refimpl-PRECISION.safetensors)")
     q.add_argument("--rel-tol", type=float, default=1e-5)
     q.add_argument("--markdown", action="store_true")
     q.set_defaults(func=cmd_check)
