@@ -432,8 +432,30 @@ def peer_metadata(cfg: Config, ids) -> dict:
 
 # ---------------------------------------------------------------- a small comparison
 
+def data_flow_order(names) -> list[str]:
+    """Site names in the order a forward pass records them (a safetensors file lists them sorted).
+
+    embed, the layers in order (each in SITES order), final.x, logits, then the MTP block: when
+    mtp.* sites are present, the highest layer index is the MTP block (layer n_layers).
+    """
+    from refimpl.oracle.trace import SITES
+    names = list(names)
+    layers = [int(n.split(".")[1]) for n in names if n.startswith("layers.")]
+    mtp_layer = max(layers) if layers and any(n.startswith("mtp.") for n in names) else None
+
+    def key(n):
+        if n.startswith("layers."):
+            i = int(n.split(".")[1])
+            pattern = n.replace(f"layers.{i}.", "layers.{i}.", 1)
+            rank = SITES.index(pattern) if pattern in SITES else len(SITES)
+            return (3, 0, rank) if i == mtp_layer else (1, i, rank)
+        rank = SITES.index(n) if n in SITES else len(SITES)
+        return ((0 if n == "embed" else 4 if n.startswith("mtp.") else 2), 0, rank)
+    return sorted(names, key=key)
+
+
 def compare_traces(a: dict, b: dict, meta_a: dict | None = None, meta_b: dict | None = None) -> list[dict]:
-    """Per site present in both (in b's order): max abs, max rel (max|a-b| / max|b|), cosine.
+    """Per site present in both (in data-flow order): max abs, max rel (max|a-b| / max|b|), cosine.
 
     Integer sites: the fraction of rows whose set of ids differs. -inf entries (indexer scores)
     must sit at the same places; the error is taken over the finite ones.
@@ -443,9 +465,7 @@ def compare_traces(a: dict, b: dict, meta_a: dict | None = None, meta_b: dict | 
             if meta_a.get(key) != meta_b.get(key):
                 raise PeerError(f"the traces differ in {key}: {meta_a.get(key)!r} vs {meta_b.get(key)!r}")
     rows = []
-    for name in b:
-        if name not in a:
-            continue
+    for name in data_flow_order(n for n in b if n in a):
         x, y = np.asarray(a[name]), np.asarray(b[name])
         if x.shape != y.shape:
             rows.append({"site": name, "shape": list(y.shape), "error": f"shape {list(x.shape)} vs {list(y.shape)}"})
@@ -491,7 +511,7 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
         lines.append(cells)
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        out += ["| " + " | ".join(f"`{c[0]}`" if i == 0 else c for i, c in enumerate(cells)) + " |"
+        out += ["| " + " | ".join(f"`{c}`" if i == 0 else c for i, c in enumerate(cells)) + " |"
                 for cells in lines]
         return "\n".join(out)
     w = [max(len(head[k]), *(len(c[k]) for c in lines)) for k in range(len(head))]
@@ -581,7 +601,7 @@ def cmd_check(a) -> int:
     print(format_table(rows, a.markdown))
     first = first_divergent(rows, a.rel_tol)
     print(f"\nfirst site beyond max rel {a.rel_tol:g}: {first['site'] if first else 'none'}")
-    missing = [n for n in ref.tensors if n not in peer.tensors]
+    missing = data_flow_order(n for n in ref.tensors if n not in peer.tensors)
     print(f"sites refimpl traces that transformers does not have: {', '.join(missing) or 'none'}")
     return 1 if first or bad else 0
 

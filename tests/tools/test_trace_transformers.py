@@ -51,17 +51,26 @@ def test_compare_traces_hand_worked():
             "layers.0.ffn.expert_ids": np.array([[2, 1], [3, 4], [5, 7]], np.int32),   # order is free; row 2 differs
             "layers.0.attn.indexer.scores": np.array([[1.0, 0.0], [2.0, 4.0]])}         # -inf moved
     rows = {r["site"]: r for r in tool.compare_traces(peer, ref)}
-    assert list(rows) == ["x", "layers.0.ffn.expert_ids", "layers.0.attn.indexer.scores"]
+    assert list(rows) == ["layers.0.attn.indexer.scores", "layers.0.ffn.expert_ids", "x"]   # data flow; unknown last
     x = rows["x"]
     assert math.isclose(x["max_abs"], 0.4) and math.isclose(x["max_rel"], 0.4 / 4.0)
     cos = (1 + 4 + 9 + 4 * 4.4) / (math.sqrt(30) * math.sqrt(14 + 4.4**2))
     assert math.isclose(x["cosine"], cos)
     assert rows["layers.0.ffn.expert_ids"]["rows_differ"] == 1
     assert "error" in rows["layers.0.attn.indexer.scores"]
-    assert tool.first_divergent(list(rows.values()), 0.5)["site"] == "layers.0.ffn.expert_ids"
+    assert tool.first_divergent(list(rows.values()), 0.5)["site"] == "layers.0.attn.indexer.scores"
+    assert tool.first_divergent(list(rows.values())[1:], 0.5)["site"] == "layers.0.ffn.expert_ids"
     assert tool.first_divergent([x], 0.05)["site"] == "x" and tool.first_divergent([x], 0.2) is None
     with pytest.raises(tool.PeerError, match="tokens"):
         tool.compare_traces(peer, ref, {"config_id": "a", "tokens": [1]}, {"config_id": "a", "tokens": [2]})
+
+
+def test_data_flow_order_is_the_order_a_forward_pass_records():
+    from refimpl.oracle.trace import site_names
+    names = site_names(Config.tiny())                                   # MTP block = layer 6, then mtp.*
+    assert tool.data_flow_order(sorted(names)) == names
+    main = [n for n in names if not n.startswith(("mtp.", "layers.6."))]
+    assert tool.data_flow_order(sorted(main)) == main                    # no MTP: layer 6 is not special
 
 
 def test_row_runs():
