@@ -10,6 +10,7 @@ hold it against a refimpl trace of the same checkpoint and tokens.
     python tools/trace_transformers.py trace CKPT --tokens 0,15,27 --out hf.safetensors
     python tools/trace_transformers.py compare hf.safetensors ref.safetensors
     python tools/trace_transformers.py check CKPT --tokens 0,15,27      # both traces + weights + table
+    python tools/trace_transformers.py decode CKPT --tokens ... --prefill 1,5   # the cache path, logits
     python tools/trace_transformers.py make-partial OUT                  # head_dim 192: partial FP8 blocks
 
 Needs the optional `peers` extra (`pip install '.[peers]'`: torch CPU, transformers, accelerate);
@@ -642,6 +643,43 @@ def make_partial_checkpoint(out: Path, seed: int = 0) -> list[str]:
     return changed
 
 
+def decode_logits(model, ids: np.ndarray, prefill: int) -> np.ndarray:
+    """Logits [s, v] from transformers' cache path: one prefill of `prefill` tokens, then one token per call."""
+    torch, transformers = _torch()
+    if not 1 <= prefill <= len(ids):
+        raise PeerError(f"--prefill {prefill}: must be between 1 and the number of tokens ({len(ids)})")
+    x = torch.from_numpy(np.asarray(ids, dtype=np.int64))[None]
+    with torch.no_grad():
+        out = model(input_ids=x[:, :prefill], cache=transformers.DynamicCache(config=model.config), use_cache=True)
+        logits = [out.logits[0]]
+        for t in range(prefill, x.shape[1]):
+            out = model(input_ids=x[:, t:t + 1], cache=out.cache, use_cache=True)
+            logits.append(out.logits[0])
+    return torch.cat(logits).numpy()
+
+
+def cmd_decode(a) -> int:
+    """transformers' prefill + decode logits against refimpl's one-pass logits, position by position."""
+    torch, _ = _torch()
+    torch.set_num_threads(a.threads)
+    ckpt = Path(a.ckpt)
+    cfg = load_config(ckpt, a.partial_blocks)
+    ids = _tokens(a, cfg)
+    model = load_transformers(ckpt, cfg)
+    ref = _load_refimpl(ckpt, cfg, a.precision).forward(ids).astype(np.float64)     # [s, v]
+    worst, first = 0.0, None
+    for k in a.prefill:
+        got = decode_logits(model, ids, k).astype(np.float64)
+        rel = np.abs(got - ref).max(axis=1) / np.abs(ref).max(axis=1)                 # per position
+        beyond = np.nonzero(rel > a.rel_tol)[0]
+        print(f"prefill {k}, then {len(ids) - k} decode steps: logits max rel {rel.max():.2e} "
+              f"(position {int(rel.argmax())}); first position beyond {a.rel_tol:g}: "
+              f"{int(beyond[0]) if beyond.size else 'none'}")
+        worst = max(worst, float(rel.max()))
+        first = first if first is not None or not beyond.size else int(beyond[0])
+    return 1 if first is not None else 0
+
+
 def cmd_make_partial(a) -> int:
     changed = make_partial_checkpoint(Path(a.out), a.seed)
     cfg = partial_config()
@@ -683,6 +721,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rel-tol", type=float, default=1e-5)
     q.add_argument("--markdown", action="store_true")
     q.set_defaults(func=cmd_check)
+    q = sub.add_parser("decode", help="transformers' cache path (prefill K, then one token per call) "
+                       "against refimpl's one-pass logits")
+    common(q)
+    q.add_argument("--prefill", type=lambda t: [int(v) for v in t.split(",")], default=[1],
+                   help="comma-separated prefill lengths, e.g. 1,5,9 (default 1)")
+    q.add_argument("--precision", default="float32", choices=("float32", "float64"))
+    q.add_argument("--rel-tol", type=float, default=1e-5)
+    q.set_defaults(func=cmd_decode)
     q = sub.add_parser("make-partial", help="write tiny with head_dim 192 (partial FP8 blocks)")
     q.add_argument("out")
     q.add_argument("--seed", type=int, default=0)

@@ -107,6 +107,26 @@ def tiny(tmp_path_factory):
     return out
 
 
+def test_hf_config_reads_the_official_config_as_transformers_does(peers):
+    """On the official Flash config.json, transformers' own reading and hf_config(Config.flash()) agree.
+
+    (The tool builds the config from refimpl's Config because transformers cannot read the files
+    refimpl's writer makes: "swiglu_limit": 10, an int, and ratio 16 in tiny's compress_ratios.)
+    """
+    import json
+    from transformers import DeepseekV4Config
+    raw = json.loads((Path(__file__).resolve().parents[1] / "data" / "official_config.json").read_text())
+    own = DeepseekV4Config(**raw).to_dict()
+    mine = tool.hf_config(Config.flash(), raw["quantization_config"]).to_dict()
+    # not read by the model: file bookkeeping; use_cache: the tool runs without a cache
+    ignored = {"architectures", "dtype", "topk_method", "use_cache", "rope_parameters"}
+    assert {k: v for k, v in own.items() if k not in ignored} == {k: v for k, v in mine.items() if k not in ignored}
+    for kind in ("main", "compress"):                                   # the same values; "type" is a spelling
+        assert ({k: v for k, v in own["rope_parameters"][kind].items() if k != "type"}
+                == mine["rope_parameters"][kind])
+    assert own["rope_parameters"]["compress"]["attention_factor"] == 1.0    # no YaRN mscale (docs/architecture.md §19.2)
+
+
 def trace_both(ckpt, cfg, ids):
     from refimpl.oracle.trace import run_trace
     model = tool.load_transformers(ckpt, cfg)
