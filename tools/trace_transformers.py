@@ -320,7 +320,7 @@ def check_weights(model, ckpt: Path, cfg: Config) -> list[tuple[str, str, float,
 
 # ---------------------------------------------------------------- the trace
 
-def _hc_probe(module, hidden, post_out, comb_out, collapsed):
+def _hc_probe(module, hidden, collapsed):
     """pre of an mHC module, which transformers consumes inside DeepseekV4HyperConnection.forward.
 
     Recomputed with transformers' own expression and the module's own parameters, then checked:
@@ -340,7 +340,7 @@ def _hc_probe(module, hidden, post_out, comb_out, collapsed):
     return pre
 
 
-def _expert_order(router, hidden, logits, weights, indices, hashed: bool):
+def _expert_order(router, logits, weights, indices, hashed: bool):
     """(ids, weights) in refimpl's order: descending biased score, ties by the lower id; hash: as given."""
     torch, _ = _torch()
     if hashed:
@@ -356,8 +356,7 @@ def _expert_order(router, hidden, logits, weights, indices, hashed: bool):
 
 def trace_transformers(model, cfg: Config, ids: np.ndarray) -> Trace:
     """Run one prefill of ids [s] through the transformers model; -> a Trace in refimpl's site names."""
-    torch, transformers = _torch()
-    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as mdl
+    torch, _ = _torch()
     ids = np.asarray(ids, dtype=np.int64)
     s = len(ids)
     tensors: dict[str, np.ndarray] = {}
@@ -366,8 +365,8 @@ def trace_transformers(model, cfg: Config, ids: np.ndarray) -> Trace:
     def put(name, x):
         tensors[name] = np.ascontiguousarray(x.detach().numpy() if hasattr(x, "detach") else x)
 
-    def hook(module, fn):
-        handles.append(module.register_forward_hook(lambda mod, args, out: fn(mod, args, out)))
+    def hook(module, fn):                                              # fn(module, args, output)
+        handles.append(module.register_forward_hook(fn))
 
     inner = model.model
     hook(inner.embed_tokens, lambda m, a, out: put("embed", out[0]))
@@ -376,7 +375,7 @@ def trace_transformers(model, cfg: Config, ids: np.ndarray) -> Trace:
         for sub, mod in (("hc_attn", layer.attn_hc), ("hc_ffn", layer.ffn_hc)):
             def hc(m, a, out, L=L, sub=sub):
                 post, comb, collapsed = out
-                put(f"{L}{sub}.pre", _hc_probe(m, a[0], post, comb, collapsed)[0])
+                put(f"{L}{sub}.pre", _hc_probe(m, a[0], collapsed)[0])
                 put(f"{L}{sub}.post", post[0])
                 put(f"{L}{sub}.comb", comb[0])                         # [s, j, k], as refimpl's
             hook(mod, hc)
@@ -404,7 +403,7 @@ def trace_transformers(model, cfg: Config, ids: np.ndarray) -> Trace:
 
         def route(m, a, out, L=L, hashed=cfg.is_hash_layer(i)):
             logits, weights, indices = out
-            ids_, w = _expert_order(m, a[0], logits, weights, indices, hashed)
+            ids_, w = _expert_order(m, logits, weights, indices, hashed)
             put(f"{L}ffn.expert_ids", ids_.reshape(s, -1).to(torch.int32))
             put(f"{L}ffn.expert_weights", w.reshape(s, -1))
         hook(gate, route)
