@@ -127,6 +127,22 @@ def test_hf_config_reads_the_official_config_as_transformers_does(peers):
     assert own["rope_parameters"]["compress"]["attention_factor"] == 1.0    # no YaRN mscale (docs/architecture.md §19.2)
 
 
+def test_expert_pairs_are_put_in_refimpl_order(peers):
+    """transformers' router top-k is unsorted; the trace holds refimpl's order (descending biased
+    score, ties by the lower id), the weights moving with their ids; hash layers keep tid2eid order."""
+    from types import SimpleNamespace
+    torch = peers
+    router = SimpleNamespace(score_fn=lambda z: z, e_score_correction_bias=torch.tensor([0.0, 0.5, 0.0, 0.0]))
+    logits = torch.tensor([[0.1, 0.2, 0.9, 0.7], [0.3, 0.0, 0.5, 0.5]])   # biased: [.1 .7 .9 .7], [.3 .5 .5 .5]
+    indices = torch.tensor([[3, 1, 2], [3, 2, 1]])
+    weights = torch.tensor([[30.0, 10.0, 20.0], [33.0, 22.0, 11.0]])
+    ids, w = tool._expert_order(router, logits, weights, indices, hashed=False)
+    assert ids.tolist() == [[2, 1, 3], [1, 2, 3]]                       # row 1: a three-way tie
+    assert w.tolist() == [[20.0, 10.0, 30.0], [11.0, 22.0, 33.0]]
+    ids, w = tool._expert_order(router, logits, weights, indices, hashed=True)
+    assert ids.tolist() == indices.tolist() and w.tolist() == weights.tolist()
+
+
 def trace_both(ckpt, cfg, ids):
     from refimpl.oracle.trace import run_trace
     model = tool.load_transformers(ckpt, cfg)
