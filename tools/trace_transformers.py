@@ -127,7 +127,13 @@ def partial_config() -> PartialBlockConfig:
 
 
 def load_config(ckpt: Path, partial: bool) -> Config:
-    return (PartialBlockConfig if partial else Config).from_checkpoint(ckpt)
+    """The checkpoint's Config; partial: with partial FP8 blocks admitted (PartialBlockConfig)."""
+    try:
+        return (PartialBlockConfig if partial else Config).from_checkpoint(ckpt)
+    except ConfigError as e:
+        if "multiples of" in str(e) and not partial:
+            raise ConfigError(f"{e}; --partial-blocks reads such a checkpoint") from None
+        raise
 
 
 # ---------------------------------------------------------------- the transformers model
@@ -466,9 +472,14 @@ def compare_traces(a: dict, b: dict, meta_a: dict | None = None, meta_b: dict | 
     must sit at the same places; the error is taken over the finite ones.
     """
     if meta_a and meta_b:
-        for key in ("config_id", "tokens"):
-            if meta_a.get(key) != meta_b.get(key):
-                raise PeerError(f"the traces differ in {key}: {meta_a.get(key)!r} vs {meta_b.get(key)!r}")
+        if meta_a.get("config_id") != meta_b.get("config_id"):
+            raise PeerError(f"the traces are of different models (config id {meta_a.get('config_id')} vs "
+                            f"{meta_b.get('config_id')})")
+        ta, tb = meta_a.get("tokens") or [], meta_b.get("tokens") or []
+        if ta != tb:
+            at = next((k for k, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
+            raise PeerError(f"the traces are of different token ids ({len(ta)} vs {len(tb)} tokens, "
+                            f"first difference at position {at})")
     rows = []
     for name in data_flow_order(n for n in b if n in a):
         x, y = np.asarray(a[name]), np.asarray(b[name])

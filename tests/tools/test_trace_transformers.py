@@ -61,8 +61,11 @@ def test_compare_traces_hand_worked():
     assert tool.first_divergent(list(rows.values()), 0.5)["site"] == "layers.0.attn.indexer.scores"
     assert tool.first_divergent(list(rows.values())[1:], 0.5)["site"] == "layers.0.ffn.expert_ids"
     assert tool.first_divergent([x], 0.05)["site"] == "x" and tool.first_divergent([x], 0.2) is None
-    with pytest.raises(tool.PeerError, match="tokens"):
-        tool.compare_traces(peer, ref, {"config_id": "a", "tokens": [1]}, {"config_id": "a", "tokens": [2]})
+    with pytest.raises(tool.PeerError, match="first difference at position 1"):
+        tool.compare_traces(peer, ref, {"config_id": "a", "tokens": [1, 2]}, {"config_id": "a", "tokens": [1, 3, 4]})
+    with pytest.raises(tool.PeerError, match="different models"):
+        tool.compare_traces(peer, ref, {"config_id": "a", "tokens": [1]}, {"config_id": "b", "tokens": [1]})
+    assert tool.compare_traces(peer, ref, {"config_id": "a", "tokens": [1]}, {"config_id": "a", "tokens": [1]})
 
 
 def test_data_flow_order_is_the_order_a_forward_pass_records():
@@ -176,8 +179,8 @@ def test_a_partial_fp8_block_is_misread_and_shows_first_at_attn_kv(peers, tmp_pa
     ckpt = tmp_path / "partial"
     changed = tool.make_partial_checkpoint(ckpt)
     assert changed == [f"layers.{i}.attn.wkv.scale" for i in range(6)] + ["mtp.0.attn.wkv.scale"]
-    with pytest.raises(ConfigError):
-        Config.from_checkpoint(ckpt)                                    # refimpl's own reader refuses it
+    with pytest.raises(ConfigError, match="--partial-blocks"):         # refimpl's own reader refuses it
+        tool.load_config(ckpt, partial=False)
     cfg = tool.load_config(ckpt, partial=True)
     bad, peer, ref = trace_both(ckpt, cfg, np.arange(2, 10))
     assert [(hf, n, rows) for hf, _, _, n, rows in bad] == [
