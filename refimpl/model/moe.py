@@ -17,7 +17,7 @@ import numpy as np
 
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix, fp32_linear, quantized_linear
 from refimpl.numerics import bf16, silu, softplus, top_k, work_dtype
-from refimpl.oracle.trace import check_finite, record
+from refimpl.oracle.trace import record
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,14 @@ class MoEWeights:
     shared: ExpertWeights
 
 
-def route(x: np.ndarray, tokens: np.ndarray, w: GateWeights, cfg, prec: str, layer: int | None = None):
-    """Choose experts and their weights. x [T, c], tokens [T] -> (weights [T, a], ids [T, a] int64)."""
+def route(x: np.ndarray, tokens: np.ndarray, w: GateWeights, cfg, prec: str, layer: int | None = None,
+          trace=None, batch: int = 1):
+    """Choose experts and their weights. x [T, c], tokens [T] -> (weights [T, a], ids [T, a] int64).
+
+    In score-routed layers the biased scores the top-k chooses on are the site `ffn.gate_scores`
+    (a comparison reads the margin at the selection boundary from them); hash layers have none.
+    batch: the b of the rows T = b*s, to record the site as [b, s, e].
+    """
     dt = work_dtype(prec)
     z = fp32_linear(x.astype(dt), w.weight, prec)                  # [T, e]  official: x.float() @ W.float()
     scores = np.sqrt(softplus(z))                                  # sqrt(softplus(z)), fp32
@@ -53,8 +59,8 @@ def route(x: np.ndarray, tokens: np.ndarray, w: GateWeights, cfg, prec: str, lay
         ids = np.asarray(w.tid2eid[tokens], dtype=np.int64)        # [T, a]
     else:
         biased = scores + w.bias.astype(dt)                        # [T, e]
-        # the bias reaches no traced site: a NaN/Inf in it would silently change the choice
-        check_finite(f"layers.{layer}.ffn.gate.biased_scores", biased[None])
+        # checked always: a NaN/Inf in the bias would silently change the choice
+        record(trace, f"layers.{layer}.ffn.gate_scores", biased.reshape(batch, -1, biased.shape[-1]))
         ids = top_k(biased, cfg.n_activated_experts)               # bias chooses, never weighs
     weights = np.take_along_axis(scores, ids, axis=-1)             # [T, a]  unbiased scores
     weights = weights / weights.sum(axis=-1, keepdims=True)        # official: weights /= weights.sum()
@@ -82,7 +88,7 @@ def moe(x: np.ndarray, tokens: np.ndarray, w: MoEWeights, cfg, layer: int, prec:
     dt = work_dtype(prec)
     b, s, c = x.shape
     flat = x.reshape(b * s, c)
-    weights, ids = route(flat, tokens.reshape(-1), w.gate, cfg, prec, layer)   # [b*s, a]
+    weights, ids = route(flat, tokens.reshape(-1), w.gate, cfg, prec, layer, trace, b)   # [b*s, a]
     record(trace, f"layers.{layer}.ffn.expert_ids", ids.reshape(b, s, -1).astype(np.int32))
     record(trace, f"layers.{layer}.ffn.expert_weights", weights.reshape(b, s, -1))
     y = np.zeros((b * s, c), dt)                                   # fp32 accumulator
