@@ -627,23 +627,22 @@ def format_report(r: Report) -> str:
              f"  reference",
              f"{r.a['tokens']} tokens, chunks {r.a.get('chunks')}; profile {r.profile}"]
     lines += [f"note: {n}" for n in r.notes]
-    head = f"{'site':34} {'max abs':>9} {'max rel':>9} {'rms rel':>9} {'cos':>10} {'1-ulp':>7} {'real':>7}  {'':6} extra"
+    head = f"{'site':34} {'max abs':>9} {'max rel':>9} {'rms rel':>9} {'1 - cos':>9} {'1-ulp':>7} {'real':>7}  {'':6} extra"
     lines += ["", head, "-" * len(head)]
     for m in r.sites:
         status = "ok" if m["ok"] else "FAIL"
         if m["kind"] == "float":
-            cos = "1" if m["cos"] == 1 else f"{m['cos']:.7f}"
+            cos = _g(1.0 - m["cos"])
             extra = ""
             if "top1" in m:
                 extra = f"top1 {m['top1']:.3f} top5 {m['top5']:.3f} KL {_g(m['kl'])}"
             lines.append(f"{m['site']:34} {_g(m['max_abs']):>9} {_g(m['max_rel']):>9} {_g(m['rms_rel']):>9} "
-                         f"{cos:>10} {m['flips']:>7} {m['real']:>7}  {status:6} {extra}")
-        else:
-            margin = "" if not m["scores"] else f", min margin {_g(m['min_margin'])}"
-            lines.append(f"{m['site']:34} {'sets: ' + str(m['agree']) + '/' + str(m['rows']) + ' agree':>40} "
-                         f"{m['near_ties']:>7} {m['real']:>7}  {status:6} near-ties {m['near_ties']}, "
-                         f"close calls {m['close_calls']}{margin}"
-                         f"{'' if m['scores'] else ', no scores'}")
+                         f"{cos:>9} {m['flips']:>7} {m['real']:>7}  {status:6} {extra}".rstrip())
+        else:                       # integer sites: rows whose sets agree; real = rows that really disagree
+            margin = f", min margin {_g(m['min_margin'])}" if m["scores"] else ", no scores"
+            agree = f"sets agree in {m['agree']}/{m['rows']} rows"
+            lines.append(f"{m['site']:34} {agree:>39} {'':>7} {m['real']:>7}  {status:6} near-ties "
+                         f"{m['near_ties']}, close calls {m['close_calls']}{margin}")
     if r.only_in_a:
         lines.append(f"\nonly in A (not compared): {', '.join(r.only_in_a)}")
     if r.only_in_b:
@@ -663,8 +662,10 @@ def format_report(r: Report) -> str:
                  f", {pw} {f[pw]}: {f['metric']} = {_g(f['value'], 3)} (bound {_g(f['bound'], 3)})")
     if "worst" in f:
         w = f["worst"]
-        lines.append(f"  worst element {tuple(w['index'])}: A = {w['a']!r}, B = {w['b']!r} ({w['ulps']} ulp"
-                     f"{'' if w['ulps'] == 1 else 's'}{', capped' if w['ulps'] == 2 else ''})")
+        m = next(m for m in r.sites if m["site"] == f["site"])
+        apart = {0: "equal", 1: "one unit in the last place", 2: "more than one unit in the last place"}
+        lines.append(f"  worst element {tuple(w['index'])}: A = {w['a']!r}, B = {w['b']!r} "
+                     f"({apart.get(w['ulps'], 'non-finite')} of {m['format']})")
     for row in f.get("rows", []):
         lines.append(f"  row {row['row']}: only in A {row['a_only']}, only in B {row['b_only']}, "
                      f"score spread {_g(row['spread'])}")
@@ -676,35 +677,54 @@ def format_report(r: Report) -> str:
 
 
 def plot_report(r: Report, path) -> None:
-    """A PNG of the worst-position RMS relative error by layer, one line per site kind."""
+    """A PNG of each float site's error (rms rel, worst position) along the data flow: embed, the layers,
+    final.x / logits, the MTP block, mtp.*; one line per site kind. Exact sites (error 0) are not drawn
+    (log scale); the first site out of tolerance is marked."""
     try:
         import matplotlib
     except ImportError:
         raise CompareError("--plot needs matplotlib: pip install 'refimpl[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    layers = sorted({m["layer"] for m in r.sites if m["layer"] is not None})
-    fig, ax = plt.subplots(figsize=(9, 5))
-    kinds = [k for k in dict.fromkeys(m["site_kind"] for m in r.sites if m["layer"] is not None and m["kind"] == "float")]
-    floor = 1e-17
-    for kind in kinds:
-        pts = [(m["layer"], max(m["rms_rel"], floor)) for m in r.sites if m["site_kind"] == kind and m["layer"] is not None]
+    floats = [m for m in r.sites if m["kind"] == "float"]
+    mtp = next((m["layer"] for m in r.sites if m["label"].startswith("MTP layer")), None)
+    main_layers = sorted({m["layer"] for m in floats if m["layer"] is not None and m["layer"] != mtp})
+    last = main_layers[-1] if main_layers else -1
+    top = {"embed": -1, "final.x": last + 1, "logits": last + 1, "mtp.final.x": last + 3, "mtp.logits": last + 3}
+
+    def x_of(m):
+        if m["layer"] is None:
+            return top.get(m["site"], last + 4)
+        return last + 2 if m["layer"] == mtp else m["layer"]
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    kinds = list(dict.fromkeys(m["site_kind"] for m in floats if m["layer"] is not None))
+    colors = plt.get_cmap("tab20")
+    for j, kind in enumerate(kinds):
+        pts = [(x_of(m), m["rms_rel"]) for m in floats if m["site_kind"] == kind and m["layer"] is not None
+               and m["rms_rel"] > 0]
         if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", label=kind)
-    for m in r.sites:
-        if m["layer"] is None and m["kind"] == "float":
-            ax.axhline(max(m["rms_rel"], floor), ls="--", lw=0.8, color="grey")
-            ax.annotate(m["site"], (layers[-1] if layers else 0, max(m["rms_rel"], floor)), fontsize=7)
+            ax.plot(*zip(*pts), marker="os^vD"[j % 5], ms=4, lw=1, color=colors(j % 20), label=kind)
+    shown: dict[int, int] = {}
+    for m in floats:
+        if m["layer"] is None and m["rms_rel"] > 0:
+            k = shown[x_of(m)] = shown.get(x_of(m), -1) + 1              # labels at one x: stacked
+            ax.plot(x_of(m), m["rms_rel"], "k*", ms=8)
+            ax.annotate(m["site"], (x_of(m), m["rms_rel"]), fontsize=7, xytext=(5, 3 + 10 * k),
+                        textcoords="offset points")
+    if r.first is not None:
+        m = next(m for m in r.sites if m["site"] == r.first["site"])
+        y = m.get("rms_rel") or 1.0
+        ax.plot(x_of(m), y if y > 0 else 1.0, "rx", ms=14, mew=2, label=f"first out of tolerance: {m['site']}")
+    ticks = [-1] + main_layers + [last + 1] + ([last + 2, last + 3] if mtp is not None else [])
+    labels = ["embed"] + [str(i) for i in main_layers] + ["final"] + ([f"MTP {mtp}", "mtp"] if mtp is not None else [])
+    ax.set_xticks(ticks, labels)
     ax.set_yscale("log")
-    ax.set_xticks(layers)
-    ax.set_xlabel("layer (the last is the MTP block when present)")
-    ax.set_ylabel("rms rel (worst position)")
-    title = f"{Path(r.a['path']).name} vs {Path(r.b['path']).name} ({r.profile})"
-    if r.first:
-        title += f"\nfirst out of tolerance: {r.first['site']}"
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, ncol=3)
+    ax.set_xlabel("data flow: layer")
+    ax.set_ylabel("rms rel error (worst position)")
+    ax.set_title(f"{Path(r.a['path']).name} vs {Path(r.b['path']).name}, profile {r.profile}"
+                 f" ({'within tolerance' if r.ok else 'OUT OF TOLERANCE'}; exact sites not drawn)", fontsize=9)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, ncol=4, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -76,7 +76,7 @@ def test_one_perturbed_site_fails_naming_site_layer_and_position(traces, tmp_pat
     assert [m["site"] for m in r.sites if not m["ok"]] == ["layers.3.attn.out"]   # only that site
     text = format_report(r)
     assert "FIRST OUT OF TOLERANCE: layers.3.attn.out (layer 3), position 17" in text
-    assert "worst element (17, 5)" in text
+    assert "worst element (17, 5)" in text and "(more than one unit in the last place of float32)" in text
 
 
 def test_identical_mirror_traces_are_exactly_equal(traces):
