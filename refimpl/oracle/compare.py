@@ -113,6 +113,12 @@ def load_trace(path) -> TraceFile:
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
         raise CompareError(f"{path}: the 'refimpl' metadata entry is not JSON ({e})") from None
+    return check_trace(TraceFile(path, meta, tensors))
+
+
+def check_trace(t: TraceFile) -> TraceFile:
+    """t itself, after checking its metadata and tensors against docs/trace-format.md (CompareError)."""
+    path, meta, tensors = t.path, t.meta, t.tensors
     if not isinstance(meta, dict):
         raise CompareError(f"{path}: the 'refimpl' metadata entry must be a JSON object")
     version = meta.get("format_version")
@@ -139,7 +145,7 @@ def load_trace(path) -> TraceFile:
             raise CompareError(f"{path}: site {name!r} has dtype {x.dtype}; sites are float or integer tensors")
         if x.ndim < 1:
             raise CompareError(f"{path}: site {name!r} is a scalar; every site has a position axis first")
-    return TraceFile(path, meta, tensors)
+    return t
 
 
 def _is_int(v) -> bool:
@@ -309,7 +315,7 @@ def _float_site(name, kind, a, b, fmt, profile) -> dict:
     p, width = a.shape[0], int(np.prod(a.shape[1:], dtype=np.int64))
     if a.size == 0:                                       # e.g. no compressed entry completed yet
         return {"kind": "float", "format": fmt, "elements": 0, "max_abs": 0.0, "max_rel": 0.0, "rms_rel": 0.0,
-                "cos": 1.0, "site_cos": 1.0, "first_real_row": None, "differ": 0, "flips": 0, "real": 0, "real_frac": 0.0, "worst": None, "failures": []}
+                "cos": 1.0, "site_cos": 1.0, "first_real_row": None, "first_diff_row": None, "differ": 0, "flips": 0, "real": 0, "real_frac": 0.0, "worst": None, "failures": []}
     a = a.astype(np.float64).reshape(p, width)
     b = b.astype(np.float64).reshape(p, width)
     same_nonfinite = (a == b) & ~np.isfinite(b)           # -inf in both: equal, not counted
@@ -365,6 +371,8 @@ def _float_site(name, kind, a, b, fmt, profile) -> dict:
                                                 -1.0, 1.0)))
     m["site_cos"] = site_cos
     m["first_real_row"] = int(np.argmax(real.any(axis=1))) if real.any() else None
+    changed = (differs | broken).any(axis=1)
+    m["first_diff_row"] = int(np.argmax(changed)) if changed.any() else None
     lim = bound(profile, "float", "min_site_cos", kind)
     if lim is not None and site_cos < lim:
         fails.append({"metric": "min_site_cos", "value": site_cos, "bound": lim,
@@ -464,7 +472,8 @@ def _integer_site(name, kind, a, b, scores, profile) -> dict:
     m = {"kind": "integer", "rows": rows, "agree": agree, "near_ties": near, "real": real, "close_calls": close,
          "set_agreement": _num(overlap_sum / max(rows, 1)), "min_margin": _num(min(margins, default=math.inf)),
          "scores": bool(have), "near_tie_rows": near_rows[:20], "real_rows": real_rows[:20],
-         "first_real_row": real_rows[0]["row"] if real_rows else None}
+         "first_real_row": real_rows[0]["row"] if real_rows else None,
+         "first_diff_row": min([r["row"] for r in real_rows[:1] + near_rows[:1]], default=None)}
     fails = []
     lim = bound(profile, "integer", "max_real_frac", kind)
     if lim is not None and real / max(rows, 1) > lim:
@@ -487,6 +496,7 @@ class Report:
     only_in_b: list[str]
     notes: list[str] = field(default_factory=list)
     first: dict | None = None
+    first_diff: dict | None = None          # the first site with any difference (flips included)
     first_real: dict | None = None          # the first site with a real difference (beyond one ulp)
 
     @property
@@ -504,7 +514,7 @@ class Report:
                 return [clean(v) for v in x]
             return x
         return clean({"ok": self.ok, "profile": self.profile, "a": self.a, "b": self.b, "first": self.first,
-                      "first_real": self.first_real,
+                      "first_diff": self.first_diff, "first_real": self.first_real,
                       "only_in_a": self.only_in_a, "only_in_b": self.only_in_b, "notes": self.notes,
                       "sites": self.sites})
 
@@ -515,8 +525,8 @@ def compare(a, b, profile: str = "auto", *, profiles: dict | None = None) -> Rep
     Raises CompareError for traces that do not record the same run (tokens, config, chunking),
     a site whose shape or kind differs, or an unknown profile.
     """
-    ta = a if isinstance(a, TraceFile) else load_trace(a)
-    tb = b if isinstance(b, TraceFile) else load_trace(b)
+    ta = check_trace(a) if isinstance(a, TraceFile) else load_trace(a)
+    tb = check_trace(b) if isinstance(b, TraceFile) else load_trace(b)
     notes = check_same_run(ta, tb)
     profiles = load_profiles() if profiles is None else profiles
     name = auto_profile(ta.precision, tb.precision, profiles) if profile == "auto" else profile
@@ -558,10 +568,11 @@ def compare(a, b, profile: str = "auto", *, profiles: dict | None = None) -> Rep
                     only_in_a=site_order(set(ta.tensors) - common, mtp),
                     only_in_b=site_order(set(tb.tensors) - common, mtp))
     report.first = _first_failure(sites)
-    real = next((m for m in sites if m["first_real_row"] is not None), None)
-    if real is not None:
-        report.first_real = {"site": real["site"], "layer": real["layer"], "label": real["label"],
-                             position_word(real["site"]): real["first_real_row"]}
+    for attr, key in (("first_diff", "first_diff_row"), ("first_real", "first_real_row")):
+        m = next((m for m in sites if m[key] is not None), None)
+        if m is not None:
+            setattr(report, attr, {"site": m["site"], "layer": m["layer"], "label": m["label"],
+                                   position_word(m["site"]): m[key]})
     return report
 
 
@@ -648,11 +659,13 @@ def format_report(r: Report) -> str:
     if r.only_in_b:
         lines.append(f"{'' if r.only_in_a else chr(10)}only in B (not compared): {', '.join(r.only_in_b)}")
     lines.append("")
-    if r.first_real is not None:
-        f = r.first_real
-        pw = "entry" if "entry" in f else "position"
-        lines.append(f"first real difference (beyond one ulp): {f['site']}" + (f" ({f['label']})" if f["label"] else "")
-                     + f", {pw} {f[pw]}")
+    for f, what in ((r.first_diff, "first difference"), (r.first_real, "first real difference (beyond one ulp)")):
+        if f is not None:
+            pw = "entry" if "entry" in f else "position"
+            lines.append(f"{what}: {f['site']}" + (f" ({f['label']})" if f["label"] else "") + f", {pw} {f[pw]}")
+    q_first = any(f is not None and split_site(f["site"])[1] == "attn.q" for f in (r.first_diff, r.first_real))
+    if q_first and (r.first is None or split_site(r.first["site"])[1] != "attn.q"):
+        lines.append(f"  hint: {Q_NORM_HINT}")
     if r.first is None:
         lines.append(f"within tolerance ({r.profile}): {len(r.sites)} sites compared")
         return "\n".join(lines)

@@ -305,6 +305,14 @@ def test_first_divergence_at_attn_q_points_to_the_q_norm_rsqrt(tmp_path):
     assert r.first["site"] == "layers.0.attn.q"
     assert any("rsqrt" in h and "not correctly rounded" in h for h in r.first["hints"])
     assert "hint: known cause when the first divergent site is attn.q" in format_report(r)
+    # the two values are one bf16 ulp apart (the CPU rsqrt's error): a flip, not a real difference;
+    # within tolerance, the first difference at attn.q gets the same pointer
+    r = compare(a, b, profile="p", profiles={"p": {}})
+    assert r.ok and r.first_real is None and r.first_diff == {"site": "layers.0.attn.q", "layer": 0,
+                                                              "label": "layer 0", "position": 0}
+    text = format_report(r)
+    assert "first difference: layers.0.attn.q (layer 0), position 0" in text
+    assert "hint: known cause when the first divergent site is attn.q" in text
 
 
 # ---------------------------------------------------------------- the contract
@@ -377,6 +385,8 @@ def test_auto_profile_refuses_an_unknown_pair():
         auto_profile("bf16", "float64")
 
 
-def test_compare_accepts_trace_objects(traces):
+def test_compare_accepts_trace_objects_and_checks_them(traces):
     t = load_trace(traces["mirror"])
     assert isinstance(t, TraceFile) and compare(t, traces["mirror2"]).ok
+    with pytest.raises(CompareError, match="precision 'fp8'"):
+        compare(TraceFile("x", {**t.meta, "precision": "fp8"}, t.tensors), traces["mirror2"])
