@@ -46,3 +46,19 @@ def test_the_simulated_engine_differs_from_mirror_only_inside_its_context(tiny_m
     assert all(np.array_equal(before[k], after[k]) for k in before)
     assert not np.array_equal(before["layers.0.hc_attn.pre"], engine["layers.0.hc_attn.pre"])
     assert np.allclose(before["layers.0.hc_attn.pre"], engine["layers.0.hc_attn.pre"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_each_profile_accepts_the_pair_it_was_measured_on(tiny_ckpt):
+    """A fresh measurement run (tiny seed 0, 100 tokens, not one of the measured lengths): every
+    pair of modes is within the profile made for it."""
+    import numpy as np
+    from refimpl.oracle.compare import compare, format_report
+    spec = importlib.util.spec_from_file_location("measure_profiles", TOOL.parent / "measure_profiles.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    toks = [int(t) for t in np.random.default_rng(5).integers(2, 1280, 100)]
+    tr = mod.traces(tiny_ckpt, toks)
+    for profile, (x, y) in mod.PAIRS.items():
+        r = compare(tr[x], tr["mirror-again" if profile == "mirror-vs-mirror" else y], profile)
+        assert r.ok, format_report(r)

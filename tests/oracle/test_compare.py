@@ -66,6 +66,26 @@ def test_float32_vs_float64_passes_its_profile(traces):
     assert "within tolerance (float32-vs-float64)" in format_report(r)
 
 
+def test_mirror_vs_float64_passes_its_statistical_profile(traces):
+    r = compare(traces["mirror"], traces["float64"])
+    assert r.profile == "mirror-vs-float64" and r.ok, format_report(r)
+    assert r.first_real["site"] == "layers.0.hc_attn.pre"        # fp32 mixes: exact vs rounded products
+
+
+def test_the_statistical_profile_catches_a_gross_error(traces, tmp_path):
+    """An "engine" whose layer-1 RoPE rotates the wrong way (the rope half of q negated) leaves
+    bf16-engine-vs-mirror at that site, though the profile tolerates a whole random model's drift."""
+    t = load_trace(traces["mirror2"])
+    q = t.tensors["layers.1.attn.q"].copy()
+    q[..., -TINY.rope_head_dim:] *= -1
+    t.tensors["layers.1.attn.q"] = q
+    engine = TraceFile("engine", {**t.meta, "precision": "bf16"}, t.tensors)
+    r = compare(engine, traces["mirror"])
+    assert r.profile == "bf16-engine-vs-mirror" and r.first["site"] == "layers.1.attn.q"
+    assert r.first["metric"] in ("min_site_cos", "max_beyond_frac") and r.first["position"] == 0
+    assert [m["site"] for m in r.sites if not m["ok"]] == ["layers.1.attn.q"]
+
+
 def test_one_perturbed_site_fails_naming_site_layer_and_position(traces, tmp_path):
     bad = perturbed(traces["float32"], tmp_path / "bad.st", "layers.3.attn.out", (17, 5), 1.01)
     r = compare(bad, traces["float64"])
