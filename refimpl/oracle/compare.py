@@ -310,87 +310,92 @@ def _num(x) -> float:
     return float(x)
 
 
-def _float_site(name, kind, a, b, fmt, profile) -> dict:
-    """Metrics and tolerance checks of one float site; a, b [positions, ...]."""
-    p, width = a.shape[0], int(np.prod(a.shape[1:], dtype=np.int64))
-    if a.size == 0:                                       # e.g. no compressed entry completed yet
-        return {"kind": "float", "format": fmt, "elements": 0, "max_abs": 0.0, "max_rel": 0.0, "rms_rel": 0.0,
-                "cos": 1.0, "site_cos": 1.0, "first_real_row": None, "first_diff_row": None, "differ": 0, "flips": 0, "real": 0, "real_frac": 0.0, "worst": None, "failures": []}
-    a = a.astype(np.float64).reshape(p, width)
-    b = b.astype(np.float64).reshape(p, width)
-    same_nonfinite = (a == b) & ~np.isfinite(b)           # -inf in both: equal, not counted
-    valid = np.isfinite(a) & np.isfinite(b)
-    broken = ~valid & ~same_nonfinite                     # non-finite facing anything else
-    with np.errstate(invalid="ignore"):                  # inf - inf where both are -inf
-        err = np.where(valid, a - b, 0.0)
-    abs_err = np.where(broken, np.inf, np.abs(err))
-    bv = np.where(valid, b, 0.0)
-    n_valid = valid.sum(axis=1)
-    scale_max = float(np.abs(bv).max()) if valid.any() else 0.0
-    scale_rms = math.sqrt(float((bv ** 2).sum()) / max(int(n_valid.sum()), 1))
+def _rel(x, scale: float):
+    """x / scale, with 0/0 = 0 and x/0 = inf."""
+    return np.where(x == 0, 0.0, x / scale) if scale > 0 else np.where(x == 0, 0.0, np.inf)
 
-    def rel(x, scale):
-        return np.where(x == 0, 0.0, x / scale) if scale > 0 else np.where(x == 0, 0.0, np.inf)
-    row_max_rel = rel(abs_err.max(axis=1), scale_max)
-    row_rms = np.sqrt((err ** 2).sum(axis=1) / np.maximum(n_valid, 1))
-    row_rms_rel = np.where(broken.any(axis=1), np.inf, rel(row_rms, scale_rms))
-    av = np.where(valid, a, 0.0)
+
+def _cosines(av, bv, identical):
+    """Row cosines of av, bv [positions, width]: 1 for identical rows, 0 where one row is zero."""
     dot, na, nb = (av * bv).sum(1), np.sqrt((av ** 2).sum(1)), np.sqrt((bv ** 2).sum(1))
     with np.errstate(invalid="ignore", divide="ignore"):
-        row_cos = np.where((na > 0) & (nb > 0), np.clip(dot / (na * nb), -1.0, 1.0), 0.0)
-    row_cos = np.where(abs_err.max(axis=1) == 0, 1.0, row_cos)     # identical rows: exactly 1
-    row_cos = np.where(broken.any(axis=1), -1.0, row_cos)
+        cos = np.where((na > 0) & (nb > 0), np.clip(dot / (na * nb), -1.0, 1.0), 0.0)
+    return np.where(identical, 1.0, cos)
 
-    ulps = np.where(valid, ulp_distance(np.where(valid, a, 0), np.where(valid, b, 0), fmt), 0)
-    differs = valid & (a != b)
-    flips = differs & (ulps <= 1)
+
+def _first_row(bad_rows, worst_rows) -> int:
+    """The first row that breaks a bound on its own, else the worst row."""
+    return int(np.argmax(bad_rows)) if bad_rows.any() else int(np.argmax(worst_rows))
+
+
+def _float_site(kind, a, b, fmt, profile) -> dict:
+    """Metrics and tolerance checks of one float site; a, b [positions, ...] -> the site's report entry."""
+    p, width = a.shape[0], int(np.prod(a.shape[1:], dtype=np.int64))
+    m = {"kind": "float", "format": fmt, "elements": 0, "max_abs": 0.0, "max_rel": 0.0, "rms_rel": 0.0, "cos": 1.0,
+         "site_cos": 1.0, "differ": 0, "flips": 0, "real": 0, "real_frac": 0.0, "first_diff_row": None,
+         "first_real_row": None, "worst": None, "failures": []}
+    if a.size == 0:                                       # e.g. no compressed entry completed yet
+        return m
+    a = a.astype(np.float64).reshape(p, width)
+    b = b.astype(np.float64).reshape(p, width)
+
+    # elements: equal, a rounding-boundary flip, or a real difference
+    valid = np.isfinite(a) & np.isfinite(b)
+    broken = ~valid & ~((a == b) & ~np.isfinite(b))       # non-finite facing anything but the same -inf
+    av, bv = np.where(valid, a, 0.0), np.where(valid, b, 0.0)
+    err = av - bv
+    abs_err = np.where(broken, np.inf, np.abs(err))
+    ulps = np.where(valid, ulp_distance(av, bv, fmt), 0)
+    differs = (valid & (a != b)) | broken
     real = (differs & (ulps > 1)) | broken
     n = int((valid | broken).sum())
-    worst_flat = int(np.argmax(abs_err))
-    wr, wc = divmod(worst_flat, abs_err.shape[1])
-    m = {"kind": "float", "format": fmt, "elements": n,
-         "max_abs": _num(abs_err.max()), "max_rel": _num(row_max_rel.max()), "rms_rel": _num(row_rms_rel.max()),
-         "cos": _num(row_cos.min()), "differ": int(differs.sum() + broken.sum()),
-         "flips": int(flips.sum()), "real": int(real.sum()), "real_frac": _num(real.sum() / max(n, 1))}
-    m["worst"] = {"row": wr, "col": wc, "a": _num(a[wr, wc]), "b": _num(b[wr, wc]),
-                  "ulps": "non-finite" if broken[wr, wc] else int(ulps[wr, wc])}
-    # tolerance, position by position
+
+    # per position (row), against the site's scale: max |b| and rms(b)
+    scale_max = float(np.abs(bv).max())
+    scale_rms = math.sqrt(float((bv ** 2).sum()) / max(int(valid.sum()), 1))
+    row_max_rel = _rel(abs_err.max(axis=1), scale_max)
+    row_rms_rel = np.where(broken.any(axis=1), np.inf,
+                           _rel(np.sqrt((err ** 2).sum(axis=1) / np.maximum(valid.sum(axis=1), 1)), scale_rms))
+    row_cos = np.where(broken.any(axis=1), -1.0, _cosines(av, bv, ~differs.any(axis=1)))
+    site_cos = -1.0 if broken.any() else float(_cosines(av.reshape(1, -1), bv.reshape(1, -1),
+                                                        np.array([not differs.any()]))[0])
+    wr, wc = divmod(int(np.argmax(abs_err)), width)
+    m.update(elements=n, max_abs=_num(abs_err.max()), max_rel=_num(row_max_rel.max()),
+             rms_rel=_num(row_rms_rel.max()), cos=_num(row_cos.min()), site_cos=site_cos,
+             differ=int(differs.sum()), flips=int((differs & ~real).sum()), real=int(real.sum()),
+             real_frac=_num(real.sum() / max(n, 1)),
+             first_diff_row=int(np.argmax(differs.any(axis=1))) if differs.any() else None,
+             first_real_row=int(np.argmax(real.any(axis=1))) if real.any() else None,
+             worst={"row": wr, "col": wc, "a": _num(a[wr, wc]), "b": _num(b[wr, wc]),
+                    "ulps": "non-finite" if broken[wr, wc] else int(ulps[wr, wc])})
+
     fails = []
+    # tight bounds, position by position: the first row over the bound
     for key, rows, worse in (("max_rel", row_max_rel, np.greater), ("rms_rel", row_rms_rel, np.greater),
                              ("min_cos", row_cos, np.less)):
         lim = bound(profile, "float", key, kind)
         if lim is not None and worse(rows, lim).any():
             t = int(np.argmax(worse(rows, lim)))
             fails.append({"metric": key, "value": _num(rows[t]), "bound": lim, "row": t})
-    # site-level (statistical) checks; the position named is the first row that breaks the bound
-    # on its own, else the worst row
-    def first_row(bad_rows, worst_rows):
-        return int(np.argmax(bad_rows)) if bad_rows.any() else int(np.argmax(worst_rows))
-    site_cos = 1.0 if not differs.any() and not broken.any() else (
-        -1.0 if broken.any() else float(np.clip((av * bv).sum() / (np.sqrt((av ** 2).sum() * (bv ** 2).sum()) or 1.0),
-                                                -1.0, 1.0)))
-    m["site_cos"] = site_cos
-    m["first_real_row"] = int(np.argmax(real.any(axis=1))) if real.any() else None
-    changed = (differs | broken).any(axis=1)
-    m["first_diff_row"] = int(np.argmax(changed)) if changed.any() else None
+    # statistical bounds on the whole site
     lim = bound(profile, "float", "min_site_cos", kind)
     if lim is not None and site_cos < lim:
         fails.append({"metric": "min_site_cos", "value": site_cos, "bound": lim,
-                      "row": first_row(row_cos < lim, -row_cos)})
+                      "row": _first_row(row_cos < lim, -row_cos)})
     beyond_rel = bound(profile, "float", "beyond_rel", kind)
     if beyond_rel is not None:                # elements whose error exceeds beyond_rel x the site's rms
         beyond = abs_err > beyond_rel * scale_rms
-        row_frac = beyond.sum(axis=1) / max(width, 1)
+        row_frac = beyond.sum(axis=1) / width
         m.update(beyond_rel=beyond_rel, beyond_frac=_num(beyond.sum() / max(n, 1)))
         lim = bound(profile, "float", "max_beyond_frac", kind)
         if lim is not None and m["beyond_frac"] > lim:
             fails.append({"metric": "max_beyond_frac", "value": m["beyond_frac"], "bound": lim,
-                          "row": first_row(row_frac > lim, row_frac)})
+                          "row": _first_row(row_frac > lim, row_frac)})
     lim = bound(profile, "float", "max_real_frac", kind)
     if lim is not None and m["real_frac"] > lim:
-        row_real = real.sum(axis=1)
+        row_real = real.sum(axis=1) / width
         fails.append({"metric": "max_real_frac", "value": m["real_frac"], "bound": lim,
-                      "row": first_row(row_real / max(width, 1) > lim, row_real)})
+                      "row": _first_row(row_real > lim, row_real)})
     if kind in LOGIT_SITES:
         _logit_metrics(a, b, valid, kind, profile, m, fails)
     m["failures"] = sorted(fails, key=lambda f: f["row"])
@@ -560,7 +565,7 @@ def compare(a, b, profile: str = "auto", *, profiles: dict | None = None) -> Rep
             ids = f"layers.{layer}.ffn.expert_ids"
             if kind == "ffn.expert_weights" and ids in ta.tensors and ids in tb.tensors:
                 x, y = _by_expert_id(x, ta.tensors[ids]), _by_expert_id(y, tb.tensors[ids])   # column order free
-            m = _float_site(site, kind, x, y, fmt, prof)
+            m = _float_site(kind, x, y, fmt, prof)
         m.update(site=site, layer=layer, label=site_label(site, mtp), site_kind=kind, shape=list(x.shape),
                  ok=not m["failures"])
         sites.append(m)
