@@ -228,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("a", help="trace A (the implementation under test)")
     q.add_argument("b", help="trace B (the reference; relative errors divide by its values)")
     q.add_argument("--profile", default="auto",
-                   help="tolerance profile (default auto: chosen from the two traces' precisions)")
+                   help="tolerance profile: auto (default; chosen from the two traces' precisions), "
+                        "float32-vs-float64, mirror-vs-mirror, mirror-vs-float64, bf16-engine-vs-mirror, "
+                        "or another name in refimpl/oracle/profiles.toml")
     q.add_argument("--json", action="store_true", help="print the report as JSON")
     q.add_argument("--plot", metavar="PNG", default=None, help="write a plot of the error by layer and site kind")
     q.set_defaults(func=cmd_compare)

@@ -429,6 +429,7 @@ def _logit_metrics(a, b, valid, kind, profile, m, fails) -> None:
 
 
 def _row_scale(s: np.ndarray) -> float:
+    """The largest |finite score| of a row (1 when there is none): near-tie spreads and margins are relative to it."""
     f = s[np.isfinite(s)]
     top = float(np.abs(f).max()) if f.size else 0.0
     return top if top > 0 else 1.0
@@ -440,6 +441,7 @@ def _integer_site(name, kind, a, b, scores, profile) -> dict:
     near_rel = 0.0 if near_rel is None else near_rel
     have = [s for s in scores if s is not None]
     rows = a.shape[0]
+    a, b = a.reshape(rows, -1), b.reshape(rows, -1)                  # a row per position
     agree = near = real = close = 0
     overlap_sum, margins, near_rows, real_rows = 0.0, [], [], []
     for t in range(rows):
