@@ -1,4 +1,4 @@
-"""Tests of tools/: the mutation check of mirror's rounding steps."""
+"""Tests of tools/: the mutation check of mirror's rounding steps; the simulated engine of measure_profiles."""
 import importlib.util
 from pathlib import Path
 
@@ -28,3 +28,37 @@ def test_mutation_list_matches_the_code():
 def test_every_rounding_mutation_is_caught():
     """About 3 minutes: each rounding step removed in turn makes the suite fail."""
     assert load_tool().main([]) == 0
+
+
+def test_the_simulated_engine_differs_from_mirror_only_inside_its_context(tiny_model):
+    """measure_profiles.simulated_engine: fp32 BLAS products in mirror change last bits (so the
+    bf16-engine-vs-mirror numbers measure something), and leave mirror as it was afterwards."""
+    import numpy as np
+    from refimpl.oracle.trace import run_trace
+    spec = importlib.util.spec_from_file_location("measure_profiles", TOOL.parent / "measure_profiles.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model, toks = tiny_model("mirror"), [3, 17, 250, 9, 1000, 44, 5, 61]
+    before = run_trace(model, toks, patterns=("logits", "layers.0.hc_attn.pre")).tensors
+    with mod.simulated_engine():
+        engine = run_trace(model, toks, patterns=("logits", "layers.0.hc_attn.pre")).tensors
+    after = run_trace(model, toks, patterns=("logits", "layers.0.hc_attn.pre")).tensors
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert not np.array_equal(before["layers.0.hc_attn.pre"], engine["layers.0.hc_attn.pre"])
+    assert np.allclose(before["layers.0.hc_attn.pre"], engine["layers.0.hc_attn.pre"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_each_profile_accepts_the_pair_it_was_measured_on(tiny_ckpt):
+    """A fresh measurement run (tiny seed 0, 100 tokens, not one of the measured lengths): every
+    pair of modes is within the profile made for it."""
+    import numpy as np
+    from refimpl.oracle.compare import compare, format_report
+    spec = importlib.util.spec_from_file_location("measure_profiles", TOOL.parent / "measure_profiles.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    toks = [int(t) for t in np.random.default_rng(5).integers(2, 1280, 100)]
+    tr = mod.traces(tiny_ckpt, toks)
+    for profile, (x, y) in mod.PAIRS.items():
+        r = compare(tr[x], tr["mirror-again" if profile == "mirror-vs-mirror" else y], profile)
+        assert r.ok, format_report(r)

@@ -135,6 +135,35 @@ def cmd_generate(a) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- comparing traces
+
+def cmd_compare(a) -> int:
+    """Exit 0 within tolerance, 1 out of tolerance or traces that cannot be compared, 2 usage."""
+    from refimpl.oracle.compare import CompareError, compare, format_report, load_profiles, plot_report
+    if a.profile != "auto" and a.profile not in load_profiles():
+        print(f"error: unknown profile {a.profile!r}; profiles: auto, {', '.join(load_profiles())}", file=sys.stderr)
+        return 2
+    if a.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("error: --plot needs matplotlib: pip install 'refimpl[plot]'", file=sys.stderr)
+            return 1
+    try:
+        report = compare(a.a, a.b, profile=a.profile)
+    except CompareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if a.json:
+        print(json.dumps(report.to_json(), indent=1))
+    else:
+        print(format_report(report))
+    if a.plot:
+        plot_report(report, a.plot)
+        print(f"wrote {a.plot}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
 # ---------------------------------------------------------------- chat encoding
 
 def cmd_encode(a) -> int:
@@ -205,6 +234,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--replay-weights", action="store_true", help="with --replay: force the expert weights too")
     q.add_argument("--out", required=True)
     q.set_defaults(func=cmd_trace)
+
+    q = sub.add_parser("compare", help="compare two traces site by site; name the first site out of tolerance",
+                       description="Compare trace A (candidate) with trace B (reference) in data-flow order. "
+                                   "Exit 0 within the profile's tolerance, 1 out of tolerance or traces that "
+                                   "cannot be compared (different tokens, config or chunking; a shape mismatch), "
+                                   "2 usage. Profiles: refimpl/oracle/profiles.toml (README: Comparing traces).")
+    q.add_argument("a", help="trace A (the implementation under test)")
+    q.add_argument("b", help="trace B (the reference; relative errors divide by its values)")
+    q.add_argument("--profile", default="auto",
+                   help="tolerance profile: auto (default; chosen from the two traces' precisions), "
+                        "float32-vs-float64, mirror-vs-mirror, mirror-vs-float64, bf16-engine-vs-mirror, "
+                        "or another name in refimpl/oracle/profiles.toml")
+    q.add_argument("--json", action="store_true", help="print the report as JSON")
+    q.add_argument("--plot", metavar="PNG", default=None, help="write a plot of the error by layer and site kind")
+    q.set_defaults(func=cmd_compare)
 
     q = sub.add_parser("generate", help="generate text (tokens are streamed as they are produced)")
     model_opts(q)

@@ -18,7 +18,7 @@ import numpy as np
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix, fp32_linear, quantized_linear
 from refimpl.numerics import bf16, silu, softplus, top_k, work_dtype
 from refimpl.oracle.replay import replay_of
-from refimpl.oracle.trace import check_finite, record
+from refimpl.oracle.trace import record
 
 
 @dataclass(frozen=True)
@@ -46,24 +46,27 @@ class MoEWeights:
 
 
 def route(x: np.ndarray, tokens: np.ndarray, w: GateWeights, cfg, prec: str, layer: int | None = None,
-          forced: np.ndarray | None = None):
+          trace=None, batch: int = 1, forced: np.ndarray | None = None):
     """Choose experts and their weights. x [T, c], tokens [T] -> (weights [T, a], ids [T, a] int64).
 
+    In score-routed layers the biased scores the top-k chooses on are the site `ffn.gate_scores`
+    (a comparison reads the margin at the selection boundary from them); hash layers have none.
+    batch: the b of the rows T = b*s, to record the site as [b, s, e].
     forced [T, a]: use these expert ids instead of choosing (replay); the weights are still the
-    model's own scores at those ids, normalised.
+    model's own scores at those ids, normalised, and gate_scores is still recorded.
     """
     dt = work_dtype(prec)
     z = fp32_linear(x.astype(dt), w.weight, prec)                  # [T, e]  official: x.float() @ W.float()
     scores = np.sqrt(softplus(z))                                  # sqrt(softplus(z)), fp32
-    if forced is not None:                                         # replay: the choice comes from elsewhere
-        ids = np.asarray(forced, dtype=np.int64)
-    elif w.tid2eid is not None:                                    # hash layer: ids from the token id only
+    if w.tid2eid is not None:                                      # hash layer: ids from the token id only
         ids = np.asarray(w.tid2eid[tokens], dtype=np.int64)        # [T, a]
     else:
         biased = scores + w.bias.astype(dt)                        # [T, e]
-        # the bias reaches no traced site: a NaN/Inf in it would silently change the choice
-        check_finite(f"layers.{layer}.ffn.gate.biased_scores", biased[None])
+        # checked always: a NaN/Inf in the bias would silently change the choice
+        record(trace, f"layers.{layer}.ffn.gate_scores", biased.reshape(batch, -1, biased.shape[-1]))
         ids = top_k(biased, cfg.n_activated_experts)               # bias chooses, never weighs
+    if forced is not None:                                         # replay: the choice comes from elsewhere
+        ids = np.asarray(forced, dtype=np.int64)
     weights = np.take_along_axis(scores, ids, axis=-1)             # [T, a]  unbiased scores
     weights = weights / weights.sum(axis=-1, keepdims=True)        # official: weights /= weights.sum()
     return weights * dt(cfg.route_scale), ids
@@ -94,7 +97,8 @@ def moe(x: np.ndarray, tokens: np.ndarray, w: MoEWeights, cfg, layer: int, prec:
     forced = None if replay is None else replay.route(layer, start_pos, s)   # (ids, weights) or None
     if forced and b != 1:
         raise ValueError("replay forces the choices of one sequence; run a batch of 1")
-    weights, ids = route(flat, tokens.reshape(-1), w.gate, cfg, prec, layer, forced[0] if forced else None)
+    weights, ids = route(flat, tokens.reshape(-1), w.gate, cfg, prec, layer, trace, b,
+                         forced=forced[0] if forced else None)   # [b*s, a]
     if forced and forced[1] is not None:                           # replay the weights too
         weights = forced[1].astype(dt)
     record(trace, f"layers.{layer}.ffn.expert_ids", ids.reshape(b, s, -1).astype(np.int32))

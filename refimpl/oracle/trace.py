@@ -16,6 +16,9 @@ import numpy as np
 
 from refimpl._version import __version__
 
+# The version of the trace file format (docs/trace-format.md); `refimpl compare` refuses other versions.
+TRACE_FORMAT_VERSION = 1
+
 # The stable sites, in data-flow order ({i} = layer index; the MTP block is layer n_layers).
 SITES = (
     "embed",                                   # [s, c]
@@ -27,6 +30,7 @@ SITES = (
     "layers.{i}.attn.indexer.topk",            # [s, k] int32, -1 padding
     "layers.{i}.attn.out",                     # [s, c] after wo_b
     "layers.{i}.hc_ffn.pre", "layers.{i}.hc_ffn.post", "layers.{i}.hc_ffn.comb",
+    "layers.{i}.ffn.gate_scores",              # [s, e] biased router scores (score-routed layers only)
     "layers.{i}.ffn.expert_ids",               # [s, a] int32
     "layers.{i}.ffn.expert_weights",           # [s, a]
     "layers.{i}.ffn.out",                      # [s, c]
@@ -116,7 +120,8 @@ def site_names(cfg) -> list[str]:
     def layer_sites(layer):
         return [site.format(i=layer) for site in SITES if "{i}" in site
                 and (".compressed_kv" not in site or cfg.uses_compressor(layer))
-                and (".indexer." not in site or cfg.uses_indexer(layer))]
+                and (".indexer." not in site or cfg.uses_indexer(layer))
+                and (".gate_scores" not in site or not cfg.is_hash_layer(layer))]
     names = ["embed"] + [n for i in range(cfg.n_layers) for n in layer_sites(i)] + ["final.x", "logits"]
     if cfg.n_mtp_layers:
         names += layer_sites(cfg.mtp_layer) + ["mtp.final.x", "mtp.logits"]
@@ -130,11 +135,13 @@ def trace_metadata(model, tokens, chunks, decode_from: int | None = None, replay
 
     chunks: the tokens of each call in order; decode_from: K when the first call was a K-token
     prefill and every later one a one-token decode step (else None); replay: what was forced.
+    docs/trace-format.md is the contract (every key, and which ones another implementation must write).
     """
     tokens = [int(t) for t in tokens]
-    meta = {"refimpl": __version__, "config_id": model.config_id, "precision": model.precision,
-            "revision": model.revision, "tokens": tokens, "chunks": list(chunks) if chunks else [len(tokens)],
-            "decode_from": decode_from}
+    meta = {"format_version": TRACE_FORMAT_VERSION, "implementation": f"refimpl {__version__}",
+            "refimpl": __version__, "config_id": model.config_id, "n_layers": model.cfg.n_layers,
+            "precision": model.precision, "revision": model.revision, "tokens": tokens,
+            "chunks": list(chunks) if chunks else [len(tokens)], "decode_from": decode_from}
     if replay is not None:
         meta["replay"] = {"source": replay.source, "expert_ids": sorted(replay.expert_ids),
                           "expert_weights": sorted(replay.expert_weights), "topk": sorted(replay.topk)}

@@ -255,7 +255,7 @@ def test_moe_trace_ids_and_weights(tiny_model):
     """
     model = tiny_model("float64")
     toks = np.random.default_rng(9).integers(0, TINY.vocab_size, 30)
-    t = Trace(("layers.*.ffn.expert_*",))
+    t = Trace(("layers.*.ffn.expert_*", "layers.*.ffn.gate_scores"))
     model.forward(toks, trace=t)
     for layer in range(TINY.n_layers):
         ids = t.tensors[f"layers.{layer}.ffn.expert_ids"]
@@ -264,16 +264,22 @@ def test_moe_trace_ids_and_weights(tiny_model):
         gate = model.weights.layers[layer].ffn.gate
         if layer < TINY.n_hash_layers:
             assert gate.bias is None and np.array_equal(ids, np.asarray(gate.tid2eid)[toks])
+            assert f"layers.{layer}.ffn.gate_scores" not in t.tensors       # no selection, no scores
         else:
             assert gate.tid2eid is None and gate.bias is not None
+            sc = t.tensors[f"layers.{layer}.ffn.gate_scores"]                # the biased scores top-a ran on
+            assert sc.shape == (30, TINY.n_routed_experts)
+            chosen = np.zeros(sc.shape, bool)
+            np.put_along_axis(chosen, ids.astype(np.int64), True, axis=-1)
+            assert np.all(np.where(chosen, sc, np.inf).min(-1) >= np.where(chosen, -np.inf, sc).max(-1))
 
 
 def test_nonfinite_router_bias_is_named_not_silently_chosen():
-    """The bias only chooses (it reaches no traced site): an Inf in it would pick expert 3 for every token."""
+    """The bias only chooses: an Inf in it would pick expert 3 for every token (checked, as site gate_scores)."""
     from refimpl.oracle.trace import NonFiniteError
     E = TINY.n_routed_experts
     bias = np.zeros(E, np.float32)
     bias[3] = np.inf
     x = np.random.default_rng(0).standard_normal((2, E))
-    with pytest.raises(NonFiniteError, match=r"site 'layers\.4\.ffn\.gate\.biased_scores' \(layer 4\)"):
+    with pytest.raises(NonFiniteError, match=r"site 'layers\.4\.ffn\.gate_scores' \(layer 4\)"):
         route(x, np.array([0, 1]), GateWeights(np.eye(E), bias, None), TINY, "float64", 4)

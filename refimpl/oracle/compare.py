@@ -1,0 +1,759 @@
+"""Comparing two traces: per-site errors, the first site that leaves tolerance, and why.
+
+    report = compare("mine.safetensors", "ref.safetensors", profile="auto")
+    print(format_report(report)); report.ok
+
+Trace A is the candidate, trace B the reference (relative errors divide by B's magnitudes). Sites
+are compared in data-flow order (`trace.SITES`, layers expanded, the MTP block last), and the
+report names the FIRST site that leaves the profile's tolerance, its layer, the first position
+(token index) where it does and its worst element: with random tiny weights a single last-bit
+flip grows to percent-level differences within a few layers, so the first divergence, not the
+end-to-end logits, says where an implementation differs.
+
+Metrics of a float site (shape [positions, ...]; the rest of each row flattened):
+
+    max_abs   max |a - b|
+    max_rel   max |a - b| / max |b|                  (relative to the site's largest magnitude)
+    rms_rel   max over positions t of rms(a_t - b_t) / rms(b)   (the worst position, site scale)
+    cos       min over positions t of cos(a_t, b_t)  (1 for two identical rows)
+    site_cos  cos(a, b) of the whole site, flattened
+    beyond    fraction of elements with |a - b| > beyond_rel x rms(b)   (when the profile sets beyond_rel)
+    flips     elements that differ by one unit in the last place of the storage format
+    real      elements that differ by more
+
+Tight profiles bound max_rel, rms_rel and cos position by position, so the first failing position
+is the first row over a bound; statistical profiles bound site_cos, the beyond fraction or the
+fraction of real differences, and name the first row that breaks the bound on its own (else the
+worst row). The report also names the first site with a real difference, in or out of tolerance.
+
+Element classes: both values are rounded to the site's storage format (`storage_format`: bf16
+for the activations of `mirror` and `bf16` traces, fp32 for their fp32 sites and for `float32`
+traces, float64 for `float64`; the coarser of the two traces') and their distance counted in
+units in the last place: 0 or 1 is a rounding-boundary flip (for two traces stored in the same
+format: exactly one ulp apart), more is a real difference. Entries that are -inf in both traces
+(indexer scores of invisible entries) are equal; a non-finite value facing anything else is a
+real difference of infinite size.
+
+Logits (`logits`, `mtp.logits`) also get top-1 agreement (fraction of positions), top-5 overlap
+(mean of |top5(a) ∩ top5(b)| / 5) and the largest per-position KL(softmax(b) || softmax(a)).
+
+Integer sites (`ffn.expert_ids`, `attn.indexer.topk`) are compared per row as sets (order does
+not matter, -1 padding is ignored). A row whose sets differ is a NEAR-TIE when the scores of the
+disputed entries (the symmetric difference) lie within `near_tie_rel` of each other, relative
+to the row's largest |score|, in every trace that holds the scores (`ffn.gate_scores`,
+`attn.indexer.scores`); otherwise (or without scores: hash layers) a REAL disagreement. The
+boundary margin of a row is (k-th best - (k+1)-th best score) / the row's largest |score|.
+
+Tolerance profiles live in `profiles.toml` next to this module, each bound with the measurement
+behind it (`tools/measure_profiles.py` remakes the measurements).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from refimpl.oracle.trace import SITES, TRACE_FORMAT_VERSION
+
+PROFILES_PATH = Path(__file__).with_name("profiles.toml")
+PRECISIONS = ("float64", "float32", "mirror", "bf16")   # the precisions a trace may declare
+LOGIT_SITES = ("logits", "mtp.logits")
+SCORES_OF = {"attn.indexer.topk": "attn.indexer.scores", "ffn.expert_ids": "ffn.gate_scores"}
+# sites that hold fp32 values in the official code (and so in `mirror`); every other float site
+# of a mirror / bf16 trace holds bf16 values (docs/architecture.md §3, the precision map)
+FP32_KINDS = frozenset({"hc_attn.pre", "hc_attn.post", "hc_attn.comb", "hc_ffn.pre", "hc_ffn.post",
+                        "hc_ffn.comb", "ffn.gate_scores", "ffn.expert_weights", "logits", "mtp.logits"})
+Q_NORM_HINT = (
+    "known cause when the first divergent site is attn.q: the weightless per-head q norm runs in "
+    "bf16, and PyTorch's CPU bf16 rsqrt is not correctly rounded (rsqrt(1.59375) gives 0.7890625, "
+    "the nearest bf16 is 0.79296875: 0.5% per element, about 1.5% relative in layer-0 attention); "
+    "refimpl's mirror rounds rsqrt correctly. The official code run on a CPU differs here, and its "
+    "result depends on the tensor size; run the norm in fp32 and round once to compare arithmetic.")
+
+
+class CompareError(ValueError):
+    """Two traces that cannot be compared (unreadable, not the same run, a bad profile), with the reason."""
+
+
+# ---------------------------------------------------------------- reading traces
+
+@dataclass
+class TraceFile:
+    """A trace read from disk: its metadata (the JSON under key "refimpl") and its site tensors."""
+    path: str
+    meta: dict
+    tensors: dict[str, np.ndarray]
+
+    @property
+    def precision(self) -> str:
+        return self.meta["precision"]
+
+
+def load_trace(path) -> TraceFile:
+    """Read and check a trace file against docs/trace-format.md; CompareError names what is wrong."""
+    from safetensors import SafetensorError, safe_open
+    path = str(path)
+    if not Path(path).is_file():
+        raise CompareError(f"{path}: no such file")
+    try:
+        with safe_open(path, "np") as f:
+            raw = (f.metadata() or {}).get("refimpl")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise CompareError(f"{path}: not a readable safetensors file ({e})") from None
+    if raw is None:
+        raise CompareError(f"{path}: no 'refimpl' metadata entry, so not a trace (docs/trace-format.md)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CompareError(f"{path}: the 'refimpl' metadata entry is not JSON ({e})") from None
+    return check_trace(TraceFile(path, meta, tensors))
+
+
+def check_trace(t: TraceFile) -> TraceFile:
+    """t itself, after checking its metadata and tensors against docs/trace-format.md (CompareError)."""
+    path, meta, tensors = t.path, t.meta, t.tensors
+    if not isinstance(meta, dict):
+        raise CompareError(f"{path}: the 'refimpl' metadata entry must be a JSON object")
+    version = meta.get("format_version")
+    if version is None:
+        raise CompareError(f"{path}: no format_version in the metadata (a trace written before the format was "
+                           f"versioned; write it again, docs/trace-format.md)")
+    if version != TRACE_FORMAT_VERSION:
+        raise CompareError(f"{path}: trace format version {version!r}; this refimpl reads version "
+                           f"{TRACE_FORMAT_VERSION}")
+    if meta.get("precision") not in PRECISIONS:
+        raise CompareError(f"{path}: precision {meta.get('precision')!r} is not one of {', '.join(PRECISIONS)}")
+    tokens = meta.get("tokens")
+    if not isinstance(tokens, list) or not tokens or not all(_is_int(t) for t in tokens):
+        raise CompareError(f"{path}: metadata 'tokens' must be a non-empty list of integer token ids")
+    chunks = meta.setdefault("chunks", [len(tokens)])
+    if (not isinstance(chunks, list) or not all(_is_int(n) and n > 0 for n in chunks)
+            or sum(chunks) != len(tokens)):
+        raise CompareError(f"{path}: metadata 'chunks' must be positive integers adding up to the "
+                           f"{len(tokens)} tokens, got {chunks!r}")
+    k = meta.setdefault("decode_from", None)
+    if k is not None and not (_is_int(k) and chunks == [k] + [1] * (len(tokens) - k)):
+        raise CompareError(f"{path}: metadata 'decode_from' must be null or K with chunks [K, 1, 1, ...] "
+                           f"(a K-token prefill, then decode steps), got {k!r} with chunks {chunks!r}")
+    if not tensors:
+        raise CompareError(f"{path}: holds no site tensors")
+    for name, x in tensors.items():
+        if x.dtype.kind not in "fi" and x.dtype != ml_dtypes.bfloat16:
+            raise CompareError(f"{path}: site {name!r} has dtype {x.dtype}; sites are float or integer tensors")
+        if x.ndim < 1:
+            raise CompareError(f"{path}: site {name!r} is a scalar; every site has a position axis first")
+    return t
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_same_run(a: TraceFile, b: TraceFile) -> list[str]:
+    """Raise CompareError unless a and b record the same input (tokens, config, chunking); -> notes."""
+    ta, tb = a.meta["tokens"], b.meta["tokens"]
+    if ta != tb:
+        first = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
+        raise CompareError(f"the traces record different token ids: {len(ta)} vs {len(tb)} tokens, first "
+                           f"difference at position {first}; compare traces of the same input")
+    ca, cb = a.meta.get("config_id"), b.meta.get("config_id")
+    if ca is not None and cb is not None and ca != cb:
+        raise CompareError(f"the traces come from different model configs (config_id {ca} vs {cb})")
+    na, nb = a.meta.get("n_layers"), b.meta.get("n_layers")
+    if na is not None and nb is not None and na != nb:
+        raise CompareError(f"the traces come from models with {na} and {nb} layers")
+    if a.meta["chunks"] != b.meta["chunks"]:
+        raise CompareError(f"the traces were run in different chunks ({a.meta['chunks']} vs {b.meta['chunks']}); "
+                           f"chunking may change last bits, so trace both the same way")
+    da, db = a.meta["decode_from"], b.meta["decode_from"]
+    if da != db:
+        what = lambda k: f"a {k}-token prefill then decode steps" if k else "prefill calls only"
+        raise CompareError(f"the traces ran different call types ({what(da)} vs {what(db)}); a decode step "
+                           f"may round differently from a one-token prefill, so trace both the same way")
+    notes = []
+    if ca is None or cb is None:
+        notes.append("a trace has no config_id: the model config could not be checked")
+    ra, rb = a.meta.get("revision"), b.meta.get("revision")
+    if ra is not None and rb is not None and ra != rb:
+        notes.append(f"the traces follow different official revisions ({ra} vs {rb})")
+    return notes
+
+
+# ---------------------------------------------------------------- site names and order
+
+_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_TEMPLATES = {s.replace("layers.{i}.", ""): i for i, s in enumerate(SITES) if s.startswith("layers.{i}.")}
+
+
+def split_site(name: str) -> tuple[int | None, str]:
+    """'layers.3.attn.q' -> (3, 'attn.q'); 'logits' -> (None, 'logits')."""
+    m = _LAYER.match(name)
+    return (int(m.group(1)), m.group(2)) if m else (None, name)
+
+
+def mtp_layer_of(names, meta_a: dict, meta_b: dict) -> int | None:
+    """The MTP block's layer number: metadata n_layers, else the largest layer when mtp.* sites exist."""
+    n = meta_a.get("n_layers", meta_b.get("n_layers"))
+    if _is_int(n):
+        return n
+    layers = [split_site(s)[0] for s in names if split_site(s)[0] is not None]
+    return max(layers) if layers and any(s.startswith("mtp.") for s in names) else None
+
+
+def site_order(names, mtp_layer: int | None) -> list[str]:
+    """names in data-flow order: embed, layers 0.. (SITES order within a layer), final.x, logits,
+    the MTP layer, mtp.*; names refimpl does not know come last, sorted."""
+    top = {"embed": (0, 0), "final.x": (2, 0), "logits": (2, 1), "mtp.final.x": (4, 0), "mtp.logits": (4, 1)}
+
+    def key(name):
+        if name in top:
+            g, i = top[name]
+            return (g, 0, i, "")
+        layer, kind = split_site(name)
+        if layer is None or kind not in _TEMPLATES:
+            return (5, 0, 0, name)
+        return (3 if layer == mtp_layer else 1, layer, _TEMPLATES[kind], "")
+    return sorted(names, key=key)
+
+
+def site_label(name: str, mtp_layer: int | None) -> str:
+    """'layer 3', 'MTP layer 6' or '' for the name's layer."""
+    layer, _ = split_site(name)
+    if layer is None:
+        return "MTP" if name.startswith("mtp.") else ""
+    return f"MTP layer {layer}" if layer == mtp_layer else f"layer {layer}"
+
+
+def position_word(name: str) -> str:
+    """What row t of a site is: a position (token index), or a compressed entry."""
+    return "entry" if name.endswith(".compressed_kv") else "position"
+
+
+# ---------------------------------------------------------------- storage formats and ulps
+
+_FORMATS = {"bfloat16": (ml_dtypes.bfloat16, np.uint16), "float32": (np.float32, np.uint32),
+            "float64": (np.float64, np.uint64)}
+_COARSE = ("float64", "float32", "bfloat16")          # finer to coarser
+
+
+def storage_format(precision: str, kind: str, dtype) -> str:
+    """The number format a trace's site is stored in: decided by the metadata precision and the site.
+
+    A bf16 tensor is bf16. In `mirror` and `bf16` traces every activation is bf16 except the fp32
+    sites of the official code (FP32_KINDS: the mHC mixes, router scores and weights, logits);
+    `float32` traces are fp32; `float64` traces float64 (fp32 when the file holds float32).
+    """
+    dtype = np.dtype(dtype)
+    if dtype == ml_dtypes.bfloat16:
+        return "bfloat16"
+    if precision in ("mirror", "bf16") and kind not in FP32_KINDS:
+        return "bfloat16"
+    if precision == "float64" and dtype == np.float64:
+        return "float64"
+    return "float32"
+
+
+def coarser(f1: str, f2: str) -> str:
+    return max(f1, f2, key=_COARSE.index)
+
+
+def ulp_distance(a, b, fmt: str) -> np.ndarray:
+    """Distance in units in the last place of fmt between a and b, both first rounded (RNE) to fmt;
+    capped at 2 (the classes are 0, 1 and more). Finite input only."""
+    ftype, utype = _FORMATS[fmt]
+
+    def ordinal(x):          # sign-magnitude bits -> (sign, magnitude); +0 and -0 are the same point
+        x = np.asarray(x, np.float64)
+        if fmt == "bfloat16":
+            x = x.astype(np.float32)                  # round to fp32 first, as numerics.round_bf16 does
+        u = np.ascontiguousarray(x.astype(ftype)).view(utype)
+        bits = np.dtype(utype).itemsize * 8
+        sign = (u >> utype(bits - 1)).astype(bool)
+        mag = (u & utype((1 << (bits - 1)) - 1)).astype(np.int64)
+        return sign, mag
+    sa, ma = ordinal(a)
+    sb, mb = ordinal(b)
+    same = np.abs(ma - mb)                            # no overflow: magnitudes < 2^63
+    across = np.minimum(ma, 2) + np.minimum(mb, 2)    # opposite signs: the distance passes through 0
+    return np.minimum(np.where(sa == sb, same, across), 2)
+
+
+# ---------------------------------------------------------------- profiles
+
+def load_profiles(path=PROFILES_PATH) -> dict:
+    """All tolerance profiles: {name: profile table} from profiles.toml."""
+    with open(path, "rb") as f:
+        return tomllib.load(f)["profiles"]
+
+
+def auto_profile(pa: str, pb: str, profiles: dict | None = None) -> str:
+    """The profile whose `auto` list holds the precision pair (pa, pb), in either order."""
+    profiles = load_profiles() if profiles is None else profiles
+    for name, p in profiles.items():
+        if any(sorted(pair) == sorted((pa, pb)) for pair in p.get("auto", [])):
+            return name
+    raise CompareError(f"no profile is chosen automatically for precisions {pa} vs {pb}; pass --profile "
+                       f"(one of {', '.join(profiles)})")
+
+
+def bound(profile: dict, section: str, key: str, kind: str):
+    """A bound of the profile: the per-kind override `sites.<kind>` first, then the section's value.
+    Each bound is {bound = x, measured = y, at = "..."}; None when the profile sets none."""
+    for table in (profile.get("sites", {}).get(kind, {}), profile.get(section, {})):
+        if key in table:
+            v = table[key]
+            return v["bound"] if isinstance(v, dict) else v
+    return None
+
+
+# ---------------------------------------------------------------- metrics
+
+def _num(x) -> float:
+    return float(x)
+
+
+def _rel(x, scale: float):
+    """x / scale, with 0/0 = 0 and x/0 = inf."""
+    return np.where(x == 0, 0.0, x / scale) if scale > 0 else np.where(x == 0, 0.0, np.inf)
+
+
+def _cosines(av, bv, identical):
+    """Row cosines of av, bv [positions, width]: 1 for identical rows, 0 where one row is zero."""
+    dot, na, nb = (av * bv).sum(1), np.sqrt((av ** 2).sum(1)), np.sqrt((bv ** 2).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where((na > 0) & (nb > 0), np.clip(dot / (na * nb), -1.0, 1.0), 0.0)
+    return np.where(identical, 1.0, cos)
+
+
+def _first_row(bad_rows, worst_rows) -> int:
+    """The first row that breaks a bound on its own, else the worst row."""
+    return int(np.argmax(bad_rows)) if bad_rows.any() else int(np.argmax(worst_rows))
+
+
+def _float_site(kind, a, b, fmt, profile) -> dict:
+    """Metrics and tolerance checks of one float site; a, b [positions, ...] -> the site's report entry."""
+    p, width = a.shape[0], int(np.prod(a.shape[1:], dtype=np.int64))
+    m = {"kind": "float", "format": fmt, "elements": 0, "max_abs": 0.0, "max_rel": 0.0, "rms_rel": 0.0, "cos": 1.0,
+         "site_cos": 1.0, "differ": 0, "flips": 0, "real": 0, "real_frac": 0.0, "first_diff_row": None,
+         "first_real_row": None, "worst": None, "failures": []}
+    if a.size == 0:                                       # e.g. no compressed entry completed yet
+        return m
+    a = a.astype(np.float64).reshape(p, width)
+    b = b.astype(np.float64).reshape(p, width)
+
+    # elements: equal, a rounding-boundary flip, or a real difference
+    valid = np.isfinite(a) & np.isfinite(b)
+    broken = ~valid & ~((a == b) & ~np.isfinite(b))       # non-finite facing anything but the same -inf
+    av, bv = np.where(valid, a, 0.0), np.where(valid, b, 0.0)
+    err = av - bv
+    abs_err = np.where(broken, np.inf, np.abs(err))
+    ulps = np.where(valid, ulp_distance(av, bv, fmt), 0)
+    differs = (valid & (a != b)) | broken
+    real = (differs & (ulps > 1)) | broken
+    n = int((valid | broken).sum())
+
+    # per position (row), against the site's scale: max |b| and rms(b)
+    scale_max = float(np.abs(bv).max())
+    scale_rms = math.sqrt(float((bv ** 2).sum()) / max(int(valid.sum()), 1))
+    row_max_rel = _rel(abs_err.max(axis=1), scale_max)
+    row_rms_rel = np.where(broken.any(axis=1), np.inf,
+                           _rel(np.sqrt((err ** 2).sum(axis=1) / np.maximum(valid.sum(axis=1), 1)), scale_rms))
+    row_cos = np.where(broken.any(axis=1), -1.0, _cosines(av, bv, ~differs.any(axis=1)))
+    site_cos = -1.0 if broken.any() else float(_cosines(av.reshape(1, -1), bv.reshape(1, -1),
+                                                        np.array([not differs.any()]))[0])
+    wr, wc = divmod(int(np.argmax(abs_err)), width)
+    m.update(elements=n, max_abs=_num(abs_err.max()), max_rel=_num(row_max_rel.max()),
+             rms_rel=_num(row_rms_rel.max()), cos=_num(row_cos.min()), site_cos=site_cos,
+             differ=int(differs.sum()), flips=int((differs & ~real).sum()), real=int(real.sum()),
+             real_frac=_num(real.sum() / max(n, 1)),
+             first_diff_row=int(np.argmax(differs.any(axis=1))) if differs.any() else None,
+             first_real_row=int(np.argmax(real.any(axis=1))) if real.any() else None,
+             worst={"row": wr, "col": wc, "a": _num(a[wr, wc]), "b": _num(b[wr, wc]),
+                    "ulps": "non-finite" if broken[wr, wc] else int(ulps[wr, wc])})
+
+    fails = []
+    # tight bounds, position by position: the first row over the bound
+    for key, rows, worse in (("max_rel", row_max_rel, np.greater), ("rms_rel", row_rms_rel, np.greater),
+                             ("min_cos", row_cos, np.less)):
+        lim = bound(profile, "float", key, kind)
+        if lim is not None and worse(rows, lim).any():
+            t = int(np.argmax(worse(rows, lim)))
+            fails.append({"metric": key, "value": _num(rows[t]), "bound": lim, "row": t})
+    # statistical bounds on the whole site
+    lim = bound(profile, "float", "min_site_cos", kind)
+    if lim is not None and site_cos < lim:
+        fails.append({"metric": "min_site_cos", "value": site_cos, "bound": lim,
+                      "row": _first_row(row_cos < lim, -row_cos)})
+    beyond_rel = bound(profile, "float", "beyond_rel", kind)
+    if beyond_rel is not None:                # elements whose error exceeds beyond_rel x the site's rms
+        beyond = abs_err > beyond_rel * scale_rms
+        row_frac = beyond.sum(axis=1) / width
+        m.update(beyond_rel=beyond_rel, beyond_frac=_num(beyond.sum() / max(n, 1)))
+        lim = bound(profile, "float", "max_beyond_frac", kind)
+        if lim is not None and m["beyond_frac"] > lim:
+            fails.append({"metric": "max_beyond_frac", "value": m["beyond_frac"], "bound": lim,
+                          "row": _first_row(row_frac > lim, row_frac)})
+    lim = bound(profile, "float", "max_real_frac", kind)
+    if lim is not None and m["real_frac"] > lim:
+        row_real = real.sum(axis=1) / width
+        fails.append({"metric": "max_real_frac", "value": m["real_frac"], "bound": lim,
+                      "row": _first_row(row_real > lim, row_real)})
+    if kind in LOGIT_SITES:
+        _logit_metrics(a, b, valid, kind, profile, m, fails)
+    m["failures"] = sorted(fails, key=lambda f: f["row"])
+    return m
+
+
+def _logit_metrics(a, b, valid, kind, profile, m, fails) -> None:
+    """top-1 agreement, top-5 overlap, max KL(softmax(b) || softmax(a)) of logits [positions, v]."""
+    if not valid.all():
+        return                                            # non-finite logits: already a real difference
+    top1 = a.argmax(1) == b.argmax(1)
+    k = min(5, a.shape[1])
+    ta, tb = np.argsort(-a, 1, kind="stable")[:, :k], np.argsort(-b, 1, kind="stable")[:, :k]
+    overlap = np.array([len(set(x) & set(y)) / k for x, y in zip(ta, tb)])
+
+    def log_softmax(x):
+        z = x - x.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+    la, lb = log_softmax(a), log_softmax(b)
+    kl = np.maximum((np.exp(lb) * (lb - la)).sum(1), 0.0)
+    kl = np.where((a == b).all(1), 0.0, kl)
+    m.update(top1=_num(top1.mean()), top5=_num(overlap.mean()), kl=_num(kl.max()))
+    for key, value, rows in (("min_top1", m["top1"], ~top1), ("min_top5", m["top5"], overlap < 1)):
+        lim = bound(profile, "logits", key, kind)
+        if lim is not None and value < lim:
+            fails.append({"metric": key, "value": value, "bound": lim, "row": int(np.argmax(rows))})
+    lim = bound(profile, "logits", "max_kl", kind)
+    if lim is not None and (kl > lim).any():
+        t = int(np.argmax(kl > lim))
+        fails.append({"metric": "max_kl", "value": _num(kl[t]), "bound": lim, "row": t})
+
+
+def _row_scale(s: np.ndarray) -> float:
+    """The largest |finite score| of a row (1 when there is none): near-tie spreads and margins are relative to it."""
+    f = s[np.isfinite(s)]
+    top = float(np.abs(f).max()) if f.size else 0.0
+    return top if top > 0 else 1.0
+
+
+def _integer_site(name, kind, a, b, scores, profile) -> dict:
+    """Per-row set agreement of an integer site; near-ties from the scores. scores: [S_a or None, S_b or None]."""
+    near_rel = bound(profile, "integer", "near_tie_rel", kind)
+    near_rel = 0.0 if near_rel is None else near_rel
+    have = [s for s in scores if s is not None]
+    rows = a.shape[0]
+    a, b = a.reshape(rows, -1), b.reshape(rows, -1)                  # a row per position
+    agree = near = real = close = 0
+    overlap_sum, margins, near_rows, real_rows = 0.0, [], [], []
+    for t in range(rows):
+        sa = {int(x) for x in a[t] if x >= 0}
+        sb = {int(x) for x in b[t] if x >= 0}
+        overlap_sum += 1.0 if sa == sb else len(sa & sb) / max(len(sa), len(sb))
+        margin = math.inf
+        ref = have[-1][t] if have else None                          # B's scores when B has them
+        if ref is not None and sb:
+            fin = np.sort(ref[np.isfinite(ref)])[::-1]
+            if fin.size > len(sb):
+                margin = float(fin[len(sb) - 1] - fin[len(sb)]) / _row_scale(ref)
+        margins.append(margin)
+        if sa == sb:
+            agree += 1
+            close += margin <= near_rel
+            continue
+        disputed = sorted(sa ^ sb)
+        spread = math.inf
+        if have and len(sa) == len(sb):
+            spreads = []
+            for s in have:
+                if max(disputed) >= s.shape[1]:
+                    raise CompareError(f"site {name!r}: index {max(disputed)} lies outside its scores "
+                                       f"({s.shape[1]} entries)")
+                v = s[t, disputed].astype(np.float64)
+                spreads.append(float(v.max() - v.min()) / _row_scale(s[t]) if np.isfinite(v).all() else math.inf)
+            spread = max(spreads)
+        if spread <= near_rel:
+            near += 1
+            near_rows.append({"row": t, "spread": spread, "a_only": sorted(sa - sb), "b_only": sorted(sb - sa)})
+        else:
+            real += 1
+            real_rows.append({"row": t, "spread": spread, "a_only": sorted(sa - sb), "b_only": sorted(sb - sa)})
+    m = {"kind": "integer", "rows": rows, "agree": agree, "near_ties": near, "real": real, "close_calls": close,
+         "set_agreement": _num(overlap_sum / max(rows, 1)), "min_margin": _num(min(margins, default=math.inf)),
+         "scores": bool(have), "near_tie_rows": near_rows[:20], "real_rows": real_rows[:20],
+         "first_real_row": real_rows[0]["row"] if real_rows else None,
+         "first_diff_row": min([r["row"] for r in real_rows[:1] + near_rows[:1]], default=None)}
+    fails = []
+    lim = bound(profile, "integer", "max_real_frac", kind)
+    if lim is not None and real / max(rows, 1) > lim:
+        fails.append({"metric": "max_real_frac", "value": real / max(rows, 1), "bound": lim,
+                      "row": real_rows[0]["row"]})
+    m["failures"] = fails
+    return m
+
+
+# ---------------------------------------------------------------- the comparison
+
+@dataclass
+class Report:
+    """What compare found. `ok`: every common site within the profile; `first`: the first site that is not."""
+    a: dict
+    b: dict
+    profile: str
+    sites: list[dict]
+    only_in_a: list[str]
+    only_in_b: list[str]
+    notes: list[str] = field(default_factory=list)
+    first: dict | None = None
+    first_diff: dict | None = None          # the first site with any difference (flips included)
+    first_real: dict | None = None          # the first site with a real difference (beyond one ulp)
+
+    @property
+    def ok(self) -> bool:
+        return self.first is None
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict (non-finite numbers as the strings "inf", "-inf", "nan")."""
+        def clean(x):
+            if isinstance(x, float) and not math.isfinite(x):
+                return str(x)
+            if isinstance(x, dict):
+                return {k: clean(v) for k, v in x.items()}
+            if isinstance(x, list):
+                return [clean(v) for v in x]
+            return x
+        return clean({"ok": self.ok, "profile": self.profile, "a": self.a, "b": self.b, "first": self.first,
+                      "first_diff": self.first_diff, "first_real": self.first_real,
+                      "only_in_a": self.only_in_a, "only_in_b": self.only_in_b, "notes": self.notes,
+                      "sites": self.sites})
+
+
+def compare(a, b, profile: str = "auto", *, profiles: dict | None = None) -> Report:
+    """Compare trace a (candidate) with trace b (reference): paths or TraceFiles -> Report.
+
+    Raises CompareError for traces that do not record the same run (tokens, config, chunking),
+    a site whose shape or kind differs, or an unknown profile.
+    """
+    ta = check_trace(a) if isinstance(a, TraceFile) else load_trace(a)
+    tb = check_trace(b) if isinstance(b, TraceFile) else load_trace(b)
+    notes = check_same_run(ta, tb)
+    profiles = load_profiles() if profiles is None else profiles
+    name = auto_profile(ta.precision, tb.precision, profiles) if profile == "auto" else profile
+    if name not in profiles:
+        raise CompareError(f"unknown profile {name!r}; profiles: {', '.join(profiles)}")
+    prof = profiles[name]
+    common = set(ta.tensors) & set(tb.tensors)
+    if not common:
+        raise CompareError(f"the traces have no site in common ({ta.path}: {len(ta.tensors)} sites, "
+                           f"{tb.path}: {len(tb.tensors)} sites)")
+    mtp = mtp_layer_of(set(ta.tensors) | set(tb.tensors), ta.meta, tb.meta)
+    sites = []
+    for site in site_order(common, mtp):
+        x, y = ta.tensors[site], tb.tensors[site]
+        if x.shape != y.shape:
+            raise CompareError(f"site {site!r} has shape {list(x.shape)} in {ta.path} but {list(y.shape)} in {tb.path}")
+        ints = (x.dtype.kind == "i", y.dtype.kind == "i")
+        if ints[0] != ints[1]:
+            raise CompareError(f"site {site!r} is {x.dtype} in {ta.path} but {y.dtype} in {tb.path}: "
+                               f"integer sites must be integers in both")
+        layer, kind = split_site(site)
+        if ints[0]:
+            sname = f"layers.{layer}.{SCORES_OF[kind]}" if kind in SCORES_OF and layer is not None else None
+            scores = [t.tensors.get(sname) if sname else None for t in (ta, tb)]
+            for s, t in zip(scores, (ta, tb)):
+                if s is not None and s.shape[0] != x.shape[0]:
+                    raise CompareError(f"site {sname!r} in {t.path} has {s.shape[0]} rows, {site!r} {x.shape[0]}")
+            m = _integer_site(site, kind, x, y, [None if s is None else s.astype(np.float64) for s in scores], prof)
+        else:
+            fmt = coarser(storage_format(ta.precision, kind, x.dtype), storage_format(tb.precision, kind, y.dtype))
+            ids = f"layers.{layer}.ffn.expert_ids"
+            if kind == "ffn.expert_weights" and ids in ta.tensors and ids in tb.tensors:
+                x, y = _by_expert_id(x, ta.tensors[ids]), _by_expert_id(y, tb.tensors[ids])   # column order free
+            m = _float_site(kind, x, y, fmt, prof)
+        m.update(site=site, layer=layer, label=site_label(site, mtp), site_kind=kind, shape=list(x.shape),
+                 ok=not m["failures"])
+        sites.append(m)
+    report = Report(a=_describe(ta), b=_describe(tb), profile=name, sites=sites, notes=notes,
+                    only_in_a=site_order(set(ta.tensors) - common, mtp),
+                    only_in_b=site_order(set(tb.tensors) - common, mtp))
+    report.first = _first_failure(sites)
+    for attr, key in (("first_diff", "first_diff_row"), ("first_real", "first_real_row")):
+        m = next((m for m in sites if m[key] is not None), None)
+        if m is not None:
+            setattr(report, attr, {"site": m["site"], "layer": m["layer"], "label": m["label"],
+                                   position_word(m["site"]): m[key]})
+    return report
+
+
+def _by_expert_id(weights: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Each row of the routing weights ordered by its expert id (ids and weights share a column order)."""
+    if ids.shape != weights.shape:
+        return weights
+    return np.take_along_axis(weights, np.argsort(ids, axis=1, kind="stable"), axis=1)
+
+
+def _describe(t: TraceFile) -> dict:
+    keys = ("precision", "implementation", "revision", "config_id", "chunks")
+    return {"path": t.path, **{k: t.meta[k] for k in keys if k in t.meta}, "tokens": len(t.meta["tokens"])}
+
+
+def _first_failure(sites: list[dict]) -> dict | None:
+    """The first site out of tolerance, its first failing row, its worst element, and the hints that apply."""
+    for i, m in enumerate(sites):
+        if m["ok"]:
+            continue
+        f = m["failures"][0]
+        first = {"site": m["site"], "layer": m["layer"], "label": m["label"], "metric": f["metric"],
+                 "value": f["value"], "bound": f["bound"], position_word(m["site"]): f["row"]}
+        if m["kind"] == "float":
+            w = m["worst"]
+            idx = np.unravel_index(w["row"] * int(np.prod(m["shape"][1:], dtype=np.int64)) + w["col"], m["shape"])
+            first["worst"] = {"index": [int(j) for j in idx], "a": w["a"], "b": w["b"], "ulps": w["ulps"]}
+        else:
+            first["rows"] = m["real_rows"][:3]
+        hints = []
+        if m["site_kind"] == "attn.q":
+            hints.append(Q_NORM_HINT)
+        if m["kind"] == "float" and m["real"] == 0:
+            hints.append(f"every differing element is a rounding-boundary flip (one ulp of {m['format']}): the "
+                         "arithmetic agrees up to the last bit; an engine with another accumulation order "
+                         "differs this way, and a statistical profile (bf16-engine-vs-mirror) fits it")
+        upstream = [s for s in sites[:i + 1] if s["kind"] == "integer" and s["near_ties"]]
+        if upstream:
+            where = "; ".join(f"{s['site']} rows {[r['row'] for r in s['near_tie_rows'][:5]]}" for s in upstream[:3])
+            hints.append(f"near-tie selections upstream ({where}): a choice that flipped on a near-tie changes "
+                         f"everything computed from it; compare with the choices forced to agree")
+        first["hints"] = hints
+        return first
+    return None
+
+
+# ---------------------------------------------------------------- output
+
+def _g(x, digits=2) -> str:
+    if isinstance(x, str):
+        return x
+    if x == 0:
+        return "0"
+    if not math.isfinite(x):
+        return "inf" if x > 0 else ("-inf" if x < 0 else "nan")
+    return f"{x:.{digits}e}" if abs(x) < 1e-3 or abs(x) >= 1e4 else f"{x:.{digits + 2}g}"
+
+
+def format_report(r: Report) -> str:
+    """The readable report: header, one row per site, the first site out of tolerance and its hints."""
+    lines = [f"A: {r.a['path']}  ({r.a['precision']}{', ' + r.a['implementation'] if 'implementation' in r.a else ''})",
+             f"B: {r.b['path']}  ({r.b['precision']}{', ' + r.b['implementation'] if 'implementation' in r.b else ''})"
+             f"  reference",
+             f"{r.a['tokens']} tokens, chunks {r.a.get('chunks')}; profile {r.profile}"]
+    lines += [f"note: {n}" for n in r.notes]
+    head = f"{'site':34} {'max abs':>9} {'max rel':>9} {'rms rel':>9} {'1 - cos':>9} {'1-ulp':>7} {'real':>7}  {'':6} extra"
+    lines += ["", head, "-" * len(head)]
+    for m in r.sites:
+        status = "ok" if m["ok"] else "FAIL"
+        if m["kind"] == "float":
+            cos = _g(1.0 - m["cos"])
+            extra = ""
+            if "top1" in m:
+                extra = f"top1 {m['top1']:.3f} top5 {m['top5']:.3f} KL {_g(m['kl'])}"
+            lines.append(f"{m['site']:34} {_g(m['max_abs']):>9} {_g(m['max_rel']):>9} {_g(m['rms_rel']):>9} "
+                         f"{cos:>9} {m['flips']:>7} {m['real']:>7}  {status:6} {extra}".rstrip())
+        else:                       # integer sites: rows whose sets agree; real = rows that really disagree
+            margin = f", min margin {_g(m['min_margin'])}" if m["scores"] else ", no scores"
+            agree = f"sets agree in {m['agree']}/{m['rows']} rows"
+            lines.append(f"{m['site']:34} {agree:>39} {'':>7} {m['real']:>7}  {status:6} near-ties "
+                         f"{m['near_ties']}, close calls {m['close_calls']}{margin}")
+    if r.only_in_a:
+        lines.append(f"\nonly in A (not compared): {', '.join(r.only_in_a)}")
+    if r.only_in_b:
+        lines.append(f"{'' if r.only_in_a else chr(10)}only in B (not compared): {', '.join(r.only_in_b)}")
+    lines.append("")
+    for f, what in ((r.first_diff, "first difference"), (r.first_real, "first real difference (beyond one ulp)")):
+        if f is not None:
+            pw = "entry" if "entry" in f else "position"
+            lines.append(f"{what}: {f['site']}" + (f" ({f['label']})" if f["label"] else "") + f", {pw} {f[pw]}")
+    q_first = any(f is not None and split_site(f["site"])[1] == "attn.q" for f in (r.first_diff, r.first_real))
+    if q_first and (r.first is None or split_site(r.first["site"])[1] != "attn.q"):
+        lines.append(f"  hint: {Q_NORM_HINT}")
+    if r.first is None:
+        lines.append(f"within tolerance ({r.profile}): {len(r.sites)} sites compared")
+        return "\n".join(lines)
+    f = r.first
+    pw = "entry" if "entry" in f else "position"
+    lines.append(f"FIRST OUT OF TOLERANCE: {f['site']}" + (f" ({f['label']})" if f["label"] else "") +
+                 f", {pw} {f[pw]}: {f['metric']} = {_g(f['value'], 3)} (bound {_g(f['bound'], 3)})")
+    if "worst" in f:
+        w = f["worst"]
+        m = next(m for m in r.sites if m["site"] == f["site"])
+        apart = {0: "equal", 1: "one unit in the last place", 2: "more than one unit in the last place"}
+        lines.append(f"  worst element {tuple(w['index'])}: A = {w['a']!r}, B = {w['b']!r} "
+                     f"({apart.get(w['ulps'], 'non-finite')} of {m['format']})")
+    for row in f.get("rows", []):
+        lines.append(f"  row {row['row']}: only in A {row['a_only']}, only in B {row['b_only']}, "
+                     f"score spread {_g(row['spread'])}")
+    failing = [m["site"] for m in r.sites if not m["ok"]]
+    lines.append(f"  {len(failing)} of {len(r.sites)} sites out of tolerance")
+    for h in f["hints"]:
+        lines.append(f"  hint: {h}")
+    return "\n".join(lines)
+
+
+def plot_report(r: Report, path) -> None:
+    """A PNG of each float site's error (rms rel, worst position) along the data flow: embed, the layers,
+    final.x / logits, the MTP block, mtp.*; one line per site kind. Exact sites (error 0) are not drawn
+    (log scale); the first site out of tolerance is marked."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise CompareError("--plot needs matplotlib: pip install 'refimpl[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    floats = [m for m in r.sites if m["kind"] == "float"]
+    mtp = next((m["layer"] for m in r.sites if m["label"].startswith("MTP layer")), None)
+    main_layers = sorted({m["layer"] for m in floats if m["layer"] is not None and m["layer"] != mtp})
+    last = main_layers[-1] if main_layers else -1
+    top = {"embed": -1, "final.x": last + 1, "logits": last + 1, "mtp.final.x": last + 3, "mtp.logits": last + 3}
+
+    def x_of(m):
+        if m["layer"] is None:
+            return top.get(m["site"], last + 4)
+        return last + 2 if m["layer"] == mtp else m["layer"]
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    kinds = list(dict.fromkeys(m["site_kind"] for m in floats if m["layer"] is not None))
+    colors = plt.get_cmap("tab20")
+    for j, kind in enumerate(kinds):
+        pts = [(x_of(m), m["rms_rel"]) for m in floats if m["site_kind"] == kind and m["layer"] is not None
+               and m["rms_rel"] > 0]
+        if pts:
+            ax.plot(*zip(*pts), marker="os^vD"[j % 5], ms=4, lw=1, color=colors(j % 20), label=kind)
+    shown: dict[int, int] = {}
+    for m in floats:
+        if m["layer"] is None and m["rms_rel"] > 0:
+            k = shown[x_of(m)] = shown.get(x_of(m), -1) + 1              # labels at one x: stacked
+            ax.plot(x_of(m), m["rms_rel"], "k*", ms=8)
+            ax.annotate(m["site"], (x_of(m), m["rms_rel"]), fontsize=7, xytext=(5, 3 + 10 * k),
+                        textcoords="offset points")
+    if r.first is not None:
+        m = next(m for m in r.sites if m["site"] == r.first["site"])
+        y = m.get("rms_rel") or 1.0
+        ax.plot(x_of(m), y if y > 0 else 1.0, "rx", ms=14, mew=2, label=f"first out of tolerance: {m['site']}")
+    ticks = [-1] + main_layers + [last + 1] + ([last + 2, last + 3] if mtp is not None else [])
+    labels = ["embed"] + [str(i) for i in main_layers] + ["final"] + ([f"MTP {mtp}", "mtp"] if mtp is not None else [])
+    ax.set_xticks(ticks, labels)
+    ax.set_yscale("log")
+    ax.set_xlabel("data flow: layer")
+    ax.set_ylabel("rms rel error (worst position)")
+    ax.set_title(f"{Path(r.a['path']).name} vs {Path(r.b['path']).name}, profile {r.profile}"
+                 f" ({'within tolerance' if r.ok else 'OUT OF TOLERANCE'}; exact sites not drawn)", fontsize=9)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, ncol=4, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

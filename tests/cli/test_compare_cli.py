@@ -1,0 +1,87 @@
+"""`refimpl compare` as a user runs it: exit codes (0 within, 1 out of tolerance or refused, 2 usage), --json, --plot."""
+import json
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from refimpl.cli.main import main
+
+TOKENS = ",".join(str(i * 37 % 1280) for i in range(24))
+
+
+@pytest.fixture(scope="module")
+def cli_traces(tiny_ckpt, tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli-traces")
+    out = {}
+    for prec in ("float32", "float64"):
+        out[prec] = d / f"{prec}.st"
+        assert main(["trace", str(tiny_ckpt), "--tokens", TOKENS, "--precision", prec, "--out", str(out[prec])]) == 0
+    return out
+
+
+def _meta(path):
+    from safetensors import safe_open
+    with safe_open(str(path), "np") as f:
+        return f.metadata()
+
+
+def test_within_tolerance_exits_0(cli_traces, capsys):
+    assert main(["compare", str(cli_traces["float32"]), str(cli_traces["float64"])]) == 0
+    out = capsys.readouterr().out
+    assert "profile float32-vs-float64" in out and "within tolerance (float32-vs-float64): 108 sites compared" in out
+
+
+def test_out_of_tolerance_exits_1_and_names_the_first_site(cli_traces, tmp_path, capsys):
+    t = load_file(str(cli_traces["float32"]))
+    t["layers.4.ffn.out"][9, 100] += 0.5
+    t["logits"][20, 3] += 1.0                              # later in the data flow: not the first
+    bad = tmp_path / "bad.st"
+    save_file(t, str(bad), metadata=_meta(cli_traces["float32"]))
+    assert main(["compare", str(bad), str(cli_traces["float64"])]) == 1
+    out = capsys.readouterr().out
+    assert "FIRST OUT OF TOLERANCE: layers.4.ffn.out (layer 4), position 9: max_rel" in out
+    assert "worst element (9, 100)" in out and "2 of 108 sites out of tolerance" in out
+
+
+def test_json_output_parses(cli_traces, capsys):
+    assert main(["compare", str(cli_traces["float32"]), str(cli_traces["float64"]), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["ok"] is True and r["first"] is None and r["profile"] == "float32-vs-float64"
+    assert len(r["sites"]) == 108 and r["sites"][0]["site"] == "embed"
+    topk = next(s for s in r["sites"] if s["site"] == "layers.2.attn.indexer.topk")
+    assert topk["min_margin"] == "inf"                     # non-finite numbers as strings: strict JSON
+    json.loads(json.dumps(r), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+
+
+def test_refused_input_exits_1_with_one_line(cli_traces, tiny_ckpt, tmp_path, capsys):
+    other = tmp_path / "other.st"
+    assert main(["trace", str(tiny_ckpt), "--tokens", "1,2,3", "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(other), str(cli_traces["float64"])]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the traces record different token ids: 3 vs 24 tokens") and err.count("\n") == 1
+    assert main(["compare", str(tmp_path / "nope.st"), str(cli_traces["float64"])]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2(cli_traces, capsys):
+    assert main(["compare", str(cli_traces["float32"]), str(cli_traces["float64"]), "--profile", "loose"]) == 2
+    assert "unknown profile 'loose'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["compare", str(cli_traces["float32"])])
+    assert e.value.code == 2
+
+
+def test_plot_without_matplotlib_is_a_clear_error(cli_traces, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # import matplotlib raises ImportError
+    assert main(["compare", str(cli_traces["float32"]), str(cli_traces["float64"]), "--plot", "x.png"]) == 1
+    assert "--plot needs matplotlib: pip install 'refimpl[plot]'" in capsys.readouterr().err
+
+
+def test_plot_writes_a_png(cli_traces, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "err.png"
+    assert main(["compare", str(cli_traces["float32"]), str(cli_traces["float64"]), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
