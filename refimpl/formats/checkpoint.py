@@ -233,6 +233,8 @@ class TensorSource:
     """
 
     def __init__(self, path: str | Path):
+        if str(path) == "":
+            raise CheckpointError("the checkpoint path is empty")
         self.path = Path(path)
         self.used: Counter[str] = Counter()
         self.index_metadata: dict = {}

@@ -90,9 +90,11 @@ def check_output_path(path, *, folder: bool = False, error: type[ValueError] = F
     if str(path) == "":
         raise error(f"the output path is empty: give a {want} name")
     path = Path(path)
+    if path.name in ("", ".", ".."):
+        raise error(f"{path}: give the {want}'s own name (not '.' or '..')")
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         parent = path.parent
         if not parent.is_dir():
             what = "does not exist" if not os.path.lexists(parent) else "is not a folder"

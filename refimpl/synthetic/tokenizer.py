@@ -94,6 +94,7 @@ def write_tokenizer_files(out_dir: str | Path, tok: tokenizers.Tokenizer | Token
     if isinstance(tok, Tokenizer):
         tok = tok.tok
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / TOKENIZER_FILE, tok.to_str(pretty=True))
 
     def added(content: str) -> dict:
