@@ -129,7 +129,12 @@ def temporary_name(path: Path) -> Path:
 def _open_temporary(tmp: Path) -> BinaryIO:
     """A new file at tmp (never an existing one), permissions as the umask says."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-    return os.fdopen(fd, "wb")
+    try:
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextmanager
@@ -235,16 +240,19 @@ def read_bytes(path, *, limit: int, what: str, regular: bool = False,
             if stat.S_ISREG(st.st_mode) and st.st_size > limit:
                 raise error(f"{path}: {size_text(st.st_size)}, more than the {size_text(limit)} "
                             f"allowed for {what}")
-            data = f.read(limit + 1)
+            chunks, n = [], 0                 # in pieces: read(limit + 1) would allocate limit bytes at once
+            while n <= limit and (b := f.read(min(1 << 20, limit + 1 - n))):
+                chunks.append(b)
+                n += len(b)
     except FileNotFoundError:
         raise error(f"{path}: no such file (expected {what})") from None
     except IsADirectoryError:
         raise error(f"{path}: is a folder, not {what}") from None
     except OSError as e:
         raise os_error(path, e, "read", error) from None
-    if len(data) > limit:
+    if n > limit:
         raise error(f"{path}: more than the {size_text(limit)} allowed for {what}")
-    return data
+    return b"".join(chunks)
 
 
 def read_text(path, *, limit: int, what: str, regular: bool = False, bom: bool = False,
