@@ -5,7 +5,9 @@ dtype, sharded as DeepSeek ships it (model-0000i-of-0000n.safetensors + model.sa
 with the HF `config.json` (= `cfg.to_hf_dict()`), `generation_config.json`, and `tokenizer.json` +
 `tokenizer_config.json` from `synthetic.tokenizer.build_tiny_tokenizer` where its corpus can fill vocab_size
 ids (tiny: yes; Flash's 129,280: no, a note says to copy the official files in). The directory
-appears only when complete (written as `out.tmp-…`, then renamed).
+appears only when complete (written as `out.tmp-…`, then renamed); a failure or Ctrl-C leaves
+nothing behind. An existing folder is replaced only with overwrite=True and only if it holds
+nothing but the files written here (`check_output_folder`): nobody's other files are deleted.
 
 Determinism: tensor `name` is drawn from its own generator, seeded by (seed, sha256(name)), so the
 bytes depend only on the seed, the name and the shape, never on the write order. (NumPy promises
