@@ -36,7 +36,7 @@ def test_writes_atomically_with_the_umask(tmp_path):
 
 
 @pytest.fixture
-def targets(tmp_path):
+def targets(tmp_path, char_device):
     """Outputs that are not a regular file or a missing path, with a check that each is untouched."""
     (tmp_path / "folder").mkdir()
     os.mkfifo(tmp_path / "fifo")
@@ -47,7 +47,7 @@ def targets(tmp_path):
         "": "the output path is empty",
         str(tmp_path / "folder"): r"exists and is not a regular file \(a folder\)",
         str(tmp_path / "fifo"): r"exists and is not a regular file \(a FIFO\)",
-        "/dev/null": r"exists and is not a regular file \(a character device\)",
+        char_device: r"exists and is not a regular file \(a character device\)",
         str(tmp_path / "link"): "is a symbolic link",
         str(tmp_path / "nope" / "x.bin"): "its parent folder .* does not exist",
         str(tmp_path / "afile" / "x.bin"): "its parent folder .* is not a folder",
@@ -55,20 +55,20 @@ def targets(tmp_path):
     }
 
 
-def untouched(tmp_path):
+def untouched(tmp_path, device):
     assert stat.S_ISFIFO(os.lstat(tmp_path / "fifo").st_mode)
-    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert stat.S_ISCHR(os.lstat(device).st_mode)
     assert os.path.islink(tmp_path / "link") and (tmp_path / "real").read_bytes() == b"keep"
     assert list((tmp_path / "folder").iterdir()) == [] and not (tmp_path / "nope").exists()
     assert leftovers(tmp_path) == []
 
 
-def test_refuses_every_output_that_is_not_a_regular_file(tmp_path, targets):
+def test_refuses_every_output_that_is_not_a_regular_file(tmp_path, targets, char_device):
     for path, words in targets.items():
         with pytest.raises(FileError, match=words) as e:
             write_bytes(path, b"data")
         assert "\n" not in str(e.value) and (path == "" or str(e.value).startswith(path))
-    untouched(tmp_path)
+    untouched(tmp_path, char_device)
 
 
 # every writer of the package: trace files, safetensors shards, JSON, tokenizer files
@@ -87,11 +87,11 @@ WRITERS = {
 
 
 @pytest.mark.parametrize("writer", sorted(WRITERS))
-def test_every_writer_refuses_a_fifo_a_device_and_a_folder(tmp_path, targets, writer):
-    for path in (tmp_path / "fifo", "/dev/null", tmp_path / "folder"):
+def test_every_writer_refuses_a_fifo_a_device_and_a_folder(tmp_path, targets, char_device, writer):
+    for path in (tmp_path / "fifo", char_device, tmp_path / "folder"):
         with pytest.raises(ValueError, match="exists and is not a regular file"):
             WRITERS[writer](path)
-    untouched(tmp_path)
+    untouched(tmp_path, char_device)
 
 
 def test_tokenizer_files_are_not_written_through_a_link(tmp_path):
