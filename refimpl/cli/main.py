@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -32,24 +33,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def _int(text: str) -> int | None:
+    """A decimal integer written in ASCII digits (int() alone also takes '1_0' and non-ASCII digits), else None."""
+    text = text.strip()
+    return int(text) if re.fullmatch(r"[+-]?[0-9]+", text) else None
+
+
 def _ids(text: str) -> list[int]:
     """--tokens: comma-separated integers (argparse type)."""
-    parts = [t.strip() for t in text.split(",")]
-    if parts == [""]:
+    parts = [_int(t) for t in text.split(",")]
+    if not text.strip():
         raise argparse.ArgumentTypeError("is empty: give comma-separated token ids, e.g. 0,15,27")
-    try:
-        return [int(t) for t in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text[:100]!r}") from None
+    if None in parts:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text[:100]!r}")
+    return parts
 
 
 def _chunks(text: str) -> list[int]:
     """--chunks: comma-separated positive integers (argparse type)."""
-    try:
-        sizes = [int(t) for t in text.split(",")]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) <= 0:
+    sizes = [_int(t) for t in text.split(",")]
+    if None in sizes or min(sizes) <= 0:
         raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {text[:100]!r}")
     return sizes
 
@@ -57,10 +60,7 @@ def _chunks(text: str) -> list[int]:
 def _at_least(lo: int):
     """argparse type: an integer >= lo."""
     def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            n = None
+        n = _int(text)
         if n is None or n < lo:
             raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {text[:100]!r}")
         return n

@@ -361,6 +361,8 @@ def test_checkpoint_json_reads_are_bounded(ck, tmp_path, capsys, name, words):
 @pytest.mark.parametrize("argv, code", [
     (["--no-such-option"], 2),
     (["trace", "CK", "--tokens", "0,x", "--out", "OUT"], 2),          # malformed flag value: usage
+    (["trace", "CK", "--tokens", "1_0", "--out", "OUT"], 2),          # int() would read 10
+    (["trace", "CK", "--tokens", "\u0663", "--out", "OUT"], 2),       # and this Arabic-Indic digit as 3
     (["trace", "CK", "--tokens", "0,5", "--chunks", "0", "--out", "OUT"], 2),
     (["trace", "CK", "--tokens", "0,99999", "--out", "OUT"], 1),      # well-formed but refused
     (["trace", "CK", "--tokens", "0,5", "--chunks", "1,2", "--out", "OUT"], 1),
