@@ -299,7 +299,9 @@ def load_model_weights(t: TensorSource, cfg: Config) -> ModelWeights:
 def check_checkpoint_folder(path) -> Path:
     """path as a checkpoint folder, or a CheckpointError at once (a shard given for the folder is not read)."""
     p = Path(path)
-    if str(path) == "" or not p.is_dir():
+    if str(path) == "":
+        raise CheckpointError("the checkpoint path is empty")
+    if not p.is_dir():
         what = ("is a file" if p.is_file() else "is not a folder") if os.path.lexists(p) else "does not exist"
         raise CheckpointError(f"{str(path)!r} {what}: a checkpoint is a folder holding config.json and the "
                               "safetensors shards")

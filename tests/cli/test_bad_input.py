@@ -350,10 +350,27 @@ def test_a_shard_given_for_the_checkpoint_is_not_read(tmp_path, capsys):
 
 @pytest.mark.parametrize("name, words", [("config.json", "more than the 1 MiB allowed for a config.json"),
                                          ("tokenizer_config.json", "more than the 1 MiB allowed"),
+                                         ("tokenizer.json", "more than the 64 MiB allowed"),
                                          ("model.safetensors.index.json", "more than the 64 MiB allowed")])
 def test_checkpoint_json_reads_are_bounded(ck, tmp_path, capsys, name, words):
     _sparse(ck / name, 3 << 30)
     _bounded(capsys, "generate", ck, "--prompt", "hi", words=words)
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json",
+                                  "model.safetensors.index.json", "model-00001-of-00001.safetensors"])
+def test_a_fifo_in_a_checkpoint_is_refused_not_waited_on(ck, capsys, name):
+    (ck / name).unlink()
+    os.mkfifo(ck / name)                                         # opening it to read would block for ever
+    refused(capsys, "generate", ck, "--prompt", "hi", words=name)
+    if name != "tokenizer.json" and name != "tokenizer_config.json":
+        code, out, err = run(capsys, "inspect", ck)
+        assert code == 1 and name in out + err
+
+
+def test_an_empty_checkpoint_path_is_not_the_current_folder(capsys):
+    refused(capsys, "inspect", "", words="the checkpoint path is empty")
+    refused(capsys, "generate", "", "--tokens", "0", words="the checkpoint path is empty")
 
 
 # ---------------------------------------------------------------- cause 10: one exit-code convention
