@@ -1,4 +1,5 @@
-"""Files in and out: every file refimpl writes goes through `atomic_file`, every small file it reads through `read_bytes`.
+"""Files in and out: every file refimpl writes goes through `atomic_file`, every small file it reads
+through `read_bytes`.
 
 Writing (`atomic_file`, `write_bytes`, `write_text`):
 - the output must be a regular file or a missing path. Refused, with one line naming the path

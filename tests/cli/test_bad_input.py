@@ -204,6 +204,15 @@ def test_make_checkpoint_force_replaces_a_checkpoint_it_wrote(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+# ---------------------------------------------------------------- cause 7 (landed before): verified at the CLI
+
+@pytest.mark.parametrize("text", ["hi\n\n<｜DSML｜tool_calls", "hi\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n"])
+def test_parse_refuses_a_completion_cut_off_inside_its_tool_calls(tmp_path, capsys, text):
+    f = tmp_path / "c.txt"
+    f.write_text(text)
+    refused(capsys, "parse", f, words="ends inside the tool-call block")
+
+
 # ---------------------------------------------------------------- cause 8: one line, never a traceback
 
 def test_config_json_that_is_a_folder(ck, tmp_path, capsys):
