@@ -11,11 +11,12 @@ Official: inference/model.py ModelArgs (M:L34-80), inference/config.json, root c
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from refimpl.formats.files import read_json
 from refimpl.numerics import FP4_BLOCK, FP8_BLOCK, KV_FP8_BLOCK
 
 
@@ -69,6 +70,7 @@ FIELD_RANGES: dict[str, tuple[int, int]] = {
     "bos_token_id": (0, 1 << 24),          # inside the vocabulary (checked below)
     "eos_token_id": (0, 1 << 24),
 }
+MAX_CONFIG_BYTES = 1 << 20                 # config.json is about 2 KB; a larger file is not one (a shard?)
 MAX_COMPRESS_RATIO = 4096                  # 32x the released 128: the compressor state holds m (2m) rows
 # Lower bounds of the real-valued fields, all of which must be finite: (bound, inclusive). No upper
 # bound is needed: none of them sizes an array or a loop (the epsilons are kept <= 1 below).
@@ -309,12 +311,9 @@ class Config:
                 f = path / "inference" / "config.json"
         else:
             f = path
-        if not f.exists():
+        if not os.path.lexists(f):
             raise ConfigError(f"{f}: no config.json in the checkpoint directory")
-        try:
-            raw = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{f}: not valid JSON ({e})") from None
+        raw = read_json(f, limit=MAX_CONFIG_BYTES, what="a config.json", regular=True, error=ConfigError)
         if not isinstance(raw, dict):
             raise ConfigError(f"{f}: expected a JSON object")
         hf = "hidden_size" in raw or "model_type" in raw
@@ -323,6 +322,8 @@ class Config:
         try:
             return cls(**fields)
         except ConfigError as e:
+            if e.field in overrides:                        # the caller's value, not the file's
+                raise
             key = HF_KEYS.get(e.field) if hf else None     # name the key as the file spells it
             where = f" (key {key!r})" if key and key != e.field else ""
             raise ConfigError(f"{f}: {e}{where}", field=e.field) from None

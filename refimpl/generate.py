@@ -109,6 +109,9 @@ def generate(model, prompt: list[int], *, max_new_tokens: int, params: SamplingP
     if not prompt:
         raise ValueError("empty prompt: at least one token is needed")
     cfg = model.cfg
+    outside = [t for t in prompt if not 0 <= t < cfg.vocab_size]   # checked here too: max_new_tokens=0 runs nothing
+    if outside:
+        raise ValueError(f"token id {outside[0]} is outside the vocabulary [0, {cfg.vocab_size})")
     if len(prompt) + max_new_tokens > cfg.max_seq_len:
         max_new_tokens = cfg.max_seq_len - len(prompt)      # the context ends here (a load option)
         if max_new_tokens < 0:

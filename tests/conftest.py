@@ -4,6 +4,7 @@ NUMBA_CACHE_DIR points at a writable folder for any test that JIT-compiles; Hypo
 deadline=None (JIT compilation and first calls are slow) through the "refimpl" profile.
 """
 import os
+import stat
 import tempfile
 
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "refimpl-numba-cache"))
@@ -78,3 +79,18 @@ def patched_ckpt(tiny_ckpt, tmp_path):
                     f.write(raw)
         return out
     return make
+
+
+@pytest.fixture
+def char_device(tmp_path):
+    """A character device to offer as an output path: a private copy of /dev/null (made with mknod where
+    we may, i.e. as root), else /dev/null itself, which a process that may not mknod cannot replace
+    either. A test must never offer the real /dev/null as root: a regression would destroy it."""
+    node = tmp_path / "null-device"
+    try:
+        os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except (PermissionError, AttributeError):
+        if os.geteuid() == 0:
+            pytest.skip("cannot make a private device node")
+        return "/dev/null"
+    return str(node)

@@ -71,6 +71,12 @@ def test_stops_on_eos_and_streams_each_token():
     assert g.tokens == [5, 6, 1] and g.stopped_on_eos and seen == g.tokens
 
 
+@pytest.mark.parametrize("max_new_tokens", [0, 1])
+def test_ids_outside_the_vocabulary_are_refused_even_with_nothing_to_generate(max_new_tokens):
+    with pytest.raises(ValueError, match=r"token id 8 is outside the vocabulary \[0, 8\)"):
+        generate(_Scripted([5]), [0, 8], max_new_tokens=max_new_tokens)
+
+
 def test_max_new_tokens_and_context_limit():
     assert generate(_Scripted([5]), [0], max_new_tokens=4, stop_on_eos=False).tokens == [5] * 4
     assert len(generate(_Scripted([5], max_seq_len=6), [0, 2, 3], max_new_tokens=10).tokens) == 3

@@ -6,6 +6,7 @@ logits equal a one-shot prefill of the same tokens), prints them with timings, a
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -15,19 +16,51 @@ DEMO_MESSAGES = [
 ]
 
 
+DEMO_MARKER = "written_by_refimpl_demo.txt"      # the demo replaces only a folder holding this file
+DEMO_TRACE = "demo_trace.safetensors"
+MARKER_TEXT = ("This folder was written by `refimpl demo`: a tiny random-weight checkpoint. The demo reuses it,\n"
+               "or rewrites it when it is no longer valid; delete the folder to remove it.\n")
+
+
 def ensure_tiny_checkpoint(path: Path, *, seed: int = 0) -> tuple[Path, bool]:
-    """The tiny checkpoint at path: reused if it is a valid tiny checkpoint, else written. -> (path, made)."""
+    """The tiny checkpoint at path: reused if valid, else written. -> (path, made).
+
+    Written only where nothing can be lost: a missing path (its parent folders are made), an empty
+    folder, or a folder the demo wrote (it holds DEMO_MARKER and only checkpoint files) that is
+    no longer a valid tiny checkpoint. A valid tiny checkpoint without the marker (written by
+    `refimpl make-checkpoint tiny`) is reused as it is. Anything else (another folder, a file, a
+    symbolic link) is refused with a FileError; nothing is deleted.
+    """
     from refimpl.config import Config
-    from refimpl.synthetic.writer import make_checkpoint
-    from refimpl.formats.weights import validate
-    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
-        try:
-            if Config.from_checkpoint(path) == Config.tiny() and not validate(path, Config.tiny()):
-                return path, False
-        except ValueError:
-            pass
-    make_checkpoint(Config.tiny(), path, seed=seed, overwrite=True)
+    from refimpl.formats.files import FileError, check_output_path
+    from refimpl.synthetic.writer import foreign_entries, make_checkpoint
+    path, exists = check_output_path(Path(path), folder=True) if os.path.lexists(path) else (Path(path), False)
+    ours = exists and (path / DEMO_MARKER).is_file() and not foreign_entries(path, (DEMO_MARKER, DEMO_TRACE))
+    if exists and any(path.iterdir()):
+        if _valid_tiny(path):
+            return path, False
+        if not ours:
+            raise FileError(f"{path}: not a folder written by `refimpl demo` (no {DEMO_MARKER}, or other files "
+                            "in it) nor a valid tiny checkpoint; the demo writes only into a new or empty folder "
+                            "(choose another --dir, or delete this one yourself)")
+    if not exists:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    make_checkpoint(Config.tiny(), path, seed=seed, overwrite=ours, extra_files={DEMO_MARKER: MARKER_TEXT},
+                    also=(DEMO_TRACE,))
     return path, True
+
+
+def _valid_tiny(path: Path) -> bool:
+    """Whether path is a complete tiny checkpoint with its tokenizer (config, tensors and scales checked)."""
+    from refimpl.config import Config
+    from refimpl.formats.weights import validate
+    if not ((path / "config.json").is_file() and (path / "tokenizer.json").is_file()
+            and (path / "tokenizer_config.json").is_file()):
+        return False
+    try:
+        return Config.from_checkpoint(path) == Config.tiny() and not validate(path, Config.tiny())
+    except ValueError:
+        return False
 
 
 def run_demo(path: Path, *, max_new_tokens: int = 8, precision: str = "mirror") -> int:
@@ -61,7 +94,7 @@ def run_demo(path: Path, *, max_new_tokens: int = 8, precision: str = "mirror") 
     greedy = [int(t) for t in full[len(ids) - 1:].argmax(-1)]
     ok = greedy == g.tokens
     print(f"check       one-shot prefill reproduces every decoded token: {'yes' if ok else 'NO'}")
-    out = path / "demo_trace.safetensors"
+    out = path / DEMO_TRACE
     trace.save(out)
     print(f"trace       {out} ({len(trace.tensors)} sites)")
     print(f"total       {time.perf_counter() - t0:.1f} s")

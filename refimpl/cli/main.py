@@ -1,35 +1,80 @@
-"""The `refimpl` command: thin subcommands over library functions (every one has --help)."""
+"""The `refimpl` command: thin subcommands over library functions (every one has --help).
+
+Exit codes (README "Files and exit codes"): 0 success; 1 a refused input or a failed check (every
+refimpl error is a ValueError subclass, and OS errors: one line `error: ...` on stderr); 2 a usage
+error (argparse: an unknown option, a malformed flag value; one line too); 130 Ctrl-C and 143
+SIGTERM, with no traceback and nothing half-written (outputs go through `formats.files`).
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 DEFAULT_DEMO_DIR = Path.home() / ".cache" / "refimpl" / "tiny"
+MAX_CHAT_BYTES = 8 << 20          # --chat / encode: a 1M-token context is about 4 MB of text
+MAX_COMPLETION_BYTES = 8 << 20    # parse
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program stands so that temporaries are removed on the way out."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2), like every other error of the command."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _int(text: str) -> int | None:
+    """A decimal integer written in ASCII digits (int() alone also takes '1_0' and non-ASCII digits), else None."""
+    text = text.strip()
+    return int(text) if re.fullmatch(r"[+-]?[0-9]+", text) else None
 
 
 def _ids(text: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
-    except ValueError:
-        raise SystemExit(f"error: --tokens must be comma-separated integers, got {text!r}") from None
-    if not ids:
-        raise SystemExit("error: --tokens is empty")
-    return ids
+    """--tokens: comma-separated integers (argparse type)."""
+    parts = [_int(t) for t in text.split(",")]
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give comma-separated token ids, e.g. 0,15,27")
+    if None in parts:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text[:100]!r}")
+    return parts
 
 
-def _chunks(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        sizes = [int(t) for t in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"error: --chunks must be comma-separated positive integers, got {text!r}") from None
-    if not sizes or min(sizes) <= 0:
-        raise SystemExit(f"error: --chunks must be comma-separated positive integers, got {text!r}")
+def _chunks(text: str) -> list[int]:
+    """--chunks: comma-separated positive integers (argparse type)."""
+    sizes = [_int(t) for t in text.split(",")]
+    if None in sizes or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {text[:100]!r}")
     return sizes
+
+
+def _at_least(lo: int):
+    """argparse type: an integer >= lo."""
+    def parse(text: str) -> int:
+        n = _int(text)
+        if n is None or n < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {text[:100]!r}")
+        return n
+    return parse
+
+
+def _max_seq_len(text: str) -> int:
+    """--max-seq-len: an integer in the range Config allows (argparse type: the flag is named)."""
+    from refimpl.config import FIELD_RANGES
+    lo, hi = FIELD_RANGES["max_seq_len"]
+    n = _at_least(lo)(text)
+    if n > hi:
+        raise argparse.ArgumentTypeError(f"must be an integer between {lo} and {hi}, got {text[:100]!r}")
+    return n
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -59,43 +104,53 @@ def _load(a):
     return load(a.ckpt, precision=a.precision, revision=a.revision, max_seq_len=a.max_seq_len)
 
 
-def _prompt_ids(a, model) -> list[int]:
-    if getattr(a, "tokens", None):
-        return _ids(a.tokens)
+def _prompt_ids(a) -> list[int]:
+    """The prompt's token ids from --tokens, --prompt or --chat; long text is refused before tokenizing."""
+    if a.tokens is not None:
+        return a.tokens
+    from refimpl.config import Config
     from refimpl.formats.tokenizer import Tokenizer
     tok = Tokenizer.from_checkpoint(a.ckpt)
-    if getattr(a, "chat", None):
+    if getattr(a, "chat", None) is not None:
         from refimpl.formats.encoding import encode_messages
         messages = _read_json(a.chat)
         text = encode_messages(messages, thinking_mode="thinking" if a.thinking else "chat")
     else:
         text = a.prompt
-    return tok.encode(text)
+    max_seq_len = a.max_seq_len or Config.from_checkpoint(a.ckpt).max_seq_len
+    return tok.encode(text, max_tokens=max_seq_len)
 
 
 def _read_json(path: str):
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SystemExit(f"error: {path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"error: {path}: not valid JSON ({e})") from None
+    from refimpl.formats.files import read_json
+    return read_json(path, limit=MAX_CHAT_BYTES, what="a chat JSON file")
+
+
+def _check_out(a) -> None:
+    """--out must be a new or regular file and none of the checkpoint's own files (checked before the run)."""
+    from refimpl.formats.files import FileError, check_output_path
+    from refimpl.formats.weights import checkpoint_files
+    out, exists = check_output_path(a.out)
+    if exists and any(os.path.samefile(out, f) for f in checkpoint_files(a.ckpt)):
+        raise FileError(f"{out}: is a file of the checkpoint {a.ckpt}; give another --out")
 
 
 def cmd_trace(a) -> int:
+    from refimpl.formats.weights import check_checkpoint_folder
     from refimpl.oracle.trace import run_trace
-    model = _load(a)
-    ids = _prompt_ids(a, model)
-    patterns = tuple(a.sites.split(",")) + ("logits",) if a.sites else ("*",)   # logits always
+    check_checkpoint_folder(a.ckpt)
+    _check_out(a)
+    ids = _prompt_ids(a)
     replay = None
     if a.replay:
         from refimpl.oracle.replay import Replay
         replay = Replay.load(a.replay, weights=a.replay_weights)
     elif a.replay_weights:
         raise ValueError("--replay-weights needs --replay TRACE")
+    model = _load(a)
+    patterns = tuple(a.sites.split(",")) + ("logits",) if a.sites else ("*",)   # logits always
     t0 = time.perf_counter()
-    trace = run_trace(model, ids, patterns=patterns, chunks=_chunks(a.chunks), decode_from=a.decode_from,
-                      replay=replay)
+    trace = run_trace(model, ids, patterns=patterns, chunks=a.chunks, decode_from=a.decode_from, replay=replay)
     trace.save(a.out)
     how = (f", prefill {a.decode_from} + {len(ids) - a.decode_from} decode steps" if a.decode_from else "") + \
           (f", replaying {a.replay}" if replay else "")
@@ -107,10 +162,12 @@ def cmd_trace(a) -> int:
 def cmd_generate(a) -> int:
     from refimpl.generate import SamplingParams, generate
     from refimpl.formats.tokenizer import Tokenizer
+    from refimpl.formats.weights import check_checkpoint_folder
+    params = SamplingParams(temperature=a.temperature, top_p=a.top_p)     # checked before any loading
+    check_checkpoint_folder(a.ckpt)
+    ids = _prompt_ids(a)
     model = _load(a)
-    ids = _prompt_ids(a, model)
     tok = Tokenizer.from_checkpoint(a.ckpt) if Path(a.ckpt, "tokenizer.json").exists() else None
-    params = SamplingParams(temperature=a.temperature, top_p=a.top_p)
     tty = sys.stderr.isatty()
     print(f"[prompt: {len(ids)} tokens; prefill ...]", file=sys.stderr, flush=True) if tty else None
 
@@ -177,10 +234,8 @@ def cmd_encode(a) -> int:
 
 def cmd_parse(a) -> int:
     from refimpl.formats.encoding import parse_message_from_completion_text
-    try:
-        text = Path(a.completion).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SystemExit(f"error: {a.completion}: no such file") from None
+    from refimpl.formats.files import read_text
+    text = read_text(a.completion, limit=MAX_COMPLETION_BYTES, what="a completion text file")
     msg = parse_message_from_completion_text(text, thinking_mode="thinking" if a.thinking else "chat")
     print(json.dumps(msg, ensure_ascii=False, indent=2))
     return 0
@@ -196,7 +251,7 @@ def cmd_demo(a) -> int:
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="refimpl", description="NumPy reference implementation of DeepSeek V4 Flash")
+    p = _Parser(prog="refimpl", description="NumPy reference implementation of DeepSeek V4 Flash")
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_opts(q):
@@ -204,15 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--precision", default="float32", choices=("float64", "float32", "mirror"))
         q.add_argument("--revision", default="current", choices=("current", "initial"),
                        help="official code revision to reproduce (docs/architecture.md §18)")
-        q.add_argument("--max-seq-len", type=int, default=None, help="maximum context (default: 4096)")
+        q.add_argument("--max-seq-len", type=_max_seq_len, default=None, help="maximum context (default: 4096)")
 
     q = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the official format")
     q.add_argument("preset", choices=("tiny", "flash", "pro"))
     q.add_argument("out")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--layers", type=int, default=None, help="keep only the first N main layers")
-    q.add_argument("--experts", type=int, default=None, help="routed experts per layer")
-    q.add_argument("--force", action="store_true", help="replace an existing directory")
+    q.add_argument("--seed", type=_at_least(0), default=0)
+    q.add_argument("--layers", type=_at_least(1), default=None, help="keep only the first N main layers")
+    q.add_argument("--experts", type=_at_least(1), default=None, help="routed experts per layer")
+    q.add_argument("--force", action="store_true",
+                   help="replace an existing checkpoint folder written by refimpl (never any other folder)")
     q.set_defaults(func=cmd_make_checkpoint)
 
     q = sub.add_parser("inspect", help="tensors, bytes by dtype and kind, validation against the config")
@@ -222,12 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("trace", help="run a forward pass and write its named sites to a safetensors file")
     model_opts(q)
     g = q.add_mutually_exclusive_group(required=True)
-    g.add_argument("--tokens", help="comma-separated token ids, e.g. 0,15,27")
+    g.add_argument("--tokens", type=_ids, help="comma-separated token ids, e.g. 0,15,27")
     g.add_argument("--prompt", help="text, tokenized with the checkpoint's tokenizer.json")
     q.add_argument("--sites", default=None, help="comma-separated glob patterns of sites (default: all)")
     c = q.add_mutually_exclusive_group()
-    c.add_argument("--chunks", default=None, help="prefill in chunks of these sizes, e.g. 3,2,1")
-    c.add_argument("--decode-from", type=int, default=None, metavar="K",
+    c.add_argument("--chunks", type=_chunks, default=None, help="prefill in chunks of these sizes, e.g. 3,2,1")
+    c.add_argument("--decode-from", type=_at_least(1), default=None, metavar="K",
                    help="prefill the first K tokens, then decode the rest one step at a time (the decode path)")
     q.add_argument("--replay", default=None, metavar="TRACE",
                    help="force expert ids and indexer top-k sets from this trace (docs/replay.md)")
@@ -254,44 +310,88 @@ def build_parser() -> argparse.ArgumentParser:
     model_opts(q)
     g = q.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", help="raw prompt text")
-    g.add_argument("--chat", help="JSON file with a list of chat messages (encoded as DeepSeek V4 does)")
-    g.add_argument("--tokens", help="comma-separated prompt token ids")
+    g.add_argument("--chat", help="JSON file with a list of chat messages (encoded as DeepSeek V4 does; "
+                                  "at most 8 MiB)")
+    g.add_argument("--tokens", type=_ids, help="comma-separated prompt token ids")
     q.add_argument("--thinking", action="store_true", help="thinking mode for --chat")
-    q.add_argument("--max-new-tokens", type=int, default=32)
+    q.add_argument("--max-new-tokens", type=_at_least(0), default=32)
     q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     q.add_argument("--top-p", type=float, default=1.0)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=_at_least(0), default=0)
     q.set_defaults(func=cmd_generate)
 
     q = sub.add_parser("encode", help="print the prompt string of a list of chat messages (no added newline)")
-    q.add_argument("messages", help="JSON file: a list of OpenAI-style messages")
+    q.add_argument("messages", help="JSON file: a list of OpenAI-style messages (at most 8 MiB)")
     q.add_argument("--thinking", action="store_true")
     q.add_argument("--reasoning-effort", choices=("max",), default=None)
     q.add_argument("--keep-thinking", action="store_true", help="keep earlier reasoning (drop_thinking off)")
     q.set_defaults(func=cmd_encode)
 
     q = sub.add_parser("parse", help="parse a completion into reasoning, content and tool calls (JSON)")
-    q.add_argument("completion", help="text file with the model's completion")
+    q.add_argument("completion", help="text file with the model's completion (UTF-8, at most 8 MiB)")
     q.add_argument("--thinking", action="store_true")
     q.set_defaults(func=cmd_parse)
 
     q = sub.add_parser("demo", help="the README's main job on the built-in tiny model")
-    q.add_argument("--dir", default=str(DEFAULT_DEMO_DIR), help="where the tiny checkpoint is made or reused")
-    q.add_argument("--max-new-tokens", type=int, default=8)
+    q.add_argument("--dir", default=str(DEFAULT_DEMO_DIR),
+                   help="where the tiny checkpoint is made or reused (a new or empty folder, or one the demo wrote)")
+    q.add_argument("--max-new-tokens", type=_at_least(1), default=8)
     q.add_argument("--precision", default="mirror", choices=("float64", "float32", "mirror"))
     q.set_defaults(func=cmd_demo)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:            # --help (0) or a usage error (2), already printed in one line
+        return e.code if isinstance(e.code, int) else 2
+    restore = _sigterm_raises()
     try:
         return args.func(args)
-    except ValueError as e:            # every refimpl input error is a ValueError subclass with a clear message
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Terminated:
+        return _fail("terminated", 143)
+    except BrokenPipeError:            # `refimpl ... | head`: the reader left; stop quietly
+        _silence_stdout()
         return 0
+    except ValueError as e:            # every refimpl input error is a ValueError subclass with a clear message
+        return _fail(str(e), 1)
+    except OSError as e:               # the few the library does not word itself
+        return _fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e), 1)
+    except MemoryError:
+        return _fail("out of memory", 1)
+    finally:
+        restore()
+
+
+def _fail(message: str, code: int) -> int:
+    """Print `error: message` on one line (newlines escaped, at most 2000 characters); -> code."""
+    line = message.replace("\r", "\\r").replace("\n", "\\n")
+    line = line if len(line) <= 2000 else line[:2000] + " ..."
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    return code
+
+
+def _sigterm_raises():
+    """Make SIGTERM raise Terminated (so that temporaries are removed); -> a function restoring the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+    old = signal.signal(signal.SIGTERM, raise_terminated)
+    return lambda: signal.signal(signal.SIGTERM, old)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):   # stdout replaced (tests) or already closed
+        pass
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Mapping
@@ -37,6 +37,7 @@ from typing import Callable, Mapping
 import ml_dtypes
 import numpy as np
 
+from refimpl.formats.files import atomic_file, read_json, write_text
 
 class CheckpointError(ValueError):
     """A checkpoint file or directory that is malformed, incomplete or inconsistent."""
@@ -62,10 +63,19 @@ DTYPES: dict[str, np.dtype] = {
     "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
 }
 MAX_HEADER_BYTES = 100_000_000        # the safetensors library refuses larger headers too
+MAX_INDEX_BYTES = 64 << 20            # model.safetensors.index.json: Flash's is about 5 MB
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 assert np.little_endian, "safetensors data is little-endian; refimpl reads it on little-endian hosts only"
+
+
+def dtype_name(dtype) -> str:
+    """The safetensors dtype string of a NumPy dtype (inverse of DTYPES)."""
+    for name, dt in DTYPES.items():
+        if dt == np.dtype(dtype):
+            return name
+    raise CheckpointError(f"dtype {np.dtype(dtype)} has no safetensors name")
 
 
 # ---------------------------------------------------------------- reading one file
@@ -102,7 +112,10 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     """Parse and validate a safetensors header: (tensors, metadata, data start offset in the file)."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):               # a FIFO would block, a device never end
+            raise CheckpointError(f"{path}: not a regular file, so not a safetensors file")
+        size = st.st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -220,6 +233,8 @@ class TensorSource:
     """
 
     def __init__(self, path: str | Path):
+        if str(path) == "":
+            raise CheckpointError("the checkpoint path is empty")
         self.path = Path(path)
         self.used: Counter[str] = Counter()
         self.index_metadata: dict = {}
@@ -247,12 +262,8 @@ class TensorSource:
                 self.where[name] = fname
 
     def _open_index(self, index: Path):
-        try:
-            raw = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
-        except OSError as e:
-            raise CheckpointError(f"{index}: cannot read ({e.strerror or e})") from None
-        except (CheckpointError, UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise CheckpointError(f"{index}: not valid JSON ({str(e)[:200]})") from None
+        raw = read_json(index, limit=MAX_INDEX_BYTES, what="a safetensors index", regular=True,
+                        object_pairs_hook=_no_duplicates, error=CheckpointError)
         wm = raw.get("weight_map") if isinstance(raw, dict) else None
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
             raise CheckpointError(f"{index}: expected an object with a 'weight_map' of tensor name -> shard file")
@@ -407,12 +418,6 @@ def header_bytes(specs: Mapping[str, Spec], metadata: Mapping[str, str] | None =
     return struct.pack("<Q", len(js)) + js
 
 
-def _atomic_file(path: Path):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
-    os.fchmod(fd, 0o644)                      # mkstemp makes 0600; checkpoints are shared files
-    return os.fdopen(fd, "wb"), Path(tmp)
-
-
 def write_safetensors(path: str | Path, specs: Mapping[str, Spec], produce: Callable[[str], np.ndarray],
                       metadata: Mapping[str, str] | None = None) -> int:
     """Write a safetensors file, one tensor at a time: produce(name) is called once per tensor.
@@ -423,28 +428,22 @@ def write_safetensors(path: str | Path, specs: Mapping[str, Spec], produce: Call
     path = Path(path)
     order, offsets = _layout(specs)
     head = header_bytes(specs, metadata)
-    f, tmp = _atomic_file(path)
-    try:
-        with f:
-            f.write(head)
-            for name in order:
-                want_dt, want_shape = DTYPES[specs[name][0]], tuple(specs[name][1])
-                arr = produce(name)
-                if not isinstance(arr, np.ndarray) or arr.dtype != want_dt or arr.shape != want_shape:
-                    got = (f"{arr.dtype} {list(arr.shape)}" if isinstance(arr, np.ndarray) else type(arr).__name__)
-                    raise CheckpointError(f"{path}: tensor {name!r}: produced {got}, spec says "
-                                          f"{specs[name][0]} {list(want_shape)}")
-                if arr.size:
-                    f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
-                del arr
-                if f.tell() != len(head) + offsets[name][1]:
-                    raise CheckpointError(f"{path}: tensor {name!r}: wrote to {f.tell()}, expected "
-                                          f"{len(head) + offsets[name][1]}")
-        size = tmp.stat().st_size
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        f.write(head)
+        for name in order:
+            want_dt, want_shape = DTYPES[specs[name][0]], tuple(specs[name][1])
+            arr = produce(name)
+            if not isinstance(arr, np.ndarray) or arr.dtype != want_dt or arr.shape != want_shape:
+                got = (f"{arr.dtype} {list(arr.shape)}" if isinstance(arr, np.ndarray) else type(arr).__name__)
+                raise CheckpointError(f"{path}: tensor {name!r}: produced {got}, spec says "
+                                      f"{specs[name][0]} {list(want_shape)}")
+            if arr.size:
+                f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
+            del arr
+            if f.tell() != len(head) + offsets[name][1]:
+                raise CheckpointError(f"{path}: tensor {name!r}: wrote to {f.tell()}, expected "
+                                      f"{len(head) + offsets[name][1]}")
+        size = f.tell()
     return size
 
 
@@ -493,16 +492,8 @@ def write_sharded(out_dir: str | Path, specs: Mapping[str, Spec], produce: Calla
 
 
 def write_json(path: str | Path, obj) -> None:
-    """Write a JSON file atomically (temporary name, then rename)."""
-    path = Path(path)
-    f, tmp = _atomic_file(path)
-    try:
-        with f:
-            f.write((json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write a JSON file atomically (temporary name, then rename; files.atomic_file)."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def spec_nbytes(spec: Spec) -> int:

@@ -10,8 +10,9 @@ The small BPE tokenizer that synthetic checkpoints carry is trained in `refimpl.
 
 from __future__ import annotations
 
-import json
+import functools
 import numbers
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,13 @@ from pathlib import Path
 import tokenizers
 
 from refimpl.formats.encoding import BOS, EOS
+from refimpl.formats.files import read_json, read_text
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 MODEL_MAX_LENGTH = 1048576                      # official tokenizer_config.json
+MAX_TOKENIZER_BYTES = 64 << 20                  # the official tokenizer.json is 7.8 MB
+MAX_CONFIG_BYTES = 1 << 20                      # tokenizer_config.json: a few KB
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -49,29 +53,40 @@ class Tokenizer:
         """Load <path>/tokenizer.json and the bos/eos strings of <path>/tokenizer_config.json."""
         path = Path(path)
         for name in (TOKENIZER_FILE, CONFIG_FILE):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{path / name} not found: a checkpoint directory needs "
-                                        f"{TOKENIZER_FILE} and {CONFIG_FILE}")
-        try:
-            config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-            raise TokenizerError(f"{path / CONFIG_FILE}: not a JSON file ({err})") from None
+            if not os.path.lexists(path / name):
+                raise TokenizerError(f"{path}: no {name} (a tokenizer needs {TOKENIZER_FILE} and {CONFIG_FILE}; "
+                                     "synthetic flash/pro checkpoints have none: copy the official files in, "
+                                     "or give token ids)")
+        config = read_json(path / CONFIG_FILE, limit=MAX_CONFIG_BYTES, what="a tokenizer_config.json",
+                           regular=True, error=TokenizerError)
         if not isinstance(config, dict):
             raise TokenizerError(f"{path / CONFIG_FILE}: expected a JSON object, got {type(config).__name__}")
+        text = read_text(path / TOKENIZER_FILE, limit=MAX_TOKENIZER_BYTES, what="a tokenizer.json",
+                         regular=True, error=TokenizerError)
         try:
-            tok = tokenizers.Tokenizer.from_file(str(path / TOKENIZER_FILE))
+            tok = tokenizers.Tokenizer.from_str(text)
         except Exception as err:          # the tokenizers library raises a bare Exception on bad files
-            raise TokenizerError(f"{path / TOKENIZER_FILE}: not a tokenizer file ({err})") from None
+            raise TokenizerError(f"{path / TOKENIZER_FILE}: not a tokenizer file ({str(err)[:200]})") from None
         return cls(tok, bos_token=_token_string(config, "bos_token"),
                    eos_token=_token_string(config, "eos_token"))
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; no BOS/EOS is added (the encoder writes BOS as text)."""
+    def encode(self, text: str, *, max_tokens: int | None = None) -> list[int]:
+        """Token ids of `text`; no BOS/EOS is added (the encoder writes BOS as text).
+
+        max_tokens: refuse, before tokenizing, a text too long to give at most that many tokens
+        (more than 2 x max_tokens x the longest token's bytes): tokenizing costs about 200 bytes
+        of memory per input byte, so a 50 MB prompt would take gigabytes only to be refused.
+        """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         if (bad := _SURROGATE.search(text)) is not None:
             raise TokenizerError(f"text has a lone surrogate {bad.group()!r} at character {bad.start()} "
                                  "(not valid Unicode)")
+        if max_tokens is not None:
+            n, most = len(text.encode("utf-8")), 2 * max_tokens * self.max_token_bytes
+            if n > most:
+                raise TokenizerError(f"text of {n} bytes is far more than {max_tokens} tokens can hold "
+                                     f"(refused above {most} bytes, before tokenizing)")
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
@@ -97,6 +112,14 @@ class Tokenizer:
     @property
     def eos_id(self) -> int:
         return self.tok.token_to_id(self.eos_token)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """An upper bound on the bytes of text one token stands for: its longest vocabulary string, in UTF-8.
+
+        (A byte-level token is written with one character per byte, of 1 or 2 UTF-8 bytes.)
+        """
+        return max(len(t.encode("utf-8")) for t in self.tok.get_vocab(with_added_tokens=True))
 
     @property
     def vocab_size(self) -> int:

@@ -20,12 +20,15 @@ Official: the module tree of inference/model.py (M:L279-800); names as DeepSeek 
 from __future__ import annotations
 
 import math
+import os
+import re
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from refimpl.formats.checkpoint import CheckpointError, TensorSource, scan_values
+from refimpl.formats.checkpoint import INDEX_NAME, MAX_INDEX_BYTES, CheckpointError, TensorSource, scan_values
+from refimpl.formats.files import read_json
 from refimpl.config import Config, ConfigError
 from refimpl.numerics import FP4_BLOCK, FP8_BLOCK
 from refimpl.model.linear import Fp8Matrix, Fp4Matrix
@@ -293,11 +296,46 @@ def load_model_weights(t: TensorSource, cfg: Config) -> ModelWeights:
                         mtp=load_mtp(t, cfg) if cfg.n_mtp_layers else None)
 
 
+def check_checkpoint_folder(path) -> Path:
+    """path as a checkpoint folder, or a CheckpointError at once (a shard given for the folder is not read)."""
+    p = Path(path)
+    if str(path) == "":
+        raise CheckpointError("the checkpoint path is empty")
+    if not p.is_dir():
+        what = ("is a file" if p.is_file() else "is not a folder") if os.path.lexists(p) else "does not exist"
+        raise CheckpointError(f"{str(path)!r} {what}: a checkpoint is a folder holding config.json and the "
+                              "safetensors shards")
+    return p
+
+
+CHECKPOINT_JSON = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", INDEX_NAME,
+                   "inference/config.json")
+SHARD_PATTERN = re.compile(r"model(-\d+-of-\d+)?\.safetensors")   # model.safetensors, model-00001-of-00046...
+
+
+def checkpoint_files(path) -> list[Path]:
+    """The existing files a checkpoint folder is made of: its JSON files and its shards (by name or index).
+
+    An output (a trace) must never replace one of them; `refimpl trace --out` checks against this.
+    """
+    folder = Path(path)
+    names = set(CHECKPOINT_JSON)
+    if folder.is_dir():
+        names |= {f.name for f in folder.iterdir() if SHARD_PATTERN.fullmatch(f.name)}
+        try:
+            index = read_json(folder / INDEX_NAME, limit=MAX_INDEX_BYTES, what="a safetensors index", regular=True)
+            names |= {v for v in index.get("weight_map", {}).values() if isinstance(v, str)}
+        except (ValueError, AttributeError):       # no index, or a malformed one: load() reports it
+            pass
+    return [folder / n for n in sorted(names) if (folder / n).is_file()]
+
+
 def load(path, *, precision: str = "float32", revision: str = "current", max_seq_len: int | None = None) -> Model:
     """A model over a memory-mapped checkpoint directory; nothing is dequantized until used."""
     if max_seq_len is not None and (not isinstance(max_seq_len, (int, np.integer)) or isinstance(max_seq_len, bool)):
         raise ConfigError(f"max_seq_len = {max_seq_len!r}: must be an int (a number of tokens)", field="max_seq_len")
     overrides = {} if max_seq_len is None else {"max_seq_len": int(max_seq_len)}   # exact: an int already
+    check_checkpoint_folder(path)
     cfg = Config.from_checkpoint(path, **overrides)
     source = TensorSource(path)
     check_checkpoint(source, cfg)        # config and tensors must agree, exactly

@@ -66,16 +66,14 @@ class Trace:
             self.tensors[name] = np.ascontiguousarray(x[0])   # every site has a batch axis; keep element 0
 
     def save(self, path, metadata: dict | None = None) -> None:
-        """Write the trace as safetensors (written to a temporary name, then renamed)."""
-        import os
-        from safetensors.numpy import save_file
+        """Write the trace as safetensors, one tensor at a time (a temporary name, renamed when complete)."""
+        from refimpl.formats.checkpoint import dtype_name, write_safetensors
         metadata = self.metadata if metadata is None else metadata
         if metadata is None:
             raise ValueError("a trace file needs its metadata (run_trace sets it; see trace_metadata)")
-        tmp = f"{path}.tmp-{os.getpid()}"
-        save_file({k: np.ascontiguousarray(v) for k, v in self.tensors.items()}, tmp,
-                  metadata={"refimpl": json.dumps(metadata, sort_keys=True)})
-        os.replace(tmp, path)
+        arrays = {k: np.ascontiguousarray(v) for k, v in self.tensors.items()}
+        write_safetensors(path, {k: (dtype_name(v.dtype), v.shape) for k, v in arrays.items()}, arrays.__getitem__,
+                          metadata={"refimpl": json.dumps(metadata, sort_keys=True)})
 
 
 def check_finite(name: str, x, *, hidden=None) -> None:

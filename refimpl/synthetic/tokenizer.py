@@ -16,6 +16,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from refimpl.formats.files import write_text
 from refimpl.formats.encoding import BOS, EOS, REASONING_EFFORT_MAX, SPECIAL_TOKENS, TOOLS_HEAD, TOOLS_TAIL
 from refimpl.formats.tokenizer import CONFIG_FILE, MODEL_MAX_LENGTH, TOKENIZER_FILE, Tokenizer
 
@@ -94,7 +95,7 @@ def write_tokenizer_files(out_dir: str | Path, tok: tokenizers.Tokenizer | Token
         tok = tok.tok
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out_dir / TOKENIZER_FILE))
+    write_text(out_dir / TOKENIZER_FILE, tok.to_str(pretty=True))
 
     def added(content: str) -> dict:
         return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True,
@@ -105,5 +106,4 @@ def write_tokenizer_files(out_dir: str | Path, tok: tokenizers.Tokenizer | Token
         "clean_up_tokenization_spaces": False, "eos_token": added(EOS), "legacy": True,
         "model_max_length": MODEL_MAX_LENGTH, "pad_token": added(EOS), "sp_model_kwargs": {},
         "unk_token": None, "tokenizer_class": "PreTrainedTokenizerFast"}
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-                                       encoding="utf-8")
+    write_text(out_dir / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")

@@ -5,7 +5,9 @@ dtype, sharded as DeepSeek ships it (model-0000i-of-0000n.safetensors + model.sa
 with the HF `config.json` (= `cfg.to_hf_dict()`), `generation_config.json`, and `tokenizer.json` +
 `tokenizer_config.json` from `synthetic.tokenizer.build_tiny_tokenizer` where its corpus can fill vocab_size
 ids (tiny: yes; Flash's 129,280: no, a note says to copy the official files in). The directory
-appears only when complete (written as `out.tmp-…`, then renamed).
+appears only when complete (written as `out.tmp-…`, then renamed); a failure or Ctrl-C leaves
+nothing behind. An existing folder is replaced only with overwrite=True and only if it holds
+nothing but the files written here (`check_output_folder`): nobody's other files are deleted.
 
 Determinism: tensor `name` is drawn from its own generator, seeded by (seed, sha256(name)), so the
 bytes depend only on the seed, the name and the shape, never on the write order. (NumPy promises
@@ -30,16 +32,18 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import shutil
+import re
 import sys
-import uuid
 from pathlib import Path
+from typing import Mapping
 
 import ml_dtypes
 import numpy as np
 
-from refimpl.formats.checkpoint import (CheckpointError, spec_nbytes, write_json,
-                                write_sharded)
+from refimpl.formats.checkpoint import (INDEX_NAME, CheckpointError, spec_nbytes, write_json,
+                                        write_sharded)
+from refimpl.formats.files import (check_output_path, interrupts_deferred, os_error, remove_folder, replace_folder,
+                                   temporary_name, write_text)
 from refimpl.config import Config, ConfigError
 from refimpl.numerics import FP4_BLOCK, FP8_BLOCK, decode_fp4_e2m1
 from refimpl.synthetic.quantize import quant_fp8_weight
@@ -245,24 +249,63 @@ def _write_tokenizer(cfg: Config, out: Path) -> str | None:
     return None
 
 
+WRITTEN_JSON = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", INDEX_NAME)
+SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def foreign_entries(folder: Path, also: tuple[str, ...] = ()) -> list[str]:
+    """The entries of folder that make_checkpoint does not write (nor `also`): what replacing it would lose."""
+    return sorted(e.name for e in os.scandir(folder)
+                  if not (e.is_file(follow_symlinks=False)
+                          and (e.name in WRITTEN_JSON or e.name in also or SHARD_FILE.fullmatch(e.name))))
+
+
+def check_output_folder(out: str | Path, *, overwrite: bool, also: tuple[str, ...] = ()) -> Path:
+    """out as a checkpoint folder to write, or a one-line error with nothing touched.
+
+    Written: a missing path (its parent must exist) or an empty folder. Replaced, with overwrite
+    only: a folder holding nothing but what make_checkpoint writes (and the names in `also`), so
+    that no file of anyone else's is ever deleted. Refused: a file, a symbolic link, '', any other
+    folder.
+    """
+    out, exists = check_output_path(out, folder=True, error=CheckpointError)
+    if not exists or not any(out.iterdir()):
+        return out
+    if not overwrite:
+        raise CheckpointError(f"{out}: exists and is not an empty folder (pass overwrite=True, or --force, "
+                              "to replace a checkpoint folder)")
+    foreign = foreign_entries(out, also)
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise CheckpointError(f"{out}: not a checkpoint folder written by refimpl (it holds "
+                              f"{', '.join(map(repr, foreign[:3]))}{more}); only such a folder is replaced, "
+                              "nothing was changed")
+    return out
+
+
 def make_checkpoint(cfg: Config, out_dir: str | Path, *, seed: int = 0, layers: int | None = None,
                     experts: int | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                    overwrite: bool = False, progress: bool | None = None) -> Config:
+                    overwrite: bool = False, progress: bool | None = None,
+                    extra_files: Mapping[str, str] = {}, also: tuple[str, ...] = ()) -> Config:
     """Write a random-weight checkpoint of cfg (shrunk by layers / experts) to out_dir; returns its Config.
 
-    out_dir must not exist, or be empty, unless overwrite. progress: None = a bar on a terminal only.
+    out_dir must be missing or an empty folder; with overwrite, it may also be a checkpoint
+    folder that refimpl wrote (check_output_folder). extra_files {name: text} are written into
+    the folder too (the demo's marker), and `also` names the other files such a folder may hold.
+    The folder appears only when complete; a failure or Ctrl-C leaves nothing behind.
+    progress: None = a bar on a terminal only.
     """
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed = {seed!r}: must be an int >= 0")
     cfg = shrink(cfg, layers=layers, experts=experts)
-    out = Path(out_dir)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise CheckpointError(f"{out}: exists and is not an empty directory (pass overwrite=True to replace it)")
+    out = check_output_folder(out_dir, overwrite=overwrite, also=also + tuple(extra_files))
     specs = expected_tensors(cfg)
-    tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    bar = None
+    tmp = temporary_name(out)
+    bar, created = None, False
     try:
+        with interrupts_deferred():          # tmp exists only if it will be removed on failure
+            tmp.mkdir()
+            created = True
         if progress is not False:
             from tqdm import tqdm
             bar = tqdm(total=sum(spec_nbytes(s) for s in specs.values()), unit="B", unit_scale=True,
@@ -274,15 +317,15 @@ def make_checkpoint(cfg: Config, out_dir: str | Path, *, seed: int = 0, layers: 
                                                     "eos_token_id": cfg.eos_token_id, "temperature": 1.0,
                                                     "top_p": 1.0})          # official generation_config.json
         note = _write_tokenizer(cfg, tmp)
-        if out.exists():
-            old = out.parent / f"{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for name, text in extra_files.items():
+            write_text(tmp / name, text)
+        check_output_folder(out, overwrite=overwrite, also=also + tuple(extra_files))   # unchanged meanwhile
+        replace_folder(tmp, out)
+    except BaseException as e:
+        if created:
+            remove_folder(tmp)
+        if isinstance(e, OSError):
+            raise os_error(out, e, "write", CheckpointError) from None
         raise
     finally:
         if bar is not None:

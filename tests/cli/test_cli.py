@@ -57,10 +57,10 @@ def test_trace_chunked_equals_one_shot(tiny_ckpt, tmp_path):
 
 def test_trace_bad_input_is_a_clear_error(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "x.st"
-    assert main(["trace", str(tiny_ckpt), "--tokens", "0,99999", "--out", str(out)]) == 2
+    assert main(["trace", str(tiny_ckpt), "--tokens", "0,99999", "--out", str(out)]) == 1   # a refused input
     assert "outside the vocabulary" in capsys.readouterr().err
     assert not out.exists()
-    assert main(["trace", str(tiny_ckpt), "--tokens", "1,2,3", "--max-seq-len", "2", "--out", str(out)]) == 2
+    assert main(["trace", str(tiny_ckpt), "--tokens", "1,2,3", "--max-seq-len", "2", "--out", str(out)]) == 1
     assert "max_seq_len" in capsys.readouterr().err
 
 

@@ -93,7 +93,7 @@ def test_from_checkpoint_string_tokens(tmp_path, tiny):
 def test_from_checkpoint_missing_file(tmp_path, tiny, missing):
     write_tokenizer_files(tmp_path, tiny.tok)
     (tmp_path / missing).unlink()
-    with pytest.raises(FileNotFoundError, match=missing):
+    with pytest.raises(TokenizerError, match=f"no {missing}"):
         Tokenizer.from_checkpoint(tmp_path)
 
 
@@ -115,8 +115,11 @@ def test_encode_rejects_non_text(tiny):
 @pytest.mark.parametrize("name, content, message", [
     ("tokenizer.json", b"{not json", "tokenizer.json: not a tokenizer file"),
     ("tokenizer.json", b'{"model": {"type": "BPE"}}', "tokenizer.json: not a tokenizer file"),
-    ("tokenizer_config.json", b"[1", "tokenizer_config.json: not a JSON file"),
-    ("tokenizer_config.json", b'{"bos_token": "\xff"}', "tokenizer_config.json: not a JSON file"),
+    ("tokenizer_config.json", b"[1", "tokenizer_config.json: not valid JSON"),
+    ("tokenizer_config.json", b'{"bos_token": "\xff"}',
+     r"tokenizer_config.json: not UTF-8 text \(byte 0xff at offset 15\)"),
+    ("tokenizer_config.json", b"[" * 100_000, "tokenizer_config.json: JSON nested more than 100 levels"),
+    ("tokenizer.json", b"[" * 100_000, "tokenizer.json: not a tokenizer file"),
     ("tokenizer_config.json", b"[1]", "tokenizer_config.json: expected a JSON object, got list"),
 ])
 def test_from_checkpoint_corrupt_files(tmp_path, tiny, name, content, message):

@@ -156,11 +156,16 @@ def test_other_tensors_have_the_documented_scales(tiny_ckpt):
 def test_refuses_a_non_empty_output(tiny_ckpt, tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "f").write_text("x")
-    with pytest.raises(CheckpointError, match="exists and is not an empty directory"):
+    with pytest.raises(CheckpointError, match="exists and is not an empty folder"):
         make_checkpoint(TINY, tmp_path / "busy")
-    make_checkpoint(TINY, tmp_path / "busy", overwrite=True, layers=1, experts=2)
-    assert not (tmp_path / "busy" / "f").exists() and Config.from_checkpoint(tmp_path / "busy").n_layers == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]       # old copy and temporaries gone
+    # overwrite replaces only a folder refimpl wrote: another file in it would be lost
+    with pytest.raises(CheckpointError, match=r"not a checkpoint folder written by refimpl \(it holds 'f'\)"):
+        make_checkpoint(TINY, tmp_path / "busy", overwrite=True, layers=1, experts=2)
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["f"]
+    make_checkpoint(TINY, tmp_path / "ck", layers=2, experts=2)
+    make_checkpoint(TINY, tmp_path / "ck", overwrite=True, layers=1, experts=2)
+    assert Config.from_checkpoint(tmp_path / "ck").n_layers == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "ck"]       # old copy and temporaries gone
 
 
 def test_failure_leaves_nothing(tmp_path, monkeypatch):
