@@ -432,10 +432,12 @@ def trace_transformers(model, cfg: Config, ids: np.ndarray) -> Trace:
 
 
 def peer_metadata(cfg: Config, ids) -> dict:
-    """The metadata refimpl's traces carry (config id, tokens, chunks), for this peer run."""
+    """The metadata refimpl's traces carry (docs/trace-format.md), for this peer run."""
     torch, transformers = _torch()
     from refimpl.model.state import config_id
-    return {"refimpl": REFIMPL_VERSION, "config_id": config_id(cfg), "precision": "float32",
+    from refimpl.oracle.trace import TRACE_FORMAT_VERSION
+    return {"format_version": TRACE_FORMAT_VERSION, "n_layers": cfg.n_layers, "decode_from": None,
+            "refimpl": REFIMPL_VERSION, "config_id": config_id(cfg), "precision": "float32",
             "revision": "current", "tokens": [int(t) for t in ids], "chunks": [len(ids)],
             "implementation": f"transformers {transformers.__version__} DeepseekV4ForCausalLM, "
                               f"torch {torch.__version__}, float32, CPU"}
