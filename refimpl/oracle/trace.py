@@ -128,7 +128,8 @@ def trace_metadata(model, tokens, chunks) -> dict:
     """The JSON metadata of a trace file: what ran, on which model, in which precision, in which chunks."""
     tokens = [int(t) for t in tokens]
     return {"refimpl": __version__, "config_id": model.config_id, "precision": model.precision,
-            "revision": model.revision, "tokens": tokens, "chunks": list(chunks) if chunks else [len(tokens)]}
+            "revision": model.revision, "layout": model.layout, "tokens": tokens,
+            "chunks": list(chunks) if chunks else [len(tokens)]}
 
 
 def run_trace(model, tokens, *, patterns: tuple[str, ...] = ("*",), chunks: list[int] | None = None) -> Trace:
@@ -139,8 +140,10 @@ def run_trace(model, tokens, *, patterns: tuple[str, ...] = ("*",), chunks: list
     end of a call, so a chunk's rows are padded to the full width with what one forward pass
     holds there (-inf: not visible; -1: no entry). The MTP block keeps no state and no chunked
     prefill runs it (the official generate never does): it runs once over the whole sequence, on
-    the final streams the chunks produced, as forward() runs it. In float64 and mirror, where the
-    model is chunking-invariant, every site equals the unchunked one bit for bit.
+    the final streams the chunks produced, as forward() runs it. In float64, and in mirror with the
+    canonical layout, where the model is chunking-invariant, every site equals the unchunked one
+    bit for bit; in mirror with the official layout, chunks change the index layout where the
+    official calls would (docs/architecture.md §15), and the sites with it.
     """
     ids = model.check_tokens(tokens)                          # int64 ids in the vocabulary, or InputError
     if ids.ndim != 1:
