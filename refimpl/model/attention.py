@@ -140,7 +140,7 @@ def sparse_attention(q: np.ndarray, kv: np.ndarray, attn_sink: np.ndarray, topk_
 
     float64 / float32: one softmax over the whole index set (the order of the set does not matter).
     mirror: the official kernel's online softmax over blocks of 64 entries, in the given order
-    (`_kernel_blocks`), so the result depends on the index layout, as the official one does.
+    (`sparse_attn_query`), so the result depends on the index layout, as the official one does.
     """
     dt = work_dtype(prec)
     b, s, h, d = q.shape
@@ -152,7 +152,7 @@ def sparse_attention(q: np.ndarray, kv: np.ndarray, attn_sink: np.ndarray, topk_
             if not (idx >= 0).any():
                 raise ValueError(f"sparse_attention: query {si} (batch {bi}) has no entry to attend to")
             if prec == "mirror":
-                o[bi, si] = _kernel_blocks(q[bi, si], kv[bi], sink, idx, softmax_scale)
+                o[bi, si] = bf16(sparse_attn_query(q[bi, si], kv[bi], sink, idx, softmax_scale), prec)   # o: bf16
                 continue
             rows = kv[bi, idx[idx >= 0]]                                  # [k, d]  -1 entries skipped
             scores = product(q[bi, si], rows.T, prec) * dt(softmax_scale)   # [h, k]
@@ -163,9 +163,11 @@ def sparse_attention(q: np.ndarray, kv: np.ndarray, attn_sink: np.ndarray, topk_
     return o
 
 
-def _kernel_blocks(qi: np.ndarray, kv: np.ndarray, sink: np.ndarray, idx: np.ndarray,
-                   softmax_scale: float) -> np.ndarray:
-    """One query of the official sparse_attn kernel (K:L276-368), mirror rounding. qi [h,d], idx [k] -> [h,d].
+def sparse_attn_query(qi: np.ndarray, kv: np.ndarray, sink: np.ndarray, idx: np.ndarray,
+                      softmax_scale: float) -> np.ndarray:
+    """One query of the official sparse_attn kernel (K:L276-368) in mirror rounding, before the bf16 store.
+
+    qi [h, d] bf16 values, kv [n, d], sink [h], idx [k] (-1 padded) -> fp32 [h, d] = acc / sum.
 
     Per block of 64 index entries, in order (-1 entries score -inf and add exactly 0):
         sc    = fp32(q · kv_j) · fp32(scale)                     T.gemm into a cleared fp32 tile, *= scale
@@ -174,8 +176,9 @@ def _kernel_blocks(qi: np.ndarray, kv: np.ndarray, sink: np.ndarray, idx: np.nda
         p     = exp(sc - m')                                     fp32, relative to the RUNNING max
         sum   = fp32(sum · r) + Σ p                              block sum exact, rounded once
         acc   = fp32(acc · r) + fp32(bf16(p) · kv)               bf16 probabilities; P·V exact, rounded once
-    then sum += exp(sink - m), o = bf16(acc / sum). Each exp is one correctly rounded fp32 op of
-    an fp32 difference; every other op is an IEEE fp32 op (fp32 arrays), no fused multiply-add.
+    then sum += exp(sink - m), o = acc / sum (the caller stores o as bf16). Each exp is one correctly
+    rounded fp32 op of an fp32 difference; every other op is an IEEE fp32 op (fp32 arrays), no fused
+    multiply-add (docs/architecture.md §10).
     """
     h, d = qi.shape
     m = np.full(h, -np.inf, np.float32)                                  # scores_max
@@ -197,7 +200,7 @@ def _kernel_blocks(qi: np.ndarray, kv: np.ndarray, sink: np.ndarray, idx: np.nda
         acc = acc * r[:, None] + product(bf16(p, "mirror"), rows, "mirror")   # acc_o *= scale; gemm(bf16(p), kv)
         m = m_new
     den = den + exp(sink - m, "mirror")                                  # sum_exp += exp(attn_sink - max)
-    return bf16(acc / den[:, None], "mirror")                            # acc_o /= sum_exp; bf16 output
+    return acc / den[:, None]                                            # acc_o /= sum_exp (fp32)
 
 
 def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: AttentionWeights, cfg,
