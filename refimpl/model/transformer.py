@@ -11,7 +11,9 @@ one is the published V3 design.
 
 `Model.prefill(tokens, state)` runs tokens from any position (`state.pos`), `Model.decode(token,
 state)` one token; both return `(logits, new_state)`. `Model.forward(tokens)` is a prefill from an
-empty state. Any split of a sequence into chunks gives the same logits and state as one prefill.
+empty state. Any split of a sequence into chunks gives the same logits and state as one prefill
+in float64 and float32 (within tolerance) and in mirror with layout="canonical"; with the official
+layout mirror follows the official call types (docs/architecture.md §15).
 Official: model.py Transformer (M:L770-810), MTPBlock (M:L739-767), ParallelHead (M:L704-736).
 """
 from __future__ import annotations

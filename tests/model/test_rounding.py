@@ -23,20 +23,33 @@ The rounding points of mirror, as the code has them (test names below without th
 | linear.fp32_linear | output fp32, not bf16 (compressor wkv/wgate, gate, hc fn, head) | M:L279-377, M:L564-584 | fp32_and_bf16_linear |
 | linear.product | fp32 accumulator of attention/indexer products | K:L276-368 | product_rounds_once_to_fp32 |
 | norm.rms_norm | fp32 math, output bf16 | M:L183-196 | rms_norm_output_is_rounded_to_bf16 |
+| norm.rms_norm | mean of the fp32 squares exact, rsqrt one op | M:L194-195 | rms_norm_mean_exact_and_rsqrt_one_op |
 | norm.head_rms_norm | five bf16 ops: q², mean, + eps, rsqrt, q·r | M:L496-499 | head_rms_norm_rounds_each_bf16_op |
+| norm.head_rms_norm | the mean exact; rsqrt(1.59375) = 0.79296875 | M:L498 | q_norm_mean_is_exact, q_norm_rsqrt_of_1_59375_is_0_79296875 |
 | rope.apply_rope | rotated pair written back as bf16 | M:L232-244 | rope_writes_back_bf16 |
+| rope.apply_rope, rope_table | complex product exact, rounded once; the table's fp32 ops | M:L220-242 | rope_complex_product_one_op_and_table |
 | hyperconn.hc_pre / hc_post / hc_head | sublayer input / new streams / head input bf16 | M:L674-687, M:L729-736 | hyperconn_outputs_are_bf16 |
+| hyperconn.weighted_streams, hc_post | sums over streams exact | M:L681, L686 | weighted_streams_sum_exact_hand_worked, hc_post_stream_sum_exact_hand_worked |
+| hyperconn.split_sinkhorn | sigmoid, exp one op; every row/column sum exact | K:L386-425 | sinkhorn_sigmoid_exp_and_sums_one_op |
+| hyperconn._mixes, hc_head | RMS mean exact, rsqrt one op; hc_head sigmoid one op | M:L678-679, L732-735 | mhc_mixes_rms_mean_exact_and_rsqrt_one_op, hc_head_every_step_one_op |
+| compressor.gated_pool | softmax one op, sum over the pool exact | M:L342, L352, L359 | compressor_pool_softmax_one_op_and_exact_sum |
 | compressor.compress | bf16 of the pooled entry before its norm | M:L362-372 | compressor_rounds_to_bf16_before_the_norm |
 | compressor.compress (main) | FP8 QDQ of the non-rope dims, block 64 (current revision) | M:L372 | compressor_rounds_to_bf16_before_the_norm |
 | compressor.compress (indexer) | bf16 Hadamard, then FP4 QDQ block 32 | M:L368-370 | compressor_index_keys_hadamard_bf16_then_fp4 |
 | indexer.indexer | q: bf16 Hadamard then FP4 QDQ; weights: bf16(weights_proj(x) · j^-0.5 · i^-0.5) | M:L380-433 | indexer_scores_against_independent_computation |
 | indexer.index_scores | bf16 einsum output, bf16 ReLU·weight, fp32 head sum rounded to bf16 | M:L380-433 | index_scores_each_bf16_step |
+| indexer.index_scores | the head sum exact | M:L421 | index_head_sum_exact_hand_worked |
 | attention.attention | FP8 QDQ of the window KV's non-rope dims, block 64 (current revision) | M:L506 | window_layer_attention_composition |
 | attention.sparse_attention | scores fp32, probabilities bf16 before P·V (unnormalised), output bf16 | K:L276-368 | sparse_attention_each_rounding |
+| attention.sparse_attn_query | blocks of 64, running max, rescale in fp32, exact block sums | K:L321-350 | tests/model/test_sparse_kernel.py |
+| attention.window_width | the official layout of each call type | M:L255-266 | tests/model/test_index_layout.py |
 | attention.attention | wo_a: bf16 einsum output per group | M:L534-542 | window_layer_attention_composition |
 | moe.expert | bf16 of the SwiGLU product before w2 | M:L604-606 | expert_rounds_to_bf16_before_w2 |
 | moe.moe | fp32 sum of expert outputs, output bf16 | M:L630-645 | moe_output_is_bf16_of_the_fp32_sum |
 | moe.route | router logits and weights fp32, not bf16 | M:L564-584 | router_stays_fp32 |
+| moe.route | softplus one op, the normalisation sum exact | M:L571, L582 | router_softplus_one_op_and_exact_sum |
+| moe.swiglu | silu one op | M:L603 | swiglu_silu_one_op |
+| moe.route, indexer | top-k ties: the lower index | M:L427, L579 | top_k_ties_lower_index_in_router_and_indexer |
 | moe.moe | shared-expert SwiGLU clamp in the current revision only | M:L587-606 | moe_output_is_bf16_of_the_fp32_sum |
 | transformer.head_logits | logits fp32 (NOT bf16) | M:L704-736 | logits_are_fp32_not_bf16 |
 | transformer.mtp_forward | bf16(e_proj(e) + h_proj(h)) | M:L739-767 | mtp_input_is_bf16 |
@@ -44,7 +57,12 @@ The rounding points of mirror, as the code has them (test names below without th
 Steps that are exact by construction have no test of their own (removing them changes nothing):
 the bf16 rounding after an in-place FP8/FP4 QDQ (q·s has at most 4 significant bits), the fp32
 rounding before a bf16 output (round_bf16 rounds to fp32 first), the embedding upcast and the
-bf16 storage of caches (they hold bf16 values).
+bf16 storage of caches (they hold bf16 values). Two one-op rules change no value where the model
+uses them and are pinned for their value only: the q norm's bf16 rsqrt (fp32 1/sqrt then bf16
+agrees with it on every bf16 input, checked exhaustively) and the RoPE power base^(2i/p) for the
+bases 10000 and 160000 (NumPy's float32 power rounds those correctly too); the Hadamard transform's
+one rounding is pinned in tests/test_numerics.py (its effect through bf16 and FP4 is too rare to
+see at the model's call sites).
 """
 import dataclasses
 import math
