@@ -53,6 +53,11 @@ def test_trace_chunked_equals_one_shot(tiny_ckpt, tmp_path):
     ta, tb = load_file(str(a)), load_file(str(b))
     assert np.array_equal(ta["logits"], tb["logits"])
     assert np.array_equal(ta["layers.5.out"], tb["layers.5.out"])
+    from safetensors import safe_open
+    with safe_open(str(b), "np") as f:
+        assert json.loads(f.metadata()["refimpl"])["layout"] == "canonical"
+    with pytest.raises(SystemExit):                                  # argparse: not a layout
+        main(["trace", str(tiny_ckpt), "--tokens", "1,2", "--layout", "dense", "--out", str(a)])
 
 
 def test_trace_bad_input_is_a_clear_error(tiny_ckpt, tmp_path, capsys):

@@ -29,8 +29,8 @@ def bf16(x):
     return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
-def kernel_ref(q, kv, sink, idx, scale, *, block=64, round_p=True, fma=False, exact_block_sum=True,
-               store_bf16=True):
+def kernel_ref(q, kv, sink, idx, scale, *, block=64, round_p=True, fma_sum=False, fma_acc=False,
+               exact_block_sum=True, store_bf16=True, numpy_sink_exp=False):
     """The official kernel for one batch element, one (query, head) at a time. q [s,h,d], kv [n,d], idx [s,k].
 
     store_bf16=False: the fp32 result acc / sum before the kernel stores it as bf16."""
@@ -52,14 +52,17 @@ def kernel_ref(q, kv, sink, idx, scale, *, block=64, round_p=True, fma=False, ex
                 block_sum = F32(math.fsum(p)) if exact_block_sum else F32(np.sum(np.array(p, np.float32)))
                 pv_in = [bf16(x) if round_p else F32(x) for x in p]
                 pv = np.array([math.fsum(float(pj) * kv64[j, c] for pj, j in zip(pv_in, js)) for c in range(d)])
-                if fma:                                                              # one rounding per update
+                if fma_sum:                                                          # one rounding per update
                     den = F32(float(den) * float(r) + float(block_sum))
-                    acc = (acc.astype(np.float64) * float(r) + pv).astype(np.float32)
                 else:
                     den = F32(F32(den * r) + block_sum)
+                if fma_acc:
+                    acc = (acc.astype(np.float64) * float(r) + pv).astype(np.float32)
+                else:
                     acc = (acc * r + pv.astype(np.float32)).astype(np.float32)      # fp32 ops
                 m = m_new
-            den = F32(den + F32(math.exp(F32(F32(sink[hi]) - m))))
+            z = F32(F32(sink[hi]) - m)
+            den = F32(den + (np.exp(z) if numpy_sink_exp else F32(math.exp(z))))
             out[si, hi] = bf16(acc / den) if store_bf16 else acc / den
     return out
 
@@ -71,12 +74,14 @@ def differs(a, b):
 @pytest.fixture(scope="module")
 def wide():
     """4 queries x 4 heads over 200 KV rows; index sets 150 wide laid out like a decode step:
-    a window part of 100 (valid, then -1 padded), then 50 compressed rows. Scores grow along the
-    set, so the running max rises from block to block."""
+    a window part of 100 (valid, then -1 padded), then 50 compressed rows. Queries and rows share
+    a direction u whose weight in the rows grows along the positions, so every head's scores grow
+    along the set and the running max rises from block to block."""
     rng = np.random.default_rng(7)
     h, d, n = 4, 64, 200
-    q = bf16(rng.standard_normal((1, 4, h, d)))
-    kv = bf16(rng.standard_normal((1, n, d)) + 0.02 * np.arange(n)[:, None] * q[0, 0, 0][None, :])
+    u = rng.standard_normal(d) / 8
+    q = bf16(rng.standard_normal((1, 4, h, d)) + u)
+    kv = bf16(rng.standard_normal((1, n, d)) + 0.15 * np.arange(n)[:, None] * u)
     sink = rng.standard_normal(h).astype(np.float32)
     idx = np.full((1, 4, 150), -1)
     for si, valid in enumerate((100, 60, 64, 97)):                       # window entries of each query
@@ -98,8 +103,15 @@ def test_mirror_follows_the_kernel_blocks_bit_for_bit(wide):
     want32 = kernel_ref(q[0], kv[0], sink, idx[0], scale, store_bf16=False)
     got32 = np.stack([sparse_attn_query(q[0, si], kv[0], sink, idx[0, si], scale) for si in range(4)])
     assert got32.dtype == np.float32 and np.array_equal(got32, want32)
-    assert differs(want32, kernel_ref(q[0], kv[0], sink, idx[0], scale, fma=True, store_bf16=False))
+    assert differs(want32, kernel_ref(q[0], kv[0], sink, idx[0], scale, fma_sum=True, store_bf16=False))
+    assert differs(want32, kernel_ref(q[0], kv[0], sink, idx[0], scale, fma_acc=True, store_bf16=False))
     assert differs(want32, kernel_ref(q[0], kv[0], sink, idx[0], scale, exact_block_sum=False, store_bf16=False))
+    # a sink above the scores (its term dominates the sum): its exp is one correctly rounded op
+    big = sink + np.float32(12)
+    want32 = kernel_ref(q[0], kv[0], big, idx[0], scale, store_bf16=False)
+    got32 = np.stack([sparse_attn_query(q[0, si], kv[0], big, idx[0, si], scale) for si in range(4)])
+    assert np.array_equal(got32, want32)
+    assert differs(want32, kernel_ref(q[0], kv[0], big, idx[0], scale, numpy_sink_exp=True, store_bf16=False))
 
 
 def test_mirror_depends_on_the_layout_float64_does_not(wide):
