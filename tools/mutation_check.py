@@ -8,12 +8,14 @@ Each entry of MUTATIONS is (name, file, [(exact source text, replacement), ...])
 first checks that every source text occurs exactly once in the current code (so it fails loudly,
 exit 2, when the code drifts and the list needs updating), copies the repository (tracked and
 untracked, not ignored files) to a scratch folder, and then, per mutation: applies it to the
-copy, runs the pinning tests (tests/model/test_rounding.py and tests/test_numerics.py, `pytest
--x`, a caught mutation fails there within seconds), and only if they pass, the whole default
-suite. It prints a table (mutation, caught, by which test, seconds) and exits 1 if any mutation
-survives. The tests run with this Python (use the project's venv) on the scratch copy, never
-on the working tree. Measured: 2 min 35 s for the 46 mutations on 2 shared cores (every one
-caught by the pinning tests, 2-5 s each); tests/test_tools.py runs it as a `slow` test.
+copy, runs the pinning tests (PINNING: tests/model/test_rounding.py, tests/test_numerics.py,
+tests/model/test_sparse_kernel.py, tests/model/test_index_layout.py, `pytest -x`, a caught
+mutation fails there within seconds), and only if they pass, the whole default suite. It prints
+a table (mutation, caught, by which test, seconds) and exits 1 if any mutation survives. The
+tests run with this Python (use the project's venv) on the scratch copy, never on the working
+tree. Measured: 33 min for the 78 mutations on 2 cores shared with other jobs (load average ~6;
+every one caught by the pinning tests, 6-25 s each, most of it pytest's start-up);
+tests/test_tools.py runs it as a `slow` test.
 """
 from __future__ import annotations
 
