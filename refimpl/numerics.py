@@ -379,13 +379,14 @@ def _hadamard(x: np.ndarray) -> np.ndarray:
 #
 # Inside one official operation the last bits depend on things that are not semantics: the order
 # of a reduction on a GPU or CPU, and the elementary-function library (exp, rsqrt, sigmoid, ...;
-# PyTorch's CPU bf16 rsqrt is not even correctly rounded, docs/architecture.md §5). mirror fixes
+# PyTorch's CPU bf16 rsqrt is not even correctly rounded, docs/architecture.md §19.5). mirror fixes
 # them: each such operation is computed in float64 on its (exact) fp32 inputs and rounded once to
-# fp32 (then to bf16 by the caller, for a bf16 op, as a GPU does). A float64 sum of fp32 values is
-# exact for the short sums (up to a few dozen terms of similar magnitude); for long ones its error
-# lies far below half an fp32 ulp, so the one rounding is the correct one except within that
-# distance of a rounding boundary. The same holds for float64 exp/sqrt/log1p. Outside mirror these
-# functions are the plain math in the input's dtype (prec None means the same: no mode).
+# fp32 (then to bf16 by the caller, for a bf16 op, as a GPU does). A float64 sum of n fp32 values
+# is exact while 24 bits + the spread of their magnitudes (in binades) + log2(n) fit in 53 bits,
+# which covers the short sums here; otherwise its error lies far below half an fp32 ulp, so the
+# one rounding is the correct one except within that distance of a rounding boundary. The same
+# holds for float64 exp/sqrt/log1p. Outside mirror these functions are the plain math in the
+# input's dtype (prec None means the same: no mode).
 
 def _mirror_op(f, x, prec):
     """f(x) as one official fp32 op: float64 inside, rounded once to fp32 in mirror; else f in x's dtype."""
