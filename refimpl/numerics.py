@@ -8,7 +8,10 @@ Precision modes (docs/architecture.md §3). Every function that stands for an of
               are float32 arrays holding bf16-representable values; FP8/FP4 QDQ as the kernels do
 
 The mode steps `bf16`, `f32`, `act_fp8`, `qdq_fp8`, `qdq_fp4` are identities outside `mirror`; each
-rounding point of mirror is one call of one of them.
+rounding point of mirror is one call of one of them. Inside one official operation mirror computes
+exactly and rounds once: `reduce_sum`, `reduce_mean`, `exp`, `rsqrt`, `power`, `softmax`,
+`sigmoid`, `softplus`, `silu` and `hadamard` take `prec` and, in mirror, evaluate in float64 and
+round once to fp32 (plain math in the input's dtype otherwise).
 
 Formats (docs/architecture.md §3; "fp32(v)" = v rounded to float32):
 
@@ -57,6 +60,7 @@ FP4_MAX_INV = np.float32(1 / 6)        # official: fp4_max_inv = 1.0 / fp4_max
 FP8_BLOCK = 128      # official block_size (M:L17): FP8 weight blocks (128x128) and the 1x128 blocks of a GEMM's activation quantization
 FP4_BLOCK = 32       # official fp4_block_size (M:L18): FP4 weight blocks (1x32) and the indexer's FP4 QDQ blocks
 KV_FP8_BLOCK = 64    # FP8 QDQ of the KV's non-rope dims: act_quant(kv[..., :-rd], 64, ...) (M:L372 compressed, M:L506 window)
+SPARSE_ATTN_BLOCK = 64   # index entries per step of the sparse-attention kernel's online softmax: block = 64 (K:L290)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -344,14 +348,22 @@ def qdq_fp4(x, prec: str, *, block: int = FP4_BLOCK):
 # ------------------------------------------------------------------------------------------------
 # Hadamard rotation (M:L247-251)
 
-def hadamard(x) -> np.ndarray:
-    """x · H_n / sqrt(n) along the last axis (Sylvester H_n, n a power of two), in x's dtype."""
+def hadamard(x, prec=None) -> np.ndarray:
+    """x · H_n / sqrt(n) along the last axis (Sylvester H_n, n a power of two) as one op.
+
+    In x's dtype; in mirror exact (float64) and rounded once to fp32 (the caller rounds to bf16).
+    """
     x = np.asarray(x)
     if x.dtype.kind != "f":
         raise TypeError(f"hadamard: expected a float array, got {x.dtype}")
     n = x.shape[-1]
     if n < 1 or n & (n - 1):
         raise ValueError(f"hadamard: last dim {n} is not a power of two")
+    return _mirror_op(_hadamard, x, prec)
+
+
+def _hadamard(x: np.ndarray) -> np.ndarray:
+    n = x.shape[-1]
     y = x.reshape(-1, n)                                         # [rows, n]
     h = 1
     while h < n:                     # butterfly on bit h: (y_i, y_i+h) -> (y_i + y_i+h, y_i - y_i+h)
@@ -359,40 +371,83 @@ def hadamard(x) -> np.ndarray:
         a, b = pairs[:, :, 0, :], pairs[:, :, 1, :]
         y = np.stack([a + b, a - b], axis=2).reshape(-1, n)      # natural (Sylvester) order
         h *= 2
-    # NOTE(official): fast_hadamard_transform sums in another order (fp32); results may differ in the last bit
     return (y * x.dtype.type(n ** -0.5)).reshape(x.shape)        # official: scale = dim ** -0.5
 
 
 # ------------------------------------------------------------------------------------------------
-# small math (dtype-preserving)
+# one official operation, computed exactly and rounded once (mirror)
+#
+# Inside one official operation the last bits depend on things that are not semantics: the order
+# of a reduction on a GPU or CPU, and the elementary-function library (exp, rsqrt, sigmoid, ...;
+# PyTorch's CPU bf16 rsqrt is not even correctly rounded, docs/architecture.md §19.5). mirror fixes
+# them: each such operation is computed in float64 on its (exact) fp32 inputs and rounded once to
+# fp32 (then to bf16 by the caller, for a bf16 op, as a GPU does). A float64 sum of n fp32 values
+# is exact while 24 bits + the spread of their magnitudes (in binades) + log2(n) fit in 53 bits,
+# which covers the short sums here; otherwise its error lies far below half an fp32 ulp, so the
+# one rounding is the correct one except within that distance of a rounding boundary. The same
+# holds for float64 exp/sqrt/log1p. Outside mirror these functions are the plain math in the
+# input's dtype (prec None means the same: no mode).
 
-def softmax(x, axis: int = -1) -> np.ndarray:
-    """exp(x - max) / sum; ValueError if a slice is all -inf (never returns NaN for finite input)."""
+def _mirror_op(f, x, prec):
+    """f(x) as one official fp32 op: float64 inside, rounded once to fp32 in mirror; else f in x's dtype."""
+    if prec is not None and _is_mirror(prec):
+        return round_f32(f(np.asarray(x, np.float64)))
+    return f(np.asarray(x))
+
+
+def reduce_sum(x, axis, prec, *, keepdims: bool = False) -> np.ndarray:
+    """Σ along axis as one official reduction (torch .sum, T.reduce_sum): exact, rounded once to fp32 (mirror)."""
+    return _mirror_op(lambda v: np.sum(v, axis=axis, keepdims=keepdims), x, prec)
+
+
+def reduce_mean(x, axis, prec, *, keepdims: bool = False) -> np.ndarray:
+    """Mean along axis as one official reduction (torch .mean): exact, rounded once to fp32 (mirror)."""
+    return _mirror_op(lambda v: np.mean(v, axis=axis, keepdims=keepdims), x, prec)
+
+
+def exp(x, prec) -> np.ndarray:
+    """exp as one official op (torch.exp, T.exp): correctly rounded to fp32 in mirror."""
+    return _mirror_op(np.exp, x, prec)
+
+
+def rsqrt(x, prec) -> np.ndarray:
+    """1/sqrt(x) as ONE official op (torch.rsqrt): rounded once to fp32 in mirror, not 1/sqrt rounded twice."""
+    return _mirror_op(lambda v: 1 / np.sqrt(v), x, prec)
+
+
+def power(base: float, x, prec) -> np.ndarray:
+    """base ** x (a Python float base, as in the RoPE frequencies) as one official fp32 op."""
+    return _mirror_op(lambda v: v.dtype.type(base) ** v, x, prec)
+
+
+def softmax(x, axis: int = -1, prec=None) -> np.ndarray:
+    """exp(x - max) / sum as one op (torch .softmax); ValueError if a slice is all -inf (never NaN for finite input)."""
     x = np.asarray(x)
-    m = np.max(x, axis=axis, keepdims=True)
-    if np.isneginf(m).any():
+    if np.isneginf(np.max(x, axis=axis)).any():
         raise ValueError("softmax: a slice is entirely -inf (no position to attend to)")
-    e = np.exp(x - m)
-    return e / np.sum(e, axis=axis, keepdims=True)
+
+    def f(v):
+        e = np.exp(v - np.max(v, axis=axis, keepdims=True))
+        return e / np.sum(e, axis=axis, keepdims=True)
+    return _mirror_op(f, x, prec)
 
 
-def sigmoid(x) -> np.ndarray:
-    """1 / (1 + exp(-x)), without overflow for large |x|."""
-    x = np.asarray(x)
-    e = np.exp(-np.abs(x))                                       # in (0, 1]: never overflows
-    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+def sigmoid(x, prec=None) -> np.ndarray:
+    """1 / (1 + exp(-x)) as one op (torch.sigmoid, T.sigmoid), without overflow for large |x|."""
+    def f(v):
+        e = np.exp(-np.abs(v))                                   # in (0, 1]: never overflows
+        return np.where(v >= 0, 1 / (1 + e), e / (1 + e))
+    return _mirror_op(f, x, prec)
 
 
-def softplus(x) -> np.ndarray:
-    """torch softplus (beta 1, threshold 20): x where x > 20, else log1p(exp(x))."""
-    x = np.asarray(x)
-    return np.where(x > 20, x, np.log1p(np.exp(np.minimum(x, 20))))  # min: no overflow in the unused branch
+def softplus(x, prec=None) -> np.ndarray:
+    """torch softplus (beta 1, threshold 20) as one op: x where x > 20, else log1p(exp(x))."""
+    return _mirror_op(lambda v: np.where(v > 20, v, np.log1p(np.exp(np.minimum(v, 20)))), x, prec)  # min: no overflow
 
 
-def silu(x) -> np.ndarray:
-    """x · sigmoid(x)."""
-    x = np.asarray(x)
-    return x * sigmoid(x)
+def silu(x, prec=None) -> np.ndarray:
+    """x · sigmoid(x) as one op (F.silu): the product inside the op, one rounding in mirror."""
+    return _mirror_op(lambda v: v * sigmoid(v), x, prec)
 
 
 def top_k(x, k: int, axis: int = -1) -> np.ndarray:

@@ -41,13 +41,13 @@ _MODELS = {}
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_ckpt):
-    """tiny_model(precision="float64", revision="current") -> Model (cached per session)."""
+    """tiny_model(precision="float64", revision="current", layout="official") -> Model (cached per session)."""
     from refimpl.formats.weights import load
 
-    def get(precision="float64", revision="current"):
-        key = (precision, revision)
+    def get(precision="float64", revision="current", layout="official"):
+        key = (precision, revision, layout)
         if key not in _MODELS:
-            _MODELS[key] = load(tiny_ckpt, precision=precision, revision=revision)
+            _MODELS[key] = load(tiny_ckpt, precision=precision, revision=revision, layout=layout)
         return _MODELS[key]
     return get
 

@@ -85,8 +85,8 @@ def test_max_new_tokens_and_context_limit():
 
 
 def test_greedy_generation_equals_one_shot_forward(tiny_model):
-    """Each greedy token is the argmax of a one-shot forward over the tokens before it."""
-    model = tiny_model("mirror")
+    """Each greedy token is the argmax of a one-shot forward over the tokens before it (mirror, canonical layout)."""
+    model = tiny_model("mirror", layout="canonical")
     prompt = [0, 17, 256, 900, 31]
     g = generate(model, prompt, max_new_tokens=6, stop_on_eos=False)
     logits = model.forward(np.asarray(prompt + g.tokens[:-1]))

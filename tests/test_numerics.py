@@ -552,3 +552,73 @@ def test_top_k_matches_sorted_reference(x, data):
     k = data.draw(st.integers(0, x.size))
     ref = sorted(range(x.size), key=lambda i: (-x[i], i))[:k]         # descending value, then index
     assert nx.top_k(x, k).tolist() == ref
+
+
+# ------------------------------------------------------------------------------------------------
+# one official operation: in mirror, exact (float64) inside and rounded once to fp32
+
+def f32(x):
+    return np.asarray(x, np.float64).astype(np.float32)
+
+
+def test_reductions_are_exact_then_rounded_once():
+    """reduce_sum / reduce_mean in mirror: the correctly rounded sum (math.fsum) for these inputs,
+    where float32 summation loses the small terms; the other modes sum in their dtype."""
+    import math
+    x = np.array([[1.0, 2.0**-24, 2.0**-24, 2.0**-24, 2.0**-24, 2.0**-8, 3.0, -3.0]], np.float32)
+    want = f32(math.fsum(x[0].astype(np.float64)))
+    assert nx.reduce_sum(x, -1, "mirror").tolist() == [want] and want == np.float32(1 + 2.0**-8 + 2.0**-22)
+    seq = np.float32(0)
+    for v in x[0]:
+        seq = np.float32(seq + v)                                     # float32, one term after another
+    assert seq != want
+    assert nx.reduce_sum(x, -1, "mirror", keepdims=True).shape == (1, 1)
+    assert nx.reduce_mean(x, -1, "mirror").tolist() == [f32(math.fsum(x[0].astype(np.float64)) / 8)]
+    assert nx.reduce_sum(x, -1, "float32").dtype == np.float32
+    assert nx.reduce_sum(x.astype(np.float64), -1, "float64").tolist() == [math.fsum(x[0].astype(np.float64))]
+    rng = np.random.default_rng(1)
+    y = rng.standard_normal((200, 64)).astype(np.float32) * 10.0 ** rng.uniform(-4, 4, (200, 64)).astype(np.float32)
+    exact = np.array([math.fsum(r) for r in y.astype(np.float64)])
+    assert np.array_equal(nx.reduce_sum(y, -1, "mirror"), f32(exact))
+
+
+def test_elementary_functions_are_correctly_rounded_in_mirror():
+    """exp, rsqrt, power, sigmoid, softplus, silu, softmax: in mirror the float64 value rounded once
+    (math module references); NumPy's float32 versions differ on some of these inputs."""
+    import math
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal(4000) * 6).astype(np.float32)
+    xd = [float(v) for v in x]
+    refs = {
+        "exp": ([math.exp(v) for v in xd], lambda p: nx.exp(x, p)),
+        "rsqrt": ([1 / math.sqrt(abs(v)) for v in xd], lambda p: nx.rsqrt(np.abs(x), p)),
+        "sigmoid": ([1 / (1 + math.exp(-v)) for v in xd], lambda p: nx.sigmoid(x, p)),
+        "softplus": ([v if v > 20 else math.log1p(math.exp(v)) for v in xd], lambda p: nx.softplus(x, p)),
+        "silu": ([v / (1 + math.exp(-v)) for v in xd], lambda p: nx.silu(x, p)),
+        "power": ([10000.0 ** (abs(v) / 8) for v in xd], lambda p: nx.power(10000.0, np.abs(x) / np.float32(8), p)),
+    }
+    for name, (ref, fn) in refs.items():
+        if name == "power":
+            ref = [10000.0 ** float(e) for e in np.abs(x) / np.float32(8)]
+        got = fn("mirror")
+        assert got.dtype == np.float32, name
+        assert np.array_equal(got, f32(ref)), name
+        plain = fn("float32")
+        assert plain.dtype == np.float32 and np.allclose(plain, got, rtol=3e-6, atol=0), name
+        assert not np.array_equal(plain, got), name                  # float32 math rounds more than once
+    s = (rng.standard_normal((300, 6)) * 3).astype(np.float32)
+    e = [[math.exp(v - max(r)) for v in r] for r in s.astype(np.float64).tolist()]
+    want = f32([[v / math.fsum(r) for v in r] for r in e])
+    assert np.array_equal(nx.softmax(s, -1, "mirror"), want)
+    assert not np.array_equal(nx.softmax(s, -1), want)
+    assert nx.softmax(s, -1, "float64").dtype == np.float32          # no mode step outside mirror: x's dtype
+    with pytest.raises(ValueError, match="precision"):
+        nx.exp(x, "bf16")
+
+
+def test_hadamard_in_mirror_is_exact_then_rounded_once():
+    rng = np.random.default_rng(3)
+    x = bf16_values(rng, (64, 128))
+    want = f32(x.astype(np.float64) @ sylvester(128) / np.sqrt(128))
+    assert np.array_equal(nx.hadamard(x, "mirror"), want)
+    assert not np.array_equal(nx.hadamard(x), want)                  # float32 butterflies and scale

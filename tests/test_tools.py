@@ -26,7 +26,7 @@ def test_mutation_list_matches_the_code():
 
 @pytest.mark.slow
 def test_every_rounding_mutation_is_caught():
-    """About 3 minutes: each rounding step removed in turn makes the suite fail."""
+    """10-30 minutes: each rounding step removed in turn makes the suite fail."""
     assert load_tool().main([]) == 0
 
 

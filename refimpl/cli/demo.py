@@ -3,6 +3,9 @@
 Makes (or reuses) the tiny random-weight checkpoint with its tokenizer, encodes a chat message
 with the DeepSeek V4 encoding, prefills, decodes a few tokens greedily (checking that the decoded
 logits equal a one-shot prefill of the same tokens), prints them with timings, and writes a trace.
+The model runs with the canonical index layout, under which decode == prefill holds bit for bit in
+mirror as in float64 (with the official layout, mirror's decode and prefill may differ in the last
+bits, as the official code's do; docs/architecture.md §15).
 """
 from __future__ import annotations
 
@@ -73,12 +76,12 @@ def run_demo(path: Path, *, max_new_tokens: int = 8, precision: str = "mirror") 
     t0 = time.perf_counter()
     path, made = ensure_tiny_checkpoint(Path(path))
     print(f"checkpoint  {path} ({'written' if made else 'reused'}, {time.perf_counter() - t0:.2f} s)")
-    model = load(path, precision=precision)
+    model = load(path, precision=precision, layout="canonical")
     tok = Tokenizer.from_checkpoint(path)
     prompt = encode_messages(DEMO_MESSAGES, thinking_mode="chat")
     ids = tok.encode(prompt)
     print(f"prompt      {prompt!r}")
-    print(f"            {len(ids)} tokens, precision {precision}")
+    print(f"            {len(ids)} tokens, precision {precision}, layout canonical")
 
     g = generate(model, ids, max_new_tokens=max_new_tokens, stop_on_eos=False)
     print(f"prefill     {g.prefill_s * 1000:.0f} ms ({len(ids)} tokens)")

@@ -101,7 +101,7 @@ def cmd_inspect(a) -> int:
 
 def _load(a):
     from refimpl.formats.weights import load
-    return load(a.ckpt, precision=a.precision, revision=a.revision, max_seq_len=a.max_seq_len)
+    return load(a.ckpt, precision=a.precision, revision=a.revision, max_seq_len=a.max_seq_len, layout=a.layout)
 
 
 def _prompt_ids(a) -> list[int]:
@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--revision", default="current", choices=("current", "initial"),
                        help="official code revision to reproduce (docs/architecture.md §18)")
         q.add_argument("--max-seq-len", type=_max_seq_len, default=None, help="maximum context (default: 4096)")
+        q.add_argument("--layout", default="official", choices=("official", "canonical"),
+                       help="attention index layout: each call's as the official code (default), or one for every "
+                            "call, so that in mirror decode and chunked prefill equal one prefill bit for bit")
 
     q = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the official format")
     q.add_argument("preset", choices=("tiny", "flash", "pro"))

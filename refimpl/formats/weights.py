@@ -330,8 +330,13 @@ def checkpoint_files(path) -> list[Path]:
     return [folder / n for n in sorted(names) if (folder / n).is_file()]
 
 
-def load(path, *, precision: str = "float32", revision: str = "current", max_seq_len: int | None = None) -> Model:
-    """A model over a memory-mapped checkpoint directory; nothing is dequantized until used."""
+def load(path, *, precision: str = "float32", revision: str = "current", max_seq_len: int | None = None,
+         layout: str = "official") -> Model:
+    """A model over a memory-mapped checkpoint directory; nothing is dequantized until used.
+
+    layout: "official" (each call's index layout as the official code has it) or "canonical" (one
+    layout for every call: decode == prefill bit for bit in mirror too); see `Model`.
+    """
     if max_seq_len is not None and (not isinstance(max_seq_len, (int, np.integer)) or isinstance(max_seq_len, bool)):
         raise ConfigError(f"max_seq_len = {max_seq_len!r}: must be an int (a number of tokens)", field="max_seq_len")
     overrides = {} if max_seq_len is None else {"max_seq_len": int(max_seq_len)}   # exact: an int already
@@ -346,4 +351,4 @@ def load(path, *, precision: str = "float32", revision: str = "current", max_seq
     if bad:
         more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise CheckpointError(f"{source.path}: NaN/Inf in the weights: " + "; ".join(bad[:5]) + more)
-    return Model(cfg, load_model_weights(source, cfg), precision=precision, revision=revision)
+    return Model(cfg, load_model_weights(source, cfg), precision=precision, revision=revision, layout=layout)

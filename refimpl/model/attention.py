@@ -11,9 +11,13 @@ The numbers (1)-(6) are the steps of docs/architecture.md §10:
 
 KV rows given to `sparse_attention` (the official in-call KV of a prefill, generalised to a
 prefill from any position): the previous window rows (positions start_pos-W' .. start_pos-1,
-taken from the ring), then this call's rows, then every compressed entry made so far. Indices
-are -1 padded; the window part is in position order, the compressed part ascending (HCA) or in
-descending index score (CSA), as in the official code.
+taken from the ring), then this call's rows, then every compressed entry made so far. The index
+set of a query lists its window part (positions in order, -1 padded to the call's window width),
+then its compressed part (ascending for HCA, descending index score for CSA, -1 padded). Which
+rows hold a value does not matter; the ORDER of the index set does, in mirror: the official
+kernel's online softmax runs over blocks of 64 entries of it (step 5), so the window width
+decides which entries share a block. `layout` chooses it: "official" follows each official call
+type (prefill from 0: min(s, W); decode: W), "canonical" is always W (docs/architecture.md §15).
 
 State: the window ring (row = position mod W, docs/architecture.md §15) and the compressed entries, plus the
 compressor / indexer states. It is passed in and returned; nothing is written in place.
@@ -30,7 +34,8 @@ from refimpl.model.compressor import CompressorState, CompressorWeights, compres
 from refimpl.model.indexer import IndexerState, IndexerWeights, indexer
 from refimpl.model.linear import Fp8Matrix, bf16_linear, product, quantized_linear
 from refimpl.model.norm import head_rms_norm, rms_norm
-from refimpl.numerics import KV_FP8_BLOCK, bf16, qdq_fp8, storage_dtype, work_dtype
+from refimpl.numerics import (KV_FP8_BLOCK, SPARSE_ATTN_BLOCK, bf16, exp, qdq_fp8, reduce_sum, storage_dtype,
+                              work_dtype)
 from refimpl.model.rope import apply_rope, layer_rope_table
 from refimpl.oracle.trace import record
 
@@ -84,15 +89,38 @@ class AttentionState:
             indexer=idx)
 
 
-def window_indices(start_pos: int, s: int, window: int) -> tuple[np.ndarray, int]:
+LAYOUTS = ("official", "canonical")
+
+
+def check_layout(layout: str) -> None:
+    """Raise ValueError unless layout is one of LAYOUTS."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown index layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def window_width(start_pos: int, s: int, window: int, layout: str = "official") -> int:
+    """Width of every query's window part (valid positions, then -1) in a call of s tokens from start_pos.
+
+    official: a prefill from position 0 lays out min(s, W) entries (M:L261-265); a decode step
+    (start_pos > 0) always W: the ring slots oldest first, -1 padded while t < W-1 (M:L256-260).
+    The official code has no multi-token call from start_pos > 0 (its decode takes one token,
+    M:L530); refimpl gives such a chunk the decode layout, so it equals decoding its tokens one by one.
+    canonical: always W, the official decode layout (and the official prefill's when s >= W), so
+    that decode, prefill and every chunking agree bit for bit in mirror (docs/architecture.md §15).
+    """
+    check_layout(layout)
+    return min(s, window) if layout == "official" and start_pos == 0 else window
+
+
+def window_indices(start_pos: int, s: int, window: int, layout: str = "official") -> tuple[np.ndarray, int]:
     """Window index set of each query as rows of [previous window rows ++ this call's rows].
 
-    -> (idx [s, min(start_pos+s, W)] int64 -1 padded, n_prev = number of previous rows used).
-    Query t = start_pos + i sees positions max(0, t-W+1) .. t, in position order.
+    -> (idx [s, window_width(...)] int64 -1 padded, n_prev = number of previous rows used).
+    Query t = start_pos + i sees positions max(0, t-W+1) .. t, in position order (oldest first).
     """
     n_prev = min(start_pos, window - 1)                 # earlier positions any query here can see
     first = start_pos - n_prev                          # position of row 0
-    width = min(start_pos + s, window)
+    width = window_width(start_pos, s, window, layout)
     t = start_pos + np.arange(s)[:, None]               # [s, 1] query positions
     pos = np.maximum(t - window + 1, 0) + np.arange(width)[None, :]   # [s, width]
     return np.where(pos > t, -1, pos - first), n_prev
@@ -108,7 +136,12 @@ def compressed_indices(start_pos: int, s: int, ratio: int) -> np.ndarray:
 
 def sparse_attention(q: np.ndarray, kv: np.ndarray, attn_sink: np.ndarray, topk_idxs: np.ndarray,
                      softmax_scale: float, prec: str) -> np.ndarray:
-    """Attention over gathered rows with a per-head sink. q [b,s,h,d], kv [b,n,d], topk_idxs [b,s,k] -> [b,s,h,d]."""
+    """Attention over gathered rows with a per-head sink. q [b,s,h,d], kv [b,n,d], topk_idxs [b,s,k] -> [b,s,h,d].
+
+    float64 / float32: one softmax over the whole index set (the order of the set does not matter).
+    mirror: the official kernel's online softmax over blocks of 64 entries, in the given order
+    (`sparse_attn_query`), so the result depends on the index layout, as the official one does.
+    """
     dt = work_dtype(prec)
     b, s, h, d = q.shape
     sink = attn_sink.astype(dt)
@@ -116,23 +149,67 @@ def sparse_attention(q: np.ndarray, kv: np.ndarray, attn_sink: np.ndarray, topk_
     for bi in range(b):
         for si in range(s):
             idx = topk_idxs[bi, si]
+            if not (idx >= 0).any():
+                raise ValueError(f"sparse_attention: query {si} (batch {bi}) has no entry to attend to")
+            if prec == "mirror":
+                o[bi, si] = bf16(sparse_attn_query(q[bi, si], kv[bi], sink, idx, softmax_scale), prec)   # o: bf16
+                continue
             rows = kv[bi, idx[idx >= 0]]                                  # [k, d]  -1 entries skipped
-            qi = q[bi, si]                                                # [h, d]
-            scores = product(qi, rows.T, prec) * dt(softmax_scale)        # [h, k] fp32 accumulator, * scale in fp32
+            scores = product(q[bi, si], rows.T, prec) * dt(softmax_scale)   # [h, k]
             mx = scores.max(axis=-1, keepdims=True)                       # [h, 1]  sink not in the max
-            p = np.exp(scores - mx)                                       # [h, k]  fp32
+            p = np.exp(scores - mx)                                       # [h, k]
             denom = p.sum(axis=-1, keepdims=True) + np.exp(sink[:, None] - mx)   # sink: denominator only
-            pv = bf16(p, prec)                                            # official: probabilities -> bf16 for P·V
-            acc = product(pv, rows, prec)                                 # [h, d]
-            o[bi, si] = acc / denom
-    # NOTE(official): the kernel runs an online softmax over blocks of 64 indices; here the max is
-    # taken once over the whole set (the same math; bf16 rounding of p may differ in the last bit).
-    return bf16(o, prec)
+            o[bi, si] = product(p, rows, prec) / denom
+    return o
+
+
+def sparse_attn_query(qi: np.ndarray, kv: np.ndarray, sink: np.ndarray, idx: np.ndarray,
+                      softmax_scale: float) -> np.ndarray:
+    """One query of the official sparse_attn kernel (K:L276-368) in mirror rounding, before the bf16 store.
+
+    qi [h, d] bf16 values, kv [n, d], sink [h], idx [k] (-1 padded) -> fp32 [h, d] = acc / sum.
+
+    Per block of 64 index entries, in order (-1 entries score -inf and add exactly 0):
+        sc    = fp32(q · kv_j) · fp32(scale)                     T.gemm into a cleared fp32 tile, *= scale
+        m'    = max(m, max_j sc)                                 reduce_max, clear=False (the running max)
+        r     = exp(m - m')                                      scores_scale (0 in the first block)
+        p     = exp(sc - m')                                     fp32, relative to the RUNNING max
+        sum   = fp32(sum · r) + Σ p                              block sum exact, rounded once
+        acc   = fp32(acc · r) + fp32(bf16(p) · kv)               bf16 probabilities; P·V exact, rounded once
+    then sum += exp(sink - m), o = acc / sum (the caller stores o as bf16). Each exp is one correctly
+    rounded fp32 op of an fp32 difference; every other op is an IEEE fp32 op (fp32 arrays), no fused
+    multiply-add (docs/architecture.md §10).
+    """
+    h, d = qi.shape
+    m = np.full(h, -np.inf, np.float32)                                  # scores_max
+    den = np.zeros(h, np.float32)                                        # sum_exp
+    acc = np.zeros((h, d), np.float32)                                   # acc_o
+    for lo in range(0, len(idx), SPARSE_ATTN_BLOCK):
+        blk = idx[lo:lo + SPARSE_ATTN_BLOCK]
+        rows = kv[blk[blk >= 0]]                                         # [nb, d] the block's valid entries
+        if len(rows) == 0:
+            if lo == 0:   # the kernel computes exp(-inf - (-inf)) = NaN here; refimpl's layouts never do this
+                raise ValueError("sparse_attention (mirror): the first block of 64 index entries has no "
+                                 "valid entry; the official kernel returns NaN for such a query")
+            continue      # the kernel's step changes nothing: r = exp(0) = 1, p = 0
+        sc = product(qi, rows.T, "mirror") * np.float32(softmax_scale)   # [h, nb] fp32
+        m_new = np.maximum(m, sc.max(axis=-1))                           # [h]
+        r = exp(m - m_new, "mirror")                                     # [h] scores_scale
+        p = exp(sc - m_new[:, None], "mirror")                           # [h, nb]
+        den = den * r + reduce_sum(p, -1, "mirror")                      # sum_exp = sum_exp * scale + scores_sum
+        acc = acc * r[:, None] + product(bf16(p, "mirror"), rows, "mirror")   # acc_o *= scale; gemm(bf16(p), kv)
+        m = m_new
+    den = den + exp(sink - m, "mirror")                                  # sum_exp += exp(attn_sink - max)
+    return acc / den[:, None]                                            # acc_o /= sum_exp (fp32)
 
 
 def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: AttentionWeights, cfg,
-              layer: int, prec: str, revision: str, trace=None):
-    """One layer's attention for tokens start_pos .. start_pos+s-1. x [b,s,c] -> ([b,s,c], state)."""
+              layer: int, prec: str, revision: str, trace=None, layout: str = "official"):
+    """One layer's attention for tokens start_pos .. start_pos+s-1. x [b,s,c] -> ([b,s,c], state).
+
+    layout ("official" or "canonical") sets the width of the window part of the index sets
+    (window_width); only mirror's block-wise softmax sees it.
+    """
     dt = work_dtype(prec)
     b, s, _ = x.shape
     h, d, p, W = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim, cfg.window_size
@@ -155,7 +232,7 @@ def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: Attention
     record(trace, f"layers.{layer}.attn.kv", kv)
 
     # step 3: window rows = the last W' positions from the ring, then this call's rows
-    win_idx, n_prev = window_indices(start_pos, s, W)                  # [s, width]
+    win_idx, n_prev = window_indices(start_pos, s, W, layout)          # [s, width]
     prev_rows = state.window[:, (start_pos - n_prev + np.arange(n_prev)) % W].astype(dt)   # [b, n_prev, d]
     rows = np.concatenate([prev_rows, kv], axis=1)                     # [b, n_prev+s, d]
     new_window = state.window.copy()

@@ -29,12 +29,12 @@ class BlockWeights:
 
 
 def block(h: np.ndarray, tokens: np.ndarray, start_pos: int, state: AttentionState, w: BlockWeights,
-          cfg, layer: int, prec: str, revision: str, trace=None):
-    """One block. h [b,s,n,c] streams, tokens [b,s] -> ([b,s,n,c], new attention state)."""
+          cfg, layer: int, prec: str, revision: str, trace=None, layout: str = "official"):
+    """One block. h [b,s,n,c] streams, tokens [b,s] -> ([b,s,n,c], new attention state). layout: see attention."""
     residual = h
     x, post, comb = hc_pre(h, w.hc_attn, cfg, prec, trace, f"layers.{layer}.hc_attn")   # [b, s, c]
     x = rms_norm(x, w.attn_norm, eps=cfg.norm_eps, prec=prec)
-    x, state = attention(x, start_pos, state, w.attn, cfg, layer, prec, revision, trace)
+    x, state = attention(x, start_pos, state, w.attn, cfg, layer, prec, revision, trace, layout)
     h = hc_post(x, residual, post, comb, prec)                         # [b, s, n, c]
 
     residual = h

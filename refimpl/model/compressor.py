@@ -10,7 +10,9 @@ Entry i (block i = tokens m·i .. m·i+m-1) is made when its last token arrives:
                          before block 0 the previous half is padding: kv 0, score -inf.
 Then   e = rms_norm(bf16(e)) ; RoPE on the last p dims at position m·i (the block's FIRST token)
        indexer (rotate):  e = FP4-QDQ(Hadamard(e))        main:  FP8-QDQ of the non-rope dims (block 64)
-The softmax is per channel over positions; everything before the bf16 cast is fp32.
+The softmax is per channel over positions; everything before the bf16 cast is fp32. In mirror the
+softmax is one op (exact, rounded once to fp32), the products kv·p round to fp32, and the sum over
+the pool is exact and rounded once (numerics.reduce_sum).
 
 State (decode and chunked prefill): the official fp32 buffers (M:L301-304), [b, o·m, o·d]:
 rows 0..m-1 hold the previous complete block (overlap only), the next m rows the tokens of the
@@ -27,7 +29,8 @@ import numpy as np
 
 from refimpl.model.linear import fp32_linear
 from refimpl.model.norm import rms_norm
-from refimpl.numerics import FP4_BLOCK, KV_FP8_BLOCK, bf16, hadamard, qdq_fp4, qdq_fp8, softmax, work_dtype
+from refimpl.numerics import (FP4_BLOCK, KV_FP8_BLOCK, bf16, hadamard, qdq_fp4, qdq_fp8, reduce_sum, softmax,
+                              work_dtype)
 from refimpl.model.rope import apply_rope, layer_rope_table
 
 
@@ -53,6 +56,11 @@ class CompressorState:
         shape = (batch, coff * cfg.compress_ratio(layer), coff * head_dim)
         dt = work_dtype(prec)
         return CompressorState(kv=np.zeros(shape, dt), score=np.full(shape, -np.inf, dt))
+
+
+def gated_pool(kv: np.ndarray, score: np.ndarray, prec: str) -> np.ndarray:
+    """Σ_t softmax_t(score)·kv per channel over the pool axis 2 (M:L342, L352, L359). [b,n,P,d] -> [b,n,d] fp32."""
+    return reduce_sum(kv * softmax(score, axis=2, prec=prec), 2, prec)   # softmax one op; fp32 products; exact sum
 
 
 def compress(x: np.ndarray, start_pos: int, state: CompressorState, w: CompressorWeights, cfg,
@@ -84,7 +92,7 @@ def compress(x: np.ndarray, start_pos: int, state: CompressorState, w: Compresso
         pool_score = np.concatenate([prev_score[..., :d], blk_score[..., d:]], axis=2)
     else:
         pool_kv, pool_score = blk_kv, blk_score                                      # [b, n_full, m, d]
-    e = np.sum(pool_kv * softmax(pool_score, axis=2), axis=2)             # [b, n_full, d] per-channel softmax
+    e = gated_pool(pool_kv, pool_score, prec)                             # [b, n_full, d]
 
     # new state: pending rows = the incomplete tail; previous block = the last completed one
     n_tail = (start_pos + s) % m
@@ -102,7 +110,7 @@ def compress(x: np.ndarray, start_pos: int, state: CompressorState, w: Compresso
     positions = (first_block + np.arange(n_full)) * m                      # first token of each block
     e = apply_rope(e, layer_rope_table(positions, cfg, layer, prec), prec)
     if rotate:
-        e = qdq_fp4(bf16(hadamard(e), prec), prec, block=FP4_BLOCK)             # official: rotate_activation; fp4_act_quant
+        e = qdq_fp4(bf16(hadamard(e, prec), prec), prec, block=FP4_BLOCK)       # official: rotate_activation; fp4_act_quant
     elif revision == "current":
         nope = d - cfg.rope_head_dim                                       # rope dims stay bf16
         e = np.concatenate([qdq_fp8(e[..., :nope], prec, block=KV_FP8_BLOCK), e[..., nope:]], axis=-1)

@@ -11,6 +11,9 @@
 comb[j, k] is the weight of old stream j in new stream k. Sinkhorn: a row softmax + eps, one
 column normalisation, then (iters - 1) times (row, column); every denominator has + eps, so the
 columns sum to 1 within eps and the rows approach 1 as iterations grow. pre is not normalised.
+Rounding (mirror): every fp32 op of the official code rounds once; the sums (the mean inside ρ,
+every Sinkhorn row and column sum, the sums over streams) are exact and rounded once, and
+sigmoid, exp and rsqrt are single correctly rounded ops (numerics.reduce_sum etc.).
 Official: model.py Block.hc_pre / hc_post (M:L674-687), ParallelHead.hc_head (M:L729-736),
 kernel.py hc_split_sinkhorn_kernel (K:L371-438).
 """
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from refimpl.model.linear import fp32_linear
-from refimpl.numerics import bf16, sigmoid, work_dtype
+from refimpl.numerics import bf16, exp, reduce_mean, reduce_sum, rsqrt, sigmoid, work_dtype
 from refimpl.oracle.trace import record
 
 
@@ -39,17 +42,17 @@ def split_sinkhorn(mixes: np.ndarray, scale: np.ndarray, base: np.ndarray, *, n:
     dt = work_dtype(prec)
     m, scale, base = mixes.astype(dt), scale.astype(dt), base.astype(dt)
     eps = dt(eps)
-    pre = sigmoid(m[..., :n] * scale[0] + base[:n]) + eps                        # [.., n]
-    post = dt(2) * sigmoid(m[..., n:2 * n] * scale[1] + base[n:2 * n])           # [.., n]
+    pre = sigmoid(m[..., :n] * scale[0] + base[:n], prec) + eps                  # [.., n]  T.sigmoid: one op
+    post = dt(2) * sigmoid(m[..., n:2 * n] * scale[1] + base[n:2 * n], prec)     # [.., n]
     logits = (m[..., 2 * n:] * scale[2] + base[2 * n:]).reshape(*m.shape[:-1], n, n)  # [.., j, k]
-    # comb = comb.softmax(-1) + eps
-    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    comb = e / e.sum(axis=-1, keepdims=True) + eps
+    # comb = comb.softmax(-1) + eps, written out in the kernel: T.exp, T.reduce_sum, divide
+    e = exp(logits - logits.max(axis=-1, keepdims=True), prec)
+    comb = e / reduce_sum(e, -1, prec, keepdims=True) + eps
     # comb = comb / (comb.sum(-2) + eps)                                         (column step)
-    comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)
+    comb = comb / (reduce_sum(comb, -2, prec, keepdims=True) + eps)
     for _ in range(iters - 1):
-        comb = comb / (comb.sum(axis=-1, keepdims=True) + eps)                   # row step
-        comb = comb / (comb.sum(axis=-2, keepdims=True) + eps)                   # column step
+        comb = comb / (reduce_sum(comb, -1, prec, keepdims=True) + eps)          # row step
+        comb = comb / (reduce_sum(comb, -2, prec, keepdims=True) + eps)          # column step
     return pre, post, comb
 
 
@@ -58,8 +61,13 @@ def _mixes(h: np.ndarray, fn: np.ndarray, *, norm_eps: float, prec: str):
     dt = work_dtype(prec)
     b, s, n, c = h.shape
     v = h.reshape(b, s, n * c).astype(dt)                                        # official: x.flatten(2).float()
-    rsqrt = dt(1.0) / np.sqrt(np.mean(v * v, axis=-1, keepdims=True) + dt(norm_eps))  # [b, s, 1]
-    return fp32_linear(v, fn, prec) * rsqrt, v                                    # [b, s, x]
+    rho = rsqrt(reduce_mean(v * v, -1, prec, keepdims=True) + dt(norm_eps), prec)  # [b, s, 1] official: torch.rsqrt(...)
+    return fp32_linear(v, fn, prec) * rho, v                                      # [b, s, x]
+
+
+def weighted_streams(pre: np.ndarray, v: np.ndarray, prec: str) -> np.ndarray:
+    """Σ_j pre_j · v_j over the n streams (M:L681, L735). pre [b,s,n], v [b,s,n,c] fp32 -> [b,s,c] fp32."""
+    return reduce_sum(pre[..., None] * v, 2, prec)                               # fp32 products, exact sum
 
 
 def hc_pre(h: np.ndarray, w: HyperConnWeights, cfg, prec: str, trace=None, site: str = "hc"):
@@ -72,14 +80,14 @@ def hc_pre(h: np.ndarray, w: HyperConnWeights, cfg, prec: str, trace=None, site:
     record(trace, f"{site}.pre", pre)
     record(trace, f"{site}.post", post)
     record(trace, f"{site}.comb", comb)
-    x = np.sum(pre[..., None] * v.reshape(b, s, n, c), axis=2)                   # [b, s, c] fp32
+    x = weighted_streams(pre, v.reshape(b, s, n, c), prec)                        # [b, s, c]
     return bf16(x, prec), post, comb                                             # official: y.to(bf16)
 
 
 def hc_post(x: np.ndarray, residual: np.ndarray, post: np.ndarray, comb: np.ndarray, prec: str) -> np.ndarray:
     """Expand a sublayer output back into n streams. x [b,s,c], residual [b,s,n,c] -> [b,s,n,c]."""
     dt = work_dtype(prec)
-    mixed = np.sum(comb[..., None] * residual.astype(dt)[:, :, :, None, :], axis=2)  # [b,s,k,c]: Σ_j comb[j,k]·h[j]
+    mixed = reduce_sum(comb[..., None] * residual.astype(dt)[:, :, :, None, :], 2, prec)  # [b,s,k,c]: Σ_j comb[j,k]·h[j]
     y = post[..., None] * x.astype(dt)[:, :, None, :] + mixed                        # [b, s, n, c] fp32
     return bf16(y, prec)                                                             # official: .type_as(x)
 
@@ -89,6 +97,6 @@ def hc_head(h: np.ndarray, w: HyperConnWeights, cfg, prec: str) -> np.ndarray:
     dt = work_dtype(prec)
     b, s, n, c = h.shape
     mixes, v = _mixes(h, w.fn, norm_eps=cfg.norm_eps, prec=prec)                  # [b, s, n]
-    pre = sigmoid(mixes * w.scale.astype(dt)[0] + w.base.astype(dt)) + dt(cfg.hc_eps)  # [b, s, n]
-    x = np.sum(pre[..., None] * v.reshape(b, s, n, c), axis=2)                   # [b, s, c]
+    pre = sigmoid(mixes * w.scale.astype(dt)[0] + w.base.astype(dt), prec) + dt(cfg.hc_eps)  # [b, s, n]
+    x = weighted_streams(pre, v.reshape(b, s, n, c), prec)                        # [b, s, c]
     return bf16(x, prec)

@@ -20,7 +20,7 @@ import numpy as np
 
 from refimpl.model.compressor import CompressorState, CompressorWeights, compress
 from refimpl.model.linear import Fp8Matrix, bf16_linear, product, quantized_linear
-from refimpl.numerics import FP4_BLOCK, bf16, hadamard, qdq_fp4, top_k, work_dtype
+from refimpl.numerics import FP4_BLOCK, bf16, hadamard, qdq_fp4, reduce_sum, top_k, work_dtype
 from refimpl.model.rope import RopeTable, apply_rope
 from refimpl.oracle.replay import replay_of
 from refimpl.oracle.trace import record
@@ -43,10 +43,9 @@ class IndexerState:
 
 def index_scores(q: np.ndarray, keys: np.ndarray, weights: np.ndarray, prec: str) -> np.ndarray:
     """I[e] = Σ_h w[h]·ReLU(q[h]·K[e]) for one query. q [i, j], keys [n, j], weights [i] -> [n]."""
-    dt = work_dtype(prec)
     qk = bf16(product(q, keys.T, prec), prec)                         # [i, n] official: bf16 einsum output
     prod = bf16(np.maximum(qk, 0) * weights[:, None], prec)          # relu_(), * weights (bf16)
-    return bf16(np.sum(prod, axis=0, dtype=dt), prec)                 # .sum(dim=2): fp32 accumulate, bf16 out
+    return bf16(reduce_sum(prod, 0, prec), prec)                      # .sum(dim=2): exact, fp32, bf16 out
 
 
 def indexer(x: np.ndarray, qr: np.ndarray, start_pos: int, state: IndexerState, w: IndexerWeights,
@@ -57,7 +56,7 @@ def indexer(x: np.ndarray, qr: np.ndarray, start_pos: int, state: IndexerState, 
     n_heads, hd, m = cfg.index_n_heads, cfg.index_head_dim, cfg.compress_ratio(layer)
     q = quantized_linear(qr, w.wq_b, prec).reshape(b, s, n_heads, hd)   # [b, s, i, j]
     q = apply_rope(q, table, prec)
-    q = qdq_fp4(bf16(hadamard(q), prec), prec, block=FP4_BLOCK)         # official: rotate_activation; fp4 sim
+    q = qdq_fp4(bf16(hadamard(q, prec), prec), prec, block=FP4_BLOCK)   # official: rotate_activation; fp4 sim
     new_keys, cstate = compress(x, start_pos, state.compressor, w.compressor, cfg, layer, prec,
                                 ratio=m, head_dim=hd, rotate=True, revision=revision)
     keys = np.concatenate([state.keys, new_keys.astype(state.keys.dtype)], axis=1)  # [b, (start_pos+s)//m, j]

@@ -11,7 +11,7 @@ Weights are `[out, in]` and used as `x @ w.T`, as in the official `F.linear`.
 Row-count independence. On a CPU, a BLAS product's result for one row can change in the last bit
 with the number of rows in the call, and `mirror` mode amplifies such flips through the FP8
 re-quantization of the next layer. An oracle must give a position the same output whatever the
-length of the sequence or the chunking, so in `float64` and `mirror` mode every product is taken
+number of rows in the call, so in `float64` and `mirror` mode every product is taken
 row by row (one matrix-vector product per row, always the same BLAS call for the same shapes), in
 float64, and the result is rounded once to the official accumulator precision (fp32), then to the
 output dtype. In `float32` mode one matrix product is used (faster; rows may then differ in the

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix, fp32_linear, quantized_linear
-from refimpl.numerics import bf16, silu, softplus, top_k, work_dtype
+from refimpl.numerics import bf16, reduce_sum, silu, softplus, top_k, work_dtype
 from refimpl.oracle.replay import replay_of
 from refimpl.oracle.trace import record
 
@@ -57,7 +57,7 @@ def route(x: np.ndarray, tokens: np.ndarray, w: GateWeights, cfg, prec: str, lay
     """
     dt = work_dtype(prec)
     z = fp32_linear(x.astype(dt), w.weight, prec)                  # [T, e]  official: x.float() @ W.float()
-    scores = np.sqrt(softplus(z))                                  # sqrt(softplus(z)), fp32
+    scores = np.sqrt(softplus(z, prec))                            # F.softplus one op; sqrt (IEEE, correctly rounded)
     if w.tid2eid is not None:                                      # hash layer: ids from the token id only
         ids = np.asarray(w.tid2eid[tokens], dtype=np.int64)        # [T, a]
     else:
@@ -68,22 +68,30 @@ def route(x: np.ndarray, tokens: np.ndarray, w: GateWeights, cfg, prec: str, lay
     if forced is not None:                                         # replay: the choice comes from elsewhere
         ids = np.asarray(forced, dtype=np.int64)
     weights = np.take_along_axis(scores, ids, axis=-1)             # [T, a]  unbiased scores
-    weights = weights / weights.sum(axis=-1, keepdims=True)        # official: weights /= weights.sum()
+    weights = weights / reduce_sum(weights, -1, prec, keepdims=True)   # official: weights /= weights.sum(): exact sum
     return weights * dt(cfg.route_scale), ids
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray, prec: str, *, swiglu_limit: float,
+           weights: np.ndarray | None = None) -> np.ndarray:
+    """The fp32 hidden activation of an expert (M:L598-604). gate, up [T, f] (.float() of bf16), weights [T, 1] -> [T, f]."""
+    dt = work_dtype(prec)
+    gate, up = gate.astype(dt), up.astype(dt)
+    if swiglu_limit > 0:                                           # asymmetric clamp (docs/architecture.md §19.18)
+        up = np.clip(up, -swiglu_limit, swiglu_limit)
+        gate = np.minimum(gate, dt(swiglu_limit))
+    h = silu(gate, prec) * up                                      # [T, f] fp32; F.silu one op
+    if weights is not None:
+        h = weights.astype(dt) * h                                 # routing weight before w2 (docs/architecture.md §19.17)
+    return h
 
 
 def expert(x: np.ndarray, w: ExpertWeights, prec: str, *, swiglu_limit: float,
            weights: np.ndarray | None = None) -> np.ndarray:
     """SwiGLU expert. x [T, c] (bf16 values), weights [T, 1] or None -> [T, c] (bf16 values)."""
-    dt = work_dtype(prec)
-    gate = quantized_linear(x, w.w1, prec).astype(dt)              # [T, f]  bf16 GEMM out, .float()
-    up = quantized_linear(x, w.w3, prec).astype(dt)
-    if swiglu_limit > 0:                                           # asymmetric clamp (docs/architecture.md §19.18)
-        up = np.clip(up, -swiglu_limit, swiglu_limit)
-        gate = np.minimum(gate, dt(swiglu_limit))
-    h = silu(gate) * up                                            # [T, f] fp32
-    if weights is not None:
-        h = weights.astype(dt) * h                                 # routing weight before w2 (docs/architecture.md §19.17)
+    gate = quantized_linear(x, w.w1, prec)                         # [T, f]  bf16 GEMM out
+    up = quantized_linear(x, w.w3, prec)
+    h = swiglu(gate, up, prec, swiglu_limit=swiglu_limit, weights=weights)   # [T, f] fp32
     return quantized_linear(bf16(h, prec), w.w2, prec)             # official: w2(x.to(bf16))
 
 

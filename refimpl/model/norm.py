@@ -10,23 +10,28 @@ from __future__ import annotations
 
 import numpy as np
 
-from refimpl.numerics import bf16, work_dtype
+from refimpl.numerics import bf16, reduce_mean, rsqrt, work_dtype
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, *, eps: float, prec: str) -> np.ndarray:
     """Weighted RMSNorm over the last axis. x: [..., c] -> [..., c]."""
     dt = work_dtype(prec)
     xf = x.astype(dt)                                                  # official: x.float()
-    var = np.mean(xf * xf, axis=-1, keepdims=True)                     # [..., 1]
-    y = xf * (dt(1.0) / np.sqrt(var + dt(eps)))                        # official: x * rsqrt(var + eps)
+    var = reduce_mean(xf * xf, -1, prec, keepdims=True)                # [..., 1] x.square() fp32; .mean exact, one rounding
+    y = xf * rsqrt(var + dt(eps), prec)                                # official: x * torch.rsqrt(var + eps), rsqrt one op
     return bf16(np.asarray(weight).astype(dt) * y, prec)               # weight fp32 (upcast of bf16); .to(bf16)
 
 
 def head_rms_norm(q: np.ndarray, *, eps: float, prec: str) -> np.ndarray:
-    """Weightless per-head RMS norm of q, emulating the official bf16 tensor ops. q: [..., d] -> [..., d]."""
+    """Weightless per-head RMS norm of q, emulating the official bf16 tensor ops. q: [..., d] -> [..., d].
+
+    Each bf16 op is computed exactly, rounded to fp32, then to bf16 (as a GPU does); the rsqrt is
+    one correctly rounded op (PyTorch's CPU bf16 rsqrt is not: rsqrt(1.59375) gives 0.7890625,
+    the nearest bf16 is 0.79296875; docs/architecture.md §19.5).
+    """
     dt = work_dtype(prec)
     q = q.astype(dt)
-    sq = bf16(q * q, prec)                                             # official: q.square() (bf16)
-    mean = bf16(np.mean(sq, axis=-1, keepdims=True, dtype=dt), prec)   # .mean(-1): fp32 accumulate, bf16 out
-    r = bf16(dt(1.0) / np.sqrt(bf16(mean + dt(eps), prec)), prec)      # + eps (bf16), rsqrt (bf16)
+    sq = bf16(q * q, prec)                                             # official: q.square() (bf16; exact in fp32)
+    mean = bf16(reduce_mean(sq, -1, prec, keepdims=True), prec)        # .mean(-1): exact, fp32, bf16 out
+    r = bf16(rsqrt(bf16(mean + dt(eps), prec), prec), prec)            # + eps (bf16), torch.rsqrt (bf16)
     return bf16(q * r, prec)                                           # q *= ... (bf16)

@@ -11,7 +11,10 @@ Pair layout: INTERLEAVED (adjacent pairs). On the last p dims of a vector, the p
 
 Per layer: ratio-0 layers use rope_theta without YaRN, compressed layers compress_rope_theta with
 YaRN (Config.rope_base / rope_original_seq_len). The table is computed for the positions asked
-for, so there is no max_seq_len limit here.
+for, so there is no max_seq_len limit here. Rounding (mirror): every official fp32 op of the
+table rounds once (the power base^(2i/p) is one correctly rounded op; cos/sin of the fp32 angle are
+correctly rounded in every mode), and the complex product (a + ib)(cos + i·sin) is one op: exact,
+rounded once to fp32, then to bf16 when written back into the bf16 tensor.
 Official: model.py precompute_freqs_cis (M:L199-229), apply_rotary_emb (M:L232-244).
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refimpl.numerics import bf16, work_dtype
+from refimpl.numerics import bf16, f32, power, work_dtype
 
 
 @dataclass(frozen=True)
@@ -32,10 +35,13 @@ class RopeTable:
 
 
 def yarn_frequencies(*, dim: int, base: float, original_seq_len: int, factor: float,
-                     beta_fast: int, beta_slow: int, dtype=np.float32) -> np.ndarray:
-    """Rotation frequency of each of the dim/2 pairs. -> [dim/2]"""
+                     beta_fast: int, beta_slow: int, dtype=np.float32, prec: str | None = None) -> np.ndarray:
+    """Rotation frequency of each of the dim/2 pairs. -> [dim/2]
+
+    Each official fp32 op rounds once; in mirror the power `base ** e` is one correctly rounded op.
+    """
     # official: freqs = 1 / base ** (arange(0, dim, 2, fp32) / dim)   (fp32 unless dtype is float64)
-    freqs = dtype(1.0) / (dtype(base) ** (np.arange(0, dim, 2, dtype=dtype) / dtype(dim)))
+    freqs = dtype(1.0) / power(base, np.arange(0, dim, 2, dtype=dtype) / dtype(dim), prec).astype(dtype)
     if original_seq_len > 0:
         def correction_dim(rot):                                       # official: find_correction_dim
             return dim * math.log(original_seq_len / (rot * 2 * math.pi)) / (2 * math.log(base))
@@ -54,7 +60,7 @@ def rope_table(positions: np.ndarray, *, dim: int, base: float, original_seq_len
     """cos/sin for absolute positions. positions: [s] int -> RopeTable([s, dim/2])."""
     dt = work_dtype(prec)
     freqs = yarn_frequencies(dim=dim, base=base, original_seq_len=original_seq_len, factor=factor,
-                             beta_fast=beta_fast, beta_slow=beta_slow, dtype=dt)
+                             beta_fast=beta_fast, beta_slow=beta_slow, dtype=dt, prec=prec)
     angle = np.asarray(positions).astype(dt)[:, None] * freqs[None, :]   # official: torch.outer, fp32 product
     # official: torch.polar (fp32 cos/sin); cos/sin of the fp32 angle, rounded once to fp32
     return RopeTable(cos=np.cos(angle.astype(np.float64)).astype(dt),
@@ -73,14 +79,16 @@ def apply_rope(x: np.ndarray, table: RopeTable, prec: str, *, inverse: bool = Fa
     dt = work_dtype(prec)
     half = table.cos.shape[-1]
     x = x.astype(dt)
-    pairs = x[..., -2 * half:].reshape(*x.shape[:-1], half, 2)          # [..., p/2, 2] adjacent pairs
+    inside = np.float64 if prec == "mirror" else dt                    # mirror: the complex product exact, ...
+    pairs = x[..., -2 * half:].reshape(*x.shape[:-1], half, 2).astype(inside)   # [..., p/2, 2] adjacent pairs
     a, b = pairs[..., 0], pairs[..., 1]
-    cos, sin = table.cos, -table.sin if inverse else table.sin         # inverse: conjugate cis
+    cos, sin = table.cos.astype(inside), table.sin.astype(inside)
+    sin = -sin if inverse else sin                                     # inverse: conjugate cis
     if x.ndim == 4:                                                    # [b, s, h, d]: broadcast over heads
         cos, sin = cos[:, None, :], sin[:, None, :]
-    re = a * cos - b * sin                                             # official: complex product in fp32
+    re = a * cos - b * sin                                             # official: x * freqs_cis, complex fp32 op
     im = a * sin + b * cos
-    rotated = np.stack([re, im], axis=-1).reshape(*x.shape[:-1], 2 * half)
+    rotated = f32(np.stack([re, im], axis=-1).reshape(*x.shape[:-1], 2 * half), prec)   # ... rounded once to fp32
     out = x.copy()
     out[..., -2 * half:] = bf16(rotated, prec)                         # official: copy_ back into bf16
     return out

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refimpl.model.attention import AttentionState
+from refimpl.model.attention import LAYOUTS, AttentionState
 
 
 class StateError(ValueError):
@@ -37,6 +37,7 @@ class State:
     precision: str
     revision: str
     config_id: str
+    layout: str = "official"                  # index layout of the model that made it (attention.LAYOUTS)
 
     def __post_init__(self):
         # a State may be built or edited by hand (dataclasses.replace): refuse what no call could make
@@ -44,15 +45,17 @@ class State:
             raise StateError(f"state position pos = {self.pos!r}: must be an int >= 0")
         if not _is_count(self.batch) or self.batch < 1:
             raise StateError(f"state batch = {self.batch!r}: must be an int >= 1")
+        if self.layout not in LAYOUTS:
+            raise StateError(f"state layout = {self.layout!r}: must be one of {LAYOUTS}")
         if not isinstance(self.layers, tuple) or not all(isinstance(ls, AttentionState) for ls in self.layers):
             raise StateError("state layers must be a tuple of AttentionState, one per layer")
 
     @staticmethod
-    def empty(cfg, batch: int, precision: str, revision: str) -> "State":
+    def empty(cfg, batch: int, precision: str, revision: str, layout: str = "official") -> "State":
         if not _is_count(batch) or batch < 1:
             raise StateError(f"batch = {batch!r}: must be an int >= 1")
         return State(pos=0, batch=batch, precision=precision, revision=revision, config_id=config_id(cfg),
-                     layers=tuple(AttentionState.empty(cfg, i, batch, precision) for i in range(cfg.n_layers)))
+                     layout=layout, layers=tuple(AttentionState.empty(cfg, i, batch, precision) for i in range(cfg.n_layers)))
 
     def nbytes(self) -> int:
         """Bytes held by the state's arrays."""

@@ -11,7 +11,9 @@ one is the published V3 design.
 
 `Model.prefill(tokens, state)` runs tokens from any position (`state.pos`), `Model.decode(token,
 state)` one token; both return `(logits, new_state)`. `Model.forward(tokens)` is a prefill from an
-empty state. Any split of a sequence into chunks gives the same logits and state as one prefill.
+empty state. Any split of a sequence into chunks gives the same logits and state as one prefill
+in float64 and float32 (within tolerance) and in mirror with layout="canonical"; with the official
+layout mirror follows the official call types (docs/architecture.md §15).
 Official: model.py Transformer (M:L770-810), MTPBlock (M:L739-767), ParallelHead (M:L704-736).
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refimpl.model.attention import AttentionState
+from refimpl.model.attention import AttentionState, check_layout
 from refimpl.model.block import BlockWeights, block
 from refimpl.model.state import State, StateError, config_id
 from refimpl.model.hyperconn import HyperConnWeights, hc_head
@@ -68,19 +70,30 @@ def head_logits(h: np.ndarray, hc: HyperConnWeights, norm: np.ndarray, head: np.
 
 
 class Model:
-    """DeepSeek V4 over a checkpoint, in one precision mode and official revision."""
+    """DeepSeek V4 over a checkpoint, in one precision mode, official revision and index layout.
 
-    def __init__(self, cfg, weights: ModelWeights, *, precision: str = "float32", revision: str = "current"):
+    layout "official" (default) lays out each call's index sets as the official code does (prefill
+    from position 0: window part min(s, W) wide; decode: W wide), so mirror reproduces both the
+    official prefill and the official decode, which differ in the last bits when an index set
+    spans more than one block of 64; "canonical" uses the decode layout for every call, so that in
+    mirror decode == prefill == any chunking bit for bit. float64 and float32 do not depend on
+    the layout (docs/architecture.md §15).
+    """
+
+    def __init__(self, cfg, weights: ModelWeights, *, precision: str = "float32", revision: str = "current",
+                 layout: str = "official"):
         check_precision(precision)
+        check_layout(layout)
         if revision not in REVISIONS:
             raise ValueError(f"revision {revision!r}: choose one of {REVISIONS}")
         self.cfg, self.weights, self.precision, self.revision = cfg, weights, precision, revision
+        self.layout = layout
         self.config_id = config_id(cfg)          # identifies the states (and traces) of this model
 
     # ---- public API ----
     def new_state(self, batch: int = 1) -> State:
         """An empty state (position 0) for `batch` sequences."""
-        return State.empty(self.cfg, batch, self.precision, self.revision)
+        return State.empty(self.cfg, batch, self.precision, self.revision, self.layout)
 
     def forward(self, tokens, *, trace=None, mtp: bool = False):
         """Logits for every position. tokens [s] -> [s, v]  (or [b, s] -> [b, s, v]); with mtp, also MTP logits."""
@@ -124,13 +137,14 @@ class Model:
         h = np.repeat(h[:, :, None, :], cfg.hc_mult, axis=2)                # [b, s, n, c] identical streams
         layers = []
         for i in range(cfg.n_layers):
-            h, ls = block(h, ids, state.pos, state.layers[i], self.weights.layers[i], cfg, i, prec, rev, trace)
+            h, ls = block(h, ids, state.pos, state.layers[i], self.weights.layers[i], cfg, i, prec, rev, trace,
+                          self.layout)
             layers.append(ls)
         w = self.weights
         logits = head_logits(h, w.hc_head, w.norm, w.head, cfg, prec, trace)   # [b, s, v]
         record(trace, "logits", logits)
         new_state = State(pos=state.pos + s, layers=tuple(layers), batch=b, precision=prec, revision=rev,
-                          config_id=state.config_id)
+                          config_id=state.config_id, layout=self.layout)
         return logits, h, new_state
 
     def mtp_forward(self, h: np.ndarray, ids: np.ndarray, trace=None) -> np.ndarray:
@@ -146,7 +160,7 @@ class Model:
         x = bf16(quantized_linear(e, m.e_proj, prec)[:, :, None, :] + quantized_linear(hs, m.h_proj, prec), prec)
         layer = cfg.mtp_layer
         state = AttentionState.empty(cfg, layer, b, prec)
-        x, _ = block(x, nxt, 0, state, m.block, cfg, layer, prec, self.revision, trace)
+        x, _ = block(x, nxt, 0, state, m.block, cfg, layer, prec, self.revision, trace, self.layout)
         logits = head_logits(x, m.hc_head, m.norm, w.head, cfg, prec, trace, site="mtp.final.x")
         record(trace, "mtp.logits", logits)
         return logits
@@ -171,9 +185,10 @@ class Model:
             raise StateError(f"expected a refimpl State, got {type(state).__name__}")
         if state.config_id != self.config_id:
             raise StateError("this state belongs to a model with another configuration")
-        if (state.precision, state.revision) != (self.precision, self.revision):
-            raise StateError(f"this state was made in precision {state.precision!r} / revision {state.revision!r}, "
-                             f"the model runs {self.precision!r} / {self.revision!r}")
+        if (state.precision, state.revision, state.layout) != (self.precision, self.revision, self.layout):
+            raise StateError(f"this state was made in precision {state.precision!r} / revision {state.revision!r} / "
+                             f"layout {state.layout!r}, the model runs {self.precision!r} / {self.revision!r} / "
+                             f"{self.layout!r}")
         if state.batch != ids.shape[0]:
             raise StateError(f"the state holds {state.batch} sequences, the input {ids.shape[0]}")
         check_state_layers(state, self.cfg)

@@ -177,6 +177,10 @@ def check_same_run(a: TraceFile, b: TraceFile) -> list[str]:
         what = lambda k: f"a {k}-token prefill then decode steps" if k else "prefill calls only"
         raise CompareError(f"the traces ran different call types ({what(da)} vs {what(db)}); a decode step "
                            f"may round differently from a one-token prefill, so trace both the same way")
+    la, lb = a.meta.get("layout"), b.meta.get("layout")
+    if la is not None and lb is not None and la != lb:
+        raise CompareError(f"the traces used different attention index layouts ({la} vs {lb}); in mirror the "
+                           f"layout decides the softmax blocks, so trace both with the same --layout")
     notes = []
     if ca is None or cb is None:
         notes.append("a trace has no config_id: the model config could not be checked")

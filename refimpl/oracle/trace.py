@@ -138,7 +138,7 @@ def trace_metadata(model, tokens, chunks, decode_from: int | None = None, replay
     tokens = [int(t) for t in tokens]
     meta = {"format_version": TRACE_FORMAT_VERSION, "implementation": f"refimpl {__version__}",
             "refimpl": __version__, "config_id": model.config_id, "n_layers": model.cfg.n_layers,
-            "precision": model.precision, "revision": model.revision, "tokens": tokens,
+            "precision": model.precision, "revision": model.revision, "layout": model.layout, "tokens": tokens,
             "chunks": list(chunks) if chunks else [len(tokens)], "decode_from": decode_from}
     if replay is not None:
         meta["replay"] = {"source": replay.source, "expert_ids": sorted(replay.expert_ids),
@@ -160,8 +160,10 @@ def run_trace(model, tokens, *, patterns: tuple[str, ...] = ("*",), chunks: list
     the end of a call, so a call's rows are padded to the full width with what one forward pass
     holds there (-inf: not visible; -1: no entry). The MTP block keeps no state and no chunked
     prefill runs it (the official generate never does): it runs once over the whole sequence, on
-    the final streams the calls produced, as forward() runs it. In float64 and mirror, where the
-    model is chunking-invariant, every site equals the unchunked one bit for bit.
+    the final streams the calls produced, as forward() runs it. In float64, and in mirror with the
+    canonical layout, where the model is chunking-invariant, every site equals the unchunked one
+    bit for bit; in mirror with the official layout, chunks change the index layout where the
+    official calls would (docs/architecture.md §15), and the sites with it.
     """
     ids = model.check_tokens(tokens)                          # int64 ids in the vocabulary, or InputError
     if ids.ndim != 1:

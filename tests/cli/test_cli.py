@@ -41,18 +41,22 @@ def test_trace_writes_the_stable_sites(tiny_ckpt, tmp_path, precision):
     from safetensors import safe_open
     with safe_open(str(out), "np") as f:
         meta = json.loads(f.metadata()["refimpl"])
-    assert meta["tokens"] == [0, 15, 27] and meta["precision"] == precision
+    assert meta["tokens"] == [0, 15, 27] and meta["precision"] == precision and meta["layout"] == "official"
 
 
 def test_trace_chunked_equals_one_shot(tiny_ckpt, tmp_path):
     a, b = tmp_path / "a.st", tmp_path / "b.st"
     toks = ",".join(str(i * 7 % 1280) for i in range(10))
-    assert main(["trace", str(tiny_ckpt), "--tokens", toks, "--precision", "mirror", "--out", str(a)]) == 0
-    assert main(["trace", str(tiny_ckpt), "--tokens", toks, "--precision", "mirror", "--chunks", "3,2,1,4",
-                 "--out", str(b)]) == 0
+    common = ["--tokens", toks, "--precision", "mirror", "--layout", "canonical"]
+    assert main(["trace", str(tiny_ckpt), *common, "--out", str(a)]) == 0
+    assert main(["trace", str(tiny_ckpt), *common, "--chunks", "3,2,1,4", "--out", str(b)]) == 0
     ta, tb = load_file(str(a)), load_file(str(b))
     assert np.array_equal(ta["logits"], tb["logits"])
     assert np.array_equal(ta["layers.5.out"], tb["layers.5.out"])
+    from safetensors import safe_open
+    with safe_open(str(b), "np") as f:
+        assert json.loads(f.metadata()["refimpl"])["layout"] == "canonical"
+    assert main(["trace", str(tiny_ckpt), "--tokens", "1,2", "--layout", "dense", "--out", str(a)]) == 2   # usage
 
 
 def test_trace_bad_input_is_a_clear_error(tiny_ckpt, tmp_path, capsys):

@@ -79,11 +79,14 @@ def test_window_decode_literal():
 
 
 @settings(max_examples=60)
-@given(start=st.integers(0, 200), s=st.integers(1, 40), window=st.integers(1, 40))
-def test_window_sets_property(start, s, window):
-    """Window: every query t sees exactly positions max(0, t-W+1) .. t, in position order."""
-    idx, n_prev = window_indices(start, s, window)
-    assert idx.shape == (s, min(start + s, window)) and n_prev == min(start, window - 1)
+@given(start=st.integers(0, 200), s=st.integers(1, 40), window=st.integers(1, 40),
+       layout=st.sampled_from(["official", "canonical"]))
+def test_window_sets_property(start, s, window, layout):
+    """Window: every query t sees exactly positions max(0, t-W+1) .. t, in position order, then -1s up to
+    the layout's width (official: min(s, W) for a prefill from 0, else W; canonical: W)."""
+    idx, n_prev = window_indices(start, s, window, layout)
+    width = min(s, window) if layout == "official" and start == 0 else window
+    assert idx.shape == (s, width) and n_prev == min(start, window - 1)
     first = start - n_prev
     for i, r in enumerate(idx):
         t = start + i

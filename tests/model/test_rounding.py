@@ -23,20 +23,33 @@ The rounding points of mirror, as the code has them (test names below without th
 | linear.fp32_linear | output fp32, not bf16 (compressor wkv/wgate, gate, hc fn, head) | M:L279-377, M:L564-584 | fp32_and_bf16_linear |
 | linear.product | fp32 accumulator of attention/indexer products | K:L276-368 | product_rounds_once_to_fp32 |
 | norm.rms_norm | fp32 math, output bf16 | M:L183-196 | rms_norm_output_is_rounded_to_bf16 |
+| norm.rms_norm | mean of the fp32 squares exact, rsqrt one op | M:L194-195 | rms_norm_mean_exact_and_rsqrt_one_op |
 | norm.head_rms_norm | five bf16 ops: q², mean, + eps, rsqrt, q·r | M:L496-499 | head_rms_norm_rounds_each_bf16_op |
+| norm.head_rms_norm | the mean exact; rsqrt(1.59375) = 0.79296875 | M:L498 | q_norm_mean_is_exact, q_norm_rsqrt_of_1_59375_is_0_79296875 |
 | rope.apply_rope | rotated pair written back as bf16 | M:L232-244 | rope_writes_back_bf16 |
+| rope.apply_rope, rope_table | complex product exact, rounded once; the table's fp32 ops | M:L220-242 | rope_complex_product_one_op_and_table |
 | hyperconn.hc_pre / hc_post / hc_head | sublayer input / new streams / head input bf16 | M:L674-687, M:L729-736 | hyperconn_outputs_are_bf16 |
+| hyperconn.weighted_streams, hc_post | sums over streams exact | M:L681, L686 | weighted_streams_sum_exact_hand_worked, hc_post_stream_sum_exact_hand_worked |
+| hyperconn.split_sinkhorn | sigmoid, exp one op; every row/column sum exact | K:L386-425 | sinkhorn_sigmoid_exp_and_sums_one_op |
+| hyperconn._mixes, hc_head | RMS mean exact, rsqrt one op; hc_head sigmoid one op | M:L678-679, L732-735 | mhc_mixes_rms_mean_exact_and_rsqrt_one_op, hc_head_every_step_one_op |
+| compressor.gated_pool | softmax one op, sum over the pool exact | M:L342, L352, L359 | compressor_pool_softmax_one_op_and_exact_sum |
 | compressor.compress | bf16 of the pooled entry before its norm | M:L362-372 | compressor_rounds_to_bf16_before_the_norm |
 | compressor.compress (main) | FP8 QDQ of the non-rope dims, block 64 (current revision) | M:L372 | compressor_rounds_to_bf16_before_the_norm |
 | compressor.compress (indexer) | bf16 Hadamard, then FP4 QDQ block 32 | M:L368-370 | compressor_index_keys_hadamard_bf16_then_fp4 |
 | indexer.indexer | q: bf16 Hadamard then FP4 QDQ; weights: bf16(weights_proj(x) · j^-0.5 · i^-0.5) | M:L380-433 | indexer_scores_against_independent_computation |
 | indexer.index_scores | bf16 einsum output, bf16 ReLU·weight, fp32 head sum rounded to bf16 | M:L380-433 | index_scores_each_bf16_step |
+| indexer.index_scores | the head sum exact | M:L421 | index_head_sum_exact_hand_worked |
 | attention.attention | FP8 QDQ of the window KV's non-rope dims, block 64 (current revision) | M:L506 | window_layer_attention_composition |
 | attention.sparse_attention | scores fp32, probabilities bf16 before P·V (unnormalised), output bf16 | K:L276-368 | sparse_attention_each_rounding |
+| attention.sparse_attn_query | blocks of 64, running max, rescale in fp32, exact block sums | K:L321-350 | tests/model/test_sparse_kernel.py |
+| attention.window_width | the official layout of each call type | M:L255-266 | tests/model/test_index_layout.py |
 | attention.attention | wo_a: bf16 einsum output per group | M:L534-542 | window_layer_attention_composition |
 | moe.expert | bf16 of the SwiGLU product before w2 | M:L604-606 | expert_rounds_to_bf16_before_w2 |
 | moe.moe | fp32 sum of expert outputs, output bf16 | M:L630-645 | moe_output_is_bf16_of_the_fp32_sum |
 | moe.route | router logits and weights fp32, not bf16 | M:L564-584 | router_stays_fp32 |
+| moe.route | softplus one op, the normalisation sum exact | M:L571, L582 | router_softplus_one_op_and_exact_sum |
+| moe.swiglu | silu one op | M:L603 | swiglu_silu_one_op |
+| moe.route, indexer | top-k ties: the lower index | M:L427, L579 | top_k_ties_lower_index_in_router_and_indexer |
 | moe.moe | shared-expert SwiGLU clamp in the current revision only | M:L587-606 | moe_output_is_bf16_of_the_fp32_sum |
 | transformer.head_logits | logits fp32 (NOT bf16) | M:L704-736 | logits_are_fp32_not_bf16 |
 | transformer.mtp_forward | bf16(e_proj(e) + h_proj(h)) | M:L739-767 | mtp_input_is_bf16 |
@@ -44,7 +57,12 @@ The rounding points of mirror, as the code has them (test names below without th
 Steps that are exact by construction have no test of their own (removing them changes nothing):
 the bf16 rounding after an in-place FP8/FP4 QDQ (q·s has at most 4 significant bits), the fp32
 rounding before a bf16 output (round_bf16 rounds to fp32 first), the embedding upcast and the
-bf16 storage of caches (they hold bf16 values).
+bf16 storage of caches (they hold bf16 values). Two one-op rules change no value where the model
+uses them and are pinned for their value only: the q norm's bf16 rsqrt (fp32 1/sqrt then bf16
+agrees with it on every bf16 input, checked exhaustively) and the RoPE power base^(2i/p) for the
+bases 10000 and 160000 (NumPy's float32 power rounds those correctly too); the Hadamard transform's
+one rounding is pinned in tests/test_numerics.py (its effect through bf16 and FP4 is too rare to
+see at the model's call sites).
 """
 import dataclasses
 import math
@@ -56,14 +74,14 @@ import pytest
 from refimpl import numerics as nx
 from refimpl.config import Config
 from refimpl.model.attention import AttentionState, attention, sparse_attention, window_indices
-from refimpl.model.compressor import CompressorState, CompressorWeights, compress
-from refimpl.model.hyperconn import hc_head, hc_post, hc_pre
+from refimpl.model.compressor import CompressorState, CompressorWeights, compress, gated_pool
+from refimpl.model.hyperconn import hc_head, hc_post, hc_pre, split_sinkhorn, weighted_streams
 from refimpl.model.indexer import IndexerWeights, index_scores, indexer
 from refimpl.model.linear import (Fp4Matrix, Fp8Matrix, bf16_linear, fp32_linear, product,
                                   quantized_linear)
-from refimpl.model.moe import ExpertWeights, GateWeights, MoEWeights, expert, moe, route
+from refimpl.model.moe import ExpertWeights, GateWeights, MoEWeights, expert, moe, route, swiglu
 from refimpl.model.norm import head_rms_norm, rms_norm
-from refimpl.model.rope import apply_rope, layer_rope_table
+from refimpl.model.rope import apply_rope, layer_rope_table, rope_table
 from refimpl.model.transformer import head_logits
 from refimpl.oracle.trace import Trace
 from refimpl.synthetic.quantize import quant_fp4_weight, quant_fp8_weight
@@ -124,6 +142,31 @@ def hadamard_ref(x):
 
 def differs(a, b):
     return not np.array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64))
+
+
+def sigmoid_ref(x):
+    """sigmoid as one op: float64, rounded once to fp32."""
+    x = np.asarray(x, np.float64)
+    return f32r(1 / (1 + np.exp(-x)))
+
+
+def silu_ref(x):
+    """F.silu as one op: x·sigmoid(x) in float64, rounded once."""
+    x = np.asarray(x, np.float64)
+    return f32r(x / (1 + np.exp(-x)))
+
+
+def softplus_ref(x):
+    """F.softplus (threshold 20) as one op."""
+    x = np.asarray(x, np.float64)
+    return f32r(np.where(x > 20, x, np.log(1 + np.exp(np.minimum(x, 20)))))
+
+
+def sum_ref(x, axis, keepdims=False):
+    """A reduction of fp32 values: math.fsum (exact, correctly rounded), then fp32."""
+    x = np.moveaxis(np.asarray(x, np.float64), axis, -1)
+    out = np.array([math.fsum(r) for r in x.reshape(-1, x.shape[-1])]).reshape(x.shape[:-1])
+    return f32r(np.expand_dims(out, axis) if keepdims else out)
 
 
 def bf16_values(rng, shape, scale=1.0):
@@ -201,8 +244,8 @@ def head_norm_ref(q, skip=None):
     rnd = lambda k, v: v if k == skip else bf16r(v)                  # noqa: E731
     q = np.asarray(q, np.float32)
     sq = rnd("square", q * q)
-    mean = rnd("mean", np.mean(sq, axis=-1, keepdims=True, dtype=np.float32))
-    rs = rnd("rsqrt", np.float32(1) / np.sqrt(rnd("eps", mean + np.float32(EPS))))
+    mean = rnd("mean", f32r(np.mean(sq.astype(np.float64), axis=-1, keepdims=True)))   # exact, fp32
+    rs = rnd("rsqrt", f32r(1 / np.sqrt(rnd("eps", mean + np.float32(EPS)).astype(np.float64))))   # one op
     return rnd("product", q * rs)
 
 
@@ -220,8 +263,9 @@ def test_rope_writes_back_bf16():
     rng = np.random.default_rng(6)
     x = bf16_values(rng, (1, 5, 128))
     table = layer_rope_table(np.arange(3, 8), TINY, 2, M)
-    a, b = x[..., 64::2], x[..., 65::2]                              # interleaved pairs of the last 64 dims
-    re, im = a * table.cos - b * table.sin, a * table.sin + b * table.cos   # fp32, as the official complex product
+    a, b = x[..., 64::2].astype(np.float64), x[..., 65::2].astype(np.float64)   # interleaved pairs of the last 64 dims
+    c, s = table.cos.astype(np.float64), table.sin.astype(np.float64)
+    re, im = f32r(a * c - b * s), f32r(a * s + b * c)                # the complex product: exact, rounded once
     want = x.copy()
     want[..., 64::2], want[..., 65::2] = bf16r(re), bf16r(im)
     assert np.array_equal(apply_rope(x, table, M), want)
@@ -235,11 +279,11 @@ def test_hyperconn_outputs_are_bf16(tiny_model):
     t = Trace(("hc.pre",))
     x, post, comb = hc_pre(h, w.hc_attn, TINY, M, t)
     pre = t.tensors["hc.pre"][None]
-    unrounded = np.sum(pre[..., None] * h, axis=2)                   # Σ_j pre_j · h_j in fp32
+    unrounded = f32r(np.sum((pre[..., None] * h).astype(np.float64), axis=2))   # Σ_j fp32(pre_j · h_j), exact, fp32
     assert np.array_equal(x, bf16r(unrounded)) and differs(x, unrounded)
     f = bf16_values(rng, (1, 3, TINY.dim))
     y = hc_post(f, h, post, comb, M)
-    mixed = post[..., None] * f[:, :, None, :] + np.sum(comb[..., None] * h[:, :, :, None, :], axis=2)
+    mixed = post[..., None] * f[:, :, None, :] + f32r(np.sum((comb[..., None] * h[:, :, :, None, :]).astype(np.float64), axis=2))
     assert np.array_equal(y, bf16r(mixed)) and differs(y, mixed)
     z = hc_head(h, tiny_model(M).weights.hc_head, TINY, M)
     assert z.dtype == np.float32 and is_bf16(z)
@@ -374,16 +418,20 @@ def test_indexer_scores_against_independent_computation():
 # attention
 
 def sparse_ref(q, kv, sink, idx, scale, *, round_p=True, normalise_first=False, round_out=True):
-    """Sink attention of one batch element in the official kernel's fp32 ops; the P·V input bf16."""
+    """Sink attention of one batch element over at most 64 entries (one block of the official kernel):
+    fp32 scores, exp rounded once, the exact sum of p rounded once, the P·V input bf16
+    (tests/model/test_sparse_kernel.py has the blocks)."""
     s, h, d = q.shape
     o = np.empty((s, h, d), np.float32)
     for si in range(s):
         rows = kv[idx[si][idx[si] >= 0]]
+        assert len(idx[si]) <= 64
         sc = np.asarray(q[si], np.float64) @ np.asarray(rows, np.float64).T
         sc = f32r(sc) * np.float32(scale)
         mx = sc.max(-1, keepdims=True)
-        p = np.exp(sc - mx)
-        denom = p.sum(-1, keepdims=True) + np.exp(sink[:, None].astype(sc.dtype) - mx)
+        p = f32r(np.exp((sc - mx).astype(np.float64)))
+        denom = f32r(np.sum(p.astype(np.float64), -1, keepdims=True)) + \
+            f32r(np.exp((sink[:, None].astype(np.float32) - mx).astype(np.float64)))
         if normalise_first:
             p, denom = p / denom, 1.0
         pv = bf16r(p) if round_p else p
@@ -448,7 +496,7 @@ def test_expert_rounds_to_bf16_before_w2():
     weight = f32r(rng.uniform(0.2, 1.2, (6, 1)))
     gate, up = quantized_linear(x, w.w1, M), quantized_linear(x, w.w3, M)       # pinned above
     up, gate = np.clip(up, -10, 10), np.minimum(gate, np.float32(10))
-    hidden = weight * (nx.silu(gate) * up)                            # fp32 SwiGLU, routing weight before w2
+    hidden = weight * (silu_ref(gate) * up)                           # fp32 SwiGLU, routing weight before w2
     want = quantized_linear(bf16r(hidden), w.w2, M)
     assert np.array_equal(expert(x, w, M, swiglu_limit=10.0, weights=weight), want)
     assert differs(want, quantized_linear(f32r(hidden), w.w2, M))     # without the bf16 before w2
@@ -487,9 +535,9 @@ def test_router_stays_fp32():
     weights, ids = route(x, np.arange(7), gate, TINY, M)
 
     def ref(z):
-        sc = np.sqrt(nx.softplus(z))
+        sc = np.sqrt(softplus_ref(z))                                # softplus one op, fp32 sqrt
         wsel = np.take_along_axis(sc, ids, -1)
-        return wsel / wsel.sum(-1, keepdims=True) * np.float32(TINY.route_scale)
+        return wsel / f32r(np.sum(wsel.astype(np.float64), -1, keepdims=True)) * np.float32(TINY.route_scale)
     z = f32r(exact_rows(x, gate.weight))
     assert weights.dtype == np.float32 and np.array_equal(weights, ref(z))
     assert differs(ref(z), ref(bf16r(z)))                           # the logits are not bf16
@@ -529,3 +577,274 @@ def test_mtp_input_is_bf16(tiny_model):
         return tr.tensors["p.pre"]
     assert np.array_equal(t.tensors[f"layers.{layer}.hc_attn.pre"], pre(bf16r(summed)))
     assert differs(pre(bf16r(summed)), pre(summed))
+
+
+# ------------------------------------------------------------------------------------------------
+# one official operation: exact inside, rounded once (softmax, sigmoid, softplus, silu, exp, rsqrt,
+# the power of the RoPE frequencies, and every reduction). Each test pins the code to a reference
+# written here and shows that the plain fp32 evaluation (NumPy's own float32 functions, a float32
+# sum, 1/sqrt) gives another value on the same inputs.
+
+def fp32_sum(x, axis, keepdims=False):
+    """What a plain float32 reduction gives (NumPy's pairwise order)."""
+    return np.sum(np.asarray(x, np.float32), axis=axis, keepdims=keepdims)
+
+
+def test_rms_norm_mean_exact_and_rsqrt_one_op():
+    # hand-worked: x = 1, w = 1, eps chosen so that var + eps = v = 0x3F808061 (1.0039178...).
+    # rsqrt(v) = 0.99804681539..., rounded once to fp32 0.99804682 -> bf16 0.99609375; as
+    # 1/sqrt(v) in fp32 (two roundings) it is 0.998046875, exactly the bf16 midpoint -> 1.0.
+    v = np.array([0x3F808061], np.uint32).view(np.float32)[0]
+    eps = float(v) - 1.0                                             # exact: v - 1 is an fp32 value
+    y = rms_norm(np.ones((1, 256), np.float32), np.ones(256, np.float32), eps=eps, prec=M)
+    assert np.all(y == 0.99609375)
+    assert bf16r(np.float32(1) / np.sqrt(v)) == 1.0
+    # many rows: the mean of the fp32 squares exact and rounded once, rsqrt one op
+    rng = np.random.default_rng(19)
+    x = bf16r(rng.standard_normal((4096, 256)) * 10.0 ** rng.uniform(-2, 1, (4096, 1)))
+    w = bf16r(1 + 0.1 * rng.standard_normal(256))
+
+    def ref(mean, rsqrt):
+        var = mean(x * x) + np.float32(EPS)                          # official: x.square().mean(-1) + eps
+        return bf16r(w * (x * rsqrt(var)))
+    exact_mean = lambda s: f32r(np.mean(s.astype(np.float64), -1, keepdims=True))      # noqa: E731
+    one_op = lambda v: f32r(1 / np.sqrt(v.astype(np.float64)))                         # noqa: E731
+    want = ref(exact_mean, one_op)
+    assert np.array_equal(rms_norm(x, w, eps=EPS, prec=M), want)
+    assert differs(want, ref(lambda s: np.mean(s, -1, keepdims=True), one_op))        # fp32 mean
+    assert differs(want, ref(exact_mean, lambda v: np.float32(1) / np.sqrt(v)))       # 1/sqrt, two roundings
+
+
+def test_q_norm_rsqrt_of_1_59375_is_0_79296875():
+    """The weightless q norm's bf16 rsqrt: rsqrt(1.59375) = 0.79211..., bf16 0.79296875 (PyTorch's CPU
+    bf16 kernel gives 0.7890625). q = 1.5 (86 dims), 0.5 (42 dims): mean(q²) = 204/128 = 1.59375.
+
+    Over every positive finite bf16 input, fp32 1/sqrt then bf16 gives the same bf16 as the correctly
+    rounded rsqrt (checked here), so in this bf16 op the one-op rule changes no value."""
+    q = np.r_[np.full(86, 1.5), np.full(42, 0.5)].astype(np.float32)[None, None, None]   # [1, 1, 1, 128]
+    y = head_rms_norm(q, eps=EPS, prec=M)
+    assert np.all(y[..., 86:] == bf16r(0.5 * 0.79296875)) and bf16r(0.5 * 0.79296875) == 0.396484375
+    assert bf16r(0.5 * 0.7890625) != 0.396484375                     # what the CPU kernel's value would give
+    b = np.arange(0x0080, 0x7F80, dtype=np.uint16).view(ml_dtypes.bfloat16).astype(np.float32)
+    assert np.array_equal(bf16r(f32r(1 / np.sqrt(b.astype(np.float64)))), bf16r(np.float32(1) / np.sqrt(b)))
+
+
+def test_q_norm_mean_is_exact():
+    """q² = 1, 2^-8 at dims 0, 1 and 2^-24 at dims 8, 16: the exact mean (1 + 2^-8 + 2^-23)/128 is
+    bf16 (1 + 2^-7)/128; NumPy's float32 mean (8 interleaved partial sums: dim 0 collects dims 8
+    and 16, each a tie to even) gives 1/128, and the norm's output changes with it."""
+    q = np.zeros((1, 1, 1, 128), np.float32)
+    q[..., [0, 1, 8, 16]] = [1.0, 2.0**-4, 2.0**-12, 2.0**-12]
+    y = head_rms_norm(q, eps=EPS, prec=M)
+    assert np.array_equal(y, head_norm_ref(q))
+    sq = bf16r(q * q)
+    assert bf16r(f32r(np.mean(sq.astype(np.float64)))) == (1 + 2.0**-7) / 128
+    assert bf16r(np.mean(sq, dtype=np.float32)) == 1 / 128
+    rs = lambda mean: bf16r(f32r(1 / np.sqrt(bf16r(mean + np.float32(EPS)).astype(np.float64))))   # noqa: E731
+    assert np.array_equal(y, bf16r(q * rs(np.float32((1 + 2.0**-7) / 128))))
+    assert differs(y, bf16r(q * rs(np.float32(1 / 128))))            # the output with the float32 mean
+
+
+def test_rope_complex_product_one_op_and_table():
+    """(a + ib)(cos + i·sin) exact, rounded once to fp32 (then bf16); the table's own fp32 ops,
+    the power base^(2i/p) one op, cos/sin of the fp32 angle rounded once."""
+    pos = np.arange(1000, 1064)
+    for layer in (0, 2):                                             # base 10000 / 160000 with YaRN
+        table = layer_rope_table(pos, TINY, layer, M)
+        base, dim = TINY.rope_base(layer), TINY.rope_head_dim
+        e = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+        f = np.float32(1) / f32r(base ** e.astype(np.float64))
+        if TINY.rope_original_seq_len(layer):
+            ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(15)) / np.float32(10), 0, 1)
+            smooth = np.float32(1) - ramp
+            f = f / np.float32(TINY.rope_factor) * (np.float32(1) - smooth) + f * smooth
+        angle = pos.astype(np.float32)[:, None] * f
+        assert np.array_equal(table.cos, f32r(np.cos(angle.astype(np.float64))))
+        assert np.array_equal(table.sin, f32r(np.sin(angle.astype(np.float64))))
+    rng = np.random.default_rng(21)
+    x = bf16_values(rng, (1, 64, 16, 128))
+    c, s = table.cos[:, None, :], table.sin[:, None, :]
+    x[..., 65::2] = bf16r(x[..., 64::2] * c / s)                     # a·cos ≈ b·sin: the real part cancels
+    a, b = x[..., 64::2], x[..., 65::2]
+    exact = f32r(a.astype(np.float64) * c - b.astype(np.float64) * s)
+    y = apply_rope(x, table, M)
+    assert np.array_equal(y[..., 64::2], bf16r(exact))
+    assert differs(bf16r(exact), bf16r(a * c - b * s))              # three fp32 roundings instead of one
+
+
+def test_rope_yarn_blend_constants():
+    """The YaRN ramp above uses low = 15, high = 25 for base 160000, dim 64 (docs/architecture.md §6)."""
+    t = rope_table(np.array([7]), dim=64, base=160000.0, original_seq_len=65536, factor=16, beta_fast=32,
+                   beta_slow=1, prec=M)
+    assert np.array_equal(t.cos, layer_rope_table(np.array([7]), TINY, 2, M).cos)
+
+
+def test_weighted_streams_sum_exact_hand_worked():
+    """Σ_j pre_j · v_j over 4 streams: products 1, 2^-8 + 2^-24, 2^-30, 0. Exact sum 1 + 2^-8 + 2^-24 + 2^-30
+    rounds to fp32 1 + 2^-8 + 2^-23 (above the bf16 midpoint 1 + 2^-8: bf16 1 + 2^-7); summed in fp32,
+    1 + 2^-8 + 2^-24 is a tie that rounds to 1 + 2^-8, and 2^-30 is lost: bf16 1.0."""
+    pre = np.array([[[1.0, 1 + 2.0**-16, 1.0, 0.0]]], np.float32)                # [1, 1, 4]
+    v = np.array([1.0, 2.0**-8, 2.0**-30, 0.0], np.float32)[None, None, :, None]  # [1, 1, 4, 1]
+    got = weighted_streams(pre, v, M)
+    assert got.dtype == np.float32 and got.item() == 1 + 2.0**-8 + 2.0**-23
+    assert fp32_sum(pre[..., None] * v, 2).item() == 1 + 2.0**-8
+    assert bf16r(got).item() == 1 + 2.0**-7 and bf16r(1 + 2.0**-8) == 1.0
+
+
+def test_hc_post_stream_sum_exact_hand_worked():
+    """New stream k = post_k·x + Σ_j comb[j, k]·h_j; with post 0 the same numbers as above."""
+    comb = np.zeros((1, 1, 4, 4), np.float32)
+    comb[0, 0, :, 0] = [1.0, 1 + 2.0**-16, 1.0, 0.0]                 # column 0 forms new stream 0
+    h = np.zeros((1, 1, 4, 2), np.float32)
+    h[0, 0, :, 0] = [1.0, 2.0**-8, 2.0**-30, 0.0]
+    y = hc_post(np.zeros((1, 1, 2), np.float32), h, np.zeros((1, 1, 4), np.float32), comb, M)
+    assert y[0, 0, 0, 0] == 1 + 2.0**-7                              # fp32 summation: 1.0
+
+
+def sinkhorn_ref(mixes, scale, base, n, iters, eps, *, one_op=True):
+    """The kernel's split (K:L386-425): fp32 elementwise ops; sigmoid, exp and the row/column sums one op
+    each (one_op=False: NumPy's float32 functions and sums)."""
+    sig = sigmoid_ref if one_op else nx.sigmoid
+    ex = (lambda v: f32r(np.exp(v.astype(np.float64)))) if one_op else np.exp          # noqa: E731
+    sm = sum_ref if one_op else fp32_sum
+    eps = np.float32(eps)
+    pre = sig(mixes[..., :n] * scale[0] + base[:n]) + eps
+    post = np.float32(2) * sig(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])
+    c = (mixes[..., 2 * n:] * scale[2] + base[2 * n:]).reshape(*mixes.shape[:-1], n, n)
+    c = ex(c - c.max(-1, keepdims=True))
+    c = c / sm(c, -1, keepdims=True) + eps
+    c = c / (sm(c, -2, keepdims=True) + eps)
+    for _ in range(iters - 1):
+        c = c / (sm(c, -1, keepdims=True) + eps)
+        c = c / (sm(c, -2, keepdims=True) + eps)
+    return pre, post, c
+
+
+def test_sinkhorn_sigmoid_exp_and_sums_one_op(tiny_model):
+    w = tiny_model(M).weights.layers[1].hc_attn
+    rng = np.random.default_rng(22)
+    mixes = f32r(rng.standard_normal((64, 24)) * 3)
+    got = split_sinkhorn(mixes, w.scale, w.base, n=4, iters=TINY.hc_sinkhorn_iters, eps=TINY.hc_eps, prec=M)
+    want = sinkhorn_ref(mixes, w.scale, w.base, 4, TINY.hc_sinkhorn_iters, TINY.hc_eps)
+    plain = sinkhorn_ref(mixes, w.scale, w.base, 4, TINY.hc_sinkhorn_iters, TINY.hc_eps, one_op=False)
+    for g, r, p in zip(got, want, plain):
+        assert g.dtype == np.float32 and np.array_equal(g, r)
+        assert differs(r, p)
+
+
+def test_mhc_mixes_rms_mean_exact_and_rsqrt_one_op(tiny_model):
+    """ρ = rsqrt(mean(v²) + eps) over all n·c stream values (mean exact, rsqrt one op), mixes = fp32(v·fn)·ρ;
+    seen through the fp32 pre weights hc_pre records."""
+    w = tiny_model(M).weights.layers[1].hc_attn
+    rng = np.random.default_rng(23)
+    h = bf16_values(rng, (1, 256, TINY.hc_mult, TINY.dim), 2.0)
+    t = Trace(("p.pre",))
+    hc_pre(h, w, TINY, M, t, "p")
+    v = h.reshape(1, 256, -1)
+
+    def pre(mean, rsqrt):
+        rho = rsqrt(mean(v * v) + np.float32(TINY.norm_eps))
+        mixes = f32r(exact_rows(v, w.fn)) * rho
+        return sinkhorn_ref(mixes, w.scale, w.base, 4, 1, TINY.hc_eps)[0][0]
+    exact_mean = lambda s: sum_ref(s, -1, keepdims=True) / np.float32(s.shape[-1])  # noqa: E731 (power of 2: exact)
+    one_op = lambda x: f32r(1 / np.sqrt(x.astype(np.float64)))                        # noqa: E731
+    want = pre(exact_mean, one_op)
+    assert np.array_equal(t.tensors["p.pre"], want)
+    assert differs(want, pre(lambda s: np.mean(s, -1, keepdims=True), one_op))
+    assert differs(want, pre(exact_mean, lambda x: np.float32(1) / np.sqrt(x)))
+
+
+def test_hc_head_every_step_one_op(tiny_model):
+    """hc_head: ρ (exact mean, rsqrt one op), mixes, pre = sigmoid (one op) + eps, the exact stream sum,
+    bf16; on 512 positions the float32 sigmoid flips some bf16 outputs."""
+    w = tiny_model(M).weights.hc_head
+    rng = np.random.default_rng(27)
+    h = bf16_values(rng, (1, 512, TINY.hc_mult, TINY.dim), 2.0)
+    v = h.reshape(1, 512, -1)
+    rho = f32r(1 / np.sqrt((sum_ref(v * v, -1, keepdims=True) / np.float32(v.shape[-1]) +
+                            np.float32(TINY.norm_eps)).astype(np.float64)))
+    z = (f32r(exact_rows(v, w.fn)) * rho) * w.scale[0] + w.base
+
+    def out(sig):
+        pre = sig(z) + np.float32(TINY.hc_eps)
+        return bf16r(sum_ref(pre[..., None] * h, 2))
+    want = out(sigmoid_ref)
+    assert np.array_equal(hc_head(h, w, TINY, M), want)
+    assert differs(want, out(nx.sigmoid))
+
+
+def test_compressor_pool_softmax_one_op_and_exact_sum():
+    """Σ_t softmax_t(score)·kv (M:L342): the softmax one op, fp32 products, the sum exact."""
+    rng = np.random.default_rng(24)
+    kv = f32r(rng.standard_normal((1, 64, 8, 128)))
+    score = f32r(rng.standard_normal((1, 64, 8, 128)) * 2)
+    score[0, 0, :4] = -np.inf                                        # the overlap padding before block 0
+    s64 = score.astype(np.float64)
+    e = np.exp(s64 - s64.max(2, keepdims=True))
+    p = f32r(e / e.sum(2, keepdims=True))
+    want = sum_ref(kv * p, 2)
+    got = gated_pool(kv, score, M)
+    assert got.dtype == np.float32 and np.array_equal(got, want)
+    assert differs(want, sum_ref(kv * nx.softmax(score, axis=2), 2))          # float32 softmax
+    assert differs(want, fp32_sum(kv * p, 2))                                   # float32 sum
+
+
+def test_index_head_sum_exact_hand_worked():
+    """Σ_h over 16 heads of bf16(ReLU(q_h·K)·w_h): the products are 1, 2^-8, 2^-24, 2^-24, 0 ...;
+    the exact sum 1 + 2^-8 + 2^-23 is bf16 1 + 2^-7; in float32 the two 2^-24 are lost: 1.0."""
+    q = np.zeros((16, 128), np.float32)
+    q[:4, 0] = [1.0, 2.0**-8, 2.0**-24, 2.0**-24]
+    q[:, 1] = 1.0
+    keys = np.zeros((2, 128), np.float32)
+    keys[0, 0] = keys[1, 1] = 1.0                                    # entry 0 takes dim 0, entry 1 dim 1
+    score = index_scores(q, keys, np.ones(16, np.float32), M)
+    assert score.tolist() == [1 + 2.0**-7, 16.0]
+    assert bf16r(fp32_sum(q[:, :2], 0))[0] == 1.0                    # float32, head after head
+
+
+def test_swiglu_silu_one_op(tiny_model):
+    rng = np.random.default_rng(25)
+    gate, up = bf16_values(rng, (64, 128), 3.0), bf16_values(rng, (64, 128), 3.0)
+    weight = f32r(rng.uniform(0.2, 1.2, (64, 1)))
+    h = swiglu(gate, up, M, swiglu_limit=10.0, weights=weight)
+    g, u = np.minimum(gate, np.float32(10)), np.clip(up, -10, 10)
+    want = weight * (silu_ref(g) * u)
+    assert h.dtype == np.float32 and np.array_equal(h, want)
+    assert differs(want, weight * (nx.silu(g) * u))                  # NumPy's float32 x·sigmoid(x)
+
+
+def test_router_softplus_one_op_and_exact_sum():
+    rng = np.random.default_rng(26)
+    e = TINY.n_routed_experts
+    gate = GateWeights(weight=bf16_values(rng, (e, TINY.dim), 0.1), bias=np.zeros(e, np.float32), tid2eid=None)
+    x = bf16_values(rng, (256, TINY.dim), 2.0)
+    weights, ids = route(x, np.arange(256), gate, TINY.replace(n_activated_experts=6), M)
+    z = f32r(exact_rows(x, gate.weight))
+
+    def ref(softplus, total):
+        sel = np.take_along_axis(np.sqrt(softplus(z)), ids, -1)
+        return sel / total(sel) * np.float32(TINY.route_scale)
+    exact = lambda s: sum_ref(s, -1, keepdims=True)                  # noqa: E731
+    want = ref(softplus_ref, exact)
+    assert np.array_equal(weights, want)
+    assert differs(want, ref(nx.softplus, exact))                    # NumPy's float32 softplus
+    assert differs(want, ref(softplus_ref, lambda s: fp32_sum(s, -1, keepdims=True)))
+
+
+def test_top_k_ties_lower_index_in_router_and_indexer():
+    """Equal scores: the lower index is chosen first (numerics.top_k); the official torch.topk leaves it open."""
+    e = TINY.n_routed_experts
+    w = np.zeros((e, TINY.dim), np.float32)
+    bias = np.zeros(e, np.float32)
+    bias[[2, 5, 6]] = 1.0                                            # a three-way tie for 2 slots
+    _, ids = route(np.ones((1, TINY.dim), np.float32), np.zeros(1, int), GateWeights(w, bias, None), TINY, M)
+    assert ids.tolist() == [[2, 5]]
+    bias[[1, 7]] = 2.0
+    _, ids = route(np.ones((1, TINY.dim), np.float32), np.zeros(1, int), GateWeights(w, bias, None), TINY, M)
+    assert ids.tolist() == [[1, 7]]
+    q = np.zeros((16, 128), np.float32)
+    q[:, 0] = 1.0
+    keys = np.zeros((5, 128), np.float32)
+    keys[[1, 3, 4], 0] = 0.5                                         # entries 1, 3, 4 tie, 0 and 2 score 0
+    sc = index_scores(q, keys, np.ones(16, np.float32), M)
+    assert nx.top_k(sc, 4).tolist() == [1, 3, 4, 0]

@@ -26,6 +26,13 @@ TINY = Config.tiny()
 V = TINY.vocab_size
 PRECS = ("float64", "float32", "mirror")
 EXACT = ("float64", "mirror")          # modes whose results do not depend on row counts or chunking
+# (mirror with the canonical index layout: with the official one a prefill's length and the call
+# type set the window width, and so mirror's block-wise softmax; tests/model/test_index_layout.py)
+
+
+def layout_free(tiny_model, prec):
+    """tiny_model(prec), in mirror with the canonical layout."""
+    return tiny_model(prec, layout="canonical" if prec == "mirror" else "official")
 
 # 1; each ratio -1/+0/+1; window -1/+0/+1; window + 2 ratios (CSA 40, HCA 64); > 4·16+4 entries (100)
 LENGTHS = (1, 3, 4, 5, 15, 16, 17, 31, 32, 33, 40, 64, 100)
@@ -48,7 +55,7 @@ def test_lengths_across_every_threshold(tiny_model, prec):
 
     docs/architecture.md §20.
     """
-    model = tiny_model(prec)
+    model = layout_free(tiny_model, prec)
     toks = tokens(max(LENGTHS), 1)
     for n in LENGTHS:
         logits = model.forward(toks[:n])
@@ -94,11 +101,11 @@ def test_mirror_within_quantization_budget_of_float64(logits300):
 
 @pytest.mark.parametrize("prec", PRECS)
 def test_prefix_invariance(tiny_model, prec):
-    """The logits of a prefix do not change when the sequence grows (bit-identical in float64 and mirror).
+    """The logits of a prefix do not change when the sequence grows (bit-identical in float64 and mirror-canonical).
 
     docs/architecture.md §15.
     """
-    model = tiny_model(prec)
+    model = layout_free(tiny_model, prec)
     toks = tokens(100, 2)
     short, long_ = model.forward(toks[:40]), model.forward(toks)
     assert same(long_[:40], short, prec, tol=1e-5)

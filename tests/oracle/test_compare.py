@@ -410,3 +410,16 @@ def test_compare_accepts_trace_objects_and_checks_them(traces):
     assert isinstance(t, TraceFile) and compare(t, traces["mirror2"]).ok
     with pytest.raises(CompareError, match="precision 'fp8'"):
         compare(TraceFile("x", {**t.meta, "precision": "fp8"}, t.tensors), traces["mirror2"])
+
+
+def test_traces_of_different_index_layouts_are_refused(tiny_model, tmp_path):
+    """In mirror the layout decides the softmax blocks: comparing across layouts would mislead."""
+    from refimpl.oracle.compare import CompareError, compare
+    from refimpl.oracle.trace import run_trace
+    toks = [0, 5, 9, 2, 7]
+    a = run_trace(tiny_model("mirror"), toks, patterns=("logits",))
+    b = run_trace(tiny_model("mirror", layout="canonical"), toks, patterns=("logits",))
+    a.save(tmp_path / "a.st")
+    b.save(tmp_path / "b.st")
+    with pytest.raises(CompareError, match="different attention index layouts \\(official vs canonical\\)"):
+        compare(tmp_path / "a.st", tmp_path / "b.st")

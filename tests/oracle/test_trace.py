@@ -6,7 +6,7 @@ from refimpl.config import Config
 from refimpl.oracle.trace import NonFiniteError, Trace, check_finite, record, run_trace, site_names
 
 TINY = Config.tiny()
-EXACT = ("float64", "mirror")          # chunking-invariant modes: bit-identical sites
+EXACT = ("float64", "mirror")          # chunking-invariant modes (mirror: canonical layout): bit-identical sites
 
 
 def test_check_finite_names_the_site_layer_and_first_index():
@@ -46,7 +46,7 @@ def test_trace_of_mtp_layer_sites_runs_the_mtp_block(tiny_model):
 @pytest.mark.parametrize("prec", EXACT)
 def test_chunked_trace_holds_every_site_of_one_forward(tiny_model, prec):
     """Chunks crossing the ratio-4 and ratio-16 boundaries: the same site names, shapes and (exact modes) bits."""
-    model = tiny_model(prec)
+    model = tiny_model(prec, layout="canonical")
     toks = [int(t) for t in np.random.default_rng(3).integers(0, TINY.vocab_size, 21)]
     one = run_trace(model, toks)
     chunked = run_trace(model, toks, chunks=[3, 5, 1, 9, 3])
