@@ -241,6 +241,20 @@ def cmd_parse(a) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- golden sets
+
+def cmd_golden_verify(a) -> int:
+    from refimpl.oracle.golden import verify
+    t0 = time.perf_counter()
+    failures = verify(a.dir, precisions=tuple(a.precision) if a.precision else ("float64", "mirror"),
+                      inputs=a.input)
+    for f in failures:
+        print(f"FAIL {f}")
+    print(f"golden verify: {'FAILED, ' + str(len(failures)) + ' case(s)' if failures else 'passed'} "
+          f"({time.perf_counter() - t0:.1f} s)")
+    return 1 if failures else 0
+
+
 # ---------------------------------------------------------------- demo
 
 def cmd_demo(a) -> int:
@@ -334,6 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("completion", help="text file with the model's completion (UTF-8, at most 8 MiB)")
     q.add_argument("--thinking", action="store_true")
     q.set_defaults(func=cmd_parse)
+
+    q = sub.add_parser("golden", help="golden sets: verify that this refimpl reproduces golden/")
+    gs = q.add_subparsers(dest="golden_command", required=True)
+    v = gs.add_parser("verify", help="re-make the tiny checkpoint, check its bytes, re-run every golden input")
+    v.add_argument("dir", nargs="?", default=None, help="the golden folder (default: golden/ of this source tree)")
+    v.add_argument("--precision", action="append", choices=("float64", "mirror"), help="only this precision (repeatable)")
+    v.add_argument("--input", action="append", help="only this input, e.g. prefill-80 (repeatable)")
+    v.set_defaults(func=cmd_golden_verify)
 
     q = sub.add_parser("demo", help="the README's main job on the built-in tiny model")
     q.add_argument("--dir", default=str(DEFAULT_DEMO_DIR),
