@@ -201,3 +201,25 @@ def test_cli_decode_trace_and_replay(tiny_ckpt, tmp_path, capsys):
     assert main(["trace", str(tiny_ckpt), "--tokens", toks, "--decode-from", "4", "--chunks", "4,8",
                  "--out", "x"]) == 2                                  # argparse: usage error
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_compare_sees_no_routing_difference_once_the_reference_routing_is_replayed(
+        tiny_ckpt, patched_ckpt, tiny_model, tmp_path):
+    """The comparison a user runs: perturbed-gate model vs the original, before and after replay.
+    Before: compare reports rows whose expert sets disagree. After replaying the original trace:
+    every expert-id site agrees in every row, so what remains is arithmetic."""
+    from refimpl.oracle.compare import compare
+    gates = [f"layers.{i}.ffn.gate.weight" for i in ROUTED]
+    other = load(perturbed(patched_ckpt, tiny_ckpt, gates, 0.5), precision="float64")
+    ref = run_trace(tiny_model("float64"), TOKENS)
+    ref.save(tmp_path / "ref.st")
+    run_trace(other, TOKENS).save(tmp_path / "free.st")
+    run_trace(other, TOKENS, replay=Replay.load(tmp_path / "ref.st")).save(tmp_path / "forced.st")
+
+    def disagreeing_rows(path):
+        sites = compare(path, tmp_path / "ref.st", profile="float32-vs-float64").sites
+        return {s["site"]: s["rows"] - s["agree"] for s in sites if s["site"].endswith(".ffn.expert_ids")}
+
+    before, after = disagreeing_rows(tmp_path / "free.st"), disagreeing_rows(tmp_path / "forced.st")
+    assert sum(before.values()) > 0
+    assert set(after) == set(before) and sum(after.values()) == 0
