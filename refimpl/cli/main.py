@@ -247,7 +247,7 @@ def cmd_golden_verify(a) -> int:
     from refimpl.oracle.golden import verify
     t0 = time.perf_counter()
     failures = verify(a.dir, precisions=tuple(a.precision) if a.precision else ("float64", "mirror"),
-                      inputs=a.input)
+                      inputs=a.input, ckpt=a.ckpt)
     for f in failures:
         print(f"FAIL {f}")
     print(f"golden verify: {'FAILED, ' + str(len(failures)) + ' case(s)' if failures else 'passed'} "
@@ -355,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("dir", nargs="?", default=None, help="the golden folder (default: golden/ of this source tree)")
     v.add_argument("--precision", action="append", choices=("float64", "mirror"), help="only this precision (repeatable)")
     v.add_argument("--input", action="append", help="only this input, e.g. prefill-80 (repeatable)")
+    v.add_argument("--ckpt", default=None, help="for a set made with tools/make_golden.py --ckpt: the checkpoint "
+                                               "folder (default: the path in its manifest)")
     v.set_defaults(func=cmd_golden_verify)
 
     q = sub.add_parser("demo", help="the README's main job on the built-in tiny model")

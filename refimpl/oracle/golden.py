@@ -210,11 +210,14 @@ def compare_site(name: str, want: np.ndarray, got: np.ndarray, precision: str) -
             f"computed {b[first]!r}")
 
 
-def verify(golden_dir=None, *, precisions=PRECISIONS, inputs: list[str] | None = None, progress=print) -> list[str]:
-    """Re-make the tiny checkpoint, check its bytes, re-run every input; -> the failures (empty: it passes).
+def verify(golden_dir=None, *, precisions=PRECISIONS, inputs: list[str] | None = None, ckpt=None,
+           progress=print) -> list[str]:
+    """Re-make (or find) the checkpoint, check its bytes, re-run every input; -> the failures (empty: passes).
 
-    Each failure names the input, the precision, the first site (in data-flow order) that differs
-    and the stored row's position.
+    A set made from the tiny preset re-makes its checkpoint from the seed; a set made from a given
+    checkpoint (`tools/make_golden.py --ckpt`) runs on `ckpt` (default: the path in the manifest),
+    after checking its config and the SHA-256 of its config and index files. Each failure names the
+    input, the precision, the first site (in data-flow order) that differs and the stored row's position.
     """
     import tempfile
     from refimpl.config import Config
@@ -226,19 +229,33 @@ def verify(golden_dir=None, *, precisions=PRECISIONS, inputs: list[str] | None =
     golden_dir = Path(golden_dir) if golden_dir is not None else default_dir()
     manifest = read_manifest(golden_dir)
     check_files(golden_dir, manifest)
-    cfg = Config.preset(manifest["checkpoint"]["preset"])
-    if cfg.to_hf_dict() != manifest["config"]:
-        raise GoldenError(f"{golden_dir}: the golden set's config is not this refimpl's "
-                          f"{manifest['checkpoint']['preset']} preset (made by another version?)")
+    recipe = manifest["checkpoint"]
+    precisions = [p for p in precisions if p in manifest.get("precisions", PRECISIONS)]
     failures = []
     with tempfile.TemporaryDirectory(prefix="refimpl-golden-") as tmp:
-        ckpt = Path(tmp) / "tiny"
-        make_checkpoint(cfg, ckpt, seed=manifest["checkpoint"]["seed"], progress=False)
-        got = checkpoint_hashes(ckpt)
-        for name, digest in manifest["checkpoint"]["sha256"].items():
+        if "preset" in recipe:                                   # re-made from its seed, byte for byte
+            cfg = Config.preset(recipe["preset"])
+            if cfg.to_hf_dict() != manifest["config"]:
+                raise GoldenError(f"{golden_dir}: the golden set's config is not this refimpl's "
+                                  f"{recipe['preset']} preset (made by another version?)")
+            ckpt = Path(tmp) / recipe["preset"]
+            make_checkpoint(cfg, ckpt, seed=recipe["seed"], progress=False)
+            got = checkpoint_hashes(ckpt)
+            what = f"make-checkpoint {recipe['preset']} --seed {recipe['seed']} wrote"
+        else:                                                    # a checkpoint the user has
+            ckpt = Path(ckpt if ckpt is not None else recipe["path"])
+            if not ckpt.is_dir():
+                raise GoldenError(f"{golden_dir}: made from the checkpoint {recipe['path']}, which is not here; "
+                                  f"pass its folder (refimpl golden verify DIR --ckpt PATH)")
+            cfg = Config.from_checkpoint(ckpt)
+            if cfg.to_hf_dict() != manifest["config"]:
+                raise GoldenError(f"{ckpt}: its config is not the one the golden set was made from")
+            got = {name: sha256_file(ckpt / name) for name in recipe["sha256"] if (ckpt / name).is_file()}
+            what = f"{ckpt} holds"
+        for name, digest in recipe["sha256"].items():
             if got.get(name) != digest:
-                failures.append(f"checkpoint: make-checkpoint tiny --seed {manifest['checkpoint']['seed']} wrote "
-                                f"{name} with another SHA-256 than the golden set's (the writer changed)")
+                failures.append(f"checkpoint: {what} {name} with another SHA-256 than the golden set's "
+                                f"({'the writer changed' if 'preset' in recipe else 'another checkpoint'})")
         if failures:
             return failures
         order = {n: i for i, n in enumerate(site_names(cfg))}
@@ -247,7 +264,7 @@ def verify(golden_dir=None, *, precisions=PRECISIONS, inputs: list[str] | None =
             for spec in map(GoldenInput.from_dict, manifest["inputs"]):
                 if precision not in spec.precisions or (inputs is not None and spec.name not in inputs):
                     continue
-                tokens = golden_tokens(cfg, spec.length)
+                tokens = manifest["tokens"][:spec.length]
                 trace = run_trace(model, tokens, **spec.run_kwargs())
                 computed = sample_rows(trace.tensors, spec.rows, spec.length)
                 stored = SafetensorsFile(golden_dir / "traces" / precision / f"{spec.name}.safetensors")

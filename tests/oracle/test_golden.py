@@ -111,3 +111,21 @@ def test_cli_golden_verify(tmp_path, capsys):
     assert "golden verify: passed" in capsys.readouterr().out
     assert main(["golden", "verify", str(tmp_path)]) == 1
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_a_set_made_from_a_given_checkpoint_verifies_on_it(tiny_ckpt, tmp_path, patched_ckpt):
+    """tools/make_golden.py --ckpt (the real-checkpoint path, here on the tiny checkpoint): the set
+    verifies on its checkpoint and refuses another one."""
+    import subprocess
+    import sys
+    out = tmp_path / "set"
+    tool = Path(__file__).resolve().parents[2] / "tools" / "make_golden.py"
+    r = subprocess.run([sys.executable, str(tool), "--ckpt", str(tiny_ckpt), "--out", str(out), "--max-length", "4"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    manifest = read_manifest(out)
+    assert manifest["precisions"] == ["mirror"] and manifest["checkpoint"]["path"] == str(Path(tiny_ckpt).resolve())
+    assert verify(out, progress=quiet) == []
+    other = patched_ckpt({"norm.weight": {0: 2.0}})               # same config, other weights: a site differs
+    failures = verify(out, ckpt=other, progress=quiet)
+    assert failures and all("first differing site" in f for f in failures)
