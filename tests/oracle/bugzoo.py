@@ -112,6 +112,19 @@ def _unrotated_compressed_keys(mp):
     mp.setattr(attention_mod, "compress", f)
 
 
+def _entries_rotated_at_pool_index(mp):
+    # compressed entry i rotated at position i instead of its block's first token m·i
+    f = mutated(compressor_mod.compress, [("positions = (first_block + np.arange(n_full)) * m",
+                                           "positions = first_block + np.arange(n_full)")])
+    mp.setattr(attention_mod, "compress", f)
+
+
+def _output_derotation_missing(mp):
+    # the attention output goes to wo_a still rotated (no inverse RoPE at the query position)
+    real = attention_mod.attention
+    patch_everywhere(mp, real, mutated(real, [("o = apply_rope(o, table, prec, inverse=True)", "pass")]))
+
+
 def _overlap_lost_in_decode(mp):
     # decode (one token per call): the previous block's half is taken from an empty slice, so an entry
     # completed in decode pools only its own block's m positions (as if it had no previous block)
@@ -226,6 +239,12 @@ FAULTS: dict[str, Fault] = {
     "unrotated_compressed_keys": Fault(
         "main compressed entries never RoPE'd (§19.3); entry 0 sits at position 0, the identity",
         "prefill-15", "layers.2.attn.compressed_kv", 1, _unrotated_compressed_keys),
+    "entries_rotated_at_pool_index": Fault(
+        "compressed entry i rotated at position i, not m·i (§19.3); entry 0 is the same either way",
+        "prefill-15", "layers.2.attn.compressed_kv", 1, _entries_rotated_at_pool_index),
+    "output_derotation_missing": Fault(
+        "attention output not de-rotated at the query position before wo_a (§19.4)",
+        "prefill-3", "layers.0.attn.out", 2, _output_derotation_missing),
     "overlap_lost_in_decode": Fault(
         "ratio-4 overlap lost in decode: an entry completed by a decode step pools 4 positions, not 8 (§19.13)",
         "decode-29-to-80", "layers.2.attn.compressed_kv", 7, _overlap_lost_in_decode),
