@@ -454,7 +454,8 @@ def _integer_site(name, kind, a, b, scores, profile) -> dict:
     near_rel = 0.0 if near_rel is None else near_rel
     have = [s for s in scores if s is not None]
     rows = a.shape[0]
-    a, b = a.reshape(rows, -1), b.reshape(rows, -1)                  # a row per position
+    width = int(np.prod(a.shape[1:], dtype=np.int64))                # (a site may have no rows: -1 cannot reshape that)
+    a, b = a.reshape(rows, width), b.reshape(rows, width)            # a row per position
     agree = near = real = close = 0
     overlap_sum, margins, near_rows, real_rows = 0.0, [], [], []
     for t in range(rows):

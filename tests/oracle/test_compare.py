@@ -268,6 +268,15 @@ def test_integer_set_agreement_hand_worked(tmp_path):
     assert (r.first["site"], r.first["position"], r.first["metric"]) == ("layers.2.attn.indexer.topk", 1, "max_real_frac")
 
 
+def test_sites_without_rows_compare_equal(tmp_path):
+    """A golden trace of a short input keeps no row of the MTP block ([0, a] expert ids, [0, e] scores)."""
+    t = {"layers.6.ffn.expert_ids": np.zeros((0, 2), np.int32), "layers.6.ffn.gate_scores": np.zeros((0, 8), np.float32),
+         "logits": np.ones((1, 4), np.float32)}
+    a, b = write(tmp_path / "a.st", t, tokens=[5]), write(tmp_path / "b.st", t, tokens=[5])
+    r = compare(a, b, profile="mirror-vs-mirror")
+    assert r.ok and {m["site"]: m["rows"] for m in r.sites if m["kind"] == "integer"} == {"layers.6.ffn.expert_ids": 0}
+
+
 def test_near_ties_are_flagged_apart_from_real_disagreements(tmp_path):
     """Disputed entries whose scores lie within near_tie_rel (relative to the row's largest |score|) are a near-tie.
 

@@ -1,0 +1,287 @@
+"""The bug zoo: faults other DeepSeek V4 implementations shipped, as test-only injectable mutations.
+
+Each fault is a faithful emulation of a field bug (docs/architecture.md §19 names them): while its
+context manager is active, refimpl's model functions (or Config methods) are monkeypatched so that
+refimpl computes what the faulty implementation would. Nothing here is reachable from the `refimpl`
+package: this module lives in the tests, and `test_bugzoo.py` checks that the package cannot
+import it.
+
+    with inject("sink_in_max"):
+        trace = run_trace(model, tokens)          # the faulty implementation's numbers
+
+Registry entry: name -> Fault(description, the golden input that exposes it, the site where
+`compare` must first see it (and the position / entry there), the function that applies it to a
+pytest MonkeyPatch). Faults on inline code are made by mutating the source of the refimpl function
+(`mutated`: the exact text replaced must occur, so a refactor of the model fails loudly here rather
+than silently testing nothing).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import sys
+import textwrap
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pytest
+
+import refimpl.model.attention as attention_mod
+import refimpl.model.compressor as compressor_mod
+import refimpl.model.indexer as indexer_mod
+import refimpl.model.moe as moe_mod
+import refimpl.model.norm as norm_mod
+import refimpl.model.rope as rope_mod
+from refimpl.config import Config
+from refimpl.model.compressor import CompressorState
+from refimpl.numerics import bf16, work_dtype
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One field bug: what it is, where it must show, and how to inject it."""
+    description: str
+    input: str                     # the golden input (manifest name) that exposes it
+    site: str                      # the first site out of tolerance against the golden trace
+    row: int                       # there: the position (per-position sites) or entry (compressed_kv)
+    apply: Callable                # apply(monkeypatch): inject the fault
+    golden: bool = True            # False: not visible on the golden set (see `reference` in test_bugzoo)
+
+
+# ---------------------------------------------------------------- helpers
+
+def mutated(func, replacements: list[tuple[str, str]], extra_globals: dict | None = None):
+    """func recompiled from its source with each (old, new) text replaced (old must occur exactly once).
+
+    The new function runs in a copy of func's module globals (plus extra_globals), so the module
+    itself is untouched until the caller monkeypatches the name where it is looked up.
+    """
+    src = textwrap.dedent(inspect.getsource(func))
+    for old, new in replacements:
+        if src.count(old) != 1:
+            raise AssertionError(f"bug zoo: {func.__module__}.{func.__name__} no longer contains {old!r} exactly "
+                                 f"once; update the fault to the new code")
+        src = src.replace(old, new)
+    ns = dict(func.__globals__)
+    ns.update(extra_globals or {})
+    exec(compile(src, f"<bugzoo: mutated {func.__module__}.{func.__name__}>", "exec"), ns)
+    return ns[func.__name__]
+
+
+def patch_everywhere(mp, original, replacement) -> None:
+    """Monkeypatch every refimpl module attribute bound to `original` (names imported with `from ... import`)."""
+    hit = False
+    for mod_name, mod in list(sys.modules.items()):
+        if not mod_name.startswith("refimpl") or mod is None:
+            continue
+        for attr, value in list(vars(mod).items()):
+            if value is original:
+                mp.setattr(mod, attr, replacement)
+                hit = True
+    assert hit, f"bug zoo: {original!r} is bound nowhere in refimpl"
+
+
+class _ScaledConfig:
+    """A view of a Config with another softmax_scale (every other attribute from the real one)."""
+
+    def __init__(self, cfg, softmax_scale: float):
+        self._cfg, self.softmax_scale = cfg, softmax_scale
+
+    def __getattr__(self, name):
+        return getattr(self._cfg, name)
+
+
+# ---------------------------------------------------------------- the faults
+
+def _wrong_rope_base(mp):
+    # compress_rope_theta lost in config normalisation: compressed layers get rope_theta (10000), still with YaRN
+    mp.setattr(Config, "rope_base", lambda self, layer: self.rope_theta)
+
+
+def _missing_yarn(mp):
+    # compressed layers built without YaRN (original_seq_len 0 everywhere)
+    mp.setattr(Config, "rope_original_seq_len", lambda self, layer: 0)
+
+
+def _unrotated_compressed_keys(mp):
+    # the main compressor's entries never RoPE'd (the indexer's keys still are)
+    f = mutated(compressor_mod.compress,
+                [("e = apply_rope(e, layer_rope_table(positions, cfg, layer, prec), prec)", "pass")])
+    mp.setattr(attention_mod, "compress", f)
+
+
+def _entries_rotated_at_pool_index(mp):
+    # compressed entry i rotated at position i instead of its block's first token m·i
+    f = mutated(compressor_mod.compress, [("positions = (first_block + np.arange(n_full)) * m",
+                                           "positions = first_block + np.arange(n_full)")])
+    mp.setattr(attention_mod, "compress", f)
+
+
+def _output_derotation_missing(mp):
+    # the attention output goes to wo_a still rotated (no inverse RoPE at the query position)
+    real = attention_mod.attention
+    patch_everywhere(mp, real, mutated(real, [("o = apply_rope(o, table, prec, inverse=True)", "pass")]))
+
+
+def _overlap_lost_in_decode(mp):
+    # decode (one token per call): the previous block's half is taken from an empty slice, so an entry
+    # completed in decode pools only its own block's m positions (as if it had no previous block)
+    real = compressor_mod.compress
+
+    def compress(x, start_pos, state, w, cfg, layer, prec, **kw):
+        if cfg.uses_overlap(layer) and x.shape[1] == 1 and start_pos > 0:
+            m = cfg.compress_ratio(layer)
+            kv, score = state.kv.copy(), state.score.copy()
+            kv[:, :m], score[:, :m] = 0, -np.inf                       # the empty previous half: padding
+            entries, new = real(x, start_pos, CompressorState(kv=kv, score=score), w, cfg, layer, prec, **kw)
+            if entries.shape[1] == 0:                                  # nothing pooled: the state keeps its
+                new.kv[:, :m], new.score[:, :m] = state.kv[:, :m], state.score[:, :m]   # true previous block
+            return entries, new
+        return real(x, start_pos, state, w, cfg, layer, prec, **kw)
+    mp.setattr(attention_mod, "compress", compress)
+    mp.setattr(indexer_mod, "compress", compress)
+
+
+def _indexer_key_not_rotated(mp):
+    # the `rotate` flag stored but never read: index keys FP4-QDQ'd without the Hadamard rotation
+    f = mutated(compressor_mod.compress, [("bf16(hadamard(e, prec), prec)", "bf16(e, prec)")])
+    mp.setattr(indexer_mod, "compress", f)
+
+
+def _shared_clamp_missing(mp):
+    # current revision, but the shared expert's SwiGLU without the clamp (routed experts keep it)
+    real = moe_mod.expert
+
+    def expert(x, w, prec, *, swiglu_limit, weights=None):
+        return real(x, w, prec, swiglu_limit=0.0 if weights is None else swiglu_limit, weights=weights)
+    mp.setattr(moe_mod, "expert", expert)
+
+
+YARN_MSCALE = 0.1 * math.log(16.0) + 1.0       # 0.1·ln(rope_factor) + 1 = 1.277 (V3's yarn_get_mscale)
+
+
+def _mscale_in_softmax_scale(mp):
+    # the YaRN magnitude correction folded into the softmax scale of every compressed layer (~1.277x logits)
+    real = attention_mod.attention
+
+    def attention(x, start_pos, state, w, cfg, layer, prec, revision, trace=None, layout="official"):
+        if cfg.uses_compressor(layer):
+            mscale = 0.1 * math.log(cfg.rope_factor) + 1.0
+            cfg = _ScaledConfig(cfg, cfg.softmax_scale * mscale)
+        return real(x, start_pos, state, w, cfg, layer, prec, revision, trace, layout)
+    patch_everywhere(mp, real, attention)
+
+
+def _q_norm_missing(mp):
+    # no weightless per-head RMS norm of q after wq_b
+    mp.setattr(attention_mod, "head_rms_norm", lambda q, *, eps, prec: q.astype(work_dtype(prec)))
+
+
+def _halves_rope():
+    """apply_rope with the split-halves ("rotate_half") layout: pair (x[i], x[i + p/2]) instead of (x[2i], x[2i+1])."""
+    return mutated(rope_mod.apply_rope, [
+        ("pairs = x[..., -2 * half:].reshape(*x.shape[:-1], half, 2).astype(inside)",
+         "pairs = np.stack([x[..., -2 * half:-half], x[..., -half:]], axis=-1).astype(inside)"),
+        ("rotated = f32(np.stack([re, im], axis=-1).reshape(*x.shape[:-1], 2 * half), prec)",
+         "rotated = f32(np.concatenate([re, im], axis=-1), prec)")])
+
+
+def _rope_halves(mp):
+    # non-interleaved RoPE at every site
+    patch_everywhere(mp, rope_mod.apply_rope, _halves_rope())
+
+
+def _indexer_rope_halves(mp):
+    # split-halves RoPE in the indexer only (queries and keys), carried over from V3.2
+    halves = _halves_rope()
+    mp.setattr(indexer_mod, "apply_rope", halves)
+    mp.setattr(indexer_mod, "compress", mutated(compressor_mod.compress, [], {"apply_rope": halves}))
+
+
+def _visibility_t_over_m(mp):
+    # compressed entry i visible to query t iff m(i+1) <= t instead of <= t+1: t//m entries, not (t+1)//m
+    mp.setattr(attention_mod, "compressed_indices",
+               mutated(attention_mod.compressed_indices, [("(t + 1) // ratio", "t // ratio")]))
+    mp.setattr(attention_mod, "indexer", mutated(indexer_mod.indexer, [
+        ("visible = (start_pos + si + 1) // m", "visible = (start_pos + si) // m"),
+        ("((t + 1) // m)", "(t // m)")]))
+
+
+def _sink_in_max(mp):
+    # the sink logit taken into the softmax's running max (the kernel starts its max at the sink)
+    mp.setattr(attention_mod, "sparse_attn_query", mutated(attention_mod.sparse_attn_query, [
+        ("m = np.full(h, -np.inf, np.float32)", "m = sink.astype(np.float32)")]))
+
+
+def cpu_bf16_rsqrt(v: np.ndarray, prec: str) -> np.ndarray:
+    """PyTorch CPU's bf16 rsqrt as it behaves: sqrt rounded to bf16, then its reciprocal (rsqrt(1.59375) = 0.7890625)."""
+    root = bf16(np.sqrt(np.asarray(v, np.float64)), prec)
+    return bf16(1.0 / np.asarray(root, np.float64), prec).astype(work_dtype(prec))
+
+
+def _rsqrt_not_correctly_rounded(mp):
+    # the q norm's bf16 rsqrt of PyTorch's CPU kernel, not one correctly rounded op
+    f = mutated(norm_mod.head_rms_norm, [("rsqrt(bf16(mean + dt(eps), prec), prec)",
+                                          "cpu_bf16_rsqrt(bf16(mean + dt(eps), prec), prec)")],
+                {"cpu_bf16_rsqrt": cpu_bf16_rsqrt})
+    mp.setattr(attention_mod, "head_rms_norm", f)
+
+
+FAULTS: dict[str, Fault] = {
+    "wrong_rope_base_compressed": Fault(
+        "compressed layers use rope_theta 10000 (with YaRN) instead of compress_rope_theta (§19.2)",
+        "prefill-3", "layers.2.attn.q", 2, _wrong_rope_base),
+    "missing_yarn_compressed": Fault(
+        "compressed layers use compress_rope_theta without YaRN (§19.2)",
+        "prefill-3", "layers.2.attn.q", 2, _missing_yarn),
+    "unrotated_compressed_keys": Fault(
+        "main compressed entries never RoPE'd (§19.3); entry 0 sits at position 0, the identity",
+        "prefill-15", "layers.2.attn.compressed_kv", 1, _unrotated_compressed_keys),
+    "entries_rotated_at_pool_index": Fault(
+        "compressed entry i rotated at position i, not m·i (§19.3); entry 0 is the same either way",
+        "prefill-15", "layers.2.attn.compressed_kv", 1, _entries_rotated_at_pool_index),
+    "output_derotation_missing": Fault(
+        "attention output not de-rotated at the query position before wo_a (§19.4)",
+        "prefill-3", "layers.0.attn.out", 2, _output_derotation_missing),
+    "overlap_lost_in_decode": Fault(
+        "ratio-4 overlap lost in decode: an entry completed by a decode step pools 4 positions, not 8 (§19.13)",
+        "decode-29-to-80", "layers.2.attn.compressed_kv", 7, _overlap_lost_in_decode),
+    "indexer_key_not_rotated": Fault(
+        "indexer keys not Hadamard-rotated, queries are (§19.8)",
+        "prefill-4", "layers.2.attn.indexer.scores", 3, _indexer_key_not_rotated),
+    "shared_clamp_missing": Fault(
+        "shared expert without the SwiGLU clamp in the current revision (§19.18)",
+        "prefill-4", "layers.0.ffn.out", 3, _shared_clamp_missing, golden=False),
+    "mscale_in_softmax_scale": Fault(
+        "YaRN mscale (1.277) folded into the softmax scale of compressed layers (§19.2)",
+        "prefill-1", "layers.2.attn.out", 0, _mscale_in_softmax_scale),
+    "q_norm_missing": Fault(
+        "weightless per-head q RMS norm missing (§19.5)",
+        "prefill-1", "layers.0.attn.q", 0, _q_norm_missing),
+    "rope_halves": Fault(
+        "split-halves (rotate_half) RoPE instead of adjacent pairs, every site (§19.1)",
+        "prefill-3", "layers.0.attn.q", 2, _rope_halves),
+    "indexer_rope_halves": Fault(
+        "split-halves RoPE in the indexer only, carried over from V3.2 (§19.1)",
+        "prefill-4", "layers.2.attn.indexer.scores", 3, _indexer_rope_halves),
+    "visibility_t_over_m": Fault(
+        "compressed entries visible from t//m instead of (t+1)//m (§19.10)",
+        "prefill-4", "layers.2.attn.indexer.scores", 3, _visibility_t_over_m),
+    "sink_in_max": Fault(
+        "attention sink inside the softmax's running max (§19.9): same math, other roundings",
+        "prefill-1", "layers.0.attn.out", 0, _sink_in_max),
+    "rsqrt_not_correctly_rounded": Fault(
+        "the q norm's bf16 rsqrt as PyTorch's CPU kernel rounds it (§19.5)",
+        "prefill-1", "layers.0.attn.q", 0, _rsqrt_not_correctly_rounded),
+}
+
+
+@contextlib.contextmanager
+def inject(name: str):
+    """Run the body with fault `name` injected (undone on exit, also on error)."""
+    fault = FAULTS[name]
+    with pytest.MonkeyPatch.context() as mp:
+        fault.apply(mp)
+        yield fault
