@@ -53,6 +53,18 @@ def ensure_tiny_checkpoint(path: Path, *, seed: int = 0) -> tuple[Path, bool]:
     return path, True
 
 
+def _demo_trace(path: Path) -> bool:
+    """Whether path is a trace file an earlier `refimpl demo` wrote (its metadata says so)."""
+    import json
+    from refimpl.formats.checkpoint import read_header
+    try:
+        _, meta, _ = read_header(path)
+        return path.is_file() and not path.is_symlink() and \
+            json.loads(meta.get("refimpl", "{}")).get("written_by") == "refimpl demo"
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
 def _valid_tiny(path: Path) -> bool:
     """Whether path is a complete tiny checkpoint with its tokenizer (config, tensors and scales checked)."""
     from refimpl.config import Config
@@ -98,7 +110,11 @@ def run_demo(path: Path, *, max_new_tokens: int = 8, precision: str = "mirror") 
     ok = greedy == g.tokens
     print(f"check       one-shot prefill reproduces every decoded token: {'yes' if ok else 'NO'}")
     out = path / DEMO_TRACE
-    trace.save(out)
-    print(f"trace       {out} ({len(trace.tensors)} sites)")
+    trace.metadata = dict(trace.metadata, written_by="refimpl demo")
+    if os.path.lexists(out) and not _demo_trace(out):               # never replace a file the demo did not write
+        print(f"trace       not written: {out} exists and is not a trace the demo wrote")
+    else:
+        trace.save(out)
+        print(f"trace       {out} ({len(trace.tensors)} sites)")
     print(f"total       {time.perf_counter() - t0:.1f} s")
     return 0 if ok else 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import signal
@@ -67,6 +68,28 @@ def _at_least(lo: int):
     return parse
 
 
+def _temperature(text: str) -> float:
+    """--temperature: a finite number >= 0 (argparse reports a bad value as a usage error, exit 2)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number >= 0 (0 = greedy)")
+    return v
+
+
+def _top_p(text: str) -> float:
+    """--top-p: a number in (0, 1]."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must lie in (0, 1]")
+    return v
+
+
 def _max_seq_len(text: str) -> int:
     """--max-seq-len: an integer in the range Config allows (argparse type: the flag is named)."""
     from refimpl.config import FIELD_RANGES
@@ -82,8 +105,12 @@ def _max_seq_len(text: str) -> int:
 def cmd_make_checkpoint(a) -> int:
     from refimpl.config import Config
     from refimpl.synthetic.writer import make_checkpoint
+    base = Config.preset(a.preset)
+    for flag, v, most in (("--layers", a.layers, base.n_layers), ("--experts", a.experts, base.n_routed_experts)):
+        if v is not None and v > most:                       # a malformed flag value: a usage error
+            return _fail(f"argument {flag}: {v} is more than the {most} of preset {a.preset}", 2)
     t0 = time.perf_counter()
-    cfg = make_checkpoint(Config.preset(a.preset), a.out, seed=a.seed, layers=a.layers, experts=a.experts,
+    cfg = make_checkpoint(base, a.out, seed=a.seed, layers=a.layers, experts=a.experts,
                           overwrite=a.force)
     print(f"wrote {a.out}: preset {a.preset}, {cfg.n_layers} layers, {cfg.n_routed_experts} experts, "
           f"seed {a.seed} ({time.perf_counter() - t0:.1f} s)")
@@ -332,8 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokens", type=_ids, help="comma-separated prompt token ids")
     q.add_argument("--thinking", action="store_true", help="thinking mode for --chat")
     q.add_argument("--max-new-tokens", type=_at_least(0), default=32)
-    q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    q.add_argument("--top-p", type=float, default=1.0)
+    q.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default); finite, >= 0")
+    q.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus mass, 0 < P <= 1 (default 1)")
     q.add_argument("--seed", type=_at_least(0), default=0)
     q.set_defaults(func=cmd_generate)
 
@@ -373,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:            # --help (0) or a usage error (2), already printed in one line
         return e.code if isinstance(e.code, int) else 2
+    if sys.stdout is None:             # started with stdout closed (`refimpl encode x >&-`): nowhere to print
+        return _fail("standard output is closed: the command has nowhere to write its output", 1)
     restore = _sigterm_raises()
     try:
         return args.func(args)

@@ -123,8 +123,11 @@ def _kind(mode: int) -> str:
 
 
 def temporary_name(path: Path) -> Path:
-    """NAME.tmp-XXXXXXXX beside path (8 random hex digits)."""
-    return path.with_name(f"{path.name}.tmp-{secrets.token_hex(4)}")
+    """NAME.tmp-XXXXXXXX beside path (8 random hex digits; NAME shortened so the name stays within 255 bytes)."""
+    name = path.name
+    while len(name.encode("utf-8", "surrogateescape")) > 255 - len(".tmp-xxxxxxxx"):
+        name = name[:-1]
+    return path.with_name(f"{name}.tmp-{secrets.token_hex(4)}")
 
 
 def _open_temporary(tmp: Path) -> BinaryIO:

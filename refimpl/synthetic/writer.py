@@ -44,6 +44,7 @@ from refimpl.formats.checkpoint import (INDEX_NAME, CheckpointError, spec_nbytes
                                         write_sharded)
 from refimpl.formats.files import (check_output_path, interrupts_deferred, os_error, remove_folder, replace_folder,
                                    temporary_name, write_text)
+from refimpl._version import __version__
 from refimpl.config import Config, ConfigError
 from refimpl.numerics import FP4_BLOCK, FP8_BLOCK, decode_fp4_e2m1
 from refimpl.synthetic.quantize import quant_fp8_weight
@@ -249,7 +250,8 @@ def _write_tokenizer(cfg: Config, out: Path) -> str | None:
     return None
 
 
-WRITTEN_JSON = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", INDEX_NAME)
+MARKER = "written_by_refimpl.json"     # in every folder make_checkpoint writes: --force replaces only such a folder
+WRITTEN_JSON = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", INDEX_NAME, MARKER)
 SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
@@ -274,6 +276,9 @@ def check_output_folder(out: str | Path, *, overwrite: bool, also: tuple[str, ..
     if not overwrite:
         raise CheckpointError(f"{out}: exists and is not an empty folder (pass overwrite=True, or --force, "
                               "to replace a checkpoint folder)")
+    if not (out / MARKER).is_file():
+        raise CheckpointError(f"{out}: not a checkpoint folder written by refimpl (no {MARKER}: a downloaded "
+                              "checkpoint looks the same otherwise); only such a folder is replaced, nothing was changed")
     foreign = foreign_entries(out, also)
     if foreign:
         more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
@@ -317,6 +322,9 @@ def make_checkpoint(cfg: Config, out_dir: str | Path, *, seed: int = 0, layers: 
                                                     "eos_token_id": cfg.eos_token_id, "temperature": 1.0,
                                                     "top_p": 1.0})          # official generation_config.json
         note = _write_tokenizer(cfg, tmp)
+        write_json(tmp / MARKER, {"written_by": "refimpl make-checkpoint (random weights, not a trained model)",
+                                  "refimpl": __version__, "seed": seed, "n_layers": cfg.n_layers,
+                                  "n_routed_experts": cfg.n_routed_experts})
         for name, text in extra_files.items():
             write_text(tmp / name, text)
         check_output_folder(out, overwrite=overwrite, also=also + tuple(extra_files))   # unchanged meanwhile

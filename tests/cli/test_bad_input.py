@@ -276,13 +276,13 @@ def test_folders_given_as_input_files(ck, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag, value, code, words", [
-    ("--temperature", "abc", 2, "argument --temperature: invalid float value"),
-    ("--temperature", "-1", 1, "temperature must be a finite number >= 0"),
-    ("--temperature", "nan", 1, "temperature must be a finite number >= 0"),
-    ("--temperature", "inf", 1, "temperature must be a finite number >= 0"),
-    ("--top-p", "0", 1, "top_p must be a number in (0, 1]"),
-    ("--top-p", "1.5", 1, "top_p must be a number in (0, 1]"),
-    ("--top-p", "nan", 1, "top_p must be a number in (0, 1]"),
+    ("--temperature", "abc", 2, "argument --temperature: 'abc' is not a number"),
+    ("--temperature", "-1", 2, "argument --temperature: '-1': must be a finite number >= 0"),
+    ("--temperature", "nan", 2, "argument --temperature: 'nan': must be a finite number >= 0"),
+    ("--temperature", "inf", 2, "argument --temperature: 'inf': must be a finite number >= 0"),
+    ("--top-p", "0", 2, "argument --top-p: '0': must lie in (0, 1]"),
+    ("--top-p", "1.5", 2, "argument --top-p: '1.5': must lie in (0, 1]"),
+    ("--top-p", "nan", 2, "argument --top-p: 'nan': must lie in (0, 1]"),
     ("--max-new-tokens", "-1", 2, "argument --max-new-tokens: must be an integer >= 0"),
     ("--seed", "x", 2, "argument --seed: must be an integer >= 0"),
 ])
@@ -431,3 +431,58 @@ def test_the_readme_states_the_exit_codes():
     readme = (ROOT / "README.md").read_text()
     for code in ("| 0 |", "| 1 |", "| 2 |", "| 130 |", "| 143 |"):
         assert code in readme, code
+
+
+# ---------------------------------------------------------------- found by a review after the first fixes
+
+def test_make_checkpoint_force_refuses_a_folder_that_only_looks_like_a_checkpoint(tmp_path, capsys):
+    """A downloaded checkpoint has the official file names too: --force replaces only a folder refimpl marked."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "config.json").write_text('{"mine": 1}')
+    (real / "model-00001-of-00046.safetensors").write_bytes(os.urandom(1000))
+    code, _, err = run(capsys, "make-checkpoint", "tiny", str(real), "--force")
+    assert code == 1 and "no written_by_refimpl.json" in err
+    assert (real / "config.json").read_text() == '{"mine": 1}' and len(list(real.iterdir())) == 2
+
+
+def test_demo_never_replaces_a_trace_file_it_did_not_write(tmp_path, capsys, tiny_ckpt):
+    folder = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, folder)                        # a valid tiny checkpoint the demo did not write
+    mine = folder / "demo_trace.safetensors"
+    mine.write_bytes(b"my own file")
+    code, out, _ = run(capsys, "demo", "--dir", str(folder), "--max-new-tokens", "1")
+    assert code == 0 and "not written" in out and mine.read_bytes() == b"my own file"
+    mine.unlink()
+    assert run(capsys, "demo", "--dir", str(folder), "--max-new-tokens", "1")[0] == 0    # writes its own...
+    assert run(capsys, "demo", "--dir", str(folder), "--max-new-tokens", "1")[0] == 0    # ...and replaces it
+    assert "not written" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value", [("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "-1"),
+                                         ("--top-p", "0"), ("--top-p", "1.5"), ("--top-p", "x")])
+def test_malformed_sampling_flags_are_usage_errors(tiny_ckpt, capsys, flag, value):
+    code, _, err = run(capsys, "generate", str(tiny_ckpt), "--tokens", "1", flag, value)
+    assert code == 2 and f"argument {flag}" in err
+
+
+@pytest.mark.parametrize("flag", ["--layers", "--experts"])
+def test_more_layers_or_experts_than_the_preset_is_a_usage_error_naming_the_flag(tmp_path, capsys, flag):
+    code, _, err = run(capsys, "make-checkpoint", "tiny", str(tmp_path / "x"), flag, "1000")
+    assert code == 2 and f"argument {flag}: 1000 is more than" in err and not (tmp_path / "x").exists()
+
+
+def test_a_command_started_with_stdout_closed_is_one_line(tmp_path):
+    chat = tmp_path / "chat.json"
+    chat.write_text('[{"role": "user", "content": "hi"}]')
+    r = subprocess.run(["bash", "-c", f'"{sys.executable}" -m refimpl.cli.main encode "{chat}" >&-'],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: standard output is closed: the command has nowhere to write its output"]
+
+
+def test_a_long_legal_output_name_is_written(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / ("b" * 250)                              # legal; NAME.tmp-XXXXXXXX would not be
+    code, _, err = run(capsys, "trace", str(tiny_ckpt), "--tokens", "1,2", "--sites", "embed", "--out", str(out))
+    assert code == 0, err
+    assert out.is_file() and [p.name for p in tmp_path.iterdir()] == [out.name]

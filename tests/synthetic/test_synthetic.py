@@ -35,7 +35,7 @@ def test_tiny_checkpoint_files(tiny_ckpt):
     shards = sorted(n for n in names if n.endswith(".safetensors"))
     assert len(shards) >= 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     assert names == set(shards) | {"model.safetensors.index.json", "config.json", "generation_config.json",
-                                   "tokenizer.json", "tokenizer_config.json"}
+                                   "tokenizer.json", "tokenizer_config.json", "written_by_refimpl.json"}
     assert not list(tiny_ckpt.parent.glob("*.tmp-*"))                 # no temporaries left
     index = json.loads((tiny_ckpt / "model.safetensors.index.json").read_text())
     src = TensorSource(tiny_ckpt)
@@ -159,9 +159,12 @@ def test_refuses_a_non_empty_output(tiny_ckpt, tmp_path):
     with pytest.raises(CheckpointError, match="exists and is not an empty folder"):
         make_checkpoint(TINY, tmp_path / "busy")
     # overwrite replaces only a folder refimpl wrote: another file in it would be lost
-    with pytest.raises(CheckpointError, match=r"not a checkpoint folder written by refimpl \(it holds 'f'\)"):
+    with pytest.raises(CheckpointError, match=r"not a checkpoint folder written by refimpl \(no written_by_refimpl"):
         make_checkpoint(TINY, tmp_path / "busy", overwrite=True, layers=1, experts=2)
     assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["f"]
+    (tmp_path / "busy" / "written_by_refimpl.json").write_text("{}")     # marked, but holding another file
+    with pytest.raises(CheckpointError, match=r"not a checkpoint folder written by refimpl \(it holds 'f'\)"):
+        make_checkpoint(TINY, tmp_path / "busy", overwrite=True, layers=1, experts=2)
     make_checkpoint(TINY, tmp_path / "ck", layers=2, experts=2)
     make_checkpoint(TINY, tmp_path / "ck", overwrite=True, layers=1, experts=2)
     assert Config.from_checkpoint(tmp_path / "ck").n_layers == 1
