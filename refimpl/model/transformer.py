@@ -28,7 +28,7 @@ from refimpl.model.state import State, StateError, config_id
 from refimpl.model.hyperconn import HyperConnWeights, hc_head
 from refimpl.model.linear import Fp8Matrix, fp32_linear, quantized_linear
 from refimpl.model.norm import rms_norm
-from refimpl.numerics import bf16, check_precision, work_dtype
+from refimpl.numerics import bf16, check_precision, storage_dtype, work_dtype
 from refimpl.oracle.trace import record, wants_mtp
 
 REVISIONS = ("current", "initial")
@@ -253,3 +253,7 @@ def check_state_layers(state: State, cfg) -> None:
             if got != shape:
                 raise StateError(f"layer {i}: {what} of shape {got} does not fit a state at position {state.pos} "
                                  f"with {b} sequence(s) (expected {shape}); was the state edited?")
+            if arr is not None and getattr(arr, "dtype", None) != np.dtype(storage_dtype(state.precision)):
+                raise StateError(f"layer {i}: {what} of dtype {getattr(arr, 'dtype', '?')} does not fit a "
+                                 f"{state.precision} state (expected {np.dtype(storage_dtype(state.precision))}); "
+                                 "was the state edited?")

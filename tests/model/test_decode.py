@@ -291,6 +291,9 @@ def test_edited_state_is_refused(tiny_model):
         model.decode(5, dataclasses.replace(state, layers=state.layers[:3]))
     with pytest.raises(StateError, match="batch"):
         model.new_state(batch=1.5)
+    recast = dataclasses.replace(state.layers[0], window=state.layers[0].window.astype(np.int32))
+    with pytest.raises(StateError, match=r"layer 0: window of dtype int32 does not fit a float64 state"):
+        model.decode(5, dataclasses.replace(state, layers=(recast,) + state.layers[1:]))
 
 
 def test_empty_input(tiny_model):
