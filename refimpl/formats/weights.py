@@ -298,6 +298,8 @@ def load_model_weights(t: TensorSource, cfg: Config) -> ModelWeights:
 
 def check_checkpoint_folder(path) -> Path:
     """path as a checkpoint folder, or a CheckpointError at once (a shard given for the folder is not read)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"the checkpoint path must be a str or a path, got {type(path).__name__} {path!r:.60}")
     p = Path(path)
     if str(path) == "":
         raise CheckpointError("the checkpoint path is empty")

@@ -50,7 +50,8 @@ class Trace:
     """Collects site tensors of one forward pass (batch element 0), filtered by glob patterns."""
 
     def __init__(self, patterns: tuple[str, ...] = ("*",), *, replay=None):
-        if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+        if isinstance(patterns, str) or not isinstance(patterns, (tuple, list)) or \
+                not all(isinstance(p, str) for p in patterns):
             raise ValueError(f"trace patterns must be a tuple of glob strings, got {patterns!r}")
         self.patterns = tuple(patterns)
         self.tensors: dict[str, np.ndarray] = {}
@@ -169,7 +170,13 @@ def run_trace(model, tokens, *, patterns: tuple[str, ...] = ("*",), chunks: list
     if ids.ndim != 1:
         raise ValueError(f"a trace records one sequence: tokens must be [s], got shape {ids.shape}")
     if replay is not None:
+        from refimpl.oracle.replay import Replay
+        if not isinstance(replay, Replay):
+            raise ValueError(f"replay must be a refimpl.oracle.replay.Replay (e.g. Replay.load(path)), got "
+                             f"{type(replay).__name__}")
         replay.check(model.cfg, ids)
+    if chunks is not None and not isinstance(chunks, (list, tuple)):
+        raise ValueError(f"chunks must be a list of chunk sizes, got {type(chunks).__name__} {chunks!r:.40}")
     trace = Trace(patterns, replay=replay)
     known = site_names(model.cfg)
     unmatched = [p for p in trace.patterns if not any(fnmatch.fnmatchcase(n, p) for n in known)]

@@ -88,3 +88,18 @@ def test_a_pattern_matching_no_site_is_refused_before_running(tiny_model):
     """A typo ('layer.' for 'layers.') used to give a trace holding only the logits."""
     with pytest.raises(ValueError, match=r"\['layer\.\*\.out'\] match no site"):
         run_trace(tiny_model("float64"), [1, 2], patterns=("layer.*.out", "logits"))
+
+
+@pytest.mark.parametrize("kwargs, words", [({"patterns": None}, "tuple of glob strings"),
+                                           ({"chunks": 12}, "chunks must be a list"),
+                                           ({"replay": "f32.st"}, "replay must be a refimpl.oracle.replay.Replay")])
+def test_run_trace_refuses_arguments_of_the_wrong_type(tiny_model, kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        run_trace(tiny_model("float64"), [1, 2, 3], **kwargs)
+
+
+@pytest.mark.parametrize("path", [None, 5, b"ck"])
+def test_load_refuses_a_path_of_the_wrong_type(path):
+    from refimpl.formats.weights import load
+    with pytest.raises(ValueError, match="the checkpoint path must be a str or a path"):
+        load(path)
