@@ -49,6 +49,7 @@ behind it (`tools/measure_profiles.py` remakes the measurements).
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -59,6 +60,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from refimpl.formats.files import write_bytes
 from refimpl.oracle.trace import SITES, TRACE_FORMAT_VERSION
 
 PROFILES_PATH = Path(__file__).with_name("profiles.toml")
@@ -710,8 +712,35 @@ def format_report(r: Report) -> str:
     return "\n".join(lines)
 
 
+class PlotUsageError(CompareError):
+    """A malformed --plot value ('' or a name not ending in .png): a usage error (exit 2)."""
+
+
+def check_plot_path(path, inputs=()) -> Path:
+    """Check a plot output path before any comparing: it must end in .png (the one format written),
+    be a new name or a regular file (not a symlink, FIFO, device or folder: `files.check_output_path`)
+    and not be one of the input traces. PlotUsageError for a malformed value, FileError/CompareError
+    for a refused path; nothing is touched."""
+    from refimpl.formats.files import check_output_path
+    text = str(path)
+    if text == "":
+        raise PlotUsageError("--plot: the file name is empty; give a name ending in .png")
+    if not text.lower().endswith(".png"):
+        raise PlotUsageError(f"--plot: {text!r} does not end in .png; the plot is written as PNG only")
+    out, exists = check_output_path(text)
+    if exists:
+        for i in inputs:
+            try:
+                same = Path(i).exists() and out.samefile(i)
+            except OSError:
+                same = False
+            if same:
+                raise CompareError(f"--plot: {text} is the input trace {i}; give a new file name for the plot")
+    return out
+
+
 def plot_report(r: Report, path) -> None:
-    """A PNG of each float site's error (rms rel, worst position) along the data flow: embed, the layers,
+    """Write a PNG (check_plot_path first) of each float site's error (rms rel, worst position) along the data flow: embed, the layers,
     final.x / logits, the MTP block, mtp.*; one line per site kind. Exact sites (error 0) are not drawn
     (log scale); the first site out of tolerance is marked."""
     try:
@@ -758,7 +787,12 @@ def plot_report(r: Report, path) -> None:
     ax.set_title(f"{Path(r.a['path']).name} vs {Path(r.b['path']).name}, profile {r.profile}"
                  f" ({'within tolerance' if r.ok else 'OUT OF TOLERANCE'}; exact sites not drawn)", fontsize=9)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7, ncol=4, loc="best")
+    if ax.get_legend_handles_labels()[0]:          # no legend without labelled lines (no UserWarning)
+        ax.legend(fontsize=7, ncol=4, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    buf = io.BytesIO()                                 # render in memory, then one atomic write:
+    try:                                               # nothing half-written on Ctrl-C or failure
+        fig.savefig(buf, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    write_bytes(path, buf.getvalue())
