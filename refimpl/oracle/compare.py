@@ -52,7 +52,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,21 +103,48 @@ def load_trace(path) -> TraceFile:
     """Read and check a trace file against docs/trace-format.md; CompareError names what is wrong."""
     from safetensors import SafetensorError, safe_open
     path = str(path)
-    if not Path(path).is_file():
-        raise CompareError(f"{path}: no such file")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        raise CompareError(f"{path}: no such file") from None
+    if not stat.S_ISREG(mode):
+        raise CompareError(f"{path}: is {_file_kind(mode)}, not a trace file")
     try:
         with safe_open(path, "np") as f:
             raw = (f.metadata() or {}).get("refimpl")
+            if raw is None:
+                raise CompareError(f"{path}: no 'refimpl' metadata entry, so not a trace file (docs/trace-format.md)")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, TypeError) as e:
-        raise CompareError(f"{path}: not a readable safetensors file ({e})") from None
-    if raw is None:
-        raise CompareError(f"{path}: no 'refimpl' metadata entry, so not a trace (docs/trace-format.md)")
+    except (SafetensorError, OSError, ValueError, TypeError, AttributeError) as e:
+        if isinstance(e, CompareError):
+            raise
+        # AttributeError: a dtype NumPy lacks (F8_E8M0 of a checkpoint shard): not a trace either
+        raise CompareError(f"{path}: not a trace file: not a readable safetensors file of float/integer "
+                           f"sites ({type(e).__name__}: {e})") from None
+    return check_trace(TraceFile(path, parse_meta_json(raw, path, CompareError), tensors))
+
+
+def parse_meta_json(raw, path, error=ValueError):
+    """The 'refimpl' metadata string parsed as JSON, nested at most MAX_JSON_DEPTH levels; error names path."""
+    from refimpl.formats.files import MAX_JSON_DEPTH, json_depth
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CompareError(f"{path}: the 'refimpl' metadata entry is not JSON ({e})") from None
-    return check_trace(TraceFile(path, meta, tensors))
+    except RecursionError:
+        raise error(f"{path}: the 'refimpl' metadata entry is nested too deeply "
+                    f"(more than {MAX_JSON_DEPTH} levels)") from None
+    except (json.JSONDecodeError, TypeError) as e:
+        raise error(f"{path}: the 'refimpl' metadata entry is not JSON ({e})") from None
+    if json_depth(meta) > MAX_JSON_DEPTH:
+        raise error(f"{path}: the 'refimpl' metadata entry is nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+    return meta
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 def check_trace(t: TraceFile) -> TraceFile:

@@ -90,10 +90,15 @@ class Replay:
         f = SafetensorsFile(path)                       # validates the header; CheckpointError names the file
         tokens = None
         if "refimpl" in f.metadata:
-            try:
-                tokens = json.loads(f.metadata["refimpl"]).get("tokens")
-            except (ValueError, AttributeError):
-                raise ReplayError(f"{path}: metadata 'refimpl' is not a JSON object") from None
+            from refimpl.oracle.compare import parse_meta_json
+            meta = parse_meta_json(f.metadata["refimpl"], path, ReplayError)
+            if not isinstance(meta, dict):
+                raise ReplayError(f"{path}: metadata 'refimpl' is not a JSON object")
+            tokens = meta.get("tokens")
+            if tokens is not None and not (isinstance(tokens, list) and all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in tokens)):
+                raise ReplayError(f"{path}: metadata 'tokens' must be a list of integer token ids, "
+                                  f"got {type(tokens).__name__}")
         tensors = {name: np.array(f.get(name)) for name in f.tensors if SITE.match(name)}
         return cls.from_tensors(tensors, weights=weights, tokens=tokens, source=str(path))
 

@@ -153,3 +153,11 @@ def test_plot_is_atomic_and_quiet(cli_traces, tmp_path, monkeypatch, capsys):
     out = tmp_path / "cut.png"
     assert main(["compare", a, b, "--plot", str(out)]) == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["same.png"]
+
+
+def test_compare_a_checkpoint_shard_or_a_folder_is_one_line(cli_traces, tiny_ckpt, capsys):
+    shard = next(tiny_ckpt.glob("model-*.safetensors"))
+    for path, says in ((shard, "not a trace file"), (tiny_ckpt, "is a folder, not a trace file")):
+        assert main(["compare", str(path), str(cli_traces["float64"])]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and err.count("\n") == 1, err

@@ -432,3 +432,21 @@ def test_traces_of_different_index_layouts_are_refused(tiny_model, tmp_path):
     b.save(tmp_path / "b.st")
     with pytest.raises(CompareError, match="different attention index layouts \\(official vs canonical\\)"):
         compare(tmp_path / "a.st", tmp_path / "b.st")
+
+
+def test_files_that_are_not_traces_get_one_line_saying_what_they_are(tiny_ckpt, tmp_path):
+    """A checkpoint shard (F8_E4M3 / F8_E8M0 dtypes NumPy lacks), deeply nested metadata, a folder, a FIFO."""
+    import os
+    shard = next(tiny_ckpt.glob("model-*.safetensors"))
+    with pytest.raises(CompareError, match="not a trace file") as e:
+        load_trace(shard)
+    assert "\n" not in str(e.value)
+    deep = tmp_path / "deep.st"
+    save_file({"embed": np.ones((3, 4), np.float32)}, str(deep), metadata={"refimpl": "[" * 100000 + "]" * 100000})
+    with pytest.raises(CompareError, match="nested too deeply"):
+        load_trace(deep)
+    os.mkfifo(tmp_path / "fifo")
+    for path, what in ((tiny_ckpt, "is a folder"), (tmp_path / "fifo", "is a FIFO"),
+                       ("/dev/null", "is a character device")):
+        with pytest.raises(CompareError, match=what):
+            load_trace(path)

@@ -223,3 +223,25 @@ def test_compare_sees_no_routing_difference_once_the_reference_routing_is_replay
     before, after = disagreeing_rows(tmp_path / "free.st"), disagreeing_rows(tmp_path / "forced.st")
     assert sum(before.values()) > 0
     assert set(after) == set(before) and sum(after.values()) == 0
+
+
+def test_replay_load_refuses_bad_metadata_in_one_line(tmp_path):
+    ids = {"layers.3.ffn.expert_ids": _ids()}
+    for meta, msg in (("[" * 100000 + "]" * 100000, "nested too deeply"),
+                      ('{"tokens": 5}', "'tokens' must be a list of integer token ids"),
+                      ('{"tokens": [1, true]}', "'tokens' must be a list of integer token ids"),
+                      ("[1]", "is not a JSON object")):
+        save_file(ids, str(tmp_path / "r.st"), metadata={"refimpl": meta})
+        with pytest.raises(ReplayError, match=msg) as e:
+            Replay.load(tmp_path / "r.st")
+        assert "\n" not in str(e.value)
+
+
+def test_cli_trace_replay_with_deep_metadata_is_one_line(tiny_ckpt, tmp_path, capsys):
+    from refimpl.cli.main import main
+    save_file({"layers.3.ffn.expert_ids": _ids(rows=4)}, str(tmp_path / "r.st"),
+              metadata={"refimpl": "[" * 100000 + "]" * 100000})
+    assert main(["trace", str(tiny_ckpt), "--tokens", "1,2,3,4", "--replay", str(tmp_path / "r.st"),
+                 "--out", str(tmp_path / "o.st")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nested too deeply" in err and err.count("\n") == 1
