@@ -153,6 +153,8 @@ def check_trace(t: TraceFile) -> TraceFile:
     if not isinstance(meta, dict):
         raise CompareError(f"{path}: the 'refimpl' metadata entry must be a JSON object")
     version = meta.get("format_version")
+    if isinstance(version, bool):
+        raise CompareError(f"{path}: format_version must be an integer, got {version!r}")
     if version is None:
         raise CompareError(f"{path}: no format_version in the metadata (a trace written before the format was "
                            f"versioned; write it again, docs/trace-format.md)")
@@ -180,7 +182,56 @@ def check_trace(t: TraceFile) -> TraceFile:
             raise CompareError(f"{path}: site {name!r} has dtype {x.dtype}; sites are float or integer tensors")
         if x.ndim < 1:
             raise CompareError(f"{path}: site {name!r} is a scalar; every site has a position axis first")
+    n_layers = meta.get("n_layers")
+    if n_layers is not None and not (_is_int(n_layers) and n_layers >= 0):
+        raise CompareError(f"{path}: metadata 'n_layers' must be a non-negative integer, got {n_layers!r}")
+    _check_site_contract(path, tensors, len(tokens), mtp_layer_of(tensors, meta, {}))
     return t
+
+
+# the number of axes of each known site (docs/trace-format.md, "Sites"); names not listed are free
+_NDIM = {"embed": 2, "final.x": 2, "logits": 2, "mtp.final.x": 2, "mtp.logits": 2,
+         "hc_attn.pre": 2, "hc_attn.post": 2, "hc_attn.comb": 3, "hc_ffn.pre": 2, "hc_ffn.post": 2,
+         "hc_ffn.comb": 3, "attn.q": 3, "attn.kv": 2, "attn.compressed_kv": 2, "attn.indexer.scores": 2,
+         "attn.indexer.topk": 2, "attn.out": 2, "ffn.gate_scores": 2, "ffn.expert_ids": 2,
+         "ffn.expert_weights": 2, "ffn.out": 2, "out": 3}
+
+
+def _check_site_contract(path, tensors: dict, s: int, mtp: int | None) -> None:
+    """Each known site against docs/trace-format.md: its number of axes, its rows (s per position;
+    s - 1 for the MTP block; any for compressed_kv; s or s - 1 for a layer when the MTP layer cannot be
+    told: no n_layers, no mtp.* site), and integer sites in range (expert ids in [0, n) with n the
+    width of the layer's gate_scores when present, else >= 0; top-k entries >= -1)."""
+    for name, x in tensors.items():
+        layer, kind = split_site(name)
+        if (layer is None and kind not in _NDIM) or (layer is not None and kind not in _TEMPLATES):
+            continue                                   # a name refimpl does not know: compared as it is
+        if x.ndim != _NDIM[kind]:
+            raise CompareError(f"{path}: site {name!r} has {x.ndim} axes {list(x.shape)}; docs/trace-format.md "
+                               f"gives it {_NDIM[kind]}")
+        if kind != "attn.compressed_kv":
+            is_mtp = name.startswith("mtp.") or (layer is not None and layer == mtp)
+            rows = {s - 1} if is_mtp else ({s, s - 1} if layer is not None and mtp is None else {s})
+            if x.shape[0] not in rows:
+                want = " or ".join(str(r) for r in sorted(rows))
+                raise CompareError(f"{path}: site {name!r} has {x.shape[0]} rows; the {s} tokens give it {want}"
+                                   f"{' (the MTP block has s - 1)' if is_mtp else ''}")
+        if kind == "ffn.expert_ids" or kind == "attn.indexer.topk":
+            if x.dtype.kind not in "iu":
+                raise CompareError(f"{path}: site {name!r} has dtype {x.dtype}; it is an integer site")
+            if x.size == 0:
+                continue
+            if kind == "attn.indexer.topk":
+                lo, hi, what = -1, None, "entry numbers >= 0, -1 padding"
+            else:
+                scores = tensors.get(f"layers.{layer}.ffn.gate_scores")
+                n = scores.shape[-1] if scores is not None and scores.ndim == 2 else None
+                lo, hi = 0, n
+                what = f"expert ids in [0, {n}) (the width of ffn.gate_scores)" if n else "expert ids >= 0"
+            bad = (x < lo) | ((x >= hi) if hi is not None else False)
+            if np.any(bad):
+                t = int(np.argwhere(bad)[0][0])
+                raise CompareError(f"{path}: site {name!r} row {t} holds {x[t].tolist()[:8]}; it must hold {what}")
 
 
 def _is_int(v) -> bool:
@@ -550,10 +601,11 @@ class Report:
     first: dict | None = None
     first_diff: dict | None = None          # the first site with any difference (flips included)
     first_real: dict | None = None          # the first site with a real difference (beyond one ulp)
+    missing: str | None = None              # why the candidate fails by what it lacks (the reference's logits)
 
     @property
     def ok(self) -> bool:
-        return self.first is None
+        return self.first is None and self.missing is None
 
     def to_json(self) -> dict:
         """A JSON-ready dict (non-finite numbers as the strings "inf", "-inf", "nan")."""
@@ -566,7 +618,7 @@ class Report:
                 return [clean(v) for v in x]
             return x
         return clean({"ok": self.ok, "profile": self.profile, "a": self.a, "b": self.b, "first": self.first,
-                      "first_diff": self.first_diff, "first_real": self.first_real,
+                      "missing": self.missing, "first_diff": self.first_diff, "first_real": self.first_real,
                       "only_in_a": self.only_in_a, "only_in_b": self.only_in_b, "notes": self.notes,
                       "sites": self.sites})
 
@@ -620,6 +672,12 @@ def compare(a, b, profile: str = "auto", *, profiles: dict | None = None) -> Rep
                     only_in_a=site_order(set(ta.tensors) - common, mtp),
                     only_in_b=site_order(set(tb.tensors) - common, mtp))
     report.first = _first_failure(sites)
+    if "logits" in tb.tensors and "logits" not in ta.tensors:
+        report.missing = (f"the candidate {ta.path} has no 'logits' site and the reference has: the end result "
+                          f"of the run is not compared")
+    elif report.only_in_b:
+        report.notes.insert(0, f"NOT COMPARED: {len(report.only_in_b)} of the reference's {len(tb.tensors)} sites are "
+                               f"missing from the candidate (listed below); only {len(sites)} sites were compared")
     for attr, key in (("first_diff", "first_diff_row"), ("first_real", "first_real_row")):
         m = next((m for m in sites if m[key] is not None), None)
         if m is not None:
@@ -685,7 +743,8 @@ def _g(x, digits=2) -> str:
 
 def format_report(r: Report) -> str:
     """The readable report: header, one row per site, the first site out of tolerance and its hints."""
-    lines = [f"A: {r.a['path']}  ({r.a['precision']}{', ' + r.a['implementation'] if 'implementation' in r.a else ''})",
+    lines = [f"FAILED: {r.missing}"] if r.missing else []
+    lines += [f"A: {r.a['path']}  ({r.a['precision']}{', ' + r.a['implementation'] if 'implementation' in r.a else ''})",
              f"B: {r.b['path']}  ({r.b['precision']}{', ' + r.b['implementation'] if 'implementation' in r.b else ''})"
              f"  reference",
              f"{r.a['tokens']} tokens, chunks {r.a.get('chunks')}; profile {r.profile}"]
@@ -719,7 +778,10 @@ def format_report(r: Report) -> str:
     if q_first and (r.first is None or split_site(r.first["site"])[1] != "attn.q"):
         lines.append(f"  hint: {Q_NORM_HINT}")
     if r.first is None:
-        lines.append(f"within tolerance ({r.profile}): {len(r.sites)} sites compared")
+        if r.missing:
+            lines.append(f"FAILED: {r.missing} ({len(r.sites)} sites compared, within tolerance ({r.profile}))")
+        else:
+            lines.append(f"within tolerance ({r.profile}): {len(r.sites)} sites compared")
         return "\n".join(lines)
     f = r.first
     pw = "entry" if "entry" in f else "position"

@@ -161,3 +161,15 @@ def test_compare_a_checkpoint_shard_or_a_folder_is_one_line(cli_traces, tiny_ckp
         assert main(["compare", str(path), str(cli_traces["float64"])]) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
+
+
+def test_a_candidate_without_logits_exits_1(cli_traces, tmp_path, capsys):
+    t = load_file(str(cli_traces["float32"]))
+    cand = tmp_path / "embed-only.st"
+    save_file({"embed": t["embed"]}, str(cand), metadata=_meta(cli_traces["float32"]))
+    assert main(["compare", str(cand), str(cli_traces["float64"])]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("FAILED: the candidate") and "no 'logits' site" in out
+    save_file({"embed": t["embed"], "logits": t["logits"]}, str(cand), metadata=_meta(cli_traces["float32"]))
+    assert main(["compare", str(cand), str(cli_traces["float64"])]) == 0
+    assert "note: NOT COMPARED: 106 of the reference's 108 sites are missing" in capsys.readouterr().out
