@@ -185,7 +185,10 @@ def check_trace(t: TraceFile) -> TraceFile:
     n_layers = meta.get("n_layers")
     if n_layers is not None and not (_is_int(n_layers) and n_layers >= 0):
         raise CompareError(f"{path}: metadata 'n_layers' must be a non-negative integer, got {n_layers!r}")
-    _check_site_contract(path, tensors, len(tokens), mtp_layer_of(tensors, meta, {}))
+    rows = meta.get("golden_rows")          # a golden-set trace keeps these positions' rows only (oracle/golden.py)
+    if rows is not None and not (isinstance(rows, list) and all(_is_int(r) and 0 <= r < len(tokens) for r in rows)):
+        raise CompareError(f"{path}: metadata 'golden_rows' must be a list of positions in [0, {len(tokens)})")
+    _check_site_contract(path, tensors, len(tokens), mtp_layer_of(tensors, meta, {}), rows)
     return t
 
 
@@ -197,10 +200,11 @@ _NDIM = {"embed": 2, "final.x": 2, "logits": 2, "mtp.final.x": 2, "mtp.logits": 
          "ffn.expert_weights": 2, "ffn.out": 2, "out": 3}
 
 
-def _check_site_contract(path, tensors: dict, s: int, mtp: int | None) -> None:
+def _check_site_contract(path, tensors: dict, s: int, mtp: int | None, golden_rows=None) -> None:
     """Each known site against docs/trace-format.md: its number of axes, its rows (s per position;
     s - 1 for the MTP block; any for compressed_kv; s or s - 1 for a layer when the MTP layer cannot be
-    told: no n_layers, no mtp.* site), and integer sites in range (expert ids in [0, n) with n the
+    told: no n_layers, no mtp.* site; a golden-set trace: its kept rows, those below s - 1 for the MTP
+    block), and integer sites in range (expert ids in [0, n) with n the
     width of the layer's gate_scores when present, else >= 0; top-k entries >= -1)."""
     for name, x in tensors.items():
         layer, kind = split_site(name)
@@ -211,10 +215,16 @@ def _check_site_contract(path, tensors: dict, s: int, mtp: int | None) -> None:
                                f"gives it {_NDIM[kind]}")
         if kind != "attn.compressed_kv":
             is_mtp = name.startswith("mtp.") or (layer is not None and layer == mtp)
-            rows = {s - 1} if is_mtp else ({s, s - 1} if layer is not None and mtp is None else {s})
+            if golden_rows is None:
+                rows = {s - 1} if is_mtp else ({s, s - 1} if layer is not None and mtp is None else {s})
+            else:
+                short = sum(1 for r in golden_rows if r < s - 1)
+                rows = {short} if is_mtp else ({len(golden_rows), short} if layer is not None and mtp is None
+                                               else {len(golden_rows)})
             if x.shape[0] not in rows:
                 want = " or ".join(str(r) for r in sorted(rows))
-                raise CompareError(f"{path}: site {name!r} has {x.shape[0]} rows; the {s} tokens give it {want}"
+                given = f"the {s} tokens" if golden_rows is None else f"golden_rows {golden_rows}"
+                raise CompareError(f"{path}: site {name!r} has {x.shape[0]} rows; {given} give it {want}"
                                    f"{' (the MTP block has s - 1)' if is_mtp else ''}")
         if kind == "ffn.expert_ids" or kind == "attn.indexer.topk":
             if x.dtype.kind not in "iu":

@@ -498,3 +498,15 @@ def test_the_contract_allows_what_the_format_allows(tmp_path):
          "mtp.logits": np.ones((2, 8), np.float32), "logits": np.ones((3, 8), np.float32), "my.probe": np.ones((7,), np.float32)}
     p = write(tmp_path / "ok.st", t, n_layers=3)
     assert compare(p, p).ok
+
+
+def test_golden_set_traces_keep_only_their_listed_rows(tmp_path):
+    """metadata golden_rows (oracle/golden.py): per-position sites hold those rows, the MTP block the ones below s - 1."""
+    t = {"embed": np.ones((2, 4), np.float32), "mtp.logits": np.ones((1, 8), np.float32)}
+    p = write(tmp_path / "g.st", t, golden_rows=[0, 2])
+    assert compare(p, p).ok
+    bad = write(tmp_path / "b.st", {"embed": np.ones((3, 4), np.float32)}, golden_rows=[0, 2])
+    with pytest.raises(CompareError, match=r"'embed' has 3 rows; golden_rows \[0, 2\] give it 2"):
+        compare(bad, bad)
+    with pytest.raises(CompareError, match="'golden_rows' must be a list of positions in"):
+        compare(write(tmp_path / "c.st", t, golden_rows=[0, 3]), p)
