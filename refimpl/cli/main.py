@@ -223,11 +223,17 @@ def cmd_generate(a) -> int:
 
 def cmd_compare(a) -> int:
     """Exit 0 within tolerance, 1 out of tolerance or traces that cannot be compared, 2 usage."""
-    from refimpl.oracle.compare import CompareError, compare, format_report, load_profiles, plot_report
+    from refimpl.oracle.compare import (CompareError, PlotUsageError, check_plot_path, compare, format_report,
+                                        load_profiles, plot_report)
     if a.profile != "auto" and a.profile not in load_profiles():
         print(f"error: unknown profile {a.profile!r}; profiles: auto, {', '.join(load_profiles())}", file=sys.stderr)
         return 2
-    if a.plot:
+    if a.plot is not None:                       # checked before comparing: a bad name fails at once
+        try:
+            check_plot_path(a.plot, (a.a, a.b))
+        except PlotUsageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         try:
             import matplotlib  # noqa: F401
         except ImportError:
@@ -242,7 +248,7 @@ def cmd_compare(a) -> int:
         print(json.dumps(report.to_json(), indent=1))
     else:
         print(format_report(report))
-    if a.plot:
+    if a.plot is not None:
         plot_report(report, a.plot)
         print(f"wrote {a.plot}", file=sys.stderr)
     return 0 if report.ok else 1

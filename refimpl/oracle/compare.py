@@ -49,9 +49,12 @@ behind it (`tools/measure_profiles.py` remakes the measurements).
 """
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +62,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from refimpl.formats.files import write_bytes
 from refimpl.oracle.trace import SITES, TRACE_FORMAT_VERSION
 
 PROFILES_PATH = Path(__file__).with_name("profiles.toml")
@@ -99,21 +103,48 @@ def load_trace(path) -> TraceFile:
     """Read and check a trace file against docs/trace-format.md; CompareError names what is wrong."""
     from safetensors import SafetensorError, safe_open
     path = str(path)
-    if not Path(path).is_file():
-        raise CompareError(f"{path}: no such file")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        raise CompareError(f"{path}: no such file") from None
+    if not stat.S_ISREG(mode):
+        raise CompareError(f"{path}: is {_file_kind(mode)}, not a trace file")
     try:
         with safe_open(path, "np") as f:
             raw = (f.metadata() or {}).get("refimpl")
+            if raw is None:
+                raise CompareError(f"{path}: no 'refimpl' metadata entry, so not a trace file (docs/trace-format.md)")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, TypeError) as e:
-        raise CompareError(f"{path}: not a readable safetensors file ({e})") from None
-    if raw is None:
-        raise CompareError(f"{path}: no 'refimpl' metadata entry, so not a trace (docs/trace-format.md)")
+    except (SafetensorError, OSError, ValueError, TypeError, AttributeError) as e:
+        if isinstance(e, CompareError):
+            raise
+        # AttributeError: a dtype NumPy lacks (F8_E8M0 of a checkpoint shard): not a trace either
+        raise CompareError(f"{path}: not a trace file: not a readable safetensors file of float/integer "
+                           f"sites ({type(e).__name__}: {e})") from None
+    return check_trace(TraceFile(path, parse_meta_json(raw, path, CompareError), tensors))
+
+
+def parse_meta_json(raw, path, error=ValueError):
+    """The 'refimpl' metadata string parsed as JSON, nested at most MAX_JSON_DEPTH levels; error names path."""
+    from refimpl.formats.files import MAX_JSON_DEPTH, json_depth
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CompareError(f"{path}: the 'refimpl' metadata entry is not JSON ({e})") from None
-    return check_trace(TraceFile(path, meta, tensors))
+    except RecursionError:
+        raise error(f"{path}: the 'refimpl' metadata entry is nested too deeply "
+                    f"(more than {MAX_JSON_DEPTH} levels)") from None
+    except (json.JSONDecodeError, TypeError) as e:
+        raise error(f"{path}: the 'refimpl' metadata entry is not JSON ({e})") from None
+    if json_depth(meta) > MAX_JSON_DEPTH:
+        raise error(f"{path}: the 'refimpl' metadata entry is nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+    return meta
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 def check_trace(t: TraceFile) -> TraceFile:
@@ -122,6 +153,8 @@ def check_trace(t: TraceFile) -> TraceFile:
     if not isinstance(meta, dict):
         raise CompareError(f"{path}: the 'refimpl' metadata entry must be a JSON object")
     version = meta.get("format_version")
+    if isinstance(version, bool):
+        raise CompareError(f"{path}: format_version must be an integer, got {version!r}")
     if version is None:
         raise CompareError(f"{path}: no format_version in the metadata (a trace written before the format was "
                            f"versioned; write it again, docs/trace-format.md)")
@@ -149,7 +182,66 @@ def check_trace(t: TraceFile) -> TraceFile:
             raise CompareError(f"{path}: site {name!r} has dtype {x.dtype}; sites are float or integer tensors")
         if x.ndim < 1:
             raise CompareError(f"{path}: site {name!r} is a scalar; every site has a position axis first")
+    n_layers = meta.get("n_layers")
+    if n_layers is not None and not (_is_int(n_layers) and n_layers >= 0):
+        raise CompareError(f"{path}: metadata 'n_layers' must be a non-negative integer, got {n_layers!r}")
+    rows = meta.get("golden_rows")          # a golden-set trace keeps these positions' rows only (oracle/golden.py)
+    if rows is not None and not (isinstance(rows, list) and all(_is_int(r) and 0 <= r < len(tokens) for r in rows)):
+        raise CompareError(f"{path}: metadata 'golden_rows' must be a list of positions in [0, {len(tokens)})")
+    _check_site_contract(path, tensors, len(tokens), mtp_layer_of(tensors, meta, {}), rows)
     return t
+
+
+# the number of axes of each known site (docs/trace-format.md, "Sites"); names not listed are free
+_NDIM = {"embed": 2, "final.x": 2, "logits": 2, "mtp.final.x": 2, "mtp.logits": 2,
+         "hc_attn.pre": 2, "hc_attn.post": 2, "hc_attn.comb": 3, "hc_ffn.pre": 2, "hc_ffn.post": 2,
+         "hc_ffn.comb": 3, "attn.q": 3, "attn.kv": 2, "attn.compressed_kv": 2, "attn.indexer.scores": 2,
+         "attn.indexer.topk": 2, "attn.out": 2, "ffn.gate_scores": 2, "ffn.expert_ids": 2,
+         "ffn.expert_weights": 2, "ffn.out": 2, "out": 3}
+
+
+def _check_site_contract(path, tensors: dict, s: int, mtp: int | None, golden_rows=None) -> None:
+    """Each known site against docs/trace-format.md: its number of axes, its rows (s per position;
+    s - 1 for the MTP block; any for compressed_kv; s or s - 1 for a layer when the MTP layer cannot be
+    told: no n_layers, no mtp.* site; a golden-set trace: its kept rows, those below s - 1 for the MTP
+    block), and integer sites in range (expert ids in [0, n) with n the
+    width of the layer's gate_scores when present, else >= 0; top-k entries >= -1)."""
+    for name, x in tensors.items():
+        layer, kind = split_site(name)
+        if (layer is None and kind not in _NDIM) or (layer is not None and kind not in _TEMPLATES):
+            continue                                   # a name refimpl does not know: compared as it is
+        if x.ndim != _NDIM[kind]:
+            raise CompareError(f"{path}: site {name!r} has {x.ndim} axes {list(x.shape)}; docs/trace-format.md "
+                               f"gives it {_NDIM[kind]}")
+        if kind != "attn.compressed_kv":
+            is_mtp = name.startswith("mtp.") or (layer is not None and layer == mtp)
+            if golden_rows is None:
+                rows = {s - 1} if is_mtp else ({s, s - 1} if layer is not None and mtp is None else {s})
+            else:
+                short = sum(1 for r in golden_rows if r < s - 1)
+                rows = {short} if is_mtp else ({len(golden_rows), short} if layer is not None and mtp is None
+                                               else {len(golden_rows)})
+            if x.shape[0] not in rows:
+                want = " or ".join(str(r) for r in sorted(rows))
+                given = f"the {s} tokens" if golden_rows is None else f"golden_rows {golden_rows}"
+                raise CompareError(f"{path}: site {name!r} has {x.shape[0]} rows; {given} give it {want}"
+                                   f"{' (the MTP block has s - 1)' if is_mtp else ''}")
+        if kind == "ffn.expert_ids" or kind == "attn.indexer.topk":
+            if x.dtype.kind not in "iu":
+                raise CompareError(f"{path}: site {name!r} has dtype {x.dtype}; it is an integer site")
+            if x.size == 0:
+                continue
+            if kind == "attn.indexer.topk":
+                lo, hi, what = -1, None, "entry numbers >= 0, -1 padding"
+            else:
+                scores = tensors.get(f"layers.{layer}.ffn.gate_scores")
+                n = scores.shape[-1] if scores is not None and scores.ndim == 2 else None
+                lo, hi = 0, n
+                what = f"expert ids in [0, {n}) (the width of ffn.gate_scores)" if n else "expert ids >= 0"
+            bad = (x < lo) | ((x >= hi) if hi is not None else False)
+            if np.any(bad):
+                t = int(np.argwhere(bad)[0][0])
+                raise CompareError(f"{path}: site {name!r} row {t} holds {x[t].tolist()[:8]}; it must hold {what}")
 
 
 def _is_int(v) -> bool:
@@ -519,10 +611,11 @@ class Report:
     first: dict | None = None
     first_diff: dict | None = None          # the first site with any difference (flips included)
     first_real: dict | None = None          # the first site with a real difference (beyond one ulp)
+    missing: str | None = None              # why the candidate fails by what it lacks (the reference's logits)
 
     @property
     def ok(self) -> bool:
-        return self.first is None
+        return self.first is None and self.missing is None
 
     def to_json(self) -> dict:
         """A JSON-ready dict (non-finite numbers as the strings "inf", "-inf", "nan")."""
@@ -535,7 +628,7 @@ class Report:
                 return [clean(v) for v in x]
             return x
         return clean({"ok": self.ok, "profile": self.profile, "a": self.a, "b": self.b, "first": self.first,
-                      "first_diff": self.first_diff, "first_real": self.first_real,
+                      "missing": self.missing, "first_diff": self.first_diff, "first_real": self.first_real,
                       "only_in_a": self.only_in_a, "only_in_b": self.only_in_b, "notes": self.notes,
                       "sites": self.sites})
 
@@ -589,6 +682,12 @@ def compare(a, b, profile: str = "auto", *, profiles: dict | None = None) -> Rep
                     only_in_a=site_order(set(ta.tensors) - common, mtp),
                     only_in_b=site_order(set(tb.tensors) - common, mtp))
     report.first = _first_failure(sites)
+    if "logits" in tb.tensors and "logits" not in ta.tensors:
+        report.missing = (f"the candidate {ta.path} has no 'logits' site and the reference has: the end result "
+                          f"of the run is not compared")
+    elif report.only_in_b:
+        report.notes.insert(0, f"NOT COMPARED: {len(report.only_in_b)} of the reference's {len(tb.tensors)} sites are "
+                               f"missing from the candidate (listed below); only {len(sites)} sites were compared")
     for attr, key in (("first_diff", "first_diff_row"), ("first_real", "first_real_row")):
         m = next((m for m in sites if m[key] is not None), None)
         if m is not None:
@@ -654,7 +753,8 @@ def _g(x, digits=2) -> str:
 
 def format_report(r: Report) -> str:
     """The readable report: header, one row per site, the first site out of tolerance and its hints."""
-    lines = [f"A: {r.a['path']}  ({r.a['precision']}{', ' + r.a['implementation'] if 'implementation' in r.a else ''})",
+    lines = [f"FAILED: {r.missing}"] if r.missing else []
+    lines += [f"A: {r.a['path']}  ({r.a['precision']}{', ' + r.a['implementation'] if 'implementation' in r.a else ''})",
              f"B: {r.b['path']}  ({r.b['precision']}{', ' + r.b['implementation'] if 'implementation' in r.b else ''})"
              f"  reference",
              f"{r.a['tokens']} tokens, chunks {r.a.get('chunks')}; profile {r.profile}"]
@@ -688,7 +788,10 @@ def format_report(r: Report) -> str:
     if q_first and (r.first is None or split_site(r.first["site"])[1] != "attn.q"):
         lines.append(f"  hint: {Q_NORM_HINT}")
     if r.first is None:
-        lines.append(f"within tolerance ({r.profile}): {len(r.sites)} sites compared")
+        if r.missing:
+            lines.append(f"FAILED: {r.missing} ({len(r.sites)} sites compared, within tolerance ({r.profile}))")
+        else:
+            lines.append(f"within tolerance ({r.profile}): {len(r.sites)} sites compared")
         return "\n".join(lines)
     f = r.first
     pw = "entry" if "entry" in f else "position"
@@ -710,8 +813,35 @@ def format_report(r: Report) -> str:
     return "\n".join(lines)
 
 
+class PlotUsageError(CompareError):
+    """A malformed --plot value ('' or a name not ending in .png): a usage error (exit 2)."""
+
+
+def check_plot_path(path, inputs=()) -> Path:
+    """Check a plot output path before any comparing: it must end in .png (the one format written),
+    be a new name or a regular file (not a symlink, FIFO, device or folder: `files.check_output_path`)
+    and not be one of the input traces. PlotUsageError for a malformed value, FileError/CompareError
+    for a refused path; nothing is touched."""
+    from refimpl.formats.files import check_output_path
+    text = str(path)
+    if text == "":
+        raise PlotUsageError("--plot: the file name is empty; give a name ending in .png")
+    if not text.lower().endswith(".png"):
+        raise PlotUsageError(f"--plot: {text!r} does not end in .png; the plot is written as PNG only")
+    out, exists = check_output_path(text)
+    if exists:
+        for i in inputs:
+            try:
+                same = Path(i).exists() and out.samefile(i)
+            except OSError:
+                same = False
+            if same:
+                raise CompareError(f"--plot: {text} is the input trace {i}; give a new file name for the plot")
+    return out
+
+
 def plot_report(r: Report, path) -> None:
-    """A PNG of each float site's error (rms rel, worst position) along the data flow: embed, the layers,
+    """Write a PNG (check_plot_path first) of each float site's error (rms rel, worst position) along the data flow: embed, the layers,
     final.x / logits, the MTP block, mtp.*; one line per site kind. Exact sites (error 0) are not drawn
     (log scale); the first site out of tolerance is marked."""
     try:
@@ -758,7 +888,12 @@ def plot_report(r: Report, path) -> None:
     ax.set_title(f"{Path(r.a['path']).name} vs {Path(r.b['path']).name}, profile {r.profile}"
                  f" ({'within tolerance' if r.ok else 'OUT OF TOLERANCE'}; exact sites not drawn)", fontsize=9)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7, ncol=4, loc="best")
+    if ax.get_legend_handles_labels()[0]:          # no legend without labelled lines (no UserWarning)
+        ax.legend(fontsize=7, ncol=4, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    buf = io.BytesIO()                                 # render in memory, then one atomic write:
+    try:                                               # nothing half-written on Ctrl-C or failure
+        fig.savefig(buf, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    write_bytes(path, buf.getvalue())

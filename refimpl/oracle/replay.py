@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+MAX_WEIGHT_FACTOR = 1e4     # forced expert weights: at most this x route_scale (the model's sum to route_scale)
 SITE = re.compile(r"^layers\.(\d+)\.(ffn\.expert_ids|ffn\.expert_weights|attn\.indexer\.topk)$")
 
 
@@ -90,10 +91,15 @@ class Replay:
         f = SafetensorsFile(path)                       # validates the header; CheckpointError names the file
         tokens = None
         if "refimpl" in f.metadata:
-            try:
-                tokens = json.loads(f.metadata["refimpl"]).get("tokens")
-            except (ValueError, AttributeError):
-                raise ReplayError(f"{path}: metadata 'refimpl' is not a JSON object") from None
+            from refimpl.oracle.compare import parse_meta_json
+            meta = parse_meta_json(f.metadata["refimpl"], path, ReplayError)
+            if not isinstance(meta, dict):
+                raise ReplayError(f"{path}: metadata 'refimpl' is not a JSON object")
+            tokens = meta.get("tokens")
+            if tokens is not None and not (isinstance(tokens, list) and all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in tokens)):
+                raise ReplayError(f"{path}: metadata 'tokens' must be a list of integer token ids, "
+                                  f"got {type(tokens).__name__}")
         tensors = {name: np.array(f.get(name)) for name in f.tensors if SITE.match(name)}
         return cls.from_tensors(tensors, weights=weights, tokens=tokens, source=str(path))
 
@@ -124,9 +130,18 @@ class Replay:
                 raise ReplayError(f"{self.source}: {name} row {dup[0]} names an expert twice: {ids[dup[0]].tolist()}")
             if layer in self.expert_weights:
                 w = self.expert_weights[layer]
-                if w.shape != ids.shape or not np.isfinite(w).all():
-                    raise ReplayError(f"{self.source}: layers.{layer}.ffn.expert_weights must be finite, of the "
-                                      f"shape of the expert ids {ids.shape}; got {w.shape}")
+                if w.shape != ids.shape:
+                    raise ReplayError(f"{self.source}: layers.{layer}.ffn.expert_weights must have the shape of "
+                                      f"the expert ids {ids.shape}; got {w.shape}")
+                # the model's weights are >= 0 and sum to route_scale per row; allow any peer's rounding and
+                # rescaling up to MAX_WEIGHT_FACTOR x route_scale, refuse what would overflow downstream
+                hi = MAX_WEIGHT_FACTOR * cfg.route_scale
+                bad = ~(np.isfinite(w) & (w >= 0) & (w <= hi))
+                if bad.any():
+                    t, j = (int(v) for v in np.argwhere(bad)[0])
+                    raise ReplayError(f"{self.source}: layers.{layer}.ffn.expert_weights row {t} holds {w[t, j]!r}: "
+                                      f"expert weights must be finite, >= 0 and at most {MAX_WEIGHT_FACTOR:g} x "
+                                      f"route_scale = {hi:g} (the model's own sum to route_scale per row)")
         for layer, idx in self.topk.items():
             name = f"layers.{layer}.attn.indexer.topk"
             if layer not in layers or not cfg.uses_indexer(layer):

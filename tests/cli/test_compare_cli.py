@@ -84,3 +84,92 @@ def test_plot_writes_a_png(cli_traces, tmp_path):
     png = tmp_path / "err.png"
     assert main(["compare", str(cli_traces["float32"]), str(cli_traces["float64"]), "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_path_refused_before_comparing_and_nothing_overwritten(cli_traces, tmp_path, capsys):
+    """A symlink, an input trace, a folder, a FIFO, a device: exit 1, one line, no report, nothing written."""
+    import os
+    pytest.importorskip("matplotlib")
+    a, b = str(cli_traces["float32"]), str(cli_traces["float64"])
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    link = tmp_path / "t.png"
+    link.symlink_to(victim)
+    folder = tmp_path / "other.png"
+    folder.mkdir()
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    before = cli_traces["float64"].read_bytes()
+    bp = tmp_path / "f64.png"                              # an input trace named like a plot
+    bp.write_bytes(before)
+    b = str(bp)
+    for bad, says in ((link, "symbolic link"), (b, "is the input trace"), (folder, "a folder"),
+                      (fifo, "a FIFO")):
+        assert main(["compare", a, b, "--plot", str(bad)]) == 1, bad
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and says in err, (bad, err)
+    assert victim.read_text() == "keep me" and bp.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f64.png", "fifo.png", "other.png", "t.png", "victim.txt"]
+    assert list(folder.iterdir()) == []
+
+
+def test_plot_malformed_name_is_a_usage_error_before_the_report(cli_traces, tmp_path, capsys):
+    a, b = str(cli_traces["float32"]), str(cli_traces["float64"])
+    for bad in ("", str(tmp_path / "out.txt"), str(tmp_path / "other")):
+        assert main(["compare", a, b, "--plot", bad]) == 2, bad
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("error: --plot:") and err.count("\n") == 1, (bad, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_is_atomic_and_quiet(cli_traces, tmp_path, monkeypatch, capsys):
+    """Rendered in memory, written by files.write_bytes: an interrupt leaves nothing; no UserWarning."""
+    import warnings
+    pytest.importorskip("matplotlib")
+    from refimpl.formats import files
+    a, b = str(cli_traces["float32"]), str(cli_traces["float64"])
+    png = tmp_path / "same.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                     # identical traces: no line is drawn, no legend
+        assert main(["compare", a, a, "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def interrupted(f, data):
+        f.write(data[:100])
+        raise KeyboardInterrupt
+    real = files.atomic_file
+
+    class Cut:
+        def __init__(self, path):
+            self.cm = real(path)
+
+        def __enter__(self):
+            f = self.cm.__enter__()
+            return type("F", (), {"write": lambda _, d: interrupted(f, d)})()
+
+        def __exit__(self, *exc):
+            return self.cm.__exit__(*exc)
+    monkeypatch.setattr(files, "atomic_file", Cut)
+    out = tmp_path / "cut.png"
+    assert main(["compare", a, b, "--plot", str(out)]) == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["same.png"]
+
+
+def test_compare_a_checkpoint_shard_or_a_folder_is_one_line(cli_traces, tiny_ckpt, capsys):
+    shard = next(tiny_ckpt.glob("model-*.safetensors"))
+    for path, says in ((shard, "not a trace file"), (tiny_ckpt, "is a folder, not a trace file")):
+        assert main(["compare", str(path), str(cli_traces["float64"])]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
+
+
+def test_a_candidate_without_logits_exits_1(cli_traces, tmp_path, capsys):
+    t = load_file(str(cli_traces["float32"]))
+    cand = tmp_path / "embed-only.st"
+    save_file({"embed": t["embed"]}, str(cand), metadata=_meta(cli_traces["float32"]))
+    assert main(["compare", str(cand), str(cli_traces["float64"])]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("FAILED: the candidate") and "no 'logits' site" in out
+    save_file({"embed": t["embed"], "logits": t["logits"]}, str(cand), metadata=_meta(cli_traces["float32"]))
+    assert main(["compare", str(cand), str(cli_traces["float64"])]) == 0
+    assert "note: NOT COMPARED: 106 of the reference's 108 sites are missing" in capsys.readouterr().out

@@ -157,7 +157,7 @@ def test_traces_of_different_runs_are_refused(tmp_path):
              ({"chunks": [2, 1]}, r"different chunks \(\[3\] vs \[2, 1\]\)"),
              ({"config_id": "feedbeef"}, None)]                              # one side without: no check
     for meta, msg in cases:
-        b = write(tmp_path / "b.st", x, **meta)
+        b = write(tmp_path / "b.st", {"embed": np.ones((len(meta.get("tokens", "abc")), 4), np.float32)}, **meta)
         if msg is None:
             assert compare(a, b).ok
         else:
@@ -432,3 +432,81 @@ def test_traces_of_different_index_layouts_are_refused(tiny_model, tmp_path):
     b.save(tmp_path / "b.st")
     with pytest.raises(CompareError, match="different attention index layouts \\(official vs canonical\\)"):
         compare(tmp_path / "a.st", tmp_path / "b.st")
+
+
+def test_files_that_are_not_traces_get_one_line_saying_what_they_are(tiny_ckpt, tmp_path):
+    """A checkpoint shard (F8_E4M3 / F8_E8M0 dtypes NumPy lacks), deeply nested metadata, a folder, a FIFO."""
+    import os
+    shard = next(tiny_ckpt.glob("model-*.safetensors"))
+    with pytest.raises(CompareError, match="not a trace file") as e:
+        load_trace(shard)
+    assert "\n" not in str(e.value)
+    deep = tmp_path / "deep.st"
+    save_file({"embed": np.ones((3, 4), np.float32)}, str(deep), metadata={"refimpl": "[" * 100000 + "]" * 100000})
+    with pytest.raises(CompareError, match="nested too deeply"):
+        load_trace(deep)
+    os.mkfifo(tmp_path / "fifo")
+    for path, what in ((tiny_ckpt, "is a folder"), (tmp_path / "fifo", "is a FIFO"),
+                       ("/dev/null", "is a character device")):
+        with pytest.raises(CompareError, match=what):
+            load_trace(path)
+
+
+def test_a_candidate_without_the_reference_logits_fails(tmp_path):
+    """It used to pass: 'within tolerance: 1 sites compared'."""
+    x = {"embed": np.ones((3, 4), np.float32)}
+    ref = write(tmp_path / "ref.st", {**x, "final.x": np.ones((3, 4), np.float32), "logits": np.zeros((3, 8), np.float32)})
+    cand = write(tmp_path / "cand.st", x)
+    r = compare(cand, ref)
+    assert not r.ok and r.first is None and "has no 'logits' site" in r.missing
+    text = format_report(r)
+    assert text.splitlines()[0].startswith("FAILED: the candidate") and "within tolerance (" not in text.splitlines()[-1][:20]
+    assert r.to_json()["ok"] is False
+    # missing sites other than logits: a loud note, still judged on what was compared
+    cand2 = write(tmp_path / "cand2.st", {**x, "logits": np.zeros((3, 8), np.float32)})
+    r2 = compare(cand2, ref)
+    assert r2.ok and r2.notes[0].startswith("NOT COMPARED: 1 of the reference's 3 sites are missing")
+    assert "note: NOT COMPARED" in format_report(r2)
+    assert compare(ref, cand).ok                            # the reference lacks it: nothing to miss
+
+
+@pytest.mark.parametrize("tensors, meta, msg", [
+    ({"embed": np.ones((2, 4), np.float32)}, {}, r"site 'embed' has 2 rows; the 3 tokens give it 3"),
+    ({"embed": np.ones((3, 4, 1), np.float32)}, {}, r"site 'embed' has 3 axes \[3, 4, 1\]"),
+    ({"layers.0.attn.q": np.ones((3, 4), np.float32)}, {}, r"'layers.0.attn.q' has 2 axes"),
+    ({"mtp.logits": np.ones((3, 8), np.float32)}, {}, r"'mtp.logits' has 3 rows; the 3 tokens give it 2"),
+    ({"layers.2.out": np.ones((3, 2, 4), np.float32)}, {"n_layers": 2}, "the MTP block has s - 1"),
+    ({"layers.1.ffn.expert_ids": np.array([[0, 1], [2, 8], [3, 4]], np.int32),
+      "layers.1.ffn.gate_scores": np.zeros((3, 8), np.float32)}, {}, r"row 1 holds \[2, 8\]; it must hold expert ids in \[0, 8\)"),
+    ({"layers.1.ffn.expert_ids": np.array([[0, 1], [2, 3], [-1, 4]], np.int32)}, {}, "row 2 holds .*expert ids >= 0"),
+    ({"layers.2.attn.indexer.topk": np.array([[0], [-1], [-2]], np.int32)}, {}, r"row 2 holds \[-2\]"),
+    ({"layers.1.ffn.expert_ids": np.ones((3, 2), np.float32)}, {}, "it is an integer site"),
+    ({"embed": np.ones((3, 4), np.float32)}, {"format_version": True}, "format_version must be an integer"),
+    ({"embed": np.ones((3, 4), np.float32)}, {"n_layers": "2"}, "'n_layers' must be a non-negative integer"),
+])
+def test_traces_breaking_the_format_contract_are_refused_even_against_themselves(tmp_path, tensors, meta, msg):
+    p = write(tmp_path / "bad.st", tensors, **meta)
+    with pytest.raises(CompareError, match=msg) as e:
+        compare(p, p)
+    assert "\n" not in str(e.value)
+
+
+def test_the_contract_allows_what_the_format_allows(tmp_path):
+    """compressed_kv with any entry count, -1 top-k padding, an MTP layer of s - 1 rows, names refimpl does not know."""
+    t = {"layers.2.attn.compressed_kv": np.ones((0, 4), np.float32), "layers.0.attn.compressed_kv": np.ones((1, 4), np.float32),
+         "layers.2.attn.indexer.topk": np.array([[-1], [-1], [0]], np.int32), "layers.3.ffn.expert_ids": np.zeros((2, 1), np.int64),
+         "mtp.logits": np.ones((2, 8), np.float32), "logits": np.ones((3, 8), np.float32), "my.probe": np.ones((7,), np.float32)}
+    p = write(tmp_path / "ok.st", t, n_layers=3)
+    assert compare(p, p).ok
+
+
+def test_golden_set_traces_keep_only_their_listed_rows(tmp_path):
+    """metadata golden_rows (oracle/golden.py): per-position sites hold those rows, the MTP block the ones below s - 1."""
+    t = {"embed": np.ones((2, 4), np.float32), "mtp.logits": np.ones((1, 8), np.float32)}
+    p = write(tmp_path / "g.st", t, golden_rows=[0, 2])
+    assert compare(p, p).ok
+    bad = write(tmp_path / "b.st", {"embed": np.ones((3, 4), np.float32)}, golden_rows=[0, 2])
+    with pytest.raises(CompareError, match=r"'embed' has 3 rows; golden_rows \[0, 2\] give it 2"):
+        compare(bad, bad)
+    with pytest.raises(CompareError, match="'golden_rows' must be a list of positions in"):
+        compare(write(tmp_path / "c.st", t, golden_rows=[0, 3]), p)

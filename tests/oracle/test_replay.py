@@ -223,3 +223,51 @@ def test_compare_sees_no_routing_difference_once_the_reference_routing_is_replay
     before, after = disagreeing_rows(tmp_path / "free.st"), disagreeing_rows(tmp_path / "forced.st")
     assert sum(before.values()) > 0
     assert set(after) == set(before) and sum(after.values()) == 0
+
+
+def test_replay_load_refuses_bad_metadata_in_one_line(tmp_path):
+    ids = {"layers.3.ffn.expert_ids": _ids()}
+    for meta, msg in (("[" * 100000 + "]" * 100000, "nested too deeply"),
+                      ('{"tokens": 5}', "'tokens' must be a list of integer token ids"),
+                      ('{"tokens": [1, true]}', "'tokens' must be a list of integer token ids"),
+                      ("[1]", "is not a JSON object")):
+        save_file(ids, str(tmp_path / "r.st"), metadata={"refimpl": meta})
+        with pytest.raises(ReplayError, match=msg) as e:
+            Replay.load(tmp_path / "r.st")
+        assert "\n" not in str(e.value)
+
+
+def test_cli_trace_replay_with_deep_metadata_is_one_line(tiny_ckpt, tmp_path, capsys):
+    from refimpl.cli.main import main
+    save_file({"layers.3.ffn.expert_ids": _ids(rows=4)}, str(tmp_path / "r.st"),
+              metadata={"refimpl": "[" * 100000 + "]" * 100000})
+    assert main(["trace", str(tiny_ckpt), "--tokens", "1,2,3,4", "--replay", str(tmp_path / "r.st"),
+                 "--out", str(tmp_path / "o.st")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nested too deeply" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("value", [3e38, np.inf, -0.5, np.nan])
+def test_replay_weights_out_of_range_are_refused_naming_the_file(tiny_ckpt, tmp_path, capsys, value):
+    """Weights of 3e38 overflowed inside the model (RuntimeWarnings, an error blaming the checkpoint)."""
+    import warnings
+    from refimpl.cli.main import main
+    toks = ",".join(map(str, TOKENS[:6]))
+    ref = tmp_path / "ref.st"
+    assert main(["trace", str(tiny_ckpt), "--tokens", toks, "--precision", "float64", "--out", str(ref)]) == 0
+    from safetensors import safe_open
+    with safe_open(str(ref), "np") as f:
+        meta = f.metadata()
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    t["layers.3.ffn.expert_weights"][2, 1] = value
+    bad = tmp_path / "bad.st"
+    save_file(t, str(bad), metadata=meta)
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["trace", str(tiny_ckpt), "--tokens", toks, "--precision", "float64", "--replay", str(bad),
+                     "--replay-weights", "--out", str(tmp_path / "o.st")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {bad}: layers.3.ffn.expert_weights row 2 holds" in err, err
+    assert "at most 10000 x route_scale" in err and "Warning" not in err
+    assert not (tmp_path / "o.st").exists()
