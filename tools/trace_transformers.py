@@ -569,13 +569,18 @@ def _load_refimpl(ckpt: Path, cfg: Config, precision: str):
     return Model(cfg, load_model_weights(source, cfg), precision=precision)
 
 
-def cmd_trace(a) -> int:
+def _open(a):
+    """The command's checkpoint, its Config, the prompt's ids and transformers' model (threads set)."""
     torch, _ = _torch()
     torch.set_num_threads(a.threads)
     ckpt = Path(a.ckpt)
     cfg = load_config(ckpt, a.partial_blocks)
     ids = _tokens(a, cfg)
-    model = load_transformers(ckpt, cfg)
+    return ckpt, cfg, ids, load_transformers(ckpt, cfg)
+
+
+def cmd_trace(a) -> int:
+    ckpt, cfg, ids, model = _open(a)
     t0 = time.perf_counter()
     trace = trace_transformers(model, cfg, ids)
     trace.save(a.out, peer_metadata(cfg, ids))
@@ -597,12 +602,7 @@ def cmd_compare(a) -> int:
 def cmd_check(a) -> int:
     """Both traces of one checkpoint, the weight check and the table."""
     from refimpl.oracle.trace import run_trace
-    torch, _ = _torch()
-    torch.set_num_threads(a.threads)
-    ckpt = Path(a.ckpt)
-    cfg = load_config(ckpt, a.partial_blocks)
-    ids = _tokens(a, cfg)
-    model = load_transformers(ckpt, cfg)
+    ckpt, cfg, ids, model = _open(a)
     bad = check_weights(model, ckpt, cfg)
     print(f"weights: {len(expected_parameters(cfg))} transformers parameters checked against the official tensors; "
           + ("all equal" if not bad else f"{len(bad)} differ:"))
@@ -677,12 +677,7 @@ def decode_logits(model, ids: np.ndarray, prefill: int) -> np.ndarray:
 
 def cmd_decode(a) -> int:
     """transformers' prefill + decode logits against refimpl's one-pass logits, position by position."""
-    torch, _ = _torch()
-    torch.set_num_threads(a.threads)
-    ckpt = Path(a.ckpt)
-    cfg = load_config(ckpt, a.partial_blocks)
-    ids = _tokens(a, cfg)
-    model = load_transformers(ckpt, cfg)
+    ckpt, cfg, ids, model = _open(a)
     ref = _load_refimpl(ckpt, cfg, a.precision).forward(ids).astype(np.float64)     # [s, v]
     worst, first = 0.0, None
     for k in a.prefill:

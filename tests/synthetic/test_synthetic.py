@@ -9,7 +9,7 @@ import refimpl.synthetic.writer as synthetic
 from refimpl.formats.checkpoint import CheckpointError, TensorSource
 from refimpl.config import Config, ConfigError
 from refimpl.numerics import dequant_fp4_weight, dequant_fp8_weight
-from refimpl.formats.inspect import format_summary, summarize
+from refimpl.formats.inspect import summarize
 from refimpl.synthetic.writer import make_checkpoint, shrink
 from refimpl.formats.weights import check_checkpoint, expected_tensors
 
@@ -188,23 +188,6 @@ def test_large_vocab_skips_the_tokenizer_with_a_note(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- inspect
-
-def test_summarize(tiny_ckpt):
-    s = summarize(tiny_ckpt)
-    assert s["ok"] and s["problems"] == [] and s["tensors"] == s["expected"] == len(expected_tensors(TINY))
-    assert sum(v["bytes"] for v in s["by_kind"].values()) == s["bytes"] == s["index_total_size"]
-    assert sum(v["count"] for v in s["by_dtype"].values()) == s["tensors"]
-    assert set(s["by_kind"]) == {"attention", "experts", "shared_expert", "router", "mhc", "norms",
-                                 "embedding", "head", "mtp"}
-    text = format_summary(s)
-    assert "validation: OK" in text and "F8_E4M3" in text and "experts" in text
-
-
-def test_summarize_reports_problems(tiny_ckpt):
-    s = summarize(tiny_ckpt, TINY.replace(n_routed_experts=4, n_activated_experts=2))
-    assert not s["ok"] and s["by_kind"]["unexpected"]["count"] == 6 * 4 * (TINY.n_layers + 1)
-    assert "problem(s)" in format_summary(s, max_problems=3) and "more" in format_summary(s, max_problems=3)
-
 
 @pytest.mark.slow
 def test_flash_one_layer_two_experts(tmp_path):
