@@ -78,7 +78,7 @@ def _valid_tiny(path: Path) -> bool:
         return False
 
 
-def run_demo(path: Path, *, max_new_tokens: int = 8, precision: str = "mirror") -> int:
+def run_demo(path: Path, *, max_new_tokens: int = 8, precision: str = "mirror", kernels="numpy") -> int:
     from refimpl.formats.encoding import encode_messages
     from refimpl.generate import generate
     from refimpl.formats.weights import load
@@ -88,7 +88,7 @@ def run_demo(path: Path, *, max_new_tokens: int = 8, precision: str = "mirror") 
     t0 = time.perf_counter()
     path, made = ensure_tiny_checkpoint(Path(path))
     print(f"checkpoint  {path} ({'written' if made else 'reused'}, {time.perf_counter() - t0:.2f} s)")
-    model = load(path, precision=precision, layout="canonical")
+    model = load(path, precision=precision, layout="canonical", kernels=kernels)
     tok = Tokenizer.from_checkpoint(path)
     prompt = encode_messages(DEMO_MESSAGES, thinking_mode="chat")
     ids = tok.encode(prompt)

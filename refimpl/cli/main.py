@@ -90,6 +90,16 @@ def _top_p(text: str) -> float:
     return v
 
 
+def _kernels(text: str):
+    """--kernels: a kernel selection (argparse type: a bad one is a usage error naming the flag)."""
+    from refimpl.ops import KernelError, parse_kernels
+    import refimpl.model.transformer  # noqa: F401  (registers the swappable operations)
+    try:
+        return parse_kernels(text)
+    except KernelError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _max_seq_len(text: str) -> int:
     """--max-seq-len: an integer in the range Config allows (argparse type: the flag is named)."""
     from refimpl.config import FIELD_RANGES
@@ -128,7 +138,8 @@ def cmd_inspect(a) -> int:
 
 def _load(a):
     from refimpl.formats.weights import load
-    return load(a.ckpt, precision=a.precision, revision=a.revision, max_seq_len=a.max_seq_len, layout=a.layout)
+    return load(a.ckpt, precision=a.precision, revision=a.revision, max_seq_len=a.max_seq_len, layout=a.layout,
+                kernels=a.kernels)
 
 
 def _prompt_ids(a) -> list[int]:
@@ -280,7 +291,7 @@ def cmd_golden_verify(a) -> int:
     from refimpl.oracle.golden import verify
     t0 = time.perf_counter()
     failures = verify(a.dir, precisions=tuple(a.precision) if a.precision else ("float64", "mirror"),
-                      inputs=a.input, ckpt=a.ckpt)
+                      inputs=a.input, ckpt=a.ckpt, kernels=a.kernels)
     for f in failures:
         print(f"FAIL {f}")
     print(f"golden verify: {'FAILED, ' + str(len(failures)) + ' case(s)' if failures else 'passed'} "
@@ -292,7 +303,7 @@ def cmd_golden_verify(a) -> int:
 
 def cmd_demo(a) -> int:
     from refimpl.cli.demo import run_demo
-    return run_demo(Path(a.dir), max_new_tokens=a.max_new_tokens, precision=a.precision)
+    return run_demo(Path(a.dir), max_new_tokens=a.max_new_tokens, precision=a.precision, kernels=a.kernels)
 
 
 # ---------------------------------------------------------------- parser
@@ -300,6 +311,11 @@ def cmd_demo(a) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="refimpl", description="NumPy reference implementation of DeepSeek V4 Flash")
     sub = p.add_subparsers(dest="command", required=True)
+
+    def kernels_opt(q):
+        q.add_argument("--kernels", type=_kernels, default="numpy",
+                       help="numpy (the spec functions, default), numba (the kernels), or per operation, e.g. "
+                            "numba,sparse_attention=numpy (refimpl/ops.py)")
 
     def model_opts(q):
         q.add_argument("ckpt", help="checkpoint directory (config.json + safetensors)")
@@ -310,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--layout", default="official", choices=("official", "canonical"),
                        help="attention index layout: each call's as the official code (default), or one for every "
                             "call, so that in mirror decode and chunked prefill equal one prefill bit for bit")
+        kernels_opt(q)
 
     q = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the official format")
     q.add_argument("preset", choices=("tiny", "flash", "pro"))
@@ -390,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--input", action="append", help="only this input, e.g. prefill-80 (repeatable)")
     v.add_argument("--ckpt", default=None, help="for a set made with tools/make_golden.py --ckpt: the checkpoint "
                                                "folder (default: the path in its manifest)")
+    kernels_opt(v)
     v.set_defaults(func=cmd_golden_verify)
 
     q = sub.add_parser("demo", help="the README's main job on the built-in tiny model")
@@ -397,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the tiny checkpoint is made or reused (a new or empty folder, or one the demo wrote)")
     q.add_argument("--max-new-tokens", type=_at_least(1), default=8)
     q.add_argument("--precision", default="mirror", choices=("float64", "float32", "mirror"))
+    kernels_opt(q)
     q.set_defaults(func=cmd_demo)
     return p
 

@@ -333,11 +333,12 @@ def checkpoint_files(path) -> list[Path]:
 
 
 def load(path, *, precision: str = "float32", revision: str = "current", max_seq_len: int | None = None,
-         layout: str = "official") -> Model:
+         layout: str = "official", kernels: str = "numpy") -> Model:
     """A model over a memory-mapped checkpoint directory; nothing is dequantized until used.
 
     layout: "official" (each call's index layout as the official code has it) or "canonical" (one
     layout for every call: decode == prefill bit for bit in mirror too); see `Model`.
+    kernels: "numpy" (the spec functions), "numba" (the kernels), or per operation; refimpl/ops.py.
     """
     if max_seq_len is not None and (not isinstance(max_seq_len, (int, np.integer)) or isinstance(max_seq_len, bool)):
         raise ConfigError(f"max_seq_len = {max_seq_len!r}: must be an int (a number of tokens)", field="max_seq_len")
@@ -353,4 +354,5 @@ def load(path, *, precision: str = "float32", revision: str = "current", max_seq
     if bad:
         more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise CheckpointError(f"{source.path}: NaN/Inf in the weights: " + "; ".join(bad[:5]) + more)
-    return Model(cfg, load_model_weights(source, cfg), precision=precision, revision=revision, layout=layout)
+    return Model(cfg, load_model_weights(source, cfg), precision=precision, revision=revision, layout=layout,
+                 kernels=kernels)

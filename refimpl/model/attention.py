@@ -38,6 +38,7 @@ from refimpl.numerics import (KV_FP8_BLOCK, SPARSE_ATTN_BLOCK, bf16, exp, qdq_fp
                               work_dtype)
 from refimpl.model.rope import apply_rope, layer_rope_table
 from refimpl.oracle.trace import record
+from refimpl.ops import swappable
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ def compressed_indices(start_pos: int, s: int, ratio: int) -> np.ndarray:
     return np.where(j < (t + 1) // ratio, j, -1)
 
 
+@swappable
 def sparse_attention(q: np.ndarray, kv: np.ndarray, attn_sink: np.ndarray, topk_idxs: np.ndarray,
                      softmax_scale: float, prec: str) -> np.ndarray:
     """Attention over gathered rows with a per-head sink. q [b,s,h,d], kv [b,n,d], topk_idxs [b,s,k] -> [b,s,h,d].

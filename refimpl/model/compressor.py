@@ -32,6 +32,7 @@ from refimpl.model.norm import rms_norm
 from refimpl.numerics import (FP4_BLOCK, KV_FP8_BLOCK, bf16, hadamard, qdq_fp4, qdq_fp8, reduce_sum, softmax,
                               work_dtype)
 from refimpl.model.rope import apply_rope, layer_rope_table
+from refimpl.ops import swappable
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ def gated_pool(kv: np.ndarray, score: np.ndarray, prec: str) -> np.ndarray:
     return reduce_sum(kv * softmax(score, axis=2, prec=prec), 2, prec)   # softmax one op; fp32 products; exact sum
 
 
+@swappable
 def compress(x: np.ndarray, start_pos: int, state: CompressorState, w: CompressorWeights, cfg,
              layer: int, prec: str, *, ratio: int, head_dim: int, rotate: bool, revision: str):
     """Pool the tokens start_pos .. start_pos+s-1 into the entries they complete.

@@ -26,6 +26,7 @@ import numpy as np
 from refimpl.model.linear import fp32_linear
 from refimpl.numerics import bf16, exp, reduce_mean, reduce_sum, rsqrt, sigmoid, work_dtype
 from refimpl.oracle.trace import record
+from refimpl.ops import swappable
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class HyperConnWeights:
     scale: np.ndarray   # [3]      float32    layers.{i}.hc_{attn,ffn}_scale (head: [1])
 
 
+@swappable
 def split_sinkhorn(mixes: np.ndarray, scale: np.ndarray, base: np.ndarray, *, n: int, iters: int,
                    eps: float, prec: str):
     """Split mixing logits [.., x] into pre [.., n], post [.., n], comb [.., n, n] (K:L386-425)."""

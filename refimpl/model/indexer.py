@@ -24,6 +24,7 @@ from refimpl.numerics import FP4_BLOCK, bf16, hadamard, qdq_fp4, reduce_sum, top
 from refimpl.model.rope import RopeTable, apply_rope
 from refimpl.oracle.replay import replay_of
 from refimpl.oracle.trace import record
+from refimpl.ops import swappable
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class IndexerState:
     compressor: CompressorState
 
 
+@swappable
 def index_scores(q: np.ndarray, keys: np.ndarray, weights: np.ndarray, prec: str) -> np.ndarray:
     """I[e] = Σ_h w[h]·ReLU(q[h]·K[e]) for one query. q [i, j], keys [n, j], weights [i] -> [n]."""
     qk = bf16(product(q, keys.T, prec), prec)                         # [i, n] official: bf16 einsum output
@@ -48,6 +50,7 @@ def index_scores(q: np.ndarray, keys: np.ndarray, weights: np.ndarray, prec: str
     return bf16(reduce_sum(prod, 0, prec), prec)                      # .sum(dim=2): exact, fp32, bf16 out
 
 
+@swappable
 def indexer(x: np.ndarray, qr: np.ndarray, start_pos: int, state: IndexerState, w: IndexerWeights,
             table: RopeTable, cfg, layer: int, prec: str, revision: str, trace=None):
     """Select compressed entries per query. x [b,s,c], qr [b,s,q] -> (topk [b,s,k] int64 -1 padded, state)."""

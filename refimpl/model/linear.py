@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from refimpl.numerics import act_fp8, bf16, dequant_fp4_weight, dequant_fp8_weight, f32, work_dtype
+from refimpl.ops import swappable
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ def dense(w: np.ndarray, prec: str) -> np.ndarray:
     return np.asarray(w).astype(work_dtype(prec))    # bf16 -> f32/f64 is exact
 
 
+@swappable
 def product(a: np.ndarray, b: np.ndarray, prec: str) -> np.ndarray:
     """a @ b with the official fp32 accumulator: exact (float64) and rounded once to fp32 in mirror,
     exact in float64 mode, one float32 product in float32 mode."""
@@ -69,6 +71,7 @@ def product(a: np.ndarray, b: np.ndarray, prec: str) -> np.ndarray:
     return f32(a.astype(np.float64) @ b.astype(np.float64), prec)     # mirror: round once to fp32
 
 
+@swappable
 def matmul(x: np.ndarray, w: np.ndarray, prec: str) -> np.ndarray:
     """x [..., in] @ w[out, in]ᵀ -> [..., out]: `product`, taken row by row outside float32 mode."""
     if prec == "float32":
@@ -83,16 +86,19 @@ def matmul(x: np.ndarray, w: np.ndarray, prec: str) -> np.ndarray:
     return f32(out.reshape(*x.shape[:-1], w.shape[0]), prec)         # mirror: round once to fp32
 
 
+@swappable
 def fp32_linear(x: np.ndarray, w: np.ndarray, prec: str) -> np.ndarray:
     """Official fp32 `F.linear` (compressor wkv/wgate, gate, hc_fn, head): fp32 output."""
     return matmul(x, dense(w, prec), prec)
 
 
+@swappable
 def bf16_linear(x: np.ndarray, w: np.ndarray, prec: str) -> np.ndarray:
     """Official bf16 `F.linear` (indexer weights_proj, wo_a einsum): fp32 accumulation, bf16 output."""
     return bf16(matmul(x, dense(w, prec), prec), prec)
 
 
+@swappable
 def quantized_linear(x: np.ndarray, w: Fp8Matrix | Fp4Matrix, prec: str) -> np.ndarray:
     """Official `linear` for FP8/FP4 weights (M:L108-120): FP8 activation quant (mirror), fp32 accumulate, bf16 out."""
     x = act_fp8(x, prec)                                               # official: act_quant(x, 128, ue8m0)

@@ -19,6 +19,7 @@ from refimpl.model.linear import Fp4Matrix, Fp8Matrix, fp32_linear, quantized_li
 from refimpl.numerics import bf16, reduce_sum, silu, softplus, top_k, work_dtype
 from refimpl.oracle.replay import replay_of
 from refimpl.oracle.trace import record
+from refimpl.ops import swappable
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class MoEWeights:
     shared: ExpertWeights
 
 
+@swappable
 def route(x: np.ndarray, tokens: np.ndarray, w: GateWeights, cfg, prec: str, layer: int | None = None,
           trace=None, batch: int = 1, forced: np.ndarray | None = None):
     """Choose experts and their weights. x [T, c], tokens [T] -> (weights [T, a], ids [T, a] int64).
@@ -95,6 +97,7 @@ def expert(x: np.ndarray, w: ExpertWeights, prec: str, *, swiglu_limit: float,
     return quantized_linear(bf16(h, prec), w.w2, prec)             # official: w2(x.to(bf16))
 
 
+@swappable
 def moe(x: np.ndarray, tokens: np.ndarray, w: MoEWeights, cfg, layer: int, prec: str, revision: str,
         trace=None, *, start_pos: int = 0) -> np.ndarray:
     """The MoE sublayer. x [b,s,c], tokens [b,s] (positions start_pos..) -> [b,s,c]."""

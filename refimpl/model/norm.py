@@ -11,8 +11,10 @@ from __future__ import annotations
 import numpy as np
 
 from refimpl.numerics import bf16, reduce_mean, rsqrt, work_dtype
+from refimpl.ops import swappable
 
 
+@swappable
 def rms_norm(x: np.ndarray, weight: np.ndarray, *, eps: float, prec: str) -> np.ndarray:
     """Weighted RMSNorm over the last axis. x: [..., c] -> [..., c]."""
     dt = work_dtype(prec)

@@ -30,6 +30,7 @@ from refimpl.model.linear import Fp8Matrix, fp32_linear, quantized_linear
 from refimpl.model.norm import rms_norm
 from refimpl.numerics import bf16, check_precision, storage_dtype, work_dtype
 from refimpl.oracle.trace import record, wants_mtp
+from refimpl.ops import parse_kernels, use_kernels
 
 REVISIONS = ("current", "initial")
 
@@ -81,13 +82,14 @@ class Model:
     """
 
     def __init__(self, cfg, weights: ModelWeights, *, precision: str = "float32", revision: str = "current",
-                 layout: str = "official"):
+                 layout: str = "official", kernels: str = "numpy"):
         check_precision(precision)
         check_layout(layout)
         if revision not in REVISIONS:
             raise ValueError(f"revision {revision!r}: choose one of {REVISIONS}")
         self.cfg, self.weights, self.precision, self.revision = cfg, weights, precision, revision
         self.layout = layout
+        self.kernels = parse_kernels(kernels)    # which implementation runs each swappable operation (ops.py)
         self.config_id = config_id(cfg)          # identifies the states (and traces) of this model
 
     # ---- public API ----
@@ -129,6 +131,10 @@ class Model:
     # ---- the forward pass ----
     def _run(self, ids: np.ndarray, state: State, trace):
         """ids [b, s] from state.pos -> (logits [b, s, v], final streams [b, s, n, c], new state)."""
+        with use_kernels(self.kernels):
+            return self._forward(ids, state, trace)
+
+    def _forward(self, ids: np.ndarray, state: State, trace):
         cfg, prec, rev = self.cfg, self.precision, self.revision
         self._check_state(state, ids)
         b, s = ids.shape
@@ -149,6 +155,10 @@ class Model:
 
     def mtp_forward(self, h: np.ndarray, ids: np.ndarray, trace=None) -> np.ndarray:
         """MTP logits: position t uses streams h_t and token t+1, predicting t+2. h [b,s,n,c] -> [b, s-1, v]."""
+        with use_kernels(self.kernels):
+            return self._mtp_forward(h, ids, trace)
+
+    def _mtp_forward(self, h: np.ndarray, ids: np.ndarray, trace=None) -> np.ndarray:
         cfg, prec, w = self.cfg, self.precision, self.weights
         m = w.mtp
         b, s = ids.shape

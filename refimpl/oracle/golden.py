@@ -211,13 +211,14 @@ def compare_site(name: str, want: np.ndarray, got: np.ndarray, precision: str) -
 
 
 def verify(golden_dir=None, *, precisions=PRECISIONS, inputs: list[str] | None = None, ckpt=None,
-           progress=print) -> list[str]:
+           progress=print, kernels="numpy") -> list[str]:
     """Re-make (or find) the checkpoint, check its bytes, re-run every input; -> the failures (empty: passes).
 
     A set made from the tiny preset re-makes its checkpoint from the seed; a set made from a given
     checkpoint (`tools/make_golden.py --ckpt`) runs on `ckpt` (default: the path in the manifest),
     after checking its config and the SHA-256 of its config and index files. Each failure names the
     input, the precision, the first site (in data-flow order) that differs and the stored row's position.
+    kernels: the kernel selection to run (refimpl/ops.py): verify the kernels against the golden set.
     """
     import tempfile
     from refimpl.config import Config
@@ -260,7 +261,7 @@ def verify(golden_dir=None, *, precisions=PRECISIONS, inputs: list[str] | None =
             return failures
         order = {n: i for i, n in enumerate(site_names(cfg))}
         for precision in precisions:
-            model = load(ckpt, precision=precision)
+            model = load(ckpt, precision=precision, kernels=kernels)
             for spec in map(GoldenInput.from_dict, manifest["inputs"]):
                 if precision not in spec.precisions or (inputs is not None and spec.name not in inputs):
                     continue

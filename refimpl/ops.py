@@ -1,0 +1,152 @@
+"""Which implementation runs each swappable operation: its NumPy spec function or a kernel.
+
+The hot operations of the model are plain NumPy functions in refimpl/model/, marked `@swappable`;
+those functions are the spec. A model runs under a kernel selection (`load(..., kernels=...)`,
+`--kernels` on the command line):
+
+    "numpy"                           every operation as its spec function (the readable path)
+    "numba"                           each operation that has a Numba kernel (refimpl/kernels/) runs it;
+                                      the others run their spec function
+    "numba,sparse_attention=numpy"    the same, except the operations named (swap one kernel at a time
+                                      to find which one a difference comes from)
+    "numpy,quantized_linear=numba"    the spec path with only the named kernels
+    "cuda"                            the numba.cuda kernels (refimpl/cuda/) on a GPU, the rest as "numba"
+                                      would run it
+
+A kernel has its spec function's signature and is tested against it (tests/kernels/). Kernel
+modules are named here by path and imported on first use, so `import refimpl` and the NumPy
+path never import Numba or compile anything.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+from dataclasses import dataclass
+
+BACKENDS = ("numpy", "numba", "cuda")
+
+# backend -> operation -> "module:function". A backend without an entry for an operation runs the
+# operation as the backend it falls back to (FALLBACK), and in the end as its spec function.
+KERNELS: dict[str, dict[str, str]] = {
+    "numba": {},
+    "cuda": {},
+}
+FALLBACK = {"cuda": "numba", "numba": "numpy"}
+# backend -> "module:function" called (no arguments) when a selection using it is made: raises a
+# ValueError saying why the backend cannot run here (for example, no usable GPU)
+AVAILABILITY: dict[str, str] = {}
+
+SPEC: dict[str, object] = {}                     # operation name -> its spec function (filled by @swappable)
+_active = contextvars.ContextVar("refimpl_kernels", default=None)
+
+
+class KernelError(ValueError):
+    """A kernel selection that cannot be made (unknown backend or operation, backend unavailable)."""
+
+
+def _resolve(path: str):
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """A parsed kernel selection: a default backend and per-operation overrides."""
+    default: str = "numpy"
+    overrides: tuple = ()                        # ((operation, backend), ...) in the order given
+
+    def backend(self, op: str) -> str:
+        """The backend chosen for an operation (before falling back)."""
+        return dict(self.overrides).get(op, self.default)
+
+    def impl(self, op: str):
+        """The function that runs `op` under this selection (a kernel, or None for the spec function)."""
+        backend = self.backend(op)
+        while backend != "numpy":
+            path = KERNELS.get(backend, {}).get(op)
+            if path is not None:
+                return _resolve(path)
+            backend = FALLBACK[backend]
+        return None
+
+    def __str__(self) -> str:
+        return ",".join([self.default] + [f"{op}={b}" for op, b in self.overrides])
+
+
+def kernel_ops(backend: str) -> list[str]:
+    """The operations that have a kernel of this backend (its own, not through a fallback)."""
+    return sorted(KERNELS.get(backend, {}))
+
+
+def parse_kernels(text) -> Kernels:
+    """"numba" or "numba,op=numpy,..." (or a Kernels) -> Kernels; KernelError naming what is wrong."""
+    if isinstance(text, Kernels):
+        return text
+    if not isinstance(text, str):
+        raise KernelError(f"kernels must be a string such as 'numba' or 'numpy', got {type(text).__name__}")
+    parts = [p.strip() for p in text.split(",")]
+    default, overrides = parts[0], []
+    if default not in BACKENDS:
+        raise KernelError(f"kernels {text!r:.80}: the first item must be one of {', '.join(BACKENDS)}")
+    for part in parts[1:]:
+        op, eq, backend = part.partition("=")
+        op, backend = op.strip(), backend.strip()
+        if not eq or backend not in BACKENDS:
+            raise KernelError(f"kernels {text!r:.80}: {part!r:.60} is not OPERATION=BACKEND with BACKEND one of "
+                              f"{', '.join(BACKENDS)}")
+        if op not in SPEC:
+            raise KernelError(f"kernels {text!r:.80}: no swappable operation {op!r:.40}; the operations are "
+                              f"{', '.join(sorted(SPEC))}")
+        if backend != "numpy" and op not in KERNELS[backend]:
+            have = ", ".join(kernel_ops(backend)) or "none"
+            raise KernelError(f"kernels {text!r:.80}: there is no {backend} kernel for {op}; {backend} kernels "
+                              f"exist for: {have}")
+        overrides.append((op, backend))
+    sel = Kernels(default, tuple(overrides))
+    for backend in {sel.default, *(b for _, b in sel.overrides)}:
+        if backend in AVAILABILITY:
+            _resolve(AVAILABILITY[backend])()              # raises a ValueError saying why not
+    return sel
+
+
+@contextlib.contextmanager
+def use_kernels(sel: Kernels | str):
+    """Run the swappable operations called inside the block under this selection."""
+    token = _active.set(parse_kernels(sel))
+    try:
+        yield
+    finally:
+        _active.reset(token)
+
+
+def active() -> Kernels:
+    """The selection in force (Kernels("numpy") outside any use_kernels block)."""
+    return _active.get() or Kernels()
+
+
+def swappable(fn):
+    """Mark a spec function as an operation a kernel may replace (looked up by the function's name).
+
+    The wrapper's `.spec` is the spec function itself: a kernel may call it for cases it leaves to
+    the spec, without going through the switch again.
+    """
+    name = fn.__name__
+    if name in SPEC:
+        raise RuntimeError(f"two swappable operations named {name}")
+    SPEC[name] = fn
+    cache: dict = {}
+
+    @functools.wraps(fn)
+    def dispatch(*args, **kwargs):
+        sel = _active.get()
+        if sel is None:
+            return fn(*args, **kwargs)
+        impl = cache.get(sel, fn)
+        if impl is fn and sel not in cache:
+            impl = cache[sel] = sel.impl(name) or fn
+        return impl(*args, **kwargs)
+
+    dispatch.spec = fn
+    return dispatch

@@ -1,0 +1,81 @@
+"""The kernel switch (refimpl/ops.py): selections, dispatch, and that the NumPy path imports no Numba."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import refimpl
+from refimpl import ops
+from refimpl.cli.main import main
+from refimpl.model.norm import rms_norm
+
+
+def test_parse_kernels_defaults_and_overrides():
+    sel = ops.parse_kernels("numpy,rms_norm=numpy")
+    assert sel.default == "numpy" and sel.backend("rms_norm") == "numpy" and sel.backend("moe") == "numpy"
+    assert str(sel) == "numpy,rms_norm=numpy"
+    assert ops.parse_kernels(sel) is sel
+
+
+@pytest.mark.parametrize("text, words", [
+    ("fast", "first item"),
+    ("numpy,rms_norm", "OPERATION=BACKEND"),
+    ("numpy,rms_norm=gpu", "OPERATION=BACKEND"),
+    ("numpy,no_such_op=numpy", "no swappable operation"),
+    ("numpy,split_sinkhorn=cuda", "no cuda kernel for split_sinkhorn"),
+])
+def test_parse_kernels_refuses_naming_the_problem(text, words):
+    with pytest.raises(ops.KernelError, match=words):
+        ops.parse_kernels(text)
+    with pytest.raises(ValueError):                            # a KernelError is a ValueError
+        ops.parse_kernels(text)
+
+
+def test_a_registered_kernel_runs_only_where_selected(monkeypatch):
+    calls = []
+
+    def fake_rms_norm(x, weight, *, eps, prec):
+        calls.append(prec)
+        return rms_norm.spec(x, weight, eps=eps, prec=prec)
+
+    monkeypatch.setitem(ops.KERNELS["numba"], "rms_norm", f"{__name__}:_FAKE")
+    monkeypatch.setattr(sys.modules[__name__], "_FAKE", fake_rms_norm, raising=False)
+    x, w = np.ones((2, 8), np.float32), np.ones(8, np.float32)
+    rms_norm(x, w, eps=1e-6, prec="float32")                   # no selection: the spec
+    with ops.use_kernels("numpy"):
+        rms_norm(x, w, eps=1e-6, prec="float32")
+    assert calls == []
+    with ops.use_kernels("numba"):
+        got = rms_norm(x, w, eps=1e-6, prec="float32")
+    with ops.use_kernels("numba,rms_norm=numpy"):
+        rms_norm(x, w, eps=1e-6, prec="float32")
+    with ops.use_kernels("numpy,rms_norm=numba"):
+        rms_norm(x, w, eps=1e-6, prec="mirror")
+    assert calls == ["float32", "mirror"]
+    np.testing.assert_array_equal(got, rms_norm.spec(x, w, eps=1e-6, prec="float32"))
+    assert ops.active() == ops.Kernels()                        # restored after the blocks
+
+
+def test_import_and_the_numpy_path_never_import_numba(tmp_path):
+    code = ("import sys, refimpl, numpy as np\n"
+            "from refimpl.model.norm import rms_norm\n"
+            "from refimpl.ops import use_kernels\n"
+            "with use_kernels('numpy'):\n"
+            "    rms_norm(np.ones((1, 4), np.float32), np.ones(4, np.float32), eps=1e-6, prec='mirror')\n"
+            "print('numba' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_load_takes_a_selection_and_refuses_a_bad_one(tiny_ckpt):
+    model = refimpl.load(tiny_ckpt, kernels="numpy,moe=numpy")
+    assert str(model.kernels) == "numpy,moe=numpy"
+    with pytest.raises(ops.KernelError, match="no swappable operation"):
+        refimpl.load(tiny_ckpt, kernels="numpy,nothing=numpy")
+
+
+def test_cli_kernels_flag_is_a_usage_error_when_bad(tiny_ckpt, capsys):
+    assert main(["generate", str(tiny_ckpt), "--tokens", "1", "2", "--kernels", "numpy,nothing=numpy"]) == 2
+    err = capsys.readouterr().err
+    assert "--kernels" in err and "no swappable operation" in err
