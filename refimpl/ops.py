@@ -30,7 +30,14 @@ BACKENDS = ("numpy", "numba", "cuda")
 # backend -> operation -> "module:function". A backend without an entry for an operation runs the
 # operation as the backend it falls back to (FALLBACK), and in the end as its spec function.
 KERNELS: dict[str, dict[str, str]] = {
-    "numba": {},
+    "numba": {
+        # the products and the MoE experts (refimpl/kernels/linear.py, moe.py)
+        "quantized_linear": "refimpl.kernels.linear:quantized_linear",
+        "fp32_linear": "refimpl.kernels.linear:fp32_linear",
+        "bf16_linear": "refimpl.kernels.linear:bf16_linear",
+        "grouped_wo_a": "refimpl.kernels.linear:grouped_wo_a",
+        "expert_sum": "refimpl.kernels.moe:expert_sum",
+    },
     "cuda": {},
 }
 FALLBACK = {"cuda": "numba", "numba": "numpy"}
