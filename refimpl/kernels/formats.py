@@ -1,87 +1,76 @@
-"""Weight blocks decoded from the checkpoint bytes inside a kernel (shared by linear.py and moe.py).
-
-A product kernel walks a weight row in blocks of BLOCK = 128 input columns: `decode_block`
-turns the block's codes into float64 weights (exact: e4m3 / e2m1 / bf16 values times powers of
-two), then the kernel adds x[k] · w[k] into BLOCK lane accumulators, lane k mod 128 (see
-linear.py for the order). Loops run over plain `range` variables on slices: an index such as
-`row[k0 + k]` makes Numba check for negative indices, which stops LLVM from vectorizing.
+"""Weight codes decoded inside a kernel, from their bits (shared by linear.py and moe.py).
 
 Formats (refimpl/numerics.py; codes are raw bytes or bits, never ml_dtypes arrays):
 
     FP8    e4m3fn [N, K] uint8, E8M0 scale [ceil(N/128), ceil(K/128)] per 128x128 block.  The
            bits b & 0x7F placed at bit 20 of a float32 (sign at bit 31) are the e4m3 value times
-           2^-120, for normals and subnormals alike; the block scale 2^(S-127) times 2^120 then
-           gives the exact float64 weight. 0x7F / 0xFF (e4m3fn NaN) decode as NaN.
-    FP4    packed e2m1 [N, K/2] uint8, low nibble first, E8M0 scale [N, ceil(K/32)] per 1x32
-           block. The magnitude bits eem placed at bit 22 of a float32 are the e2m1 value times
-           2^-126; the scale 2^(S-127) times 2^126 gives the weight.
+           2^-120, for normals and subnormals alike (`fp8_raw`); the block scale 2^(S-127) times
+           2^120 makes it exact. 0x7F / 0xFF (e4m3fn NaN) are not decoded: linear.py sends a
+           matrix holding one to the spec function.
+    FP4    packed e2m1 [N, K/2] uint8, low nibble first (element 2i in bits 0-3 of byte i), E8M0
+           scale [N, ceil(K/32)] per 1x32 block. The magnitude bits eem placed at bit 22 of a
+           float32 (sign at bit 31) are the e2m1 value times 2^-126 (`fp4_raw`; 0.5 is a float32
+           subnormal, exact); the scale 2^(S-127) times 2^126 makes it exact.
     BF16   uint16 [N, K] (a bfloat16 matrix's bits): bits << 16 is the float32.
     F32    uint32 [N, K] (a float32 matrix's bits).
 
-E8M0 scale 255 (NaN) is refused before a kernel runs, as the spec's dequantization does.
+All decoding is integer bit work and one reinterpretation (`f32_from_bits`), which LLVM
+vectorizes; no table lookups. Every decoded value is exact in float64.
 """
 from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import intrinsic
 
-BLOCK = 128     # input columns per block: the FP8 scale block (four FP4 blocks)
+BLOCK = 128     # input columns per block: the FP8 scale block, four FP4 blocks; also the lane count
 
 FMT_FP8, FMT_FP4, FMT_BF16, FMT_F32 = 0, 1, 2, 3
 
+if numba.config.DISABLE_JIT:                     # plain Python (NUMBA_DISABLE_JIT=1): a NumPy reinterpretation
+    def f32_from_bits(bits):
+        """The float32 whose bits are `bits` (uint32)."""
+        return np.uint32(bits).view(np.float32)
+else:
+    @intrinsic
+    def f32_from_bits(typingctx, bits):
+        """The float32 whose bits are `bits` (uint32): one LLVM bitcast."""
+        from llvmlite import ir
 
-@njit(cache=True)
-def decode_block(fmt, codes, scale, n, scale_row, k0, kb, bits, w):
-    """Weights of row n, columns k0..k0+kb-1 -> w[:kb] float64 (exact). bits: [BLOCK] uint32 scratch.
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.FloatType())
+        return types.float32(types.uint32), codegen
 
-    scale_row: the FP8 scale-grid row of this weight row (its absolute row // 128); unused otherwise.
-    """
-    fl = bits.view(np.float32)
-    ub = bits[:kb]
-    if fmt == FMT_FP8:
-        src = codes[n, k0:k0 + kb]
-        for k in range(kb):
-            t = np.uint32(src[k])
-            v = ((t & np.uint32(0x80)) << np.uint32(24)) | ((t & np.uint32(0x7F)) << np.uint32(20))
-            ub[k] = np.uint32(0x7FC00000) if (t & np.uint32(0x7F)) == np.uint32(0x7F) else v
-        s = math.ldexp(1.0, np.int64(scale[scale_row, k0 // BLOCK]) - 7)   # 2^(S-127) · 2^120
-        f = fl[:kb]
-        wb = w[:kb]
-        for k in range(kb):
-            wb[k] = np.float64(f[k]) * s
-    elif fmt == FMT_FP4:
-        src = codes[n, k0 // 2:(k0 + kb) // 2]
-        lo = bits[:kb // 2]
-        hi = bits[kb // 2:kb]
-        for i in range(kb // 2):
-            t = np.uint32(src[i])
-            lo[i] = ((t & np.uint32(0x8)) << np.uint32(28)) | ((t & np.uint32(0x7)) << np.uint32(22))
-            hi[i] = ((t & np.uint32(0x80)) << np.uint32(24)) | ((t & np.uint32(0x70)) << np.uint32(18))
-        for q in range((kb + 31) // 32):                   # 1x32 blocks, each with its own scale
-            s = math.ldexp(1.0, np.int64(scale[n, k0 // 32 + q]) - 1)         # 2^(S-127) · 2^126
-            m = min(32, kb - 32 * q)
-            f0 = fl[16 * q:16 * q + m // 2]                # elements 32q, 32q+2, ... (low nibbles)
-            f1 = fl[kb // 2 + 16 * q:kb // 2 + 16 * q + m // 2]   # 32q+1, 32q+3, ... (high nibbles)
-            we = w[32 * q:32 * q + m:2]
-            wo = w[32 * q + 1:32 * q + m:2]
-            for i in range(m // 2):
-                we[i] = np.float64(f0[i]) * s
-                wo[i] = np.float64(f1[i]) * s
-    elif fmt == FMT_BF16:
-        src = codes[n, k0:k0 + kb]
-        for k in range(kb):
-            ub[k] = np.uint32(src[k]) << np.uint32(16)
-        f = fl[:kb]
-        wb = w[:kb]
-        for k in range(kb):
-            wb[k] = f[k]
-    else:  # FMT_F32
-        src = codes[n, k0:k0 + kb]
-        for k in range(kb):
-            ub[k] = np.uint32(src[k])
-        f = fl[:kb]
-        wb = w[:kb]
-        for k in range(kb):
-            wb[k] = f[k]
+
+@njit(cache=True, inline="always")
+def fp8_raw(code):
+    """e4m3fn byte -> float32 e4m3 value · 2^-120 (sign at bit 31, eeeemmm at bits 20-26)."""
+    t = np.uint32(code)
+    return f32_from_bits(((t & np.uint32(0x80)) << np.uint32(24)) | ((t & np.uint32(0x7F)) << np.uint32(20)))
+
+
+@njit(cache=True, inline="always")
+def fp4_raw(nibble):
+    """e2m1 nibble (0..15, in a uint32) -> float32 e2m1 value · 2^-126 (sign bit 3 -> 31, eem -> bits 22-24)."""
+    return f32_from_bits(((nibble & np.uint32(8)) << np.uint32(28)) | ((nibble & np.uint32(7)) << np.uint32(22)))
+
+
+@njit(cache=True, inline="always")
+def bf16_value(bits):
+    """bfloat16 bits (uint16) -> float32."""
+    return f32_from_bits(np.uint32(bits) << np.uint32(16))
+
+
+@njit(cache=True, inline="always")
+def fp8_block_scale(byte):
+    """E8M0 byte S -> 2^(S-127) · 2^120 (float64): scales fp8_raw to the exact weight."""
+    return math.ldexp(1.0, int(byte) - 7)
+
+
+@njit(cache=True, inline="always")
+def fp4_block_scale(byte):
+    """E8M0 byte S -> 2^(S-127) · 2^126 (float64): scales fp4_raw to the exact weight."""
+    return math.ldexp(1.0, int(byte) - 1)

@@ -28,15 +28,111 @@ kernel computes the float64 sum and rounds it once to float32, which is closer t
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 from numba import njit, prange
 
-from refimpl.kernels.formats import BLOCK, FMT_BF16, FMT_F32, FMT_FP4, FMT_FP8, decode_block
+from refimpl.kernels.formats import (BLOCK, FMT_BF16, FMT_F32, FMT_FP4, FMT_FP8, bf16_value, f32_from_bits,
+                                     fp4_block_scale, fp4_raw, fp8_block_scale, fp8_raw)
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix
+from refimpl.model.linear import matmul as _matmul
 from refimpl.numerics import FP4_BLOCK, FP8_BLOCK, _as_codes, _check_scale_grid, act_fp8, bf16, f32, work_dtype
 
 
-ROWS_PER_TASK = 16   # output rows per parallel task (buffers are allocated once per task)
+ROWS_PER_TASK = 32   # output rows per parallel task (scratch buffers are allocated once per task)
+
+
+@njit(cache=True)
+def _deinterleave_fp4(x):
+    """x [T, K] -> FP4 lane order: in each 128-column block of width kb, the even columns at lanes
+    0..kb/2-1, then the odd ones (a packed byte holds columns 2i and 2i+1)."""
+    T, K = x.shape
+    xd = np.empty_like(x)
+    for t in range(T):
+        for k0 in range(0, K, BLOCK):
+            h = min(BLOCK, K - k0) // 2
+            src = x[t, k0:k0 + 2 * h]
+            ev = xd[t, k0:k0 + h]
+            od = xd[t, k0 + h:k0 + 2 * h]
+            for i in range(h):
+                ev[i] = src[2 * i]
+                od[i] = src[2 * i + 1]
+    return xd
+
+
+@njit(cache=True, inline="always")
+def _block_scales(fmt, scale, n, scale_row, k0, kb, sl):
+    """sl[lane] = the power of two that makes lane's raw weight exact (1 for bf16 / fp32)."""
+    if fmt == FMT_FP8:
+        sl[:kb] = fp8_block_scale(scale[scale_row, k0 // BLOCK])
+    elif fmt == FMT_FP4:
+        h = kb // 2
+        for q in range((h + 15) // 16):                   # 1x32 blocks: 16 lanes of each half
+            s = fp4_block_scale(scale[n, k0 // 32 + q])
+            sl[16 * q:min(h, 16 * q + 16)] = s
+            sl[h + 16 * q:h + min(h, 16 * q + 16)] = s
+    else:
+        sl[:kb] = 1.0
+
+
+@njit(cache=True, inline="always")
+def _decode_block(fmt, codes, n, k0, kb, w):
+    """Row n, columns k0..k0+kb-1 -> raw weights w[lane] (FP4 lanes: evens, then odds)."""
+    if fmt == FMT_FP8:
+        src = codes[n, k0:k0 + kb]
+        wb = w[:kb]
+        for k in range(kb):
+            wb[k] = fp8_raw(src[k])
+    elif fmt == FMT_FP4:
+        h = kb // 2
+        src = codes[n, k0 // 2:k0 // 2 + h]
+        we = w[:h]
+        wo = w[h:kb]
+        for i in range(h):
+            t = np.uint32(np.uint8(src[i]))
+            we[i] = fp4_raw(t & np.uint32(0xF))          # column k0 + 2i
+            wo[i] = fp4_raw(t >> np.uint32(4))           # column k0 + 2i + 1
+    elif fmt == FMT_BF16:
+        src = codes[n, k0:k0 + kb]
+        wb = w[:kb]
+        for k in range(kb):
+            wb[k] = bf16_value(src[k])
+    else:  # FMT_F32
+        src = codes[n, k0:k0 + kb]
+        wb = w[:kb]
+        for k in range(kb):
+            wb[k] = f32_from_bits(np.uint32(src[k]))
+
+
+@njit(cache=True, inline="always")
+def _fused_block(fmt, codes, n, k0, kb, xb, sl, a):
+    """One input row: a[lane] += (x · sl) · raw weight, decoding on the fly (no weight buffer).
+
+    The same operations on the same values as _decode_block followed by product_kernel's loop.
+    """
+    if fmt == FMT_FP8:
+        src = codes[n, k0:k0 + kb]
+        for k in range(kb):
+            a[k] += (xb[k] * sl[k]) * fp8_raw(src[k])
+    elif fmt == FMT_FP4:
+        h = kb // 2
+        src = codes[n, k0 // 2:k0 // 2 + h]
+        ae, ao = a[:h], a[h:kb]
+        xe, xo = xb[:h], xb[h:kb]
+        se, so = sl[:h], sl[h:kb]
+        for i in range(h):
+            t = np.uint32(np.uint8(src[i]))
+            ae[i] += (xe[i] * se[i]) * fp4_raw(t & np.uint32(0xF))
+            ao[i] += (xo[i] * so[i]) * fp4_raw(t >> np.uint32(4))
+    elif fmt == FMT_BF16:
+        src = codes[n, k0:k0 + kb]
+        for k in range(kb):
+            a[k] += (xb[k] * sl[k]) * bf16_value(src[k])
+    else:
+        src = codes[n, k0:k0 + kb]
+        for k in range(kb):
+            a[k] += (xb[k] * sl[k]) * f32_from_bits(np.uint32(src[k]))
 
 
 @njit(parallel=True, cache=True)
@@ -45,27 +141,35 @@ def product_kernel(fmt, x, codes, scale, n_out, row0):
 
     codes holds the rows row0.. of W (codes[n] is row row0+n); an FP8 scale grid is indexed by the
     absolute row (row0 + n) // 128, so a row range of a larger FP8 matrix can be passed.
-    Order of every output element (t, n): lane l = k mod 128 sums x[t, k]·w[n, k] over its columns
-    in ascending k, then the lanes are added in ascending l.
+    Order of every output element (t, n): lane l of each 128-column block (column k0 + l; for FP4
+    the even columns, then the odd ones) accumulates (x · block scale) · raw weight over the
+    blocks in ascending order; then the lanes are added in ascending order. One input row is
+    decoded on the fly, several rows share one decoded block: the same operations either way.
     """
     T, K = x.shape
     out = np.empty((T, n_out))
+    xin = _deinterleave_fp4(x) if fmt == FMT_FP4 else x
     n_tasks = (n_out + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(n_tasks):               # each output element belongs to one task: one thread
-        bits = np.empty(BLOCK, np.uint32)
         w = np.empty(BLOCK)
+        sl = np.empty(BLOCK)
         acc = np.empty((T, BLOCK))
         for n in range(task * ROWS_PER_TASK, min(n_out, (task + 1) * ROWS_PER_TASK)):
             acc[:] = 0.0
             for k0 in range(0, K, BLOCK):
                 kb = min(BLOCK, K - k0)
-                decode_block(fmt, codes, scale, n, (row0 + n) // BLOCK, k0, kb, bits, w)
+                _block_scales(fmt, scale, n, (row0 + n) // BLOCK, k0, kb, sl)
+                if T == 1:
+                    _fused_block(fmt, codes, n, k0, kb, xin[0, k0:k0 + kb], sl, acc[0, :kb])
+                    continue
+                _decode_block(fmt, codes, n, k0, kb, w)
                 wb = w[:kb]
+                sb = sl[:kb]
                 for t in range(T):
-                    xb = x[t, k0:k0 + kb]
+                    xb = xin[t, k0:k0 + kb]
                     a = acc[t, :kb]
                     for k in range(kb):
-                        a[k] += xb[k] * wb[k]
+                        a[k] += (xb[k] * sb[k]) * wb[k]
             for t in range(T):
                 a = acc[t]
                 y = 0.0
@@ -73,6 +177,11 @@ def product_kernel(fmt, x, codes, scale, n_out, row0):
                     y += a[k]
                 out[t, n] = y
     return out
+
+
+def spec_matmul(x, w, prec):
+    """The spec's matmul (for inputs the kernel leaves to the spec)."""
+    return _matmul.spec(x, w, prec)
 
 
 def _rows(x: np.ndarray, k: int, name: str) -> np.ndarray:
@@ -89,6 +198,36 @@ def _finish(y: np.ndarray, lead: tuple, prec: str) -> np.ndarray:
     """float64 [rows, n] -> the spec's matmul output: float64 (float64 mode), else rounded once to fp32."""
     y = y.reshape(*lead, y.shape[-1])
     return y if prec == "float64" else f32(y, "mirror")            # one rounding to the fp32 accumulator
+
+
+_CHECKED: dict = {}          # (id(values), id(scale)) -> (weak references to both, fmt, codes, scale, NaN flag)
+
+
+def _has_fp8_nan(codes: np.ndarray) -> bool:
+    """True if an e4m3fn code is NaN (0x7F / 0xFF); scanned in row chunks (no full-size temporary)."""
+    step = max(1, (1 << 24) // max(1, codes.shape[1]))
+    return any(bool(np.any((codes[r:r + step] & 0x7F) == 0x7F)) for r in range(0, codes.shape[0], step))
+
+
+def checked_codes(w: Fp8Matrix | Fp4Matrix):
+    """quantized_codes(w) plus a NaN-code flag, checked once per (values, scale) pair of arrays.
+
+    Checkpoint weights are read-only memory maps that live as long as the model, so the checks
+    (scale grid, NaN codes: a full read of the matrix) run on a matrix's first use only.
+    """
+    if not isinstance(w, (Fp8Matrix, Fp4Matrix)):
+        return (*quantized_codes(w), False)                       # raises the TypeError
+    key = (id(w.values), id(w.scale))
+    hit = _CHECKED.get(key)
+    if hit is not None and hit[0]() is w.values and hit[1]() is w.scale:
+        return hit[2:]
+    fmt, codes, scale = quantized_codes(w)
+    nan = fmt == FMT_FP8 and _has_fp8_nan(codes)
+    try:
+        _CHECKED[key] = (weakref.ref(w.values), weakref.ref(w.scale), fmt, codes, scale, nan)
+    except TypeError:                            # an array type without weak references: not cached
+        pass
+    return fmt, codes, scale, nan
 
 
 def quantized_codes(w: Fp8Matrix | Fp4Matrix):
@@ -114,7 +253,9 @@ def quantized_codes(w: Fp8Matrix | Fp4Matrix):
 
 def quantized_product(x: np.ndarray, w: Fp8Matrix | Fp4Matrix, prec: str) -> np.ndarray:
     """act_fp8(x) @ W ᵀ as the spec's `matmul` returns it (before the bf16 rounding). x [..., in] -> [..., out]."""
-    fmt, codes, scale = quantized_codes(w)
+    fmt, codes, scale, nan = checked_codes(w)
+    if nan:                                                       # NaN weights: the spec's NaN outputs
+        return spec_matmul(act_fp8(x, prec), w.dequantize(), prec)
     n, k = w.shape
     x = act_fp8(x, prec)                                          # official: act_quant(x, 128, ue8m0)
     y = product_kernel(fmt, _rows(x, k, "quantized_linear"), codes, scale, n, 0)
@@ -161,7 +302,10 @@ def bf16_linear(x: np.ndarray, w: np.ndarray, prec: str) -> np.ndarray:
 
 def grouped_wo_a(o: np.ndarray, wo_a: Fp8Matrix, groups: int, prec: str) -> np.ndarray:
     """Kernel of model.attention.grouped_wo_a: o [b, s, g, h*d/g] -> u [b, s, g, r], from wo_a's FP8 bytes."""
-    fmt, codes, scale = quantized_codes(wo_a)
+    fmt, codes, scale, nan = checked_codes(wo_a)
+    if nan:                                                       # NaN weights: the spec's NaN outputs
+        from refimpl.model.attention import grouped_wo_a as spec
+        return spec.spec(o, wo_a, groups, prec)
     n, k = codes.shape
     o = np.asarray(o)
     if groups < 1 or n % groups or o.ndim != 4 or o.shape[2] != groups or o.shape[3] != k:

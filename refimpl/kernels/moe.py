@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from refimpl.kernels.linear import _finish, _rows, product_kernel, quantized_codes
+from refimpl.kernels.linear import _finish, _rows, checked_codes, product_kernel, spec_matmul
 from refimpl.model.moe import ExpertWeights, MoEWeights, swiglu
 from refimpl.numerics import act_fp8, bf16, work_dtype
 
 
 def _linear(xq: np.ndarray, w, prec: str) -> np.ndarray:
     """quantized_linear on an already FP8-quantized float64 input xq [T, in] -> [T, out] (bf16 values in mirror)."""
-    fmt, codes, scale = quantized_codes(w)
+    fmt, codes, scale, nan = checked_codes(w)
     n, k = w.shape
     if xq.shape[1] != k:
         raise ValueError(f"expert_sum: input has {xq.shape[1]} columns, the expert matrix {w.shape} needs {k}")
+    if nan:                                                        # NaN weights: the spec's NaN outputs
+        return bf16(spec_matmul(xq, w.dequantize(), prec), prec)
     return bf16(_finish(product_kernel(fmt, xq, codes, scale, n, 0), (xq.shape[0],), prec), prec)
 
 
