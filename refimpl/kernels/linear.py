@@ -135,6 +135,64 @@ def _fused_block(fmt, codes, n, k0, kb, xb, sl, a):
             a[k] += (xb[k] * sl[k]) * f32_from_bits(np.uint32(src[k]))
 
 
+@njit(cache=True, inline="always")
+def _lane_sum(a, lanes):
+    """Σ a[:lanes] in ascending order."""
+    y = 0.0
+    for k in range(lanes):
+        y += a[k]
+    return y
+
+
+@njit(cache=True)
+def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, xs, a2, out1):
+    """One input row x1 [K] (FP8 or BF16 weights): rows n_lo..n_hi-1 of out1, two weight rows at a time.
+
+    xs = x1 · block scale is formed once per 128-row scale block; then each lane adds xs[k] · raw
+    weight: the same operations as product_kernel's general path, with fewer loads per weight.
+    """
+    K = x1.shape[0]
+    lanes = min(BLOCK, K)
+    cur = -1
+    n = n_lo
+    while n < n_hi:
+        sr = (row0 + n) // BLOCK
+        if sr != cur:                                         # x · scale for this scale-grid row
+            for k0 in range(0, K, BLOCK):
+                kb = min(BLOCK, K - k0)
+                s = fp8_block_scale(scale[sr, k0 // BLOCK]) if fmt == FMT_FP8 else 1.0
+                xb = x1[k0:k0 + kb]
+                xsb = xs[k0:k0 + kb]
+                for k in range(kb):
+                    xsb[k] = xb[k] * s
+            cur = sr
+        two = n + 1 < n_hi and (row0 + n + 1) // BLOCK == sr
+        a0 = a2[0]
+        a1 = a2[1]
+        a0[:] = 0.0
+        a1[:] = 0.0
+        m = 1 if two else 0                                   # the second row: row n + m (itself if single)
+        for k0 in range(0, K, BLOCK):
+            kb = min(BLOCK, K - k0)
+            xb = xs[k0:k0 + kb]
+            c0 = codes[n, k0:k0 + kb]
+            c1 = codes[n + m, k0:k0 + kb]
+            b0 = a0[:kb]
+            b1 = a1[:kb]
+            if fmt == FMT_FP8:
+                for k in range(kb):
+                    b0[k] += xb[k] * fp8_raw(c0[k])
+                    b1[k] += xb[k] * fp8_raw(c1[k])
+            else:
+                for k in range(kb):
+                    b0[k] += xb[k] * bf16_value(c0[k])
+                    b1[k] += xb[k] * bf16_value(c1[k])
+        out1[n] = _lane_sum(a0, lanes)
+        if two:
+            out1[n + 1] = _lane_sum(a1, lanes)
+        n += 1 + m
+
+
 @njit(parallel=True, cache=True)
 def product_kernel(fmt, x, codes, scale, n_out, row0):
     """x [T, K] float64 @ W[row0 : row0+n_out]ᵀ -> [T, n_out] float64, W given by its codes (formats.py).
@@ -150,6 +208,13 @@ def product_kernel(fmt, x, codes, scale, n_out, row0):
     out = np.empty((T, n_out))
     xin = _deinterleave_fp4(x) if fmt == FMT_FP4 else x
     n_tasks = (n_out + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    if T == 1 and (fmt == FMT_FP8 or fmt == FMT_BF16):
+        for task in prange(n_tasks):
+            xs = np.empty(K)
+            a2 = np.empty((2, BLOCK))
+            _matvec_rows(fmt, x[0], codes, scale, task * ROWS_PER_TASK, min(n_out, (task + 1) * ROWS_PER_TASK),
+                         row0, xs, a2, out[0])
+        return out
     for task in prange(n_tasks):               # each output element belongs to one task: one thread
         w = np.empty(BLOCK)
         sl = np.empty(BLOCK)
