@@ -34,7 +34,7 @@ import numpy as np
 from numba import njit, prange
 
 from refimpl.kernels.formats import (BLOCK, FMT_BF16, FMT_F32, FMT_FP4, FMT_FP8, bf16_value, f32_from_bits,
-                                     fp4_block_scale, fp4_raw, fp8_block_scale, fp8_raw)
+                                     fp4_block_scale, fp4_pair_raw, fp8_block_scale, fp8_raw)
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix
 from refimpl.model.linear import matmul as _matmul
 from refimpl.numerics import FP4_BLOCK, FP8_BLOCK, _as_codes, _check_scale_grid, act_fp8, bf16, f32, work_dtype
@@ -90,9 +90,7 @@ def _decode_block(fmt, codes, n, k0, kb, w):
         we = w[:h]
         wo = w[h:kb]
         for i in range(h):
-            t = np.uint32(np.uint8(src[i]))
-            we[i] = fp4_raw(t & np.uint32(0xF))          # column k0 + 2i
-            wo[i] = fp4_raw(t >> np.uint32(4))           # column k0 + 2i + 1
+            we[i], wo[i] = fp4_pair_raw(src[i])          # columns k0 + 2i, k0 + 2i + 1
     elif fmt == FMT_BF16:
         src = codes[n, k0:k0 + kb]
         wb = w[:kb]
@@ -117,14 +115,16 @@ def _fused_block(fmt, codes, n, k0, kb, xb, sl, a):
             a[k] += (xb[k] * sl[k]) * fp8_raw(src[k])
     elif fmt == FMT_FP4:
         h = kb // 2
-        src = codes[n, k0 // 2:k0 // 2 + h]
-        ae, ao = a[:h], a[h:kb]
-        xe, xo = xb[:h], xb[h:kb]
-        se, so = sl[:h], sl[h:kb]
-        for i in range(h):
-            t = np.uint32(np.uint8(src[i]))
-            ae[i] += (xe[i] * se[i]) * fp4_raw(t & np.uint32(0xF))
-            ao[i] += (xo[i] * so[i]) * fp4_raw(t >> np.uint32(4))
+        for q in range((h + 15) // 16):                   # 1x32 blocks: 16 lanes of each half
+            m = min(16, h - 16 * q)
+            s = sl[16 * q]
+            src = codes[n, k0 // 2 + 16 * q:k0 // 2 + 16 * q + m]
+            ae, ao = a[16 * q:16 * q + m], a[h + 16 * q:h + 16 * q + m]
+            xe, xo = xb[16 * q:16 * q + m], xb[h + 16 * q:h + 16 * q + m]
+            for i in range(m):
+                lo, hi = fp4_pair_raw(src[i])
+                ae[i] += (xe[i] * s) * lo
+                ao[i] += (xo[i] * s) * hi
     elif fmt == FMT_BF16:
         src = codes[n, k0:k0 + kb]
         for k in range(kb):
@@ -193,6 +193,31 @@ def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, xs, a2, out1):
         n += 1 + m
 
 
+@njit(cache=True)
+def _general_rows(fmt, xin, codes, scale, n_lo, n_hi, row0, w, sl, acc, out):
+    """Rows n_lo..n_hi-1 of out [T, n] for any format and T (a separate function: the parallel
+    kernel's loop body, kept out of Numba's parfor transformations)."""
+    T, K = xin.shape
+    for n in range(n_lo, n_hi):
+        acc[:] = 0.0
+        for k0 in range(0, K, BLOCK):
+            kb = min(BLOCK, K - k0)
+            _block_scales(fmt, scale, n, (row0 + n) // BLOCK, k0, kb, sl)
+            if T == 1:
+                _fused_block(fmt, codes, n, k0, kb, xin[0, k0:k0 + kb], sl, acc[0, :kb])
+                continue
+            _decode_block(fmt, codes, n, k0, kb, w)
+            wb = w[:kb]
+            sb = sl[:kb]
+            for t in range(T):
+                xb = xin[t, k0:k0 + kb]
+                a = acc[t, :kb]
+                for k in range(kb):
+                    a[k] += (xb[k] * sb[k]) * wb[k]
+        for t in range(T):
+            out[t, n] = _lane_sum(acc[t], min(BLOCK, K))
+
+
 @njit(parallel=True, cache=True)
 def product_kernel(fmt, x, codes, scale, n_out, row0):
     """x [T, K] float64 @ W[row0 : row0+n_out]ᵀ -> [T, n_out] float64, W given by its codes (formats.py).
@@ -219,28 +244,8 @@ def product_kernel(fmt, x, codes, scale, n_out, row0):
         w = np.empty(BLOCK)
         sl = np.empty(BLOCK)
         acc = np.empty((T, BLOCK))
-        for n in range(task * ROWS_PER_TASK, min(n_out, (task + 1) * ROWS_PER_TASK)):
-            acc[:] = 0.0
-            for k0 in range(0, K, BLOCK):
-                kb = min(BLOCK, K - k0)
-                _block_scales(fmt, scale, n, (row0 + n) // BLOCK, k0, kb, sl)
-                if T == 1:
-                    _fused_block(fmt, codes, n, k0, kb, xin[0, k0:k0 + kb], sl, acc[0, :kb])
-                    continue
-                _decode_block(fmt, codes, n, k0, kb, w)
-                wb = w[:kb]
-                sb = sl[:kb]
-                for t in range(T):
-                    xb = xin[t, k0:k0 + kb]
-                    a = acc[t, :kb]
-                    for k in range(kb):
-                        a[k] += (xb[k] * sb[k]) * wb[k]
-            for t in range(T):
-                a = acc[t]
-                y = 0.0
-                for k in range(min(BLOCK, K)):
-                    y += a[k]
-                out[t, n] = y
+        _general_rows(fmt, xin, codes, scale, task * ROWS_PER_TASK, min(n_out, (task + 1) * ROWS_PER_TASK),
+                      row0, w, sl, acc, out)
     return out
 
 
