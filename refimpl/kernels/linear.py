@@ -249,6 +249,31 @@ def product_kernel(fmt, x, codes, scale, n_out, row0):
     return out
 
 
+@njit(cache=True)
+def product_kernel_serial(fmt, x, codes, scale, n_out, row0):
+    """product_kernel on the calling thread only (small products: no thread start-up); the same results."""
+    T, K = x.shape
+    out = np.empty((T, n_out))
+    if T == 1 and (fmt == FMT_FP8 or fmt == FMT_BF16):
+        xs = np.empty(K)
+        a2 = np.empty((2, BLOCK))
+        _matvec_rows(fmt, x[0], codes, scale, 0, n_out, row0, xs, a2, out[0])
+        return out
+    xin = _deinterleave_fp4(x) if fmt == FMT_FP4 else x
+    _general_rows(fmt, xin, codes, scale, 0, n_out, row0, np.empty(BLOCK), np.empty(BLOCK), np.empty((T, BLOCK)), out)
+    return out
+
+
+PARALLEL_MIN = 1 << 21   # multiply-adds below which a product runs on one thread (a parallel start costs more)
+
+
+def product(fmt, x, codes, scale, n_out, row0):
+    """x [T, K] float64 @ W[row0 : row0+n_out]ᵀ (product_kernel), on one thread when the product is small."""
+    if x.shape[0] * x.shape[1] * n_out < PARALLEL_MIN:
+        return product_kernel_serial(fmt, x, codes, scale, n_out, row0)
+    return product_kernel(fmt, x, codes, scale, n_out, row0)
+
+
 def spec_matmul(x, w, prec):
     """The spec's matmul (for inputs the kernel leaves to the spec)."""
     return _matmul.spec(x, w, prec)
@@ -328,7 +353,7 @@ def quantized_product(x: np.ndarray, w: Fp8Matrix | Fp4Matrix, prec: str) -> np.
         return spec_matmul(act_fp8(x, prec), w.dequantize(), prec)
     n, k = w.shape
     x = act_fp8(x, prec)                                          # official: act_quant(x, 128, ue8m0)
-    y = product_kernel(fmt, _rows(x, k, "quantized_linear"), codes, scale, n, 0)
+    y = product(fmt, _rows(x, k, "quantized_linear"), codes, scale, n, 0)
     return _finish(y, np.shape(x)[:-1], prec)
 
 
@@ -361,7 +386,7 @@ def fp32_linear(x: np.ndarray, w: np.ndarray, prec: str) -> np.ndarray:
     if dense is None:
         return spec.spec(x, w, prec)
     fmt, codes = dense
-    y = product_kernel(fmt, _rows(x, codes.shape[1], "fp32_linear"), codes, _NO_SCALE, codes.shape[0], 0)
+    y = product(fmt, _rows(x, codes.shape[1], "fp32_linear"), codes, _NO_SCALE, codes.shape[0], 0)
     return _finish(y, np.shape(x)[:-1], prec)
 
 
@@ -384,6 +409,6 @@ def grouped_wo_a(o: np.ndarray, wo_a: Fp8Matrix, groups: int, prec: str) -> np.n
     b, s = o.shape[:2]
     u = np.empty((b, s, groups, r), np.float64 if prec == "float64" else np.float32)
     for gi in range(groups):                                      # official: einsum over groups (M:L538)
-        y = product_kernel(fmt, _rows(o[:, :, gi], k, "grouped_wo_a"), codes[gi * r:(gi + 1) * r], scale, r, gi * r)
+        y = product(fmt, _rows(o[:, :, gi], k, "grouped_wo_a"), codes[gi * r:(gi + 1) * r], scale, r, gi * r)
         u[:, :, gi] = bf16(_finish(y, (b, s), prec), prec)
     return u

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refimpl.kernels.linear import _finish, _rows, checked_codes, product_kernel, spec_matmul
+from refimpl.kernels.linear import _finish, _rows, checked_codes, product, spec_matmul
 from refimpl.model.moe import ExpertWeights, MoEWeights, swiglu
 from refimpl.numerics import act_fp8, bf16, work_dtype
 
@@ -24,7 +24,7 @@ def _linear(xq: np.ndarray, w, prec: str) -> np.ndarray:
         raise ValueError(f"expert_sum: input has {xq.shape[1]} columns, the expert matrix {w.shape} needs {k}")
     if nan:                                                        # NaN weights: the spec's NaN outputs
         return bf16(spec_matmul(xq, w.dequantize(), prec), prec)
-    return bf16(_finish(product_kernel(fmt, xq, codes, scale, n, 0), (xq.shape[0],), prec), prec)
+    return bf16(_finish(product(fmt, xq, codes, scale, n, 0), (xq.shape[0],), prec), prec)
 
 
 def _expert(xq: np.ndarray, w: ExpertWeights, prec: str, swiglu_limit: float, weights) -> np.ndarray:

@@ -164,6 +164,10 @@ for name, w in (("fp8", fp8_matrix(rng, 40, 128)), ("fp4", fp4_matrix(rng, 40, 1
     for prec in ("mirror", "float64"):
         y = K.quantized_linear(x, w, prec)
         out[name + prec] = [y.tobytes().hex(), bool(np.array_equal(y, spec.quantized_linear(x, w, prec)))]
+fmt, codes, scale, _ = K.checked_codes(w)                          # the parallel kernel itself (big enough)
+xp = np.repeat(x.astype(np.float64), 3, axis=0)
+out["parallel"] = K.product_kernel(fmt, xp, codes, scale, codes.shape[0], 0).tobytes().hex()
+out["serial"] = K.product_kernel_serial(fmt, xp, codes, scale, codes.shape[0], 0).tobytes().hex()
 print(json.dumps(out))
 """
 
@@ -179,7 +183,23 @@ def _run(env: dict) -> dict:
 def test_thread_count_does_not_change_a_bit():
     one, two = _run({"NUMBA_NUM_THREADS": "1"}), _run({"NUMBA_NUM_THREADS": "2"})
     assert one == two
+    assert one["parallel"] == one["serial"]                       # the one-thread path for small products
     assert one["fp8mirror"][1] and one["fp4mirror"][1]             # and equal to the spec on these inputs
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp4", "bf16"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_parallel_and_serial_kernels_agree_bitwise(fmt, rows):
+    rng = np.random.default_rng(11)
+    n, k = 300, 384
+    if fmt == "bf16":
+        codes, scale, f = rng.integers(0, 1 << 16, (n, k), dtype=np.uint16), K._NO_SCALE, K.FMT_BF16
+        codes[(codes & 0x7F80) == 0x7F80] = 0                     # no Inf/NaN
+    else:
+        w = fp8_matrix(rng, n, k) if fmt == "fp8" else fp4_matrix(rng, n, k)
+        f, codes, scale, _ = K.checked_codes(w)
+    x = round_bf16(rng.standard_normal((rows, k))).astype(np.float64)
+    assert np.array_equal(K.product_kernel(f, x, codes, scale, n, 0), K.product_kernel_serial(f, x, codes, scale, n, 0))
 
 
 def test_pure_python_run_gives_the_same_bits():
