@@ -88,3 +88,18 @@ def test_tiny_model_with_these_kernels_matches_the_spec(tiny_ckpt, prec):
         assert np.array_equal(ls, lk)
     else:
         assert np.abs(ls - lk).max() <= 1e-12 * np.abs(ls).max()
+
+
+@pytest.mark.parametrize("weights", [False, True])
+def test_replay_with_these_kernels_matches_the_spec(tiny_ckpt, weights):
+    """Forced routing (oracle/replay.py) from a spec trace: the kernel path replays to the spec's bits (mirror)."""
+    from refimpl.oracle.replay import Replay
+    from refimpl.oracle.trace import run_trace
+    tokens = np.random.default_rng(6).integers(2, TINY.vocab_size, 20)
+    spec_model = refimpl.load(tiny_ckpt, precision="mirror")
+    ref = run_trace(spec_model, tokens)
+    runs = [run_trace(m, tokens, replay=Replay.from_tensors(ref.tensors, weights=weights, tokens=tokens))
+            for m in (spec_model, refimpl.load(tiny_ckpt, precision="mirror", kernels=MINE))]
+    assert runs[0].tensors.keys() == runs[1].tensors.keys()
+    for name, a in runs[0].tensors.items():
+        assert np.array_equal(a, runs[1].tensors[name]), name
