@@ -194,6 +194,44 @@ def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, xs, a2, out1):
 
 
 @njit(cache=True)
+def _fp4_matvec_rows(xd, codes, scale, n_lo, n_hi, a, se, out1):
+    """One input row xd [K] (FP4 lane order) times FP4 weight rows n_lo..n_hi-1 -> out1[n].
+
+    The same operations as _general_rows: lane += (x · block scale) · raw weight.
+    """
+    K = xd.shape[0]
+    for n in range(n_lo, n_hi):
+        a[:] = 0.0
+        for k0 in range(0, K, BLOCK):
+            kb = min(BLOCK, K - k0)
+            h = kb // 2
+            if kb == BLOCK:                                   # a full block: four 1x32 blocks of constant size
+                for q in range(4):
+                    s = fp4_block_scale(scale[n, k0 // 32 + q])
+                    src = codes[n, k0 // 2 + 16 * q:k0 // 2 + 16 * q + 16]
+                    ae, ao = a[16 * q:16 * q + 16], a[64 + 16 * q:64 + 16 * q + 16]
+                    xe, xo = xd[k0 + 16 * q:k0 + 16 * q + 16], xd[k0 + 64 + 16 * q:k0 + 64 + 16 * q + 16]
+                    for i in range(16):
+                        lo, hi = fp4_pair_raw(src[i])
+                        ae[i] += (xe[i] * s) * lo
+                        ao[i] += (xo[i] * s) * hi
+                continue
+            for q in range((h + 15) // 16):                   # 1x32 blocks: 16 lanes of each half
+                s = fp4_block_scale(scale[n, k0 // 32 + q])
+                for i in range(16 * q, min(h, 16 * q + 16)):
+                    se[i] = s
+            src = codes[n, k0 // 2:k0 // 2 + h]
+            ae, ao = a[:h], a[h:kb]
+            xe, xo = xd[k0:k0 + h], xd[k0 + h:k0 + kb]
+            sb = se[:h]
+            for i in range(h):
+                lo, hi = fp4_pair_raw(src[i])
+                ae[i] += (xe[i] * sb[i]) * lo
+                ao[i] += (xo[i] * sb[i]) * hi
+        out1[n] = _lane_sum(a, min(BLOCK, K))
+
+
+@njit(cache=True)
 def _general_rows(fmt, xin, codes, scale, n_lo, n_hi, row0, w, sl, acc, out):
     """Rows n_lo..n_hi-1 of out [T, n] for any format and T (a separate function: the parallel
     kernel's loop body, kept out of Numba's parfor transformations)."""
@@ -240,6 +278,13 @@ def product_kernel(fmt, x, codes, scale, n_out, row0):
             _matvec_rows(fmt, x[0], codes, scale, task * ROWS_PER_TASK, min(n_out, (task + 1) * ROWS_PER_TASK),
                          row0, xs, a2, out[0])
         return out
+    if T == 1 and fmt == FMT_FP4:
+        for task in prange(n_tasks):
+            a = np.empty(BLOCK)
+            se = np.empty(BLOCK // 2)
+            _fp4_matvec_rows(xin[0], codes, scale, task * ROWS_PER_TASK, min(n_out, (task + 1) * ROWS_PER_TASK),
+                             a, se, out[0])
+        return out
     for task in prange(n_tasks):               # each output element belongs to one task: one thread
         w = np.empty(BLOCK)
         sl = np.empty(BLOCK)
@@ -260,6 +305,9 @@ def product_kernel_serial(fmt, x, codes, scale, n_out, row0):
         _matvec_rows(fmt, x[0], codes, scale, 0, n_out, row0, xs, a2, out[0])
         return out
     xin = _deinterleave_fp4(x) if fmt == FMT_FP4 else x
+    if T == 1 and fmt == FMT_FP4:
+        _fp4_matvec_rows(xin[0], codes, scale, 0, n_out, np.empty(BLOCK), np.empty(BLOCK // 2), out[0])
+        return out
     _general_rows(fmt, xin, codes, scale, 0, n_out, row0, np.empty(BLOCK), np.empty(BLOCK), np.empty((T, BLOCK)), out)
     return out
 
