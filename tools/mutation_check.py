@@ -188,7 +188,7 @@ MUTATIONS = [
     ("attention: official prefill window part W wide (the decode layout everywhere)", A,
      [('return min(s, window) if layout == "official" and start_pos == 0 else window', "return window")]),
     ("attention: wo_a output not bf16", A,
-     [("u = np.stack([bf16_linear(o[:, :, gi], wo_a[gi], prec)", "u = np.stack([fp32_linear(o[:, :, gi], wo_a[gi], prec)"),
+     [("return np.stack([bf16_linear(o[:, :, gi], w[gi], prec)", "return np.stack([fp32_linear(o[:, :, gi], w[gi], prec)"),
       ("import Fp8Matrix, bf16_linear, product,", "import Fp8Matrix, bf16_linear, fp32_linear, product,")]),
     # MoE
     ("moe: silu in float32, not one op", E, [("h = silu(gate, prec) * up", "h = silu(gate) * up")]),
