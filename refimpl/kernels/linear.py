@@ -312,7 +312,8 @@ def product_kernel_serial(fmt, x, codes, scale, n_out, row0):
     return out
 
 
-PARALLEL_MIN = 1 << 21   # multiply-adds below which a product runs on one thread (a parallel start costs more)
+PARALLEL_MIN = 1 << 23   # multiply-adds below which a product runs on one thread (on a loaded 2-core
+                         # machine a parallel start measured up to ~5 ms; 2^23 is about that much work)
 
 
 def product(fmt, x, codes, scale, n_out, row0):
