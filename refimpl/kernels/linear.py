@@ -1,30 +1,32 @@
 """Numba kernels of the products in refimpl/model/linear.py (and attention's grouped wo_a).
 
-    quantized_linear   FP8 128x128 / packed FP4 1x32 weights read as bytes, decoded tile by tile
-    fp32_linear        bf16 (or fp32) weights read as their bits
+    quantized_linear   FP8 128x128 / packed FP4 1x32 weights read as bytes and decoded on the fly
+    fp32_linear        bf16 (or fp32) weights read as their bits (no converted copy of the matrix)
     bf16_linear        the same, output rounded to bf16
     grouped_wo_a       attention step 6: o_g @ wo_a[g]ᵀ for each group, from the FP8 bytes
 
-One kernel, `product_kernel`, does all of them: output rows in tiles of TILE (formats.py), input
-columns in blocks of BLOCK = 128; every output element is the float64 sum over its blocks in
-ascending order of (the block's sum over its columns in ascending order) · (the block's scale).
-That order depends on nothing but the weight's shape, so a row of x gives the same output alone
-or among any number of rows, on any number of threads.
+One kernel, `product_kernel` (and `product_kernel_serial`, the same operations on one thread for
+small products), does all of them. Order of every output element: the input columns are taken
+in blocks of 128; lane l (column k0 + l of each block; for FP4 the block's even columns, then its
+odd ones, as a packed byte holds two) accumulates in float64 (x · block scale) · raw weight over
+the blocks in ascending order; then the 128 lanes are added in ascending order. The order
+depends on the weight's shape only, so a row of x gives the same output alone or among any
+number of rows (a single row takes a fused path with the same operations), on any number of
+threads. The lanes are what LLVM vectorizes without reassociating anything (no fastmath).
 
 Exactness (mirror). The activations of an FP8/FP4 product are e4m3 values times a power of two
-per 1x128 block (act_fp8) and the weights are e4m3 / e2m1 values times a power of two per block:
-every product is exact in float64 and an e4m3·e4m3 sum over one 128-block of one scale is an
-integer multiple of one power of two below 2^43, so the FP8 block sums are exact in any order.
-What is not exact is the combination of blocks (and, for FP4, of its four 32-blocks inside a
-128-block, whose scales differ): the kernel and the spec (a float64 BLAS matrix-vector product)
-add the same exact products in different orders, so their float64 sums differ by a few float64
-ulps at most and the one rounding to fp32 agrees except when the exact sum lies within that
-distance of an fp32 rounding boundary (the tests count these cases). bf16/fp32 weights times
-fp32 activations: products exact in float64 (8 or 24 + 24 bits), same argument.
+per 1x128 block (act_fp8) and the weights e4m3 / e2m1 values times powers of two: every product
+is exact in float64, and so is every scaling by a power of two. Only the additions round: the
+kernel and the spec (a float64 BLAS product, row by row) add the same exact products in
+different orders, their float64 sums differ by a few float64 ulps at most, and the one rounding
+to fp32 agrees except when the exact sum lies that close to an fp32 rounding boundary (the tests
+check each differing output is such a case and count them: none so far). bf16/fp32 weights
+times fp32 activations: products exact in float64 (8 or 24 + 24 bits), same argument.
 
 float64 mode: the same kernel; it and BLAS both sum within K·2^-53·Σ|x·w| of the exact value.
 float32 mode: the spec takes one float32 BLAS product (error up to about K·2^-24·Σ|x·w|); the
-kernel computes the float64 sum and rounds it once to float32, which is closer to exact.
+kernel computes the float64 sum and rounds it once to float32, which is closer to exact; the
+tests bound the difference by (K + 2)·2^-24·Σ|x·w|.
 """
 from __future__ import annotations
 
