@@ -38,7 +38,8 @@ def to_host(d) -> np.ndarray:
 
 
 _CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
-CACHE_BYTES = 16 << 30                 # device copies of weights kept at most (an H200 has 141 GB)
+CACHE_BYTES = (256 << 20) if SIMULATOR else (16 << 30)   # weights kept on the device at most (an H200 has 141 GB;
+                                                         # the simulator's "device" is host memory)
 _cached_bytes = [0]
 
 
