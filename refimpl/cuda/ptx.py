@@ -36,9 +36,16 @@ def compile_all(cc=(9, 0)) -> dict[str, str]:
             mod = importlib.import_module(name)
             for kernel, sigs in mod.PTX_SIGNATURES():
                 for i, sig in enumerate(sigs):
+                    sig = tuple(_c_layout(t) for t in sig)
                     ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=tuple(cc))
                     out[f"{name.rsplit('.', 1)[1]}.{kernel.py_func.__name__}[{i}]"] = ptx
     return out
+
+
+def _c_layout(t):
+    """Array types as C-contiguous, as the wrappers pass them (device_array / to_device of contiguous arrays)."""
+    from numba import types
+    return t.copy(layout="C") if isinstance(t, types.Array) else t
 
 
 def contractions(ptx: str) -> int:
