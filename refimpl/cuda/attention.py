@@ -35,7 +35,7 @@ BLOCK = SPARSE_ATTN_BLOCK               # 64 entries per step = 64 threads per t
 MAX_HEAD_DIM = 1024                     # the fp32 accumulator of one head lives in shared memory
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def sparse_attention_kernel(q, kv, sink, idx, scale, mode, out):
     """q [b,s,h,d], kv [b,n,d], sink [h], idx [b,s,k] (-1 padded), scale -> out [b,s,h,d]. Grid (h, s, b), 64 threads."""
     hi, si, bi = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z

@@ -90,7 +90,8 @@ def launch(kernel, grid, block, *args) -> None:
     kernel[grid, block](*args)
     end.record()
     end.synchronize()
-    TIMES[kernel.__name__ if hasattr(kernel, "__name__") else str(kernel)].append(cuda.event_elapsed_time(start, end))
+    TIMES[getattr(getattr(kernel, "py_func", kernel), "__name__", str(kernel))].append(
+        cuda.event_elapsed_time(start, end))
 
 
 def launch_1d(kernel, n: int, *args) -> None:

@@ -20,7 +20,7 @@ from refimpl.cuda.host import check_mode, launch_1d, to_device, to_host
 __all__ = ["split_sinkhorn"]
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def split_sinkhorn_kernel(mixes, scale, base, n, iters, eps, mode, pre, post, comb):
     """mixes [R, (2+n)*n], scale [3], base [(2+n)*n] -> pre [R, n], post [R, n], comb [R, n*n] (row j, column k)."""
     r = cuda.grid(1)

@@ -94,17 +94,21 @@ try:
     refimpl.load(sys.argv[1], kernels="cuda")
 except KernelError as e:
     print("ERROR", e)
+sys.argv[0] = "tools/gpu_check.py"
+from tools.gpu_check import main
+print("EXIT", main([]))
 """
 
 
 @needs_numba_cuda
-def test_kernels_cuda_without_a_gpu_is_a_one_line_error(tiny_ckpt):
+def test_kernels_cuda_without_a_gpu_is_a_one_line_error_and_gpu_check_exits_2(tiny_ckpt):
     out = _run(["-c", NO_GPU_SCRIPT, str(tiny_ckpt)], sim=False)
     assert out.returncode == 0, out.stderr[-3000:]
     if out.stdout.startswith("HAS-GPU"):
         pytest.skip("this machine has a usable GPU")
-    line = out.stdout.strip()
-    assert line.startswith("ERROR kernels=cuda needs ") and "\n" not in line, line
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("ERROR kernels=cuda needs "), lines
+    assert lines[1].startswith("gpu_check: cannot run the CUDA path here: kernels=cuda needs ") and lines[2] == "EXIT 2"
 
 
 def test_importing_refimpl_cuda_imports_no_numba():
@@ -112,3 +116,52 @@ def test_importing_refimpl_cuda_imports_no_numba():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
+
+
+def _gpu_check(args, *, sim: bool, pre: str = ""):
+    code = (pre + "import sys\nsys.argv[0] = 'tools/gpu_check.py'\nfrom tools.gpu_check import main\n"
+            f"sys.exit(main({list(args)!r}))\n")
+    return _run(["-c", code], sim=sim)
+
+
+@needs_numba_cuda
+def test_gpu_check_in_the_simulator_with_three_kernels():
+    """tools/gpu_check.py end to end in simulator mode (the kernels with few threads, so it stays short):
+    says it is the simulator, compares every site (mirror: exact profile), exits 0."""
+    out = _gpu_check(["--tokens", "6", "--cuda-kernels", "numpy,indexer=cuda,gated_pool=cuda,split_sinkhorn=cuda"],
+                     sim=True)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
+    assert "SIMULATOR MODE" in out.stdout and "not a GPU result" in out.stdout
+    assert "compare (mirror-vs-mirror): 108 sites, 0 out of tolerance" in out.stdout, out.stdout[-3000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("OK: every comparison within its profile")
+
+
+BROKEN = r"""
+import numpy as np
+from refimpl import ops
+from refimpl.model.norm import rms_norm
+
+def broken_rms_norm(x, weight, *, eps, prec):          # one ulp-sized error in one element is enough
+    y = rms_norm.spec(x, weight, eps=eps, prec=prec).copy()
+    y.flat[0] = np.nextafter(y.flat[0], np.inf) * 1.01
+    return y
+
+ops.KERNELS["cuda"]["rms_norm"] = "__main__:broken_rms_norm"
+"""
+
+
+@needs_numba_cuda
+def test_gpu_check_exits_1_on_a_mismatch():
+    out = _gpu_check(["--tokens", "3", "--cuda-kernels", "numpy,rms_norm=cuda"], sim=True, pre=BROKEN)
+    assert out.returncode == 1, out.stdout[-4000:] + out.stderr[-3000:]
+    assert "FIRST OUT OF TOLERANCE" in out.stdout and out.stdout.strip().splitlines()[-1].startswith("MISMATCH")
+
+
+@pytest.mark.slow
+@needs_numba_cuda
+def test_gpu_check_in_the_simulator_with_every_kernel():
+    """Every CUDA kernel in the tiny model (2 tokens, mirror) in the simulator: about 3 minutes on 2 cores.
+    Measured 2026-12-02: 108 sites, all bit-identical to the CPU path."""
+    out = _gpu_check(["--tokens", "2"], sim=True)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
+    assert "compare (mirror-vs-mirror): 108 sites, 0 out of tolerance; elements one ulp apart 0" in out.stdout
