@@ -33,12 +33,20 @@ __all__ = ["sparse_attention"]
 
 BLOCK = SPARSE_ATTN_BLOCK               # 64 entries per step = 64 threads per thread block
 MAX_HEAD_DIM = 1024                     # the fp32 accumulator of one head lives in shared memory
+MAX_GRID_Y = 65535                      # the grid's y limit: a block takes more queries in turn
 
 
 @cuda.jit(cache=True)
 def sparse_attention_kernel(q, kv, sink, idx, scale, mode, out):
     """q [b,s,h,d], kv [b,n,d], sink [h], idx [b,s,k] (-1 padded), scale -> out [b,s,h,d]. Grid (h, s, b), 64 threads."""
-    hi, si, bi = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
+    hi, bi = cuda.blockIdx.x, cuda.blockIdx.z
+    for si in range(cuda.blockIdx.y, q.shape[1], cuda.gridDim.y):       # queries beyond the grid's 65535
+        _attend(q, kv, sink, idx, scale, mode, out, bi, si, hi)
+
+
+@cuda.jit(device=True)
+def _attend(q, kv, sink, idx, scale, mode, out, bi, si, hi):
+    """One (batch, query, head) by the 64 threads of the block."""
     t = cuda.threadIdx.x
     d, k = q.shape[3], idx.shape[2]
     mirror = mode == MODE_MIRROR
@@ -119,7 +127,7 @@ def sparse_attention(q: np.ndarray, kv: np.ndarray, attn_sink: np.ndarray, topk_
                              "valid entry; the official kernel returns NaN for such a query")
     out = cuda.device_array((b, s, h, d), dt)
     if out.size:
-        launch(sparse_attention_kernel, (h, s, b), BLOCK, to_device(q.astype(dt, copy=False)),
+        launch(sparse_attention_kernel, (h, min(s, MAX_GRID_Y), b), BLOCK, to_device(q.astype(dt, copy=False)),
                to_device(kv.astype(dt, copy=False)), to_device(np.asarray(attn_sink).astype(dt)),
                to_device(idx.astype(np.int64, copy=False)), float(softmax_scale), mode, out)
     return to_host(out)

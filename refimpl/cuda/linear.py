@@ -32,6 +32,7 @@ from refimpl.numerics import (FP4_BLOCK, FP8_AMAX_FLOOR, FP8_BLOCK, FP8_MAX, FP8
 __all__ = ["quantized_linear", "matmul"]
 
 GEMM_THREADS = 128                      # outputs (columns o) per thread block; grid.y = rows
+MAX_GRID_Y = 65535                      # the grid's y limit: more rows are looped over
 
 
 @cuda.jit(cache=True)
@@ -58,53 +59,53 @@ def act_quant_kernel(x, out):
 def fp8_gemm_kernel(x, codes, scale, e4m3, ue8m0, mode, out_bf16, out):
     """x [R, K] @ (e4m3[codes] · ue8m0[scale[o//128, i//128]])ᵀ -> out [R, N]."""
     o = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    r = cuda.blockIdx.y
     if o >= codes.shape[0]:
         return
     K = codes.shape[1]
-    total = 0.0
-    for blk in range(0, K, FP8_BLOCK):
-        sc = ue8m0[scale[o // FP8_BLOCK, blk // FP8_BLOCK]]
-        part = 0.0
-        for i in range(blk, min(blk + FP8_BLOCK, K)):
-            part += np.float64(x[r, i]) * e4m3[codes[o, i]]
-        total += part * sc                                                 # exact: sc = 2^k
     fp32 = mode == MODE_MIRROR
-    out[r, o] = bf16_if(rnd(total, fp32), out_bf16 and fp32)
+    for r in range(cuda.blockIdx.y, x.shape[0], cuda.gridDim.y):          # rows beyond the grid's 65535
+        total = 0.0
+        for blk in range(0, K, FP8_BLOCK):
+            sc = ue8m0[scale[o // FP8_BLOCK, blk // FP8_BLOCK]]
+            part = 0.0
+            for i in range(blk, min(blk + FP8_BLOCK, K)):
+                part += np.float64(x[r, i]) * e4m3[codes[o, i]]
+            total += part * sc                                             # exact: sc = 2^k
+        out[r, o] = bf16_if(rnd(total, fp32), out_bf16 and fp32)
 
 
 @cuda.jit(cache=True)
 def fp4_gemm_kernel(x, packed, scale, e2m1, ue8m0, mode, out_bf16, out):
     """x [R, K] @ (e2m1[nibble(o, i)] · ue8m0[scale[o, i//32]])ᵀ -> out [R, N]; byte i//2, low nibble first."""
     o = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    r = cuda.blockIdx.y
     if o >= packed.shape[0]:
         return
     K = packed.shape[1] * 2
-    total = 0.0
-    for blk in range(0, K, FP4_BLOCK):
-        sc = ue8m0[scale[o, blk // FP4_BLOCK]]
-        part = 0.0
-        for i in range(blk, min(blk + FP4_BLOCK, K), 2):
-            byte = packed[o, i // 2]
-            part += np.float64(x[r, i]) * e2m1[byte & 15]                  # element 2j: bits 0-3
-            part += np.float64(x[r, i + 1]) * e2m1[byte >> 4]              # element 2j+1: bits 4-7
-        total += part * sc
     fp32 = mode == MODE_MIRROR
-    out[r, o] = bf16_if(rnd(total, fp32), out_bf16 and fp32)
+    for r in range(cuda.blockIdx.y, x.shape[0], cuda.gridDim.y):
+        total = 0.0
+        for blk in range(0, K, FP4_BLOCK):
+            sc = ue8m0[scale[o, blk // FP4_BLOCK]]
+            part = 0.0
+            for i in range(blk, min(blk + FP4_BLOCK, K), 2):
+                byte = packed[o, i // 2]
+                part += np.float64(x[r, i]) * e2m1[byte & 15]              # element 2j: bits 0-3
+                part += np.float64(x[r, i + 1]) * e2m1[byte >> 4]          # element 2j+1: bits 4-7
+            total += part * sc
+        out[r, o] = bf16_if(rnd(total, fp32), out_bf16 and fp32)
 
 
 @cuda.jit(cache=True)
 def dense_gemm_kernel(x, w, mode, out):
     """x [R, K] @ w[N, K]ᵀ -> out [R, N], float64 sum rounded once to fp32 in mirror."""
     o = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    r = cuda.blockIdx.y
     if o >= w.shape[0]:
         return
-    total = 0.0
-    for i in range(w.shape[1]):
-        total += np.float64(x[r, i]) * np.float64(w[o, i])
-    out[r, o] = rnd(total, mode == MODE_MIRROR)
+    for r in range(cuda.blockIdx.y, x.shape[0], cuda.gridDim.y):
+        total = 0.0
+        for i in range(w.shape[1]):
+            total += np.float64(x[r, i]) * np.float64(w[o, i])
+        out[r, o] = rnd(total, mode == MODE_MIRROR)
 
 
 _TABLES = {}
@@ -129,7 +130,7 @@ def _rows(x: np.ndarray, k: int, name: str) -> np.ndarray:
 
 def _gemm_launch(kernel, n_out: int, n_rows: int, *args) -> None:
     if n_out and n_rows:
-        launch(kernel, ((n_out + GEMM_THREADS - 1) // GEMM_THREADS, n_rows), GEMM_THREADS, *args)
+        launch(kernel, ((n_out + GEMM_THREADS - 1) // GEMM_THREADS, min(n_rows, MAX_GRID_Y)), GEMM_THREADS, *args)
 
 
 def quantized_linear(x: np.ndarray, w, prec: str) -> np.ndarray:

@@ -98,6 +98,22 @@ def test_sparse_attention_query_alone_equals_query_in_a_batch():
     assert np.array_equal(full[:, 1:2], one)
 
 
+def test_more_rows_than_the_grid_holds(monkeypatch):
+    """Rows (products) and queries (attention) beyond the grid's y limit are looped over by the blocks."""
+    monkeypatch.setattr(cu_linear, "MAX_GRID_Y", 2)
+    monkeypatch.setattr(cu_attention, "MAX_GRID_Y", 2)
+    rng = np.random.default_rng(4)
+    w, x = fp8_matrix(rng, 8, 128), activations(rng, (5, 128), "mirror")
+    check(cu_linear.quantized_linear(x, w, "mirror"), quantized_linear.spec(x, w, "mirror"), "mirror")
+    wd = round_bf16(rng.standard_normal((3, 128)))
+    check(cu_linear.matmul(x, wd, "mirror"), matmul.spec(x, wd, "mirror"), "mirror")
+    q, kv = activations(rng, (1, 5, 1, 8), "mirror"), activations(rng, (1, 9, 8), "mirror")
+    idx = np.tile(np.arange(9), (1, 5, 1))
+    sink = np.zeros(1, np.float32)
+    check(cu_attention.sparse_attention(q, kv, sink, idx, 0.5, "mirror"),
+          sparse_attention.spec(q, kv, sink, idx, 0.5, "mirror"), "mirror")
+
+
 def test_sparse_attention_refuses_what_the_spec_refuses():
     q, kv = np.zeros((1, 1, 1, 8), np.float32), np.zeros((1, 70, 8), np.float32)
     no_entry = np.full((1, 1, 4), -1)
