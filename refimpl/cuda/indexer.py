@@ -141,11 +141,12 @@ def indexer(x: np.ndarray, qr: np.ndarray, start_pos: int, state: IndexerState, 
         launch_1d(topk_kernel, d_scores.size, d_scores, start_pos, m, cfg.index_topk, d_topk)
     scores, topk = to_host(d_scores), to_host(d_topk)
     if replay is not None:                                              # replay: the source's set, its order
-        for si in range(s):
-            forced = replay.entries(layer, start_pos + si)
-            if forced is not None and (start_pos + si + 1) // m > 0:
-                topk[0, si] = -1
-                topk[0, si, :len(forced)] = forced
+        for bi in range(b):
+            for si in range(s):
+                forced = replay.entries(layer, start_pos + si)
+                if forced is not None and (start_pos + si + 1) // m > 0:
+                    topk[bi, si] = -1
+                    topk[bi, si, :len(forced)] = forced
     t = start_pos + np.arange(s)                                        # query positions
     hidden = np.arange(keys.shape[1])[None, :] >= ((t + 1) // m)[:, None]   # [s, n] not visible: -inf
     record(trace, f"layers.{layer}.attn.indexer.scores", scores, hidden=hidden)

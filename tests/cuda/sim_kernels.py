@@ -242,6 +242,25 @@ def test_tiny_model_indexer_pool_and_sinkhorn_on_the_device_give_every_site(tiny
             assert np.array_equal(np.isinf(dev.tensors[name]), np.isinf(want)), name
 
 
+def test_tiny_model_indexer_with_replayed_topk(tiny_ckpt):
+    """A replay forcing layer 2's entries (another set and order than the model's own): the device indexer
+    records and returns the forced sets, as the spec does; every site equal (mirror)."""
+    import refimpl
+    from refimpl.oracle.replay import Replay
+    from refimpl.oracle.trace import run_trace
+    tokens = np.random.default_rng(2).integers(2, 1280, 10)
+    forced = np.full((10, 2), -1, np.int64)
+    for t in range(10):
+        visible = (t + 1) // 4
+        row = [visible - 1, 0][:visible] if visible else []
+        forced[t, :len(row)] = row
+    runs = [run_trace(refimpl.load(tiny_ckpt, precision="mirror", kernels=k), tokens, replay=Replay(topk={2: forced}))
+            for k in ("numpy", "numpy,indexer=cuda")]
+    assert np.array_equal(runs[1].tensors["layers.2.attn.indexer.topk"], forced.astype(np.int32))
+    for name, want in runs[0].tensors.items():
+        assert np.array_equal(runs[1].tensors[name], want), name
+
+
 def test_topk_ties_and_order():
     """Ties go to the lower entry index and the order is descending, as numerics.top_k (checked on scores
     made equal on purpose: all-zero keys give every entry the score 0)."""
