@@ -22,71 +22,77 @@ from numba import config, cuda
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 
+
+def device_function(fn):
+    """@cuda.jit(device=True) on a GPU. In the simulator the plain Python function: the simulator's
+    wrapper around a device function costs ~50 µs a call, and these helpers touch no CUDA state."""
+    return fn if SIMULATOR else cuda.jit(device=True)(fn)
+
 MODE_FLOAT64, MODE_FLOAT32, MODE_MIRROR = 0, 1, 2
 MODES = {"float64": MODE_FLOAT64, "float32": MODE_FLOAT32, "mirror": MODE_MIRROR}
 NEG_INF = -math.inf
 RNE_MAGIC = 6755399441055744.0          # 1.5 * 2^52: (r + M) - M rounds r (|r| < 2^51) to an integer, ties to even
 
 if SIMULATOR:
-    @cuda.jit(device=True)
+    @device_function
     def mul32(a, b):
         """fp32 a * b, one rounding (never fused with an add)."""
         return np.float32(np.float32(a) * np.float32(b))
 
-    @cuda.jit(device=True)
+    @device_function
     def add32(a, b):
         """fp32 a + b."""
         return np.float32(np.float32(a) + np.float32(b))
 
-    @cuda.jit(device=True)
+    @device_function
     def sub32(a, b):
         """fp32 a - b."""
         return np.float32(np.float32(a) - np.float32(b))
 
-    @cuda.jit(device=True)
+    @device_function
     def div32(a, b):
         """fp32 a / b, correctly rounded."""
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.float32(np.float32(a) / np.float32(b))
 
-    @cuda.jit(device=True)
+    @device_function
     def bits32(x):
         """The bits of fp32 x as an int64 in 0 .. 2^32-1."""
         return np.int64(np.float32(x).view(np.uint32))
 
-    @cuda.jit(device=True)
+    @device_function
     def from_bits32(u):
         """The fp32 whose bits are u (0 .. 2^32-1)."""
         return np.uint32(u).view(np.float32)
 else:
     from numba.cuda import libdevice
 
-    @cuda.jit(device=True)
+    @device_function
     def mul32(a, b):
         """fp32 a * b, one rounding (never fused with an add)."""
         return libdevice.fmul_rn(np.float32(a), np.float32(b))
 
-    @cuda.jit(device=True)
+    @device_function
     def add32(a, b):
         """fp32 a + b."""
         return libdevice.fadd_rn(np.float32(a), np.float32(b))
 
-    @cuda.jit(device=True)
+    @device_function
     def sub32(a, b):
         """fp32 a - b."""
         return libdevice.fsub_rn(np.float32(a), np.float32(b))
 
-    @cuda.jit(device=True)
+    @device_function
     def div32(a, b):
         """fp32 a / b, correctly rounded."""
         return libdevice.fdiv_rn(np.float32(a), np.float32(b))
 
-    @cuda.jit(device=True)
+    @device_function
     def bits32(x):
         """The bits of fp32 x as an int64 in 0 .. 2^32-1."""
         return np.int64(libdevice.float_as_int(np.float32(x))) & 0xFFFFFFFF
 
-    @cuda.jit(device=True)
+    @device_function
     def from_bits32(u):
         """The fp32 whose bits are u (0 .. 2^32-1)."""
         v = np.int64(u)
@@ -95,7 +101,7 @@ else:
         return libdevice.int_as_float(np.int32(v))
 
 
-@cuda.jit(device=True)
+@device_function
 def bf16(x):
     """fp32 x rounded to bf16 (RNE), as fp32 (numerics.round_bf16 of an fp32 value); NaN stays NaN."""
     x = np.float32(x)
@@ -110,7 +116,7 @@ def bf16(x):
 # the value is an fp32 number and each op below is the fp32 op (one rounding, never fused);
 # with fp32 = False (float64 mode) it is the plain float64 op.
 
-@cuda.jit(device=True)
+@device_function
 def rnd(x, fp32):
     """A value computed exactly (float64) rounded once to fp32 when fp32 (numerics.f32 / _mirror_op)."""
     if fp32:
@@ -118,41 +124,41 @@ def rnd(x, fp32):
     return x
 
 
-@cuda.jit(device=True)
+@device_function
 def mul(a, b, fp32):
     if fp32:
         return np.float64(mul32(a, b))
     return a * b
 
 
-@cuda.jit(device=True)
+@device_function
 def add(a, b, fp32):
     if fp32:
         return np.float64(add32(a, b))
     return a + b
 
 
-@cuda.jit(device=True)
+@device_function
 def sub(a, b, fp32):
     if fp32:
         return np.float64(sub32(a, b))
     return a - b
 
 
-@cuda.jit(device=True)
+@device_function
 def div(a, b, fp32):
     if fp32:
         return np.float64(div32(a, b))
     return a / b
 
 
-@cuda.jit(device=True)
+@device_function
 def ex(x, fp32):
     """exp as one op: float64 exp, rounded once to fp32 when fp32 (numerics.exp in mirror)."""
     return rnd(math.exp(x), fp32)
 
 
-@cuda.jit(device=True)
+@device_function
 def sigmoid(x, fp32):
     """1 / (1 + exp(-|x|)) arranged as numerics.sigmoid, in float64, rounded once when fp32."""
     e = math.exp(-abs(x))
@@ -161,7 +167,7 @@ def sigmoid(x, fp32):
     return rnd(e / (1.0 + e), fp32)
 
 
-@cuda.jit(device=True)
+@device_function
 def bf16_if(x, mirror):
     """bf16(x) in mirror (numerics.bf16), x otherwise; float64 in and out."""
     if mirror:
@@ -169,7 +175,7 @@ def bf16_if(x, mirror):
     return x
 
 
-@cuda.jit(device=True)
+@device_function
 def pow2_scale(amax, inv_max):
     """2^ceil(log2(fp32(amax * inv_max))) from the bits (numerics.pow2_scale, K:L22-37); fp32."""
     u = bits32(mul32(amax, inv_max))
@@ -179,7 +185,7 @@ def pow2_scale(amax, inv_max):
     return from_bits32((e + 127) << 23)
 
 
-@cuda.jit(device=True)
+@device_function
 def round_e4m3(v):
     """fp32 v with |v| <= 448 rounded to the nearest e4m3fn value (RNE, subnormals 2^-9 apart); fp32."""
     a = abs(np.float64(v))

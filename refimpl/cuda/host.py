@@ -16,7 +16,9 @@ from numba import cuda
 from refimpl.cuda.device import MODES, SIMULATOR
 from refimpl.numerics import PRECISIONS, work_dtype
 
-THREADS = 128                          # threads per block of the 1-D launches
+# threads per block of the 1-D launches; the simulator starts a Python thread for every thread of a
+# block, idle ones included, so it gets smaller blocks (no result depends on the block size)
+THREADS = 32 if SIMULATOR else 128
 TIMES: dict[str, list[float]] = collections.defaultdict(list)   # kernel name -> milliseconds per launch
 _timing = [False]
 

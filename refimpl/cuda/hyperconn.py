@@ -1,7 +1,7 @@
 """CUDA kernel of the mHC split + Sinkhorn (spec: refimpl/model/hyperconn.py split_sinkhorn).
 
-One thread per row (token) of mixes; the n x n comb matrix is normalised in place in the output
-array, so n is not limited by a fixed-size local array. In mirror and float32 every op is the
+One thread per row (token) of mixes; the n x n comb matrix is normalised in a local array of
+MAX_STREAMS² values (n <= 16; Flash has n = 4); a larger n runs the spec function instead. In mirror and float32 every op is the
 fp32 op of the spec (mul32 / add32 / div32, never fused) and every sum (row and column sums over
 n values) is taken in float64 and rounded once; exp and sigmoid are float64, rounded once.
 Differences from the spec (which evaluates these in NumPy float64): a float64 sum in another
@@ -14,10 +14,13 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
-from refimpl.cuda.device import MODE_FLOAT64, MODE_MIRROR, add, div, ex, mul, rnd, sigmoid, sub
+from refimpl.cuda.device import MODE_FLOAT64, add, device_function, div, ex, mul, rnd, sigmoid, sub
 from refimpl.cuda.host import check_mode, launch_1d, to_device, to_host
 
 __all__ = ["split_sinkhorn"]
+
+MAX_STREAMS = 16                        # n of the local n x n array (hc_mult may be up to 64: the spec runs those)
+MAX_COMB = 256                          # MAX_STREAMS², a literal: a local array's size must be a compile-time constant
 
 
 @cuda.jit(cache=True)
@@ -35,51 +38,54 @@ def split_sinkhorn_kernel(mixes, scale, base, n, iters, eps, mode, pre, post, co
         pre[r, j] = add(sigmoid(z, fp32), eps, fp32)
         z = add(mul(np.float64(mixes[r, n + j]), s1, fp32), np.float64(base[n + j]), fp32)
         post[r, j] = mul(2.0, sigmoid(z, fp32), fp32)
+    c = cuda.local.array(MAX_COMB, np.float64)          # comb[j, k] = c[j * n + k]
     # comb = softmax(logits, -1) + eps, written out: exp(l - max), / row sum, + eps     (K:L397-407)
     for j in range(n):
         mx = -np.inf
         for k in range(n):
-            c = 2 * n + j * n + k
-            logit = add(mul(np.float64(mixes[r, c]), s2, fp32), np.float64(base[c]), fp32)
-            comb[r, j * n + k] = logit
+            col = 2 * n + j * n + k
+            logit = add(mul(np.float64(mixes[r, col]), s2, fp32), np.float64(base[col]), fp32)
+            c[j * n + k] = logit
             if logit > mx:
                 mx = logit
         total = 0.0
         for k in range(n):
-            e = ex(sub(np.float64(comb[r, j * n + k]), mx, fp32), fp32)
-            comb[r, j * n + k] = e
+            e = ex(sub(c[j * n + k], mx, fp32), fp32)
+            c[j * n + k] = e
             total += e
         total = rnd(total, fp32)                                           # reduce_sum: exact, one rounding
         for k in range(n):
-            comb[r, j * n + k] = add(div(np.float64(comb[r, j * n + k]), total, fp32), eps, fp32)
-    _column_step(comb, r, n, eps, fp32)
+            c[j * n + k] = add(div(c[j * n + k], total, fp32), eps, fp32)
+    _column_step(c, n, eps, fp32)
     for _ in range(iters - 1):
-        _row_step(comb, r, n, eps, fp32)
-        _column_step(comb, r, n, eps, fp32)
+        _row_step(c, n, eps, fp32)
+        _column_step(c, n, eps, fp32)
+    for i in range(n * n):
+        comb[r, i] = c[i]
 
 
-@cuda.jit(device=True)
-def _row_step(comb, r, n, eps, fp32):
-    """comb = comb / (comb.sum(-1) + eps) for row r."""
+@device_function
+def _row_step(c, n, eps, fp32):
+    """comb = comb / (comb.sum(-1) + eps)."""
     for j in range(n):
         total = 0.0
         for k in range(n):
-            total += np.float64(comb[r, j * n + k])
+            total += c[j * n + k]
         den = add(rnd(total, fp32), eps, fp32)
         for k in range(n):
-            comb[r, j * n + k] = div(np.float64(comb[r, j * n + k]), den, fp32)
+            c[j * n + k] = div(c[j * n + k], den, fp32)
 
 
-@cuda.jit(device=True)
-def _column_step(comb, r, n, eps, fp32):
-    """comb = comb / (comb.sum(-2) + eps) for row r."""
+@device_function
+def _column_step(c, n, eps, fp32):
+    """comb = comb / (comb.sum(-2) + eps)."""
     for k in range(n):
         total = 0.0
         for j in range(n):
-            total += np.float64(comb[r, j * n + k])
+            total += c[j * n + k]
         den = add(rnd(total, fp32), eps, fp32)
         for j in range(n):
-            comb[r, j * n + k] = div(np.float64(comb[r, j * n + k]), den, fp32)
+            c[j * n + k] = div(c[j * n + k], den, fp32)
 
 
 def split_sinkhorn(mixes: np.ndarray, scale: np.ndarray, base: np.ndarray, *, n: int, iters: int,
@@ -93,6 +99,9 @@ def split_sinkhorn(mixes: np.ndarray, scale: np.ndarray, base: np.ndarray, *, n:
                          f"{mixes.shape}, {np.shape(base)}, {np.shape(scale)}")
     if iters < 1:
         raise ValueError(f"split_sinkhorn: iters must be >= 1, got {iters}")
+    if n > MAX_STREAMS:
+        from refimpl.model.hyperconn import split_sinkhorn as spec
+        return spec.spec(mixes, scale, base, n=n, iters=iters, eps=eps, prec=prec)
     lead = mixes.shape[:-1]
     rows = mixes.reshape(-1, x).astype(dt)
     R = rows.shape[0]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
-from refimpl.cuda.device import MODE_FLOAT64, MODE_MIRROR, bf16_if, mul, rnd
+from refimpl.cuda.device import MODE_FLOAT64, MODE_MIRROR, bf16_if, device_function, mul, rnd
 from refimpl.cuda.host import check_mode, launch_1d, to_device, to_host
 from refimpl.model.compressor import compress
 from refimpl.model.indexer import IndexerState
@@ -62,7 +62,7 @@ def index_scores_kernel(q, keys, weights, start_pos, ratio, mode, out):
     out[bi, si, e] = bf16_if(rnd(total, fp32), mirror)                     # .sum(dim=2): exact, fp32, bf16
 
 
-@cuda.jit(device=True)
+@device_function
 def _beats(a, ia, b, ib):
     """True if score a at index ia comes before score b at index ib: larger, NaN largest, ties to the lower index."""
     a_nan, b_nan = a != a, b != b

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
-from refimpl.cuda.device import MODE_FLOAT64, MODE_MIRROR, bf16_if, div32, pow2_scale, rnd, round_e4m3
+from refimpl.cuda.device import MODE_FLOAT64, MODE_MIRROR, SIMULATOR, bf16_if, div32, pow2_scale, rnd, round_e4m3
 from refimpl.cuda.host import cached_device, check_mode, launch, launch_1d, to_device, to_host
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix
 from refimpl.numerics import (FP4_BLOCK, FP8_AMAX_FLOOR, FP8_BLOCK, FP8_MAX, FP8_MAX_INV, _act_blocks,
@@ -31,7 +31,7 @@ from refimpl.numerics import (FP4_BLOCK, FP8_AMAX_FLOOR, FP8_BLOCK, FP8_MAX, FP8
 
 __all__ = ["quantized_linear", "matmul"]
 
-GEMM_THREADS = 128                      # outputs (columns o) per thread block; grid.y = rows
+GEMM_THREADS = 32 if SIMULATOR else 128  # outputs (columns o) per thread block; grid.y = rows (host.THREADS)
 MAX_GRID_Y = 65535                      # the grid's y limit: more rows are looped over
 
 

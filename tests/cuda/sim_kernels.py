@@ -222,17 +222,19 @@ def test_index_scores(seed, heads, n, j, prec):
     check(cu_indexer.index_scores(q, keys, w, prec), index_scores.spec(q, keys, w, prec), prec)
 
 
-@pytest.mark.parametrize("prec", ["float64", "mirror"])
-def test_tiny_model_indexer_pool_and_sinkhorn_on_the_device_give_every_site(tiny_ckpt, prec):
+@pytest.mark.parametrize("prec, decode_from", [("float64", None), ("mirror", None), ("mirror", 7)])   # about 25 s
+def test_tiny_model_indexer_pool_and_sinkhorn_on_the_device_give_every_site(tiny_ckpt, prec, decode_from):
     """The tiny model (CSA layers with the indexer, HCA, mHC everywhere), 10 tokens, under
     "numpy,indexer=cuda,gated_pool=cuda,split_sinkhorn=cuda" against "numpy": every trace site equal in
-    mirror (scores, top-k sets, compressed entries, logits), within the bound otherwise."""
+    mirror (scores, top-k sets, compressed entries, logits), within the bound otherwise; also a 7-token
+    prefill followed by decode steps at positions 7 (it completes a compressed entry) and 8."""
     import refimpl
     from refimpl.oracle.trace import run_trace
-    tokens = np.random.default_rng(1).integers(2, 1280, 10)
-    ref = run_trace(refimpl.load(tiny_ckpt, precision=prec), tokens)
+    tokens = np.random.default_rng(1).integers(2, 1280, 9 if decode_from else 10)
+    ref = run_trace(refimpl.load(tiny_ckpt, precision=prec), tokens, decode_from=decode_from)
     dev = run_trace(refimpl.load(tiny_ckpt, precision=prec,
-                                 kernels="numpy,indexer=cuda,gated_pool=cuda,split_sinkhorn=cuda"), tokens)
+                                 kernels="numpy,indexer=cuda,gated_pool=cuda,split_sinkhorn=cuda"), tokens,
+                    decode_from=decode_from)
     assert ref.tensors.keys() == dev.tensors.keys()
     for name, want in ref.tensors.items():
         if want.dtype.kind == "i":
@@ -287,6 +289,16 @@ def test_split_sinkhorn(seed, rows, n, iters, prec):
     want = split_sinkhorn.spec(mixes, scale, base, n=n, iters=iters, eps=1e-6, prec=prec)
     for g, w in zip(got, want):
         check(g, w, prec)
+
+
+def test_split_sinkhorn_more_streams_than_the_local_array_runs_the_spec():
+    n = cu_hyperconn.MAX_STREAMS + 1
+    rng = np.random.default_rng(6)
+    args = ((rng.standard_normal((1, (2 + n) * n))).astype(np.float32), np.ones(3, np.float32),
+            np.zeros((2 + n) * n, np.float32))
+    got = cu_hyperconn.split_sinkhorn(*args, n=n, iters=2, eps=1e-6, prec="mirror")
+    for g, w in zip(got, split_sinkhorn.spec(*args, n=n, iters=2, eps=1e-6, prec="mirror")):
+        check(g, w, "mirror")
 
 
 def test_split_sinkhorn_refuses_bad_shapes():

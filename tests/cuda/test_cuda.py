@@ -32,7 +32,7 @@ def _run(args, *, sim: bool, timeout: int = 600):
 
 @needs_numba_cuda
 def test_every_cuda_kernel_matches_its_spec_in_the_simulator():
-    """tests/cuda/sim_kernels.py under NUMBA_ENABLE_CUDASIM=1 (about 40 s on 2 cores)."""
+    """tests/cuda/sim_kernels.py under NUMBA_ENABLE_CUDASIM=1 (about 20 s on 2 cores)."""
     out = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-s", "tests/cuda/sim_kernels.py"], sim=True)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
     assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1], out.stdout[-2000:]
@@ -160,7 +160,7 @@ def test_gpu_check_exits_1_on_a_mismatch():
 @pytest.mark.slow
 @needs_numba_cuda
 def test_gpu_check_in_the_simulator_with_every_kernel():
-    """Every CUDA kernel in the tiny model (2 tokens, mirror) in the simulator: about 3 minutes on 2 cores.
+    """Every CUDA kernel in the tiny model (2 tokens, mirror) in the simulator: 2.5 to 4 minutes on 2 cores.
     Measured 2026-12-02: 108 sites, all bit-identical to the CPU path."""
     out = _gpu_check(["--tokens", "2"], sim=True)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
