@@ -36,7 +36,7 @@ MAX_HEAD_DIM = 1024                     # the fp32 accumulator of one head lives
 MAX_GRID_Y = 65535                      # the grid's y limit: a block takes more queries in turn
 
 
-@cuda.jit(cache=True)
+@cuda.jit
 def sparse_attention_kernel(q, kv, sink, idx, scale, mode, out):
     """q [b,s,h,d], kv [b,n,d], sink [h], idx [b,s,k] (-1 padded), scale -> out [b,s,h,d]. Grid (h, s, b), 64 threads."""
     hi, bi = cuda.blockIdx.x, cuda.blockIdx.z

@@ -24,7 +24,7 @@ from refimpl.cuda.host import check_mode, launch_1d, to_device, to_host
 __all__ = ["gated_pool"]
 
 
-@cuda.jit(cache=True)
+@cuda.jit
 def gated_pool_kernel(kv, score, mode, out):
     """kv, score [B, P, d] -> out [B, d]: per channel, softmax over P weighting kv."""
     item = cuda.grid(1)

@@ -23,7 +23,7 @@ MAX_STREAMS = 16                        # n of the local n x n array (hc_mult ma
 MAX_COMB = 256                          # MAX_STREAMS², a literal: a local array's size must be a compile-time constant
 
 
-@cuda.jit(cache=True)
+@cuda.jit
 def split_sinkhorn_kernel(mixes, scale, base, n, iters, eps, mode, pre, post, comb):
     """mixes [R, (2+n)*n], scale [3], base [(2+n)*n] -> pre [R, n], post [R, n], comb [R, n*n] (row j, column k)."""
     r = cuda.grid(1)

@@ -37,7 +37,7 @@ from refimpl.oracle.trace import record
 __all__ = ["indexer", "index_scores"]
 
 
-@cuda.jit(cache=True)
+@cuda.jit
 def index_scores_kernel(q, keys, weights, start_pos, ratio, mode, out):
     """q [b,s,i,j], keys [b,n,j], weights [b,s,i] -> out [b,s,n]; entry e visible iff e < (start_pos+si+1)//ratio."""
     item = cuda.grid(1)
@@ -73,7 +73,7 @@ def _beats(a, ia, b, ib):
     return a > b or (a == b and ia < ib)
 
 
-@cuda.jit(cache=True)
+@cuda.jit
 def topk_kernel(scores, start_pos, ratio, topk, out):
     """scores [b,s,n] -> out [b,s,width] (pre-filled with -1): the k = min(topk, visible) best visible entries, best first."""
     item = cuda.grid(1)

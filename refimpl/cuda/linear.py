@@ -35,7 +35,7 @@ GEMM_THREADS = 32 if SIMULATOR else 128  # outputs (columns o) per thread block;
 MAX_GRID_Y = 65535                      # the grid's y limit: more rows are looped over
 
 
-@cuda.jit(cache=True)
+@cuda.jit
 def act_quant_kernel(x, out):
     """x [R, K] fp32 -> out [R, K] = e4m3(x / s)·s per 1x128 block (numerics.act_quant_fp8, K:L40-125)."""
     item = cuda.grid(1)
@@ -55,7 +55,7 @@ def act_quant_kernel(x, out):
         out[r, i] = np.float64(round_e4m3(v)) * np.float64(s)              # q·s exact
 
 
-@cuda.jit(cache=True)
+@cuda.jit
 def fp8_gemm_kernel(x, codes, scale, e4m3, ue8m0, mode, out_bf16, out):
     """x [R, K] @ (e4m3[codes] · ue8m0[scale[o//128, i//128]])ᵀ -> out [R, N]."""
     o = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
@@ -74,7 +74,7 @@ def fp8_gemm_kernel(x, codes, scale, e4m3, ue8m0, mode, out_bf16, out):
         out[r, o] = bf16_if(rnd(total, fp32), out_bf16 and fp32)
 
 
-@cuda.jit(cache=True)
+@cuda.jit
 def fp4_gemm_kernel(x, packed, scale, e2m1, ue8m0, mode, out_bf16, out):
     """x [R, K] @ (e2m1[nibble(o, i)] · ue8m0[scale[o, i//32]])ᵀ -> out [R, N]; byte i//2, low nibble first."""
     o = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
@@ -95,7 +95,7 @@ def fp4_gemm_kernel(x, packed, scale, e2m1, ue8m0, mode, out_bf16, out):
         out[r, o] = bf16_if(rnd(total, fp32), out_bf16 and fp32)
 
 
-@cuda.jit(cache=True)
+@cuda.jit
 def dense_gemm_kernel(x, w, mode, out):
     """x [R, K] @ w[N, K]ᵀ -> out [R, N], float64 sum rounded once to fp32 in mirror."""
     o = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x

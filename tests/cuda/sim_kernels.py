@@ -44,7 +44,7 @@ from refimpl.numerics import round_bf16  # noqa: E402
 from refimpl.synthetic.quantize import quant_fp4_weight, quant_fp8_weight  # noqa: E402
 
 PRECS = ("float64", "float32", "mirror")
-FEW = settings(deadline=None, max_examples=4, derandomize=True)
+FEW = settings(deadline=None, max_examples=8, derandomize=True)
 MIRROR_COMPARED, MIRROR_DIFFERENT = [0], [0]
 
 
