@@ -7,9 +7,10 @@ Two facts decide how the kernels are written (docs/cuda.md):
   call `mul32` / `add32` / `sub32` / `div32`, the libdevice `__nv_f*_rn` intrinsics, which NVVM
   never fuses (tests/cuda check the PTX for fma.rn.f32). float64 sums of exact products (bf16 x
   bf16, fp32 x e4m3 x 2^k) are the same whether fused or not, so float64 code is written plainly.
-* The CUDA simulator (NUMBA_ENABLE_CUDASIM=1, the CPU test path) has no libdevice. There these
-  helpers are NumPy scalar ops with the same IEEE results; only the bit casts (`bits32`,
-  `from_bits32`) differ in how they are written. Everything else in the kernels runs as written.
+* The CUDA simulator (NUMBA_ENABLE_CUDASIM=1, the CPU test path) has no libdevice. There the fp32
+  ops are NumPy float32 scalar ops (the same IEEE results) and the bit casts (`bits32`,
+  `from_bits32`) NumPy views; the helpers are plain Python functions there (`device_function`).
+  Everything else (bf16 and e4m3 rounding, the power-of-two scales, the kernels) runs as written.
 
 Mode numbers passed to kernels: MODE_FLOAT64, MODE_FLOAT32, MODE_MIRROR (numerics.PRECISIONS).
 """
@@ -27,6 +28,7 @@ def device_function(fn):
     """@cuda.jit(device=True) on a GPU. In the simulator the plain Python function: the simulator's
     wrapper around a device function costs ~50 µs a call, and these helpers touch no CUDA state."""
     return fn if SIMULATOR else cuda.jit(device=True)(fn)
+
 
 MODE_FLOAT64, MODE_FLOAT32, MODE_MIRROR = 0, 1, 2
 MODES = {"float64": MODE_FLOAT64, "float32": MODE_FLOAT32, "mirror": MODE_MIRROR}
