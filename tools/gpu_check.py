@@ -59,7 +59,7 @@ def op_timer(times: dict):
     """Time every swappable operation's calls (wall, ms) by wrapping the names the model modules call.
 
     Inclusive: an operation's time includes the swappable operations it calls (moe -> quantized_linear)."""
-    import refimpl.model.transformer  # noqa: F401  (imports every model module)
+    import refimpl.model.transformer  # noqa: F401  (imports every model module, so ops.SPEC is complete)
     dispatchers = {id(sys.modules[f.__module__].__dict__[name]): name for name, f in ops.SPEC.items()}
     patched = []
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
-from refimpl.cuda.device import MODE_FLOAT64, MODE_MIRROR, add, bf16_if, div, ex, mul, rnd, sub
+from refimpl.cuda.device import MODE_MIRROR, add, bf16_if, div, ex, mul, rnd, sub
 from refimpl.cuda.host import check_mode, launch, to_device, to_host
 from refimpl.numerics import SPARSE_ATTN_BLOCK
 

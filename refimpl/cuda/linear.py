@@ -26,7 +26,7 @@ from numba import cuda
 from refimpl.cuda.device import MODE_FLOAT64, MODE_MIRROR, SIMULATOR, bf16_if, div32, pow2_scale, rnd, round_e4m3
 from refimpl.cuda.host import cached_device, check_mode, launch, launch_1d, to_device, to_host
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix
-from refimpl.numerics import (FP4_BLOCK, FP8_AMAX_FLOOR, FP8_BLOCK, FP8_MAX, FP8_MAX_INV, _act_blocks,
+from refimpl.numerics import (FP4_BLOCK, FP8_AMAX_FLOOR, FP8_BLOCK, FP8_MAX, FP8_MAX_INV, _act_blocks, _as_codes,
                               _check_scale_grid, decode_fp4_e2m1, decode_fp8_e4m3, decode_ue8m0)
 
 __all__ = ["quantized_linear", "matmul"]
@@ -144,11 +144,15 @@ def quantized_linear(x: np.ndarray, w, prec: str) -> np.ndarray:
     if mode == MODE_MIRROR:
         _act_blocks(x, FP8_BLOCK, "act_quant_fp8")                         # the spec's dtype / shape / finite checks
     rows = _rows(x, k, "quantized_linear")
-    values, scale = np.asarray(w.values).view(np.uint8), np.asarray(w.scale).view(np.uint8)
+    kind = "dequant_fp8_weight" if isinstance(w, Fp8Matrix) else "dequant_fp4_weight"
+    values = _as_codes(w.values, f"{kind} values")                     # the spec's checks of the weight
+    if values.ndim != 2:
+        raise ValueError(f"{kind}: values must be 2-D, got shape {values.shape}")
+    scale = _as_codes(w.scale, f"{kind} scale")
     if isinstance(w, Fp8Matrix):
-        _check_scale_grid(scale, (-(-n // FP8_BLOCK), -(-k // FP8_BLOCK)), "dequant_fp8_weight")
+        _check_scale_grid(scale, (-(-n // FP8_BLOCK), -(-k // FP8_BLOCK)), kind)
     else:
-        _check_scale_grid(scale, (n, -(-k // FP4_BLOCK)), "dequant_fp4_weight")
+        _check_scale_grid(scale, (n, -(-k // FP4_BLOCK)), kind)
     d_x = to_device(rows.astype(dt, copy=False))
     if mode == MODE_MIRROR:
         d_q = cuda.device_array(rows.shape, np.float32)

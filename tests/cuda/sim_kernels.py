@@ -173,6 +173,12 @@ def test_quantized_linear_act_quant_edges_and_row_independence():
         cu_linear.quantized_linear(x.astype(np.float64), w, "mirror")
     with pytest.raises(ValueError, match="256 inputs"):
         cu_linear.quantized_linear(x[:, :128], w, "float32")
+    bad_scale = Fp8Matrix(w.values, np.full((1, 2), 255, np.uint8))        # E8M0 0xFF is NaN
+    for fn in (cu_linear.quantized_linear, quantized_linear.spec):
+        with pytest.raises(ValueError, match="scale is NaN"):
+            fn(x, bad_scale, "mirror")
+        with pytest.raises(TypeError, match="1-byte codes"):
+            fn(x, Fp8Matrix(np.zeros((8, 256), np.float32), w.scale), "mirror")
 
 
 @FEW
