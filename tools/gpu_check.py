@@ -16,8 +16,9 @@ folder, deleted at the end):
 
 For each run it prints the compare verdict and, per swappable operation, the calls and the wall time
 on the CPU path and on the GPU path (transfers included), and the device time of each kernel measured
-with CUDA events. Exit status: 0 if every comparison is within its profile, 1 on a mismatch, 2 if the
-CUDA path cannot run here (the reason is printed).
+with CUDA events. Exit status: 0 if every comparison is within its profile, 1 on a mismatch or an error
+in a run (its traceback is printed and the other runs still go ahead), 2 if the CUDA path cannot run
+here (the reason is printed).
 
 Simulator mode (NUMBA_ENABLE_CUDASIM=1, set before Python starts): the tiny model only, mirror only,
 a short prompt (--tokens, default 4); it says so in its output. The simulator runs each CUDA thread as
@@ -132,6 +133,16 @@ def one_check(title: str, ckpt, precision: str, tokens, cpu_kernels: str, cuda_k
     return report.ok
 
 
+def guarded(out, title: str, fn, *args) -> bool:
+    """fn(*args), or False with the traceback printed: one failing run must not hide the others' results."""
+    try:
+        return fn(*args)
+    except Exception:
+        import traceback
+        out(f"ERROR in {title}:\n{traceback.format_exc()}")
+        return False
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=None, help="prompt length of the tiny model (default 80; simulator 4)")
@@ -171,7 +182,8 @@ def main(argv=None) -> int:
         make_checkpoint(Config.tiny(), tiny, seed=args.seed, progress=False)
         tokens = rng.integers(2, Config.tiny().vocab_size, n_tiny)
         for prec in (("mirror",) if sim else ("mirror", "float64")):
-            ok &= one_check("tiny model", tiny, prec, tokens, args.cpu_kernels, args.cuda_kernels, out)
+            ok &= guarded(out, f"tiny model {prec}", one_check, "tiny model", tiny, prec, tokens, args.cpu_kernels,
+                          args.cuda_kernels, out)
         if not sim and not args.no_flash:
             flash = Path(tmp) / "flash-layer"
             cfg = flash_layer_config(args.flash_experts)
@@ -179,7 +191,8 @@ def main(argv=None) -> int:
             make_checkpoint(cfg, flash, seed=args.seed, progress=False)
             out(f"\n(Flash-dimension layer checkpoint written in {time.perf_counter() - t0:.1f} s)")
             tokens = rng.integers(2, cfg.vocab_size, args.flash_tokens)
-            ok &= one_check("one Flash-dimension layer", flash, "mirror", tokens, args.cpu_kernels, args.cuda_kernels, out)
+            ok &= guarded(out, "Flash-dimension layer", one_check, "one Flash-dimension layer", flash, "mirror", tokens,
+                          args.cpu_kernels, args.cuda_kernels, out)
     out(f"\n{'OK' if ok else 'MISMATCH'}: {'every comparison within its profile' if ok else 'see above'} "
         f"({time.perf_counter() - t_start:.0f} s{', simulator' if sim else ''})")
     return 0 if ok else 1
