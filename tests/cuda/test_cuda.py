@@ -19,19 +19,38 @@ needs_numba_cuda = pytest.mark.skipif(not HAVE_NUMBA_CUDA,
                                       reason="numba-cuda is not installed (pip install -e '.[test]' or '.[gpu]')")
 
 
-def _run(args, *, sim: bool, timeout: int = 600):
+def _env(sim: bool) -> dict:
     env = dict(os.environ)
     env.pop("NUMBA_ENABLE_CUDASIM", None)
     if sim:
         env["NUMBA_ENABLE_CUDASIM"] = "1"
     env.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba-cache"))
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+    return env
+
+
+def _run(args, *, sim: bool, timeout: int = 600):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(sim), capture_output=True, text=True,
                           timeout=timeout)
 
 
+@pytest.fixture(scope="module")
+def ptx_job():
+    """The PTX compile (about 25 s), started in the background when the simulator test starts, so the two
+    subprocesses overlap; the PTX test collects it."""
+    if not HAVE_NUMBA_CUDA:
+        yield None
+        return
+    job = subprocess.Popen([sys.executable, "-c", PTX_SCRIPT], cwd=ROOT, env=_env(False), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    yield job
+    if job.poll() is None:
+        job.kill()
+        job.communicate()
+
+
 @needs_numba_cuda
-def test_every_cuda_kernel_matches_its_spec_in_the_simulator():
+def test_every_cuda_kernel_matches_its_spec_in_the_simulator(ptx_job):
     """tests/cuda/sim_kernels.py under NUMBA_ENABLE_CUDASIM=1 (about 20 s on 2 cores)."""
     out = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-s", "tests/cuda/sim_kernels.py"], sim=True)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
@@ -68,12 +87,12 @@ print(json.dumps({"kernels": {k: {"sm_90": ".target sm_90" in v, "entry": ".entr
 
 
 @needs_numba_cuda
-def test_every_cuda_kernel_compiles_to_ptx_for_cc90_without_fused_fp32_ops():
+def test_every_cuda_kernel_compiles_to_ptx_for_cc90_without_fused_fp32_ops(ptx_job):
     """Every kernel (float32 and float64 variants) compiles for sm_90; no fp32 fused multiply-add in any
     (mirror needs separate fp32 roundings), while a plain a*b+c kernel does get one (the check can fail)."""
-    out = _run(["-c", PTX_SCRIPT], sim=False)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    stdout, stderr = ptx_job.communicate(timeout=600)
+    assert ptx_job.returncode == 0, stdout[-3000:] + stderr[-6000:]
+    res = json.loads(stdout.strip().splitlines()[-1])
     if "skip" in res:
         pytest.skip(f"no libnvvm to compile with (CUDA toolkit or the nvidia-cuda-nvcc wheel): {res['skip']}")
     kernels = res["kernels"]
