@@ -30,7 +30,9 @@ BACKENDS = ("numpy", "numba", "cuda")
 # backend -> operation -> "module:function". A backend without an entry for an operation runs the
 # operation as the backend it falls back to (FALLBACK), and in the end as its spec function.
 KERNELS: dict[str, dict[str, str]] = {
-    "numba": {},
+    "numba": {
+        "sparse_attention": "refimpl.kernels.attention:sparse_attention",
+    },
     "cuda": {},
 }
 FALLBACK = {"cuda": "numba", "numba": "numpy"}
