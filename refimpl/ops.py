@@ -32,6 +32,7 @@ BACKENDS = ("numpy", "numba", "cuda")
 KERNELS: dict[str, dict[str, str]] = {
     "numba": {
         "sparse_attention": "refimpl.kernels.attention:sparse_attention",
+        "index_topk": "refimpl.kernels.indexer:index_topk",
     },
     "cuda": {},
 }
