@@ -33,6 +33,9 @@ KERNELS: dict[str, dict[str, str]] = {
     "numba": {
         "sparse_attention": "refimpl.kernels.attention:sparse_attention",
         "index_topk": "refimpl.kernels.indexer:index_topk",
+        "split_sinkhorn": "refimpl.kernels.hyperconn:split_sinkhorn",
+        "rms_norm": "refimpl.kernels.norm:rms_norm",
+        "gated_pool": "refimpl.kernels.compressor:gated_pool",
     },
     "cuda": {},
 }

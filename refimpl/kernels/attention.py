@@ -11,7 +11,7 @@ mirror (the official kernel, K:L276-368, as `sparse_attn_query` states it): per 
 index entries, in order, -1 entries skipped,
     sc  = fp32(Σ_c q·kv) · fp32(scale)         the dot in float64 (exact for bf16 inputs), rounded once
     m'  = max(m, max sc);  r = exp(m - m');  p = exp(sc - m')      each exp one float64 op rounded once
-    den = fp32(den · r) + fp32(Σ p)                                 the block sum in float64, rounded once
+    den = fp32(den · r) + fp32(Σ p)            the block sum in float64 in NumPy's pairwise order, rounded once
     acc = fp32(acc · r) + fp32(Σ bf16(p) · kv)                      P·V in float64, rounded once
 then den += exp(sink - m), o = bf16(acc / den). Every other step is a separate fp32 op: Numba
 without fastmath emits no fused multiply-add (no `contract` flag on the IR).
@@ -30,7 +30,7 @@ import math
 import numba
 import numpy as np
 
-from refimpl.kernels.rounding import bf16_f32, exp_f32
+from refimpl.kernels.rounding import bf16_f32, exp_f32, pairwise_sum
 from refimpl.numerics import SPARSE_ATTN_BLOCK, check_precision, work_dtype
 
 BLOCK = SPARSE_ATTN_BLOCK     # official: block = 64 (K:L290)
@@ -93,11 +93,11 @@ def _mirror_task(q, kv, sink, idx, scale32, bi, si, h0, h1, out):
                 if sc > m_new:
                     m_new = sc                                 # reduce_max into the running max
             r = exp_f32(np.float32(m[t] - m_new))              # scores_scale; exp(-inf) = 0 in block 0
-            bsum = 0.0
             for jj in range(nb):
                 p = exp_f32(np.float32(np.float32(s64[jj]) - m_new))
-                bsum += np.float64(p)                          # scores_sum: float64, rounded once below
+                s64[jj] = np.float64(p)
                 pb[jj] = np.float64(bf16_f32(p))               # P cast to bf16 for the P·V gemm
+            bsum = pairwise_sum(s64, 0, nb)                    # scores_sum: float64 in NumPy's order, rounded once
             den[t] = np.float32(den[t] * r) + np.float32(bsum)   # sum_exp = sum_exp * scale + scores_sum
             for c in range(d):
                 pv[c] = 0.0

@@ -2,6 +2,7 @@
 
     bf16_f32(x)   fp32 -> bf16 (RNE), returned as fp32: numerics.round_bf16 of one fp32 value
     exp_f32(x)    numerics.exp(x, "mirror") of one fp32 value: float64 exp, rounded once to fp32
+    pairwise_sum  a float64 sum in NumPy's pairwise order (np.sum along a contiguous last axis)
 
 Every njit here is cache=True and without fastmath. Numba types uint32 + uint32 as uint64 and
 mixed signed/unsigned arithmetic as float64, so every integer step below is written with
@@ -38,3 +39,47 @@ def bf16_f32(x):
 def exp_f32(x):
     """exp of an fp32 value as one official op in mirror: float64 exp, rounded once to fp32."""
     return np.float32(math.exp(np.float64(x)))
+
+
+_PW_BLOCK = 128    # NumPy's PW_BLOCKSIZE
+
+
+@numba.njit(cache=True)
+def pairwise_sum(a, lo, n):
+    """Σ a[lo:lo+n] (float64) in exactly NumPy's order for a contiguous last-axis reduction.
+
+    NumPy's pairwise summation (loops_utils.h: pairwise_sum): under 8 values a running sum; up
+    to 128 values eight interleaved accumulators combined as ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7))
+    then the remainder; above 128 the two halves (the first a multiple of 8) summed recursively.
+    Using its order makes the float64 sum bit-identical to `np.sum(..., axis=-1)` (so mirror's
+    one rounding to fp32 agrees even where the sum is not exact), and its eight accumulators
+    vectorize without reassociation.
+    """
+    if n < 8:
+        res = 0.0
+        for i in range(n):
+            res += a[lo + i]
+        return res
+    if n <= _PW_BLOCK:
+        r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+        r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+        i = 8
+        stop = n - n % 8
+        while i < stop:
+            r0 += a[lo + i]
+            r1 += a[lo + i + 1]
+            r2 += a[lo + i + 2]
+            r3 += a[lo + i + 3]
+            r4 += a[lo + i + 4]
+            r5 += a[lo + i + 5]
+            r6 += a[lo + i + 6]
+            r7 += a[lo + i + 7]
+            i += 8
+        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        while i < n:
+            res += a[lo + i]
+            i += 1
+        return res
+    n2 = n // 2
+    n2 -= n2 % 8
+    return pairwise_sum(a, lo, n2) + pairwise_sum(a, lo + n2, n - n2)
