@@ -35,6 +35,8 @@ KERNELS: dict[str, dict[str, str]] = {
         "index_topk": "refimpl.kernels.indexer:index_topk",
         "split_sinkhorn": "refimpl.kernels.hyperconn:split_sinkhorn",
         "rms_norm": "refimpl.kernels.norm:rms_norm",
+        "head_rms_norm": "refimpl.kernels.norm:head_rms_norm",
+        "apply_rope": "refimpl.kernels.rope:apply_rope",
         "gated_pool": "refimpl.kernels.compressor:gated_pool",
     },
     "cuda": {},

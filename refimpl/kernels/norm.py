@@ -58,3 +58,45 @@ def rms_norm(x, weight, *, eps, prec):
     if rows.shape[0] and c:
         _rms_norm(rows, w, float(dt(eps)), prec == "mirror", out)
     return out.reshape(x.shape)
+
+
+@numba.njit(cache=True, parallel=True)
+def _head_rms_norm(q, eps, mirror, out):
+    rows, d = q.shape
+    for r in numba.prange(rows):
+        sq = np.empty(d, np.float64)
+        if mirror:
+            eps32 = np.float32(eps)
+            for i in range(d):
+                qi = np.float32(q[r, i])
+                sq[i] = np.float64(bf16_f32(np.float32(qi * qi)))         # q.square() (bf16)
+            mean = bf16_f32(np.float32(pairwise_sum(sq, 0, d) / d))       # .mean(-1): exact, fp32, bf16
+            v = bf16_f32(np.float32(mean + eps32))                        # + eps (bf16)
+            rs = bf16_f32(np.float32(1.0 / math.sqrt(np.float64(v))))    # torch.rsqrt (bf16), one rounding
+            for i in range(d):
+                out[r, i] = bf16_f32(np.float32(np.float32(q[r, i]) * rs))   # q *= ... (bf16)
+        else:
+            for i in range(d):
+                qi = np.float64(q[r, i])
+                sq[i] = qi * qi
+            rs = 1.0 / math.sqrt(pairwise_sum(sq, 0, d) / d + eps)
+            for i in range(d):
+                out[r, i] = np.float64(q[r, i]) * rs
+
+
+def head_rms_norm(q, *, eps, prec):
+    """Kernel of model.norm.head_rms_norm: mirror bit-identical (bf16 ops, one rounding each);
+    float64 the same math in float64; float32 float64 inside, rounded once."""
+    check_precision(prec)
+    dt = work_dtype(prec)
+    q = np.asarray(q)
+    if q.ndim == 0:
+        raise ValueError(f"head_rms_norm: need q [..., d], got shape {q.shape}")
+    d = q.shape[-1]
+    if q.dtype not in (np.float32, np.float64):
+        q = q.astype(dt)
+    rows = np.ascontiguousarray(q.reshape(-1, d))
+    out = np.empty(rows.shape, dt)
+    if rows.shape[0] and d:
+        _head_rms_norm(rows, float(dt(eps)), prec == "mirror", out)
+    return out.reshape(q.shape)
