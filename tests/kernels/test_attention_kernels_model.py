@@ -45,7 +45,7 @@ def test_tiny_model_sites_match_the_spec_path(tiny_ckpt, prec):
             else:
                 fin = np.isfinite(w)
                 assert np.array_equal(np.isfinite(g), fin) and np.array_equal(g[~fin], w[~fin]), name
-                np.testing.assert_allclose(g[fin], w[fin], rtol=0, atol=1e-12 * max(1.0, np.abs(w[fin]).max()),
+                np.testing.assert_allclose(g[fin], w[fin], rtol=0, atol=1e-12 * max(1.0, np.abs(w[fin]).max(initial=0)),
                                            err_msg=f"step {step}: {name}")
     for w, g in zip(want_logits, got_logits):
         if prec == "mirror":
