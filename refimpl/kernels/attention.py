@@ -31,14 +31,16 @@ import numba
 import numpy as np
 
 from refimpl.kernels.rounding import bf16_f32, exp_f32, pairwise_sum
+from refimpl.kernels.threads import serial_below
 from refimpl.numerics import SPARSE_ATTN_BLOCK, check_precision, work_dtype
 
 BLOCK = SPARSE_ATTN_BLOCK     # official: block = 64 (K:L290)
 
 
 @numba.njit(cache=True)
-def _gather_block(kv, bi, idx_row, lo, hi, kvT, jbuf):
-    """Valid entries of idx_row[lo:hi] -> count; kvT[:, :count] their rows transposed (float64)."""
+def _gather_block(kv, bi, idx_row, lo, hi, kvb, kvT, jbuf):
+    """Valid entries of idx_row[lo:hi] -> count; their rows in float64 as kvb[:count] and transposed
+    as kvT[:, :count] (each product loop then runs along contiguous memory)."""
     nb = 0
     for e in range(lo, hi):
         j = idx_row[e]
@@ -49,7 +51,10 @@ def _gather_block(kv, bi, idx_row, lo, hi, kvT, jbuf):
     for jj in range(nb):
         j = jbuf[jj]
         for c in range(d):
-            kvT[c, jj] = kv[bi, j, c]
+            kvb[jj, c] = kv[bi, j, c]
+    for c in range(d):
+        for jj in range(nb):
+            kvT[c, jj] = kvb[jj, c]
     return nb
 
 
@@ -60,8 +65,9 @@ def _scores(q, bi, si, hh, kvT, nb, s64):
         s64[jj] = 0.0
     for c in range(kvT.shape[0]):
         qc = np.float64(q[bi, si, hh, c])
+        row = kvT[c]
         for jj in range(nb):
-            s64[jj] += qc * kvT[c, jj]
+            s64[jj] += qc * row[jj]
 
 
 @numba.njit(cache=True)
@@ -71,6 +77,7 @@ def _mirror_task(q, kv, sink, idx, scale32, bi, si, h0, h1, out):
     k = idx.shape[2]
     nh = h1 - h0
     kvT = np.empty((d, BLOCK), np.float64)
+    kvb = np.empty((BLOCK, d), np.float64)
     jbuf = np.empty(BLOCK, np.int64)
     s64 = np.empty(BLOCK, np.float64)
     pb = np.empty(BLOCK, np.float64)
@@ -80,7 +87,7 @@ def _mirror_task(q, kv, sink, idx, scale32, bi, si, h0, h1, out):
     acc = np.zeros((nh, d), np.float32)                        # acc_o
     idx_row = idx[bi, si]
     for lo in range(0, k, BLOCK):
-        nb = _gather_block(kv, bi, idx_row, lo, min(lo + BLOCK, k), kvT, jbuf)
+        nb = _gather_block(kv, bi, idx_row, lo, min(lo + BLOCK, k), kvb, kvT, jbuf)
         if nb == 0:
             continue                                           # r = exp(0) = 1, p = 0: nothing changes
         for t in range(nh):
@@ -103,8 +110,9 @@ def _mirror_task(q, kv, sink, idx, scale32, bi, si, h0, h1, out):
                 pv[c] = 0.0
             for jj in range(nb):
                 pj = pb[jj]
+                row = kvb[jj]
                 for c in range(d):
-                    pv[c] += pj * kvT[c, jj]
+                    pv[c] += pj * row[c]
             for c in range(d):
                 acc[t, c] = np.float32(acc[t, c] * r) + np.float32(pv[c])   # acc_o *= scale; += gemm
             m[t] = m_new
@@ -123,13 +131,14 @@ def _exact_task(q, kv, sink, idx, scale, bi, si, h0, h1, out):
     nh = h1 - h0
     idx_row = idx[bi, si]
     kvT = np.empty((d, BLOCK), np.float64)
+    kvb = np.empty((BLOCK, d), np.float64)
     jbuf = np.empty(BLOCK, np.int64)
     s64 = np.empty(BLOCK, np.float64)
     sc = np.empty((nh, k), np.float64)                         # scores of the valid entries, in order
     mx = np.full(nh, -np.inf)
     n_valid = 0
     for lo in range(0, k, BLOCK):
-        nb = _gather_block(kv, bi, idx_row, lo, min(lo + BLOCK, k), kvT, jbuf)
+        nb = _gather_block(kv, bi, idx_row, lo, min(lo + BLOCK, k), kvb, kvT, jbuf)
         for t in range(nh):
             _scores(q, bi, si, h0 + t, kvT, nb, s64)
             for jj in range(nb):
@@ -148,12 +157,14 @@ def _exact_task(q, kv, sink, idx, scale, bi, si, h0, h1, out):
         den[t] += math.exp(np.float64(sink[h0 + t]) - mx[t])   # sink: denominator only
     e = 0
     for lo in range(0, k, BLOCK):
-        nb = _gather_block(kv, bi, idx_row, lo, min(lo + BLOCK, k), kvT, jbuf)
+        nb = _gather_block(kv, bi, idx_row, lo, min(lo + BLOCK, k), kvb, kvT, jbuf)
         for t in range(nh):
+            out_t = acc[t]
             for jj in range(nb):
                 pj = sc[t, e + jj]
+                row = kvb[jj]
                 for c in range(d):
-                    acc[t, c] += pj * kvT[c, jj]
+                    out_t[c] += pj * row[c]
         e += nb
     for t in range(nh):
         for c in range(d):
@@ -222,5 +233,6 @@ def sparse_attention(q, kv, attn_sink, topk_idxs, softmax_scale, prec):
     out = np.empty((b, s, h, d), dt)
     if b * s:
         scale = float(softmax_scale) if prec == "float64" else float(np.float32(softmax_scale))   # spec: dt(scale)
-        _sparse_attention(q, kv, sink, idx, scale, prec == "mirror", _head_groups(b * s, h), out)
+        with serial_below(2 * b * s * h * d * idx.shape[2]):
+            _sparse_attention(q, kv, sink, idx, scale, prec == "mirror", _head_groups(b * s, h), out)
     return out

@@ -16,6 +16,7 @@ import math
 import numba
 import numpy as np
 
+from refimpl.kernels.threads import serial_below
 from refimpl.numerics import check_precision, work_dtype
 
 
@@ -61,5 +62,6 @@ def gated_pool(kv, score, prec):
     b, n, P, d = kv.shape
     out = np.empty((b, n, d), dt)
     if b * n * d:
-        _gated_pool(kv, score, prec == "mirror", out)
+        with serial_below(kv.size * 8):
+            _gated_pool(kv, score, prec == "mirror", out)
     return out

@@ -17,6 +17,7 @@ import math
 import numba
 import numpy as np
 
+from refimpl.kernels.threads import serial_below
 from refimpl.numerics import check_precision, work_dtype
 
 
@@ -142,5 +143,6 @@ def split_sinkhorn(mixes, scale, base, *, n, iters, eps, prec):
     comb = np.empty((rows, n, n), dt)
     eps_in = float(dt(eps))                              # spec: eps = dt(eps)
     if rows:
-        _split_sinkhorn(mx, sc, bs, n, int(iters), eps_in, prec == "mirror", pre, post, comb)
+        with serial_below(rows * n * n * (2 * iters + 4) * 8):
+            _split_sinkhorn(mx, sc, bs, n, int(iters), eps_in, prec == "mirror", pre, post, comb)
     return pre.reshape(*lead, n), post.reshape(*lead, n), comb.reshape(*lead, n, n)

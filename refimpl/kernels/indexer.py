@@ -20,6 +20,7 @@ import numba
 import numpy as np
 
 from refimpl.kernels.rounding import bf16_f32
+from refimpl.kernels.threads import serial_below
 from refimpl.numerics import check_precision, top_k, work_dtype
 
 TILE = 256      # entries per scoring task (a [j, TILE] float64 slice of the keys stays in cache)
@@ -37,8 +38,9 @@ def _score_tile(q, kt, w, bi, si, lo, hi, mirror, out):
             dot[e] = 0.0
         for c in range(hd):
             qc = np.float64(q[bi, si, hh, c])
+            row = kt[bi, c, lo:hi]                            # contiguous: the loop vectorizes
             for e in range(nt):
-                dot[e] += qc * kt[bi, c, lo + e]              # q·K over j ascending
+                dot[e] += qc * row[e]                         # q·K over j ascending
         if mirror:
             wh = np.float32(w[bi, si, hh])
             for e in range(nt):
@@ -110,7 +112,8 @@ def index_topk(q, keys, weights, start_pos, ratio, index_topk, prec):
     topk = np.full((b, s, width), -1, np.int64)
     scores = np.full((b, s, n), -np.inf, dt)
     if b * s:
-        _index_topk(q, kt, weights, int(start_pos), int(ratio), int(index_topk), prec == "mirror", scores, topk)
+        with serial_below(b * s * n_heads * hd * n):
+            _index_topk(q, kt, weights, int(start_pos), int(ratio), int(index_topk), prec == "mirror", scores, topk)
     nan_rows = np.argwhere(np.isnan(scores).any(axis=-1))
     for bi, si in nan_rows:                       # NaN orders as the largest (torch.topk): the spec's rule
         visible = (start_pos + si + 1) // ratio

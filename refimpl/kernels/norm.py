@@ -16,6 +16,7 @@ import numba
 import numpy as np
 
 from refimpl.kernels.rounding import bf16_f32, pairwise_sum
+from refimpl.kernels.threads import serial_below
 from refimpl.numerics import check_precision, work_dtype
 
 
@@ -56,7 +57,8 @@ def rms_norm(x, weight, *, eps, prec):
     w = weight.astype(dt)                                        # bf16 -> f32/f64 exact
     out = np.empty(rows.shape, dt)
     if rows.shape[0] and c:
-        _rms_norm(rows, w, float(dt(eps)), prec == "mirror", out)
+        with serial_below(rows.size * 8):
+            _rms_norm(rows, w, float(dt(eps)), prec == "mirror", out)
     return out.reshape(x.shape)
 
 
@@ -98,5 +100,6 @@ def head_rms_norm(q, *, eps, prec):
     rows = np.ascontiguousarray(q.reshape(-1, d))
     out = np.empty(rows.shape, dt)
     if rows.shape[0] and d:
-        _head_rms_norm(rows, float(dt(eps)), prec == "mirror", out)
+        with serial_below(rows.size * 8):
+            _head_rms_norm(rows, float(dt(eps)), prec == "mirror", out)
     return out.reshape(q.shape)

@@ -14,6 +14,7 @@ import numba
 import numpy as np
 
 from refimpl.kernels.rounding import bf16_f32
+from refimpl.kernels.threads import serial_below
 from refimpl.numerics import check_precision, work_dtype
 
 
@@ -56,6 +57,7 @@ def apply_rope(x, table, prec, *, inverse=False):
     out = np.array(x, dtype=dt, copy=True, order="C")            # the spec: x.astype(dt), non-rope dims kept
     x4 = out if out.ndim == 4 else out[:, :, None, :]           # [b, s, heads, d] view of out
     if x4.size:                                                  # in place: each pair is read, then written
-        _apply_rope(x4, table.cos.astype(inside), table.sin.astype(inside), inside(-1.0 if inverse else 1.0),
-                    prec == "mirror", x4)
+        with serial_below(x4.size * 4):
+            _apply_rope(x4, table.cos.astype(inside), table.sin.astype(inside), inside(-1.0 if inverse else 1.0),
+                        prec == "mirror", x4)
     return out

@@ -214,6 +214,8 @@ SCRIPT = textwrap.dedent("""
     import hashlib
     import numpy as np
     from refimpl.kernels import compressor as kc, hyperconn as kh, indexer as ki, norm as kn, rope as kr
+    import refimpl.kernels.threads
+    refimpl.kernels.threads.SMALL_WORK = 0            # small calls too run in the parallel regions
     from refimpl.model.compressor import gated_pool
     from refimpl.model.hyperconn import split_sinkhorn
     from refimpl.model.indexer import index_topk

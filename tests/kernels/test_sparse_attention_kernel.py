@@ -122,6 +122,8 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_sparse_attention_kernel import make_case
     from refimpl.kernels.attention import sparse_attention as kernel
+    import refimpl.kernels.threads
+    refimpl.kernels.threads.SMALL_WORK = 0            # small calls too run in the parallel regions
     from refimpl.model.attention import sparse_attention
     h = hashlib.sha256()
     for s in (1, 3):                                  # s=1: a decode step (heads split across threads)
