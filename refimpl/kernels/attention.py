@@ -224,12 +224,10 @@ def sparse_attention(q, kv, attn_sink, topk_idxs, softmax_scale, prec):
     if prec == "mirror" and (~valid[..., :BLOCK].any(axis=-1)).any():
         raise ValueError("sparse_attention (mirror): the first block of 64 index entries has no "
                          "valid entry; the official kernel returns NaN for such a query")
-    if q.dtype not in (np.float32, np.float64):
-        q = q.astype(dt)
-    if kv.dtype not in (np.float32, np.float64):
-        kv = kv.astype(dt)
-    if idx.dtype != np.int64:
-        idx = idx.astype(np.int64)
+    # one compiled signature per working dtype: C-contiguous, writeable arrays (a broadcast index set is copied)
+    q = np.require(q if q.dtype in (np.float32, np.float64) else q.astype(dt), None, ["C", "W"])
+    kv = np.require(kv if kv.dtype in (np.float32, np.float64) else kv.astype(dt), None, ["C", "W"])
+    idx = np.require(idx, np.int64, ["C", "W"])
     out = np.empty((b, s, h, d), dt)
     if b * s:
         scale = float(softmax_scale) if prec == "float64" else float(np.float32(softmax_scale))   # spec: dt(scale)

@@ -55,10 +55,8 @@ def gated_pool(kv, score, prec):
         raise ValueError(f"gated_pool: need kv and score of one shape [b, n, P, d]; got {kv.shape} and {score.shape}")
     if kv.shape[2] and np.isneginf(score.max(axis=2)).any():
         raise ValueError("softmax: a slice is entirely -inf (no position to attend to)")
-    if kv.dtype not in (np.float32, np.float64):
-        kv = kv.astype(dt)
-    if score.dtype not in (np.float32, np.float64):
-        score = score.astype(dt)
+    kv = np.require(kv if kv.dtype in (np.float32, np.float64) else kv.astype(dt), None, ["C", "W"])
+    score = np.require(score if score.dtype in (np.float32, np.float64) else score.astype(dt), None, ["C", "W"])
     b, n, P, d = kv.shape
     out = np.empty((b, n, d), dt)
     if b * n * d:

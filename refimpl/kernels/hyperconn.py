@@ -135,7 +135,7 @@ def split_sinkhorn(mixes, scale, base, *, n, iters, eps, prec):
     if iters < 1:
         raise ValueError(f"split_sinkhorn: iters must be >= 1, got {iters}")
     lead = mixes.shape[:-1]
-    mx = np.ascontiguousarray(mixes.reshape(-1, x).astype(dt, copy=False))
+    mx = np.require(mixes.reshape(-1, x).astype(dt, copy=False), None, ["C", "W"])
     inside = np.float32 if prec == "mirror" else np.float64
     sc, bs = np.asarray(scale).astype(dt).astype(inside), np.asarray(base).astype(dt).astype(inside)
     rows = mx.shape[0]

@@ -103,10 +103,8 @@ def index_topk(q, keys, weights, start_pos, ratio, index_topk, prec):
     if (start_pos + s) // ratio > n:
         raise ValueError(f"index_topk: queries up to position {start_pos + s - 1} see "
                          f"{(start_pos + s) // ratio} entries, only {n} keys given")
-    if q.dtype not in (np.float32, np.float64):
-        q = q.astype(dt)
-    if weights.dtype not in (np.float32, np.float64):
-        weights = weights.astype(dt)
+    q = np.require(q if q.dtype in (np.float32, np.float64) else q.astype(dt), None, ["C", "W"])
+    weights = np.require(weights if weights.dtype in (np.float32, np.float64) else weights.astype(dt), None, ["C", "W"])
     kt = np.ascontiguousarray(np.swapaxes(keys, 1, 2), dtype=np.float64)   # [b, j, n] exact upcast
     width = min(index_topk, (start_pos + s) // ratio)
     topk = np.full((b, s, width), -1, np.int64)

@@ -53,7 +53,7 @@ def rms_norm(x, weight, *, eps, prec):
         raise ValueError(f"rms_norm: need x [..., c] and weight [c]; got {x.shape} and {weight.shape}")
     if x.dtype not in (np.float32, np.float64):
         x = x.astype(dt)
-    rows = np.ascontiguousarray(x.reshape(-1, c))
+    rows = np.require(x.reshape(-1, c), None, ["C", "W"])
     w = weight.astype(dt)                                        # bf16 -> f32/f64 exact
     out = np.empty(rows.shape, dt)
     if rows.shape[0] and c:
@@ -97,7 +97,7 @@ def head_rms_norm(q, *, eps, prec):
     d = q.shape[-1]
     if q.dtype not in (np.float32, np.float64):
         q = q.astype(dt)
-    rows = np.ascontiguousarray(q.reshape(-1, d))
+    rows = np.require(q.reshape(-1, d), None, ["C", "W"])
     out = np.empty(rows.shape, dt)
     if rows.shape[0] and d:
         with serial_below(rows.size * 8):
