@@ -58,7 +58,11 @@ def mutated(func, replacements: list[tuple[str, str]], extra_globals: dict | Non
     The new function runs in a copy of func's module globals (plus extra_globals), so the module
     itself is untouched until the caller monkeypatches the name where it is looked up.
     """
+    func = getattr(func, "spec", func)        # a swappable operation: its spec function (source, globals)
     src = textwrap.dedent(inspect.getsource(func))
+    # a swappable spec function's source starts with @swappable, which would register its name a
+    # second time (refimpl/ops.py): the mutated copy is a plain function, patched where it is looked up
+    src = "\n".join(line for line in src.splitlines() if line.strip() != "@swappable") + "\n"
     for old, new in replacements:
         if src.count(old) != 1:
             raise AssertionError(f"bug zoo: {func.__module__}.{func.__name__} no longer contains {old!r} exactly "
@@ -204,9 +208,9 @@ def _visibility_t_over_m(mp):
     # compressed entry i visible to query t iff m(i+1) <= t instead of <= t+1: t//m entries, not (t+1)//m
     mp.setattr(attention_mod, "compressed_indices",
                mutated(attention_mod.compressed_indices, [("(t + 1) // ratio", "t // ratio")]))
-    mp.setattr(attention_mod, "indexer", mutated(indexer_mod.indexer, [
-        ("visible = (start_pos + si + 1) // m", "visible = (start_pos + si) // m"),
-        ("((t + 1) // m)", "(t // m)")]))
+    mp.setattr(indexer_mod, "index_topk", mutated(indexer_mod.index_topk, [
+        ("visible = (start_pos + si + 1) // ratio", "visible = (start_pos + si) // ratio")]))
+    mp.setattr(attention_mod, "indexer", mutated(indexer_mod.indexer, [("((t + 1) // m)", "(t // m)")]))
 
 
 def _sink_in_max(mp):
