@@ -31,6 +31,13 @@ BACKENDS = ("numpy", "numba", "cuda")
 # operation as the backend it falls back to (FALLBACK), and in the end as its spec function.
 KERNELS: dict[str, dict[str, str]] = {
     "numba": {
+        "sparse_attention": "refimpl.kernels.attention:sparse_attention",
+        "index_topk": "refimpl.kernels.indexer:index_topk",
+        "split_sinkhorn": "refimpl.kernels.hyperconn:split_sinkhorn",
+        "rms_norm": "refimpl.kernels.norm:rms_norm",
+        "head_rms_norm": "refimpl.kernels.norm:head_rms_norm",
+        "apply_rope": "refimpl.kernels.rope:apply_rope",
+        "gated_pool": "refimpl.kernels.compressor:gated_pool",
         # the products and the MoE experts (refimpl/kernels/linear.py, moe.py)
         "quantized_linear": "refimpl.kernels.linear:quantized_linear",
         "fp32_linear": "refimpl.kernels.linear:fp32_linear",
@@ -38,12 +45,20 @@ KERNELS: dict[str, dict[str, str]] = {
         "grouped_wo_a": "refimpl.kernels.linear:grouped_wo_a",
         "expert_sum": "refimpl.kernels.moe:expert_sum",
     },
-    "cuda": {},
+    "cuda": {
+        "sparse_attention": "refimpl.cuda.attention:sparse_attention",
+        "quantized_linear": "refimpl.cuda.linear:quantized_linear",
+        "matmul": "refimpl.cuda.linear:matmul",
+        "gated_pool": "refimpl.cuda.compressor:gated_pool",
+        "indexer": "refimpl.cuda.indexer:indexer",
+        "index_scores": "refimpl.cuda.indexer:index_scores",
+        "split_sinkhorn": "refimpl.cuda.hyperconn:split_sinkhorn",
+    },
 }
 FALLBACK = {"cuda": "numba", "numba": "numpy"}
 # backend -> "module:function" called (no arguments) when a selection using it is made: raises a
 # ValueError saying why the backend cannot run here (for example, no usable GPU)
-AVAILABILITY: dict[str, str] = {}
+AVAILABILITY: dict[str, str] = {"cuda": "refimpl.cuda:check_available"}
 
 SPEC: dict[str, object] = {}                     # operation name -> its spec function (filled by @swappable)
 _active = contextvars.ContextVar("refimpl_kernels", default=None)

@@ -1,5 +1,5 @@
-"""Numba kernels for the swappable spec functions of refimpl/model/ (chosen through refimpl/ops.py).
+"""Numba kernels of the swappable operations (refimpl/ops.py); each has its spec function's signature.
 
-Each kernel has its spec function's signature and is tested against it (tests/kernels/). These
-modules import numba; nothing outside a numba/cuda kernel selection imports them.
+Each is tested against its spec function (tests/kernels/). These modules import numba; nothing
+outside a numba/cuda kernel selection imports them.
 """
