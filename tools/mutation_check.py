@@ -242,7 +242,8 @@ def scratch_copy() -> Path:
 
 def pytest(copy: Path, args: list[str]) -> tuple[bool, str]:
     """Run pytest in the copy; (passed, first failing test id or "")."""
-    env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
+    # the spec path: a model runs the (mutated) spec functions, not the kernels that replace them
+    env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1", REFIMPL_KERNELS="numpy")
     r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args],
                        cwd=copy, env=env, capture_output=True, text=True)
     failed = re.search(r"^(?:FAILED|ERROR) (\S+)", r.stdout, re.M)
