@@ -63,6 +63,7 @@ FALLBACK = {"cuda": "numba", "numba": "numpy"}
 AVAILABILITY: dict[str, str] = {"cuda": "refimpl.cuda:check_available"}
 
 SPEC: dict[str, object] = {}                     # operation name -> its spec function (filled by @swappable)
+_RESOLVED: dict = {}                             # (operation, Kernels) -> the function that runs it
 _active = contextvars.ContextVar("refimpl_kernels", default=None)
 
 
@@ -171,16 +172,15 @@ def swappable(fn):
     if name in SPEC:
         raise RuntimeError(f"two swappable operations named {name}")
     SPEC[name] = fn
-    cache: dict = {}
 
     @functools.wraps(fn)
     def dispatch(*args, **kwargs):
         sel = _active.get()
         if sel is None:
             return fn(*args, **kwargs)
-        impl = cache.get(sel, fn)
-        if impl is fn and sel not in cache:
-            impl = cache[sel] = sel.impl(name) or fn
+        impl = _RESOLVED.get((name, sel))
+        if impl is None:
+            impl = _RESOLVED[(name, sel)] = sel.impl(name) or fn
         return impl(*args, **kwargs)
 
     dispatch.spec = fn

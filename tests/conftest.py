@@ -41,13 +41,14 @@ _MODELS = {}
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_ckpt):
-    """tiny_model(precision="float64", revision="current", layout="official") -> Model (cached per session)."""
+    """tiny_model(precision="float64", revision="current", layout="official", kernels=None) -> Model (cached per
+    session); kernels None is the default selection (refimpl/ops.py), "numpy" the spec functions only."""
     from refimpl.formats.weights import load
 
-    def get(precision="float64", revision="current", layout="official"):
-        key = (precision, revision, layout)
+    def get(precision="float64", revision="current", layout="official", kernels=None):
+        key = (precision, revision, layout, kernels)
         if key not in _MODELS:
-            _MODELS[key] = load(tiny_ckpt, precision=precision, revision=revision, layout=layout)
+            _MODELS[key] = load(tiny_ckpt, precision=precision, revision=revision, layout=layout, kernels=kernels)
         return _MODELS[key]
     return get
 

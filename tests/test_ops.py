@@ -40,6 +40,7 @@ def test_a_registered_kernel_runs_only_where_selected(monkeypatch):
         return rms_norm.spec(x, weight, eps=eps, prec=prec)
 
     monkeypatch.setitem(ops.KERNELS["numba"], "rms_norm", f"{__name__}:_FAKE")
+    monkeypatch.setattr(ops, "_RESOLVED", {})                  # forget kernels resolved by earlier tests
     monkeypatch.setattr(sys.modules[__name__], "_FAKE", fake_rms_norm, raising=False)
     x, w = np.ones((2, 8), np.float32), np.ones(8, np.float32)
     rms_norm(x, w, eps=1e-6, prec="float32")                   # no selection: the spec

@@ -38,7 +38,7 @@ def test_the_simulated_engine_differs_from_mirror_only_inside_its_context(tiny_m
     spec = importlib.util.spec_from_file_location("measure_profiles", TOOL.parent / "measure_profiles.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    model, toks = tiny_model("mirror"), [3, 17, 250, 9, 1000, 44, 5, 61]
+    model, toks = tiny_model("mirror", kernels="numpy"), [3, 17, 250, 9, 1000, 44, 5, 61]
     before = run_trace(model, toks, patterns=("logits", "layers.0.hc_attn.pre")).tensors
     with mod.simulated_engine():
         engine = run_trace(model, toks, patterns=("logits", "layers.0.hc_attn.pre")).tensors

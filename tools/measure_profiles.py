@@ -82,13 +82,13 @@ def simulated_engine():
 def traces(ckpt: Path, tokens: list[int]) -> dict[str, TraceFile]:
     out = {}
     for mode in ("float64", "float32", "mirror"):
-        t = run_trace(load(ckpt, precision=mode), tokens)
+        t = run_trace(load(ckpt, precision=mode, kernels="numpy"), tokens)        # the spec functions
         out[mode] = TraceFile(f"{mode}", t.metadata, t.tensors)
-    with simulated_engine():
-        t = run_trace(load(ckpt, precision="mirror"), tokens)
+    with simulated_engine():                     # patches spec functions: run them, not the kernels
+        t = run_trace(load(ckpt, precision="mirror", kernels="numpy"), tokens)
     out["bf16"] = TraceFile("bf16", {**t.metadata, "precision": "bf16", "implementation": "simulated engine"},
                             t.tensors)
-    t = run_trace(load(ckpt, precision="mirror"), tokens)
+    t = run_trace(load(ckpt, precision="mirror", kernels="numpy"), tokens)
     out["mirror-again"] = TraceFile("mirror", t.metadata, t.tensors)
     return out
 
