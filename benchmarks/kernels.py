@@ -35,7 +35,7 @@ What is measured (the JSON keys):
                 config: projections, experts, router, mHC, attention scores and P.V over the valid
                 index entries, the head for every position) as a fraction of the sgemm rate; peak
                 RSS against non-expert bytes + the experts the run touched. A length whose time,
-                extrapolated from a 32-token calibration prefill, exceeds --budget-s is skipped
+                extrapolated by FLOPs from a short calibration prefill, exceeds --budget-s is skipped
                 and marked so.
   long_context  prefill through one CSA and one HCA layer (layers 2 and 3 of a 4-layer Flash
                 checkpoint) in chunks of --long-chunk tokens up to --long-tokens; it stops at the
@@ -382,16 +382,19 @@ def job_tiny(ckpt: str, kernels: str, precision: str, new_tokens: int, repeats: 
     from refimpl.generate import generate
     ids = _demo_prompt(ckpt)
     out = {"prompt_tokens": len(ids), "new_tokens": new_tokens, "precision": precision}
-    models = {}
-    for name, sel in (("spec", "numpy"), ("kernels", kernels)):
-        model = models[name] = load(ckpt, precision=precision, layout="canonical", kernels=sel)
+    models = {name: load(ckpt, precision=precision, layout="canonical", kernels=sel)
+              for name, sel in (("spec", "numpy"), ("kernels", kernels))}
+    for name, model in models.items():
         t0 = time.perf_counter()
         generate(model, ids, max_new_tokens=2, stop_on_eos=False)             # warm-up (kernels: compile or load)
-        warm = time.perf_counter() - t0
-        runs = [generate(model, ids, max_new_tokens=new_tokens, stop_on_eos=False) for _ in range(repeats)]
-        out[name] = {"prefill_ms": 1000 * min(g.prefill_s for g in runs),
-                     "decode_ms_per_token": min(g.ms_per_token for g in runs),
-                     "first_call_s": warm, "tokens": runs[0].tokens}
+        out[name] = {"first_call_s": time.perf_counter() - t0, "runs": []}
+    for _ in range(repeats):                        # interleaved, so that a busy spell hits both sides
+        for name, model in models.items():
+            out[name]["runs"].append(generate(model, ids, max_new_tokens=new_tokens, stop_on_eos=False))
+    for name in models:
+        runs = out[name].pop("runs")
+        out[name].update(prefill_ms=1000 * min(g.prefill_s for g in runs),
+                         decode_ms_per_token=min(g.ms_per_token for g in runs), tokens=runs[0].tokens)
     out["same_tokens"] = out["spec"]["tokens"] == out["kernels"]["tokens"]
     out["decode_speedup"] = out["spec"]["decode_ms_per_token"] / out["kernels"]["decode_ms_per_token"]
     out["prefill_speedup"] = out["spec"]["prefill_ms"] / out["kernels"]["prefill_ms"]
@@ -414,37 +417,47 @@ def job_flash_decode(ckpt: str, kernels: str, precision: str, warmup: int, steps
     cfg = model.cfg
     toks = fixed_tokens(warmup + steps + 1, cfg.vocab_size)
     state = model.new_state()
+    ids_by_layer: dict[int, list] = {}              # expert ids of every step, warm-up included
+
+    def step(tok):
+        trace = Trace(("layers.*.ffn.expert_ids",))    # records the choice only (a few ints)
+        t0 = time.perf_counter()
+        _, new_state = model.decode(int(tok), state, trace=trace)
+        took = time.perf_counter() - t0
+        for name, v in trace.tensors.items():
+            ids_by_layer.setdefault(int(name.split(".")[1]), []).append(v.reshape(-1))
+        return took, new_state
+
     t0 = time.perf_counter()
     for tok in toks[:warmup]:
-        _, state = model.decode(int(tok), state)
+        _, state = step(tok)
     warm_s = time.perf_counter() - t0
-    ids_by_layer: dict[int, list] = {}
-    times = []
+    times, step_layers = [], []
     with LayerTimer() as lt:
         for tok in toks[warmup:warmup + steps]:
-            trace = Trace(("layers.*.ffn.expert_ids",))        # records the choice only (a few ints)
-            t0 = time.perf_counter()
-            _, state = model.decode(int(tok), state, trace=trace)
-            times.append(time.perf_counter() - t0)
-            for name, v in trace.tensors.items():
-                ids_by_layer.setdefault(int(name.split(".")[1]), []).append(v.reshape(-1))
-        layer_s, head_s = dict(lt.layer_s), lt.head_s
+            lt.reset()
+            took, state = step(tok)
+            times.append(took)
+            step_layers.append((dict(lt.layer_s), lt.head_s))
+    best = int(np.argmin(times))                    # the figures: the fastest step (the limits are best-of too)
+    layer_s, head_s = step_layers[best]
     sizes = tensor_bytes(cfg)
     layers = range(cfg.n_layers)
     per_token_experts = [touched_expert_bytes(sizes, {i: ids_by_layer[i][k] for i in ids_by_layer})
-                         for k in range(steps)]
+                         for k in range(warmup, warmup + steps)]
     kinds = non_expert_bytes(cfg, sizes, layers, distinct_tokens=1)
-    read = sum(kinds.values()) + float(np.mean([b for b, _ in per_token_experts]))
+    read = sum(kinds.values()) + per_token_experts[best][0]
     touched_experts, n_touched = touched_expert_bytes(sizes, {i: np.concatenate(v) for i, v in ids_by_layer.items()})
     touched_kinds = non_expert_bytes(cfg, sizes, layers, distinct_tokens=len(set(toks[:warmup + steps].tolist())))
-    sec = float(np.mean(times))
+    sec = times[best]
     out = {"precision": precision, "kernels": kernels, "layers": cfg.n_layers, "experts": cfg.n_routed_experts,
            "warmup_steps": warmup, "warmup_s": warm_s, "steps": steps, "position": warmup,
-           "ms_per_token": 1000 * sec, "ms_per_token_min": 1000 * min(times),
-           "ms_per_layer": {str(i): 1000 * s / steps for i, s in sorted(layer_s.items())},
-           "ms_head": 1000 * head_s / steps,
+           "ms_per_token": 1000 * sec, "ms_per_token_mean": 1000 * float(np.mean(times)),
+           "ms_per_token_steps": [1000 * t for t in times],
+           "ms_per_layer": {str(i): 1000 * s for i, s in sorted(layer_s.items())},
+           "ms_head": 1000 * head_s,
            "bytes_per_token": read, "non_expert_bytes_by_kind": kinds,
-           "experts_per_token": float(np.mean([n for _, n in per_token_experts])),
+           "experts_per_token": per_token_experts[best][1],
            "effective_GBps": read / sec / GB,
            "peak_rss_bytes": peak_rss_bytes(),
            "touched_bytes": sum(touched_kinds.values()) + touched_experts,
@@ -516,12 +529,16 @@ def job_long(ckpt: str, kernels: str, precision: str, n_tokens: int, chunk: int,
     from refimpl.ops import use_kernels
     model = load(ckpt, precision=precision, kernels=kernels, max_seq_len=n_tokens + ops_tokens)
     cfg, w, prec = model.cfg, model.weights, precision
-    layers = [i for i in range(cfg.n_layers) if cfg.compress_ratio(i)]
-    kinds = {i: "CSA" if cfg.uses_indexer(i) else "HCA" for i in layers}
-    if sorted(kinds.values()) != ["CSA", "HCA"]:
-        raise ValueError(f"{ckpt}: expected one CSA and one HCA layer, found {kinds}")
+    csa = [i for i in range(cfg.n_layers) if cfg.compress_ratio(i) and cfg.uses_indexer(i)]
+    hca = [i for i in range(cfg.n_layers) if cfg.compress_ratio(i) and not cfg.uses_indexer(i)]
+    if not csa or not hca:
+        raise ValueError(f"{ckpt}: the long-context run needs a CSA and an HCA layer (compress_ratios "
+                         f"{cfg.compress_ratios[:cfg.n_layers]})")
+    layers = sorted([csa[0], hca[0]])                                   # the first of each kind
+    kinds = {i: "CSA" if i in csa else "HCA" for i in layers}
     toks = fixed_tokens(n_tokens + ops_tokens, cfg.vocab_size, seed=2)
     states = {i: AttentionState.empty(cfg, i, 1, prec) for i in layers}
+    empty = {i: states[i].nbytes() for i in layers}
 
     def run(lo: int, hi: int):
         ids = toks[None, lo:hi]
@@ -555,6 +572,8 @@ def job_long(ckpt: str, kernels: str, precision: str, n_tokens: int, chunk: int,
            "layers": {str(i): kinds[i] for i in layers},
            "state_bytes": {str(i): states[i].nbytes() for i in layers},
            "state_bytes_per_token": {kinds[i]: states[i].nbytes() / done for i in layers},
+           # growth: the compressed entries and index keys (the window ring and compressor rows are fixed)
+           "state_growth_bytes_per_token": {kinds[i]: (states[i].nbytes() - empty[i]) / done for i in layers},
            "peak_rss_bytes": peak_rss_bytes()}
     if ops:
         cap = OpCapture(model)
@@ -838,7 +857,7 @@ def flash_section(a, report, ratios, quick, bw, mm, prefill, budget) -> None:
     kern = run_job("flash_decode", ckpt=a.ckpt, kernels=a.kernels, precision=a.precision,
                    warmup=1 if quick else 2, steps=3 if quick else 8, ops=True, ops_spec_repeats=1)
     spec = run_job("flash_decode", ckpt=a.ckpt, kernels="numpy", precision=a.precision,
-                   warmup=0 if quick else 1, steps=1 if quick else 2, ops=False, ops_spec_repeats=1)
+                   warmup=1, steps=1 if quick else 2, ops=False, ops_spec_repeats=1)
     report["flash_decode"] = {"kernels": kern, "spec": spec}
     if "error" in kern:
         say(f"flash       decode FAILED {kern['error']}")
@@ -863,7 +882,7 @@ def flash_section(a, report, ratios, quick, bw, mm, prefill, budget) -> None:
     report["flash_prefill"] = []
     for n in prefill:
         r = run_job("flash_prefill", ckpt=a.ckpt, kernels=a.kernels, precision=a.precision, n_tokens=n,
-                    budget_s=budget, calibrate=32)
+                    budget_s=budget, calibrate=8 if quick else 16)
         report["flash_prefill"].append(r)
         if "error" in r:
             say(f"flash       prefill {n}: FAILED {r['error']}")
@@ -899,7 +918,8 @@ def long_section(a, report, ratios, quick, mm, long_tokens, long_budget) -> None
     ratios["long_flops_fraction"] = r["GFLOPs"] / mm
     for op, v in r.get("ops", {}).items():
         ratios[f"long_op_{op}"] = v["speedup"]
-    per = ", ".join(f"{k} {v:.0f} B" for k, v in r["state_bytes_per_token"].items())
+    per = ", ".join(f"{k} {v:.0f} B ({r['state_growth_bytes_per_token'][k]:.0f} B growth)"
+                    for k, v in r["state_bytes_per_token"].items())
     say(f"long        {r['tokens']} of {r['target_tokens']} tokens through one CSA + one HCA layer in {r['s']:.1f} s "
         f"({r['tokens_per_s']:.1f} tokens/s, {r['GFLOPs'] / mm:.3f} of sgemm){'' if r['complete'] else ' INCOMPLETE'}"
         f"; state per token: {per}" + (f"; {note}" if note else ""))
