@@ -409,23 +409,52 @@ def job_tiny(ckpt: str, kernels: str, precision: str, new_tokens: int, repeats: 
 
 
 def job_flash_decode(ckpt: str, kernels: str, precision: str, warmup: int, steps: int, ops: bool,
-                     ops_spec_repeats: int) -> dict:
-    """Decode steps at Flash dimensions: ms/token (per layer, head), weight bytes read, peak RSS."""
+                     ops_spec_repeats: int, position: int = 0, position_budget_s: float = 60.0,
+                     state_in: str | None = None, state_out: str | None = None) -> dict:
+    """Decode steps at Flash dimensions: ms/token (per layer, head), weight bytes read, peak RSS.
+
+    The steps start at `position`: reached by a chunked prefill (16 tokens a chunk, as far as
+    position_budget_s allows), or from the state pickled in state_in (written by another run's
+    state_out), so that the spec and the kernels decode the same tokens from the same state.
+    """
+    import pickle
     from refimpl.formats.weights import load
     from refimpl.oracle.trace import Trace
     model = load(ckpt, precision=precision, kernels=kernels)
     cfg = model.cfg
-    toks = fixed_tokens(warmup + steps + 1, cfg.vocab_size)
-    state = model.new_state()
-    ids_by_layer: dict[int, list] = {}              # expert ids of every step, warm-up included
+    all_ids: dict[int, list] = {}                   # expert ids of every call (prefill, warm-up, steps)
+
+    def note_ids(trace):
+        ids = {int(name.split(".")[1]): v.reshape(-1) for name, v in trace.tensors.items()}
+        for i, v in ids.items():
+            all_ids.setdefault(i, []).append(v)
+        return ids
+
+    t0 = time.perf_counter()
+    if state_in:
+        with open(state_in, "rb") as f:
+            state = pickle.load(f)
+    else:
+        state = model.new_state()
+        toks = fixed_tokens(position, cfg.vocab_size)
+        while state.pos < position and time.perf_counter() - t0 < position_budget_s:
+            trace = Trace(("layers.*.ffn.expert_ids",))
+            _, state = model.prefill(toks[state.pos:min(position, state.pos + 16)], state, trace=trace)
+            note_ids(trace)
+    prefill_s = time.perf_counter() - t0
+    start = state.pos
+    if state_out:
+        with open(state_out, "wb") as f:
+            pickle.dump(state, f)
+    toks = fixed_tokens(start + warmup + steps + 1, cfg.vocab_size, seed=3)[start:]
+    step_ids = []
 
     def step(tok):
         trace = Trace(("layers.*.ffn.expert_ids",))    # records the choice only (a few ints)
         t0 = time.perf_counter()
         _, new_state = model.decode(int(tok), state, trace=trace)
         took = time.perf_counter() - t0
-        for name, v in trace.tensors.items():
-            ids_by_layer.setdefault(int(name.split(".")[1]), []).append(v.reshape(-1))
+        step_ids.append(note_ids(trace))
         return took, new_state
 
     t0 = time.perf_counter()
@@ -443,15 +472,18 @@ def job_flash_decode(ckpt: str, kernels: str, precision: str, warmup: int, steps
     layer_s, head_s = step_layers[best]
     sizes = tensor_bytes(cfg)
     layers = range(cfg.n_layers)
-    per_token_experts = [touched_expert_bytes(sizes, {i: ids_by_layer[i][k] for i in ids_by_layer})
-                         for k in range(warmup, warmup + steps)]
+    per_token_experts = [touched_expert_bytes(sizes, ids) for ids in step_ids[warmup:]]
     kinds = non_expert_bytes(cfg, sizes, layers, distinct_tokens=1)
     read = sum(kinds.values()) + per_token_experts[best][0]
-    touched_experts, n_touched = touched_expert_bytes(sizes, {i: np.concatenate(v) for i, v in ids_by_layer.items()})
-    touched_kinds = non_expert_bytes(cfg, sizes, layers, distinct_tokens=len(set(toks[:warmup + steps].tolist())))
+    touched_experts, n_touched = touched_expert_bytes(sizes, {i: np.concatenate(v) for i, v in all_ids.items()})
+    # embedding rows: every token this process ran (an upper bound when the state came from a file)
+    n_distinct = len(set(fixed_tokens(start, cfg.vocab_size).tolist()) | set(toks.tolist()))
+    touched_kinds = non_expert_bytes(cfg, sizes, layers, distinct_tokens=n_distinct)
     sec = times[best]
     out = {"precision": precision, "kernels": kernels, "layers": cfg.n_layers, "experts": cfg.n_routed_experts,
-           "warmup_steps": warmup, "warmup_s": warm_s, "steps": steps, "position": warmup,
+           "target_position": position, "position": start + warmup, "prefill_s": prefill_s,
+           "state_from_file": bool(state_in),
+           "warmup_steps": warmup, "warmup_s": warm_s, "steps": steps,
            "ms_per_token": 1000 * sec, "ms_per_token_mean": 1000 * float(np.mean(times)),
            "ms_per_token_steps": [1000 * t for t in times],
            "ms_per_layer": {str(i): 1000 * s for i, s in sorted(layer_s.items())},
@@ -746,6 +778,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", default="numba", help="the selection measured against the spec (numpy)")
     ap.add_argument("--precision", default="mirror")
     ap.add_argument("--prefill", default=None, help="prefill lengths, e.g. 1024,4096")
+    ap.add_argument("--decode-position", type=int, default=128,
+                    help="Flash decode steps start here (default: the window, 128; reached by a prefill with the "
+                         "kernels as far as its time budget allows)")
     ap.add_argument("--long-tokens", type=int, default=None)
     ap.add_argument("--long-chunk", type=int, default=4096)
     ap.add_argument("--budget-s", type=float, default=None, help="time budget of one prefill measurement")
@@ -854,10 +889,17 @@ def _print_ops(where: str, ops: dict) -> None:
 
 
 def flash_section(a, report, ratios, quick, bw, mm, prefill, budget) -> None:
-    kern = run_job("flash_decode", ckpt=a.ckpt, kernels=a.kernels, precision=a.precision,
-                   warmup=1 if quick else 2, steps=3 if quick else 8, ops=True, ops_spec_repeats=1)
-    spec = run_job("flash_decode", ckpt=a.ckpt, kernels="numpy", precision=a.precision,
-                   warmup=1, steps=1 if quick else 2, ops=False, ops_spec_repeats=1)
+    state_file = Path(tempfile.mkdtemp(prefix="refimpl-bench-")) / "state.pickle"
+    try:
+        kern = run_job("flash_decode", ckpt=a.ckpt, kernels=a.kernels, precision=a.precision,
+                       warmup=1 if quick else 2, steps=3 if quick else 8, ops=True, ops_spec_repeats=1,
+                       position=a.decode_position, position_budget_s=30 if quick else 120,
+                       state_out=str(state_file))
+        spec = run_job("flash_decode", ckpt=a.ckpt, kernels="numpy", precision=a.precision,
+                       warmup=1, steps=1 if quick else 2, ops=False, ops_spec_repeats=1,
+                       state_in=str(state_file) if state_file.is_file() else None)
+    finally:
+        shutil.rmtree(state_file.parent, ignore_errors=True)
     report["flash_decode"] = {"kernels": kern, "spec": spec}
     if "error" in kern:
         say(f"flash       decode FAILED {kern['error']}")
@@ -865,7 +907,7 @@ def flash_section(a, report, ratios, quick, bw, mm, prefill, budget) -> None:
         frac = kern["effective_GBps"] / bw
         ratios["flash_decode_bw_fraction"] = frac
         ratios["flash_decode_rss_vs_touched"] = kern["peak_rss_bytes"] / kern["touched_bytes"]
-        say(f"flash       decode {kern['ms_per_token']:.0f} ms/token ({kern['layers']} layers: "
+        say(f"flash       decode at position {kern['position']}: {kern['ms_per_token']:.0f} ms/token ({kern['layers']} layers: "
             + ", ".join(f"{v:.0f}" for v in kern["ms_per_layer"].values())
             + f" ms/layer; head {kern['ms_head']:.0f} ms); {kern['bytes_per_token'] / GB:.3f} GB read per "
             f"token -> {kern['effective_GBps']:.2f} GB/s = {frac:.2f} of the read bandwidth (target 0.5); peak RSS "
