@@ -68,6 +68,7 @@ class LayerProgress(Trace):
 
 def run_input(model, cfg, spec: golden.GoldenInput, label: str):
     tokens = golden.golden_tokens(cfg, spec.length)
+    model = spec.model(model)                                              # the input's config keys
     if spec.chunks is None and spec.decode_from is None and sys.stderr.isatty():
         t = LayerProgress(("*",), cfg.n_layers, label)                     # one forward: per-layer progress
         model.forward(tokens, trace=t)
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
             cfg = Config.from_checkpoint(ckpt)
             n = a.max_length or 8
             inputs = [i for i in golden.golden_inputs(Config.tiny()) if i.length <= n and i.chunks is None
-                      and i.decode_from is None]
+                      and i.decode_from is None and not i.config]
             inputs = [golden.GoldenInput(i.name, i.length, rows=i.rows) for i in inputs]   # every precision
             inputs.append(golden.GoldenInput(f"decode-{max(n // 2, 1)}-to-{n}", n, decode_from=max(n // 2, 1),
                                              rows=tuple(range(max(n // 2, 1), n))))

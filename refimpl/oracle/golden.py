@@ -54,18 +54,42 @@ class GoldenInput:
     decode_from: int | None = None            # prefill K, then decode step by step
     rows: tuple[int, ...] = ()
     precisions: tuple[str, ...] = PRECISIONS  # the precisions this input is stored in
+    config: tuple[tuple[str, float], ...] = ()   # config.json keys changed for this input (same weights)
 
     def run_kwargs(self) -> dict:
         return {"chunks": list(self.chunks) if self.chunks else None, "decode_from": self.decode_from}
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "length": self.length, "chunks": list(self.chunks) if self.chunks else None,
-                "decode_from": self.decode_from, "rows": list(self.rows), "precisions": list(self.precisions)}
+        d = {"name": self.name, "length": self.length, "chunks": list(self.chunks) if self.chunks else None,
+             "decode_from": self.decode_from, "rows": list(self.rows), "precisions": list(self.precisions)}
+        if self.config:
+            d["config"] = dict(self.config)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "GoldenInput":
+        config = d.get("config") or {}
+        if not isinstance(config, dict) or not all(k in CONFIG_OVERRIDES for k in config):
+            raise GoldenError(f"input {d.get('name')!r}: config changes {config!r:.80} are not among the keys a "
+                              f"golden input may change ({', '.join(CONFIG_OVERRIDES)})")
         return cls(d["name"], int(d["length"]), tuple(d["chunks"]) if d.get("chunks") else None,
-                   d.get("decode_from"), tuple(d["rows"]), tuple(d.get("precisions", PRECISIONS)))
+                   d.get("decode_from"), tuple(d["rows"]), tuple(d.get("precisions", PRECISIONS)),
+                   tuple(sorted(config.items())))
+
+    def model(self, model):
+        """The model this input runs on: `model`, or the same weights under its changed config keys."""
+        if not self.config:
+            return model
+        from refimpl.model.transformer import Model
+        cfg = model.cfg.replace(**{CONFIG_OVERRIDES[k]: v for k, v in self.config})
+        return Model(cfg, model.weights, precision=model.precision, revision=model.revision, layout=model.layout,
+                     kernels=model.kernels)
+
+
+# config.json keys an input may change (key -> Config field): the clamp input lowers swiglu_limit so
+# that the clamp binds on the tiny model (its activations stay below the released limit of 10)
+CONFIG_OVERRIDES = {"swiglu_limit": "swiglu_limit"}
+CLAMP_LIMIT = 2.0
 
 
 def thresholds(cfg) -> list[int]:
@@ -110,6 +134,9 @@ def golden_inputs(cfg) -> list[GoldenInput]:
     ends = np.cumsum(chunks) - 1                                         # the last position of each chunk
     inputs.append(GoldenInput(f"chunked-{long}", long, chunks=tuple(chunks),
                               rows=tuple(int(e) for e in ends[[1, 3, 5, 6]]) + (long - 1,)))
+    # the SwiGLU clamp (routed and shared experts) binding: the same weights with swiglu_limit 2
+    inputs.append(GoldenInput(f"prefill-{m}-swiglu-limit-2", m, rows=tuple(range(m)),
+                              config=(("swiglu_limit", CLAMP_LIMIT),)))
     return inputs
 
 
@@ -266,7 +293,7 @@ def verify(golden_dir=None, *, precisions=PRECISIONS, inputs: list[str] | None =
                 if precision not in spec.precisions or (inputs is not None and spec.name not in inputs):
                     continue
                 tokens = manifest["tokens"][:spec.length]
-                trace = run_trace(model, tokens, **spec.run_kwargs())
+                trace = run_trace(spec.model(model), tokens, **spec.run_kwargs())
                 computed = sample_rows(trace.tensors, spec.rows, spec.length)
                 stored = SafetensorsFile(golden_dir / "traces" / precision / f"{spec.name}.safetensors")
                 missing = sorted(set(stored.tensors) ^ set(computed))

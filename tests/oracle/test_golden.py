@@ -12,7 +12,7 @@ from refimpl.oracle.golden import GoldenError, check_files, golden_inputs, read_
 
 GOLDEN = Path(__file__).resolve().parents[2] / "golden"     # the repository's, whatever is installed
 TINY = Config.tiny()
-QUICK = ["prefill-80", "prefill-33"]          # float64 prefill-80; mirror both (a few seconds)
+QUICK = ["prefill-80", "prefill-33", "prefill-4-swiglu-limit-2"]   # float64 and mirror (a few seconds)
 
 
 def quiet(*_):
@@ -30,6 +30,16 @@ def test_the_inputs_straddle_every_threshold():
     assert decode and decode[0].decode_from < W - 1 < decode[0].length     # decode across the ring's wrap
     chunked = [i for i in inputs if i.chunks]
     assert chunked and len(set(chunked[0].chunks)) > 3 and sum(chunked[0].chunks) == chunked[0].length
+
+
+def test_an_input_may_change_only_the_listed_config_keys():
+    """The clamp input runs the same weights with swiglu_limit 2; other keys in an input are refused."""
+    from refimpl.oracle.golden import GoldenInput
+    clamp = [i for i in golden_inputs(TINY) if i.config]
+    assert [dict(i.config) for i in clamp] == [{"swiglu_limit": 2.0}]
+    assert GoldenInput.from_dict(clamp[0].as_dict()) == clamp[0]
+    with pytest.raises(GoldenError, match="config changes"):
+        GoldenInput.from_dict(dict(clamp[0].as_dict(), config={"vocab_size": 3}))
 
 
 def test_manifest_lists_every_file_with_its_hash():
