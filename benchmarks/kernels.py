@@ -413,8 +413,8 @@ def job_flash_decode(ckpt: str, kernels: str, precision: str, warmup: int, steps
                      state_in: str | None = None, state_out: str | None = None) -> dict:
     """Decode steps at Flash dimensions: ms/token (per layer, head), weight bytes read, peak RSS.
 
-    The steps start at `position`: reached by a chunked prefill (16 tokens a chunk, as far as
-    position_budget_s allows), or from the state pickled in state_in (written by another run's
+    The steps start at `position`: reached by a chunked prefill (chunks of 1, 2, 4, ... 64 tokens,
+    as far as position_budget_s allows), or from the state pickled in state_in (written by another run's
     state_out), so that the spec and the kernels decode the same tokens from the same state.
     """
     import pickle
@@ -437,10 +437,15 @@ def job_flash_decode(ckpt: str, kernels: str, precision: str, warmup: int, steps
     else:
         state = model.new_state()
         toks = fixed_tokens(position, cfg.vocab_size)
-        while state.pos < position and time.perf_counter() - t0 < position_budget_s:
+        size, pace = 1, 0.0                          # chunks of 1, 2, 4, ... 64 tokens while the budget holds
+        while state.pos < position and time.perf_counter() - t0 + pace * size < position_budget_s:
             trace = Trace(("layers.*.ffn.expert_ids",))
-            _, state = model.prefill(toks[state.pos:min(position, state.pos + 16)], state, trace=trace)
+            n = min(size, position - state.pos)
+            t1 = time.perf_counter()
+            _, state = model.prefill(toks[state.pos:state.pos + n], state, trace=trace)
+            pace = (time.perf_counter() - t1) / n
             note_ids(trace)
+            size = min(2 * size, 64)
     prefill_s = time.perf_counter() - t0
     start = state.pos
     if state_out:
@@ -943,10 +948,12 @@ def long_section(a, report, ratios, quick, mm, long_tokens, long_budget) -> None
     if not (path / "config.json").is_file():
         say(f"long        writing the 4-layer Flash checkpoint to {path} ...")
         make_long_ckpt(path)
-    missing = {"sparse_attention", "indexer"} - set(report["kernel_ops"])
+    have = set(report["kernel_ops"])
+    missing = ([] if "sparse_attention" in have else ["sparse_attention"]) + \
+        ([] if have & {"indexer", "index_topk", "index_scores"} else ["indexer"])
     note = None
     if missing:
-        note = (f"no {' / '.join(sorted(missing))} kernel under {a.kernels!r}: the prefill runs as far as the "
+        note = (f"no {' / '.join(missing)} kernel under {a.kernels!r}: the prefill runs as far as the "
                 f"budget of {long_budget:.0f} s allows (--long-budget-s)")
     r = run_job("long", ckpt=str(path), kernels=a.kernels, precision=a.precision, n_tokens=long_tokens,
                 chunk=min(a.long_chunk, long_tokens), budget_s=long_budget, ops=True, ops_tokens=16 if quick else 32,
