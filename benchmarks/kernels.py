@@ -67,6 +67,7 @@ import numpy as np
 RESULT_TAG = "BENCH-RESULT "
 GB = 1e9
 MiB = 1 << 20
+GiB = 1 << 30
 EXPERT_MATRICES = ("w1", "w2", "w3")
 DEFAULT_TINY_DIR = Path(tempfile.gettempdir()) / "refimpl-bench" / "tiny"
 DEFAULT_LONG_DIR = Path(tempfile.gettempdir()) / "refimpl-flash-long"
@@ -408,6 +409,24 @@ def job_tiny(ckpt: str, kernels: str, precision: str, new_tokens: int, repeats: 
     return out
 
 
+def reach_position(model, position: int, budget_s: float, on_trace=None):
+    """A state at `position` (the benchmark's tokens), by a prefill in chunks of 1, 2, 4, ... 64 tokens
+    while budget_s holds (so it may stop short); on_trace(trace) sees each chunk's expert ids."""
+    from refimpl.oracle.trace import Trace
+    toks = fixed_tokens(position, model.cfg.vocab_size)
+    state, size, pace, t0 = model.new_state(), 1, 0.0, time.perf_counter()
+    while state.pos < position and time.perf_counter() - t0 + pace * size < budget_s:
+        trace = Trace(("layers.*.ffn.expert_ids",))
+        n = min(size, position - state.pos)
+        t1 = time.perf_counter()
+        _, state = model.prefill(toks[state.pos:state.pos + n], state, trace=trace)
+        pace = (time.perf_counter() - t1) / n
+        if on_trace is not None:
+            on_trace(trace)
+        size = min(2 * size, 64)
+    return state
+
+
 def job_flash_decode(ckpt: str, kernels: str, precision: str, warmup: int, steps: int, ops: bool,
                      ops_spec_repeats: int, position: int = 0, position_budget_s: float = 60.0,
                      state_in: str | None = None, state_out: str | None = None) -> dict:
@@ -435,17 +454,7 @@ def job_flash_decode(ckpt: str, kernels: str, precision: str, warmup: int, steps
         with open(state_in, "rb") as f:
             state = pickle.load(f)
     else:
-        state = model.new_state()
-        toks = fixed_tokens(position, cfg.vocab_size)
-        size, pace = 1, 0.0                          # chunks of 1, 2, 4, ... 64 tokens while the budget holds
-        while state.pos < position and time.perf_counter() - t0 + pace * size < position_budget_s:
-            trace = Trace(("layers.*.ffn.expert_ids",))
-            n = min(size, position - state.pos)
-            t1 = time.perf_counter()
-            _, state = model.prefill(toks[state.pos:state.pos + n], state, trace=trace)
-            pace = (time.perf_counter() - t1) / n
-            note_ids(trace)
-            size = min(2 * size, 64)
+        state = reach_position(model, position, position_budget_s, note_ids)
     prefill_s = time.perf_counter() - t0
     start = state.pos
     if state_out:
@@ -621,16 +630,17 @@ def job_long(ckpt: str, kernels: str, precision: str, n_tokens: int, chunk: int,
     return out
 
 
-def job_profile(ckpt: str, kernels: str, precision: str, warmup: int, top: int) -> dict:
-    """cProfile of one decode step (after warm-up steps): the functions that take the time."""
+def job_profile(ckpt: str, kernels: str, precision: str, position: int, warmup: int, top: int) -> dict:
+    """cProfile of one decode step (from `position`, after warm-up steps): the functions that take the time."""
     import cProfile
     import pstats
     from refimpl.formats.weights import load
     model = load(ckpt, precision=precision, kernels=kernels)
-    toks = fixed_tokens(warmup + 1, model.cfg.vocab_size)
-    state = model.new_state()
+    state = reach_position(model, position, 300.0)
+    toks = fixed_tokens(state.pos + warmup + 1, model.cfg.vocab_size, seed=3)[state.pos:]
     for tok in toks[:warmup]:
         _, state = model.decode(int(tok), state)
+    warmup = state.pos
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
@@ -800,12 +810,13 @@ def main(argv=None) -> int:
         return 0
 
     if a.profile:
-        r = run_job("profile", ckpt=a.ckpt, kernels=a.kernels, precision=a.precision, warmup=2, top=25)
+        r = run_job("profile", ckpt=a.ckpt, kernels=a.kernels, precision=a.precision, position=a.decode_position,
+                    warmup=2, top=25)
         if "error" in r:
             say(f"profile FAILED {r['error']}")
             return 1
         say(f"one decode step at Flash dimensions ({a.ckpt}, kernels {a.kernels!r}, {a.precision}): "
-            f"{r['step_s']:.2f} s under cProfile")
+            f"{r['step_s']:.2f} s under cProfile at position {r['position']}")
         for key in ("by_tottime", "by_cumtime"):
             say(f"  {key}:")
             for row in r[key]:
@@ -916,7 +927,8 @@ def flash_section(a, report, ratios, quick, bw, mm, prefill, budget) -> None:
             + ", ".join(f"{v:.0f}" for v in kern["ms_per_layer"].values())
             + f" ms/layer; head {kern['ms_head']:.0f} ms); {kern['bytes_per_token'] / GB:.3f} GB read per "
             f"token -> {kern['effective_GBps']:.2f} GB/s = {frac:.2f} of the read bandwidth (target 0.5); peak RSS "
-            f"{kern['peak_rss_bytes'] / GB:.2f} GB vs {kern['touched_bytes'] / GB:.2f} GB touched")
+            f"{kern['peak_rss_bytes'] / GB:.2f} GB vs {kern['touched_bytes'] / GB:.2f} GB touched (excess "
+            f"{(kern['peak_rss_bytes'] - kern['touched_bytes']) / GiB:.2f} GiB; target <= 1 GiB)")
         _print_ops("flash", kern.get("ops", {}))
         for op, r in kern.get("ops", {}).items():
             ratios[f"flash_op_{op}"] = r["speedup"]
