@@ -803,6 +803,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-flash", action="store_true", help="skip every Flash-dimension measurement")
     ap.add_argument("--profile", action="store_true",
                     help="only: cProfile one Flash-dimension decode step (--ckpt, --kernels) and print what dominates")
+    ap.add_argument("--markdown", action="store_true", help="also print the figures as a Markdown table "
+                                                                 "(before the JSON line)")
     ap.add_argument("--worker", nargs=2, metavar=("JOB", "ARGS"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -893,8 +895,75 @@ def main(argv=None) -> int:
 
     report["ratios"] = ratios
     report["machine"]["load_average_end"] = load_average()
+    if a.markdown:
+        say(markdown(report))
     print(json.dumps(report, default=_json_default, sort_keys=True))
     return 0
+
+
+def markdown(report: dict) -> str:
+    """The README's table of a report: each figure with the limit or target it is a ratio to."""
+    rows = []
+    f = lambda v, spec=".2f": "-" if v is None else format(v, spec)         # noqa: E731
+    lim = report.get("limits", {})
+    rows.append(("limits: read bandwidth / sgemm / threads",
+                 f"{f(lim.get('read_GBps'))} GB/s ({lim.get('read_bytes', 0) / MiB:.0f} MiB, one thread) / "
+                 f"{f(lim.get('sgemm_GFLOPs'), '.1f')} GFLOP/s (n={lim.get('sgemm_n')}) / {lim.get('threads')}", ""))
+    tiny = report.get("tiny", {})
+    if "spec" in tiny:
+        rows.append(("tiny decode (demo prompt), spec / kernels",
+                     f"{f(tiny['spec']['decode_ms_per_token'], '.1f')} / {f(tiny['kernels']['decode_ms_per_token'], '.1f')} "
+                     f"ms/token: x{f(tiny['decode_speedup'])}; against 65 ms/token: "
+                     f"**x{65 / tiny['kernels']['decode_ms_per_token']:.2f}**", "x10 against ~65 ms/token"))
+        rows.append((f"tiny prefill ({tiny['prompt_tokens']} tokens), spec / kernels",
+                     f"{f(tiny['spec']['prefill_ms'], '.0f')} / {f(tiny['kernels']['prefill_ms'], '.0f')} ms: "
+                     f"x{f(tiny['prefill_speedup'])}", ""))
+    demo = report.get("tiny_demo")
+    if demo:
+        rows.append((f"`refimpl demo --kernels {demo['kernels']}`: cold compile / cached",
+                     f"{demo['cold']['s']:.1f} s / {demo['cached']['s']:.1f} s wall (demo decode "
+                     f"{demo['cold']['decode_ms_per_token']} / {demo['cached']['decode_ms_per_token']} ms/token)", ""))
+    fd = report.get("flash_decode", {})
+    k, sp = fd.get("kernels", {}), fd.get("spec", {})
+    if "ms_per_token" in k:
+        rows.append((f"Flash decode ({k['layers']} layers, {k['experts']} experts, {k['precision']}, position "
+                     f"{k['position']}), kernels",
+                     f"{k['ms_per_token']:.0f} ms/token (layers " + ", ".join(f"{v:.0f}" for v in k["ms_per_layer"].values())
+                     + f" ms, head {k['ms_head']:.0f} ms); {k['bytes_per_token'] / GB:.3f} GB read per token: "
+                     f"{k['effective_GBps']:.2f} GB/s = **{k['effective_GBps'] / lim['read_GBps']:.3f}** of the read "
+                     "bandwidth", ">= 0.5"))
+        rows.append(("Flash decode peak RSS, kernels",
+                     f"{k['peak_rss_bytes'] / GB:.2f} GB against {k['touched_bytes'] / GB:.2f} GB touched "
+                     f"(excess {(k['peak_rss_bytes'] - k['touched_bytes']) / GiB:.2f} GiB)", "<= touched + 1 GiB"))
+    if "ms_per_token" in sp and "ms_per_token" in k:
+        rows.append(("Flash decode, spec (end to end)",
+                     f"{sp['ms_per_token']:.0f} ms/token: kernels x{sp['ms_per_token'] / k['ms_per_token']:.1f}; "
+                     f"peak RSS {sp['peak_rss_bytes'] / GB:.2f} GB", ""))
+    for r in report.get("flash_prefill", []):
+        if "GFLOPs" in r:
+            rows.append((f"Flash prefill {r['tokens']} tokens", f"{r['s']:.0f} s, {r['GFLOPs']:.1f} GFLOP/s = "
+                         f"**{r['GFLOPs'] / lim['sgemm_GFLOPs']:.3f}** of sgemm; peak RSS {r['peak_rss_bytes'] / GB:.2f} GB "
+                         f"against {r['touched_bytes'] / GB:.2f} GB touched + {r['logits_bytes'] / GB:.2f} GB of logits",
+                         ">= 0.3"))
+        elif "tokens" in r:
+            rows.append((f"Flash prefill {r['tokens']} tokens", "not run: " + r.get("skipped", r.get("error", "?")),
+                         ">= 0.3"))
+    lc = report.get("long_context", {})
+    if "tokens" in lc:
+        growth = ", ".join(f"{kind} {v:.0f} B" for kind, v in lc["state_growth_bytes_per_token"].items())
+        rows.append(("long context: one CSA + one HCA layer",
+                     f"{lc['tokens']:,} of {lc['target_tokens']:,} tokens in {lc['s']:.0f} s "
+                     f"({lc['tokens_per_s']:.1f} tokens/s){'' if lc['complete'] else ', stopped by the budget'}; "
+                     f"state growth per token: {growth}", "65,536 tokens"))
+    for where, ops in (("tiny", tiny.get("ops", {})), ("Flash decode", k.get("ops", {})),
+                       ("long context", lc.get("ops", {}))):
+        if ops:
+            rows.append((f"kernel / spec speed-up, {where}",
+                         ", ".join(f"{op} x{v['speedup']:.1f}" for op, v in ops.items()),
+                         "sparse attention, expert dispatch >= 10x at Flash dims"))
+    out = ["| figure | measured | target |", "|---|---|---|"]
+    out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(out)
 
 
 def _print_ops(where: str, ops: dict) -> None:
