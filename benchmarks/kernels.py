@@ -682,6 +682,7 @@ def run_child(cmd: list[str], env: dict | None = None, timeout: float | None = N
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=so, stderr=se, env=env)
         deadline = None if timeout is None else t0 + timeout
+        timed_out = False
         while True:
             pid, status, usage = os.wait4(p.pid, os.WNOHANG)
             if pid:
@@ -689,21 +690,27 @@ def run_child(cmd: list[str], env: dict | None = None, timeout: float | None = N
             if deadline is not None and time.perf_counter() > deadline:
                 p.kill()
                 pid, status, usage = os.wait4(p.pid, 0)
+                timed_out = True
                 break
             time.sleep(0.05)
         p.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t0
         so.seek(0)
         se.seek(0)
-        return {"rc": p.returncode, "s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024,
+        return {"rc": p.returncode, "s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024, "timed_out": timed_out,
                 "stdout": so.read().decode(errors="replace"), "stderr": se.read().decode(errors="replace")}
 
 
-def run_job(name: str, timeout: float | None = None, **kwargs) -> dict:
+JOB_TIMEOUT_S = 3600.0                   # --job-timeout-s: a job still running then is killed and reported
+
+
+def run_job(name: str, **kwargs) -> dict:
     """One worker job in a subprocess; its result dict, with the child's wall time and peak RSS."""
     r = run_child([sys.executable, str(Path(__file__).resolve()), "--worker", name, json.dumps(kwargs)],
-                  timeout=timeout)
+                  timeout=JOB_TIMEOUT_S)
     lines = [ln for ln in r["stdout"].splitlines() if ln.startswith(RESULT_TAG)]
+    if r["timed_out"]:
+        return {"error": f"killed after {JOB_TIMEOUT_S:.0f} s (--job-timeout-s)", "process_s": r["s"]}
     if r["rc"] != 0 or not lines:
         tail = (r["stderr"].strip().splitlines() or ["(no output)"])[-1]
         return {"error": f"exit {r['rc']}: {tail[:300]}", "process_s": r["s"]}
@@ -781,6 +788,7 @@ def say(text: str) -> None:
 
 
 def main(argv=None) -> int:
+    global JOB_TIMEOUT_S
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="a subset in a few minutes")
@@ -803,6 +811,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-flash", action="store_true", help="skip every Flash-dimension measurement")
     ap.add_argument("--profile", action="store_true",
                     help="only: cProfile one Flash-dimension decode step (--ckpt, --kernels) and print what dominates")
+    ap.add_argument("--job-timeout-s", type=float, default=JOB_TIMEOUT_S,
+                    help="kill a measurement still running after this many seconds (reported as an error)")
     ap.add_argument("--markdown", action="store_true", help="also print the figures as a Markdown table "
                                                                  "(before the JSON line)")
     ap.add_argument("--worker", nargs=2, metavar=("JOB", "ARGS"), help=argparse.SUPPRESS)
@@ -810,6 +820,7 @@ def main(argv=None) -> int:
     if a.worker:
         worker(*a.worker)
         return 0
+    JOB_TIMEOUT_S = a.job_timeout_s
 
     if a.profile:
         r = run_job("profile", ckpt=a.ckpt, kernels=a.kernels, precision=a.precision, position=a.decode_position,
