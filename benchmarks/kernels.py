@@ -2,16 +2,18 @@
 
 Every figure is a ratio to a limit measured IN THE SAME RUN on the same machine (figures from
 another run or machine are never mixed in), and the last line printed is one JSON object with all
-of them. Each measurement runs in its own subprocess, so that its peak RSS (ru_maxrss of that
-process) is its own.
+of them (`ratios` gathers the ratios). Each measurement runs in its own subprocess, so that its
+peak RSS (ru_maxrss of that process) is its own.
 
-    python benchmarks/kernels.py                       # everything (tens of minutes on 2 cores)
+    python benchmarks/kernels.py                       # everything (an hour or more on 2 cores)
     python benchmarks/kernels.py --quick               # a subset in a few minutes
     python benchmarks/kernels.py --smallest --tiny-ckpt DIR   # seconds: the tiny model only (tests)
+    python benchmarks/kernels.py --profile             # cProfile of one Flash-dimension decode step
     options: --ckpt /tmp/flash2 (Flash dims, 2 layers: `refimpl make-checkpoint flash /tmp/flash2 --layers 2`)
              --long-ckpt DIR (4 Flash layers SWA, SWA, CSA, HCA, 8 experts; made there if missing)
              --kernels numba (the selection measured against "numpy"), --precision mirror
-             --prefill 1024,4096  --long-tokens 65536  --budget-s (per measurement; see below)
+             --prefill 1024,4096  --budget-s S  --long-tokens 65536  --long-budget-s S
+             --decode-position 128  --markdown (the README's table)  --job-timeout-s S
 
 What is measured (the JSON keys):
   limits        read bandwidth: NumPy sum of a float32 array (1 GiB, best of 5; one thread, as
@@ -19,29 +21,37 @@ What is measured (the JSON keys):
                 2n^3 FLOPs, BLAS threads as configured); CPU and thread counts.
   tiny          the built-in tiny model as `refimpl demo` runs it (mirror, canonical layout, the demo
                 prompt): prefill and decode ms/token with kernels="numpy" (the spec) and with the
-                kernels, the speed-up, each kernel's speed-up over its spec function on the calls one
-                prefill + decode step makes, and `refimpl demo --kernels K` as a subprocess with an
-                empty NUMBA_CACHE_DIR (cold compile) and again with that cache (cached start-up).
-  flash_decode  the Flash-dimension checkpoint (all 256 experts), after a warm-up: ms/token, per
-                layer and for the head; weight bytes read per token, counted from the checkpoint's
-                tensor table: every non-expert weight of the main layers, the selected experts'
-                packed FP4 bytes (values + scales, from the recorded expert ids), hc_head, norm,
-                head, one embedding row and one tid2eid row per hash layer; the MTP block is not run
-                by a decode step and not counted. Effective GB/s = bytes / time, as a fraction of
-                the read bandwidth. Peak RSS against the same bytes (what a step touches) for
-                the kernels and for the spec run. Each kernel's speed-up over its spec on the
-                calls of one decode step, and end to end (spec ms/token over kernel ms/token).
+                kernels, interleaved, best of 3; each kernel's speed-up over its spec function on
+                the calls one prefill + decode step makes (below); and `refimpl demo --kernels K`
+                as a subprocess with an empty NUMBA_CACHE_DIR (cold compile), then with that cache.
+  flash_decode  the Flash-dimension checkpoint (all 256 experts): decode steps from --decode-position
+                (reached by a prefill with the kernels in chunks of 1, 2, 4, ... tokens within a time
+                budget; the spec run decodes the same tokens from the same, pickled, state), after
+                warm-up steps; the fastest step's ms/token, per layer and for the head; weight bytes
+                read per token, counted from the checkpoint's tensor table: every non-expert weight
+                of the main layers, the selected experts' packed FP4 bytes (values + scales, from
+                the recorded expert ids), hc_head, norm, head, one embedding row and one tid2eid row
+                per hash layer (the MTP block is not run by a decode step and not counted).
+                Effective GB/s = bytes / time, as a fraction of the read bandwidth. Peak RSS against
+                the bytes the process touched (non-expert weights, embedding rows, every expert it
+                selected), for the kernels and for the spec run; end to end: spec ms/token over
+                kernel ms/token.
   flash_prefill prefill of N tokens from position 0: FLOP/s (the products' FLOPs counted from the
                 config: projections, experts, router, mHC, attention scores and P.V over the valid
                 index entries, the head for every position) as a fraction of the sgemm rate; peak
                 RSS against non-expert bytes + the experts the run touched. A length whose time,
                 extrapolated by FLOPs from a short calibration prefill, exceeds --budget-s is skipped
                 and marked so.
-  long_context  prefill through one CSA and one HCA layer (layers 2 and 3 of a 4-layer Flash
-                checkpoint) in chunks of --long-chunk tokens up to --long-tokens; it stops at the
-                end of the chunk that exceeds --long-budget-s and marks itself incomplete. Time,
-                tokens/s, state bytes per token per layer (State.nbytes() / tokens) and each
-                kernel's speed-up on the calls of one 32-token chunk after the prefill.
+  long_context  prefill through one CSA and one HCA layer (the first of each kind: layers 2 and 3 of
+                a 4-layer Flash checkpoint) in chunks of at most --long-chunk tokens up to
+                --long-tokens, each chunk sized to fit the rest of --long-budget-s; stopped early, it
+                marks itself incomplete. Time, tokens/s, state bytes per token per layer (total
+                State.nbytes() / tokens, and the growth: compressed entries and index keys).
+  ops           (in tiny, flash_decode, long_context) each kernel's speed-up over its spec function:
+                the arguments of every call a kernel gets during one step (tiny: a prefill and a
+                decode step; Flash: one decode step; long: one 32-token chunk after the prefill) are
+                recorded, then each call is timed with the kernel and with the spec on the same
+                inputs, and the results compared bit for bit.
 Timings are wall-clock (time.perf_counter) on a machine that may be shared: the load average at
 the start and end is recorded in the JSON ("machine").
 """
@@ -489,6 +499,8 @@ def job_flash_decode(ckpt: str, kernels: str, precision: str, warmup: int, steps
     per_token_experts = [touched_expert_bytes(sizes, ids) for ids in step_ids[warmup:]]
     kinds = non_expert_bytes(cfg, sizes, layers, distinct_tokens=1)
     read = sum(kinds.values()) + per_token_experts[best][0]
+    head_bytes = kinds.get("head", 0) + sum(sizes[n] for n in ("norm.weight", "hc_head_fn", "hc_head_base",
+                                                                  "hc_head_scale"))
     touched_experts, n_touched = touched_expert_bytes(sizes, {i: np.concatenate(v) for i, v in all_ids.items()})
     # embedding rows: every token this process ran (an upper bound when the state came from a file)
     n_distinct = len(set(fixed_tokens(start, cfg.vocab_size).tolist()) | set(toks.tolist()))
@@ -505,6 +517,9 @@ def job_flash_decode(ckpt: str, kernels: str, precision: str, warmup: int, steps
            "bytes_per_token": read, "non_expert_bytes_by_kind": kinds,
            "experts_per_token": per_token_experts[best][1],
            "effective_GBps": read / sec / GB,
+           # the split: the blocks' weights (with the experts) over the blocks' time, the head's over its own
+           "layers_effective_GBps": (read - head_bytes) / sum(layer_s.values()) / GB,
+           "head_effective_GBps": head_bytes / head_s / GB if head_s else None,
            "peak_rss_bytes": peak_rss_bytes(),
            "touched_bytes": sum(touched_kinds.values()) + touched_experts,
            "touched_experts": n_touched}
@@ -942,7 +957,8 @@ def markdown(report: dict) -> str:
                      f"{k['ms_per_token']:.0f} ms/token (layers " + ", ".join(f"{v:.0f}" for v in k["ms_per_layer"].values())
                      + f" ms, head {k['ms_head']:.0f} ms); {k['bytes_per_token'] / GB:.3f} GB read per token: "
                      f"{k['effective_GBps']:.2f} GB/s = **{k['effective_GBps'] / lim['read_GBps']:.3f}** of the read "
-                     "bandwidth", ">= 0.5"))
+                     f"bandwidth (blocks {k['layers_effective_GBps']:.2f} GB/s, head {k['head_effective_GBps']:.2f} GB/s)",
+                     ">= 0.5"))
         rows.append(("Flash decode peak RSS, kernels",
                      f"{k['peak_rss_bytes'] / GB:.2f} GB against {k['touched_bytes'] / GB:.2f} GB touched "
                      f"(excess {(k['peak_rss_bytes'] - k['touched_bytes']) / GiB:.2f} GiB)", "<= touched + 1 GiB"))
@@ -1006,7 +1022,8 @@ def flash_section(a, report, ratios, quick, bw, mm, prefill, budget) -> None:
         say(f"flash       decode at position {kern['position']}: {kern['ms_per_token']:.0f} ms/token ({kern['layers']} layers: "
             + ", ".join(f"{v:.0f}" for v in kern["ms_per_layer"].values())
             + f" ms/layer; head {kern['ms_head']:.0f} ms); {kern['bytes_per_token'] / GB:.3f} GB read per "
-            f"token -> {kern['effective_GBps']:.2f} GB/s = {frac:.2f} of the read bandwidth (target 0.5); peak RSS "
+            f"token -> {kern['effective_GBps']:.2f} GB/s = {frac:.2f} of the read bandwidth (target 0.5; blocks "
+            f"{kern['layers_effective_GBps']:.2f} GB/s, head {kern['head_effective_GBps']:.2f} GB/s); peak RSS "
             f"{kern['peak_rss_bytes'] / GB:.2f} GB vs {kern['touched_bytes'] / GB:.2f} GB touched (excess "
             f"{(kern['peak_rss_bytes'] - kern['touched_bytes']) / GiB:.2f} GiB; target <= 1 GiB)")
         _print_ops("flash", kern.get("ops", {}))
