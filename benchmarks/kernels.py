@@ -695,7 +695,7 @@ def run_child(cmd: list[str], env: dict | None = None, timeout: float | None = N
     """Run cmd; -> {"rc", "s" (wall), "peak_rss_bytes" (ru_maxrss of that child), "stdout", "stderr"}."""
     with tempfile.TemporaryFile() as so, tempfile.TemporaryFile() as se:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=so, stderr=se, env=env)
+        p = subprocess.Popen(cmd, stdout=so, stderr=se, env=dict(env or os.environ, **CHILD_ENV))
         deadline = None if timeout is None else t0 + timeout
         timed_out = False
         while True:
@@ -717,6 +717,7 @@ def run_child(cmd: list[str], env: dict | None = None, timeout: float | None = N
 
 
 JOB_TIMEOUT_S = 3600.0                   # --job-timeout-s: a job still running then is killed and reported
+CHILD_ENV: dict[str, str] = {}           # set for every subprocess (--numba-threads: NUMBA_NUM_THREADS)
 
 
 def run_job(name: str, **kwargs) -> dict:
@@ -828,6 +829,8 @@ def main(argv=None) -> int:
                     help="only: cProfile one Flash-dimension decode step (--ckpt, --kernels) and print what dominates")
     ap.add_argument("--job-timeout-s", type=float, default=JOB_TIMEOUT_S,
                     help="kill a measurement still running after this many seconds (reported as an error)")
+    ap.add_argument("--numba-threads", type=int, default=None,
+                    help="NUMBA_NUM_THREADS for every measurement (default: as the environment has it)")
     ap.add_argument("--markdown", action="store_true", help="also print the figures as a Markdown table "
                                                                  "(before the JSON line)")
     ap.add_argument("--worker", nargs=2, metavar=("JOB", "ARGS"), help=argparse.SUPPRESS)
@@ -836,6 +839,8 @@ def main(argv=None) -> int:
         worker(*a.worker)
         return 0
     JOB_TIMEOUT_S = a.job_timeout_s
+    if a.numba_threads is not None:
+        CHILD_ENV["NUMBA_NUM_THREADS"] = str(a.numba_threads)
 
     if a.profile:
         r = run_job("profile", ckpt=a.ckpt, kernels=a.kernels, precision=a.precision, position=a.decode_position,
@@ -862,7 +867,8 @@ def main(argv=None) -> int:
                     "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                                 "cpus": os.cpu_count(), "python": platform.python_version(),
                                 "numpy": np.__version__, "load_average_start": load_average()},
-                    "kernels": a.kernels, "precision": a.precision, "kernel_ops": kernel_ops(a.kernels)}
+                    "kernels": a.kernels, "precision": a.precision, "kernel_ops": kernel_ops(a.kernels),
+                    "numba_num_threads_env": CHILD_ENV.get("NUMBA_NUM_THREADS", os.environ.get("NUMBA_NUM_THREADS"))}
     try:
         import refimpl
         report["refimpl"] = refimpl.__version__
