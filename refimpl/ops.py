@@ -31,12 +31,20 @@ BACKENDS = ("numpy", "numba", "cuda")
 # operation as the backend it falls back to (FALLBACK), and in the end as its spec function.
 KERNELS: dict[str, dict[str, str]] = {
     "numba": {},
-    "cuda": {},
+    "cuda": {
+        "sparse_attention": "refimpl.cuda.attention:sparse_attention",
+        "quantized_linear": "refimpl.cuda.linear:quantized_linear",
+        "matmul": "refimpl.cuda.linear:matmul",
+        "gated_pool": "refimpl.cuda.compressor:gated_pool",
+        "indexer": "refimpl.cuda.indexer:indexer",
+        "index_scores": "refimpl.cuda.indexer:index_scores",
+        "split_sinkhorn": "refimpl.cuda.hyperconn:split_sinkhorn",
+    },
 }
 FALLBACK = {"cuda": "numba", "numba": "numpy"}
 # backend -> "module:function" called (no arguments) when a selection using it is made: raises a
 # ValueError saying why the backend cannot run here (for example, no usable GPU)
-AVAILABILITY: dict[str, str] = {}
+AVAILABILITY: dict[str, str] = {"cuda": "refimpl.cuda:check_available"}
 
 SPEC: dict[str, object] = {}                     # operation name -> its spec function (filled by @swappable)
 _active = contextvars.ContextVar("refimpl_kernels", default=None)

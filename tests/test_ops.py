@@ -23,7 +23,7 @@ def test_parse_kernels_defaults_and_overrides():
     ("numpy,rms_norm", "OPERATION=BACKEND"),
     ("numpy,rms_norm=gpu", "OPERATION=BACKEND"),
     ("numpy,no_such_op=numpy", "no swappable operation"),
-    ("numpy,split_sinkhorn=cuda", "no cuda kernel for split_sinkhorn"),
+    ("numpy,rms_norm=cuda", "no cuda kernel for rms_norm"),
 ])
 def test_parse_kernels_refuses_naming_the_problem(text, words):
     with pytest.raises(ops.KernelError, match=words):

@@ -59,6 +59,7 @@ class CompressorState:
         return CompressorState(kv=np.zeros(shape, dt), score=np.full(shape, -np.inf, dt))
 
 
+@swappable
 def gated_pool(kv: np.ndarray, score: np.ndarray, prec: str) -> np.ndarray:
     """Σ_t softmax_t(score)·kv per channel over the pool axis 2 (M:L342, L352, L359). [b,n,P,d] -> [b,n,d] fp32."""
     return reduce_sum(kv * softmax(score, axis=2, prec=prec), 2, prec)   # softmax one op; fp32 products; exact sum
