@@ -32,7 +32,8 @@ def _positive(v) -> bool:
 
 
 def test_smallest_mode_prints_positive_ratios(tiny_ckpt):
-    r = subprocess.run([sys.executable, str(SCRIPT), "--smallest", "--tiny-ckpt", str(tiny_ckpt)],
+    # one Numba thread: on a busy 2-core machine the kernels' parallel regions wait for a second core
+    r = subprocess.run([sys.executable, str(SCRIPT), "--smallest", "--tiny-ckpt", str(tiny_ckpt), "--numba-threads", "1"],
                        capture_output=True, text=True, env=dict(os.environ), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])          # the last line is the JSON object
@@ -41,6 +42,7 @@ def test_smallest_mode_prints_positive_ratios(tiny_ckpt):
     lim = report["limits"]
     assert _positive(lim["read_GBps"]) and _positive(lim["sgemm_GFLOPs"])
     assert lim["threads"]["cpu_count"] >= 1
+    assert report["numba_num_threads_env"] == "1"
     tiny = report["tiny"]
     assert "error" not in tiny, tiny
     for side in ("spec", "kernels"):
