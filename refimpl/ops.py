@@ -30,7 +30,15 @@ BACKENDS = ("numpy", "numba", "cuda")
 # backend -> operation -> "module:function". A backend without an entry for an operation runs the
 # operation as the backend it falls back to (FALLBACK), and in the end as its spec function.
 KERNELS: dict[str, dict[str, str]] = {
-    "numba": {},
+    "numba": {
+        "sparse_attention": "refimpl.kernels.attention:sparse_attention",
+        "index_topk": "refimpl.kernels.indexer:index_topk",
+        "split_sinkhorn": "refimpl.kernels.hyperconn:split_sinkhorn",
+        "rms_norm": "refimpl.kernels.norm:rms_norm",
+        "head_rms_norm": "refimpl.kernels.norm:head_rms_norm",
+        "apply_rope": "refimpl.kernels.rope:apply_rope",
+        "gated_pool": "refimpl.kernels.compressor:gated_pool",
+    },
     "cuda": {
         "sparse_attention": "refimpl.cuda.attention:sparse_attention",
         "quantized_linear": "refimpl.cuda.linear:quantized_linear",

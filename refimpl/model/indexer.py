@@ -51,6 +51,30 @@ def index_scores(q: np.ndarray, keys: np.ndarray, weights: np.ndarray, prec: str
 
 
 @swappable
+def index_topk(q: np.ndarray, keys: np.ndarray, weights: np.ndarray, start_pos: int, ratio: int, index_topk: int,
+               prec: str):
+    """Scores and top-k entries of every query of a call (query t = start_pos + si sees entries e < (t+1)//ratio).
+
+    q [b,s,i,j], keys [b,n,j], weights [b,s,i] -> (topk [b,s,min(index_topk, (start_pos+s)//ratio)] int64,
+    descending score, ties to the lower entry, -1 padded; scores [b,s,n], -inf where not visible).
+    """
+    dt = work_dtype(prec)
+    b, s = q.shape[:2]
+    width = min(index_topk, (start_pos + s) // ratio)                   # official: topk(min(topk, end_pos//m))
+    topk = np.full((b, s, width), -1, dtype=np.int64)
+    scores = np.full((b, s, keys.shape[1]), -np.inf, dtype=dt)
+    for bi in range(b):
+        for si in range(s):
+            visible = (start_pos + si + 1) // ratio                      # entry e visible iff m(e+1) <= t+1
+            if visible == 0:
+                continue
+            sc = index_scores(q[bi, si], keys[bi, :visible], weights[bi, si], prec)   # [visible]
+            scores[bi, si, :visible] = sc
+            topk[bi, si, :min(index_topk, visible)] = top_k(sc, min(index_topk, visible))
+    return topk, scores
+
+
+@swappable
 def indexer(x: np.ndarray, qr: np.ndarray, start_pos: int, state: IndexerState, w: IndexerWeights,
             table: RopeTable, cfg, layer: int, prec: str, revision: str, trace=None):
     """Select compressed entries per query. x [b,s,c], qr [b,s,q] -> (topk [b,s,k] int64 -1 padded, state)."""
@@ -66,25 +90,17 @@ def indexer(x: np.ndarray, qr: np.ndarray, start_pos: int, state: IndexerState, 
     weights = bf16_linear(x, w.weights_proj, prec)                      # [b, s, i]
     weights = bf16(weights * dt(hd ** -0.5 * n_heads ** -0.5), prec)    # official: * (softmax_scale * i^-0.5)
 
-    width = min(cfg.index_topk, (start_pos + s) // m)                   # official: topk(min(topk, end_pos//m))
-    topk = np.full((b, s, width), -1, dtype=np.int64)
-    scores = np.full((b, s, keys.shape[1]), -np.inf, dtype=dt)
+    topk, scores = index_topk(q, keys.astype(dt), weights, start_pos, m, cfg.index_topk, prec)
     replay = replay_of(trace)                                           # forced entries (oracle/replay.py)
     if replay is not None and layer in replay.topk and b != 1:
         raise ValueError("replay forces the choices of one sequence; run a batch of 1")
-    for bi in range(b):
-        for si in range(s):
-            visible = (start_pos + si + 1) // m                          # entry e visible iff m(e+1) <= t+1
-            if visible == 0:
-                continue
-            sc = index_scores(q[bi, si], keys[bi, :visible].astype(dt), weights[bi, si], prec)   # [visible]
-            scores[bi, si, :visible] = sc
-            k = min(cfg.index_topk, visible)
-            forced = None if replay is None else replay.entries(layer, start_pos + si)
-            if forced is None:
-                topk[bi, si, :k] = top_k(sc, k)
-            else:                                                       # replay: the source's set, its order
-                topk[bi, si, :len(forced)] = forced
+    if replay is not None:
+        for bi in range(b):
+            for si in range(s):
+                forced = None if (start_pos + si + 1) // m == 0 else replay.entries(layer, start_pos + si)
+                if forced is not None:                                  # replay: the source's set, its order
+                    topk[bi, si] = -1
+                    topk[bi, si, :len(forced)] = forced
     t = start_pos + np.arange(s)                                        # query positions
     hidden = np.arange(keys.shape[1])[None, :] >= ((t + 1) // m)[:, None]   # [s, n] not visible: -inf
     record(trace, f"layers.{layer}.attn.indexer.scores", scores, hidden=hidden)

@@ -24,6 +24,7 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, *, eps: float, prec: str) -> np.
     return bf16(np.asarray(weight).astype(dt) * y, prec)               # weight fp32 (upcast of bf16); .to(bf16)
 
 
+@swappable
 def head_rms_norm(q: np.ndarray, *, eps: float, prec: str) -> np.ndarray:
     """Weightless per-head RMS norm of q, emulating the official bf16 tensor ops. q: [..., d] -> [..., d].
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from refimpl.numerics import bf16, f32, power, work_dtype
+from refimpl.ops import swappable
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ def layer_rope_table(positions: np.ndarray, cfg, layer: int, prec: str) -> RopeT
                       beta_fast=cfg.beta_fast, beta_slow=cfg.beta_slow, prec=prec)
 
 
+@swappable
 def apply_rope(x: np.ndarray, table: RopeTable, prec: str, *, inverse: bool = False) -> np.ndarray:
     """Rotate the last p dims of x by position. x: [b, s, (heads,) d], table [s, p/2] -> same shape."""
     dt = work_dtype(prec)

@@ -208,9 +208,9 @@ def _visibility_t_over_m(mp):
     # compressed entry i visible to query t iff m(i+1) <= t instead of <= t+1: t//m entries, not (t+1)//m
     mp.setattr(attention_mod, "compressed_indices",
                mutated(attention_mod.compressed_indices, [("(t + 1) // ratio", "t // ratio")]))
-    mp.setattr(attention_mod, "indexer", mutated(indexer_mod.indexer, [
-        ("visible = (start_pos + si + 1) // m", "visible = (start_pos + si) // m"),
-        ("((t + 1) // m)", "(t // m)")]))
+    mp.setattr(indexer_mod, "index_topk", mutated(indexer_mod.index_topk, [
+        ("visible = (start_pos + si + 1) // ratio", "visible = (start_pos + si) // ratio")]))
+    mp.setattr(attention_mod, "indexer", mutated(indexer_mod.indexer, [("((t + 1) // m)", "(t // m)")]))
 
 
 def _sink_in_max(mp):

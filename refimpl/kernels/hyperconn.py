@@ -1,0 +1,148 @@
+"""Numba kernel of the mHC mix split with Sinkhorn normalisation (spec: refimpl/model/hyperconn.py).
+
+    split_sinkhorn(mixes, scale, base, *, n, iters, eps, prec)
+        mixes [.., (2+n)·n] -> pre [.., n], post [.., n], comb [.., n, n]      (K:L386-425)
+
+One row of mixes per task (prange). mirror: every fp32 op of the official kernel is one fp32 op
+here (products, sums with base and eps, divisions); sigmoid and exp are computed in float64 and
+rounded once to fp32 (numerics.sigmoid / exp), and each row or column sum of comb is a float64
+sum in index order (what NumPy does for these short axes), rounded once. float64: the same steps
+in float64; float32: in float64, rounded once at the end (the spec rounds each step to fp32; the
+two agree within float32 rounding of the Sinkhorn iterations, see the tests).
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from refimpl.kernels.threads import serial_below
+from refimpl.numerics import check_precision, work_dtype
+
+
+@numba.njit(cache=True, inline="always")
+def _sigmoid64(v):
+    """numerics.sigmoid's formula in float64: 1/(1+e) or e/(1+e), e = exp(-|v|)."""
+    e = math.exp(-abs(v))
+    return 1.0 / (1.0 + e) if v >= 0 else e / (1.0 + e)
+
+
+@numba.njit(cache=True)
+def _mirror_row(mx, scale, base, n, iters, eps, pre, post, comb, r):
+    """Row r in mirror rounding (fp32 ops, float64 sigmoid/exp/sums rounded once)."""
+    eps32 = np.float32(eps)
+    for j in range(n):
+        v = np.float32(np.float32(np.float32(mx[r, j]) * scale[0]) + base[j])
+        pre[r, j] = np.float32(_sigmoid64(np.float64(v))) + eps32
+        v = np.float32(np.float32(np.float32(mx[r, n + j]) * scale[1]) + base[n + j])
+        post[r, j] = np.float32(2.0) * np.float32(_sigmoid64(np.float64(v)))
+    c = np.empty((n, n), np.float32)
+    for j in range(n):
+        for k in range(n):
+            c[j, k] = np.float32(np.float32(np.float32(mx[r, 2 * n + j * n + k]) * scale[2]) + base[2 * n + j * n + k])
+    for j in range(n):                                   # comb.softmax(-1) + eps: T.exp, T.reduce_sum, divide
+        m = c[j, 0]
+        for k in range(1, n):
+            if c[j, k] > m:
+                m = c[j, k]
+        tot = 0.0
+        for k in range(n):
+            c[j, k] = np.float32(math.exp(np.float64(np.float32(c[j, k] - m))))
+            tot += np.float64(c[j, k])
+        tot32 = np.float32(tot)
+        for k in range(n):
+            c[j, k] = np.float32(c[j, k] / tot32) + eps32
+    for it in range(iters):
+        if it > 0:                                       # row step (every iteration after the first)
+            for j in range(n):
+                tot = 0.0
+                for k in range(n):
+                    tot += np.float64(c[j, k])
+                den = np.float32(tot) + eps32
+                for k in range(n):
+                    c[j, k] = np.float32(c[j, k] / den)
+        for k in range(n):                               # column step
+            tot = 0.0
+            for j in range(n):
+                tot += np.float64(c[j, k])
+            den = np.float32(tot) + eps32
+            for j in range(n):
+                c[j, k] = np.float32(c[j, k] / den)
+    for j in range(n):
+        for k in range(n):
+            comb[r, j, k] = c[j, k]
+
+
+@numba.njit(cache=True)
+def _exact_row(mx, scale, base, n, iters, eps, pre, post, comb, r):
+    """Row r in float64 (outputs in their own dtype)."""
+    for j in range(n):
+        pre[r, j] = _sigmoid64(np.float64(mx[r, j]) * scale[0] + base[j]) + eps
+        post[r, j] = 2.0 * _sigmoid64(np.float64(mx[r, n + j]) * scale[1] + base[n + j])
+    c = np.empty((n, n), np.float64)
+    for j in range(n):
+        for k in range(n):
+            c[j, k] = np.float64(mx[r, 2 * n + j * n + k]) * scale[2] + base[2 * n + j * n + k]
+    for j in range(n):
+        m = c[j, 0]
+        for k in range(1, n):
+            if c[j, k] > m:
+                m = c[j, k]
+        tot = 0.0
+        for k in range(n):
+            c[j, k] = math.exp(c[j, k] - m)
+            tot += c[j, k]
+        for k in range(n):
+            c[j, k] = c[j, k] / tot + eps
+    for it in range(iters):
+        if it > 0:
+            for j in range(n):
+                tot = 0.0
+                for k in range(n):
+                    tot += c[j, k]
+                for k in range(n):
+                    c[j, k] = c[j, k] / (tot + eps)
+        for k in range(n):
+            tot = 0.0
+            for j in range(n):
+                tot += c[j, k]
+            for j in range(n):
+                c[j, k] = c[j, k] / (tot + eps)
+    for j in range(n):
+        for k in range(n):
+            comb[r, j, k] = c[j, k]
+
+
+@numba.njit(cache=True, parallel=True)
+def _split_sinkhorn(mx, scale, base, n, iters, eps, mirror, pre, post, comb):
+    for r in numba.prange(mx.shape[0]):
+        if mirror:
+            _mirror_row(mx, scale, base, n, iters, eps, pre, post, comb, r)
+        else:
+            _exact_row(mx, scale, base, n, iters, eps, pre, post, comb, r)
+
+
+def split_sinkhorn(mixes, scale, base, *, n, iters, eps, prec):
+    """Kernel of model.hyperconn.split_sinkhorn (same signature and results; see the module docstring)."""
+    check_precision(prec)
+    dt = work_dtype(prec)
+    mixes = np.asarray(mixes)
+    x = (2 + n) * n
+    if mixes.shape[-1:] != (x,) or np.shape(base) != (x,) or np.shape(scale) != (3,):
+        raise ValueError(f"split_sinkhorn: need mixes [.., {x}], base [{x}], scale [3] for n={n}; got "
+                         f"{mixes.shape}, {np.shape(base)}, {np.shape(scale)}")
+    if iters < 1:
+        raise ValueError(f"split_sinkhorn: iters must be >= 1, got {iters}")
+    lead = mixes.shape[:-1]
+    mx = np.require(mixes.reshape(-1, x).astype(dt, copy=False), None, ["C", "W"])
+    inside = np.float32 if prec == "mirror" else np.float64
+    sc, bs = np.asarray(scale).astype(dt).astype(inside), np.asarray(base).astype(dt).astype(inside)
+    rows = mx.shape[0]
+    pre, post = np.empty((rows, n), dt), np.empty((rows, n), dt)
+    comb = np.empty((rows, n, n), dt)
+    eps_in = float(dt(eps))                              # spec: eps = dt(eps)
+    if rows:
+        with serial_below(rows * n * n * (2 * iters + 4) * 8):
+            _split_sinkhorn(mx, sc, bs, n, int(iters), eps_in, prec == "mirror", pre, post, comb)
+    return pre.reshape(*lead, n), post.reshape(*lead, n), comb.reshape(*lead, n, n)
