@@ -13,9 +13,10 @@ those functions are the spec. A model runs under a kernel selection (`load(..., 
     "cuda"                            the numba.cuda kernels (refimpl/cuda/) on a GPU, the rest as "numba"
                                       would run it
 
-A kernel has its spec function's signature and is tested against it (tests/kernels/). Kernel
-modules are named here by path and imported on first use, so `import refimpl` and the NumPy
-path never import Numba or compile anything.
+The default selection is "numba", or the environment variable REFIMPL_KERNELS when it is set
+(REFIMPL_KERNELS=numpy runs any program on the spec path). A kernel has its spec function's
+signature and is tested against it (tests/kernels/). Kernel modules are named here by path and
+imported on first use, so `import refimpl` and the NumPy path never import Numba or compile anything.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import contextlib
 import contextvars
 import functools
 import importlib
+import os
 from dataclasses import dataclass
 
 BACKENDS = ("numpy", "numba", "cuda")
@@ -38,13 +40,19 @@ KERNELS: dict[str, dict[str, str]] = {
         "head_rms_norm": "refimpl.kernels.norm:head_rms_norm",
         "apply_rope": "refimpl.kernels.rope:apply_rope",
         "gated_pool": "refimpl.kernels.compressor:gated_pool",
+        # the products and the MoE experts (refimpl/kernels/linear.py, moe.py)
+        "quantized_linear": "refimpl.kernels.linear:quantized_linear",
+        "fp32_linear": "refimpl.kernels.linear:fp32_linear",
+        "bf16_linear": "refimpl.kernels.linear:bf16_linear",
+        "grouped_wo_a": "refimpl.kernels.linear:grouped_wo_a",
+        "expert_sum": "refimpl.kernels.moe:expert_sum",
     },
     "cuda": {
         "sparse_attention": "refimpl.cuda.attention:sparse_attention",
         "quantized_linear": "refimpl.cuda.linear:quantized_linear",
         "matmul": "refimpl.cuda.linear:matmul",
         "gated_pool": "refimpl.cuda.compressor:gated_pool",
-        "indexer": "refimpl.cuda.indexer:indexer",
+        "index_topk": "refimpl.cuda.indexer:index_topk",
         "index_scores": "refimpl.cuda.indexer:index_scores",
         "split_sinkhorn": "refimpl.cuda.hyperconn:split_sinkhorn",
     },
@@ -96,10 +104,21 @@ def kernel_ops(backend: str) -> list[str]:
     return sorted(KERNELS.get(backend, {}))
 
 
+DEFAULT = "numba"
+
+
+def default_kernels() -> str:
+    """The selection used when none is given: $REFIMPL_KERNELS, else "numba"."""
+    return os.environ.get("REFIMPL_KERNELS") or DEFAULT
+
+
 def parse_kernels(text) -> Kernels:
-    """"numba" or "numba,op=numpy,..." (or a Kernels) -> Kernels; KernelError naming what is wrong."""
+    """"numba" or "numba,op=numpy,..." (or a Kernels; None: default_kernels()) -> Kernels; KernelError naming
+    what is wrong."""
     if isinstance(text, Kernels):
         return text
+    if text is None:
+        text = default_kernels()
     if not isinstance(text, str):
         raise KernelError(f"kernels must be a string such as 'numba' or 'numpy', got {type(text).__name__}")
     parts = [p.strip() for p in text.split(",")]

@@ -188,7 +188,7 @@ MUTATIONS = [
     ("attention: official prefill window part W wide (the decode layout everywhere)", A,
      [('return min(s, window) if layout == "official" and start_pos == 0 else window', "return window")]),
     ("attention: wo_a output not bf16", A,
-     [("u = np.stack([bf16_linear(o[:, :, gi], wo_a[gi], prec)", "u = np.stack([fp32_linear(o[:, :, gi], wo_a[gi], prec)"),
+     [("return np.stack([bf16_linear(o[:, :, gi], w[gi], prec)", "return np.stack([fp32_linear(o[:, :, gi], w[gi], prec)"),
       ("import Fp8Matrix, bf16_linear, product,", "import Fp8Matrix, bf16_linear, fp32_linear, product,")]),
     # MoE
     ("moe: silu in float32, not one op", E, [("h = silu(gate, prec) * up", "h = silu(gate) * up")]),
@@ -242,7 +242,8 @@ def scratch_copy() -> Path:
 
 def pytest(copy: Path, args: list[str]) -> tuple[bool, str]:
     """Run pytest in the copy; (passed, first failing test id or "")."""
-    env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
+    # the spec path: a model runs the (mutated) spec functions, not the kernels that replace them
+    env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1", REFIMPL_KERNELS="numpy")
     r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args],
                        cwd=copy, env=env, capture_output=True, text=True)
     failed = re.search(r"^(?:FAILED|ERROR) (\S+)", r.stdout, re.M)

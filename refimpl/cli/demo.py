@@ -78,7 +78,7 @@ def _valid_tiny(path: Path) -> bool:
         return False
 
 
-def run_demo(path: Path, *, max_new_tokens: int = 8, precision: str = "mirror", kernels="numpy") -> int:
+def run_demo(path: Path, *, max_new_tokens: int = 8, precision: str = "mirror", kernels=None) -> int:
     from refimpl.formats.encoding import encode_messages
     from refimpl.generate import generate
     from refimpl.formats.weights import load
@@ -94,6 +94,10 @@ def run_demo(path: Path, *, max_new_tokens: int = 8, precision: str = "mirror", 
     ids = tok.encode(prompt)
     print(f"prompt      {prompt!r}")
     print(f"            {len(ids)} tokens, precision {precision}, layout canonical")
+    t1 = time.perf_counter()
+    model.forward(ids[:2])                  # compiles the kernels (first run) or loads them from Numba's cache
+    print(f"kernels     {model.kernels}: ready in {time.perf_counter() - t1:.1f} s (a first run compiles them, "
+          f"later runs load them from the cache)")
 
     g = generate(model, ids, max_new_tokens=max_new_tokens, stop_on_eos=False)
     print(f"prefill     {g.prefill_s * 1000:.0f} ms ({len(ids)} tokens)")

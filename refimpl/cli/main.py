@@ -313,9 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def kernels_opt(q):
-        q.add_argument("--kernels", type=_kernels, default="numpy",
-                       help="numpy (the spec functions, default), numba (the kernels), or per operation, e.g. "
-                            "numba,sparse_attention=numpy (refimpl/ops.py)")
+        q.add_argument("--kernels", type=_kernels, default=None,
+                       help="numba (the Numba kernels; the default, or $REFIMPL_KERNELS), numpy (the readable spec "
+                            "functions), or per operation, e.g. numba,sparse_attention=numpy (refimpl/ops.py)")
 
     def model_opts(q):
         q.add_argument("ckpt", help="checkpoint directory (config.json + safetensors)")

@@ -1,9 +1,9 @@
 """CUDA kernels of the lightning indexer's scoring and top-k (spec: refimpl/model/indexer.py).
 
-`indexer` has the spec's signature and runs the spec's steps (the q projection, RoPE, Hadamard +
-FP4 QDQ, the indexer's compressor, weights_proj: each a swappable operation, so the products run
-on the device too), then scores and selects for every query of the call in two launches instead
-of the spec's loop over queries:
+`index_topk` has the spec's signature (the spec's `indexer` runs its other steps: the q projection,
+RoPE, Hadamard + FP4 QDQ, the indexer's compressor, weights_proj, replay, the trace sites; each a
+swappable operation, so the products run on the device too) and scores and selects for every query
+of the call in two launches instead of the spec's loop over queries:
 
     index_scores_kernel   one thread per (batch, query, entry): I = Σ_h w[h]·ReLU(q[h]·K_e) with the
                           spec's roundings (mirror: bf16(fp32(q·K)), bf16(fp32(relu·w)), the sum
@@ -26,15 +26,8 @@ from numba import cuda
 
 from refimpl.cuda.device import MODE_FLOAT64, MODE_MIRROR, bf16_if, device_function, mul, rnd
 from refimpl.cuda.host import check_mode, launch_1d, to_device, to_host
-from refimpl.model.compressor import compress
-from refimpl.model.indexer import IndexerState
-from refimpl.model.linear import bf16_linear, quantized_linear
-from refimpl.model.rope import apply_rope
-from refimpl.numerics import FP4_BLOCK, bf16, hadamard, qdq_fp4, work_dtype
-from refimpl.oracle.replay import replay_of
-from refimpl.oracle.trace import record
 
-__all__ = ["indexer", "index_scores"]
+__all__ = ["index_topk", "index_scores"]
 
 
 @cuda.jit
@@ -114,44 +107,23 @@ def index_scores(q: np.ndarray, keys: np.ndarray, weights: np.ndarray, prec: str
     return to_host(d)[0, 0]
 
 
-def indexer(x: np.ndarray, qr: np.ndarray, start_pos: int, state: IndexerState, w, table, cfg, layer: int,
-            prec: str, revision: str, trace=None):
-    """Same signature and results as indexer.indexer: x [b,s,c], qr [b,s,q] -> (topk [b,s,k] int64 -1 padded, state)."""
-    mode, _ = check_mode(prec)
-    dt = work_dtype(prec)
-    b, s, _ = x.shape
-    n_heads, hd, m = cfg.index_n_heads, cfg.index_head_dim, cfg.compress_ratio(layer)
-    # the spec's steps (official: model.py Indexer, M:L380-433)
-    q = quantized_linear(qr, w.wq_b, prec).reshape(b, s, n_heads, hd)   # [b, s, i, j]
-    q = apply_rope(q, table, prec)
-    q = qdq_fp4(bf16(hadamard(q, prec), prec), prec, block=FP4_BLOCK)   # official: rotate_activation; fp4 sim
-    new_keys, cstate = compress(x, start_pos, state.compressor, w.compressor, cfg, layer, prec,
-                                ratio=m, head_dim=hd, rotate=True, revision=revision)
-    keys = np.concatenate([state.keys, new_keys.astype(state.keys.dtype)], axis=1)  # [b, (start_pos+s)//m, j]
-    weights = bf16_linear(x, w.weights_proj, prec)                      # [b, s, i]
-    weights = bf16(weights * dt(hd ** -0.5 * n_heads ** -0.5), prec)    # official: * (softmax_scale * i^-0.5)
-
-    width = min(cfg.index_topk, (start_pos + s) // m)                   # official: topk(min(topk, end_pos//m))
-    replay = replay_of(trace)
-    if replay is not None and layer in replay.topk and b != 1:
-        raise ValueError("replay forces the choices of one sequence; run a batch of 1")
-    d_scores = _scores(q, keys.astype(dt), weights, start_pos, m, mode, dt)   # [b, s, n] on the device
+def index_topk(q: np.ndarray, keys: np.ndarray, weights: np.ndarray, start_pos: int, ratio: int, index_topk: int,
+               prec: str):
+    """Same signature and results as indexer.index_topk: q [b,s,i,j], keys [b,n,j], weights [b,s,i] ->
+    (topk [b,s,min(index_topk, (start_pos+s)//ratio)] int64 -1 padded, scores [b,s,n] -inf where not visible)."""
+    mode, dt = check_mode(prec)
+    q, keys, weights = np.asarray(q), np.asarray(keys), np.asarray(weights)
+    b, s = q.shape[:2]
+    if q.ndim != 4 or keys.ndim != 3 or keys.shape[0] != b or keys.shape[2] != q.shape[3] \
+            or weights.shape != q.shape[:3]:
+        raise ValueError(f"index_topk: need q [b,s,i,j], keys [b,n,j], weights [b,s,i]; got {q.shape}, "
+                         f"{keys.shape}, {weights.shape}")
+    width = min(index_topk, (start_pos + s) // ratio)                   # official: topk(min(topk, end_pos//m))
+    d_scores = _scores(q, keys, weights, start_pos, ratio, mode, dt)    # [b, s, n] on the device
     d_topk = cuda.to_device(np.full((b, s, width), -1, dtype=np.int64))
     if width:
-        launch_1d(topk_kernel, d_scores.size, d_scores, start_pos, m, cfg.index_topk, d_topk)
-    scores, topk = to_host(d_scores), to_host(d_topk)
-    if replay is not None:                                              # replay: the source's set, its order
-        for bi in range(b):
-            for si in range(s):
-                forced = replay.entries(layer, start_pos + si)
-                if forced is not None and (start_pos + si + 1) // m > 0:
-                    topk[bi, si] = -1
-                    topk[bi, si, :len(forced)] = forced
-    t = start_pos + np.arange(s)                                        # query positions
-    hidden = np.arange(keys.shape[1])[None, :] >= ((t + 1) // m)[:, None]   # [s, n] not visible: -inf
-    record(trace, f"layers.{layer}.attn.indexer.scores", scores, hidden=hidden)
-    record(trace, f"layers.{layer}.attn.indexer.topk", topk.astype(np.int32))
-    return topk, IndexerState(keys=keys, compressor=cstate)
+        launch_1d(topk_kernel, d_scores.size, d_scores, start_pos, ratio, index_topk, d_topk)
+    return to_host(d_topk), to_host(d_scores)
 
 
 def PTX_SIGNATURES():

@@ -333,12 +333,13 @@ def checkpoint_files(path) -> list[Path]:
 
 
 def load(path, *, precision: str = "float32", revision: str = "current", max_seq_len: int | None = None,
-         layout: str = "official", kernels: str = "numpy") -> Model:
+         layout: str = "official", kernels: str | None = None) -> Model:
     """A model over a memory-mapped checkpoint directory; nothing is dequantized until used.
 
     layout: "official" (each call's index layout as the official code has it) or "canonical" (one
     layout for every call: decode == prefill bit for bit in mirror too); see `Model`.
-    kernels: "numpy" (the spec functions), "numba" (the kernels), or per operation; refimpl/ops.py.
+    kernels: "numba" (the kernels; the default, or $REFIMPL_KERNELS), "numpy" (the spec functions), or per
+    operation, e.g. "numba,sparse_attention=numpy"; refimpl/ops.py.
     """
     if max_seq_len is not None and (not isinstance(max_seq_len, (int, np.integer)) or isinstance(max_seq_len, bool)):
         raise ConfigError(f"max_seq_len = {max_seq_len!r}: must be an int (a number of tokens)", field="max_seq_len")

@@ -205,6 +205,13 @@ def sparse_attn_query(qi: np.ndarray, kv: np.ndarray, sink: np.ndarray, idx: np.
     return acc / den[:, None]                                            # acc_o /= sum_exp (fp32)
 
 
+@swappable
+def grouped_wo_a(o: np.ndarray, wo_a: Fp8Matrix, groups: int, prec: str) -> np.ndarray:
+    """Step 6's grouped output projection (official einsum over groups, M:L538): o [b, s, g, h*d/g] -> [b, s, g, r]."""
+    w = wo_a.dequantize().reshape(groups, -1, o.shape[-1])            # [g, r, h*d/g] exact in bf16 (C:L137-141)
+    return np.stack([bf16_linear(o[:, :, gi], w[gi], prec) for gi in range(groups)], axis=2)
+
+
 def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: AttentionWeights, cfg,
               layer: int, prec: str, revision: str, trace=None, layout: str = "official"):
     """One layer's attention for tokens start_pos .. start_pos+s-1. x [b,s,c] -> ([b,s,c], state).
@@ -262,9 +269,8 @@ def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: Attention
     o = sparse_attention(q, rows, w.attn_sink, topk_idxs, cfg.softmax_scale, prec)   # [b, s, h, d]
     o = apply_rope(o, table, prec, inverse=True)                       # by the query position (docs/architecture.md §19.4)
     g = cfg.o_groups
-    wo_a = w.wo_a.dequantize().reshape(g, cfg.o_lora_rank, -1)        # [g, r, h*d/g] exact in bf16 (C:L137-141)
     o = o.reshape(b, s, g, -1)                                         # [b, s, g, h*d/g] head-major groups
-    u = np.stack([bf16_linear(o[:, :, gi], wo_a[gi], prec) for gi in range(g)], axis=2)   # [b, s, g, r]
+    u = grouped_wo_a(o, w.wo_a, g, prec)                               # [b, s, g, r]
     out = quantized_linear(u.reshape(b, s, -1), w.wo_b, prec)          # [b, s, c]
     record(trace, f"layers.{layer}.attn.out", out)
     return out, AttentionState(window=new_window, compressed=compressed, compressor=cstate, indexer=istate)

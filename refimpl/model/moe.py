@@ -98,6 +98,25 @@ def expert(x: np.ndarray, w: ExpertWeights, prec: str, *, swiglu_limit: float,
 
 
 @swappable
+def expert_sum(flat: np.ndarray, ids: np.ndarray, weights: np.ndarray, w: MoEWeights, cfg, prec: str,
+               revision: str) -> np.ndarray:
+    """The fp32 accumulator of the MoE output: routed experts in ascending id, then the shared expert.
+
+    flat [T, c] (bf16 values), ids [T, a] int64, weights [T, a] -> y [T, c] (fp32; float64 in float64 mode).
+    """
+    dt = work_dtype(prec)
+    y = np.zeros(flat.shape, dt)                                   # fp32 accumulator
+    for e in np.unique(ids):                                       # ascending expert id (docs/architecture.md §19.31)
+        rows, slot = np.nonzero(ids == e)
+        out = expert(flat[rows], w.experts[e], prec, swiglu_limit=cfg.swiglu_limit,
+                     weights=weights[rows, slot][:, None])
+        y[rows] += out                                             # fp32 add of the bf16 output
+    # the shared expert: clamp only in the current revision (docs/architecture.md §18)
+    limit = cfg.swiglu_limit if revision == "current" else 0.0
+    return y + expert(flat, w.shared, prec, swiglu_limit=limit)   # shared expert last
+
+
+@swappable
 def moe(x: np.ndarray, tokens: np.ndarray, w: MoEWeights, cfg, layer: int, prec: str, revision: str,
         trace=None, *, start_pos: int = 0) -> np.ndarray:
     """The MoE sublayer. x [b,s,c], tokens [b,s] (positions start_pos..) -> [b,s,c]."""
@@ -114,15 +133,7 @@ def moe(x: np.ndarray, tokens: np.ndarray, w: MoEWeights, cfg, layer: int, prec:
         weights = forced[1].astype(dt)
     record(trace, f"layers.{layer}.ffn.expert_ids", ids.reshape(b, s, -1).astype(np.int32))
     record(trace, f"layers.{layer}.ffn.expert_weights", weights.reshape(b, s, -1))
-    y = np.zeros((b * s, c), dt)                                   # fp32 accumulator
-    for e in np.unique(ids):                                       # ascending expert id (docs/architecture.md §19.31)
-        rows, slot = np.nonzero(ids == e)
-        out = expert(flat[rows], w.experts[e], prec, swiglu_limit=cfg.swiglu_limit,
-                     weights=weights[rows, slot][:, None])
-        y[rows] += out                                             # fp32 add of the bf16 output
-    # the shared expert: clamp only in the current revision (docs/architecture.md §18)
-    limit = cfg.swiglu_limit if revision == "current" else 0.0
-    y = y + expert(flat, w.shared, prec, swiglu_limit=limit)      # shared expert last
+    y = expert_sum(flat, ids, weights, w, cfg, prec, revision)    # [b*s, c] fp32
     out = bf16(y, prec).reshape(b, s, c)                           # official: y.type_as(x)
     record(trace, f"layers.{layer}.ffn.out", out)
     return out

@@ -82,7 +82,7 @@ class Model:
     """
 
     def __init__(self, cfg, weights: ModelWeights, *, precision: str = "float32", revision: str = "current",
-                 layout: str = "official", kernels: str = "numpy"):
+                 layout: str = "official", kernels: str | None = None):
         check_precision(precision)
         check_layout(layout)
         if revision not in REVISIONS:

@@ -238,7 +238,7 @@ def compare_site(name: str, want: np.ndarray, got: np.ndarray, precision: str) -
 
 
 def verify(golden_dir=None, *, precisions=PRECISIONS, inputs: list[str] | None = None, ckpt=None,
-           progress=print, kernels="numpy") -> list[str]:
+           progress=print, kernels=None) -> list[str]:
     """Re-make (or find) the checkpoint, check its bytes, re-run every input; -> the failures (empty: passes).
 
     A set made from the tiny preset re-makes its checkpoint from the seed; a set made from a given

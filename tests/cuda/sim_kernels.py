@@ -231,7 +231,7 @@ def test_index_scores(seed, heads, n, j, prec):
 @pytest.mark.parametrize("prec, decode_from", [("float64", None), ("mirror", None), ("mirror", 7)])   # about 25 s
 def test_tiny_model_indexer_pool_and_sinkhorn_on_the_device_give_every_site(tiny_ckpt, prec, decode_from):
     """The tiny model (CSA layers with the indexer, HCA, mHC everywhere), 10 tokens, under
-    "numpy,indexer=cuda,gated_pool=cuda,split_sinkhorn=cuda" against "numpy": every trace site equal in
+    "numpy,index_topk=cuda,gated_pool=cuda,split_sinkhorn=cuda" against "numpy": every trace site equal in
     mirror (scores, top-k sets, compressed entries, logits), within the bound otherwise; also a 7-token
     prefill followed by decode steps at positions 7 (it completes a compressed entry) and 8."""
     import refimpl
@@ -239,7 +239,7 @@ def test_tiny_model_indexer_pool_and_sinkhorn_on_the_device_give_every_site(tiny
     tokens = np.random.default_rng(1).integers(2, 1280, 9 if decode_from else 10)
     ref = run_trace(refimpl.load(tiny_ckpt, precision=prec), tokens, decode_from=decode_from)
     dev = run_trace(refimpl.load(tiny_ckpt, precision=prec,
-                                 kernels="numpy,indexer=cuda,gated_pool=cuda,split_sinkhorn=cuda"), tokens,
+                                 kernels="numpy,index_topk=cuda,gated_pool=cuda,split_sinkhorn=cuda"), tokens,
                     decode_from=decode_from)
     assert ref.tensors.keys() == dev.tensors.keys()
     for name, want in ref.tensors.items():
@@ -263,7 +263,7 @@ def test_tiny_model_indexer_with_replayed_topk(tiny_ckpt):
         row = [visible - 1, 0][:visible] if visible else []
         forced[t, :len(row)] = row
     runs = [run_trace(refimpl.load(tiny_ckpt, precision="mirror", kernels=k), tokens, replay=Replay(topk={2: forced}))
-            for k in ("numpy", "numpy,indexer=cuda")]
+            for k in ("numpy", "numpy,index_topk=cuda")]
     assert np.array_equal(runs[1].tensors["layers.2.attn.indexer.topk"], forced.astype(np.int32))
     for name, want in runs[0].tensors.items():
         assert np.array_equal(runs[1].tensors[name], want), name

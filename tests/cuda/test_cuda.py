@@ -147,7 +147,7 @@ def _gpu_check(args, *, sim: bool, pre: str = ""):
 def test_gpu_check_in_the_simulator_with_three_kernels():
     """tools/gpu_check.py end to end in simulator mode (the kernels with few threads, so it stays short):
     says it is the simulator, compares every site (mirror: exact profile), exits 0."""
-    out = _gpu_check(["--tokens", "6", "--cuda-kernels", "numpy,indexer=cuda,gated_pool=cuda,split_sinkhorn=cuda"],
+    out = _gpu_check(["--tokens", "6", "--cuda-kernels", "numpy,index_topk=cuda,gated_pool=cuda,split_sinkhorn=cuda"],
                      sim=True)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
     assert "SIMULATOR MODE" in out.stdout and "not a GPU result" in out.stdout

@@ -1,0 +1,465 @@
+"""Numba kernels of the products in refimpl/model/linear.py (and attention's grouped wo_a).
+
+    quantized_linear   FP8 128x128 / packed FP4 1x32 weights read as bytes and decoded on the fly
+    fp32_linear        bf16 (or fp32) weights read as their bits (no converted copy of the matrix)
+    bf16_linear        the same, output rounded to bf16
+    grouped_wo_a       attention step 6: o_g @ wo_a[g]ᵀ for each group, from the FP8 bytes
+
+One kernel, `product_kernel` (and `product_kernel_serial`, the same operations on one thread for
+small products), does all of them. Order of every output element: the input columns are taken
+in blocks of 128; lane l (column k0 + l of each block; for FP4 the block's even columns, then its
+odd ones, as a packed byte holds two) accumulates in float64 (x · block scale) · raw weight over
+the blocks in ascending order; then the 128 lanes are added in ascending order. The order
+depends on the weight's shape only, so a row of x gives the same output alone or among any
+number of rows (a single row takes a fused path with the same operations), on any number of
+threads. The lanes are what LLVM vectorizes without reassociating anything (no fastmath).
+
+Exactness (mirror). The activations of an FP8/FP4 product are e4m3 values times a power of two
+per 1x128 block (act_fp8) and the weights e4m3 / e2m1 values times powers of two: every product
+is exact in float64, and so is every scaling by a power of two. Only the additions round: the
+kernel and the spec (a float64 BLAS product, row by row) add the same exact products in
+different orders, their float64 sums differ by a few float64 ulps at most, and the one rounding
+to fp32 agrees except when the exact sum lies that close to an fp32 rounding boundary (the tests
+check each differing output is such a case and count them: none so far). bf16/fp32 weights
+times fp32 activations: products exact in float64 (8 or 24 + 24 bits), same argument.
+
+float64 mode: the same kernel; it and BLAS both sum within K·2^-53·Σ|x·w| of the exact value.
+float32 mode: the spec takes one float32 BLAS product (error up to about K·2^-24·Σ|x·w|); the
+kernel computes the float64 sum and rounds it once to float32, which is closer to exact; the
+tests bound the difference by (K + 2)·2^-24·Σ|x·w|.
+"""
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+from numba import njit, prange
+
+from refimpl.kernels.formats import (BLOCK, FMT_BF16, FMT_F32, FMT_FP4, FMT_FP8, bf16_value, f32_from_bits,
+                                     fp4_block_scale, fp4_pair_raw, fp8_block_scale, fp8_raw)
+from refimpl.model.linear import Fp4Matrix, Fp8Matrix
+from refimpl.model.linear import matmul as _matmul
+from refimpl.numerics import FP4_BLOCK, FP8_BLOCK, _as_codes, _check_scale_grid, act_fp8, bf16, f32, work_dtype
+
+
+ROWS_PER_TASK = 32   # output rows per parallel task (scratch buffers are allocated once per task)
+
+
+@njit(cache=True)
+def _deinterleave_fp4(x):
+    """x [T, K] -> FP4 lane order: in each 128-column block of width kb, the even columns at lanes
+    0..kb/2-1, then the odd ones (a packed byte holds columns 2i and 2i+1)."""
+    T, K = x.shape
+    xd = np.empty_like(x)
+    for t in range(T):
+        for k0 in range(0, K, BLOCK):
+            h = min(BLOCK, K - k0) // 2
+            src = x[t, k0:k0 + 2 * h]
+            ev = xd[t, k0:k0 + h]
+            od = xd[t, k0 + h:k0 + 2 * h]
+            for i in range(h):
+                ev[i] = src[2 * i]
+                od[i] = src[2 * i + 1]
+    return xd
+
+
+@njit(cache=True, inline="always")
+def _block_scales(fmt, scale, n, scale_row, k0, kb, sl):
+    """sl[lane] = the power of two that makes lane's raw weight exact (1 for bf16 / fp32)."""
+    if fmt == FMT_FP8:
+        sl[:kb] = fp8_block_scale(scale[scale_row, k0 // BLOCK])
+    elif fmt == FMT_FP4:
+        h = kb // 2
+        for q in range((h + 15) // 16):                   # 1x32 blocks: 16 lanes of each half
+            s = fp4_block_scale(scale[n, k0 // 32 + q])
+            sl[16 * q:min(h, 16 * q + 16)] = s
+            sl[h + 16 * q:h + min(h, 16 * q + 16)] = s
+    else:
+        sl[:kb] = 1.0
+
+
+@njit(cache=True, inline="always")
+def _decode_block(fmt, codes, n, k0, kb, w):
+    """Row n, columns k0..k0+kb-1 -> raw weights w[lane] (FP4 lanes: evens, then odds)."""
+    if fmt == FMT_FP8:
+        src = codes[n, k0:k0 + kb]
+        wb = w[:kb]
+        for k in range(kb):
+            wb[k] = fp8_raw(src[k])
+    elif fmt == FMT_FP4:
+        h = kb // 2
+        src = codes[n, k0 // 2:k0 // 2 + h]
+        we = w[:h]
+        wo = w[h:kb]
+        for i in range(h):
+            we[i], wo[i] = fp4_pair_raw(src[i])          # columns k0 + 2i, k0 + 2i + 1
+    elif fmt == FMT_BF16:
+        src = codes[n, k0:k0 + kb]
+        wb = w[:kb]
+        for k in range(kb):
+            wb[k] = bf16_value(src[k])
+    else:  # FMT_F32
+        src = codes[n, k0:k0 + kb]
+        wb = w[:kb]
+        for k in range(kb):
+            wb[k] = f32_from_bits(np.uint32(src[k]))
+
+
+@njit(cache=True, inline="always")
+def _fused_block(fmt, codes, n, k0, kb, xb, sl, a):
+    """One input row: a[lane] += (x · sl) · raw weight, decoding on the fly (no weight buffer).
+
+    The same operations on the same values as _decode_block followed by product_kernel's loop.
+    """
+    if fmt == FMT_FP8:
+        src = codes[n, k0:k0 + kb]
+        for k in range(kb):
+            a[k] += (xb[k] * sl[k]) * fp8_raw(src[k])
+    elif fmt == FMT_FP4:
+        h = kb // 2
+        for q in range((h + 15) // 16):                   # 1x32 blocks: 16 lanes of each half
+            m = min(16, h - 16 * q)
+            s = sl[16 * q]
+            src = codes[n, k0 // 2 + 16 * q:k0 // 2 + 16 * q + m]
+            ae, ao = a[16 * q:16 * q + m], a[h + 16 * q:h + 16 * q + m]
+            xe, xo = xb[16 * q:16 * q + m], xb[h + 16 * q:h + 16 * q + m]
+            for i in range(m):
+                lo, hi = fp4_pair_raw(src[i])
+                ae[i] += (xe[i] * s) * lo
+                ao[i] += (xo[i] * s) * hi
+    elif fmt == FMT_BF16:
+        src = codes[n, k0:k0 + kb]
+        for k in range(kb):
+            a[k] += (xb[k] * sl[k]) * bf16_value(src[k])
+    else:
+        src = codes[n, k0:k0 + kb]
+        for k in range(kb):
+            a[k] += (xb[k] * sl[k]) * f32_from_bits(np.uint32(src[k]))
+
+
+@njit(cache=True, inline="always")
+def _lane_sum(a, lanes):
+    """Σ a[:lanes] in ascending order."""
+    y = 0.0
+    for k in range(lanes):
+        y += a[k]
+    return y
+
+
+@njit(cache=True)
+def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, xs, a2, out1):
+    """One input row x1 [K] (FP8 or BF16 weights): rows n_lo..n_hi-1 of out1, two weight rows at a time.
+
+    xs = x1 · block scale is formed once per 128-row scale block; then each lane adds xs[k] · raw
+    weight: the same operations as product_kernel's general path, with fewer loads per weight.
+    """
+    K = x1.shape[0]
+    lanes = min(BLOCK, K)
+    cur = -1
+    n = n_lo
+    while n < n_hi:
+        sr = (row0 + n) // BLOCK
+        if sr != cur:                                         # x · scale for this scale-grid row
+            for k0 in range(0, K, BLOCK):
+                kb = min(BLOCK, K - k0)
+                s = fp8_block_scale(scale[sr, k0 // BLOCK]) if fmt == FMT_FP8 else 1.0
+                xb = x1[k0:k0 + kb]
+                xsb = xs[k0:k0 + kb]
+                for k in range(kb):
+                    xsb[k] = xb[k] * s
+            cur = sr
+        two = n + 1 < n_hi and (row0 + n + 1) // BLOCK == sr
+        a0 = a2[0]
+        a1 = a2[1]
+        a0[:] = 0.0
+        a1[:] = 0.0
+        m = 1 if two else 0                                   # the second row: row n + m (itself if single)
+        for k0 in range(0, K, BLOCK):
+            kb = min(BLOCK, K - k0)
+            xb = xs[k0:k0 + kb]
+            c0 = codes[n, k0:k0 + kb]
+            c1 = codes[n + m, k0:k0 + kb]
+            b0 = a0[:kb]
+            b1 = a1[:kb]
+            if fmt == FMT_FP8:
+                for k in range(kb):
+                    b0[k] += xb[k] * fp8_raw(c0[k])
+                    b1[k] += xb[k] * fp8_raw(c1[k])
+            else:
+                for k in range(kb):
+                    b0[k] += xb[k] * bf16_value(c0[k])
+                    b1[k] += xb[k] * bf16_value(c1[k])
+        out1[n] = _lane_sum(a0, lanes)
+        if two:
+            out1[n + 1] = _lane_sum(a1, lanes)
+        n += 1 + m
+
+
+@njit(cache=True)
+def _fp4_matvec_rows(xd, codes, scale, n_lo, n_hi, a, se, out1):
+    """One input row xd [K] (FP4 lane order) times FP4 weight rows n_lo..n_hi-1 -> out1[n].
+
+    The same operations as _general_rows: lane += (x · block scale) · raw weight.
+    """
+    K = xd.shape[0]
+    for n in range(n_lo, n_hi):
+        a[:] = 0.0
+        for k0 in range(0, K, BLOCK):
+            kb = min(BLOCK, K - k0)
+            h = kb // 2
+            if kb == BLOCK:                                   # a full block: four 1x32 blocks of constant size
+                for q in range(4):
+                    s = fp4_block_scale(scale[n, k0 // 32 + q])
+                    src = codes[n, k0 // 2 + 16 * q:k0 // 2 + 16 * q + 16]
+                    ae, ao = a[16 * q:16 * q + 16], a[64 + 16 * q:64 + 16 * q + 16]
+                    xe, xo = xd[k0 + 16 * q:k0 + 16 * q + 16], xd[k0 + 64 + 16 * q:k0 + 64 + 16 * q + 16]
+                    for i in range(16):
+                        lo, hi = fp4_pair_raw(src[i])
+                        ae[i] += (xe[i] * s) * lo
+                        ao[i] += (xo[i] * s) * hi
+                continue
+            for q in range((h + 15) // 16):                   # 1x32 blocks: 16 lanes of each half
+                s = fp4_block_scale(scale[n, k0 // 32 + q])
+                for i in range(16 * q, min(h, 16 * q + 16)):
+                    se[i] = s
+            src = codes[n, k0 // 2:k0 // 2 + h]
+            ae, ao = a[:h], a[h:kb]
+            xe, xo = xd[k0:k0 + h], xd[k0 + h:k0 + kb]
+            sb = se[:h]
+            for i in range(h):
+                lo, hi = fp4_pair_raw(src[i])
+                ae[i] += (xe[i] * sb[i]) * lo
+                ao[i] += (xo[i] * sb[i]) * hi
+        out1[n] = _lane_sum(a, min(BLOCK, K))
+
+
+@njit(cache=True)
+def _general_rows(fmt, xin, codes, scale, n_lo, n_hi, row0, w, sl, acc, out):
+    """Rows n_lo..n_hi-1 of out [T, n] for any format and T (a separate function: the parallel
+    kernel's loop body, kept out of Numba's parfor transformations)."""
+    T, K = xin.shape
+    for n in range(n_lo, n_hi):
+        acc[:] = 0.0
+        for k0 in range(0, K, BLOCK):
+            kb = min(BLOCK, K - k0)
+            _block_scales(fmt, scale, n, (row0 + n) // BLOCK, k0, kb, sl)
+            if T == 1:
+                _fused_block(fmt, codes, n, k0, kb, xin[0, k0:k0 + kb], sl, acc[0, :kb])
+                continue
+            _decode_block(fmt, codes, n, k0, kb, w)
+            wb = w[:kb]
+            sb = sl[:kb]
+            for t in range(T):
+                xb = xin[t, k0:k0 + kb]
+                a = acc[t, :kb]
+                for k in range(kb):
+                    a[k] += (xb[k] * sb[k]) * wb[k]
+        for t in range(T):
+            out[t, n] = _lane_sum(acc[t], min(BLOCK, K))
+
+
+@njit(parallel=True, cache=True)
+def product_kernel(fmt, x, codes, scale, n_out, row0):
+    """x [T, K] float64 @ W[row0 : row0+n_out]ᵀ -> [T, n_out] float64, W given by its codes (formats.py).
+
+    codes holds the rows row0.. of W (codes[n] is row row0+n); an FP8 scale grid is indexed by the
+    absolute row (row0 + n) // 128, so a row range of a larger FP8 matrix can be passed.
+    Order of every output element (t, n): lane l of each 128-column block (column k0 + l; for FP4
+    the even columns, then the odd ones) accumulates (x · block scale) · raw weight over the
+    blocks in ascending order; then the lanes are added in ascending order. One input row is
+    decoded on the fly, several rows share one decoded block: the same operations either way.
+    """
+    T, K = x.shape
+    out = np.empty((T, n_out))
+    xin = _deinterleave_fp4(x) if fmt == FMT_FP4 else x
+    n_tasks = (n_out + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    if T == 1 and (fmt == FMT_FP8 or fmt == FMT_BF16):
+        for task in prange(n_tasks):
+            xs = np.empty(K)
+            a2 = np.empty((2, BLOCK))
+            _matvec_rows(fmt, x[0], codes, scale, task * ROWS_PER_TASK, min(n_out, (task + 1) * ROWS_PER_TASK),
+                         row0, xs, a2, out[0])
+        return out
+    if T == 1 and fmt == FMT_FP4:
+        for task in prange(n_tasks):
+            a = np.empty(BLOCK)
+            se = np.empty(BLOCK // 2)
+            _fp4_matvec_rows(xin[0], codes, scale, task * ROWS_PER_TASK, min(n_out, (task + 1) * ROWS_PER_TASK),
+                             a, se, out[0])
+        return out
+    for task in prange(n_tasks):               # each output element belongs to one task: one thread
+        w = np.empty(BLOCK)
+        sl = np.empty(BLOCK)
+        acc = np.empty((T, BLOCK))
+        _general_rows(fmt, xin, codes, scale, task * ROWS_PER_TASK, min(n_out, (task + 1) * ROWS_PER_TASK),
+                      row0, w, sl, acc, out)
+    return out
+
+
+@njit(cache=True)
+def product_kernel_serial(fmt, x, codes, scale, n_out, row0):
+    """product_kernel on the calling thread only (small products: no thread start-up); the same results."""
+    T, K = x.shape
+    out = np.empty((T, n_out))
+    if T == 1 and (fmt == FMT_FP8 or fmt == FMT_BF16):
+        xs = np.empty(K)
+        a2 = np.empty((2, BLOCK))
+        _matvec_rows(fmt, x[0], codes, scale, 0, n_out, row0, xs, a2, out[0])
+        return out
+    xin = _deinterleave_fp4(x) if fmt == FMT_FP4 else x
+    if T == 1 and fmt == FMT_FP4:
+        _fp4_matvec_rows(xin[0], codes, scale, 0, n_out, np.empty(BLOCK), np.empty(BLOCK // 2), out[0])
+        return out
+    _general_rows(fmt, xin, codes, scale, 0, n_out, row0, np.empty(BLOCK), np.empty(BLOCK), np.empty((T, BLOCK)), out)
+    return out
+
+
+PARALLEL_MIN = 1 << 23   # multiply-adds below which a product runs on one thread (on a loaded 2-core
+                         # machine a parallel start measured up to ~5 ms; 2^23 is about that much work)
+
+
+def product(fmt, x, codes, scale, n_out, row0):
+    """x [T, K] float64 @ W[row0 : row0+n_out]ᵀ (product_kernel), on one thread when the product is small."""
+    if x.shape[0] * x.shape[1] * n_out < PARALLEL_MIN:
+        return product_kernel_serial(fmt, x, codes, scale, n_out, row0)
+    return product_kernel(fmt, x, codes, scale, n_out, row0)
+
+
+def spec_matmul(x, w, prec):
+    """The spec's matmul (for inputs the kernel leaves to the spec)."""
+    return _matmul.spec(x, w, prec)
+
+
+def _rows(x: np.ndarray, k: int, name: str) -> np.ndarray:
+    """x [..., k] -> contiguous float64 [rows, k]; ValueError on a wrong last dim."""
+    x = np.asarray(x)
+    if x.ndim < 1 or x.shape[-1] != k:
+        raise ValueError(f"{name}: input has shape {x.shape}, expected a last dim of {k}")
+    if x.dtype.kind != "f":
+        raise TypeError(f"{name}: expected a float input, got {x.dtype}")
+    return np.ascontiguousarray(x.reshape(-1, k), dtype=np.float64)
+
+
+def _finish(y: np.ndarray, lead: tuple, prec: str) -> np.ndarray:
+    """float64 [rows, n] -> the spec's matmul output: float64 (float64 mode), else rounded once to fp32."""
+    y = y.reshape(*lead, y.shape[-1])
+    return y if prec == "float64" else f32(y, "mirror")            # one rounding to the fp32 accumulator
+
+
+_CHECKED: dict = {}          # (id(values), id(scale)) -> (weak references to both, fmt, codes, scale, NaN flag)
+
+
+def _has_fp8_nan(codes: np.ndarray) -> bool:
+    """True if an e4m3fn code is NaN (0x7F / 0xFF); scanned in row chunks (no full-size temporary)."""
+    step = max(1, (1 << 24) // max(1, codes.shape[1]))
+    return any(bool(np.any((codes[r:r + step] & 0x7F) == 0x7F)) for r in range(0, codes.shape[0], step))
+
+
+def checked_codes(w: Fp8Matrix | Fp4Matrix):
+    """quantized_codes(w) plus a NaN-code flag, checked once per (values, scale) pair of arrays.
+
+    Checkpoint weights are read-only memory maps that live as long as the model, so the checks
+    (scale grid, NaN codes: a full read of the matrix) run on a matrix's first use only.
+    """
+    if not isinstance(w, (Fp8Matrix, Fp4Matrix)):
+        return (*quantized_codes(w), False)                       # raises the TypeError
+    key = (id(w.values), id(w.scale))
+    hit = _CHECKED.get(key)
+    if hit is not None and hit[0]() is w.values and hit[1]() is w.scale:
+        return hit[2:]
+    fmt, codes, scale = quantized_codes(w)
+    nan = fmt == FMT_FP8 and _has_fp8_nan(codes)
+    try:
+        _CHECKED[key] = (weakref.ref(w.values), weakref.ref(w.scale), fmt, codes, scale, nan)
+    except TypeError:                            # an array type without weak references: not cached
+        pass
+    return fmt, codes, scale, nan
+
+
+def quantized_codes(w: Fp8Matrix | Fp4Matrix):
+    """(fmt, codes uint8, scale uint8) of an FP8/FP4 matrix, checked as the spec's dequantization checks it."""
+    if isinstance(w, Fp8Matrix):
+        codes = _as_codes(w.values, "dequant_fp8_weight values")
+        scale = _as_codes(w.scale, "dequant_fp8_weight scale")
+        if codes.ndim != 2:
+            raise ValueError(f"dequant_fp8_weight: values must be 2-D, got shape {codes.shape}")
+        n, k = codes.shape
+        _check_scale_grid(scale, (-(-n // FP8_BLOCK), -(-k // FP8_BLOCK)), "dequant_fp8_weight")
+        return FMT_FP8, codes, scale
+    if isinstance(w, Fp4Matrix):
+        codes = _as_codes(w.values, "dequant_fp4_weight values")
+        scale = _as_codes(w.scale, "dequant_fp4_weight scale")
+        if codes.ndim != 2:
+            raise ValueError(f"dequant_fp4_weight: packed values must be 2-D, got shape {codes.shape}")
+        n, k = codes.shape[0], 2 * codes.shape[1]
+        _check_scale_grid(scale, (n, -(-k // FP4_BLOCK)), "dequant_fp4_weight")
+        return FMT_FP4, codes, scale
+    raise TypeError(f"quantized_linear: expected an Fp8Matrix or Fp4Matrix, got {type(w).__name__}")
+
+
+def quantized_product(x: np.ndarray, w: Fp8Matrix | Fp4Matrix, prec: str) -> np.ndarray:
+    """act_fp8(x) @ W ᵀ as the spec's `matmul` returns it (before the bf16 rounding). x [..., in] -> [..., out]."""
+    fmt, codes, scale, nan = checked_codes(w)
+    if nan:                                                       # NaN weights: the spec's NaN outputs
+        return spec_matmul(act_fp8(x, prec), w.dequantize(), prec)
+    n, k = w.shape
+    x = act_fp8(x, prec)                                          # official: act_quant(x, 128, ue8m0)
+    y = product(fmt, _rows(x, k, "quantized_linear"), codes, scale, n, 0)
+    return _finish(y, np.shape(x)[:-1], prec)
+
+
+def quantized_linear(x: np.ndarray, w: Fp8Matrix | Fp4Matrix, prec: str) -> np.ndarray:
+    """Kernel of model.linear.quantized_linear: x [..., in] -> [..., out] (bf16 values in mirror)."""
+    work_dtype(prec)                                              # ValueError on an unknown mode
+    return bf16(quantized_product(x, w, prec), prec)
+
+
+def _dense_codes(w: np.ndarray, name: str):
+    """(fmt, codes) of a bf16 or float32 matrix viewed as its bits; None for other dtypes."""
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"{name}: weight must be 2-D, got shape {w.shape}")
+    if w.dtype == np.float32:
+        return FMT_F32, w.view(np.uint32)
+    if w.dtype.name == "bfloat16":
+        return FMT_BF16, w.view(np.uint16)
+    return None
+
+
+_NO_SCALE = np.zeros((1, 1), np.uint8)
+
+
+def fp32_linear(x: np.ndarray, w: np.ndarray, prec: str) -> np.ndarray:
+    """Kernel of model.linear.fp32_linear: x [..., in] @ w[out, in]ᵀ, w bf16 or float32 (others: the spec)."""
+    from refimpl.model.linear import fp32_linear as spec
+    work_dtype(prec)
+    dense = _dense_codes(w, "fp32_linear")
+    if dense is None:
+        return spec.spec(x, w, prec)
+    fmt, codes = dense
+    y = product(fmt, _rows(x, codes.shape[1], "fp32_linear"), codes, _NO_SCALE, codes.shape[0], 0)
+    return _finish(y, np.shape(x)[:-1], prec)
+
+
+def bf16_linear(x: np.ndarray, w: np.ndarray, prec: str) -> np.ndarray:
+    """Kernel of model.linear.bf16_linear: fp32_linear, then bf16 (mirror)."""
+    return bf16(fp32_linear(x, w, prec), prec)
+
+
+def grouped_wo_a(o: np.ndarray, wo_a: Fp8Matrix, groups: int, prec: str) -> np.ndarray:
+    """Kernel of model.attention.grouped_wo_a: o [b, s, g, h*d/g] -> u [b, s, g, r], from wo_a's FP8 bytes."""
+    fmt, codes, scale, nan = checked_codes(wo_a)
+    if nan:                                                       # NaN weights: the spec's NaN outputs
+        from refimpl.model.attention import grouped_wo_a as spec
+        return spec.spec(o, wo_a, groups, prec)
+    n, k = codes.shape
+    o = np.asarray(o)
+    if groups < 1 or n % groups or o.ndim != 4 or o.shape[2] != groups or o.shape[3] != k:
+        raise ValueError(f"grouped_wo_a: o {o.shape} and wo_a {codes.shape} do not make {groups} groups")
+    r = n // groups
+    b, s = o.shape[:2]
+    u = np.empty((b, s, groups, r), np.float64 if prec == "float64" else np.float32)
+    for gi in range(groups):                                      # official: einsum over groups (M:L538)
+        y = product(fmt, _rows(o[:, :, gi], k, "grouped_wo_a"), codes[gi * r:(gi + 1) * r], scale, r, gi * r)
+        u[:, :, gi] = bf16(_finish(y, (b, s), prec), prec)
+    return u

@@ -1,0 +1,105 @@
+"""The MoE expert-sum kernel (refimpl/kernels/moe.py) against model.moe.expert_sum, and the whole
+tiny model with this helper's kernels against the NumPy spec path.
+
+expert_sum: the kernel runs the spec's steps with the product kernels (tests/kernels/test_kernel_linear.py
+gives their agreement), so in mirror the result is bit-identical unless a product hit an fp32
+rounding boundary, which did not happen on these inputs; float64 within 1e-12 relative of the
+output's scale; float32 within the float32 product bound carried through SwiGLU (1e-5 relative).
+"""
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import refimpl
+from packed_weights import fp4_matrix, fp8_matrix
+from refimpl.config import Config
+from refimpl.kernels import moe as K
+from refimpl.model.moe import ExpertWeights, GateWeights, MoEWeights, expert_sum
+from refimpl.numerics import round_bf16
+from refimpl.oracle.trace import Trace
+
+TINY = Config.tiny()
+MINE = "numpy,quantized_linear=numba,fp32_linear=numba,bf16_linear=numba,grouped_wo_a=numba,expert_sum=numba"
+
+
+def _moe_weights(rng, n_experts: int, c: int, f: int) -> MoEWeights:
+    def ew(mk):
+        return ExpertWeights(w1=mk(rng, f, c), w2=mk(rng, c, f), w3=mk(rng, f, c))
+    gate = GateWeights(weight=np.zeros((n_experts, c), ml_dtypes.bfloat16), bias=None, tid2eid=None)
+    return MoEWeights(gate=gate, experts=tuple(ew(fp4_matrix) for _ in range(n_experts)), shared=ew(fp8_matrix))
+
+
+@settings(max_examples=12)
+@given(seed=st.integers(0, 2**32 - 1), prec=st.sampled_from(["mirror", "float64", "float32"]),
+       tokens=st.integers(1, 9), revision=st.sampled_from(["current", "initial"]))
+def test_expert_sum_matches_spec(seed, prec, tokens, revision):
+    rng = np.random.default_rng(seed)
+    e, a, c, f = 5, 2, 256, 128
+    w = _moe_weights(rng, e, c, f)
+    flat = round_bf16(rng.standard_normal((tokens, c)))
+    if prec == "float64":
+        flat = flat.astype(np.float64)
+    ids = np.stack([rng.choice(e, a, replace=False) for _ in range(tokens)]).astype(np.int64)
+    weights = rng.random((tokens, a)).astype(flat.dtype)
+    ky = K.expert_sum(flat, ids, weights, w, TINY, prec, revision)
+    sy = expert_sum.spec(flat, ids, weights, w, TINY, prec, revision)
+    assert ky.dtype == sy.dtype and ky.shape == sy.shape == (tokens, c)
+    scale = np.abs(sy).max()
+    if prec == "mirror":
+        assert np.array_equal(ky, sy)
+    elif prec == "float64":
+        assert np.abs(ky - sy).max() <= 1e-12 * scale
+    else:
+        assert np.abs(ky - sy).max() <= 1e-5 * scale
+
+
+def test_expert_sum_refuses_mismatched_routing():
+    rng = np.random.default_rng(0)
+    w = _moe_weights(rng, 2, 128, 128)
+    with pytest.raises(ValueError, match="do not match"):
+        K.expert_sum(np.zeros((3, 128), np.float32), np.zeros((2, 1), np.int64), np.zeros((2, 1), np.float32),
+                     w, TINY, "mirror", "current")
+
+
+@pytest.mark.parametrize("prec", ["mirror", "float64"])
+def test_tiny_model_with_these_kernels_matches_the_spec(tiny_ckpt, prec):
+    """Logits and every trace site of a 24-token forward (prefill + MTP), kernels vs spec."""
+    tokens = np.random.default_rng(5).integers(2, TINY.vocab_size, 24)
+    runs = {}
+    for kernels in ("numpy", MINE):
+        model = refimpl.load(tiny_ckpt, precision=prec, kernels=kernels)
+        trace = Trace()
+        logits = model.forward(tokens, trace=trace)
+        runs[kernels] = (logits, trace.tensors)
+    (ls, ts), (lk, tk) = runs["numpy"], runs[MINE]
+    assert ts.keys() == tk.keys() and len(ts) > 100
+    for name in ts:
+        a, b = ts[name], tk[name]
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        if prec == "mirror" or a.dtype.kind != "f":
+            assert np.array_equal(a, b), name                     # no boundary case on these inputs
+        else:                                                      # -inf where an entry is hidden (indexer scores)
+            fin = np.isfinite(a)
+            assert np.array_equal(fin, np.isfinite(b)) and np.array_equal(a[~fin], b[~fin]), name
+            assert np.abs(a[fin] - b[fin]).max(initial=0) <= 1e-12 * np.abs(a[fin]).max(initial=1e-300), name
+    if prec == "mirror":
+        assert np.array_equal(ls, lk)
+    else:
+        assert np.abs(ls - lk).max() <= 1e-12 * np.abs(ls).max()
+
+
+@pytest.mark.parametrize("weights", [False, True])
+def test_replay_with_these_kernels_matches_the_spec(tiny_ckpt, weights):
+    """Forced routing (oracle/replay.py) from a spec trace: the kernel path replays to the spec's bits (mirror)."""
+    from refimpl.oracle.replay import Replay
+    from refimpl.oracle.trace import run_trace
+    tokens = np.random.default_rng(6).integers(2, TINY.vocab_size, 20)
+    spec_model = refimpl.load(tiny_ckpt, precision="mirror")
+    ref = run_trace(spec_model, tokens)
+    runs = [run_trace(m, tokens, replay=Replay.from_tensors(ref.tensors, weights=weights, tokens=tokens))
+            for m in (spec_model, refimpl.load(tiny_ckpt, precision="mirror", kernels=MINE))]
+    assert runs[0].tensors.keys() == runs[1].tensors.keys()
+    for name, a in runs[0].tensors.items():
+        assert np.array_equal(a, runs[1].tensors[name]), name
