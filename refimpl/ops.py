@@ -78,9 +78,35 @@ def _resolve(path: str):
 
 @dataclass(frozen=True)
 class Kernels:
-    """A parsed kernel selection: a default backend and per-operation overrides."""
+    """A kernel selection: a default backend and per-operation overrides (checked when made)."""
     default: str = "numpy"
     overrides: tuple = ()                        # ((operation, backend), ...) in the order given
+
+    def __post_init__(self):
+        if self.default not in BACKENDS:
+            raise KernelError(f"kernels {str(self)!r:.80}: the first item must be one of {', '.join(BACKENDS)}")
+        seen = set()
+        for op, backend in self.overrides:
+            if backend not in BACKENDS:
+                raise KernelError(f"kernels {str(self)!r:.80}: {op}={backend} names no backend; the backends are "
+                                  f"{', '.join(BACKENDS)}")
+            if op not in SPEC:
+                raise KernelError(f"kernels {str(self)!r:.80}: no swappable operation {op!r:.40}; the operations "
+                                  f"are {', '.join(sorted(SPEC))}")
+            if op in seen:
+                raise KernelError(f"kernels {str(self)!r:.80}: {op} is named twice")
+            seen.add(op)
+            if not any(op in KERNELS[b] for b in KERNELS):
+                with_kernels = sorted({o for b in KERNELS for o in KERNELS[b]})
+                raise KernelError(f"kernels {str(self)!r:.80}: no backend has a kernel for {op}, so naming it "
+                                  f"changes nothing; the operations with kernels are {', '.join(with_kernels)}")
+            if backend != "numpy" and op not in KERNELS[backend]:
+                have = ", ".join(kernel_ops(backend)) or "none"
+                raise KernelError(f"kernels {str(self)!r:.80}: there is no {backend} kernel for {op}; {backend} "
+                                  f"kernels exist for: {have}")
+        for backend in {self.default, *(b for _, b in self.overrides)}:
+            if backend in AVAILABILITY:
+                _resolve(AVAILABILITY[backend])()          # raises a ValueError saying why not
 
     def backend(self, op: str) -> str:
         """The backend chosen for an operation (before falling back)."""
@@ -120,31 +146,22 @@ def parse_kernels(text) -> Kernels:
         return text
     if text is None:
         text = default_kernels()
+        if "REFIMPL_KERNELS" in os.environ and os.environ["REFIMPL_KERNELS"]:
+            try:
+                return parse_kernels(text)
+            except KernelError as e:
+                raise KernelError(f"the environment variable REFIMPL_KERNELS: {e}") from None
     if not isinstance(text, str):
         raise KernelError(f"kernels must be a string such as 'numba' or 'numpy', got {type(text).__name__}")
     parts = [p.strip() for p in text.split(",")]
-    default, overrides = parts[0], []
-    if default not in BACKENDS:
-        raise KernelError(f"kernels {text!r:.80}: the first item must be one of {', '.join(BACKENDS)}")
+    overrides = []
     for part in parts[1:]:
         op, eq, backend = part.partition("=")
-        op, backend = op.strip(), backend.strip()
-        if not eq or backend not in BACKENDS:
+        if not eq:
             raise KernelError(f"kernels {text!r:.80}: {part!r:.60} is not OPERATION=BACKEND with BACKEND one of "
                               f"{', '.join(BACKENDS)}")
-        if op not in SPEC:
-            raise KernelError(f"kernels {text!r:.80}: no swappable operation {op!r:.40}; the operations are "
-                              f"{', '.join(sorted(SPEC))}")
-        if backend != "numpy" and op not in KERNELS[backend]:
-            have = ", ".join(kernel_ops(backend)) or "none"
-            raise KernelError(f"kernels {text!r:.80}: there is no {backend} kernel for {op}; {backend} kernels "
-                              f"exist for: {have}")
-        overrides.append((op, backend))
-    sel = Kernels(default, tuple(overrides))
-    for backend in {sel.default, *(b for _, b in sel.overrides)}:
-        if backend in AVAILABILITY:
-            _resolve(AVAILABILITY[backend])()              # raises a ValueError saying why not
-    return sel
+        overrides.append((op.strip(), backend.strip()))
+    return Kernels(parts[0], tuple(overrides))
 
 
 @contextlib.contextmanager

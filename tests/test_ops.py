@@ -21,7 +21,9 @@ def test_parse_kernels_defaults_and_overrides():
 @pytest.mark.parametrize("text, words", [
     ("fast", "first item"),
     ("numpy,rms_norm", "OPERATION=BACKEND"),
-    ("numpy,rms_norm=gpu", "OPERATION=BACKEND"),
+    ("numpy,rms_norm=gpu", "names no backend"),
+    ("numpy,rms_norm=numba,rms_norm=numpy", "named twice"),
+    ("numba,moe=numpy", "no backend has a kernel for moe"),
     ("numpy,no_such_op=numpy", "no swappable operation"),
     ("numpy,rms_norm=cuda", "no cuda kernel for rms_norm"),
 ])
@@ -58,6 +60,21 @@ def test_a_registered_kernel_runs_only_where_selected(monkeypatch):
     assert ops.active() == ops.Kernels()                        # restored after the blocks
 
 
+def test_a_selection_made_directly_is_checked_too(monkeypatch):
+    with pytest.raises(ops.KernelError, match="first item"):
+        ops.Kernels("bogus")
+    with pytest.raises(ops.KernelError, match="no swappable operation"):
+        ops.Kernels("numba", (("nothing", "numpy"),))
+
+
+def test_a_bad_environment_default_names_the_variable(monkeypatch):
+    monkeypatch.setenv("REFIMPL_KERNELS", "fast")
+    with pytest.raises(ops.KernelError, match="REFIMPL_KERNELS: kernels 'fast'"):
+        ops.parse_kernels(None)
+    monkeypatch.setenv("REFIMPL_KERNELS", "numpy")
+    assert ops.parse_kernels(None) == ops.Kernels("numpy")
+
+
 def test_import_and_the_numpy_path_never_import_numba(tmp_path):
     code = ("import sys, refimpl, numpy as np\n"
             "from refimpl.model.norm import rms_norm\n"
@@ -70,8 +87,8 @@ def test_import_and_the_numpy_path_never_import_numba(tmp_path):
 
 
 def test_load_takes_a_selection_and_refuses_a_bad_one(tiny_ckpt):
-    model = refimpl.load(tiny_ckpt, kernels="numpy,moe=numpy")
-    assert str(model.kernels) == "numpy,moe=numpy"
+    model = refimpl.load(tiny_ckpt, kernels="numpy,rms_norm=numba")
+    assert str(model.kernels) == "numpy,rms_norm=numba"
     with pytest.raises(ops.KernelError, match="no swappable operation"):
         refimpl.load(tiny_ckpt, kernels="numpy,nothing=numpy")
 

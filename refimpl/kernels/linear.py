@@ -346,7 +346,7 @@ def _finish(y: np.ndarray, lead: tuple, prec: str) -> np.ndarray:
     return y if prec == "float64" else f32(y, "mirror")            # one rounding to the fp32 accumulator
 
 
-_CHECKED: dict = {}          # (id(values), id(scale)) -> (weak references to both, fmt, codes, scale, NaN flag)
+_CHECKED: dict = {}          # (id(values), id(scale)) -> (weak references to both, NaN flag): read-only arrays only
 
 
 def _has_fp8_nan(codes: np.ndarray) -> bool:
@@ -356,23 +356,27 @@ def _has_fp8_nan(codes: np.ndarray) -> bool:
 
 
 def checked_codes(w: Fp8Matrix | Fp4Matrix):
-    """quantized_codes(w) plus a NaN-code flag, checked once per (values, scale) pair of arrays.
+    """quantized_codes(w) plus a NaN-code flag; the NaN scan (a full read) runs once per read-only matrix.
 
-    Checkpoint weights are read-only memory maps that live as long as the model, so the checks
-    (scale grid, NaN codes: a full read of the matrix) run on a matrix's first use only.
+    Checkpoint weights are read-only memory maps that live as long as the model: their flag is kept
+    (with weak references only, so the cache keeps no matrix alive). A writeable matrix can change
+    between calls, so it is scanned on every call.
     """
-    if not isinstance(w, (Fp8Matrix, Fp4Matrix)):
-        return (*quantized_codes(w), False)                       # raises the TypeError
-    key = (id(w.values), id(w.scale))
-    hit = _CHECKED.get(key)
-    if hit is not None and hit[0]() is w.values and hit[1]() is w.scale:
-        return hit[2:]
-    fmt, codes, scale = quantized_codes(w)
-    nan = fmt == FMT_FP8 and _has_fp8_nan(codes)
-    try:
-        _CHECKED[key] = (weakref.ref(w.values), weakref.ref(w.scale), fmt, codes, scale, nan)
-    except TypeError:                            # an array type without weak references: not cached
-        pass
+    fmt, codes, scale = quantized_codes(w)                         # the spec's checks; views, no copies
+    if fmt != FMT_FP8:
+        return fmt, codes, scale, False                           # every e2m1 nibble is a number
+    values = w.values
+    cacheable = not values.flags.writeable and not np.asarray(w.scale).flags.writeable
+    key = (id(values), id(w.scale))
+    hit = _CHECKED.get(key) if cacheable else None
+    if hit is not None and hit[0]() is values and hit[1]() is w.scale:
+        return fmt, codes, scale, hit[2]
+    nan = _has_fp8_nan(codes)
+    if cacheable:
+        try:
+            _CHECKED[key] = (weakref.ref(values), weakref.ref(w.scale), nan)
+        except TypeError:                        # an array type without weak references: not cached
+            pass
     return fmt, codes, scale, nan
 
 

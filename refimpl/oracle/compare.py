@@ -785,7 +785,8 @@ def format_report(r: Report) -> str:
             pw = "entry" if "entry" in f else "position"
             lines.append(f"{what}: {f['site']}" + (f" ({f['label']})" if f["label"] else "") + f", {pw} {f[pw]}")
     q_first = any(f is not None and split_site(f["site"])[1] == "attn.q" for f in (r.first_diff, r.first_real))
-    if q_first and (r.first is None or split_site(r.first["site"])[1] != "attn.q"):
+    bf16_rounding = not all(d.get("precision") in ("float64", "float32") for d in (r.a, r.b))   # bf16 q norms
+    if q_first and bf16_rounding and (r.first is None or split_site(r.first["site"])[1] != "attn.q"):
         lines.append(f"  hint: {Q_NORM_HINT}")
     if r.first is None:
         if r.missing:

@@ -342,6 +342,12 @@ def test_first_divergence_at_attn_q_points_to_the_q_norm_rsqrt(tmp_path):
     text = format_report(r)
     assert "first difference: layers.0.attn.q (layer 0), position 0" in text
     assert "hint: known cause when the first divergent site is attn.q" in text
+    # two float64 traces have no bf16 q norm: no such hint
+    a = write(tmp_path / "a64.st", {"embed": np.ones((2, 4), np.float32), "layers.0.attn.q": q * 0.7890625},
+              tokens=[1, 2], precision="float64")
+    b = write(tmp_path / "b64.st", {"embed": np.ones((2, 4), np.float32), "layers.0.attn.q": q * 0.79296875},
+              tokens=[1, 2], precision="float64")
+    assert "hint: known cause" not in format_report(compare(a, b, profile="p", profiles={"p": {}}))
 
 
 # ---------------------------------------------------------------- the contract
