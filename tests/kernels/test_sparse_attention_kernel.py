@@ -1,11 +1,10 @@
 """The Numba sparse-attention kernel (refimpl/kernels/attention.py) against its spec function.
 
-mirror: bit-identical to `sparse_attention.spec` (the official block-64 online softmax). The only
-allowed difference is one bf16 ulp where a float64 sum inside one official op (the block sum of
-the probabilities, a dot product of values whose magnitudes spread over more than ~28 binades)
-is not exact and lands next to an fp32 rounding boundary; the test counts such elements and
-requires them to be rare (none have been seen: every dot product here is exact, since q and kv
-hold bf16 values).
+mirror: bit-identical to `sparse_attention.spec` (the official block-64 online softmax). In
+general one bf16 ulp could differ where a float64 sum inside one official op (a dot product of
+values whose magnitudes spread over more than ~28 binades) is not exact and lands next to an fp32
+rounding boundary; here q, kv and the probabilities hold bf16 values, every dot product is exact
+and the block sums follow the spec's order, so the test requires identical bits.
 float64: within 1e-12 relative (same math, another summation order).
 float32: the kernel computes in float64 and rounds once, the spec in float32 BLAS: both lie within
 float32 rounding of the exact result, bound 1e-5 relative to the largest |kv| value.
@@ -54,10 +53,10 @@ def compare(q, kv, sink, idx, scale, prec):
         diff = want != got
         BOUNDARY["elements"] += want.size
         BOUNDARY["differing"] += int(diff.sum())
-        if diff.any():                               # a boundary case: one bf16 ulp at most
-            ulp = np.abs(want.view(np.int32)[diff] - got.view(np.int32)[diff])
-            assert (ulp <= 1 << 16).all(), "mirror differs by more than one bf16 ulp"
-        assert diff.mean() < 1e-3
+        # q, kv and the bf16 probabilities hold bf16 values, so every dot product here is exact in
+        # float64 and the block sums are taken in the spec's order: no boundary case can arise,
+        # the kernel must give the spec's bits
+        assert not diff.any(), f"mirror: {int(diff.sum())} of {diff.size} elements differ from the spec"
     elif prec == "float64":
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
     else:
@@ -66,13 +65,13 @@ def compare(q, kv, sink, idx, scale, prec):
 
 shapes = st.fixed_dictionaries({
     "seed": st.integers(0, 2**31), "b": st.integers(1, 2), "s": st.integers(1, 4), "h": st.sampled_from([1, 2, 4]),
-    "d": st.sampled_from([8, 16, 24]), "n": st.integers(1, 300), "k": st.integers(1, 200),
-    "pad": st.sampled_from([0.0, 0.3, 0.9]), "spread": st.sampled_from([1.0, 4.0])})
+    "d": st.sampled_from([8, 64, 128]), "n": st.integers(1, 300), "k": st.integers(1, 260),
+    "pad": st.sampled_from([0.0, 0.3, 0.9]), "spread": st.sampled_from([1.0, 4.0, 16.0])})
 
 
 @pytest.mark.parametrize("prec", ["mirror", "float64", "float32"])
 @settings(deadline=None, max_examples=30)
-@given(case=shapes, scale=st.sampled_from([0.125, 0.0883883, 1.0]))
+@given(case=shapes, scale=st.sampled_from([0.125, 0.0883883, 0.0721688, 1.0]))   # 1/sqrt(64, 128, 192); 1
 def test_kernel_equals_spec(prec, case, scale):
     q, kv, sink, idx = make_case(**case)
     compare(q, kv, sink, idx, scale, prec)
@@ -90,8 +89,10 @@ def test_decode_layout_long_window_several_blocks(prec):
 
 def test_mirror_boundary_cases_are_rare():
     """Runs after the Hypothesis tests in this file: reports how often mirror differed (zero so far)."""
-    q, kv, sink, idx = make_case(11, 2, 16, 8, 64, 500, 260, 0.2, spread=3.0)
-    compare(q, kv, sink, idx, 0.125, "mirror")
+    # Flash's head_dim and softmax scale (not a power of two), a running max that rises block by
+    # block (spread): a lost fp32 rounding of a score or of the rescaled accumulator shows here
+    q, kv, sink, idx = make_case(11, 2, 16, 8, 128, 500, 260, 0.2, spread=8.0)
+    compare(q, kv, sink, idx, 0.0883883, "mirror")
     print(f"mirror boundary cases: {BOUNDARY['differing']} of {BOUNDARY['elements']} elements")
     assert BOUNDARY["differing"] <= BOUNDARY["elements"] * 1e-4
 
