@@ -147,13 +147,16 @@ def _lane_sum(a, lanes):
 
 
 @njit(cache=True)
-def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, xs, a2, out1):
+def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, out1):
     """One input row x1 [K] (FP8 or BF16 weights): rows n_lo..n_hi-1 of out1, two weight rows at a time.
 
     xs = x1 · block scale is formed once per 128-row scale block; then each lane adds xs[k] · raw
     weight: the same operations as product_kernel's general path, with fewer loads per weight.
+    xs and the lanes a2 are allocated here, so LLVM knows they alias no argument.
     """
     K = x1.shape[0]
+    xs = np.empty(K)
+    a2 = np.empty((2, BLOCK))
     lanes = min(BLOCK, K)
     cur = -1
     n = n_lo
@@ -294,10 +297,8 @@ def product_kernel(fmt, x, codes, scale, n_out, row0):
     n_tasks = (n_out + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     if T == 1 and (fmt == FMT_FP8 or fmt == FMT_BF16):
         for task in prange(n_tasks):
-            xs = np.empty(K)
-            a2 = np.empty((2, BLOCK))
             _matvec_rows(fmt, x[0], codes, scale, task * ROWS_PER_TASK, min(n_out, (task + 1) * ROWS_PER_TASK),
-                         row0, xs, a2, out[0])
+                         row0, out[0])
         return out
     if T == 1 and fmt == FMT_FP4:
         for task in prange(n_tasks):
@@ -320,9 +321,7 @@ def product_kernel_serial(fmt, x, codes, scale, n_out, row0):
     T, K = x.shape
     out = np.empty((T, n_out))
     if T == 1 and (fmt == FMT_FP8 or fmt == FMT_BF16):
-        xs = np.empty(K)
-        a2 = np.empty((2, BLOCK))
-        _matvec_rows(fmt, x[0], codes, scale, 0, n_out, row0, xs, a2, out[0])
+        _matvec_rows(fmt, x[0], codes, scale, 0, n_out, row0, out[0])
         return out
     xin = _deinterleave_fp4(x) if fmt == FMT_FP4 else x
     if T == 1 and fmt == FMT_FP4:
