@@ -256,10 +256,14 @@ def _fp4_matvec_rows(xd, codes, scale, n_lo, n_hi, se, out1):
 
 
 @njit(cache=True)
-def _general_rows(fmt, xin, codes, scale, n_lo, n_hi, row0, w, sl, acc, out):
+def _general_rows(fmt, xin, codes, scale, n_lo, n_hi, row0, out):
     """Rows n_lo..n_hi-1 of out [T, n] for any format and T (a separate function: the parallel
-    kernel's loop body, kept out of Numba's parfor transformations)."""
+    kernel's loop body, kept out of Numba's parfor transformations). The scratch buffers are
+    allocated here, so LLVM knows they alias no argument."""
     T, K = xin.shape
+    w = np.empty(BLOCK)
+    sl = np.empty(BLOCK)
+    acc = np.empty((T, BLOCK))
     for n in range(n_lo, n_hi):
         acc[:] = 0.0
         for k0 in range(0, K, BLOCK):
@@ -307,11 +311,8 @@ def product_kernel(fmt, x, codes, scale, n_out, row0):
                              se, out[0])
         return out
     for task in prange(n_tasks):               # each output element belongs to one task: one thread
-        w = np.empty(BLOCK)
-        sl = np.empty(BLOCK)
-        acc = np.empty((T, BLOCK))
         _general_rows(fmt, xin, codes, scale, task * ROWS_PER_TASK, min(n_out, (task + 1) * ROWS_PER_TASK),
-                      row0, w, sl, acc, out)
+                      row0, out)
     return out
 
 
@@ -327,7 +328,7 @@ def product_kernel_serial(fmt, x, codes, scale, n_out, row0):
     if T == 1 and fmt == FMT_FP4:
         _fp4_matvec_rows(xin[0], codes, scale, 0, n_out, np.empty(BLOCK // 2), out[0])
         return out
-    _general_rows(fmt, xin, codes, scale, 0, n_out, row0, np.empty(BLOCK), np.empty(BLOCK), np.empty((T, BLOCK)), out)
+    _general_rows(fmt, xin, codes, scale, 0, n_out, row0, out)
     return out
 
 
