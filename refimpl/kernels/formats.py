@@ -71,12 +71,13 @@ def fp8_raw(code):
 def fp4_pair_raw(byte):
     """Packed e2m1 byte -> (low nibble, high nibble) as float32 e2m1 values · 2^-126.
 
-    A nibble shifted to bits 28-31 of an int32 and shifted right (arithmetically) by 6 has its
-    sign at bit 31 (and copies at 25-30) and its magnitude eem at bits 22-24; the mask keeps those.
+    Each nibble's sign bit goes to bit 31 and its magnitude eem to bits 22-24 (two shifts, two
+    masks, one or per nibble, all on non-negative integers: no sign extension to emulate in
+    vector code).
     """
-    b = np.int64(np.uint8(byte))
-    lo = (np.int64(np.int32(b << 28)) >> 6) & 0x81C00000
-    hi = (np.int64(np.int32(b << 24)) >> 6) & 0x81C00000
+    b = np.uint64(np.uint8(byte))
+    lo = ((b & np.uint64(0x08)) << np.uint64(28)) | ((b & np.uint64(0x07)) << np.uint64(22))
+    hi = ((b & np.uint64(0x80)) << np.uint64(24)) | ((b & np.uint64(0x70)) << np.uint64(18))
     return f32_from_bits(np.uint32(lo)), f32_from_bits(np.uint32(hi))
 
 

@@ -147,13 +147,16 @@ def _lane_sum(a, lanes):
 
 
 @njit(cache=True)
-def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, xs, a2, out1):
+def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, out1):
     """One input row x1 [K] (FP8 or BF16 weights): rows n_lo..n_hi-1 of out1, two weight rows at a time.
 
     xs = x1 · block scale is formed once per 128-row scale block; then each lane adds xs[k] · raw
     weight: the same operations as product_kernel's general path, with fewer loads per weight.
+    xs and the lanes a2 are allocated here, so LLVM knows they alias no argument.
     """
     K = x1.shape[0]
+    xs = np.empty(K)
+    a2 = np.empty((2, BLOCK))
     lanes = min(BLOCK, K)
     cur = -1
     n = n_lo
@@ -196,33 +199,49 @@ def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, xs, a2, out1):
 
 
 @njit(cache=True)
-def _fp4_matvec_rows(xd, codes, scale, n_lo, n_hi, a, se, out1):
+def _fp4_matvec_rows(xd, codes, scale, n_lo, n_hi, se, out1):
     """One input row xd [K] (FP4 lane order) times FP4 weight rows n_lo..n_hi-1 -> out1[n].
 
-    The same operations as _general_rows: lane += (x · block scale) · raw weight.
+    The same operations as _general_rows: lane += (x · block scale) · raw weight. Two weight rows
+    n, n + 1 are taken per pass over xd, so each x load serves both; each row's own lanes see the
+    same additions in the same order as alone. The lanes a2 [2, 128] are allocated here: LLVM then
+    knows they alias no argument (measured: passed in, the two-row loop was slower than one row).
     """
     K = xd.shape[0]
-    for n in range(n_lo, n_hi):
-        a[:] = 0.0
-        for k0 in range(0, K, BLOCK):
-            kb = min(BLOCK, K - k0)
-            h = kb // 2
-            if kb == BLOCK:                                   # a full block: four 1x32 blocks of constant size
-                for q in range(4):
-                    s = fp4_block_scale(scale[n, k0 // 32 + q])
-                    src = codes[n, k0 // 2 + 16 * q:k0 // 2 + 16 * q + 16]
-                    ae, ao = a[16 * q:16 * q + 16], a[64 + 16 * q:64 + 16 * q + 16]
-                    xe, xo = xd[k0 + 16 * q:k0 + 16 * q + 16], xd[k0 + 64 + 16 * q:k0 + 64 + 16 * q + 16]
-                    for i in range(16):
-                        lo, hi = fp4_pair_raw(src[i])
-                        ae[i] += (xe[i] * s) * lo
-                        ao[i] += (xo[i] * s) * hi
-                continue
+    a2 = np.empty((2, BLOCK))
+    n = n_lo
+    while n < n_hi:
+        m = 1 if n + 1 < n_hi else 0                          # the second row: row n + m (itself if single)
+        a0 = a2[0]
+        a1 = a2[1]
+        a0[:] = 0.0
+        a1[:] = 0.0
+        for k0 in range(0, K - K % BLOCK, BLOCK):             # full blocks: four 1x32 blocks of constant size
+            for q in range(4):
+                s0 = fp4_block_scale(scale[n, k0 // 32 + q])
+                s1 = fp4_block_scale(scale[n + m, k0 // 32 + q])
+                c0 = codes[n, k0 // 2 + 16 * q:k0 // 2 + 16 * q + 16]
+                c1 = codes[n + m, k0 // 2 + 16 * q:k0 // 2 + 16 * q + 16]
+                ae0, ao0 = a0[16 * q:16 * q + 16], a0[64 + 16 * q:64 + 16 * q + 16]
+                ae1, ao1 = a1[16 * q:16 * q + 16], a1[64 + 16 * q:64 + 16 * q + 16]
+                xe, xo = xd[k0 + 16 * q:k0 + 16 * q + 16], xd[k0 + 64 + 16 * q:k0 + 64 + 16 * q + 16]
+                for i in range(16):
+                    lo0, hi0 = fp4_pair_raw(c0[i])
+                    lo1, hi1 = fp4_pair_raw(c1[i])
+                    ae0[i] += (xe[i] * s0) * lo0
+                    ao0[i] += (xo[i] * s0) * hi0
+                    ae1[i] += (xe[i] * s1) * lo1
+                    ao1[i] += (xo[i] * s1) * hi1
+        k0 = K - K % BLOCK
+        kb = K - k0
+        h = kb // 2
+        for r in range(1 + m if kb else 0):                   # a partial last block: each row on its own
+            a = a2[r]
             for q in range((h + 15) // 16):                   # 1x32 blocks: 16 lanes of each half
-                s = fp4_block_scale(scale[n, k0 // 32 + q])
+                s = fp4_block_scale(scale[n + r, k0 // 32 + q])
                 for i in range(16 * q, min(h, 16 * q + 16)):
                     se[i] = s
-            src = codes[n, k0 // 2:k0 // 2 + h]
+            src = codes[n + r, k0 // 2:k0 // 2 + h]
             ae, ao = a[:h], a[h:kb]
             xe, xo = xd[k0:k0 + h], xd[k0 + h:k0 + kb]
             sb = se[:h]
@@ -230,14 +249,21 @@ def _fp4_matvec_rows(xd, codes, scale, n_lo, n_hi, a, se, out1):
                 lo, hi = fp4_pair_raw(src[i])
                 ae[i] += (xe[i] * sb[i]) * lo
                 ao[i] += (xo[i] * sb[i]) * hi
-        out1[n] = _lane_sum(a, min(BLOCK, K))
+        out1[n] = _lane_sum(a0, min(BLOCK, K))
+        if m:
+            out1[n + 1] = _lane_sum(a1, min(BLOCK, K))
+        n += 1 + m
 
 
 @njit(cache=True)
-def _general_rows(fmt, xin, codes, scale, n_lo, n_hi, row0, w, sl, acc, out):
+def _general_rows(fmt, xin, codes, scale, n_lo, n_hi, row0, out):
     """Rows n_lo..n_hi-1 of out [T, n] for any format and T (a separate function: the parallel
-    kernel's loop body, kept out of Numba's parfor transformations)."""
+    kernel's loop body, kept out of Numba's parfor transformations). The scratch buffers are
+    allocated here, so LLVM knows they alias no argument."""
     T, K = xin.shape
+    w = np.empty(BLOCK)
+    sl = np.empty(BLOCK)
+    acc = np.empty((T, BLOCK))
     for n in range(n_lo, n_hi):
         acc[:] = 0.0
         for k0 in range(0, K, BLOCK):
@@ -275,24 +301,18 @@ def product_kernel(fmt, x, codes, scale, n_out, row0):
     n_tasks = (n_out + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     if T == 1 and (fmt == FMT_FP8 or fmt == FMT_BF16):
         for task in prange(n_tasks):
-            xs = np.empty(K)
-            a2 = np.empty((2, BLOCK))
             _matvec_rows(fmt, x[0], codes, scale, task * ROWS_PER_TASK, min(n_out, (task + 1) * ROWS_PER_TASK),
-                         row0, xs, a2, out[0])
+                         row0, out[0])
         return out
     if T == 1 and fmt == FMT_FP4:
         for task in prange(n_tasks):
-            a = np.empty(BLOCK)
             se = np.empty(BLOCK // 2)
             _fp4_matvec_rows(xin[0], codes, scale, task * ROWS_PER_TASK, min(n_out, (task + 1) * ROWS_PER_TASK),
-                             a, se, out[0])
+                             se, out[0])
         return out
     for task in prange(n_tasks):               # each output element belongs to one task: one thread
-        w = np.empty(BLOCK)
-        sl = np.empty(BLOCK)
-        acc = np.empty((T, BLOCK))
         _general_rows(fmt, xin, codes, scale, task * ROWS_PER_TASK, min(n_out, (task + 1) * ROWS_PER_TASK),
-                      row0, w, sl, acc, out)
+                      row0, out)
     return out
 
 
@@ -302,15 +322,13 @@ def product_kernel_serial(fmt, x, codes, scale, n_out, row0):
     T, K = x.shape
     out = np.empty((T, n_out))
     if T == 1 and (fmt == FMT_FP8 or fmt == FMT_BF16):
-        xs = np.empty(K)
-        a2 = np.empty((2, BLOCK))
-        _matvec_rows(fmt, x[0], codes, scale, 0, n_out, row0, xs, a2, out[0])
+        _matvec_rows(fmt, x[0], codes, scale, 0, n_out, row0, out[0])
         return out
     xin = _deinterleave_fp4(x) if fmt == FMT_FP4 else x
     if T == 1 and fmt == FMT_FP4:
-        _fp4_matvec_rows(xin[0], codes, scale, 0, n_out, np.empty(BLOCK), np.empty(BLOCK // 2), out[0])
+        _fp4_matvec_rows(xin[0], codes, scale, 0, n_out, np.empty(BLOCK // 2), out[0])
         return out
-    _general_rows(fmt, xin, codes, scale, 0, n_out, row0, np.empty(BLOCK), np.empty(BLOCK), np.empty((T, BLOCK)), out)
+    _general_rows(fmt, xin, codes, scale, 0, n_out, row0, out)
     return out
 
 

@@ -211,3 +211,15 @@ def test_boundary_cases_are_rare():
     """Runs after the Hypothesis tests of this module: mirror outputs that differed from the spec."""
     print(f"mirror rounding-boundary cases: {BOUNDARY['cases']} of {BOUNDARY['outputs']} outputs")
     assert BOUNDARY["cases"] <= max(1, BOUNDARY["outputs"] // 10000)
+
+
+@pytest.mark.parametrize("n, k", [(7, 384), (33, 300), (5, 62)])
+def test_fp4_one_row_path_matches_the_general_path_bitwise(n, k):
+    """The one-row FP4 path (two weight rows per pass; an odd last row alone; a partial last block)
+    gives the bits of the general path (a row of a two-row call), row by row."""
+    rng = np.random.default_rng(n * k)
+    f, codes, scale, _ = K.checked_codes(fp4_matrix(rng, n, k, scale_lo=0, scale_hi=255))
+    x = round_bf16(rng.standard_normal((2, k)) * 2.0 ** rng.integers(-60, 60, (2, k))).astype(np.float64)
+    both = K.product_kernel_serial(f, x, codes, scale, n, 0)
+    for r in range(2):
+        assert np.array_equal(K.product_kernel_serial(f, x[r:r + 1], codes, scale, n, 0)[0], both[r])
