@@ -56,36 +56,25 @@ def split_sinkhorn_kernel(mixes, scale, base, n, iters, eps, mode, pre, post, co
         total = rnd(total, fp32)                                           # reduce_sum: exact, one rounding
         for k in range(n):
             c[j * n + k] = add(div(c[j * n + k], total, fp32), eps, fp32)
-    _column_step(c, n, eps, fp32)
+    _normalize(c, n, eps, fp32, 1, n)               # comb / (comb.sum(-2) + eps)
     for _ in range(iters - 1):
-        _row_step(c, n, eps, fp32)
-        _column_step(c, n, eps, fp32)
+        _normalize(c, n, eps, fp32, n, 1)               # comb / (comb.sum(-1) + eps)
+        _normalize(c, n, eps, fp32, 1, n)               # comb / (comb.sum(-2) + eps)
     for i in range(n * n):
         comb[r, i] = c[i]
 
 
 @device_function
-def _row_step(c, n, eps, fp32):
-    """comb = comb / (comb.sum(-1) + eps)."""
-    for j in range(n):
+def _normalize(c, n, eps, fp32, line, step):
+    """Line i (elements c[i*line + k*step], k < n) /= its sum + eps: the rows (line n, step 1) or the
+    columns (line 1, step n) of the n x n matrix c."""
+    for i in range(n):
         total = 0.0
         for k in range(n):
-            total += c[j * n + k]
+            total += c[i * line + k * step]
         den = add(rnd(total, fp32), eps, fp32)
         for k in range(n):
-            c[j * n + k] = div(c[j * n + k], den, fp32)
-
-
-@device_function
-def _column_step(c, n, eps, fp32):
-    """comb = comb / (comb.sum(-2) + eps)."""
-    for k in range(n):
-        total = 0.0
-        for j in range(n):
-            total += c[j * n + k]
-        den = add(rnd(total, fp32), eps, fp32)
-        for j in range(n):
-            c[j * n + k] = div(c[j * n + k], den, fp32)
+            c[i * line + k * step] = div(c[i * line + k * step], den, fp32)
 
 
 def split_sinkhorn(mixes: np.ndarray, scale: np.ndarray, base: np.ndarray, *, n: int, iters: int,

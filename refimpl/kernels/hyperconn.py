@@ -29,6 +29,31 @@ def _sigmoid64(v):
 
 
 @numba.njit(cache=True)
+def _mirror_normalize_rows(c, eps32):
+    """c[j, :] /= fp32(Σ_k c[j, k]) + eps for every row j (the sum exact, rounded once; fp32 ops)."""
+    n_rows, n = c.shape
+    for j in range(n_rows):
+        tot = 0.0
+        for k in range(n):
+            tot += np.float64(c[j, k])
+        den = np.float32(tot) + eps32
+        for k in range(n):
+            c[j, k] = np.float32(c[j, k] / den)
+
+
+@numba.njit(cache=True)
+def _exact_normalize_rows(c, eps):
+    """c[j, :] /= Σ_k c[j, k] + eps for every row j, in float64."""
+    n_rows, n = c.shape
+    for j in range(n_rows):
+        tot = 0.0
+        for k in range(n):
+            tot += c[j, k]
+        for k in range(n):
+            c[j, k] = c[j, k] / (tot + eps)
+
+
+@numba.njit(cache=True)
 def _mirror_row(mx, scale, base, n, iters, eps, pre, post, comb, r):
     """Row r in mirror rounding (fp32 ops, float64 sigmoid/exp/sums rounded once)."""
     eps32 = np.float32(eps)
@@ -54,21 +79,9 @@ def _mirror_row(mx, scale, base, n, iters, eps, pre, post, comb, r):
         for k in range(n):
             c[j, k] = np.float32(c[j, k] / tot32) + eps32
     for it in range(iters):
-        if it > 0:                                       # row step (every iteration after the first)
-            for j in range(n):
-                tot = 0.0
-                for k in range(n):
-                    tot += np.float64(c[j, k])
-                den = np.float32(tot) + eps32
-                for k in range(n):
-                    c[j, k] = np.float32(c[j, k] / den)
-        for k in range(n):                               # column step
-            tot = 0.0
-            for j in range(n):
-                tot += np.float64(c[j, k])
-            den = np.float32(tot) + eps32
-            for j in range(n):
-                c[j, k] = np.float32(c[j, k] / den)
+        if it > 0:
+            _mirror_normalize_rows(c, eps32)             # row step (every iteration after the first)
+        _mirror_normalize_rows(c.T, eps32)               # column step: the rows of the transpose
     for j in range(n):
         for k in range(n):
             comb[r, j, k] = c[j, k]
@@ -97,18 +110,8 @@ def _exact_row(mx, scale, base, n, iters, eps, pre, post, comb, r):
             c[j, k] = c[j, k] / tot + eps
     for it in range(iters):
         if it > 0:
-            for j in range(n):
-                tot = 0.0
-                for k in range(n):
-                    tot += c[j, k]
-                for k in range(n):
-                    c[j, k] = c[j, k] / (tot + eps)
-        for k in range(n):
-            tot = 0.0
-            for j in range(n):
-                tot += c[j, k]
-            for j in range(n):
-                c[j, k] = c[j, k] / (tot + eps)
+            _exact_normalize_rows(c, eps)                # row step
+        _exact_normalize_rows(c.T, eps)                  # column step
     for j in range(n):
         for k in range(n):
             comb[r, j, k] = c[j, k]
