@@ -246,7 +246,11 @@ SCRIPT = textwrap.dedent("""
             if {check_spec}:
                 want = spec(*args, **kw)
                 for g, w_ in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
-                    assert np.array_equal(g, w_), kernel
+                    if prec == "mirror":
+                        assert np.array_equal(g, w_), kernel
+                    else:   # NumPy's float64 exp is SIMD code on AVX-512 CPUs, an ulp from libm's (the kernels')
+                        g, w_ = np.asarray(g, np.float64), np.asarray(w_, np.float64)
+                        assert np.allclose(g, w_, rtol=1e-14, atol=1e-14 * np.abs(w_).max()), kernel
             for g in (got if isinstance(got, tuple) else (got,)):
                 h.update(np.ascontiguousarray(g).tobytes())
     print(h.hexdigest())
