@@ -38,12 +38,15 @@ from numba import njit, prange
 
 from refimpl.kernels.formats import (BLOCK, FMT_BF16, FMT_F32, FMT_FP4, FMT_FP8, bf16_value, f32_from_bits,
                                      fp4_block_scale, fp4_pair_raw, fp8_block_scale, fp8_raw)
+from refimpl.kernels.prefetch import prefetch
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix
 from refimpl.model.linear import matmul as _matmul
 from refimpl.numerics import FP4_BLOCK, FP8_BLOCK, _as_codes, _check_scale_grid, act_fp8, bf16, f32, work_dtype
 
 
 ROWS_PER_TASK = 32   # output rows per parallel task (scratch buffers are allocated once per task)
+PREFETCH_ROWS = 8    # one-row products: weight rows read ahead (kernels/prefetch.py)
+LINE = 64            # bytes per cache line
 
 
 @njit(cache=True)
@@ -130,8 +133,14 @@ def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, out1):
         a0[:] = 0.0
         a1[:] = 0.0
         m = 1 if two else 0                                   # the second row: row n + m (itself if single)
+        ahead = min(n + PREFETCH_ROWS, codes.shape[0] - 2)      # the pair of rows read PREFETCH_ROWS ahead
+        step = LINE // codes.itemsize
         for k0 in range(0, K, BLOCK):
             kb = min(BLOCK, K - k0)
+            if ahead > n + m:
+                for k in range(k0, k0 + kb, step):
+                    prefetch(codes, ahead, k)
+                    prefetch(codes, ahead + 1, k)
             xb = x1[k0:k0 + kb]
             c0 = codes[n, k0:k0 + kb]
             c1 = codes[n + m, k0:k0 + kb]
@@ -171,7 +180,11 @@ def _fp4_matvec_rows(xd, codes, scale, n_lo, n_hi, out1):
         a1 = a2[1]
         a0[:] = 0.0
         a1[:] = 0.0
+        ahead = min(n + PREFETCH_ROWS, codes.shape[0] - 2)      # the pair of rows read PREFETCH_ROWS ahead
         for k0 in range(0, K - K % BLOCK, BLOCK):             # full blocks: four 1x32 blocks of constant size
+            if ahead > n + m:                                 # a block's 64 bytes: one cache line per row
+                prefetch(codes, ahead, k0 // 2)
+                prefetch(codes, ahead + 1, k0 // 2)
             for q in range(4):
                 s0 = fp4_block_scale(scale[n, k0 // 32 + q])
                 s1 = fp4_block_scale(scale[n + m, k0 // 32 + q])
