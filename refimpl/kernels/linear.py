@@ -11,8 +11,9 @@ in blocks of 128; lane l (column k0 + l of each block; for FP4 the block's even 
 odd ones, as a packed byte holds two) accumulates in float64 x · w over the blocks in ascending
 order, w the exact weight (raw weight · block scale, a power of two: exact); then the 128 lanes
 are added in ascending order. The order depends on the weight's shape only, so a row of x gives
-the same output alone or among any number of rows (one input row takes a path that decodes on
-the fly, several rows share decoded weight rows: the same operations), on any number of threads.
+the same output alone or among any number of rows (one input row of an FP8, BF16 or FP4 product
+takes a path that decodes on the fly, several rows share decoded weight rows: the same
+operations), on any number of threads.
 The lanes are what LLVM vectorizes without reassociating anything (no fastmath).
 
 Exactness (mirror). The activations of an FP8/FP4 product are e4m3 values times a power of two
@@ -182,7 +183,7 @@ def _fp4_matvec_rows(xd, codes, scale, n_lo, n_hi, out1):
         a1[:] = 0.0
         ahead = min(n + PREFETCH_ROWS, codes.shape[0] - 2)      # the pair of rows read PREFETCH_ROWS ahead
         for k0 in range(0, K - K % BLOCK, BLOCK):             # full blocks: four 1x32 blocks of constant size
-            if ahead > n + m:                                 # a block's 64 bytes: one cache line per row
+            if ahead > n + m:                                 # a block's 64 bytes: about one cache line per row
                 prefetch(codes, ahead, k0 // 2)
                 prefetch(codes, ahead + 1, k0 // 2)
             for q in range(4):
@@ -267,9 +268,10 @@ def product_kernel(fmt, x, codes, scale, n_out, row0):
     codes holds the rows row0.. of W (codes[n] is row row0+n); an FP8 scale grid is indexed by the
     absolute row (row0 + n) // 128, so a row range of a larger FP8 matrix can be passed.
     Order of every output element (t, n): lane l of each 128-column block (column k0 + l; for FP4
-    the even columns, then the odd ones) accumulates (x · block scale) · raw weight over the
-    blocks in ascending order; then the lanes are added in ascending order. One input row is
-    decoded on the fly, several rows share one decoded block: the same operations either way.
+    the even columns, then the odd ones) accumulates x · w, w = raw weight · block scale (exact),
+    over the blocks in ascending order; then the lanes are added in ascending order. One input
+    row (FP8, BF16, FP4) is decoded on the fly, several rows share decoded weight rows, two at a
+    time: the same operations either way.
     """
     T, K = x.shape
     out = np.empty((T, n_out))
