@@ -122,6 +122,24 @@ def test_rows_are_independent_of_the_row_count(prec, fmt):
         assert np.array_equal(f(x[r:r + 1], w, prec)[0], many[r])
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+def test_rows_across_input_tiles_are_independent_of_the_row_count(fmt):
+    """With K = 4096 the several-row path takes the input rows in tiles of 32 (TILE_BYTES): a row
+    gives the same bits alone, in a 67-row call (three tiles, an odd last one) and in a chunk that
+    starts mid-tile."""
+    from refimpl.kernels.linear import TILE_BYTES
+    rng = np.random.default_rng(11)
+    n, k = 40, 4096
+    assert TILE_BYTES // (8 * k) == 32
+    w = fp8_matrix(rng, n, k) if fmt == "fp8" else fp4_matrix(rng, n, k)
+    x = _inputs(rng, 67, k, "mirror")
+    many = K.quantized_linear(x, w, "mirror")
+    chunk = K.quantized_linear(x[10:50], w, "mirror")
+    assert np.array_equal(chunk, many[10:50])
+    for r in (0, 1, 31, 32, 33, 63, 64, 66):
+        assert np.array_equal(K.quantized_linear(x[r:r + 1], w, "mirror")[0], many[r])
+
+
 def test_bad_input_is_refused_as_the_spec_refuses_it():
     rng = np.random.default_rng(0)
     w = fp8_matrix(rng, 64, 128)
