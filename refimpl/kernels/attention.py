@@ -71,8 +71,9 @@ def _scores(q, bi, si, hh, kvT, nb, s64):
 
 
 @numba.njit(cache=True)
-def _mirror_task(q, kv, sink, idx, scale32, bi, si, h0, h1, out):
-    """Heads h0..h1-1 of query (bi, si), official online softmax in mirror rounding -> out (bf16 values)."""
+def _mirror_task(q, kv, sink, idx, scale32, bi, si, h0, h1, store_bf16, out):
+    """Heads h0..h1-1 of query (bi, si), official online softmax in mirror rounding -> out (bf16 values;
+    store_bf16 False: the fp32 acc / sum before the store, which tests compare with `sparse_attn_query`)."""
     d = q.shape[3]
     k = idx.shape[2]
     nh = h1 - h0
@@ -120,7 +121,8 @@ def _mirror_task(q, kv, sink, idx, scale32, bi, si, h0, h1, out):
         hh = h0 + t
         dsum = den[t] + exp_f32(np.float32(sink[hh] - m[t]))   # sum_exp += exp(attn_sink - max)
         for c in range(d):
-            out[bi, si, hh, c] = bf16_f32(np.float32(acc[t, c] / dsum))   # acc_o /= sum_exp; bf16 store
+            o = np.float32(acc[t, c] / dsum)                   # acc_o /= sum_exp
+            out[bi, si, hh, c] = bf16_f32(o) if store_bf16 else o   # bf16 store
 
 
 @numba.njit(cache=True)
@@ -172,7 +174,7 @@ def _exact_task(q, kv, sink, idx, scale, bi, si, h0, h1, out):
 
 
 @numba.njit(cache=True, parallel=True)
-def _sparse_attention(q, kv, sink, idx, scale, mirror, groups, out):
+def _sparse_attention(q, kv, sink, idx, scale, mirror, groups, out, store_bf16=True):
     """All queries: task = (query, head group); groups divides h."""
     b, s, h = q.shape[0], q.shape[1], q.shape[2]
     hs = h // groups
@@ -181,7 +183,7 @@ def _sparse_attention(q, kv, sink, idx, scale, mirror, groups, out):
         query, g = task // groups, task % groups
         bi, si = query // s, query % s
         if mirror:
-            _mirror_task(q, kv, sink, idx, scale32, bi, si, g * hs, g * hs + hs, out)
+            _mirror_task(q, kv, sink, idx, scale32, bi, si, g * hs, g * hs + hs, store_bf16, out)
         else:
             _exact_task(q, kv, sink, idx, scale, bi, si, g * hs, g * hs + hs, out)
 

@@ -158,3 +158,21 @@ def test_thread_count_does_not_change_results():
 def test_runs_with_jit_disabled():
     """The kernel's Python source (NUMBA_DISABLE_JIT=1) gives the same results as the compiled one."""
     assert run_script({"NUMBA_DISABLE_JIT": "1"}, check_spec=True) == run_script({})
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), h=st.sampled_from([1, 4]), k=st.integers(65, 260),
+       pad=st.sampled_from([0.0, 0.3]), spread=st.sampled_from([1.0, 8.0]))
+def test_mirror_accumulator_before_the_bf16_store_is_the_official_one(seed, h, k, pad, spread):
+    """The fp32 acc / sum of every query, before the bf16 store, equals `sparse_attn_query` bit for
+    bit over several blocks of 64 (the store's rounding would hide a changed rescale of acc or sum)."""
+    from refimpl.kernels.attention import _sparse_attention
+    from refimpl.model.attention import sparse_attn_query
+    q, kv, sink, idx = make_case(seed, 1, 3, h, 16, 300, k, pad, spread)
+    scale = 0.25
+    got = np.empty(q.shape, np.float32)
+    _sparse_attention(q, kv, sink, idx.astype(np.int64), float(np.float32(scale)), True, 1, got, False)
+    for si in range(q.shape[1]):
+        want = sparse_attn_query(q[0, si], kv[0], sink, idx[0, si], scale)
+        assert want.dtype == np.float32
+        assert np.array_equal(got[0, si], want), f"query {si}: {int((got[0, si] != want).sum())} values differ"
