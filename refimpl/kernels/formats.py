@@ -59,7 +59,7 @@ else:
 def _fp8_raw_bits(code):
     """e4m3fn byte -> the bits of fp8_raw's float32 (plain Python: NUMBA_DISABLE_JIT=1)."""
     v = (int(np.int8(np.uint8(code))) << 20) & 0x87F00000
-    return np.uint32(v & 0xFFFFFFFF)
+    return np.uint32(v)                           # non-negative: the mask has no bit above 31
 
 
 def _fp4_pair_bits(byte):

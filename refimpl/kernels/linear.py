@@ -11,9 +11,8 @@ in blocks of 128; lane l (column k0 + l of each block; for FP4 the block's even 
 odd ones, as a packed byte holds two) accumulates in float64 x · w over the blocks in ascending
 order, w the exact weight (raw weight · block scale, a power of two: exact); then the 128 lanes
 are added in ascending order. The order depends on the weight's shape only, so a row of x gives
-the same output alone or among any number of rows (one input row of an FP8, BF16 or FP4 product
-takes a path that decodes on the fly, several rows share decoded weight rows: the same
-operations), on any number of threads.
+the same output alone or among any number of rows (one input row takes a path that decodes on
+the fly, several rows share decoded weight rows: the same operations), on any number of threads.
 The lanes are what LLVM vectorizes without reassociating anything (no fastmath).
 
 Exactness (mirror). The activations of an FP8/FP4 product are e4m3 values times a power of two
@@ -107,6 +106,16 @@ def _decode_row(fmt, codes, scale, n, scale_row, w):
 
 
 @njit(cache=True, inline="always")
+def _prefetch_ahead(codes, n, m, k_lo, k_hi):
+    """Prefetch columns k_lo..k_hi-1 of the weight-row pair PREFETCH_ROWS ahead of rows n, n + m."""
+    ahead = min(n + PREFETCH_ROWS, codes.shape[0] - 2)
+    if ahead > n + m:
+        for k in range(k_lo, k_hi, LINE // codes.itemsize):   # one hint per cache line
+            prefetch(codes, ahead, k)
+            prefetch(codes, ahead + 1, k)
+
+
+@njit(cache=True, inline="always")
 def _lane_sum(a, lanes):
     """Σ a[:lanes] in ascending order."""
     y = 0.0
@@ -117,7 +126,7 @@ def _lane_sum(a, lanes):
 
 @njit(cache=True)
 def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, out1):
-    """One input row x1 [K] (FP8 or BF16 weights): rows n_lo..n_hi-1 of out1, two weight rows at a time.
+    """One input row x1 [K] (FP8, BF16 or F32 weights): rows n_lo..n_hi-1 of out1, two weight rows at a time.
 
     Each lane adds x · (raw weight · block scale), decoding on the fly: the same operations as
     _general_rows, with one load of x serving two weight rows. The lanes a2 are allocated here, so
@@ -135,14 +144,9 @@ def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, out1):
         a0[:] = 0.0
         a1[:] = 0.0
         m = 1 if two else 0                                   # the second row: row n + m (itself if single)
-        ahead = min(n + PREFETCH_ROWS, codes.shape[0] - 2)      # the pair of rows read PREFETCH_ROWS ahead
-        step = LINE // codes.itemsize
         for k0 in range(0, K, BLOCK):
             kb = min(BLOCK, K - k0)
-            if ahead > n + m:
-                for k in range(k0, k0 + kb, step):
-                    prefetch(codes, ahead, k)
-                    prefetch(codes, ahead + 1, k)
+            _prefetch_ahead(codes, n, m, k0, k0 + kb)
             xb = x1[k0:k0 + kb]
             c0 = codes[n, k0:k0 + kb]
             c1 = codes[n + m, k0:k0 + kb]
@@ -153,10 +157,14 @@ def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, out1):
                 for k in range(kb):
                     b0[k] += xb[k] * (fp8_raw(c0[k]) * s)
                     b1[k] += xb[k] * (fp8_raw(c1[k]) * s)
-            else:
+            elif fmt == FMT_BF16:
                 for k in range(kb):
                     b0[k] += xb[k] * bf16_value(c0[k])
                     b1[k] += xb[k] * bf16_value(c1[k])
+            else:  # FMT_F32
+                for k in range(kb):
+                    b0[k] += xb[k] * f32_from_bits(np.uint32(c0[k]))
+                    b1[k] += xb[k] * f32_from_bits(np.uint32(c1[k]))
         out1[n] = _lane_sum(a0, lanes)
         if two:
             out1[n + 1] = _lane_sum(a1, lanes)
@@ -182,11 +190,8 @@ def _fp4_matvec_rows(xd, codes, scale, n_lo, n_hi, out1):
         a1 = a2[1]
         a0[:] = 0.0
         a1[:] = 0.0
-        ahead = min(n + PREFETCH_ROWS, codes.shape[0] - 2)      # the pair of rows read PREFETCH_ROWS ahead
         for k0 in range(0, K - K % BLOCK, BLOCK):             # full blocks: four 1x32 blocks of constant size
-            if ahead > n + m:                                 # a block's 64 bytes: about one cache line per row
-                prefetch(codes, ahead, k0 // 2)
-                prefetch(codes, ahead + 1, k0 // 2)
+            _prefetch_ahead(codes, n, m, k0 // 2, k0 // 2 + BLOCK // 2)   # the block's 64 bytes
             for q in range(4):
                 s0 = fp4_block_scale(scale[n, k0 // 32 + q])
                 s1 = fp4_block_scale(scale[n + m, k0 // 32 + q])
@@ -276,14 +281,14 @@ def product_kernel(fmt, x, codes, scale, n_out, row0):
     Order of every output element (t, n): lane l of each 128-column block (column k0 + l; for FP4
     the even columns, then the odd ones) accumulates x · w, w = raw weight · block scale (exact),
     over the blocks in ascending order; then the lanes are added in ascending order. One input
-    row (FP8, BF16, FP4) is decoded on the fly, several rows share decoded weight rows, two at a
+    row is decoded on the fly, several rows share decoded weight rows, two at a
     time: the same operations either way.
     """
     T, K = x.shape
     out = np.empty((T, n_out))
     xin = _deinterleave_fp4(x) if fmt == FMT_FP4 else x
     n_tasks = (n_out + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    if T == 1 and (fmt == FMT_FP8 or fmt == FMT_BF16):
+    if T == 1 and fmt != FMT_FP4:
         for task in prange(n_tasks):
             _matvec_rows(fmt, x[0], codes, scale, task * ROWS_PER_TASK, min(n_out, (task + 1) * ROWS_PER_TASK),
                          row0, out[0])
@@ -304,7 +309,7 @@ def product_kernel_serial(fmt, x, codes, scale, n_out, row0):
     """product_kernel on the calling thread only (small products: no thread start-up); the same results."""
     T, K = x.shape
     out = np.empty((T, n_out))
-    if T == 1 and (fmt == FMT_FP8 or fmt == FMT_BF16):
+    if T == 1 and fmt != FMT_FP4:
         _matvec_rows(fmt, x[0], codes, scale, 0, n_out, row0, out[0])
         return out
     xin = _deinterleave_fp4(x) if fmt == FMT_FP4 else x

@@ -108,14 +108,15 @@ def test_grouped_wo_a_matches_spec(seed, prec, groups, r, kg):
 
 
 @pytest.mark.parametrize("prec", ["mirror", "float64", "float32"])
-@pytest.mark.parametrize("fmt", ["fp8", "fp4", "bf16"])
+@pytest.mark.parametrize("fmt", ["fp8", "fp4", "bf16", "f32"])
 def test_rows_are_independent_of_the_row_count(prec, fmt):
     """Row r of a 7-row call is bit-identical to the 1-row call on that row."""
     rng = np.random.default_rng(7)
     n, k = 200, 384
     w = {"fp8": lambda: fp8_matrix(rng, n, k), "fp4": lambda: fp4_matrix(rng, n, k),
-         "bf16": lambda: rng.standard_normal((n, k)).astype(ml_dtypes.bfloat16)}[fmt]()
-    f = K.fp32_linear if fmt == "bf16" else K.quantized_linear
+         "bf16": lambda: rng.standard_normal((n, k)).astype(ml_dtypes.bfloat16),
+         "f32": lambda: rng.standard_normal((n, k)).astype(np.float32)}[fmt]()
+    f = K.fp32_linear if fmt in ("bf16", "f32") else K.quantized_linear
     x = _inputs(rng, 7, k, prec)
     many = f(x, w, prec)
     for r in range(7):
