@@ -27,6 +27,7 @@ import numpy as np
 
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".numba-cache"))
 
+from refimpl.context import RunContext
 from refimpl.config import Config  # noqa: E402
 
 KERNELS = "numpy," + ",".join(f"{op}=numba" for op in (
@@ -139,7 +140,7 @@ def run_layer(layer, tokens, prec, kernels, profile):
         t = time.perf_counter()
         if prof:
             prof.enable()
-        _, state = attention(x, 0, state, w, cfg, layer, prec, "current")
+        _, state = attention(x, 0, state, w, cfg.layer(layer), RunContext(cfg, prec))
         if prof:
             prof.disable()
         elapsed = time.perf_counter() - t

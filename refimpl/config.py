@@ -1,7 +1,8 @@
 """Model hyperparameters: one frozen `Config` with the official `ModelArgs` field names.
 
-`Config.from_checkpoint(dir)` reads a checkpoint's Hugging Face `config.json` through one explicit
-rename table (`HF_RENAMES`), or the official `inference/config.json` as is. Every key must be
+`refimpl.formats.config_file.read_config(dir)` reads a checkpoint's Hugging Face `config.json`
+through the one explicit rename table here (`HF_RENAMES`, `from_hf_dict`), or the official
+`inference/config.json` as is (`from_inference_dict`). Every key must be
 known; a missing key never silently takes a default (other implementations shipped exactly that
 bug with `compress_rope_theta`, docs/architecture.md §19.2).
 
@@ -12,11 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from refimpl.formats.files import read_json
 from refimpl.numerics import FP4_BLOCK, FP8_BLOCK, KV_FP8_BLOCK
 
 
@@ -70,7 +69,6 @@ FIELD_RANGES: dict[str, tuple[int, int]] = {
     "bos_token_id": (0, 1 << 24),          # inside the vocabulary (checked below)
     "eos_token_id": (0, 1 << 24),
 }
-MAX_CONFIG_BYTES = 1 << 20                 # config.json is about 2 KB; a larger file is not one (a shard?)
 MAX_COMPRESS_RATIO = 4096                  # 32x the released 128: the compressor state holds m (2m) rows
 # Lower bounds of the real-valued fields, all of which must be finite: (bound, inclusive). No upper
 # bound is needed: none of them sizes an array or a loop (the epsilons are kept <= 1 below).
@@ -84,6 +82,18 @@ REAL_LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "rope_factor": (1.0, True),            # YaRN divides frequencies by factor (M:L199-229): 0 gave
                                            # NaN logits; < 1 would shorten wavelengths, not stretch them
 }
+
+
+@dataclass(frozen=True)
+class Layer:
+    """What the config says about one block (main layer `id`, or the MTP block at id n_layers): `Config.layer(i)`."""
+    id: int                        # official layer_id
+    compress_ratio: int            # m: 0 = window only
+    overlap: bool                  # the compressor pools overlapping blocks (m == 4)
+    uses_indexer: bool             # CSA: an indexer chooses the compressed entries (m == 4)
+    hash_routed: bool              # the router reads tid2eid (layer_id < n_hash_layers)
+    rope_base: float               # RoPE base of the layer's tables
+    rope_original_seq_len: int     # YaRN's original context (0: no YaRN)
 
 
 @dataclass(frozen=True)
@@ -192,6 +202,12 @@ class Config:
     def mtp_layer(self) -> int:
         return self.n_layers
 
+    def layer(self, i: int) -> "Layer":
+        """The facts of block i (a main layer, or the MTP block at i = n_layers) in one value."""
+        return Layer(id=i, compress_ratio=self.compress_ratio(i), overlap=self.uses_overlap(i),
+                     uses_indexer=self.uses_indexer(i), hash_routed=self.is_hash_layer(i),
+                     rope_base=self.rope_base(i), rope_original_seq_len=self.rope_original_seq_len(i))
+
     # ---- checks ----
     def validate(self) -> None:
         """Reject a field outside its domain, or contradictory / unsupported values (released configs only).
@@ -299,34 +315,6 @@ class Config:
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
-
-    # ---- files ----
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, **overrides) -> "Config":
-        """Read `config.json` (HF format) of a checkpoint dir, or an official `inference/config.json`."""
-        path = Path(path)
-        if path.is_dir():
-            f = path / "config.json"
-            if not f.exists() and (path / "inference" / "config.json").exists():
-                f = path / "inference" / "config.json"
-        else:
-            f = path
-        if not os.path.lexists(f):
-            raise ConfigError(f"{f}: no config.json in the checkpoint directory")
-        raw = read_json(f, limit=MAX_CONFIG_BYTES, what="a config.json", regular=True, error=ConfigError)
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{f}: expected a JSON object")
-        hf = "hidden_size" in raw or "model_type" in raw
-        fields = from_hf_dict(raw, f) if hf else from_inference_dict(raw, f)
-        fields.update(overrides)
-        try:
-            return cls(**fields)
-        except ConfigError as e:
-            if e.field in overrides:                        # the caller's value, not the file's
-                raise
-            key = HF_KEYS.get(e.field) if hf else None     # name the key as the file spells it
-            where = f" (key {key!r})" if key and key != e.field else ""
-            raise ConfigError(f"{f}: {e}{where}", field=e.field) from None
 
     def to_hf_dict(self) -> dict:
         """The HF `config.json` of this config, keys as DeepSeek ships them (docs/architecture.md §2)."""

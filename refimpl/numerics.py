@@ -7,11 +7,11 @@ Precision modes (docs/architecture.md §3). Every function that stands for an of
     mirror    round exactly where the official code rounds (docs/architecture.md §3, the precision map): activations
               are float32 arrays holding bf16-representable values; FP8/FP4 QDQ as the kernels do
 
-The mode steps `bf16`, `f32`, `act_fp8`, `qdq_fp8`, `qdq_fp4` are identities outside `mirror`; each
+The mode steps `bf16`, `act_fp8`, `qdq_fp8`, `qdq_fp4` are identities outside `mirror`; each
 rounding point of mirror is one call of one of them. Inside one official operation mirror computes
-exactly and rounds once: `reduce_sum`, `reduce_mean`, `exp`, `rsqrt`, `power`, `softmax`,
-`sigmoid`, `softplus`, `silu` and `hadamard` take `prec` and, in mirror, evaluate in float64 and
-round once to fp32 (plain math in the input's dtype otherwise).
+exactly and rounds once, one idea with one name: `rounded_once(f, *args, prec=prec)`; `reduce_sum`,
+`reduce_mean`, `exp`, `rsqrt`, `power`, `softmax`, `sigmoid`, `softplus`, `silu` and `hadamard` are
+it applied to one function each (plain math in the input's dtype outside mirror).
 
 Formats (docs/architecture.md §3; "fp32(v)" = v rounded to float32):
 
@@ -84,13 +84,7 @@ def storage_dtype(prec: str):
     return ml_dtypes.bfloat16 if prec == "mirror" else work_dtype(prec)
 
 
-def _is_mirror(prec: str) -> bool:
-    """True in mirror mode; False in the other modes; ValueError for an unknown mode."""
-    if prec == "mirror":
-        return True
-    if prec == "float64" or prec == "float32":
-        return False
-    raise ValueError(f"unknown precision {prec!r}; expected one of {PRECISIONS}")
+MIRROR = "mirror"     # the mode steps below test `prec == MIRROR`; the run context checked prec once (context.py)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,12 +308,7 @@ def qdq_fp4_values(x, *, block: int = FP4_BLOCK) -> np.ndarray:
 
 def bf16(x, prec: str):
     """Round to bf16 in mirror mode; x unchanged otherwise."""
-    return round_bf16(x) if _is_mirror(prec) else x
-
-
-def f32(x, prec: str):
-    """Round a float64-computed value once to the fp32 accumulator in mirror mode; x unchanged otherwise."""
-    return round_f32(x) if _is_mirror(prec) else x
+    return round_bf16(x) if prec == MIRROR else x
 
 
 def act_fp8(x, prec: str):
@@ -329,7 +318,7 @@ def act_fp8(x, prec: str):
     scale_fmt) (M:L108-120), and the GEMM multiplies e4m3 values by power-of-two scales; the
     result here is those dequantized values q·s, exact in float32.
     """
-    if not _is_mirror(prec):
+    if prec != MIRROR:
         return x
     q, s = act_quant_fp8(x, block=FP8_BLOCK)
     return q * np.repeat(s, FP8_BLOCK, axis=-1)                  # exact: power-of-two scales
@@ -337,18 +326,18 @@ def act_fp8(x, prec: str):
 
 def qdq_fp8(x, prec: str, *, block: int):
     """FP8 QDQ (qdq_fp8_values) in mirror mode; x unchanged otherwise."""
-    return qdq_fp8_values(x, block=block) if _is_mirror(prec) else x
+    return qdq_fp8_values(x, block=block) if prec == MIRROR else x
 
 
 def qdq_fp4(x, prec: str, *, block: int = FP4_BLOCK):
     """FP4 QDQ (qdq_fp4_values) in mirror mode; x unchanged otherwise."""
-    return qdq_fp4_values(x, block=block) if _is_mirror(prec) else x
+    return qdq_fp4_values(x, block=block) if prec == MIRROR else x
 
 
 # ------------------------------------------------------------------------------------------------
 # Hadamard rotation (M:L247-251)
 
-def hadamard(x, prec=None) -> np.ndarray:
+def hadamard(x, prec: str) -> np.ndarray:
     """x · H_n / sqrt(n) along the last axis (Sylvester H_n, n a power of two) as one op.
 
     In x's dtype; in mirror exact (float64) and rounded once to fp32 (the caller rounds to bf16).
@@ -359,7 +348,7 @@ def hadamard(x, prec=None) -> np.ndarray:
     n = x.shape[-1]
     if n < 1 or n & (n - 1):
         raise ValueError(f"hadamard: last dim {n} is not a power of two")
-    return _mirror_op(_hadamard, x, prec)
+    return rounded_once(_hadamard, x, prec=prec)
 
 
 def _hadamard(x: np.ndarray) -> np.ndarray:
@@ -375,7 +364,7 @@ def _hadamard(x: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------
-# one official operation, computed exactly and rounded once (mirror)
+# rounded once: one official operation, computed exactly and rounded once (mirror)
 #
 # Inside one official operation the last bits depend on things that are not semantics: the order
 # of a reduction on a GPU or CPU, and the elementary-function library (exp, rsqrt, sigmoid, ...;
@@ -385,42 +374,45 @@ def _hadamard(x: np.ndarray) -> np.ndarray:
 # is exact while 24 bits + the spread of their magnitudes (in binades) + log2(n) fit in 53 bits,
 # which covers the short sums here; otherwise its error lies far below half an fp32 ulp, so the
 # one rounding is the correct one except within that distance of a rounding boundary. The same
-# holds for float64 exp/sqrt/log1p. Outside mirror these functions are the plain math in the
-# input's dtype (prec None means the same: no mode).
+# holds for float64 exp/sqrt/log1p and for products (an e4m3 x e4m3 block sum is exact in float64,
+# docs/architecture.md §3). Every use in the spec goes through `rounded_once`; the kernels' one name
+# for the same step is refimpl/kernels/rounding.py `rounded_once_f32`. Outside mirror these are the
+# plain math in the arguments' dtype.
 
-def _mirror_op(f, x, prec):
-    """f(x) as one official fp32 op: float64 inside, rounded once to fp32 in mirror; else f in x's dtype."""
-    if prec is not None and _is_mirror(prec):
-        return round_f32(f(np.asarray(x, np.float64)))
-    return f(np.asarray(x))
+def rounded_once(f, *args, prec: str):
+    """f(*args) as ONE official fp32 operation: in mirror, f of the float64 arguments, rounded once to fp32;
+    in float64 and float32 mode, f of the arguments as given."""
+    if prec == MIRROR:
+        return round_f32(f(*(np.asarray(a, np.float64) for a in args)))
+    return f(*(np.asarray(a) for a in args))
 
 
 def reduce_sum(x, axis, prec, *, keepdims: bool = False) -> np.ndarray:
     """Σ along axis as one official reduction (torch .sum, T.reduce_sum): exact, rounded once to fp32 (mirror)."""
-    return _mirror_op(lambda v: np.sum(v, axis=axis, keepdims=keepdims), x, prec)
+    return rounded_once(lambda v: np.sum(v, axis=axis, keepdims=keepdims), x, prec=prec)
 
 
 def reduce_mean(x, axis, prec, *, keepdims: bool = False) -> np.ndarray:
     """Mean along axis as one official reduction (torch .mean): exact, rounded once to fp32 (mirror)."""
-    return _mirror_op(lambda v: np.mean(v, axis=axis, keepdims=keepdims), x, prec)
+    return rounded_once(lambda v: np.mean(v, axis=axis, keepdims=keepdims), x, prec=prec)
 
 
 def exp(x, prec) -> np.ndarray:
     """exp as one official op (torch.exp, T.exp): correctly rounded to fp32 in mirror."""
-    return _mirror_op(np.exp, x, prec)
+    return rounded_once(np.exp, x, prec=prec)
 
 
 def rsqrt(x, prec) -> np.ndarray:
     """1/sqrt(x) as ONE official op (torch.rsqrt): rounded once to fp32 in mirror, not 1/sqrt rounded twice."""
-    return _mirror_op(lambda v: 1 / np.sqrt(v), x, prec)
+    return rounded_once(lambda v: 1 / np.sqrt(v), x, prec=prec)
 
 
 def power(base: float, x, prec) -> np.ndarray:
     """base ** x (a Python float base, as in the RoPE frequencies) as one official fp32 op."""
-    return _mirror_op(lambda v: v.dtype.type(base) ** v, x, prec)
+    return rounded_once(lambda v: v.dtype.type(base) ** v, x, prec=prec)
 
 
-def softmax(x, axis: int = -1, prec=None) -> np.ndarray:
+def softmax(x, axis: int, prec: str) -> np.ndarray:
     """exp(x - max) / sum as one op (torch .softmax); ValueError if a slice is all -inf (never NaN for finite input)."""
     x = np.asarray(x)
     if np.isneginf(np.max(x, axis=axis)).any():
@@ -429,25 +421,27 @@ def softmax(x, axis: int = -1, prec=None) -> np.ndarray:
     def f(v):
         e = np.exp(v - np.max(v, axis=axis, keepdims=True))
         return e / np.sum(e, axis=axis, keepdims=True)
-    return _mirror_op(f, x, prec)
+    return rounded_once(f, x, prec=prec)
 
 
-def sigmoid(x, prec=None) -> np.ndarray:
+def _sigmoid(v: np.ndarray) -> np.ndarray:
+    e = np.exp(-np.abs(v))                                       # in (0, 1]: never overflows
+    return np.where(v >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def sigmoid(x, prec: str) -> np.ndarray:
     """1 / (1 + exp(-x)) as one op (torch.sigmoid, T.sigmoid), without overflow for large |x|."""
-    def f(v):
-        e = np.exp(-np.abs(v))                                   # in (0, 1]: never overflows
-        return np.where(v >= 0, 1 / (1 + e), e / (1 + e))
-    return _mirror_op(f, x, prec)
+    return rounded_once(_sigmoid, x, prec=prec)
 
 
-def softplus(x, prec=None) -> np.ndarray:
+def softplus(x, prec: str) -> np.ndarray:
     """torch softplus (beta 1, threshold 20) as one op: x where x > 20, else log1p(exp(x))."""
-    return _mirror_op(lambda v: np.where(v > 20, v, np.log1p(np.exp(np.minimum(v, 20)))), x, prec)  # min: no overflow
+    return rounded_once(lambda v: np.where(v > 20, v, np.log1p(np.exp(np.minimum(v, 20)))), x, prec=prec)  # min: no overflow
 
 
-def silu(x, prec=None) -> np.ndarray:
+def silu(x, prec: str) -> np.ndarray:
     """x · sigmoid(x) as one op (F.silu): the product inside the op, one rounding in mirror."""
-    return _mirror_op(lambda v: v * sigmoid(v), x, prec)
+    return rounded_once(lambda v: v * _sigmoid(v), x, prec=prec)
 
 
 def top_k(x, k: int, axis: int = -1) -> np.ndarray:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from refimpl.formats.config_file import read_config
 from refimpl.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def test_bytes_table_matches_the_checkpoint_files(tiny_ckpt):
     """The byte table the decode figures count from equals the tensors' bytes in the shards."""
     from refimpl.formats.checkpoint import TensorSource
     bench = _bench()
-    cfg = Config.from_checkpoint(tiny_ckpt)
+    cfg = read_config(tiny_ckpt)
     sizes = bench.tensor_bytes(cfg)
     src = TensorSource(tiny_ckpt)
     assert sizes == {name: src.nbytes(name) for name in src.keys()}

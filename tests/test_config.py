@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from refimpl.formats.config_file import read_config
 from refimpl.config import Config, ConfigError, from_hf_dict
 
 DATA = Path(__file__).parent / "data"   # official_*config.json: DeepSeek-V4-Flash's files, unchanged
@@ -16,13 +17,13 @@ def _write(tmp_path, obj, name="config.json"):
 
 def test_official_hf_config_is_flash(tmp_path):
     raw = json.loads((DATA / "official_config.json").read_text())
-    assert Config.from_checkpoint(_write(tmp_path, raw)) == Config.flash()
+    assert read_config(_write(tmp_path, raw)) == Config.flash()
 
 
 def test_official_inference_config_is_flash(tmp_path):
     (tmp_path / "inference").mkdir()
     (tmp_path / "inference" / "config.json").write_text((DATA / "official_inference_config.json").read_text())
-    assert Config.from_checkpoint(tmp_path) == Config.flash()
+    assert read_config(tmp_path) == Config.flash()
 
 
 @pytest.mark.parametrize("preset", ["flash", "pro", "tiny"])
@@ -74,7 +75,7 @@ def test_bad_configs_are_clear_errors(tmp_path, mutate, words):
     raw = _flash_raw()
     mutate(raw)
     with pytest.raises(ConfigError, match=None) as e:
-        Config.from_checkpoint(_write(tmp_path, raw))
+        read_config(_write(tmp_path, raw))
     assert words in str(e.value) and "config.json" in str(e.value)
 
 
@@ -83,21 +84,21 @@ def test_inference_config_without_compress_rope_theta_is_refused(tmp_path):
     raw = json.loads((DATA / "official_inference_config.json").read_text())
     del raw["compress_rope_theta"]
     with pytest.raises(ConfigError, match="compress_rope_theta"):
-        Config.from_checkpoint(_write(tmp_path, raw))
+        read_config(_write(tmp_path, raw))
 
 
 def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
-        Config.from_checkpoint(tmp_path)
+        read_config(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
-        Config.from_checkpoint(tmp_path)
+        read_config(tmp_path)
     with pytest.raises(ConfigError, match="unknown preset"):
         Config.preset("huge")
 
 
 def test_max_seq_len_is_a_load_option(tmp_path):
-    cfg = Config.from_checkpoint(_write(tmp_path, _flash_raw()), max_seq_len=1 << 20)
+    cfg = read_config(_write(tmp_path, _flash_raw()), max_seq_len=1 << 20)
     assert cfg.max_seq_len == 1 << 20 and cfg.replace(max_seq_len=4096) == Config.flash()
 
 
@@ -126,7 +127,7 @@ def test_field_domains_are_checked_naming_the_field(tmp_path, mutate, words):
     raw = _flash_raw()
     mutate(raw)
     with pytest.raises(ConfigError) as e:
-        Config.from_checkpoint(_write(tmp_path, raw))
+        read_config(_write(tmp_path, raw))
     assert words in str(e.value) and "config.json" in str(e.value)
 
 

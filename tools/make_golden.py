@@ -29,6 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from refimpl.formats.config_file import read_config
 from refimpl._version import __version__                                    # noqa: E402
 from refimpl.config import Config                                           # noqa: E402
 from refimpl.formats.weights import load                                    # noqa: E402
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
             precisions = a.precision or list(golden.PRECISIONS)
         else:
             ckpt = Path(a.ckpt)
-            cfg = Config.from_checkpoint(ckpt)
+            cfg = read_config(ckpt)
             n = a.max_length or 8
             inputs = [i for i in golden.golden_inputs(Config.tiny()) if i.length <= n and i.chunks is None
                       and i.decode_from is None and not i.config]

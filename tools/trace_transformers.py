@@ -77,6 +77,7 @@ if str(REPO) not in sys.path:
 
 from refimpl._version import __version__ as REFIMPL_VERSION  # noqa: E402
 from refimpl.config import Config, ConfigError  # noqa: E402
+from refimpl.formats.config_file import read_config  # noqa: E402
 from refimpl.oracle.trace import Trace, site_names  # noqa: E402
 
 PROBE = "refimpl_probe"          # the name transformers' eager attention is registered under here
@@ -129,7 +130,7 @@ def partial_config() -> PartialBlockConfig:
 def load_config(ckpt: Path, partial: bool) -> Config:
     """The checkpoint's Config; partial: with partial FP8 blocks admitted (PartialBlockConfig)."""
     try:
-        return (PartialBlockConfig if partial else Config).from_checkpoint(ckpt)
+        return read_config(ckpt, PartialBlockConfig if partial else Config)
     except ConfigError as e:
         if "multiples of" in str(e) and not partial:
             raise ConfigError(f"{e}; --partial-blocks reads such a checkpoint") from None
@@ -451,7 +452,7 @@ def data_flow_order(names) -> list[str]:
     embed, the layers in order (each in SITES order), final.x, logits, then the MTP block: when
     mtp.* sites are present, the highest layer index is the MTP block (layer n_layers).
     """
-    from refimpl.oracle.trace import SITES
+    from refimpl.sites import SITES
     names = list(names)
     layers = [int(n.split(".")[1]) for n in names if n.startswith("layers.")]
     mtp_layer = max(layers) if layers and any(n.startswith("mtp.") for n in names) else None

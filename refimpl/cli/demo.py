@@ -73,7 +73,8 @@ def _valid_tiny(path: Path) -> bool:
             and (path / "tokenizer_config.json").is_file()):
         return False
     try:
-        return Config.from_checkpoint(path) == Config.tiny() and not validate(path, Config.tiny())
+        from refimpl.formats.config_file import read_config
+        return read_config(path) == Config.tiny() and not validate(path, Config.tiny())
     except ValueError:
         return False
 

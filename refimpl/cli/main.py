@@ -155,7 +155,8 @@ def _prompt_ids(a) -> list[int]:
         text = encode_messages(messages, thinking_mode="thinking" if a.thinking else "chat")
     else:
         text = a.prompt
-    max_seq_len = a.max_seq_len or Config.from_checkpoint(a.ckpt).max_seq_len
+    from refimpl.formats.config_file import read_config
+    max_seq_len = a.max_seq_len or read_config(a.ckpt).max_seq_len
     return tok.encode(text, max_tokens=max_seq_len)
 
 

@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from refimpl.formats.config_file import read_config
 from refimpl.config import Config, ConfigError
 from refimpl.formats.checkpoint import TensorSource, scan_values
 from refimpl.formats.weights import expected_tensors, validate
@@ -27,7 +28,7 @@ def summarize(source: TensorSource | str | Path, cfg: Config | None = None, *,
     problems: list[str] = []
     if cfg is None:
         try:
-            cfg = Config.from_checkpoint(src.path if src.path.is_dir() else src.path.parent)
+            cfg = read_config(src.path if src.path.is_dir() else src.path.parent)
         except ConfigError as e:
             problems.append(f"config: {e}")
     want = expected_tensors(cfg) if cfg is not None else {}

@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from refimpl.formats.config_file import read_config
 from refimpl.formats.checkpoint import INDEX_NAME, MAX_INDEX_BYTES, CheckpointError, TensorSource, scan_values
 from refimpl.formats.files import read_json
 from refimpl.config import Config, ConfigError
@@ -345,7 +346,7 @@ def load(path, *, precision: str = "float32", revision: str = "current", max_seq
         raise ConfigError(f"max_seq_len = {max_seq_len!r}: must be an int (a number of tokens)", field="max_seq_len")
     overrides = {} if max_seq_len is None else {"max_seq_len": int(max_seq_len)}   # exact: an int already
     check_checkpoint_folder(path)
-    cfg = Config.from_checkpoint(path, **overrides)
+    cfg = read_config(path, **overrides)
     source = TensorSource(path)
     check_checkpoint(source, cfg)        # config and tensors must agree, exactly
     # The F32 tensors (mHC, attention sinks, compressor ape, router bias: 0.14 GB of Flash's 160)

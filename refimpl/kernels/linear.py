@@ -41,7 +41,7 @@ from refimpl.kernels.formats import (BLOCK, FMT_BF16, FMT_F32, FMT_FP4, FMT_FP8,
 from refimpl.kernels.prefetch import prefetch
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix
 from refimpl.model.linear import matmul as _matmul
-from refimpl.numerics import FP4_BLOCK, FP8_BLOCK, _as_codes, _check_scale_grid, act_fp8, bf16, f32, work_dtype
+from refimpl.numerics import FP4_BLOCK, FP8_BLOCK, _as_codes, _check_scale_grid, act_fp8, bf16, round_f32, work_dtype
 
 
 ROWS_PER_TASK = 32   # output rows per parallel task (scratch buffers are allocated once per task)
@@ -349,7 +349,7 @@ def _rows(x: np.ndarray, k: int, name: str) -> np.ndarray:
 def _finish(y: np.ndarray, lead: tuple, prec: str) -> np.ndarray:
     """float64 [rows, n] -> the spec's matmul output: float64 (float64 mode), else rounded once to fp32."""
     y = y.reshape(*lead, y.shape[-1])
-    return y if prec == "float64" else f32(y, "mirror")            # one rounding to the fp32 accumulator
+    return y if prec == "float64" else round_f32(y)                # the exact sum rounded once to the fp32 accumulator
 
 
 _CHECKED: dict = {}          # (id(values), id(scale)) -> (weak references to both, NaN flag): read-only arrays only

@@ -30,14 +30,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from refimpl.config import Layer
+from refimpl.context import check_layout
 from refimpl.model.compressor import CompressorState, CompressorWeights, compress
 from refimpl.model.indexer import IndexerState, IndexerWeights, indexer
 from refimpl.model.linear import Fp8Matrix, bf16_linear, product, quantized_linear
 from refimpl.model.norm import head_rms_norm, rms_norm
-from refimpl.numerics import (KV_FP8_BLOCK, SPARSE_ATTN_BLOCK, bf16, exp, qdq_fp8, reduce_sum, storage_dtype,
+from refimpl.numerics import (KV_FP8_BLOCK, MIRROR, SPARSE_ATTN_BLOCK, bf16, exp, qdq_fp8, reduce_sum, storage_dtype,
                               work_dtype)
 from refimpl.model.rope import apply_rope, layer_rope_table
-from refimpl.oracle.trace import record
+from refimpl.sites import record
 from refimpl.ops import swappable
 
 
@@ -88,15 +90,6 @@ class AttentionState:
             compressed=np.zeros((batch, 0, d), dt) if m else None,
             compressor=CompressorState.empty(batch, cfg, layer, head_dim=d, prec=prec) if m else None,
             indexer=idx)
-
-
-LAYOUTS = ("official", "canonical")
-
-
-def check_layout(layout: str) -> None:
-    """Raise ValueError unless layout is one of LAYOUTS."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown index layout {layout!r}; expected one of {LAYOUTS}")
 
 
 def window_width(start_pos: int, s: int, window: int, layout: str = "official") -> int:
@@ -153,7 +146,7 @@ def sparse_attention(q: np.ndarray, kv: np.ndarray, attn_sink: np.ndarray, topk_
             idx = topk_idxs[bi, si]
             if not (idx >= 0).any():
                 raise ValueError(f"sparse_attention: query {si} (batch {bi}) has no entry to attend to")
-            if prec == "mirror":
+            if prec == MIRROR:
                 o[bi, si] = bf16(sparse_attn_query(q[bi, si], kv[bi], sink, idx, softmax_scale), prec)   # o: bf16
                 continue
             rows = kv[bi, idx[idx >= 0]]                                  # [k, d]  -1 entries skipped
@@ -194,14 +187,14 @@ def sparse_attn_query(qi: np.ndarray, kv: np.ndarray, sink: np.ndarray, idx: np.
                 raise ValueError("sparse_attention (mirror): the first block of 64 index entries has no "
                                  "valid entry; the official kernel returns NaN for such a query")
             continue      # the kernel's step changes nothing: r = exp(0) = 1, p = 0
-        sc = product(qi, rows.T, "mirror") * np.float32(softmax_scale)   # [h, nb] fp32
+        sc = product(qi, rows.T, MIRROR) * np.float32(softmax_scale)   # [h, nb] fp32
         m_new = np.maximum(m, sc.max(axis=-1))                           # [h]
-        r = exp(m - m_new, "mirror")                                     # [h] scores_scale
-        p = exp(sc - m_new[:, None], "mirror")                           # [h, nb]
-        den = den * r + reduce_sum(p, -1, "mirror")                      # sum_exp = sum_exp * scale + scores_sum
-        acc = acc * r[:, None] + product(bf16(p, "mirror"), rows, "mirror")   # acc_o *= scale; gemm(bf16(p), kv)
+        r = exp(m - m_new, MIRROR)                                     # [h] scores_scale
+        p = exp(sc - m_new[:, None], MIRROR)                           # [h, nb]
+        den = den * r + reduce_sum(p, -1, MIRROR)                      # sum_exp = sum_exp * scale + scores_sum
+        acc = acc * r[:, None] + product(bf16(p, MIRROR), rows, MIRROR)   # acc_o *= scale; gemm(bf16(p), kv)
         m = m_new
-    den = den + exp(sink - m, "mirror")                                  # sum_exp += exp(attn_sink - max)
+    den = den + exp(sink - m, MIRROR)                                  # sum_exp += exp(attn_sink - max)
     return acc / den[:, None]                                            # acc_o /= sum_exp (fp32)
 
 
@@ -212,36 +205,35 @@ def grouped_wo_a(o: np.ndarray, wo_a: Fp8Matrix, groups: int, prec: str) -> np.n
     return np.stack([bf16_linear(o[:, :, gi], w[gi], prec) for gi in range(groups)], axis=2)
 
 
-def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: AttentionWeights, cfg,
-              layer: int, prec: str, revision: str, trace=None, layout: str = "official"):
+def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: AttentionWeights, layer: Layer, ctx):
     """One layer's attention for tokens start_pos .. start_pos+s-1. x [b,s,c] -> ([b,s,c], state).
 
-    layout ("official" or "canonical") sets the width of the window part of the index sets
+    ctx.layout ("official" or "canonical") sets the width of the window part of the index sets
     (window_width); only mirror's block-wise softmax sees it.
     """
-    dt = work_dtype(prec)
+    cfg, prec, dt, i = ctx.cfg, ctx.prec, ctx.dtype, layer.id
     b, s, _ = x.shape
     h, d, p, W = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim, cfg.window_size
-    m = cfg.compress_ratio(layer)
+    m = layer.compress_ratio
     positions = start_pos + np.arange(s)
-    table = layer_rope_table(positions, cfg, layer, prec)            # one table for every site (M:L475-482)
+    table = layer_rope_table(positions, cfg, i, prec)                 # one table for every site (M:L475-482)
 
     # step 1: query
     qr = rms_norm(quantized_linear(x, w.wq_a, prec), w.q_norm, eps=cfg.norm_eps, prec=prec)   # [b, s, q]
     q = quantized_linear(qr, w.wq_b, prec).reshape(b, s, h, d)                                 # [b, s, h, d]
     q = head_rms_norm(q, eps=cfg.norm_eps, prec=prec)                 # weightless, bf16 ops (docs/architecture.md §19.5)
     q = apply_rope(q, table, prec)
-    record(trace, f"layers.{layer}.attn.q", q)
+    record(ctx, f"layers.{i}.attn.q", q)
 
     # step 2: the single K=V head of this call's tokens
     kv = rms_norm(quantized_linear(x, w.wkv, prec), w.kv_norm, eps=cfg.norm_eps, prec=prec)  # [b, s, d]
     kv = apply_rope(kv, table, prec)
-    if revision == "current":   # FP8-simulate non-rope dims (QAT); identity in the initial revision
+    if ctx.revision == "current":   # FP8-simulate non-rope dims (QAT); identity in the initial revision
         kv = np.concatenate([qdq_fp8(kv[..., :d - p], prec, block=KV_FP8_BLOCK), kv[..., d - p:]], axis=-1)
-    record(trace, f"layers.{layer}.attn.kv", kv)
+    record(ctx, f"layers.{i}.attn.kv", kv)
 
     # step 3: window rows = the last W' positions from the ring, then this call's rows
-    win_idx, n_prev = window_indices(start_pos, s, W, layout)          # [s, width]
+    win_idx, n_prev = window_indices(start_pos, s, W, ctx.layout)          # [s, width]
     prev_rows = state.window[:, (start_pos - n_prev + np.arange(n_prev)) % W].astype(dt)   # [b, n_prev, d]
     rows = np.concatenate([prev_rows, kv], axis=1)                     # [b, n_prev+s, d]
     new_window = state.window.copy()
@@ -252,13 +244,11 @@ def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: Attention
     topk_idxs = np.broadcast_to(win_idx, (b, s, win_idx.shape[1]))
     compressed, cstate, istate = state.compressed, state.compressor, state.indexer
     if m:
-        entries, cstate = compress(x, start_pos, state.compressor, w.compressor, cfg, layer, prec,
-                                   ratio=m, head_dim=d, rotate=False, revision=revision)
-        record(trace, f"layers.{layer}.attn.compressed_kv", entries)
+        entries, cstate = compress(x, start_pos, state.compressor, w.compressor, layer, ctx, head_dim=d, rotate=False)
+        record(ctx, f"layers.{i}.attn.compressed_kv", entries)
         compressed = np.concatenate([state.compressed, entries.astype(state.compressed.dtype)], axis=1)  # [b, n_entries, d]
-        if cfg.uses_indexer(layer):
-            sel, istate = indexer(x, qr, start_pos, state.indexer, w.indexer, table, cfg, layer, prec,
-                                  revision, trace)                     # [b, s, k] entry ids
+        if layer.uses_indexer:
+            sel, istate = indexer(x, qr, start_pos, state.indexer, w.indexer, table, layer, ctx)   # [b, s, k] entry ids
         else:
             sel = np.broadcast_to(compressed_indices(start_pos, s, m), (b, s, compressed.shape[1]))
         offset = rows.shape[1]                                         # entries follow the raw rows
@@ -272,5 +262,5 @@ def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: Attention
     o = o.reshape(b, s, g, -1)                                         # [b, s, g, h*d/g] head-major groups
     u = grouped_wo_a(o, w.wo_a, g, prec)                               # [b, s, g, r]
     out = quantized_linear(u.reshape(b, s, -1), w.wo_b, prec)          # [b, s, c]
-    record(trace, f"layers.{layer}.attn.out", out)
+    record(ctx, f"layers.{i}.attn.out", out)
     return out, AttentionState(window=new_window, compressed=compressed, compressor=cstate, indexer=istate)

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from refimpl.config import Layer
 from refimpl.model.attention import AttentionState, AttentionWeights, attention
 from refimpl.model.hyperconn import HyperConnWeights, hc_post, hc_pre
 from refimpl.model.moe import MoEWeights, moe
 from refimpl.model.norm import rms_norm
-from refimpl.oracle.trace import record
+from refimpl.sites import record
 
 
 @dataclass(frozen=True)
@@ -29,18 +30,19 @@ class BlockWeights:
 
 
 def block(h: np.ndarray, tokens: np.ndarray, start_pos: int, state: AttentionState, w: BlockWeights,
-          cfg, layer: int, prec: str, revision: str, trace=None, layout: str = "official"):
-    """One block. h [b,s,n,c] streams, tokens [b,s] -> ([b,s,n,c], new attention state). layout: see attention."""
+          layer: Layer, ctx):
+    """One block. h [b,s,n,c] streams, tokens [b,s] from start_pos -> ([b,s,n,c], new attention state)."""
+    eps, i = ctx.cfg.norm_eps, layer.id
     residual = h
-    x, post, comb = hc_pre(h, w.hc_attn, cfg, prec, trace, f"layers.{layer}.hc_attn")   # [b, s, c]
-    x = rms_norm(x, w.attn_norm, eps=cfg.norm_eps, prec=prec)
-    x, state = attention(x, start_pos, state, w.attn, cfg, layer, prec, revision, trace, layout)
-    h = hc_post(x, residual, post, comb, prec)                         # [b, s, n, c]
+    x, post, comb = hc_pre(h, w.hc_attn, f"layers.{i}.hc_attn", ctx)   # [b, s, c]
+    x = rms_norm(x, w.attn_norm, eps=eps, prec=ctx.prec)
+    x, state = attention(x, start_pos, state, w.attn, layer, ctx)
+    h = hc_post(x, residual, post, comb, ctx)                          # [b, s, n, c]
 
     residual = h
-    x, post, comb = hc_pre(h, w.hc_ffn, cfg, prec, trace, f"layers.{layer}.hc_ffn")
-    x = rms_norm(x, w.ffn_norm, eps=cfg.norm_eps, prec=prec)
-    x = moe(x, tokens, w.ffn, cfg, layer, prec, revision, trace, start_pos=start_pos)
-    h = hc_post(x, residual, post, comb, prec)
-    record(trace, f"layers.{layer}.out", h)
+    x, post, comb = hc_pre(h, w.hc_ffn, f"layers.{i}.hc_ffn", ctx)
+    x = rms_norm(x, w.ffn_norm, eps=eps, prec=ctx.prec)
+    x = moe(x, tokens, start_pos, w.ffn, layer, ctx)
+    h = hc_post(x, residual, post, comb, ctx)
+    record(ctx, f"layers.{i}.out", h)
     return h, state

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from refimpl.config import Layer
 from refimpl.model.linear import fp32_linear
 from refimpl.model.norm import rms_norm
 from refimpl.numerics import (FP4_BLOCK, KV_FP8_BLOCK, bf16, hadamard, qdq_fp4, qdq_fp8, reduce_sum, softmax,
@@ -65,16 +66,15 @@ def gated_pool(kv: np.ndarray, score: np.ndarray, prec: str) -> np.ndarray:
     return reduce_sum(kv * softmax(score, axis=2, prec=prec), 2, prec)   # softmax one op; fp32 products; exact sum
 
 
-@swappable
-def compress(x: np.ndarray, start_pos: int, state: CompressorState, w: CompressorWeights, cfg,
-             layer: int, prec: str, *, ratio: int, head_dim: int, rotate: bool, revision: str):
-    """Pool the tokens start_pos .. start_pos+s-1 into the entries they complete.
+def compress(x: np.ndarray, start_pos: int, state: CompressorState, w: CompressorWeights, layer: Layer, ctx,
+             *, head_dim: int, rotate: bool):
+    """Pool the tokens start_pos .. start_pos+s-1 into the entries they complete (main: head_dim d; indexer: j, rotate).
 
     x: [b, s, dim] -> (entries [b, s_new, d], new state); s_new = (start_pos+s)//m - start_pos//m.
     """
-    dt = work_dtype(prec)
+    prec, dt = ctx.prec, ctx.dtype
     b, s, _ = x.shape
-    m, d, overlap = ratio, head_dim, cfg.uses_overlap(layer)
+    m, d, overlap = layer.compress_ratio, head_dim, layer.overlap
     off = m if overlap else 0                                          # first row of the block in progress
     kv = fp32_linear(x.astype(dt), w.wkv, prec)                        # [b, s, o*d]  official: x.float() @ wkv
     ape = w.ape.astype(dt)
@@ -109,12 +109,12 @@ def compress(x: np.ndarray, start_pos: int, state: CompressorState, w: Compresso
     if n_full == 0:
         return np.zeros((b, 0, d), dt), new_state
 
-    e = rms_norm(bf16(e, prec), w.norm, eps=cfg.norm_eps, prec=prec)     # official: norm(kv.to(bf16))
+    e = rms_norm(bf16(e, prec), w.norm, eps=ctx.cfg.norm_eps, prec=prec)   # official: norm(kv.to(bf16))
     positions = (first_block + np.arange(n_full)) * m                      # first token of each block
-    e = apply_rope(e, layer_rope_table(positions, cfg, layer, prec), prec)
+    e = apply_rope(e, layer_rope_table(positions, ctx.cfg, layer.id, prec), prec)
     if rotate:
         e = qdq_fp4(bf16(hadamard(e, prec), prec), prec, block=FP4_BLOCK)       # official: rotate_activation; fp4_act_quant
-    elif revision == "current":
-        nope = d - cfg.rope_head_dim                                       # rope dims stay bf16
+    elif ctx.revision == "current":
+        nope = d - ctx.cfg.rope_head_dim                                      # rope dims stay bf16
         e = np.concatenate([qdq_fp8(e[..., :nope], prec, block=KV_FP8_BLOCK), e[..., nope:]], axis=-1)
     return e, new_state

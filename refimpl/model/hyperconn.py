@@ -25,7 +25,7 @@ import numpy as np
 
 from refimpl.model.linear import fp32_linear
 from refimpl.numerics import bf16, exp, reduce_mean, reduce_sum, rsqrt, sigmoid, work_dtype
-from refimpl.oracle.trace import record
+from refimpl.sites import record
 from refimpl.ops import swappable
 
 
@@ -72,31 +72,32 @@ def weighted_streams(pre: np.ndarray, v: np.ndarray, prec: str) -> np.ndarray:
     return reduce_sum(pre[..., None] * v, 2, prec)                               # fp32 products, exact sum
 
 
-def hc_pre(h: np.ndarray, w: HyperConnWeights, cfg, prec: str, trace=None, site: str = "hc"):
+def hc_pre(h: np.ndarray, w: HyperConnWeights, site: str, ctx):
     """Collapse the n streams into one sublayer input. h: [b,s,n,c] -> x [b,s,c], post [b,s,n], comb [b,s,n,n]."""
+    cfg, prec = ctx.cfg, ctx.prec
     b, s, n, c = h.shape
     assert (n, c) == (cfg.hc_mult, cfg.dim), h.shape
     mixes, v = _mixes(h, w.fn, norm_eps=cfg.norm_eps, prec=prec)                  # [b, s, x]
     pre, post, comb = split_sinkhorn(mixes, w.scale, w.base, n=n, iters=cfg.hc_sinkhorn_iters,
                                      eps=cfg.hc_eps, prec=prec)
-    record(trace, f"{site}.pre", pre)
-    record(trace, f"{site}.post", post)
-    record(trace, f"{site}.comb", comb)
+    record(ctx, f"{site}.pre", pre)
+    record(ctx, f"{site}.post", post)
+    record(ctx, f"{site}.comb", comb)
     x = weighted_streams(pre, v.reshape(b, s, n, c), prec)                        # [b, s, c]
     return bf16(x, prec), post, comb                                             # official: y.to(bf16)
 
 
-def hc_post(x: np.ndarray, residual: np.ndarray, post: np.ndarray, comb: np.ndarray, prec: str) -> np.ndarray:
+def hc_post(x: np.ndarray, residual: np.ndarray, post: np.ndarray, comb: np.ndarray, ctx) -> np.ndarray:
     """Expand a sublayer output back into n streams. x [b,s,c], residual [b,s,n,c] -> [b,s,n,c]."""
-    dt = work_dtype(prec)
+    prec, dt = ctx.prec, ctx.dtype
     mixed = reduce_sum(comb[..., None] * residual.astype(dt)[:, :, :, None, :], 2, prec)  # [b,s,k,c]: Σ_j comb[j,k]·h[j]
     y = post[..., None] * x.astype(dt)[:, :, None, :] + mixed                        # [b, s, n, c] fp32
     return bf16(y, prec)                                                             # official: .type_as(x)
 
 
-def hc_head(h: np.ndarray, w: HyperConnWeights, cfg, prec: str) -> np.ndarray:
+def hc_head(h: np.ndarray, w: HyperConnWeights, ctx) -> np.ndarray:
     """Final collapse of the streams: sigmoid pre weights, no Sinkhorn, no post. h [b,s,n,c] -> [b,s,c]."""
-    dt = work_dtype(prec)
+    cfg, prec, dt = ctx.cfg, ctx.prec, ctx.dtype
     b, s, n, c = h.shape
     mixes, v = _mixes(h, w.fn, norm_eps=cfg.norm_eps, prec=prec)                  # [b, s, n]
     pre = sigmoid(mixes * w.scale.astype(dt)[0] + w.base.astype(dt), prec) + dt(cfg.hc_eps)  # [b, s, n]

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from refimpl.config import Layer
 from refimpl.model.compressor import CompressorState, CompressorWeights, compress
 from refimpl.model.linear import Fp8Matrix, bf16_linear, product, quantized_linear
 from refimpl.numerics import FP4_BLOCK, bf16, hadamard, qdq_fp4, reduce_sum, top_k, work_dtype
 from refimpl.model.rope import RopeTable, apply_rope
-from refimpl.oracle.replay import replay_of
-from refimpl.oracle.trace import record
+from refimpl.sites import record, replayed
 from refimpl.ops import swappable
 
 
@@ -74,35 +74,24 @@ def index_topk(q: np.ndarray, keys: np.ndarray, weights: np.ndarray, start_pos: 
     return topk, scores
 
 
-@swappable
 def indexer(x: np.ndarray, qr: np.ndarray, start_pos: int, state: IndexerState, w: IndexerWeights,
-            table: RopeTable, cfg, layer: int, prec: str, revision: str, trace=None):
+            table: RopeTable, layer: Layer, ctx):
     """Select compressed entries per query. x [b,s,c], qr [b,s,q] -> (topk [b,s,k] int64 -1 padded, state)."""
-    dt = work_dtype(prec)
+    cfg, prec, dt = ctx.cfg, ctx.prec, ctx.dtype
     b, s, _ = x.shape
-    n_heads, hd, m = cfg.index_n_heads, cfg.index_head_dim, cfg.compress_ratio(layer)
+    n_heads, hd, m = cfg.index_n_heads, cfg.index_head_dim, layer.compress_ratio
     q = quantized_linear(qr, w.wq_b, prec).reshape(b, s, n_heads, hd)   # [b, s, i, j]
     q = apply_rope(q, table, prec)
     q = qdq_fp4(bf16(hadamard(q, prec), prec), prec, block=FP4_BLOCK)   # official: rotate_activation; fp4 sim
-    new_keys, cstate = compress(x, start_pos, state.compressor, w.compressor, cfg, layer, prec,
-                                ratio=m, head_dim=hd, rotate=True, revision=revision)
+    new_keys, cstate = compress(x, start_pos, state.compressor, w.compressor, layer, ctx, head_dim=hd, rotate=True)
     keys = np.concatenate([state.keys, new_keys.astype(state.keys.dtype)], axis=1)  # [b, (start_pos+s)//m, j]
     weights = bf16_linear(x, w.weights_proj, prec)                      # [b, s, i]
     weights = bf16(weights * dt(hd ** -0.5 * n_heads ** -0.5), prec)    # official: * (softmax_scale * i^-0.5)
 
     topk, scores = index_topk(q, keys.astype(dt), weights, start_pos, m, cfg.index_topk, prec)
-    replay = replay_of(trace)                                           # forced entries (oracle/replay.py)
-    if replay is not None and layer in replay.topk and b != 1:
-        raise ValueError("replay forces the choices of one sequence; run a batch of 1")
-    if replay is not None:
-        for bi in range(b):
-            for si in range(s):
-                forced = None if (start_pos + si + 1) // m == 0 else replay.entries(layer, start_pos + si)
-                if forced is not None:                                  # replay: the source's set, its order
-                    topk[bi, si] = -1
-                    topk[bi, si, :len(forced)] = forced
     t = start_pos + np.arange(s)                                        # query positions
     hidden = np.arange(keys.shape[1])[None, :] >= ((t + 1) // m)[:, None]   # [s, n] not visible: -inf
-    record(trace, f"layers.{layer}.attn.indexer.scores", scores, hidden=hidden)
-    record(trace, f"layers.{layer}.attn.indexer.topk", topk.astype(np.int32))
+    record(ctx, f"layers.{layer.id}.attn.indexer.scores", scores, hidden=hidden)
+    topk = replayed(ctx, f"layers.{layer.id}.attn.indexer.topk", topk, start_pos)
+    record(ctx, f"layers.{layer.id}.attn.indexer.topk", topk.astype(np.int32))
     return topk, IndexerState(keys=keys, compressor=cstate)

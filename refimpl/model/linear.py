@@ -3,7 +3,7 @@
     quantized_linear  y = bf16( act_fp8(x) @ dequant(W)ᵀ )   FP8 e4m3 weight, E8M0 128x128 scales (M:L116-118),
                                                              or packed FP4 e2m1, E8M0 1x32 scales (M:L113-115)
     bf16_linear       y = bf16( x @ Wᵀ )                     bf16 weight, no activation quantization (M:L120)
-    fp32_linear       y = f32( x @ Wᵀ )                      fp32 weight (exact upcast of bf16)     (M:L120)
+    fp32_linear       y = fp32( x @ Wᵀ )                     fp32 weight (exact upcast of bf16)     (M:L120)
     product           a @ b with the official fp32 accumulator (attention and indexer scores, P·V)
 
 Weights are `[out, in]` and used as `x @ w.T`, as in the official `F.linear`.
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refimpl.numerics import act_fp8, bf16, dequant_fp4_weight, dequant_fp8_weight, f32, work_dtype
+from refimpl.numerics import act_fp8, bf16, dequant_fp4_weight, dequant_fp8_weight, rounded_once, work_dtype
 from refimpl.ops import swappable
 
 
@@ -62,13 +62,11 @@ def dense(w: np.ndarray, prec: str) -> np.ndarray:
     return np.asarray(w).astype(work_dtype(prec))    # bf16 -> f32/f64 is exact
 
 
-@swappable
 def product(a: np.ndarray, b: np.ndarray, prec: str) -> np.ndarray:
-    """a @ b with the official fp32 accumulator: exact (float64) and rounded once to fp32 in mirror,
+    """a @ b with the official fp32 accumulator: exact and rounded once to fp32 in mirror (numerics.rounded_once),
     exact in float64 mode, one float32 product in float32 mode."""
-    if prec == "float32":
-        return a.astype(np.float32) @ b.astype(np.float32)            # one BLAS call
-    return f32(a.astype(np.float64) @ b.astype(np.float64), prec)     # mirror: round once to fp32
+    inside = np.float32 if prec == "float32" else np.float64
+    return rounded_once(np.matmul, a.astype(inside), b.astype(inside), prec=prec)
 
 
 @swappable
@@ -76,14 +74,19 @@ def matmul(x: np.ndarray, w: np.ndarray, prec: str) -> np.ndarray:
     """x [..., in] @ w[out, in]ᵀ -> [..., out]: `product`, taken row by row outside float32 mode."""
     if prec == "float32":
         return product(x, w.T, prec)
+    return rounded_once(lambda rows: _row_by_row(rows, w), x, prec=prec)   # w converted a slice at a time
+
+
+def _row_by_row(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x [..., in] @ w[out, in]ᵀ in float64, one matrix-vector product per row: independent of the row count."""
     rows = x.reshape(-1, x.shape[-1]).astype(np.float64)              # [b*s, in]
     out = np.empty((rows.shape[0], w.shape[0]), dtype=np.float64)    # [b*s, out]
     step = max(1, (1 << 23) // w.shape[1])       # float64 copies of at most 64 MB of the weight at a time
     for lo in range(0, w.shape[0], step):        # the split depends on the weight's shape only
         w64 = w[lo:lo + step].astype(np.float64)                      # [step, in]
-        for r in range(rows.shape[0]):   # one product per row: independent of the row count
+        for r in range(rows.shape[0]):
             out[r, lo:lo + step] = w64 @ rows[r]
-    return f32(out.reshape(*x.shape[:-1], w.shape[0]), prec)         # mirror: round once to fp32
+    return out.reshape(*x.shape[:-1], w.shape[0])
 
 
 @swappable

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from refimpl.config import Layer
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix, fp32_linear, quantized_linear
 from refimpl.numerics import bf16, reduce_sum, silu, softplus, top_k, work_dtype
-from refimpl.oracle.replay import replay_of
-from refimpl.oracle.trace import record
+from refimpl.sites import record, replayed
 from refimpl.ops import swappable
 
 
@@ -46,32 +46,29 @@ class MoEWeights:
     shared: ExpertWeights
 
 
-@swappable
-def route(x: np.ndarray, tokens: np.ndarray, w: GateWeights, cfg, prec: str, layer: int | None = None,
-          trace=None, batch: int = 1, forced: np.ndarray | None = None):
-    """Choose experts and their weights. x [T, c], tokens [T] -> (weights [T, a], ids [T, a] int64).
+def route(x: np.ndarray, tokens: np.ndarray, start_pos: int, w: GateWeights, layer: Layer, ctx):
+    """Choose experts and their weights. x [b,s,c], tokens [b,s] -> (weights [b,s,a], ids [b,s,a] int64).
 
-    In score-routed layers the biased scores the top-k chooses on are the site `ffn.gate_scores`
+    In score-routed layers the biased scores the top-a chooses on are the site `ffn.gate_scores`
     (a comparison reads the margin at the selection boundary from them); hash layers have none.
-    batch: the b of the rows T = b*s, to record the site as [b, s, e].
-    forced [T, a]: use these expert ids instead of choosing (replay); the weights are still the
-    model's own scores at those ids, normalised, and gate_scores is still recorded.
+    A replay may force the ids (the weights are then the model's own scores at those ids,
+    normalised) and the weights (sites.replayed).
     """
-    dt = work_dtype(prec)
-    z = fp32_linear(x.astype(dt), w.weight, prec)                  # [T, e]  official: x.float() @ W.float()
+    cfg, prec, dt, i = ctx.cfg, ctx.prec, ctx.dtype, layer.id
+    z = fp32_linear(x.astype(dt), w.weight, prec)                  # [b, s, e]  official: x.float() @ W.float()
     scores = np.sqrt(softplus(z, prec))                            # F.softplus one op; sqrt (IEEE, correctly rounded)
-    if w.tid2eid is not None:                                      # hash layer: ids from the token id only
-        ids = np.asarray(w.tid2eid[tokens], dtype=np.int64)        # [T, a]
+    if w.tid2eid is not None:                                      # hash layer (layer.hash_routed): ids from the token id
+        ids = np.asarray(w.tid2eid[tokens], dtype=np.int64)        # [b, s, a]
     else:
-        biased = scores + w.bias.astype(dt)                        # [T, e]
+        biased = scores + w.bias.astype(dt)                        # [b, s, e]
         # checked always: a NaN/Inf in the bias would silently change the choice
-        record(trace, f"layers.{layer}.ffn.gate_scores", biased.reshape(batch, -1, biased.shape[-1]))
+        record(ctx, f"layers.{i}.ffn.gate_scores", biased)
         ids = top_k(biased, cfg.n_activated_experts)               # bias chooses, never weighs
-    if forced is not None:                                         # replay: the choice comes from elsewhere
-        ids = np.asarray(forced, dtype=np.int64)
-    weights = np.take_along_axis(scores, ids, axis=-1)             # [T, a]  unbiased scores
+    ids = replayed(ctx, f"layers.{i}.ffn.expert_ids", ids, start_pos)
+    weights = np.take_along_axis(scores, ids, axis=-1)             # [b, s, a]  unbiased scores
     weights = weights / reduce_sum(weights, -1, prec, keepdims=True)   # official: weights /= weights.sum(): exact sum
-    return weights * dt(cfg.route_scale), ids
+    weights = weights * dt(cfg.route_scale)
+    return replayed(ctx, f"layers.{i}.ffn.expert_weights", weights, start_pos), ids
 
 
 def swiglu(gate: np.ndarray, up: np.ndarray, prec: str, *, swiglu_limit: float,
@@ -116,24 +113,15 @@ def expert_sum(flat: np.ndarray, ids: np.ndarray, weights: np.ndarray, w: MoEWei
     return y + expert(flat, w.shared, prec, swiglu_limit=limit)   # shared expert last
 
 
-@swappable
-def moe(x: np.ndarray, tokens: np.ndarray, w: MoEWeights, cfg, layer: int, prec: str, revision: str,
-        trace=None, *, start_pos: int = 0) -> np.ndarray:
+def moe(x: np.ndarray, tokens: np.ndarray, start_pos: int, w: MoEWeights, layer: Layer, ctx) -> np.ndarray:
     """The MoE sublayer. x [b,s,c], tokens [b,s] (positions start_pos..) -> [b,s,c]."""
-    dt = work_dtype(prec)
     b, s, c = x.shape
-    flat = x.reshape(b * s, c)
-    replay = replay_of(trace)                                      # forced routing (oracle/replay.py)
-    forced = None if replay is None else replay.route(layer, start_pos, s)   # (ids, weights) or None
-    if forced and b != 1:
-        raise ValueError("replay forces the choices of one sequence; run a batch of 1")
-    weights, ids = route(flat, tokens.reshape(-1), w.gate, cfg, prec, layer, trace, b,
-                         forced=forced[0] if forced else None)   # [b*s, a]
-    if forced and forced[1] is not None:                           # replay the weights too
-        weights = forced[1].astype(dt)
-    record(trace, f"layers.{layer}.ffn.expert_ids", ids.reshape(b, s, -1).astype(np.int32))
-    record(trace, f"layers.{layer}.ffn.expert_weights", weights.reshape(b, s, -1))
-    y = expert_sum(flat, ids, weights, w, cfg, prec, revision)    # [b*s, c] fp32
-    out = bf16(y, prec).reshape(b, s, c)                           # official: y.type_as(x)
-    record(trace, f"layers.{layer}.ffn.out", out)
+    i = layer.id
+    weights, ids = route(x, tokens, start_pos, w.gate, layer, ctx)   # [b, s, a]
+    record(ctx, f"layers.{i}.ffn.expert_ids", ids.astype(np.int32))
+    record(ctx, f"layers.{i}.ffn.expert_weights", weights)
+    y = expert_sum(x.reshape(b * s, c), ids.reshape(b * s, -1), weights.reshape(b * s, -1), w, ctx.cfg, ctx.prec,
+                   ctx.revision)                                   # [b*s, c] fp32
+    out = bf16(y, ctx.prec).reshape(b, s, c)                       # official: y.type_as(x)
+    record(ctx, f"layers.{i}.ffn.out", out)
     return out

@@ -19,12 +19,13 @@ Official: model.py precompute_freqs_cis (M:L199-229), apply_rotary_emb (M:L232-2
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from refimpl.numerics import bf16, f32, power, work_dtype
+from refimpl.numerics import bf16, power, rounded_once, work_dtype
 from refimpl.ops import swappable
 
 
@@ -36,7 +37,7 @@ class RopeTable:
 
 
 def yarn_frequencies(*, dim: int, base: float, original_seq_len: int, factor: float,
-                     beta_fast: int, beta_slow: int, dtype=np.float32, prec: str | None = None) -> np.ndarray:
+                     beta_fast: int, beta_slow: int, dtype=np.float32, prec: str) -> np.ndarray:
     """Rotation frequency of each of the dim/2 pairs. -> [dim/2]
 
     Each official fp32 op rounds once; in mirror the power `base ** e` is one correctly rounded op.
@@ -59,9 +60,13 @@ def yarn_frequencies(*, dim: int, base: float, original_seq_len: int, factor: fl
 def rope_table(positions: np.ndarray, *, dim: int, base: float, original_seq_len: int,
                factor: float, beta_fast: int, beta_slow: int, prec: str) -> RopeTable:
     """cos/sin for absolute positions. positions: [s] int -> RopeTable([s, dim/2])."""
-    dt = work_dtype(prec)
     freqs = yarn_frequencies(dim=dim, base=base, original_seq_len=original_seq_len, factor=factor,
-                             beta_fast=beta_fast, beta_slow=beta_slow, dtype=dt, prec=prec)
+                             beta_fast=beta_fast, beta_slow=beta_slow, dtype=work_dtype(prec), prec=prec)
+    return _table(positions, freqs, prec)
+
+
+def _table(positions: np.ndarray, freqs: np.ndarray, prec: str) -> RopeTable:
+    dt = work_dtype(prec)
     angle = np.asarray(positions).astype(dt)[:, None] * freqs[None, :]   # official: torch.outer, fp32 product
     # official: torch.polar (fp32 cos/sin); cos/sin of the fp32 angle, rounded once to fp32
     return RopeTable(cos=np.cos(angle.astype(np.float64)).astype(dt),
@@ -70,9 +75,19 @@ def rope_table(positions: np.ndarray, *, dim: int, base: float, original_seq_len
 
 def layer_rope_table(positions: np.ndarray, cfg, layer: int, prec: str) -> RopeTable:
     """The RoPE table of one layer (base and YaRN by layer type, docs/architecture.md §19.2)."""
-    return rope_table(positions, dim=cfg.rope_head_dim, base=cfg.rope_base(layer),
-                      original_seq_len=cfg.rope_original_seq_len(layer), factor=cfg.rope_factor,
-                      beta_fast=cfg.beta_fast, beta_slow=cfg.beta_slow, prec=prec)
+    freqs = _frequencies(cfg.rope_head_dim, cfg.rope_base(layer), cfg.rope_original_seq_len(layer), cfg.rope_factor,
+                         cfg.beta_fast, cfg.beta_slow, prec)
+    return _table(positions, freqs, prec)
+
+
+@functools.lru_cache(maxsize=64)
+def _frequencies(dim: int, base: float, original_seq_len: int, factor: float, beta_fast: int, beta_slow: int,
+                 prec: str) -> np.ndarray:
+    """yarn_frequencies computed once per set of arguments (a layer type of a config, in a precision); read-only."""
+    freqs = yarn_frequencies(dim=dim, base=base, original_seq_len=original_seq_len, factor=factor,
+                             beta_fast=beta_fast, beta_slow=beta_slow, dtype=work_dtype(prec), prec=prec)
+    freqs.flags.writeable = False
+    return freqs
 
 
 @swappable
@@ -81,16 +96,17 @@ def apply_rope(x: np.ndarray, table: RopeTable, prec: str, *, inverse: bool = Fa
     dt = work_dtype(prec)
     half = table.cos.shape[-1]
     x = x.astype(dt)
-    inside = np.float64 if prec == "mirror" else dt                    # mirror: the complex product exact, ...
-    pairs = x[..., -2 * half:].reshape(*x.shape[:-1], half, 2).astype(inside)   # [..., p/2, 2] adjacent pairs
-    a, b = pairs[..., 0], pairs[..., 1]
-    cos, sin = table.cos.astype(inside), table.sin.astype(inside)
+    pairs = x[..., -2 * half:].reshape(*x.shape[:-1], half, 2)        # [..., p/2, 2] adjacent pairs
+    cos, sin = table.cos.astype(dt), table.sin.astype(dt)              # a table of the mode (in its dtype)
     sin = -sin if inverse else sin                                     # inverse: conjugate cis
     if x.ndim == 4:                                                    # [b, s, h, d]: broadcast over heads
         cos, sin = cos[:, None, :], sin[:, None, :]
-    re = a * cos - b * sin                                             # official: x * freqs_cis, complex fp32 op
-    im = a * sin + b * cos
-    rotated = f32(np.stack([re, im], axis=-1).reshape(*x.shape[:-1], 2 * half), prec)   # ... rounded once to fp32
+    rotated = rounded_once(_complex_product, pairs[..., 0], pairs[..., 1], cos, sin, prec=prec)   # [..., p/2, 2]
     out = x.copy()
-    out[..., -2 * half:] = bf16(rotated, prec)                         # official: copy_ back into bf16
+    out[..., -2 * half:] = bf16(rotated.reshape(*x.shape[:-1], 2 * half), prec)   # official: copy_ back into bf16
     return out
+
+
+def _complex_product(a, b, cos, sin):
+    """(a + ib)(cos + i·sin) as interleaved (re, im) pairs: the official x * freqs_cis, one complex fp32 op."""
+    return np.stack([a * cos - b * sin, a * sin + b * cos], axis=-1)

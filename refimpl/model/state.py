@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refimpl.model.attention import LAYOUTS, AttentionState
+from refimpl.context import LAYOUTS
+from refimpl.model.attention import AttentionState
 
 
 class StateError(ValueError):

@@ -22,18 +22,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refimpl.model.attention import AttentionState, check_layout
+from refimpl.context import RunContext
+from refimpl.model.attention import AttentionState
 from refimpl.model.block import BlockWeights, block
 from refimpl.model.state import State, StateError, config_id
 from refimpl.model.hyperconn import HyperConnWeights, hc_head
 from refimpl.model.linear import Fp8Matrix, fp32_linear, quantized_linear
 from refimpl.model.norm import rms_norm
-from refimpl.numerics import bf16, check_precision, storage_dtype, work_dtype
-from refimpl.oracle.trace import record, wants_mtp
+from refimpl.numerics import bf16, storage_dtype
+from refimpl.sites import record, wants_mtp
 from refimpl.ops import parse_kernels, use_kernels
-
-REVISIONS = ("current", "initial")
-
 
 class InputError(ValueError):
     """Token ids or lengths the model cannot take."""
@@ -62,12 +60,29 @@ class ModelWeights:
     mtp: MTPWeights | None
 
 
-def head_logits(h: np.ndarray, hc: HyperConnWeights, norm: np.ndarray, head: np.ndarray, cfg, prec: str,
-                trace=None, site: str = "final.x") -> np.ndarray:
+def head_logits(h: np.ndarray, hc: HyperConnWeights, norm: np.ndarray, head: np.ndarray, site: str, ctx) -> np.ndarray:
     """Streams to logits at every position. h [b,s,n,c] -> [b,s,v] fp32 (float64 in float64 mode)."""
-    x = rms_norm(hc_head(h, hc, cfg, prec), norm, eps=cfg.norm_eps, prec=prec)   # [b, s, c]
-    record(trace, site, x)
-    return fp32_linear(x, head, prec)                  # official: F.linear(x.float(), head fp32)
+    x = rms_norm(hc_head(h, hc, ctx), norm, eps=ctx.cfg.norm_eps, prec=ctx.prec)   # [b, s, c]
+    record(ctx, site, x)
+    return fp32_linear(x, head, ctx.prec)              # official: F.linear(x.float(), head fp32)
+
+
+def mtp(h: np.ndarray, ids: np.ndarray, w: ModelWeights, ctx) -> np.ndarray:
+    """The MTP block: position t pairs streams h_t with token t+1, predicting t+2. h [b,s,n,c], ids [b,s] -> [b,s-1,v]."""
+    cfg, prec, m = ctx.cfg, ctx.prec, w.mtp
+    b, s = ids.shape
+    if s < 2:
+        return np.zeros((b, 0, cfg.vocab_size), ctx.dtype)
+    nxt = ids[:, 1:]                                                    # [b, s-1] token t+1
+    e = rms_norm(np.asarray(w.embed[nxt]).astype(ctx.dtype), m.enorm, eps=cfg.norm_eps, prec=prec)
+    hs = rms_norm(h[:, :-1], m.hnorm, eps=cfg.norm_eps, prec=prec)      # [b, s-1, n, c] streams of t, per stream
+    x = bf16(quantized_linear(e, m.e_proj, prec)[:, :, None, :] + quantized_linear(hs, m.h_proj, prec), prec)
+    layer = ctx.layers[cfg.mtp_layer]
+    state = AttentionState.empty(cfg, layer.id, b, prec)
+    x, _ = block(x, nxt, 0, state, m.block, layer, ctx)
+    logits = head_logits(x, m.hc_head, m.norm, w.head, "mtp.final.x", ctx)
+    record(ctx, "mtp.logits", logits)
+    return logits
 
 
 class Model:
@@ -83,14 +98,15 @@ class Model:
 
     def __init__(self, cfg, weights: ModelWeights, *, precision: str = "float32", revision: str = "current",
                  layout: str = "official", kernels: str | None = None):
-        check_precision(precision)
-        check_layout(layout)
-        if revision not in REVISIONS:
-            raise ValueError(f"revision {revision!r}: choose one of {REVISIONS}")
-        self.cfg, self.weights, self.precision, self.revision = cfg, weights, precision, revision
-        self.layout = layout
-        self.kernels = parse_kernels(kernels)    # which implementation runs each swappable operation (ops.py)
+        # every option checked once, here (context.py); kernels: which implementation runs each swappable operation
+        self.ctx = RunContext(cfg, precision, revision, layout, parse_kernels(kernels))
+        self.cfg, self.weights = cfg, weights
         self.config_id = config_id(cfg)          # identifies the states (and traces) of this model
+
+    precision = property(lambda self: self.ctx.prec)
+    revision = property(lambda self: self.ctx.revision)
+    layout = property(lambda self: self.ctx.layout)
+    kernels = property(lambda self: self.ctx.kernels)
 
     # ---- public API ----
     def new_state(self, batch: int = 1) -> State:
@@ -131,49 +147,32 @@ class Model:
     # ---- the forward pass ----
     def _run(self, ids: np.ndarray, state: State, trace):
         """ids [b, s] from state.pos -> (logits [b, s, v], final streams [b, s, n, c], new state)."""
-        with use_kernels(self.kernels):
-            return self._forward(ids, state, trace)
+        ctx = self.ctx.running(trace)
+        with use_kernels(ctx.kernels):
+            return self._forward(ids, state, ctx)
 
-    def _forward(self, ids: np.ndarray, state: State, trace):
-        cfg, prec, rev = self.cfg, self.precision, self.revision
+    def _forward(self, ids: np.ndarray, state: State, ctx):
+        cfg, w = self.cfg, self.weights
         self._check_state(state, ids)
         b, s = ids.shape
-        h = np.asarray(self.weights.embed[ids]).astype(work_dtype(prec))   # [b, s, c] bf16 rows, exact upcast
-        record(trace, "embed", h)
+        h = np.asarray(w.embed[ids]).astype(ctx.dtype)                     # [b, s, c] bf16 rows, exact upcast
+        record(ctx, "embed", h)
         h = np.repeat(h[:, :, None, :], cfg.hc_mult, axis=2)                # [b, s, n, c] identical streams
         layers = []
         for i in range(cfg.n_layers):
-            h, ls = block(h, ids, state.pos, state.layers[i], self.weights.layers[i], cfg, i, prec, rev, trace,
-                          self.layout)
+            h, ls = block(h, ids, state.pos, state.layers[i], w.layers[i], ctx.layers[i], ctx)
             layers.append(ls)
-        w = self.weights
-        logits = head_logits(h, w.hc_head, w.norm, w.head, cfg, prec, trace)   # [b, s, v]
-        record(trace, "logits", logits)
-        new_state = State(pos=state.pos + s, layers=tuple(layers), batch=b, precision=prec, revision=rev,
-                          config_id=state.config_id, layout=self.layout)
+        logits = head_logits(h, w.hc_head, w.norm, w.head, "final.x", ctx)   # [b, s, v]
+        record(ctx, "logits", logits)
+        new_state = State(pos=state.pos + s, layers=tuple(layers), batch=b, precision=ctx.prec,
+                          revision=ctx.revision, config_id=state.config_id, layout=ctx.layout)
         return logits, h, new_state
 
     def mtp_forward(self, h: np.ndarray, ids: np.ndarray, trace=None) -> np.ndarray:
         """MTP logits: position t uses streams h_t and token t+1, predicting t+2. h [b,s,n,c] -> [b, s-1, v]."""
-        with use_kernels(self.kernels):
-            return self._mtp_forward(h, ids, trace)
-
-    def _mtp_forward(self, h: np.ndarray, ids: np.ndarray, trace=None) -> np.ndarray:
-        cfg, prec, w = self.cfg, self.precision, self.weights
-        m = w.mtp
-        b, s = ids.shape
-        if s < 2:
-            return np.zeros((b, 0, cfg.vocab_size), work_dtype(prec))
-        nxt = ids[:, 1:]                                                    # [b, s-1] token t+1
-        e = rms_norm(np.asarray(w.embed[nxt]).astype(work_dtype(prec)), m.enorm, eps=cfg.norm_eps, prec=prec)
-        hs = rms_norm(h[:, :-1], m.hnorm, eps=cfg.norm_eps, prec=prec)      # [b, s-1, n, c] per stream
-        x = bf16(quantized_linear(e, m.e_proj, prec)[:, :, None, :] + quantized_linear(hs, m.h_proj, prec), prec)
-        layer = cfg.mtp_layer
-        state = AttentionState.empty(cfg, layer, b, prec)
-        x, _ = block(x, nxt, 0, state, m.block, cfg, layer, prec, self.revision, trace, self.layout)
-        logits = head_logits(x, m.hc_head, m.norm, w.head, cfg, prec, trace, site="mtp.final.x")
-        record(trace, "mtp.logits", logits)
-        return logits
+        ctx = self.ctx.running(trace)
+        with use_kernels(ctx.kernels):
+            return mtp(h, ids, self.weights, ctx)
 
     # ---- input checks: bad input raises a ValueError subclass naming the problem ----
     def _as_batch(self, tokens) -> tuple[np.ndarray, bool]:

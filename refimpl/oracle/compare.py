@@ -63,7 +63,8 @@ import ml_dtypes
 import numpy as np
 
 from refimpl.formats.files import write_bytes
-from refimpl.oracle.trace import SITES, TRACE_FORMAT_VERSION
+from refimpl.oracle.trace import TRACE_FORMAT_VERSION
+from refimpl.sites import SITES
 
 PROFILES_PATH = Path(__file__).with_name("profiles.toml")
 PRECISIONS = ("float64", "float32", "mirror", "bf16")   # the precisions a trace may declare

@@ -249,6 +249,7 @@ def verify(golden_dir=None, *, precisions=PRECISIONS, inputs: list[str] | None =
     """
     import tempfile
     from refimpl.config import Config
+    from refimpl.formats.config_file import read_config
     from refimpl.formats.checkpoint import SafetensorsFile
     from refimpl.formats.weights import load
     from refimpl.oracle.trace import run_trace, site_names
@@ -275,7 +276,7 @@ def verify(golden_dir=None, *, precisions=PRECISIONS, inputs: list[str] | None =
             if not ckpt.is_dir():
                 raise GoldenError(f"{golden_dir}: made from the checkpoint {recipe['path']}, which is not here; "
                                   f"pass its folder (refimpl golden verify DIR --ckpt PATH)")
-            cfg = Config.from_checkpoint(ckpt)
+            cfg = read_config(ckpt)
             if cfg.to_hf_dict() != manifest["config"]:
                 raise GoldenError(f"{ckpt}: its config is not the one the golden set was made from")
             got = {name: sha256_file(ckpt / name) for name in recipe["sha256"] if (ckpt / name).is_file()}

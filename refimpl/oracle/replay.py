@@ -159,24 +159,26 @@ class Replay:
                                       f"index_topk={cfg.index_topk} distinct entries in [0, {visible}) (the entries "
                                       f"position {t} can see), padded with -1")
 
-    # ---- used by the model ----
-    def route(self, layer: int, start_pos: int, s: int):
-        """Forced (ids [s, a], weights [s, a] or None) for positions start_pos.., or None."""
-        ids = self.expert_ids.get(layer)
-        if ids is None:
+    # ---- used by the model (sites.replayed) ----
+    def force(self, name: str, chosen: np.ndarray, start_pos: int) -> np.ndarray | None:
+        """The forced rows of site `name` for positions start_pos.. (shape and dtype of `chosen` [s, k]), or None.
+
+        Expert ids and weights are taken as they are; an indexer row lists the source's entries in
+        the source's order, -1 padded to the call's width (a position that sees no entry keeps its row).
+        """
+        m = SITE.match(name)
+        if m is None:
             return None
-        w = self.expert_weights.get(layer)
-        return ids[start_pos:start_pos + s], (None if w is None else w[start_pos:start_pos + s])
-
-    def entries(self, layer: int, t: int) -> np.ndarray | None:
-        """The forced indexer entries of position t (-1 removed, in the source's order), or None."""
-        idx = self.topk.get(layer)
-        if idx is None:
+        layer, kind = int(m.group(1)), m.group(2)
+        table = {"ffn.expert_ids": self.expert_ids, "ffn.expert_weights": self.expert_weights,
+                 "attn.indexer.topk": self.topk}[kind].get(layer)
+        if table is None:
             return None
-        row = idx[t]
-        return row[row >= 0]
-
-
-def replay_of(trace) -> Replay | None:
-    """The Replay riding on a trace (None when there is none)."""
-    return None if trace is None else getattr(trace, "replay", None)
+        rows = table[start_pos:start_pos + chosen.shape[0]]
+        if kind != "attn.indexer.topk":
+            return rows.astype(chosen.dtype)
+        out = np.full(chosen.shape, -1, dtype=chosen.dtype)
+        for si, row in enumerate(rows):
+            row = row[row >= 0]
+            out[si, :len(row)] = row
+        return out

@@ -1,11 +1,8 @@
-"""Named intermediate tensors ("sites") of a forward pass, recorded on request and checked always.
+"""Making a trace: run a model on one sequence, keep its sites, write them as a trace file.
 
-Every site goes through `record(trace, name, x)`. Recording costs nothing when `trace` is None,
-but the check does not depend on it: a site holding NaN or Inf raises `NonFiniteError` naming
-the site (and so the layer), so a forward pass never returns NaN logits or samples from them.
-Site names follow the official code (README table). A trace file is a safetensors file, one
-tensor per site, plus JSON metadata (`trace_metadata`); `run_trace` makes one, in one prefill or
-in chunks.
+The sites themselves, and the hooks the model records them with, are refimpl/sites.py. A trace
+file is a safetensors file, one tensor per site, plus JSON metadata (`trace_metadata`,
+docs/trace-format.md); `run_trace` makes one, in one prefill, in chunks, or as decode steps.
 """
 from __future__ import annotations
 
@@ -15,116 +12,32 @@ import json
 import numpy as np
 
 from refimpl._version import __version__
+from refimpl.formats.checkpoint import dtype_name, write_safetensors
+from refimpl.sites import NonFiniteError, Recording, site_names, wants_mtp  # noqa: F401 (NonFiniteError: public here too)
 
 # The version of the trace file format (docs/trace-format.md); `refimpl compare` refuses other versions.
 TRACE_FORMAT_VERSION = 1
 
-# The stable sites, in data-flow order ({i} = layer index; the MTP block is layer n_layers).
-SITES = (
-    "embed",                                   # [s, c]
-    "layers.{i}.hc_attn.pre", "layers.{i}.hc_attn.post", "layers.{i}.hc_attn.comb",   # mHC mixes, attention
-    "layers.{i}.attn.q",                       # [s, h, d] after norm + RoPE
-    "layers.{i}.attn.kv",                      # [s, d] after norm + RoPE (+ QDQ in mirror)
-    "layers.{i}.attn.compressed_kv",           # [s//m, d] entries completed in this call
-    "layers.{i}.attn.indexer.scores",          # [s, s//4] (-inf where not visible)
-    "layers.{i}.attn.indexer.topk",            # [s, k] int32, -1 padding
-    "layers.{i}.attn.out",                     # [s, c] after wo_b
-    "layers.{i}.hc_ffn.pre", "layers.{i}.hc_ffn.post", "layers.{i}.hc_ffn.comb",
-    "layers.{i}.ffn.gate_scores",              # [s, e] biased router scores (score-routed layers only)
-    "layers.{i}.ffn.expert_ids",               # [s, a] int32
-    "layers.{i}.ffn.expert_weights",           # [s, a]
-    "layers.{i}.ffn.out",                      # [s, c]
-    "layers.{i}.out",                          # [s, n, c] residual streams after block i
-    "final.x",                                 # [s, c] after hc_head + norm
-    "logits",                                  # [s, v] every position
-    "mtp.final.x",                             # [s-1, c] MTP block after its hc_head + norm
-    "mtp.logits",                              # [s-1, v] MTP predictions of token t+2
-)
 
+class Trace(Recording):
+    """The sites of one run (a sites.Recording), what ran (`metadata`), and what a replay forced (`replay`).
 
-class NonFiniteError(ValueError):
-    """A forward pass produced NaN or Inf; the message names the site (and layer) where it appeared."""
-
-
-class Trace:
-    """Collects site tensors of one forward pass (batch element 0), filtered by glob patterns."""
+    `run_trace` makes one; `save` writes it as a trace file (docs/trace-format.md).
+    """
 
     def __init__(self, patterns: tuple[str, ...] = ("*",), *, replay=None):
-        if isinstance(patterns, str) or not isinstance(patterns, (tuple, list)) or \
-                not all(isinstance(p, str) for p in patterns):
-            raise ValueError(f"trace patterns must be a tuple of glob strings, got {patterns!r}")
-        self.patterns = tuple(patterns)
-        self.tensors: dict[str, np.ndarray] = {}
+        super().__init__(patterns)
         self.metadata: dict | None = None          # set by run_trace (see trace_metadata)
         self.replay = replay                       # forced routing / top-k (oracle/replay.py), or None
 
-    def wants(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
-
-    def record(self, name: str, x: np.ndarray) -> None:
-        if self.wants(name):
-            x = np.asarray(x)
-            self.tensors[name] = np.ascontiguousarray(x[0])   # every site has a batch axis; keep element 0
-
     def save(self, path, metadata: dict | None = None) -> None:
         """Write the trace as safetensors, one tensor at a time (a temporary name, renamed when complete)."""
-        from refimpl.formats.checkpoint import dtype_name, write_safetensors
         metadata = self.metadata if metadata is None else metadata
         if metadata is None:
             raise ValueError("a trace file needs its metadata (run_trace sets it; see trace_metadata)")
         arrays = {k: np.ascontiguousarray(v) for k, v in self.tensors.items()}
         write_safetensors(path, {k: (dtype_name(v.dtype), v.shape) for k, v in arrays.items()}, arrays.__getitem__,
                           metadata={"refimpl": json.dumps(metadata, sort_keys=True)})
-
-
-def check_finite(name: str, x, *, hidden=None) -> None:
-    """Raise NonFiniteError if site x holds NaN or Inf. hidden: entries that hold -inf by construction.
-
-    Integer sites (top-k, expert ids) are not checked. Where `hidden` (broadcast to x) is True the
-    value must be exactly -inf (the indexer scores of entries a query cannot see); elsewhere finite.
-    """
-    x = np.asarray(x)
-    if x.dtype.kind in "iub":
-        return
-    ok = np.isfinite(x)
-    if hidden is not None:
-        ok = np.where(hidden, x == -np.inf, ok)
-    if ok.all():
-        return
-    bad = ~ok
-    values = x[bad].astype(np.float64)
-    first = tuple(int(i) for i in np.argwhere(bad)[0])
-    layer = f" (layer {name.split('.')[1]})" if name.startswith("layers.") else ""
-    raise NonFiniteError(
-        f"the forward pass produced non-finite values at site {name!r}{layer}: {int(np.isnan(values).sum())} NaN, "
-        f"{int(np.isinf(values).sum())} Inf{' where finite values belong' if hidden is not None else ''} "
-        f"of {x.size}, the first at index {first} (batch, position, ...); "
-        "the checkpoint's weights may hold NaN/Inf (`refimpl inspect` scans them)")
-
-
-def record(trace: Trace | None, name: str, x, *, hidden=None) -> None:
-    """Check a site tensor for NaN/Inf (always), then record it (a no-op when trace is None)."""
-    check_finite(name, x, hidden=hidden)
-    if trace is not None:
-        trace.record(name, x)
-
-
-def wants_mtp(trace: Trace, mtp_layer: int) -> bool:
-    """Whether the trace asks for any site of the MTP block (layer mtp_layer, mtp.*)."""
-    return any(trace.wants(site.format(i=mtp_layer)) for site in SITES if "{i}" in site or site.startswith("mtp."))
-
-
-def site_names(cfg) -> list[str]:
-    """Every site a forward pass of cfg records, in the order it records them (the MTP block last)."""
-    def layer_sites(layer):
-        return [site.format(i=layer) for site in SITES if "{i}" in site
-                and (".compressed_kv" not in site or cfg.uses_compressor(layer))
-                and (".indexer." not in site or cfg.uses_indexer(layer))
-                and (".gate_scores" not in site or not cfg.is_hash_layer(layer))]
-    names = ["embed"] + [n for i in range(cfg.n_layers) for n in layer_sites(i)] + ["final.x", "logits"]
-    if cfg.n_mtp_layers:
-        names += layer_sites(cfg.mtp_layer) + ["mtp.final.x", "mtp.logits"]
-    return names
 
 
 # ---------------------------------------------------------------- making a trace
@@ -170,7 +83,7 @@ def run_trace(model, tokens, *, patterns: tuple[str, ...] = ("*",), chunks: list
     if ids.ndim != 1:
         raise ValueError(f"a trace records one sequence: tokens must be [s], got shape {ids.shape}")
     if replay is not None:
-        if not all(callable(getattr(replay, f, None)) for f in ("check", "route", "entries")):   # an oracle.replay.Replay
+        if not all(callable(getattr(replay, f, None)) for f in ("check", "force")):   # an oracle.replay.Replay
             raise ValueError(f"replay must be a refimpl.oracle.replay.Replay (e.g. Replay.load(path)), got "
                              f"{type(replay).__name__}")
         replay.check(model.cfg, ids)

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from refimpl.context import RunContext
 from refimpl import numerics as nx
 from refimpl.model.attention import compressed_indices, sparse_attention, window_indices
 from refimpl.config import Config
@@ -356,14 +357,11 @@ def test_attention_layer_matches_direct_dense_formula(tiny_model, layer, n):
     w = model.weights.layers[layer].attn
     x = np.random.default_rng(layer).standard_normal((1, n, TINY.dim))
     t = Trace(("layers.*.attn.indexer.topk",))
-    out, _ = attention(x, 0, AttentionState.empty(TINY, layer, 1, "float64"), w, TINY, layer, "float64", "current",
-                       trace=t)
+    out, _ = attention(x, 0, AttentionState.empty(TINY, layer, 1, "float64"), w, TINY.layer(layer), RunContext(TINY, "float64", trace=t))
     entries, selected = None, None
     m = TINY.compress_ratio(layer)
     if m:
-        entries, _ = compress(x, 0, CompressorState.empty(1, TINY, layer, head_dim=TINY.head_dim, prec="float64"),
-                              w.compressor, TINY, layer, "float64", ratio=m, head_dim=TINY.head_dim, rotate=False,
-                              revision="current")
+        entries, _ = compress(x, 0, CompressorState.empty(1, TINY, layer, head_dim=TINY.head_dim, prec="float64"), w.compressor, TINY.layer(layer), RunContext(TINY, "float64"), head_dim=TINY.head_dim, rotate=False)
         entries = entries[0]
         assert entries.shape[0] == n // m
     if m == 4:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from refimpl.context import RunContext
 from refimpl import numerics as nx
 from refimpl.model.compressor import CompressorState, CompressorWeights, compress
 from refimpl.config import Config
@@ -74,8 +75,7 @@ def direct_entries(x, w, m, d=D):
 def run(x, w, m, *, layer, prec="float64", rotate=False, revision="current", start_pos=0, state=None, d=D):
     b = x.shape[0]
     state = CompressorState.empty(b, TINY, layer, head_dim=d, prec=prec) if state is None else state
-    return compress(x, start_pos, state, w, TINY, layer, prec, ratio=m, head_dim=d, rotate=rotate,
-                    revision=revision)
+    return compress(x, start_pos, state, w, TINY.layer(layer), RunContext(TINY, prec, revision=revision), head_dim=d, rotate=rotate)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,12 +208,12 @@ def test_mirror_indexer_entries_hadamard_then_fp4():
     x = nx.round_bf16(rng.standard_normal((1, 8, C_IN)))
     plain, _ = run(x, w, 4, layer=CSA, prec="mirror", revision="initial")
     keys, _ = run(x, w, 4, layer=CSA, prec="mirror", rotate=True)
-    assert np.array_equal(keys, nx.qdq_fp4_values(nx.round_bf16(nx.hadamard(plain)), block=32))
+    assert np.array_equal(keys, nx.qdq_fp4_values(nx.round_bf16(nx.hadamard(plain, prec="float32")), block=32))
     # float64: the key is exactly the Hadamard rotation of the entry (no FP4)
     x64 = x.astype(np.float64)
     p64, _ = run(x64, w, 4, layer=CSA)
     k64, _ = run(x64, w, 4, layer=CSA, rotate=True)
-    assert np.allclose(k64, nx.hadamard(p64), rtol=1e-12, atol=1e-13)
+    assert np.allclose(k64, nx.hadamard(p64, prec="float32"), rtol=1e-12, atol=1e-13)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from refimpl.context import RunContext
 from refimpl.config import Config
 from refimpl.model.hyperconn import HyperConnWeights, hc_head, hc_post, hc_pre, split_sinkhorn
 from refimpl.oracle.trace import Trace
@@ -74,7 +75,7 @@ def test_hc_pre_hand_worked():
     base = np.zeros(TINY.n_mix)
     base[:4] = [0.0, math.log(3), -math.log(3), 0.0]                                 # pre ≈ .5 .75 .25 .5
     w = HyperConnWeights(fn=np.zeros((TINY.n_mix, N * c)), base=base, scale=np.ones(3))
-    x, post, comb = hc_pre(h, w, TINY, "float64")
+    x, post, comb = hc_pre(h, w, "hc", RunContext(TINY, "float64"))
     want = 0.5 * 1 + 0.75 * 2 + 0.25 * 3 + 0.5 * 4 + EPS * (1 + 2 + 3 + 4)          # = 4.75 + 1e-5
     assert x.shape == (1, 1, c) and np.allclose(x, want, rtol=1e-14)
     assert np.allclose(post, 1.0) and post.shape == (1, 1, N) and comb.shape == (1, 1, N, N)
@@ -88,7 +89,7 @@ def test_hc_pre_mixes_use_rms_over_all_flattened_streams():
     fn = np.zeros((TINY.n_mix, N * c))
     fn[0] = rng.standard_normal(N * c) / 32                      # only pre_0 has a non-zero mix
     w = HyperConnWeights(fn=fn, base=np.zeros(TINY.n_mix), scale=np.ones(3))
-    x, _, _ = hc_pre(h, w, TINY, "float64")
+    x, _, _ = hc_pre(h, w, "hc", RunContext(TINY, "float64"))
     v = h.reshape(1, 2, N * c)
     m0 = (v @ fn[0]) / np.sqrt(np.mean(v * v, axis=-1) + TINY.norm_eps)                # [1, 2]
     pre0 = 1 / (1 + np.exp(-m0)) + EPS
@@ -102,7 +103,7 @@ def test_hc_post_column_k_forms_stream_k():
     R = np.array([[[[1.0, 0, 0], [0, 1.0, 0]]]])                 # [b, s, n=2, c]
     post = np.array([[[2.0, 0.5]]])
     comb = np.array([[[[0.9, 0.1], [0.3, 0.7]]]])                # [j, k]
-    y = hc_post(x, R, post, comb, "float64")
+    y = hc_post(x, R, post, comb, RunContext(TINY, "float64"))
     want = np.array([[[[0.9, 0.3, 2.0], [0.1, 0.7, 0.5]]]])
     assert np.allclose(y, want, rtol=1e-15, atol=1e-16)
     assert not np.allclose(y, [[[[0.9, 0.1, 2.0], [0.3, 0.7, 0.5]]]])   # the row-k reading is wrong
@@ -114,7 +115,7 @@ def test_hc_head_sigmoid_pre_no_sinkhorn():
     h = np.broadcast_to((np.arange(N) + 1.0)[:, None], (N, c))[None, None].copy()
     w = HyperConnWeights(fn=np.zeros((N, N * c)), base=np.array([0.0, math.log(3), -math.log(3), 0.0]),
                          scale=np.array([0.7]))
-    x = hc_head(h, w, TINY, "float64")
+    x = hc_head(h, w, RunContext(TINY, "float64"))
     assert np.allclose(x, 4.75 + EPS * 10, rtol=1e-14)
 
 

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from refimpl.context import RunContext
 from refimpl.config import Config
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix
 from refimpl.model.moe import ExpertWeights, GateWeights, MoEWeights, expert, moe, route
@@ -68,14 +69,14 @@ def test_hash_routing_hand_worked():
     tokens = np.array([3, 0, 4, 3])
     x = np.random.default_rng(0).standard_normal((4, 8))
     gate = GateWeights(weight=np.zeros((E, 8)), bias=None, tid2eid=tid2eid)
-    w, ids = route(x, tokens, gate, TINY, "float64")
+    w, ids = route(x, tokens, 0, gate, TINY.layer(3), RunContext(TINY, "float64"))
     assert ids.tolist() == [[6, 7], [0, 1], [1, 0], [6, 7]]
     assert np.allclose(w, 0.75, rtol=1e-15)                     # equal scores sqrt(ln 2): 1.5 / 2 each
     # non-zero gate logits: z = x · e_k (identity weight), weights = sc[ids] / Σ · 1.5
     gate = GateWeights(weight=np.eye(E, 8), bias=None, tid2eid=tid2eid)
     x = np.zeros((1, 8))
     x[0, 6], x[0, 7] = 2.0, -1.0
-    w, ids = route(x, np.array([3]), gate, TINY, "float64")
+    w, ids = route(x, np.array([3]), 0, gate, TINY.layer(3), RunContext(TINY, "float64"))
     s6, s7 = sqrt_softplus(2.0), sqrt_softplus(-1.0)
     assert ids.tolist() == [[6, 7]]
     assert np.allclose(w, [[1.5 * s6 / (s6 + s7), 1.5 * s7 / (s6 + s7)]], rtol=1e-14)
@@ -88,20 +89,20 @@ def test_score_routing_hand_worked_bias_selects_only():
     """
     gate = GateWeights(weight=np.eye(E), bias=np.zeros(E), tid2eid=None)
     x = np.array([[3.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
-    w, ids = route(x, np.array([0]), gate, TINY, "float64")
+    w, ids = route(x, np.array([0]), 0, gate, TINY.layer(3), RunContext(TINY, "float64"))
     s = sqrt_softplus(x[0])
     assert ids.tolist() == [[0, 2]]
     assert np.allclose(w, [[1.5 * s[0] / (s[0] + s[2]), 1.5 * s[2] / (s[0] + s[2])]], rtol=1e-14)
     bias = np.zeros(E)
     bias[3] = 5.0                                               # pushes expert 3 (z = 0) to the top
-    w, ids = route(x, np.array([0]), GateWeights(np.eye(E), bias, None), TINY, "float64")
+    w, ids = route(x, np.array([0]), 0, GateWeights(np.eye(E), bias, None), TINY.layer(3), RunContext(TINY, "float64"))
     assert ids.tolist() == [[3, 0]]
     assert np.allclose(w, [[1.5 * s[3] / (s[3] + s[0]), 1.5 * s[0] / (s[3] + s[0])]], rtol=1e-14)
     assert math.isclose(s[3], math.sqrt(math.log(2)), rel_tol=1e-15)
     # softplus threshold 20: z > 20 returns z, so sc = sqrt(z)
     x = np.zeros((1, E))
     x[0, 1], x[0, 4] = 25.0, 36.0
-    w, ids = route(x, np.array([0]), GateWeights(np.eye(E), np.zeros(E), None), TINY, "float64")
+    w, ids = route(x, np.array([0]), 0, GateWeights(np.eye(E), np.zeros(E), None), TINY.layer(3), RunContext(TINY, "float64"))
     assert ids.tolist() == [[4, 1]] and np.allclose(w, [[1.5 * 6 / 11, 1.5 * 5 / 11]], rtol=1e-15)
 
 
@@ -116,8 +117,8 @@ def test_hash_ids_depend_only_on_token(seed, T):
     tid2eid = np.stack([rng.permutation(E)[:A] for _ in range(20)])
     gate = GateWeights(weight=rng.standard_normal((E, 16)), bias=None, tid2eid=tid2eid)
     tokens = rng.integers(0, 20, T)
-    w1, ids1 = route(rng.standard_normal((T, 16)) * 3, tokens, gate, TINY, "float64")
-    w2, ids2 = route(rng.standard_normal((T, 16)) * 3, tokens, gate, TINY, "float64")
+    w1, ids1 = route(rng.standard_normal((T, 16)) * 3, tokens, 0, gate, TINY.layer(3), RunContext(TINY, "float64"))
+    w2, ids2 = route(rng.standard_normal((T, 16)) * 3, tokens, 0, gate, TINY.layer(3), RunContext(TINY, "float64"))
     assert np.array_equal(ids1, tid2eid[tokens]) and np.array_equal(ids2, tid2eid[tokens])
     assert np.allclose(w1.sum(-1), TINY.route_scale, rtol=1e-14) and np.all(w1 > 0)
 
@@ -133,8 +134,8 @@ def test_bias_changes_choice_not_weights(seed, T, spread):
     W = rng.standard_normal((E, 16))
     x = rng.standard_normal((T, 16))
     b1, b2 = rng.standard_normal(E) * spread, rng.standard_normal(E) * spread
-    w1, ids1 = route(x, np.zeros(T, int), GateWeights(W, b1, None), TINY, "float64")
-    w2, ids2 = route(x, np.zeros(T, int), GateWeights(W, b2, None), TINY, "float64")
+    w1, ids1 = route(x, np.zeros(T, int), 0, GateWeights(W, b1, None), TINY.layer(3), RunContext(TINY, "float64"))
+    w2, ids2 = route(x, np.zeros(T, int), 0, GateWeights(W, b2, None), TINY.layer(3), RunContext(TINY, "float64"))
     sc = sqrt_softplus(x @ W.T)
     for w, ids, b in ((w1, ids1, b1), (w2, ids2, b2)):
         chosen = np.take_along_axis(sc, ids, -1)
@@ -220,7 +221,7 @@ def make_moe(rng, shared_scale):
 def moe_ref(x, tokens, w, limit_shared):
     """y_t = Σ_a weight_ta · expert_{id_ta}(x_t) + shared(x_t), float64."""
     flat = x.reshape(-1, C)
-    weights, ids = route(flat, tokens.reshape(-1), w.gate, TINY, "float64")
+    weights, ids = route(flat, tokens.reshape(-1), 0, w.gate, TINY.layer(3), RunContext(TINY, "float64"))
     y = np.zeros_like(flat)
     for t in range(len(flat)):
         for a in range(A):
@@ -237,15 +238,15 @@ def test_moe_shared_expert_clamp_only_in_current_revision():
     w = make_moe(rng, shared_scale=30.0)
     x = rng.standard_normal((1, 5, C))
     tokens = np.arange(5)[None]
-    cur = moe(x, tokens, w, TINY, 3, "float64", "current")
-    ini = moe(x, tokens, w, TINY, 3, "float64", "initial")
+    cur = moe(x, tokens, 0, w, TINY.layer(3), RunContext(TINY, "float64"))
+    ini = moe(x, tokens, 0, w, TINY.layer(3), RunContext(TINY, "float64", revision="initial"))
     assert np.allclose(cur, moe_ref(x, tokens, w, L), rtol=1e-11, atol=1e-11)
     assert np.allclose(ini, moe_ref(x, tokens, w, 0.0), rtol=1e-11, atol=1e-11)
     assert not np.allclose(cur, ini, rtol=1e-3)
     # small activations: no clamp fires, the two revisions agree
     w = make_moe(rng, shared_scale=1.0)
-    assert np.allclose(moe(x, tokens, w, TINY, 3, "float64", "current"),
-                       moe(x, tokens, w, TINY, 3, "float64", "initial"), rtol=1e-13, atol=1e-14)
+    assert np.allclose(moe(x, tokens, 0, w, TINY.layer(3), RunContext(TINY, "float64")),
+                       moe(x, tokens, 0, w, TINY.layer(3), RunContext(TINY, "float64", revision="initial")), rtol=1e-13, atol=1e-14)
 
 
 def test_moe_trace_ids_and_weights(tiny_model):
@@ -282,4 +283,4 @@ def test_nonfinite_router_bias_is_named_not_silently_chosen():
     bias[3] = np.inf
     x = np.random.default_rng(0).standard_normal((2, E))
     with pytest.raises(NonFiniteError, match=r"site 'layers\.4\.ffn\.gate_scores' \(layer 4\)"):
-        route(x, np.array([0, 1]), GateWeights(np.eye(E), bias, None), TINY, "float64", 4)
+        route(x, np.array([0, 1]), 0, GateWeights(np.eye(E), bias, None), TINY.layer(4), RunContext(TINY, "float64"))

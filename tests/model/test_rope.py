@@ -83,7 +83,7 @@ def test_yarn_ramp_low15_high25_for_base_160000():
 
     Pairs 0-15 keep f_i, pairs 25-31 use f_i/16, pairs in between blend linearly with ramp (i-15)/10.
     """
-    f = yarn_frequencies(dim=64, base=160000.0, original_seq_len=65536, dtype=np.float64, **YARN)
+    f = yarn_frequencies(dim=64, base=160000.0, original_seq_len=65536, dtype=np.float64, prec="float64", **YARN)
     plain = plain_freqs(160000.0)
     ramp = np.clip((np.arange(32) - 15) / 10, 0, 1)
     want = plain / 16 * ramp + plain * (1 - ramp)
@@ -97,13 +97,13 @@ def test_yarn_ramp_low15_high25_for_base_160000():
     corr = lambda r: 64 * math.log(65536 / (r * 2 * math.pi)) / (2 * math.log(160000))
     assert (math.floor(corr(32)), math.ceil(corr(1))) == (15, 25)
     # the float32 table (official dtype) agrees to fp32 precision
-    f32 = yarn_frequencies(dim=64, base=160000.0, original_seq_len=65536, **YARN)
+    f32 = yarn_frequencies(dim=64, base=160000.0, original_seq_len=65536, prec="float32", **YARN)
     assert f32.dtype == np.float32 and np.allclose(f32, want, rtol=3e-7, atol=0)
 
 
 def test_no_yarn_when_original_seq_len_is_zero():
     """Tables: original_seq_len 0 = plain frequencies."""
-    f = yarn_frequencies(dim=64, base=10000.0, original_seq_len=0, dtype=np.float64, **YARN)
+    f = yarn_frequencies(dim=64, base=10000.0, original_seq_len=0, dtype=np.float64, prec="float64", **YARN)
     assert np.allclose(f, plain_freqs(10000.0), rtol=1e-14, atol=0)
 
 

@@ -71,6 +71,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from refimpl.context import RunContext
 from refimpl import numerics as nx
 from refimpl.config import Config
 from refimpl.model.attention import AttentionState, attention, sparse_attention, window_indices
@@ -277,17 +278,17 @@ def test_hyperconn_outputs_are_bf16(tiny_model):
     rng = np.random.default_rng(7)
     h = bf16_values(rng, (1, 3, TINY.hc_mult, TINY.dim))
     t = Trace(("hc.pre",))
-    x, post, comb = hc_pre(h, w.hc_attn, TINY, M, t)
+    x, post, comb = hc_pre(h, w.hc_attn, "hc", RunContext(TINY, M, trace=t))
     pre = t.tensors["hc.pre"][None]
     unrounded = f32r(np.sum((pre[..., None] * h).astype(np.float64), axis=2))   # Σ_j fp32(pre_j · h_j), exact, fp32
     assert np.array_equal(x, bf16r(unrounded)) and differs(x, unrounded)
     f = bf16_values(rng, (1, 3, TINY.dim))
-    y = hc_post(f, h, post, comb, M)
+    y = hc_post(f, h, post, comb, RunContext(TINY, M))
     mixed = post[..., None] * f[:, :, None, :] + f32r(np.sum((comb[..., None] * h[:, :, :, None, :]).astype(np.float64), axis=2))
     assert np.array_equal(y, bf16r(mixed)) and differs(y, mixed)
-    z = hc_head(h, tiny_model(M).weights.hc_head, TINY, M)
+    z = hc_head(h, tiny_model(M).weights.hc_head, RunContext(TINY, M))
     assert z.dtype == np.float32 and is_bf16(z)
-    z64 = hc_head(h.astype(np.float64), tiny_model("float64").weights.hc_head, TINY, "float64")
+    z64 = hc_head(h.astype(np.float64), tiny_model("float64").weights.hc_head, RunContext(TINY, "float64"))
     assert not is_bf16(z64) and np.allclose(z, z64, rtol=2.0**-7, atol=0)
 
 
@@ -324,8 +325,7 @@ def test_compressor_rounds_to_bf16_before_the_norm(revision):
     rng = np.random.default_rng(8)
     layer, d = 3, TINY.head_dim                                      # HCA: ratio 16
     w, x, pooled = _flat_compressor(rng, 16, d, uneven=True)
-    e, _ = compress(x, 0, CompressorState.empty(1, TINY, layer, head_dim=d, prec=M), w, TINY, layer, M,
-                    ratio=16, head_dim=d, rotate=False, revision=revision)
+    e, _ = compress(x, 0, CompressorState.empty(1, TINY, layer, head_dim=d, prec=M), w, TINY.layer(layer), RunContext(TINY, M, revision=revision), head_dim=d, rotate=False)
     want, unrounded = _entry_ref(pooled, w, layer), _entry_ref(pooled, w, layer, round_first=False)
     nope = d - TINY.rope_head_dim
     if revision == "current":                                        # FP8 QDQ of the non-rope dims, block 64
@@ -342,8 +342,7 @@ def test_compressor_index_keys_hadamard_bf16_then_fp4():
     rng = np.random.default_rng(4)
     layer, d = 2, TINY.index_head_dim                                # CSA: ratio 4, overlap
     w, x, pooled = _flat_compressor(rng, 4, d)
-    keys, _ = compress(x, 0, CompressorState.empty(1, TINY, layer, head_dim=d, prec=M), w, TINY, layer, M,
-                       ratio=4, head_dim=d, rotate=True, revision="current")
+    keys, _ = compress(x, 0, CompressorState.empty(1, TINY, layer, head_dim=d, prec=M), w, TINY.layer(layer), RunContext(TINY, M), head_dim=d, rotate=True)
     rotated = hadamard_ref(_entry_ref(pooled, w, layer))
     want = qdq_ref(bf16r(rotated), 32, "fp4")
     assert np.array_equal(keys[0, 0], want)
@@ -385,8 +384,7 @@ def test_indexer_scores_against_independent_computation():
     x, qr = bf16_values(rng, (1, s, TINY.dim)), bf16_values(rng, (1, s, TINY.q_lora_rank))
     table = layer_rope_table(np.arange(s), TINY, layer, M)
     t = Trace(("*",))
-    topk, st = indexer(x, qr, 0, AttentionState.empty(TINY, layer, 1, M).indexer, w, table, TINY, layer, M,
-                       "current", t)
+    topk, st = indexer(x, qr, 0, AttentionState.empty(TINY, layer, 1, M).indexer, w, table, TINY.layer(layer), RunContext(TINY, M, trace=t))
     i, j = TINY.index_n_heads, TINY.index_head_dim
     keys = st.keys[0].astype(np.float32)                             # [3, j] made by the compressor (pinned above)
     q = apply_rope(quantized_linear(qr, w.wq_b, M).reshape(1, s, i, j), table, M)[0]      # [s, i, j]
@@ -462,7 +460,7 @@ def test_window_layer_attention_composition(tiny_model):
     rng = np.random.default_rng(13)
     x = bf16_values(rng, (1, s, TINY.dim))
     t = Trace(("*",))
-    out, _ = attention(x, 0, AttentionState.empty(TINY, layer, 1, M), w, TINY, layer, M, "current", t)
+    out, _ = attention(x, 0, AttentionState.empty(TINY, layer, 1, M), w, TINY.layer(layer), RunContext(TINY, M, trace=t))
     h, d, p, g = TINY.n_heads, TINY.head_dim, TINY.rope_head_dim, TINY.o_groups
     table = layer_rope_table(np.arange(s), TINY, layer, M)
     qr = rms_norm(quantized_linear(x, w.wq_a, M), w.q_norm, eps=EPS, prec=M)
@@ -512,8 +510,8 @@ def test_moe_output_is_bf16_of_the_fp32_sum(revision):
     shared = ExpertWeights(w1=fp8_matrix(rng, f, c, 3.0), w2=fp8_matrix(rng, c, f), w3=fp8_matrix(rng, f, c, 3.0))
     w = MoEWeights(gate=gate, experts=tuple(_expert(rng) for _ in range(e)), shared=shared)
     x, tokens = bf16_values(rng, (1, 5, c), 2.0), np.arange(5)[None]
-    got = moe(x, tokens, w, TINY, 3, M, revision)
-    weights, ids = route(x[0], tokens[0], gate, TINY, M)
+    got = moe(x, tokens, 0, w, TINY.layer(3), RunContext(TINY, M, revision=revision))
+    weights, ids = route(x[0], tokens[0], 0, gate, TINY.layer(3), RunContext(TINY, M))
     y = np.zeros((5, c), np.float32)
     for ex in np.unique(ids):
         rows, slot = np.nonzero(ids == ex)
@@ -532,7 +530,7 @@ def test_router_stays_fp32():
     e = TINY.n_routed_experts
     gate = GateWeights(weight=bf16_values(rng, (e, TINY.dim), 0.1), bias=np.zeros(e, np.float32), tid2eid=None)
     x = bf16_values(rng, (7, TINY.dim), 2.0)
-    weights, ids = route(x, np.arange(7), gate, TINY, M)
+    weights, ids = route(x, np.arange(7), 0, gate, TINY.layer(3), RunContext(TINY, M))
 
     def ref(z):
         sc = np.sqrt(softplus_ref(z))                                # softplus one op, fp32 sqrt
@@ -550,8 +548,8 @@ def test_logits_are_fp32_not_bf16(tiny_model):
     w = tiny_model(M).weights
     rng = np.random.default_rng(17)
     h = bf16_values(rng, (1, 3, TINY.hc_mult, TINY.dim))
-    logits = head_logits(h, w.hc_head, w.norm, w.head, TINY, M)
-    x = rms_norm(hc_head(h, w.hc_head, TINY, M), w.norm, eps=EPS, prec=M)      # pinned above
+    logits = head_logits(h, w.hc_head, w.norm, w.head, "final.x", RunContext(TINY, M))
+    x = rms_norm(hc_head(h, w.hc_head, RunContext(TINY, M)), w.norm, eps=EPS, prec=M)      # pinned above
     want = f32r(exact_rows(x, w.head))
     assert logits.dtype == np.float32 and np.array_equal(logits, want)
     assert differs(want, bf16r(want))
@@ -573,7 +571,7 @@ def test_mtp_input_is_bf16(tiny_model):
 
     def pre(x):                                                     # the MTP block's first mHC pre mix
         tr = Trace(("p.pre",))
-        hc_pre(x, m.block.hc_attn, TINY, M, tr, "p")
+        hc_pre(x, m.block.hc_attn, "p", RunContext(TINY, M, trace=tr))
         return tr.tensors["p.pre"]
     assert np.array_equal(t.tensors[f"layers.{layer}.hc_attn.pre"], pre(bf16r(summed)))
     assert differs(pre(bf16r(summed)), pre(summed))
@@ -697,14 +695,14 @@ def test_hc_post_stream_sum_exact_hand_worked():
     comb[0, 0, :, 0] = [1.0, 1 + 2.0**-16, 1.0, 0.0]                 # column 0 forms new stream 0
     h = np.zeros((1, 1, 4, 2), np.float32)
     h[0, 0, :, 0] = [1.0, 2.0**-8, 2.0**-30, 0.0]
-    y = hc_post(np.zeros((1, 1, 2), np.float32), h, np.zeros((1, 1, 4), np.float32), comb, M)
+    y = hc_post(np.zeros((1, 1, 2), np.float32), h, np.zeros((1, 1, 4), np.float32), comb, RunContext(TINY, M))
     assert y[0, 0, 0, 0] == 1 + 2.0**-7                              # fp32 summation: 1.0
 
 
 def sinkhorn_ref(mixes, scale, base, n, iters, eps, *, one_op=True):
     """The kernel's split (K:L386-425): fp32 elementwise ops; sigmoid, exp and the row/column sums one op
     each (one_op=False: NumPy's float32 functions and sums)."""
-    sig = sigmoid_ref if one_op else nx.sigmoid
+    sig = sigmoid_ref if one_op else (lambda v: nx.sigmoid(v, "float32"))
     ex = (lambda v: f32r(np.exp(v.astype(np.float64)))) if one_op else np.exp          # noqa: E731
     sm = sum_ref if one_op else fp32_sum
     eps = np.float32(eps)
@@ -739,7 +737,7 @@ def test_mhc_mixes_rms_mean_exact_and_rsqrt_one_op(tiny_model):
     rng = np.random.default_rng(23)
     h = bf16_values(rng, (1, 256, TINY.hc_mult, TINY.dim), 2.0)
     t = Trace(("p.pre",))
-    hc_pre(h, w, TINY, M, t, "p")
+    hc_pre(h, w, "p", RunContext(TINY, M, trace=t))
     v = h.reshape(1, 256, -1)
 
     def pre(mean, rsqrt):
@@ -769,8 +767,8 @@ def test_hc_head_every_step_one_op(tiny_model):
         pre = sig(z) + np.float32(TINY.hc_eps)
         return bf16r(sum_ref(pre[..., None] * h, 2))
     want = out(sigmoid_ref)
-    assert np.array_equal(hc_head(h, w, TINY, M), want)
-    assert differs(want, out(nx.sigmoid))
+    assert np.array_equal(hc_head(h, w, RunContext(TINY, M)), want)
+    assert differs(want, out(lambda v: nx.sigmoid(v, "float32")))
 
 
 def test_compressor_pool_softmax_one_op_and_exact_sum():
@@ -785,7 +783,7 @@ def test_compressor_pool_softmax_one_op_and_exact_sum():
     want = sum_ref(kv * p, 2)
     got = gated_pool(kv, score, M)
     assert got.dtype == np.float32 and np.array_equal(got, want)
-    assert differs(want, sum_ref(kv * nx.softmax(score, axis=2), 2))          # float32 softmax
+    assert differs(want, sum_ref(kv * nx.softmax(score, axis=2, prec="float32"), 2))          # float32 softmax
     assert differs(want, fp32_sum(kv * p, 2))                                   # float32 sum
 
 
@@ -810,7 +808,7 @@ def test_swiglu_silu_one_op(tiny_model):
     g, u = np.minimum(gate, np.float32(10)), np.clip(up, -10, 10)
     want = weight * (silu_ref(g) * u)
     assert h.dtype == np.float32 and np.array_equal(h, want)
-    assert differs(want, weight * (nx.silu(g) * u))                  # NumPy's float32 x·sigmoid(x)
+    assert differs(want, weight * (nx.silu(g, prec="float32") * u))                  # NumPy's float32 x·sigmoid(x)
 
 
 def test_router_softplus_one_op_and_exact_sum():
@@ -818,7 +816,7 @@ def test_router_softplus_one_op_and_exact_sum():
     e = TINY.n_routed_experts
     gate = GateWeights(weight=bf16_values(rng, (e, TINY.dim), 0.1), bias=np.zeros(e, np.float32), tid2eid=None)
     x = bf16_values(rng, (256, TINY.dim), 2.0)
-    weights, ids = route(x, np.arange(256), gate, TINY.replace(n_activated_experts=6), M)
+    weights, ids = route(x, np.arange(256), 0, gate, TINY.replace(n_activated_experts=6).layer(3), RunContext(TINY.replace(n_activated_experts=6), M))
     z = f32r(exact_rows(x, gate.weight))
 
     def ref(softplus, total):
@@ -827,7 +825,7 @@ def test_router_softplus_one_op_and_exact_sum():
     exact = lambda s: sum_ref(s, -1, keepdims=True)                  # noqa: E731
     want = ref(softplus_ref, exact)
     assert np.array_equal(weights, want)
-    assert differs(want, ref(nx.softplus, exact))                    # NumPy's float32 softplus
+    assert differs(want, ref(lambda v: nx.softplus(v, "float32"), exact))   # NumPy's float32 softplus
     assert differs(want, ref(softplus_ref, lambda s: fp32_sum(s, -1, keepdims=True)))
 
 
@@ -837,10 +835,10 @@ def test_top_k_ties_lower_index_in_router_and_indexer():
     w = np.zeros((e, TINY.dim), np.float32)
     bias = np.zeros(e, np.float32)
     bias[[2, 5, 6]] = 1.0                                            # a three-way tie for 2 slots
-    _, ids = route(np.ones((1, TINY.dim), np.float32), np.zeros(1, int), GateWeights(w, bias, None), TINY, M)
+    _, ids = route(np.ones((1, TINY.dim), np.float32), np.zeros(1, int), 0, GateWeights(w, bias, None), TINY.layer(3), RunContext(TINY, M))
     assert ids.tolist() == [[2, 5]]
     bias[[1, 7]] = 2.0
-    _, ids = route(np.ones((1, TINY.dim), np.float32), np.zeros(1, int), GateWeights(w, bias, None), TINY, M)
+    _, ids = route(np.ones((1, TINY.dim), np.float32), np.zeros(1, int), 0, GateWeights(w, bias, None), TINY.layer(3), RunContext(TINY, M))
     assert ids.tolist() == [[1, 7]]
     q = np.zeros((16, 128), np.float32)
     q[:, 0] = 1.0

@@ -18,6 +18,7 @@ than silently testing nothing).
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 import re
@@ -112,7 +113,7 @@ def _missing_yarn(mp):
 def _unrotated_compressed_keys(mp):
     # the main compressor's entries never RoPE'd (the indexer's keys still are)
     f = mutated(compressor_mod.compress,
-                [("e = apply_rope(e, layer_rope_table(positions, cfg, layer, prec), prec)", "pass")])
+                [("e = apply_rope(e, layer_rope_table(positions, ctx.cfg, layer.id, prec), prec)", "pass")])
     mp.setattr(attention_mod, "compress", f)
 
 
@@ -134,16 +135,16 @@ def _overlap_lost_in_decode(mp):
     # completed in decode pools only its own block's m positions (as if it had no previous block)
     real = compressor_mod.compress
 
-    def compress(x, start_pos, state, w, cfg, layer, prec, **kw):
-        if cfg.uses_overlap(layer) and x.shape[1] == 1 and start_pos > 0:
-            m = cfg.compress_ratio(layer)
+    def compress(x, start_pos, state, w, layer, ctx, **kw):
+        if layer.overlap and x.shape[1] == 1 and start_pos > 0:
+            m = layer.compress_ratio
             kv, score = state.kv.copy(), state.score.copy()
             kv[:, :m], score[:, :m] = 0, -np.inf                       # the empty previous half: padding
-            entries, new = real(x, start_pos, CompressorState(kv=kv, score=score), w, cfg, layer, prec, **kw)
+            entries, new = real(x, start_pos, CompressorState(kv=kv, score=score), w, layer, ctx, **kw)
             if entries.shape[1] == 0:                                  # nothing pooled: the state keeps its
                 new.kv[:, :m], new.score[:, :m] = state.kv[:, :m], state.score[:, :m]   # true previous block
             return entries, new
-        return real(x, start_pos, state, w, cfg, layer, prec, **kw)
+        return real(x, start_pos, state, w, layer, ctx, **kw)
     mp.setattr(attention_mod, "compress", compress)
     mp.setattr(indexer_mod, "compress", compress)
 
@@ -170,11 +171,12 @@ def _mscale_in_softmax_scale(mp):
     # the YaRN magnitude correction folded into the softmax scale of every compressed layer (~1.277x logits)
     real = attention_mod.attention
 
-    def attention(x, start_pos, state, w, cfg, layer, prec, revision, trace=None, layout="official"):
-        if cfg.uses_compressor(layer):
-            mscale = 0.1 * math.log(cfg.rope_factor) + 1.0
-            cfg = _ScaledConfig(cfg, cfg.softmax_scale * mscale)
-        return real(x, start_pos, state, w, cfg, layer, prec, revision, trace, layout)
+    def attention(x, start_pos, state, w, layer, ctx):
+        if layer.compress_ratio:
+            mscale = 0.1 * math.log(ctx.cfg.rope_factor) + 1.0
+            ctx = copy.copy(ctx)                                       # the run context with a scaled config view
+            object.__setattr__(ctx, "cfg", _ScaledConfig(ctx.cfg, ctx.cfg.softmax_scale * mscale))
+        return real(x, start_pos, state, w, layer, ctx)
     patch_everywhere(mp, real, attention)
 
 
@@ -186,10 +188,10 @@ def _q_norm_missing(mp):
 def _halves_rope():
     """apply_rope with the split-halves ("rotate_half") layout: pair (x[i], x[i + p/2]) instead of (x[2i], x[2i+1])."""
     return mutated(rope_mod.apply_rope, [
-        ("pairs = x[..., -2 * half:].reshape(*x.shape[:-1], half, 2).astype(inside)",
-         "pairs = np.stack([x[..., -2 * half:-half], x[..., -half:]], axis=-1).astype(inside)"),
-        ("rotated = f32(np.stack([re, im], axis=-1).reshape(*x.shape[:-1], 2 * half), prec)",
-         "rotated = f32(np.concatenate([re, im], axis=-1), prec)")])
+        ("pairs = x[..., -2 * half:].reshape(*x.shape[:-1], half, 2)",
+         "pairs = np.stack([x[..., -2 * half:-half], x[..., -half:]], axis=-1)"),
+        ("bf16(rotated.reshape(*x.shape[:-1], 2 * half), prec)",
+         "bf16(np.swapaxes(rotated, -1, -2).reshape(*x.shape[:-1], 2 * half), prec)")])
 
 
 def _rope_halves(mp):

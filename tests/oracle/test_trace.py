@@ -3,7 +3,10 @@ import numpy as np
 import pytest
 
 from refimpl.config import Config
-from refimpl.oracle.trace import NonFiniteError, Trace, check_finite, record, run_trace, site_names
+from refimpl.config import Config
+from refimpl.context import RunContext
+from refimpl.oracle.trace import Trace, run_trace
+from refimpl.sites import NonFiniteError, check_finite, record, site_names
 
 TINY = Config.tiny()
 EXACT = ("float64", "mirror")          # chunking-invariant modes (mirror: canonical layout): bit-identical sites
@@ -15,7 +18,7 @@ def test_check_finite_names_the_site_layer_and_first_index():
     x[0, 3, 0] = -np.inf
     with pytest.raises(NonFiniteError, match=r"site 'layers\.3\.attn\.out' \(layer 3\): 1 NaN, 1 Inf of 12, "
                                              r"the first at index \(0, 2, 1\)"):
-        record(None, "layers.3.attn.out", x)              # checked even when nothing is recorded
+        record(RunContext(Config.tiny(), "float64"), "layers.3.attn.out", x)   # checked even when nothing is recorded
     check_finite("layers.3.ffn.expert_ids", np.full((1, 2), -1, np.int32))   # integer sites: nothing to check
 
 

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from refimpl.formats.config_file import read_config
 import refimpl.synthetic.writer as synthetic
 from refimpl.formats.checkpoint import CheckpointError, TensorSource
 from refimpl.config import Config, ConfigError
@@ -43,7 +44,7 @@ def test_tiny_checkpoint_files(tiny_ckpt):
 
 
 def test_tiny_checkpoint_validates_and_round_trips_config(tiny_ckpt):
-    cfg = Config.from_checkpoint(tiny_ckpt)
+    cfg = read_config(tiny_ckpt)
     assert cfg == TINY
     check_checkpoint(TensorSource(tiny_ckpt), cfg)
     assert json.loads((tiny_ckpt / "config.json").read_text()) == TINY.to_hf_dict()
@@ -83,8 +84,8 @@ def test_layers_and_experts_overrides(tmp_path, layers, experts):
     assert cfg.n_hash_layers == min(TINY.n_hash_layers, n)
     assert cfg.n_routed_experts == (experts or TINY.n_routed_experts)
     assert cfg.n_activated_experts == min(TINY.n_activated_experts, cfg.n_routed_experts)
-    assert Config.from_checkpoint(out) == cfg
-    check_checkpoint(TensorSource(out), Config.from_checkpoint(out))
+    assert read_config(out) == cfg
+    check_checkpoint(TensorSource(out), read_config(out))
 
 
 def test_shrink_rejects_out_of_range():
@@ -167,7 +168,7 @@ def test_refuses_a_non_empty_output(tiny_ckpt, tmp_path):
         make_checkpoint(TINY, tmp_path / "busy", overwrite=True, layers=1, experts=2)
     make_checkpoint(TINY, tmp_path / "ck", layers=2, experts=2)
     make_checkpoint(TINY, tmp_path / "ck", overwrite=True, layers=1, experts=2)
-    assert Config.from_checkpoint(tmp_path / "ck").n_layers == 1
+    assert read_config(tmp_path / "ck").n_layers == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "ck"]       # old copy and temporaries gone
 
 

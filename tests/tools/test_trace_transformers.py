@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from refimpl.formats.config_file import read_config
 from refimpl.config import Config, ConfigError
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "trace_transformers.py"
@@ -157,7 +158,7 @@ def trace_both(ckpt, cfg, ids):
 
 def test_transformers_matches_refimpl_float32_on_tiny(peers, tiny):
     """70 tokens cross the window (32), the first HCA entries (16) and the indexer's top-k (16 of 17)."""
-    cfg = Config.from_checkpoint(tiny)
+    cfg = read_config(tiny)
     ids = np.random.default_rng(7).integers(2, cfg.vocab_size, 70)
     bad, peer, ref = trace_both(tiny, cfg, ids)
     assert bad == []                                                    # every weight exactly as the format defines it
