@@ -61,12 +61,64 @@ def test_find_cycle_finds_one():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_model_math_reads_no_files():
-    # the components import NumPy and each other, never the formats, the oracle tools or the CLI
+# The floors of the package, lowest first (the README's map). A module imports only from its own floor
+# or below, at top level or inside a function; one floor's modules import each other without a cycle.
+# ops.py names the kernel modules as "module:function" strings and imports one only when a selection
+# asks for it: a registry looked up by name, not an import (tests/test_ops.py).
+FLOORS = (
+    ("refimpl._version", "refimpl.numerics", "refimpl.ops", "refimpl.config"),
+    ("refimpl.sites", "refimpl.context"),
+    ("refimpl.model",),
+    ("refimpl.kernels", "refimpl.cuda"),
+    ("refimpl.formats",),
+    ("refimpl.synthetic", "refimpl.generate"),
+    ("refimpl.oracle",),
+    ("refimpl.cli", "refimpl"),
+)
+
+
+def floor_of(module: str) -> int:
+    best = None
+    for i, names in enumerate(FLOORS):
+        for prefix in names:
+            if module == prefix or module.startswith(prefix + "."):
+                if best is None or len(prefix) > best[1]:
+                    best = (i, len(prefix))
+    assert best is not None, f"{module} is on no floor of FLOORS; add it"
+    return best[0]
+
+
+def test_every_import_points_to_the_same_floor_or_below():
+    graph = import_graph()
+    upward = [f"{m} (floor {floor_of(m)}) imports {d} (floor {floor_of(d)})"
+              for m, deps in sorted(graph.items()) for d in sorted(deps) if floor_of(d) > floor_of(m)]
+    assert not upward, "\n".join(upward)
+
+
+def test_the_floor_check_finds_an_upward_import():
+    assert floor_of("refimpl.model.attention") < floor_of("refimpl.oracle.trace")
+    assert floor_of("refimpl.sites") < floor_of("refimpl.model.block") < floor_of("refimpl.formats.weights")
+    assert floor_of("refimpl") == floor_of("refimpl.cli.main")
+
+
+def test_the_spec_imports_only_numpy_the_ground_floor_and_itself():
+    # the components import NumPy, the floors below and each other, never the formats, the oracle tools or the CLI
     graph = import_graph()
     for name, deps in graph.items():
         if name.startswith("refimpl.model"):
-            assert not {d for d in deps if d.startswith(("refimpl.formats", "refimpl.cli", "refimpl.synthetic"))}, name
+            assert all(floor_of(d) <= floor_of(name) for d in deps), (name, deps)
+            assert not {d for d in deps if d.startswith(("refimpl.formats", "refimpl.oracle", "refimpl.cli",
+                                                         "refimpl.synthetic", "refimpl.kernels"))}, name
+
+
+def test_readme_map_names_the_floors_in_order():
+    readme = (PKG.parent / "README.md").read_text()
+    section = readme.split("## Map", 1)[1].split("\n## ", 1)[0] if "## Map" in readme else \
+        readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    order = [section.find(name) for name in ("numerics.py", "sites.py", "model/", "kernels/", "formats/", "oracle/",
+                                             "cli/")]
+    assert all(i >= 0 for i in order), order
+    assert order == sorted(order), "the README's map lists the floors out of order"
 
 
 def test_readme_reading_order_names_real_modules():
