@@ -279,12 +279,12 @@ class OpCapture:
             return record
 
         ops.Kernels.impl = impl
-        self.model.kernels = capture_sel
+        self.model.ctx = dataclasses.replace(self.model.ctx, kernels=capture_sel)   # the run context is frozen
         try:
             yield
         finally:
             ops.Kernels.impl = orig_impl
-            self.model.kernels = sel
+            self.model.ctx = dataclasses.replace(self.model.ctx, kernels=sel)
 
     def time_ops(self, repeats: int, spec_repeats: int | None = None) -> dict[str, dict]:
         """Per operation: spec and kernel time over the recorded calls (each call best of repeats)."""

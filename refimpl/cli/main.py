@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compare trace A (candidate) with trace B (reference) in data-flow order. "
                                    "Exit 0 within the profile's tolerance, 1 out of tolerance or traces that "
                                    "cannot be compared (different tokens, config or chunking; a shape mismatch), "
-                                   "2 usage. Profiles: refimpl/oracle/profiles.toml (README: Comparing traces).")
+                                   "2 usage. Profiles: refimpl/oracle/profiles.toml (docs/compare.md).")
     q.add_argument("a", help="trace A (the implementation under test)")
     q.add_argument("b", help="trace B (the reference; relative errors divide by its values)")
     q.add_argument("--profile", default="auto",

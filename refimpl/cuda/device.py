@@ -120,7 +120,7 @@ def bf16(x):
 
 @device_function
 def rnd(x, fp32):
-    """A value computed exactly (float64) rounded once to fp32 when fp32 (numerics.f32 / _mirror_op)."""
+    """A value computed exactly (float64) rounded once to fp32 when fp32 (numerics.rounded_once)."""
     if fp32:
         return np.float64(np.float32(x))
     return x

@@ -16,7 +16,7 @@ Reading (`read_bytes`, `read_text`, `read_json`): at most `limit` bytes are ever
 wrong file (a 2.6 GB shard given as a config, /dev/zero as a chat) fails at once with bounded
 memory; a folder, a missing file, text that is not UTF-8 and JSON nested more than
 MAX_JSON_DEPTH levels are each one line naming the file. The limits of each input are named
-beside the code that reads it (README "Files and exit codes").
+beside the code that reads it (docs/usage.md, "Files").
 """
 from __future__ import annotations
 

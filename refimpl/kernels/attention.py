@@ -30,7 +30,7 @@ import math
 import numba
 import numpy as np
 
-from refimpl.kernels.rounding import bf16_f32, exp_f32, pairwise_sum
+from refimpl.kernels.rounding import bf16_f32, exp_f32, pairwise_sum, rounded_once_f32
 from refimpl.kernels.threads import serial_below
 from refimpl.numerics import SPARSE_ATTN_BLOCK, check_precision, work_dtype
 
@@ -96,17 +96,17 @@ def _mirror_task(q, kv, sink, idx, scale32, bi, si, h0, h1, store_bf16, out):
             _scores(q, bi, si, hh, kvT, nb, s64)
             m_new = m[t]
             for jj in range(nb):
-                sc = np.float32(np.float32(s64[jj]) * scale32)   # fp32(q·kv) * scale (fp32 op)
+                sc = np.float32(rounded_once_f32(s64[jj]) * scale32)   # fp32(q·kv) * scale (fp32 op)
                 s64[jj] = sc
                 if sc > m_new:
                     m_new = sc                                 # reduce_max into the running max
             r = exp_f32(np.float32(m[t] - m_new))              # scores_scale; exp(-inf) = 0 in block 0
             for jj in range(nb):
-                p = exp_f32(np.float32(np.float32(s64[jj]) - m_new))
+                p = exp_f32(np.float32(rounded_once_f32(s64[jj]) - m_new))
                 s64[jj] = np.float64(p)
                 pb[jj] = np.float64(bf16_f32(p))               # P cast to bf16 for the P·V gemm
             bsum = pairwise_sum(s64, 0, nb)                    # scores_sum: float64 in NumPy's order, rounded once
-            den[t] = np.float32(den[t] * r) + np.float32(bsum)   # sum_exp = sum_exp * scale + scores_sum
+            den[t] = np.float32(den[t] * r) + rounded_once_f32(bsum)   # sum_exp = sum_exp * scale + scores_sum
             for c in range(d):
                 pv[c] = 0.0
             for jj in range(nb):
@@ -115,7 +115,7 @@ def _mirror_task(q, kv, sink, idx, scale32, bi, si, h0, h1, store_bf16, out):
                 for c in range(d):
                     pv[c] += pj * row[c]
             for c in range(d):
-                acc[t, c] = np.float32(acc[t, c] * r) + np.float32(pv[c])   # acc_o *= scale; += gemm
+                acc[t, c] = np.float32(acc[t, c] * r) + rounded_once_f32(pv[c])   # acc_o *= scale; += gemm
             m[t] = m_new
     for t in range(nh):
         hh = h0 + t

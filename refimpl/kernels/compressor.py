@@ -16,6 +16,7 @@ import math
 import numba
 import numpy as np
 
+from refimpl.kernels.rounding import rounded_once_f32
 from refimpl.kernels.threads import serial_below
 from refimpl.numerics import check_precision, work_dtype
 
@@ -39,7 +40,7 @@ def _gated_pool(kv, score, mirror, out):
             acc = 0.0
             for t in range(P):
                 if mirror:
-                    p = np.float32(e[t] / tot)                              # softmax: one op, one rounding
+                    p = rounded_once_f32(e[t] / tot)                              # softmax: one op, one rounding
                     acc += np.float64(np.float32(np.float32(kv[bi, ei, t, ch]) * p))   # kv * p in fp32
                 else:
                     acc += np.float64(kv[bi, ei, t, ch]) * (e[t] / tot)

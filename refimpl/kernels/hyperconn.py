@@ -17,6 +17,7 @@ import math
 import numba
 import numpy as np
 
+from refimpl.kernels.rounding import rounded_once_f32
 from refimpl.kernels.threads import serial_below
 from refimpl.numerics import check_precision, work_dtype
 
@@ -36,7 +37,7 @@ def _mirror_normalize_rows(c, eps32):
         tot = 0.0
         for k in range(n):
             tot += np.float64(c[j, k])
-        den = np.float32(tot) + eps32
+        den = rounded_once_f32(tot) + eps32
         for k in range(n):
             c[j, k] = np.float32(c[j, k] / den)
 
@@ -59,9 +60,9 @@ def _mirror_row(mx, scale, base, n, iters, eps, pre, post, comb, r):
     eps32 = np.float32(eps)
     for j in range(n):
         v = np.float32(np.float32(np.float32(mx[r, j]) * scale[0]) + base[j])
-        pre[r, j] = np.float32(_sigmoid64(np.float64(v))) + eps32
+        pre[r, j] = rounded_once_f32(_sigmoid64(np.float64(v))) + eps32
         v = np.float32(np.float32(np.float32(mx[r, n + j]) * scale[1]) + base[n + j])
-        post[r, j] = np.float32(2.0) * np.float32(_sigmoid64(np.float64(v)))
+        post[r, j] = np.float32(2.0) * rounded_once_f32(_sigmoid64(np.float64(v)))
     c = np.empty((n, n), np.float32)
     for j in range(n):
         for k in range(n):
@@ -73,9 +74,9 @@ def _mirror_row(mx, scale, base, n, iters, eps, pre, post, comb, r):
                 m = c[j, k]
         tot = 0.0
         for k in range(n):
-            c[j, k] = np.float32(math.exp(np.float64(np.float32(c[j, k] - m))))
+            c[j, k] = rounded_once_f32(math.exp(np.float64(np.float32(c[j, k] - m))))
             tot += np.float64(c[j, k])
-        tot32 = np.float32(tot)
+        tot32 = rounded_once_f32(tot)
         for k in range(n):
             c[j, k] = np.float32(c[j, k] / tot32) + eps32
     for it in range(iters):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from refimpl.kernels.rounding import bf16_f32
+from refimpl.kernels.rounding import bf16_f32, rounded_once_f32
 from refimpl.kernels.threads import serial_below
 from refimpl.numerics import check_precision, top_k, work_dtype
 
@@ -44,7 +44,7 @@ def _score_tile(q, kt, w, bi, si, lo, hi, mirror, out):
         if mirror:
             wh = np.float32(w[bi, si, hh])
             for e in range(nt):
-                qk = bf16_f32(np.float32(dot[e]))             # bf16 einsum output (fp32 accumulator)
+                qk = bf16_f32(rounded_once_f32(dot[e]))             # bf16 einsum output (fp32 accumulator)
                 if qk <= 0:
                     qk = np.float32(0.0)                      # relu_
                 tot[e] += np.float64(bf16_f32(np.float32(qk * wh)))   # * weights (bf16 op)
@@ -57,7 +57,7 @@ def _score_tile(q, kt, w, bi, si, lo, hi, mirror, out):
                 tot[e] += v * wh64
     for e in range(nt):
         if mirror:
-            out[bi, si, lo + e] = bf16_f32(np.float32(tot[e]))   # .sum over heads: exact, fp32, bf16
+            out[bi, si, lo + e] = bf16_f32(rounded_once_f32(tot[e]))   # .sum over heads: exact, fp32, bf16
         else:
             out[bi, si, lo + e] = tot[e]
 

@@ -15,7 +15,7 @@ import math
 import numba
 import numpy as np
 
-from refimpl.kernels.rounding import bf16_f32, pairwise_sum
+from refimpl.kernels.rounding import bf16_f32, pairwise_sum, rounded_once_f32
 from refimpl.kernels.threads import serial_below
 from refimpl.numerics import check_precision, work_dtype
 
@@ -29,8 +29,8 @@ def _rms_norm(x, w, eps, mirror, out):
             for i in range(c):
                 xi = np.float32(x[r, i])
                 sq[i] = np.float64(np.float32(xi * xi))          # x.square() in fp32
-            var = np.float32(pairwise_sum(sq, 0, c) / c)          # .mean(-1): exact-ish float64, one rounding
-            rs = np.float32(1.0 / math.sqrt(np.float64(np.float32(var + np.float32(eps)))))   # torch.rsqrt: one op
+            var = rounded_once_f32(pairwise_sum(sq, 0, c) / c)          # .mean(-1): exact-ish float64, one rounding
+            rs = rounded_once_f32(1.0 / math.sqrt(np.float64(np.float32(var + np.float32(eps)))))   # torch.rsqrt: one op
             for i in range(c):
                 y = np.float32(np.float32(x[r, i]) * rs)
                 out[r, i] = bf16_f32(np.float32(np.float32(w[i]) * y))   # weight * y, .to(bf16)
@@ -72,9 +72,9 @@ def _head_rms_norm(q, eps, mirror, out):
             for i in range(d):
                 qi = np.float32(q[r, i])
                 sq[i] = np.float64(bf16_f32(np.float32(qi * qi)))         # q.square() (bf16)
-            mean = bf16_f32(np.float32(pairwise_sum(sq, 0, d) / d))       # .mean(-1): exact, fp32, bf16
+            mean = bf16_f32(rounded_once_f32(pairwise_sum(sq, 0, d) / d))       # .mean(-1): exact, fp32, bf16
             v = bf16_f32(np.float32(mean + eps32))                        # + eps (bf16)
-            rs = bf16_f32(np.float32(1.0 / math.sqrt(np.float64(v))))    # torch.rsqrt (bf16), one rounding
+            rs = bf16_f32(rounded_once_f32(1.0 / math.sqrt(np.float64(v))))    # torch.rsqrt (bf16), one rounding
             for i in range(d):
                 out[r, i] = bf16_f32(np.float32(np.float32(q[r, i]) * rs))   # q *= ... (bf16)
         else:

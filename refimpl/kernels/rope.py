@@ -13,7 +13,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from refimpl.kernels.rounding import bf16_f32
+from refimpl.kernels.rounding import bf16_f32, rounded_once_f32
 from refimpl.kernels.threads import serial_below
 from refimpl.numerics import check_precision, work_dtype
 
@@ -36,8 +36,8 @@ def _apply_rope(x, cos, sin, sign, mirror, out):
                     a64, b64 = np.float64(a), np.float64(bb)
                     re = a64 * c - b64 * sn
                     im = a64 * sn + b64 * c
-                    out[bi, si, hh, first + 2 * i] = bf16_f32(np.float32(re))
-                    out[bi, si, hh, first + 2 * i + 1] = bf16_f32(np.float32(im))
+                    out[bi, si, hh, first + 2 * i] = bf16_f32(rounded_once_f32(re))
+                    out[bi, si, hh, first + 2 * i + 1] = bf16_f32(rounded_once_f32(im))
                 else:
                     out[bi, si, hh, first + 2 * i] = a * c - bb * sn
                     out[bi, si, hh, first + 2 * i + 1] = a * sn + bb * c

@@ -1,8 +1,10 @@
 """Scalar roundings of the precision modes for Numba kernels (refimpl/numerics.py is the spec).
 
-    bf16_f32(x)   fp32 -> bf16 (RNE), returned as fp32: numerics.round_bf16 of one fp32 value
-    exp_f32(x)    numerics.exp(x, "mirror") of one fp32 value: float64 exp, rounded once to fp32
-    pairwise_sum  a float64 sum in NumPy's pairwise order (np.sum along a contiguous last axis)
+    rounded_once_f32(x)  a float64 value computed exactly (a product, a sum, an elementary function) rounded
+                         once to fp32: numerics.rounded_once in mirror, for one value
+    bf16_f32(x)          fp32 -> bf16 (RNE), returned as fp32: numerics.round_bf16 of one fp32 value
+    exp_f32(x)           numerics.exp(x, "mirror") of one fp32 value: float64 exp, rounded once to fp32
+    pairwise_sum         a float64 sum in NumPy's pairwise order (np.sum along a contiguous last axis)
 
 Every njit here is cache=True and without fastmath. Numba types uint32 + uint32 as uint64 and
 mixed signed/unsigned arithmetic as float64, so every integer step below is written with
@@ -22,6 +24,12 @@ _HIGH16 = np.uint32(0xFFFF0000)
 
 
 @numba.njit(cache=True, inline="always")
+def rounded_once_f32(x):
+    """A float64 value, computed exactly inside one official operation, rounded once to fp32 (RNE)."""
+    return np.float32(x)
+
+
+@numba.njit(cache=True, inline="always")
 def bf16_f32(x):
     """One fp32 value rounded to bf16 (round to nearest, ties to even), as fp32; NaN stays NaN.
 
@@ -38,7 +46,7 @@ def bf16_f32(x):
 @numba.njit(cache=True, inline="always")
 def exp_f32(x):
     """exp of an fp32 value as one official op in mirror: float64 exp, rounded once to fp32."""
-    return np.float32(math.exp(np.float64(x)))
+    return rounded_once_f32(math.exp(np.float64(x)))
 
 
 _PW_BLOCK = 128    # NumPy's PW_BLOCKSIZE

@@ -11,8 +11,8 @@ Entry i (block i = tokens m·i .. m·i+m-1) is made when its last token arrives:
 Then   e = rms_norm(bf16(e)) ; RoPE on the last p dims at position m·i (the block's FIRST token)
        indexer (rotate):  e = FP4-QDQ(Hadamard(e))        main:  FP8-QDQ of the non-rope dims (block 64)
 The softmax is per channel over positions; everything before the bf16 cast is fp32. In mirror the
-softmax is one op (exact, rounded once to fp32), the products kv·p round to fp32, and the sum over
-the pool is exact and rounded once (numerics.reduce_sum).
+softmax and the sum over the pool are each one official op (numerics.rounded_once); the products
+kv·p are fp32 ops.
 
 State (decode and chunked prefill): the official fp32 buffers (M:L301-304), [b, o·m, o·d]:
 rows 0..m-1 hold the previous complete block (overlap only), the next m rows the tokens of the

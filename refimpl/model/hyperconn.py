@@ -11,9 +11,9 @@
 comb[j, k] is the weight of old stream j in new stream k. Sinkhorn: a row softmax + eps, one
 column normalisation, then (iters - 1) times (row, column); every denominator has + eps, so the
 columns sum to 1 within eps and the rows approach 1 as iterations grow. pre is not normalised.
-Rounding (mirror): every fp32 op of the official code rounds once; the sums (the mean inside ρ,
-every Sinkhorn row and column sum, the sums over streams) are exact and rounded once, and
-sigmoid, exp and rsqrt are single correctly rounded ops (numerics.reduce_sum etc.).
+Rounding (mirror): the sums (the mean inside ρ, every Sinkhorn row and column sum, the sums over
+streams), sigmoid, exp and rsqrt are each one official op (numerics.rounded_once); the rest are
+fp32 ops.
 Official: model.py Block.hc_pre / hc_post (M:L674-687), ParallelHead.hc_head (M:L729-736),
 kernel.py hc_split_sinkhorn_kernel (K:L371-438).
 """

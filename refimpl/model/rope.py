@@ -11,10 +11,10 @@ Pair layout: INTERLEAVED (adjacent pairs). On the last p dims of a vector, the p
 
 Per layer: ratio-0 layers use rope_theta without YaRN, compressed layers compress_rope_theta with
 YaRN (Config.rope_base / rope_original_seq_len). The table is computed for the positions asked
-for, so there is no max_seq_len limit here. Rounding (mirror): every official fp32 op of the
-table rounds once (the power base^(2i/p) is one correctly rounded op; cos/sin of the fp32 angle are
-correctly rounded in every mode), and the complex product (a + ib)(cos + i·sin) is one op: exact,
-rounded once to fp32, then to bf16 when written back into the bf16 tensor.
+for, so there is no max_seq_len limit here. Rounding (mirror): the power base^(2i/p) and
+the complex product (a + ib)(cos + i·sin) are each one official op (numerics.rounded_once), the
+product then rounded to bf16 when written back into the bf16 tensor; cos/sin of the fp32 angle are
+correctly rounded in every mode.
 Official: model.py precompute_freqs_cis (M:L199-229), apply_rotary_emb (M:L232-244).
 """
 from __future__ import annotations

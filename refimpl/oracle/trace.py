@@ -94,7 +94,7 @@ def run_trace(model, tokens, *, patterns: tuple[str, ...] = ("*",), chunks: list
     unmatched = [p for p in trace.patterns if not any(fnmatch.fnmatchcase(n, p) for n in known)]
     if unmatched:                                             # a typo would silently trace nothing
         raise ValueError(f"trace pattern(s) {unmatched} match no site of this model (e.g. 'layers.0.attn.q', "
-                         f"'layers.*.out', 'logits'; the README lists them)")
+                         f"'layers.*.out', 'logits'; docs/trace-format.md lists them)")
     if decode_from is not None:
         if chunks is not None:
             raise ValueError("a trace is either chunked or a decode trace: give chunks or decode_from, not both")

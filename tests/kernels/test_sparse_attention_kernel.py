@@ -23,7 +23,6 @@ from refimpl.kernels.attention import sparse_attention as kernel
 from refimpl.model.attention import sparse_attention
 
 spec = sparse_attention.spec
-BOUNDARY = {"elements": 0, "differing": 0}          # mirror elements compared / differing by one ulp
 
 
 def bf16(x):
@@ -52,8 +51,6 @@ def compare(q, kv, sink, idx, scale, prec):
     assert got.dtype == want.dtype == dt and got.shape == want.shape
     if prec == "mirror":
         diff = want != got
-        BOUNDARY["elements"] += want.size
-        BOUNDARY["differing"] += int(diff.sum())
         # q, kv and the bf16 probabilities hold bf16 values, so every dot product here is exact in
         # float64 and the block sums are taken in the spec's order: no boundary case can arise,
         # the kernel must give the spec's bits
@@ -88,14 +85,11 @@ def test_decode_layout_long_window_several_blocks(prec):
     compare(q, kv, sink, idx, 0.125, prec)
 
 
-def test_mirror_boundary_cases_are_rare():
-    """Runs after the Hypothesis tests in this file: reports how often mirror differed (zero so far)."""
-    # Flash's head_dim and softmax scale (not a power of two), a running max that rises block by
-    # block (spread): a lost fp32 rounding of a score or of the rescaled accumulator shows here
+def test_mirror_flash_head_dim_and_a_rising_max_give_the_spec_bits():
+    """Flash's head_dim and softmax scale (not a power of two), a running max that rises block by
+    block (spread): a lost fp32 rounding of a score or of the rescaled accumulator shows here."""
     q, kv, sink, idx = make_case(11, 2, 16, 8, 128, 500, 260, 0.2, spread=8.0)
     compare(q, kv, sink, idx, 0.0883883, "mirror")
-    print(f"mirror boundary cases: {BOUNDARY['differing']} of {BOUNDARY['elements']} elements")
-    assert BOUNDARY["differing"] <= BOUNDARY["elements"] * 1e-4
 
 
 def test_bad_input_is_refused_as_the_spec_does():

@@ -77,7 +77,7 @@ def test_run_trace_refuses_bad_chunks_and_tokens(tiny_model):
 
 @pytest.mark.parametrize("chunks", [None, [7, 13]])
 def test_a_full_trace_records_exactly_the_listed_sites_in_order(tiny_model, chunks):
-    """site_names (the README table expanded for a config) is what a forward pass records, in its order."""
+    """site_names (the site list of docs/trace-format.md expanded for a config) is what a forward pass records, in its order."""
     model = tiny_model("float64")
     t = run_trace(model, list(range(20)), chunks=chunks)
     assert list(t.tensors) == site_names(TINY)
