@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from refimpl import numerics as nx
+from helpers import bf16_values, ulp_e2m1, ulp_e4m3
 
 pytestmark = pytest.mark.filterwarnings("error")       # no overflow / invalid-value warnings anywhere
 
@@ -21,23 +22,6 @@ def same_floats(a, b):
     ok = ~np.isnan(a)
     assert np.array_equal(a[ok], b[ok])
     assert np.array_equal(np.signbit(a[ok]), np.signbit(b[ok]))
-
-
-def ulp_e4m3(v):
-    """Spacing of the e4m3 grid at |v| (subnormal spacing 2^-9 below 2^-6)."""
-    _, e = np.frexp(np.abs(v))
-    return np.ldexp(1.0, np.maximum(e - 1, -6) - 3)
-
-
-def ulp_e2m1(v):
-    """Spacing of the e2m1 grid at |v| (0.5 below 2)."""
-    _, e = np.frexp(np.abs(v))
-    return np.ldexp(1.0, np.maximum(e - 1, 0) - 1)
-
-
-def bf16_values(rng, shape, scale=1.0):
-    """Random float32 arrays holding bf16 values (what mirror-mode activations are)."""
-    return nx.round_bf16(rng.standard_normal(shape) * scale)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,17 +16,13 @@ to bf16, a fused multiply-add in the rescale, an fp32 block sum), so that removi
 """
 import math
 
-import ml_dtypes
 import numpy as np
 import pytest
 
+from helpers import bf16
 from refimpl.model.attention import sparse_attention, sparse_attn_query
 
 F32 = np.float32
-
-
-def bf16(x):
-    return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
 def kernel_ref(q, kv, sink, idx, scale, *, block=64, round_p=True, fma_sum=False, fma_acc=False,

@@ -7,18 +7,7 @@ from hypothesis import strategies as st
 
 from refimpl import numerics as nx
 from refimpl.synthetic.quantize import quant_fp4_weight, quant_fp8_weight
-
-
-def ulp_e4m3(v):
-    """Spacing of the e4m3 grid at |v| (subnormal spacing 2^-9 below 2^-6)."""
-    _, e = np.frexp(np.abs(v))
-    return np.ldexp(1.0, np.maximum(e - 1, -6) - 3)
-
-
-def ulp_e2m1(v):
-    """Spacing of the e2m1 grid at |v| (0.5 below 2)."""
-    _, e = np.frexp(np.abs(v))
-    return np.ldexp(1.0, np.maximum(e - 1, 0) - 1)
+from helpers import ulp_e2m1, ulp_e4m3
 
 
 def _block_scales_fp8(scale, n, k):
