@@ -61,8 +61,10 @@ class RunContext:
             object.__setattr__(self, "layers", tuple(self.cfg.layer(i) for i in range(n)))
 
     def running(self, trace=None) -> "RunContext":
-        """This context for one call: recording into `trace` (a sites.Recording), with the replay it carries."""
-        return dataclasses.replace(self, trace=trace, replay=getattr(trace, "replay", None))
+        """This context for one call: recording into `trace` (a sites.Recording), with the replay it carries
+        (as it applies to this config: oracle/replay.py Replay.applied_to)."""
+        replay = getattr(trace, "replay", None)
+        return dataclasses.replace(self, trace=trace, replay=None if replay is None else replay.applied_to(self.cfg))
 
     @property
     def dtype(self) -> type:

@@ -183,16 +183,17 @@ def cmd_trace(a) -> int:
     replay = None
     if a.replay:
         from refimpl.oracle.replay import Replay
-        replay = Replay.load(a.replay, weights=a.replay_weights)
-    elif a.replay_weights:
-        raise ValueError("--replay-weights needs --replay TRACE")
+        replay = Replay.load(a.replay, weights=a.replay_weights, hash_layers=a.replay_hash_ids)
+    elif a.replay_weights or a.replay_hash_ids:
+        raise ValueError(f"{'--replay-weights' if a.replay_weights else '--replay-hash-ids'} needs --replay TRACE")
     model = _load(a)
     patterns = tuple(a.sites.split(",")) + ("logits",) if a.sites else ("*",)   # logits always
     t0 = time.perf_counter()
     trace = run_trace(model, ids, patterns=patterns, chunks=a.chunks, decode_from=a.decode_from, replay=replay)
     trace.save(a.out)
+    from refimpl.oracle.compare import describe_replay
     how = (f", prefill {a.decode_from} + {len(ids) - a.decode_from} decode steps" if a.decode_from else "") + \
-          (f", replaying {a.replay}" if replay else "")
+          (f", replayed {describe_replay(trace.metadata['replay'])}" if replay else "")
     print(f"wrote {a.out}: {len(trace.tensors)} sites, {len(ids)} tokens, precision {model.precision}{how} "
           f"({time.perf_counter() - t0:.2f} s)")
     return 0
@@ -356,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--replay", default=None, metavar="TRACE",
                    help="force expert ids and indexer top-k sets from this trace (docs/replay.md)")
     q.add_argument("--replay-weights", action="store_true", help="with --replay: force the expert weights too")
+    q.add_argument("--replay-hash-ids", action="store_true",
+                   help="with --replay: force the hash layers' expert ids too (by default their tid2eid table is tested)")
     q.add_argument("--out", required=True)
     q.set_defaults(func=cmd_trace)
 

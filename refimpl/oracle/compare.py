@@ -705,7 +705,7 @@ def _by_expert_id(weights: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 def _describe(t: TraceFile) -> dict:
-    keys = ("precision", "implementation", "revision", "config_id", "chunks")
+    keys = ("precision", "implementation", "revision", "config_id", "chunks", "replay")
     return {"path": t.path, **{k: t.meta[k] for k in keys if k in t.meta}, "tokens": len(t.meta["tokens"])}
 
 
@@ -752,6 +752,14 @@ def _g(x, digits=2) -> str:
     return f"{x:.{digits}e}" if abs(x) < 1e-3 or abs(x) >= 1e4 else f"{x:.{digits + 2}g}"
 
 
+def describe_replay(replay: dict) -> str:
+    """One line of what a trace's run forced (its metadata `replay`, oracle/replay.py Replay.summary)."""
+    parts = [f"{what} of layers {replay[key]}" for key, what in (("expert_ids", "expert ids"),
+             ("expert_weights", "expert weights"), ("topk", "indexer top-k")) if replay.get(key)]
+    hash_ids = "; hash layers' ids included" if replay.get("hash_layers") else ""
+    return f"{', '.join(parts) or 'nothing'} from {replay.get('source', '?')}{hash_ids}"
+
+
 def format_report(r: Report) -> str:
     """The readable report: header, one row per site, the first site out of tolerance and its hints."""
     lines = [f"FAILED: {r.missing}"] if r.missing else []
@@ -759,6 +767,8 @@ def format_report(r: Report) -> str:
              f"B: {r.b['path']}  ({r.b['precision']}{', ' + r.b['implementation'] if 'implementation' in r.b else ''})"
              f"  reference",
              f"{r.a['tokens']} tokens, chunks {r.a.get('chunks')}; profile {r.profile}"]
+    lines += [f"{which} replayed {describe_replay(t['replay'])}" for which, t in (("A", r.a), ("B", r.b))
+              if isinstance(t.get("replay"), dict)]
     lines += [f"note: {n}" for n in r.notes]
     head = f"{'site':34} {'max abs':>9} {'max rel':>9} {'rms rel':>9} {'1 - cos':>9} {'1-ulp':>7} {'real':>7}  {'':6} extra"
     lines += ["", head, "-" * len(head)]

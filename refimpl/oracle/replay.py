@@ -39,12 +39,13 @@ class Replay:
     def __init__(self, expert_ids: dict[int, np.ndarray] | None = None,
                  expert_weights: dict[int, np.ndarray] | None = None,
                  topk: dict[int, np.ndarray] | None = None, *, tokens: list[int] | None = None,
-                 source: str = "replay"):
+                 source: str = "replay", hash_layers: bool = False):
         self.expert_ids = dict(expert_ids or {})
         self.expert_weights = dict(expert_weights or {})
         self.topk = dict(topk or {})
         self.tokens = tokens                    # the token ids the source ran on, when it says
         self.source = source                    # named in error messages
+        self.hash_layers = hash_layers          # also force the hash layers' ids (their tid2eid table is then untested)
         if not (self.expert_ids or self.topk):
             raise ReplayError(f"{source}: holds no layers.*.ffn.expert_ids and no layers.*.attn.indexer.topk "
                               "to replay")
@@ -55,8 +56,9 @@ class Replay:
     # ---- making one ----
     @classmethod
     def from_tensors(cls, tensors: dict[str, np.ndarray], *, weights: bool = False, tokens=None,
-                     source: str = "replay") -> "Replay":
-        """From site tensors (e.g. `Trace.tensors`); weights: also force the expert weights."""
+                     source: str = "replay", hash_layers: bool = False) -> "Replay":
+        """From site tensors (e.g. `Trace.tensors`); weights: also force the expert weights; hash_layers: also the
+        expert ids of hash layers (by default they are not forced: their tid2eid table is part of what is tested)."""
         ids, wts, topk = {}, {}, {}
         for name, x in tensors.items():
             m = SITE.match(name)
@@ -79,10 +81,10 @@ class Replay:
             missing = sorted(set(ids) - set(wts))
             raise ReplayError(f"{source}: replaying expert weights needs layers.{{i}}.ffn.expert_weights for "
                               f"every layer with expert ids; missing for layer(s) {missing}")
-        return cls(ids, wts, topk, tokens=tokens, source=source)
+        return cls(ids, wts, topk, tokens=tokens, source=source, hash_layers=hash_layers)
 
     @classmethod
-    def load(cls, path, *, weights: bool = False) -> "Replay":
+    def load(cls, path, *, weights: bool = False, hash_layers: bool = False) -> "Replay":
         """From a safetensors file (a refimpl trace, or one written as docs/replay.md says)."""
         from refimpl.formats.checkpoint import SafetensorsFile
         path = Path(path)
@@ -101,7 +103,7 @@ class Replay:
                 raise ReplayError(f"{path}: metadata 'tokens' must be a list of integer token ids, "
                                   f"got {type(tokens).__name__}")
         tensors = {name: np.array(f.get(name)) for name in f.tensors if SITE.match(name)}
-        return cls.from_tensors(tensors, weights=weights, tokens=tokens, source=str(path))
+        return cls.from_tensors(tensors, weights=weights, tokens=tokens, source=str(path), hash_layers=hash_layers)
 
     # ---- checking it against a model and a sequence ----
     def check(self, cfg, tokens) -> None:
@@ -158,6 +160,28 @@ class Replay:
                     raise ReplayError(f"{self.source}: {name} row {t} ({row.tolist()[:8]}...) must hold at most "
                                       f"index_topk={cfg.index_topk} distinct entries in [0, {visible}) (the entries "
                                       f"position {t} can see), padded with -1")
+
+    def applied_to(self, cfg) -> "Replay":
+        """What this replay forces on a model of cfg: without the hash layers' expert ids (and weights) unless
+        hash_layers. ReplayError if nothing is left to force."""
+        if self.hash_layers:
+            return self
+        keep = {layer for layer in self.expert_ids if layer >= cfg.n_layers or not cfg.is_hash_layer(layer)}
+        applied = Replay.__new__(Replay)
+        applied.__dict__.update(self.__dict__)
+        applied.expert_ids = {i: v for i, v in self.expert_ids.items() if i in keep}
+        applied.expert_weights = {i: v for i, v in self.expert_weights.items() if i in keep}
+        if not (applied.expert_ids or applied.topk):
+            raise ReplayError(f"{self.source}: holds only the expert ids of hash layers (layers < n_hash_layers = "
+                              f"{cfg.n_hash_layers}), which are not forced unless asked (--replay-hash-ids); "
+                              "nothing to replay")
+        return applied
+
+    def summary(self) -> dict:
+        """What is forced: the layers of each kind of site, and whether the hash layers' ids are among them."""
+        return {"source": self.source, "expert_ids": sorted(self.expert_ids),
+                "expert_weights": sorted(self.expert_weights), "topk": sorted(self.topk),
+                "hash_layers": self.hash_layers}
 
     # ---- used by the model (sites.replayed) ----
     def force(self, name: str, chosen: np.ndarray, start_pos: int) -> np.ndarray | None:

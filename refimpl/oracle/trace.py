@@ -55,8 +55,7 @@ def trace_metadata(model, tokens, chunks, decode_from: int | None = None, replay
             "precision": model.precision, "revision": model.revision, "layout": model.layout, "tokens": tokens,
             "chunks": list(chunks) if chunks else [len(tokens)], "decode_from": decode_from}
     if replay is not None:
-        meta["replay"] = {"source": replay.source, "expert_ids": sorted(replay.expert_ids),
-                          "expert_weights": sorted(replay.expert_weights), "topk": sorted(replay.topk)}
+        meta["replay"] = replay.summary()
     return meta
 
 
@@ -83,10 +82,11 @@ def run_trace(model, tokens, *, patterns: tuple[str, ...] = ("*",), chunks: list
     if ids.ndim != 1:
         raise ValueError(f"a trace records one sequence: tokens must be [s], got shape {ids.shape}")
     if replay is not None:
-        if not all(callable(getattr(replay, f, None)) for f in ("check", "force")):   # an oracle.replay.Replay
+        if not all(callable(getattr(replay, f, None)) for f in ("check", "applied_to", "force")):   # an oracle.replay.Replay
             raise ValueError(f"replay must be a refimpl.oracle.replay.Replay (e.g. Replay.load(path)), got "
                              f"{type(replay).__name__}")
         replay.check(model.cfg, ids)
+        replay = replay.applied_to(model.cfg)                 # hash layers' ids only when asked
     if chunks is not None and not isinstance(chunks, (list, tuple)):
         raise ValueError(f"chunks must be a list of chunk sizes, got {type(chunks).__name__} {chunks!r:.40}")
     trace = Trace(patterns, replay=replay)

@@ -70,7 +70,27 @@ def test_replaying_a_run_of_itself_changes_nothing(tiny_model):
         again = run_trace(model, TOKENS, replay=Replay.from_tensors(ref.tensors, weights=weights, tokens=TOKENS))
         for name, a in ref.tensors.items():
             assert np.array_equal(a, again.tensors[name]), name
-        assert again.metadata["replay"]["expert_ids"] == list(range(TINY.n_layers + 1))
+        assert again.metadata["replay"]["expert_ids"] == list(range(TINY.n_hash_layers, TINY.n_layers + 1))
+    forced = run_trace(model, TOKENS, replay=Replay.from_tensors(ref.tensors, tokens=TOKENS, hash_layers=True))
+    assert forced.metadata["replay"]["expert_ids"] == list(range(TINY.n_layers + 1))
+    assert forced.metadata["replay"]["hash_layers"] is True
+
+
+def test_replay_leaves_the_hash_layers_to_their_table_unless_asked(tiny_model):
+    """A hash table bug must not be hidden by a replay of the reference: the hash layers' expert ids (their
+    tid2eid lookup) are forced only with hash_layers=True (--replay-hash-ids)."""
+    model = tiny_model("float64")
+    ref = run_trace(model, TOKENS)
+    wrong = dict(ref.tensors)
+    wrong["layers.0.ffn.expert_ids"] = np.roll(ref.tensors["layers.0.ffn.expert_ids"], 1, axis=1)   # other order
+    wrong["layers.1.ffn.expert_ids"] = (ref.tensors["layers.1.ffn.expert_ids"] + 1) % TINY.n_routed_experts
+    default = run_trace(model, TOKENS, replay=Replay.from_tensors(wrong, tokens=TOKENS))
+    assert np.array_equal(default.tensors["layers.1.ffn.expert_ids"], ref.tensors["layers.1.ffn.expert_ids"])
+    asked = run_trace(model, TOKENS, replay=Replay.from_tensors(wrong, tokens=TOKENS, hash_layers=True))
+    assert np.array_equal(asked.tensors["layers.1.ffn.expert_ids"], wrong["layers.1.ffn.expert_ids"])
+    only_hash = {k: v for k, v in wrong.items() if k in ("layers.0.ffn.expert_ids", "layers.1.ffn.expert_ids")}
+    with pytest.raises(ReplayError, match="only the expert ids of hash layers"):
+        run_trace(model, TOKENS, replay=Replay.from_tensors(only_hash, tokens=TOKENS))
 
 
 def test_replay_removes_the_routing_differences_of_a_perturbed_gate(tiny_ckpt, patched_ckpt, tiny_model):
@@ -194,6 +214,9 @@ def test_cli_decode_trace_and_replay(tiny_ckpt, tmp_path, capsys):
     assert "prefill 4 + 8 decode steps" in capsys.readouterr().out
     assert main(["trace", str(tiny_ckpt), "--tokens", toks, "--precision", "float64", "--replay",
                  str(tmp_path / "d.st"), "--replay-weights", "--out", str(tmp_path / "r.st")]) == 0
+    said = capsys.readouterr().out                                    # what was forced, in one line
+    assert "replayed expert ids of layers [3, 4, 5, 6], expert weights of layers [3, 4, 5, 6], indexer top-k of " \
+           "layers [2, 4]" in said and "hash layers" not in said
     a, b = SafetensorsFile(tmp_path / "d.st"), SafetensorsFile(tmp_path / "r.st")
     assert np.array_equal(a.get("logits"), b.get("logits"))
     assert main(["trace", str(tiny_ckpt), "--tokens", toks, "--replay-weights", "--out", str(tmp_path / "x.st")]) != 0
@@ -208,7 +231,7 @@ def test_compare_sees_no_routing_difference_once_the_reference_routing_is_replay
     """The comparison a user runs: perturbed-gate model vs the original, before and after replay.
     Before: compare reports rows whose expert sets disagree. After replaying the original trace:
     every expert-id site agrees in every row, so what remains is arithmetic."""
-    from refimpl.oracle.compare import compare
+    from refimpl.oracle.compare import compare, format_report
     gates = [f"layers.{i}.ffn.gate.weight" for i in ROUTED]
     other = load(perturbed(patched_ckpt, tiny_ckpt, gates, 0.5), precision="float64")
     ref = run_trace(tiny_model("float64"), TOKENS)
@@ -223,6 +246,10 @@ def test_compare_sees_no_routing_difference_once_the_reference_routing_is_replay
     before, after = disagreeing_rows(tmp_path / "free.st"), disagreeing_rows(tmp_path / "forced.st")
     assert sum(before.values()) > 0
     assert set(after) == set(before) and sum(after.values()) == 0
+    report = compare(tmp_path / "forced.st", tmp_path / "ref.st", profile="float32-vs-float64")
+    assert report.to_json()["a"]["replay"]["expert_ids"] == [3, 4, 5, 6]          # the report says what was forced
+    assert f"A replayed expert ids of layers [3, 4, 5, 6], indexer top-k of layers [2, 4] from {tmp_path / 'ref.st'}" \
+        in format_report(report)
 
 
 def test_replay_load_refuses_bad_metadata_in_one_line(tmp_path):
