@@ -58,6 +58,22 @@ def _chunks(text: str) -> list[int]:
     return sizes
 
 
+def _patterns(text: str) -> tuple[str, ...]:
+    """--sites: comma-separated glob patterns, none of them empty (argparse type)."""
+    parts = tuple(text.split(","))
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"must be comma-separated site patterns, none empty (e.g. "
+                                         f"'layers.*.attn.q,logits'), got {text[:100]!r}")
+    return parts
+
+
+def _path(text: str) -> str:
+    """A file or folder argument: not empty (Path('') is the current folder, taken silently)."""
+    if not text:
+        raise argparse.ArgumentTypeError("the path is empty")
+    return text
+
+
 def _at_least(lo: int):
     """argparse type: an integer >= lo."""
     def parse(text: str) -> int:
@@ -177,17 +193,18 @@ def _check_out(a) -> None:
 def cmd_trace(a) -> int:
     from refimpl.formats.weights import check_checkpoint_folder
     from refimpl.oracle.trace import run_trace
+    for flag, given in (("--replay-weights", a.replay_weights), ("--replay-hash-ids", a.replay_hash_ids)):
+        if given and a.replay is None:            # a flag that qualifies another: usage
+            return _fail(f"argument {flag}: needs --replay TRACE", 2)
     check_checkpoint_folder(a.ckpt)
     _check_out(a)
     ids = _prompt_ids(a)
     replay = None
-    if a.replay:
+    if a.replay is not None:
         from refimpl.oracle.replay import Replay
         replay = Replay.load(a.replay, weights=a.replay_weights, hash_layers=a.replay_hash_ids)
-    elif a.replay_weights or a.replay_hash_ids:
-        raise ValueError(f"{'--replay-weights' if a.replay_weights else '--replay-hash-ids'} needs --replay TRACE")
     model = _load(a)
-    patterns = tuple(a.sites.split(",")) + ("logits",) if a.sites else ("*",)   # logits always
+    patterns = a.sites + ("logits",) if a.sites is not None else ("*",)      # logits always
     t0 = time.perf_counter()
     trace = run_trace(model, ids, patterns=patterns, chunks=a.chunks, decode_from=a.decode_from, replay=replay)
     trace.save(a.out)
@@ -292,12 +309,17 @@ def cmd_parse(a) -> int:
 def cmd_golden_verify(a) -> int:
     from refimpl.oracle.golden import verify
     t0 = time.perf_counter()
-    failures = verify(a.dir, precisions=tuple(a.precision) if a.precision else ("float64", "mirror"),
-                      inputs=a.input, ckpt=a.ckpt, kernels=a.kernels)
+    ran = []
+
+    def progress(line: str) -> None:              # one line per stored trace checked
+        ran.append(line)
+        print(line, flush=True)
+    failures = verify(a.dir, precisions=a.precision, inputs=a.input, ckpt=a.ckpt, kernels=a.kernels,
+                      progress=progress)
     for f in failures:
         print(f"FAIL {f}")
     print(f"golden verify: {'FAILED, ' + str(len(failures)) + ' case(s)' if failures else 'passed'} "
-          f"({time.perf_counter() - t0:.1f} s)")
+          f"({len(ran)} trace(s) checked, {time.perf_counter() - t0:.1f} s)")
     return 1 if failures else 0
 
 
@@ -349,12 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = q.add_mutually_exclusive_group(required=True)
     g.add_argument("--tokens", type=_ids, help="comma-separated token ids, e.g. 0,15,27")
     g.add_argument("--prompt", help="text, tokenized with the checkpoint's tokenizer.json")
-    q.add_argument("--sites", default=None, help="comma-separated glob patterns of sites (default: all)")
+    q.add_argument("--sites", type=_patterns, default=None,
+                   help="comma-separated glob patterns of sites (default: all)")
     c = q.add_mutually_exclusive_group()
     c.add_argument("--chunks", type=_chunks, default=None, help="prefill in chunks of these sizes, e.g. 3,2,1")
     c.add_argument("--decode-from", type=_at_least(1), default=None, metavar="K",
                    help="prefill the first K tokens, then decode the rest one step at a time (the decode path)")
-    q.add_argument("--replay", default=None, metavar="TRACE",
+    q.add_argument("--replay", type=_path, default=None, metavar="TRACE",
                    help="force expert ids and indexer top-k sets from this trace (docs/replay.md)")
     q.add_argument("--replay-weights", action="store_true", help="with --replay: force the expert weights too")
     q.add_argument("--replay-hash-ids", action="store_true",
@@ -406,11 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("golden", help="golden sets: verify that this refimpl reproduces golden/")
     gs = q.add_subparsers(dest="golden_command", required=True)
     v = gs.add_parser("verify", help="re-make the tiny checkpoint, check its bytes, re-run every golden input")
-    v.add_argument("dir", nargs="?", default=None, help="the golden folder (default: golden/ of this source tree)")
+    v.add_argument("dir", nargs="?", type=_path, default=None,
+                   help="the golden folder (default: the one installed with refimpl, the repository's golden/)")
     v.add_argument("--precision", action="append", choices=("float64", "mirror"), help="only this precision (repeatable)")
     v.add_argument("--input", action="append", help="only this input, e.g. prefill-80 (repeatable)")
-    v.add_argument("--ckpt", default=None, help="for a set made with tools/make_golden.py --ckpt: the checkpoint "
-                                               "folder (default: the path in its manifest)")
+    v.add_argument("--ckpt", type=_path, default=None,
+                   help="for a set made with tools/make_golden.py --ckpt: the checkpoint folder (default: the path "
+                        "in its manifest)")
     kernels_opt(v)
     v.set_defaults(func=cmd_golden_verify)
 

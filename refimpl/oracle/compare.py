@@ -173,7 +173,8 @@ def check_trace(t: TraceFile) -> TraceFile:
         raise CompareError(f"{path}: metadata 'chunks' must be positive integers adding up to the "
                            f"{len(tokens)} tokens, got {chunks!r}")
     k = meta.setdefault("decode_from", None)
-    if k is not None and not (_is_int(k) and chunks == [k] + [1] * (len(tokens) - k)):
+    if k is not None and not (_is_int(k) and 1 <= k < len(tokens) and chunks[0] == k
+                              and len(chunks) == len(tokens) - k + 1 and all(n == 1 for n in chunks[1:])):
         raise CompareError(f"{path}: metadata 'decode_from' must be null or K with chunks [K, 1, 1, ...] "
                            f"(a K-token prefill, then decode steps), got {k!r} with chunks {chunks!r}")
     if not tensors:
@@ -183,6 +184,10 @@ def check_trace(t: TraceFile) -> TraceFile:
             raise CompareError(f"{path}: site {name!r} has dtype {x.dtype}; sites are float or integer tensors")
         if x.ndim < 1:
             raise CompareError(f"{path}: site {name!r} is a scalar; every site has a position axis first")
+        if x.shape[0] > max(len(tokens), x.size):   # a site of no values may claim any number of rows,
+            raise CompareError(                      # and compare walks them: rows need tokens or values
+                f"{path}: site {name!r} has {x.shape[0]} rows of {x.size} values in all; a trace of "
+                f"{len(tokens)} tokens has at most {len(tokens)} rows per site unless its values fill them")
     n_layers = meta.get("n_layers")
     if n_layers is not None and not (_is_int(n_layers) and n_layers >= 0):
         raise CompareError(f"{path}: metadata 'n_layers' must be a non-negative integer, got {n_layers!r}")
@@ -214,6 +219,8 @@ def _check_site_contract(path, tensors: dict, s: int, mtp: int | None, golden_ro
         if x.ndim != _NDIM[kind]:
             raise CompareError(f"{path}: site {name!r} has {x.ndim} axes {list(x.shape)}; docs/trace-format.md "
                                f"gives it {_NDIM[kind]}")
+        if kind not in SCORES_OF and x.dtype.kind in "iu":      # else compared as sets of ids, silently
+            raise CompareError(f"{path}: site {name!r} has dtype {x.dtype}; it is a float site")
         if kind != "attn.compressed_kv":
             is_mtp = name.startswith("mtp.") or (layer is not None and layer == mtp)
             if golden_rows is None:
@@ -384,10 +391,56 @@ def ulp_distance(a, b, fmt: str) -> np.ndarray:
 
 # ---------------------------------------------------------------- profiles
 
+# the bounds each section of a profile may set; [P.sites."<kind>"] may set any of them
+BOUND_KEYS = {"float": ("max_rel", "rms_rel", "min_cos", "min_site_cos", "beyond_rel", "max_beyond_frac",
+                        "max_real_frac"),
+              "logits": ("min_top1", "min_top5", "max_kl"),
+              "integer": ("near_tie_rel", "max_real_frac")}
+PROFILE_KEYS = ("description", "measurement", "auto", "sites", *BOUND_KEYS)
+
+
 def load_profiles(path=PROFILES_PATH) -> dict:
-    """All tolerance profiles: {name: profile table} from profiles.toml."""
+    """All tolerance profiles: {name: profile table} from profiles.toml, each checked (check_profile)."""
     with open(path, "rb") as f:
-        return tomllib.load(f)["profiles"]
+        profiles = tomllib.load(f).get("profiles")
+    if not isinstance(profiles, dict):
+        raise CompareError(f"{path}: holds no [profiles.NAME] tables")
+    for name, profile in profiles.items():
+        check_profile(name, profile)
+    return profiles
+
+
+def check_profile(name: str, profile) -> None:
+    """A profile's keys and bounds: known names only (a misspelt bound would never be checked), each
+    bound a finite number (min_cos, min_site_cos in [-1, 1]; the others >= 0) written as x or
+    {bound = x, ...}, `auto` a list of precision pairs. CompareError names the first that is not."""
+    if not isinstance(profile, dict):
+        raise CompareError(f"profile {name!r}: must be a table, got {type(profile).__name__}")
+    unknown = [k for k in profile if k not in PROFILE_KEYS]
+    if unknown:
+        raise CompareError(f"profile {name!r}: unknown key {unknown[0]!r} (keys: {', '.join(PROFILE_KEYS)})")
+    auto = profile.get("auto", [])
+    if not (isinstance(auto, list) and all(isinstance(pair, list) and len(pair) == 2 and
+                                           all(p in PRECISIONS for p in pair) for pair in auto)):
+        raise CompareError(f"profile {name!r}: 'auto' must be a list of precision pairs, e.g. "
+                           f"[[\"float32\", \"float64\"]], got {auto!r:.80}")
+    sites = profile.get("sites", {})
+    if not (isinstance(sites, dict) and all(isinstance(t, dict) for t in sites.values())):
+        raise CompareError(f"profile {name!r}: 'sites' must hold one table per site kind")
+    every = tuple(dict.fromkeys(k for keys in BOUND_KEYS.values() for k in keys))
+    tables = [(section, profile.get(section, {}), keys) for section, keys in BOUND_KEYS.items()]
+    for where, table, keys in tables + [(f'sites."{kind}"', t, every) for kind, t in sites.items()]:
+        if not isinstance(table, dict):
+            raise CompareError(f"profile {name!r}: [{where}] must be a table of bounds")
+        for key, v in table.items():
+            if key not in keys:
+                raise CompareError(f"profile {name!r}: [{where}] has no bound {key!r} (bounds: {', '.join(keys)})")
+            b = v.get("bound") if isinstance(v, dict) else v
+            lo = -1.0 if key in ("min_cos", "min_site_cos") else 0.0
+            if not (isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and lo <= b
+                    and (lo == 0 or b <= 1)):
+                raise CompareError(f"profile {name!r}: [{where}] {key} = {b!r:.40}: a bound must be a finite number "
+                                   f"{'in [-1, 1]' if lo else '>= 0'} (as x or {{bound = x, ...}})")
 
 
 def auto_profile(pa: str, pb: str, profiles: dict | None = None) -> str:
@@ -643,7 +696,13 @@ def compare(a, b, profile: str = "auto", *, profiles: dict | None = None) -> Rep
     ta = check_trace(a) if isinstance(a, TraceFile) else load_trace(a)
     tb = check_trace(b) if isinstance(b, TraceFile) else load_trace(b)
     notes = check_same_run(ta, tb)
-    profiles = load_profiles() if profiles is None else profiles
+    if profiles is None:
+        profiles = load_profiles()
+    elif not isinstance(profiles, dict):
+        raise CompareError(f"profiles must be a dict of profile tables, got {type(profiles).__name__}")
+    else:
+        for n, p in profiles.items():
+            check_profile(n, p)
     name = auto_profile(ta.precision, tb.precision, profiles) if profile == "auto" else profile
     if name not in profiles:
         raise CompareError(f"unknown profile {name!r}; profiles: {', '.join(profiles)}")
@@ -652,6 +711,9 @@ def compare(a, b, profile: str = "auto", *, profiles: dict | None = None) -> Rep
     if not common:
         raise CompareError(f"the traces have no site in common ({ta.path}: {len(ta.tensors)} sites, "
                            f"{tb.path}: {len(tb.tensors)} sites)")
+    if not any(ta.tensors[s].size or tb.tensors[s].size for s in common):   # else "within tolerance", unchecked
+        raise CompareError(f"the traces' {len(common)} common site(s) hold no values (e.g. {sorted(common)[0]!r} "
+                           f"{list(ta.tensors[sorted(common)[0]].shape)}): nothing to compare")
     mtp = mtp_layer_of(set(ta.tensors) | set(tb.tensors), ta.meta, tb.meta)
     sites = []
     for site in site_order(common, mtp):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +42,17 @@ PRECISIONS = ("float64", "mirror")
 PROFILES = {"float64": "float64-stored-as-float32", "mirror": "mirror-vs-mirror"}
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")        # an input's name: the file name of its traces
+SHA256 = re.compile(r"[0-9a-f]{64}")
+LAYOUTS = ("official", "canonical")
+
+
 class GoldenError(ValueError):
     """A golden set that is missing, damaged, or does not match what refimpl computes."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,11 @@ class GoldenInput:
     precisions: tuple[str, ...] = PRECISIONS  # the precisions this input is stored in
     config: tuple[tuple[str, float], ...] = ()   # config.json keys changed for this input (same weights)
 
+    def stored(self, held) -> tuple[str, ...]:
+        """The precisions this input has a trace in, in a set that holds `held` (a set made for fewer
+        precisions than an input lists, e.g. tools/make_golden.py --ckpt, stores it in those only)."""
+        return tuple(p for p in self.precisions if p in held)
+
     def run_kwargs(self) -> dict:
         return {"chunks": list(self.chunks) if self.chunks else None, "decode_from": self.decode_from}
 
@@ -67,13 +82,44 @@ class GoldenInput:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GoldenInput":
+    def from_dict(cls, d, n_tokens: int | None = None) -> "GoldenInput":
+        """An input of a manifest, every field checked against its range (n_tokens: the manifest's token count)."""
+        if not isinstance(d, dict):
+            raise GoldenError(f"an input must be a JSON object, got {type(d).__name__}")
+        name = d.get("name")
+        if not (isinstance(name, str) and NAME.fullmatch(name)):
+            raise GoldenError(f"an input's 'name' must be a file name of letters, digits, '.', '_' and '-', "
+                              f"got {name!r:.80}")
+        length = d.get("length")
+        most = n_tokens if n_tokens is not None else length
+        if not (_is_int(length) and _is_int(most) and 1 <= length <= most):
+            raise GoldenError(f"input {name}: 'length' must be an integer in [1, {most}] (the manifest's tokens), "
+                              f"got {length!r:.80}")
+        chunks, k, rows = d.get("chunks"), d.get("decode_from"), d.get("rows")
+        if chunks is not None and not (isinstance(chunks, list) and chunks and all(_is_int(n) and n > 0 for n in chunks)
+                                       and sum(chunks) == length):
+            raise GoldenError(f"input {name}: 'chunks' must be null or positive integers adding up to its length "
+                              f"{length}, got {chunks!r:.80}")
+        if k is not None and not (_is_int(k) and 1 <= k < length and chunks is None):
+            raise GoldenError(f"input {name}: 'decode_from' must be null or an integer in [1, {length - 1}] "
+                              f"(the prefill length), without 'chunks'; got {k!r:.80}")
+        if not (isinstance(rows, list) and rows and all(_is_int(r) for r in rows)
+                and all(0 <= a < b for a, b in zip(rows, rows[1:])) and 0 <= rows[0] and rows[-1] < length):
+            raise GoldenError(f"input {name}: 'rows' must list increasing positions in [0, {length}), "
+                              f"got {rows!r:.80}")
+        precisions = d.get("precisions")
+        if not (isinstance(precisions, list) and precisions and all(p in PRECISIONS for p in precisions)
+                and len(set(precisions)) == len(precisions)):
+            raise GoldenError(f"input {name}: 'precisions' must list one or more of {', '.join(PRECISIONS)}, "
+                              f"got {precisions!r:.80}")
         config = d.get("config") or {}
         if not isinstance(config, dict) or not all(k in CONFIG_OVERRIDES for k in config):
-            raise GoldenError(f"input {d.get('name')!r}: config changes {config!r:.80} are not among the keys a "
+            raise GoldenError(f"input {name!r}: config changes {config!r:.80} are not among the keys a "
                               f"golden input may change ({', '.join(CONFIG_OVERRIDES)})")
-        return cls(d["name"], int(d["length"]), tuple(d["chunks"]) if d.get("chunks") else None,
-                   d.get("decode_from"), tuple(d["rows"]), tuple(d.get("precisions", PRECISIONS)),
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                   for v in config.values()):
+            raise GoldenError(f"input {name}: config changes must be finite numbers, got {config!r:.80}")
+        return cls(name, length, tuple(chunks) if chunks else None, k, tuple(rows), tuple(precisions),
                    tuple(sorted(config.items())))
 
     def model(self, model):
@@ -181,12 +227,20 @@ def checkpoint_hashes(ckpt: Path) -> dict[str, str]:
 # ---------------------------------------------------------------- reading and verifying
 
 def default_dir() -> Path:
-    """golden/ of the source tree this package runs from (a clone, an editable install), else ./golden."""
-    here = Path(__file__).resolve().parents[2] / "golden"
-    return here if (here / MANIFEST).is_file() else Path.cwd() / "golden"
+    """The golden set this refimpl comes with: refimpl/golden of an installed package (pyproject.toml
+    installs the repository's golden/ there), else golden/ next to the package (a clone, an editable
+    install). Never the current folder: the answer does not depend on where the command runs."""
+    package = Path(__file__).resolve().parents[1]
+    for folder in (package / "golden", package.parent / "golden"):
+        if (folder / MANIFEST).is_file():
+            return folder
+    raise GoldenError(f"no golden set installed with refimpl ({package / 'golden'}) nor next to it "
+                      f"({package.parent / 'golden'}); it is the golden/ folder of the refimpl repository: "
+                      f"pass its path (refimpl golden verify PATH)")
 
 
 def read_manifest(golden_dir) -> dict:
+    """The manifest of a golden folder, every key checked (check_manifest); GoldenError names what is wrong."""
     golden_dir = Path(golden_dir)
     path = golden_dir / MANIFEST
     if not path.is_file():
@@ -198,7 +252,69 @@ def read_manifest(golden_dir) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         raise GoldenError(f"{path}: format_version {manifest.get('format_version') if isinstance(manifest, dict) else '?'} "
                           f"is not {FORMAT_VERSION}, the one this refimpl reads")
+    check_manifest(manifest, path)
     return manifest
+
+
+# the keys verify reads, and their JSON types (the others describe the set to people)
+REQUIRED = {"checkpoint": dict, "config": dict, "tokens": list, "inputs": list, "precisions": list, "files": dict}
+
+
+def trace_file(precision: str, name: str) -> str:
+    """The path of an input's trace in a golden folder (as the manifest's `files` lists it)."""
+    return f"traces/{precision}/{name}.safetensors"
+
+
+def check_manifest(manifest: dict, path) -> None:
+    """Every key verify reads, against its type and range, before anything runs; GoldenError names the first bad one."""
+    for key, kind in REQUIRED.items():
+        if not isinstance(manifest.get(key), kind):
+            what = "missing" if key not in manifest else f"a {type(manifest[key]).__name__}"
+            raise GoldenError(f"{path}: '{key}' must be a JSON {'object' if kind is dict else 'list'}; it is {what}")
+    tokens, held, files = manifest["tokens"], manifest["precisions"], manifest["files"]
+    if not tokens or not all(_is_int(t) and t >= 0 for t in tokens):
+        raise GoldenError(f"{path}: 'tokens' must be a non-empty list of token ids (integers >= 0)")
+    if not held or not all(p in PRECISIONS for p in held) or len(set(held)) != len(held):
+        raise GoldenError(f"{path}: 'precisions' must list one or more of {', '.join(PRECISIONS)}, once each; "
+                          f"got {held!r:.80}")
+    if manifest.get("layout", "official") not in LAYOUTS:
+        raise GoldenError(f"{path}: 'layout' must be one of {', '.join(LAYOUTS)}, got {manifest['layout']!r:.80}")
+    for name, digest in files.items():
+        parts = name.split("/")                                 # relative, inside the folder
+        if ".." in parts or "" in parts or not (isinstance(digest, str) and SHA256.fullmatch(digest)):
+            raise GoldenError(f"{path}: 'files' must map paths inside the folder to SHA-256 hex digests; "
+                              f"got {name!r:.80}: {digest!r:.80}")
+    _check_recipe(manifest["checkpoint"], path)
+    if not manifest["inputs"]:
+        raise GoldenError(f"{path}: 'inputs' lists no input")
+    names = set()
+    for d in manifest["inputs"]:
+        try:
+            spec = GoldenInput.from_dict(d, len(tokens))
+        except GoldenError as e:
+            raise GoldenError(f"{path}: {e}") from None
+        if spec.name in names:
+            raise GoldenError(f"{path}: two inputs are named {spec.name}")
+        names.add(spec.name)
+        for p in spec.stored(held):
+            if trace_file(p, spec.name) not in files:         # else its bytes would go unchecked
+                raise GoldenError(f"{path}: 'files' does not list {trace_file(p, spec.name)}, the {p} trace of "
+                                  f"input {spec.name}")
+
+
+def _check_recipe(recipe: dict, path) -> None:
+    """The manifest's 'checkpoint': a preset and a seed (re-made) or a folder's path; the SHA-256 of its files."""
+    sha = recipe.get("sha256")
+    if not (isinstance(sha, dict) and all(isinstance(n, str) and NAME.fullmatch(n) and isinstance(h, str)
+                                          and SHA256.fullmatch(h) for n, h in sha.items())):
+        raise GoldenError(f"{path}: 'checkpoint.sha256' must map the checkpoint's file names to SHA-256 hex digests")
+    if "preset" in recipe:
+        if not (isinstance(recipe["preset"], str) and _is_int(recipe.get("seed")) and recipe["seed"] >= 0):
+            raise GoldenError(f"{path}: 'checkpoint' must give a preset name and a 'seed' (an integer >= 0), got "
+                              f"{recipe.get('preset')!r:.40} and {recipe.get('seed')!r:.40}")
+    elif not isinstance(recipe.get("path"), str):
+        raise GoldenError(f"{path}: 'checkpoint' must give a 'preset' and 'seed' (made by make-checkpoint) or the "
+                          f"'path' of the checkpoint folder the set was made from")
 
 
 def check_files(golden_dir, manifest: dict) -> None:
@@ -209,6 +325,41 @@ def check_files(golden_dir, manifest: dict) -> None:
             raise GoldenError(f"{path}: listed in the manifest but missing")
         if sha256_file(path) != digest:
             raise GoldenError(f"{path}: SHA-256 differs from the manifest's (the file was changed)")
+
+
+def select(manifest: dict, precisions=None, inputs=None) -> list[tuple[str, GoldenInput]]:
+    """The (precision, input) pairs verify checks: every input in every precision it is stored in, or
+    those of the given precisions and input names. A selection that matches nothing is refused
+    (GoldenError naming it): zero checks must not read as a pass."""
+    specs = [GoldenInput.from_dict(d) for d in manifest["inputs"]]
+    held = manifest["precisions"]
+    for given, what in ((precisions, "precisions"), (inputs, "inputs")):
+        if given is not None and (isinstance(given, str) or not given):
+            raise GoldenError(f"{what} must be a non-empty list of names (or None: all), got {given!r:.80}")
+    if precisions is not None:
+        precisions = list(dict.fromkeys(precisions))
+        for p in precisions:
+            if p not in held:
+                raise GoldenError(f"precision {p!r:.40}: this golden set holds {', '.join(held)} only")
+    if inputs is not None:
+        inputs = list(dict.fromkeys(inputs))
+        names = [s.name for s in specs]
+        for n in inputs:
+            if n not in names:
+                raise GoldenError(f"no input named {n!r:.80} in the golden set; its inputs: {', '.join(names)}")
+        specs = [s for s in specs if s.name in inputs]
+    checks = [(p, s) for p in (precisions or held) for s in specs if p in s.stored(held)]
+    for s in specs if inputs is not None else ():
+        if not any(c is s for _, c in checks):
+            raise GoldenError(f"input {s.name} has no trace in {' or '.join(precisions or held)}; it is stored in "
+                              f"{', '.join(s.stored(held)) or 'no precision of this set'}")
+    for p in precisions or ():
+        if not any(q == p for q, _ in checks):
+            raise GoldenError(f"no {'selected ' if inputs else ''}input is stored in {p}"
+                              f"{' (' + ', '.join(inputs) + ')' if inputs else ''}")
+    if not checks:
+        raise GoldenError("the selection holds nothing to verify")
+    return checks
 
 
 def ulp32(x: np.ndarray) -> np.ndarray:
@@ -237,13 +388,15 @@ def compare_site(name: str, want: np.ndarray, got: np.ndarray, precision: str) -
             f"computed {b[first]!r}")
 
 
-def verify(golden_dir=None, *, precisions=PRECISIONS, inputs: list[str] | None = None, ckpt=None,
+def verify(golden_dir=None, *, precisions=None, inputs: list[str] | None = None, ckpt=None,
            progress=print, kernels=None) -> list[str]:
     """Re-make (or find) the checkpoint, check its bytes, re-run every input; -> the failures (empty: passes).
 
-    A set made from the tiny preset re-makes its checkpoint from the seed; a set made from a given
-    checkpoint (`tools/make_golden.py --ckpt`) runs on `ckpt` (default: the path in the manifest),
-    after checking its config and the SHA-256 of its config and index files. Each failure names the
+    precisions, inputs: only these (None: every precision and input of the set); a name that
+    matches nothing is a GoldenError (`select`). A set made from the tiny preset re-makes its
+    checkpoint from the seed (giving `ckpt` is then an error); a set made from a given checkpoint
+    (`tools/make_golden.py --ckpt`) runs on `ckpt` (default: the path in the manifest), after
+    checking its config and the SHA-256 of its config and index files. Each failure names the
     input, the precision, the first site (in data-flow order) that differs and the stored row's position.
     kernels: the kernel selection to run (refimpl/ops.py): verify the kernels against the golden set.
     """
@@ -257,9 +410,13 @@ def verify(golden_dir=None, *, precisions=PRECISIONS, inputs: list[str] | None =
 
     golden_dir = Path(golden_dir) if golden_dir is not None else default_dir()
     manifest = read_manifest(golden_dir)
-    check_files(golden_dir, manifest)
+    checks = select(manifest, precisions, inputs)
     recipe = manifest["checkpoint"]
-    precisions = [p for p in precisions if p in manifest.get("precisions", PRECISIONS)]
+    if "preset" in recipe and ckpt is not None:
+        raise GoldenError(f"{golden_dir}: a checkpoint was given (--ckpt {ckpt}), but this set's checkpoint is "
+                          f"re-made by make-checkpoint {recipe['preset']} --seed {recipe['seed']}; --ckpt is for "
+                          f"a set made with tools/make_golden.py --ckpt")
+    check_files(golden_dir, manifest)
     failures = []
     with tempfile.TemporaryDirectory(prefix="refimpl-golden-") as tmp:
         if "preset" in recipe:                                   # re-made from its seed, byte for byte
@@ -288,15 +445,13 @@ def verify(golden_dir=None, *, precisions=PRECISIONS, inputs: list[str] | None =
         if failures:
             return failures
         order = {n: i for i, n in enumerate(site_names(cfg))}
-        for precision in precisions:
-            model = load(ckpt, precision=precision, kernels=kernels)
-            for spec in map(GoldenInput.from_dict, manifest["inputs"]):
-                if precision not in spec.precisions or (inputs is not None and spec.name not in inputs):
-                    continue
+        for precision in dict.fromkeys(p for p, _ in checks):
+            model = load(ckpt, precision=precision, kernels=kernels, layout=manifest.get("layout", "official"))
+            for spec in (s for p, s in checks if p == precision):
                 tokens = manifest["tokens"][:spec.length]
                 trace = run_trace(spec.model(model), tokens, **spec.run_kwargs())
                 computed = sample_rows(trace.tensors, spec.rows, spec.length)
-                stored = SafetensorsFile(golden_dir / "traces" / precision / f"{spec.name}.safetensors")
+                stored = SafetensorsFile(golden_dir / trace_file(precision, spec.name))
                 missing = sorted(set(stored.tensors) ^ set(computed))
                 if missing:
                     failures.append(f"{precision} {spec.name}: sites in only one of stored / computed: {missing[:5]}")

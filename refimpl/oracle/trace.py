@@ -90,6 +90,8 @@ def run_trace(model, tokens, *, patterns: tuple[str, ...] = ("*",), chunks: list
     if chunks is not None and not isinstance(chunks, (list, tuple)):
         raise ValueError(f"chunks must be a list of chunk sizes, got {type(chunks).__name__} {chunks!r:.40}")
     trace = Trace(patterns, replay=replay)
+    if not trace.patterns:                                    # would run the model and record nothing
+        raise ValueError("no trace pattern given: nothing would be recorded (('*',) records every site)")
     known = site_names(model.cfg)
     unmatched = [p for p in trace.patterns if not any(fnmatch.fnmatchcase(n, p) for n in known)]
     if unmatched:                                             # a typo would silently trace nothing

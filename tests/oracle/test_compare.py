@@ -179,9 +179,9 @@ def test_shape_mismatch_names_the_site_and_one_sided_sites_are_listed(tmp_path):
     c = write(tmp_path / "c.st", {"embed": np.ones((3, 5), np.float32)})
     with pytest.raises(CompareError, match=r"site 'embed' has shape \[3, 4\] in .* but \[3, 5\]"):
         compare(a, c)
-    d = write(tmp_path / "d.st", {"embed": np.ones((3, 4), np.int32)})
-    with pytest.raises(CompareError, match="integer sites must be integers in both"):
-        compare(a, d)
+    d = write(tmp_path / "d.st", {"my.probe": np.ones((3, 4), np.int32)})     # a known float site as int: refused
+    with pytest.raises(CompareError, match="integer sites must be integers in both"):   # on reading (below)
+        compare(write(tmp_path / "e.st", {"my.probe": np.ones((3, 4), np.float32)}), d)
 
 
 def test_unreadable_or_unversioned_files_are_refused(tmp_path):
@@ -516,3 +516,77 @@ def test_golden_set_traces_keep_only_their_listed_rows(tmp_path):
         compare(bad, bad)
     with pytest.raises(CompareError, match="'golden_rows' must be a list of positions in"):
         compare(write(tmp_path / "c.st", t, golden_rows=[0, 3]), p)
+
+
+# ---------------------------------------------------------------- sizes and ranges before allocating (issue 25)
+
+def test_a_site_of_no_bytes_claiming_2_to_the_40_rows_is_refused_on_reading(tmp_path):
+    """Such a site (shape [2^40, 0]: zero bytes) used to hang compare, walking its rows (90 s and more)."""
+    p = write(tmp_path / "huge.st", {"logits": np.zeros((3, 8), np.float32), "my.ids": np.zeros((1 << 40, 0), np.int32)})
+    with pytest.raises(CompareError, match=r"site 'my.ids' has 1099511627776 rows of 0 values in all; a trace of 3 "
+                                           r"tokens has at most 3 rows per site unless its values fill them"):
+        load_trace(p)
+    ok = write(tmp_path / "ok.st", {"logits": np.zeros((3, 8), np.float32), "my.ids": np.zeros((3, 0), np.int32),
+                                    "my.probe": np.ones((7,), np.float32)})
+    assert compare(ok, ok).ok                       # rows backed by the tokens, or by the values they hold
+
+
+@pytest.mark.parametrize("k", [-10 ** 7, 0, 3, 10 ** 7])
+def test_decode_from_is_checked_against_its_range_before_anything_is_allocated(tmp_path, k):
+    """decode_from -1e8 used to build a list of 1e8 ones (1.6 GB) just to refuse it; -3e9 needed 24 GB."""
+    import tracemalloc
+    p = write(tmp_path / "d.st", {"logits": np.zeros((3, 8), np.float32)}, decode_from=k)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CompareError, match=f"'decode_from' must be null or K with chunks .* got {k}"):
+            load_trace(p)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    good = write(tmp_path / "g.st", {"logits": np.zeros((3, 8), np.float32)}, decode_from=2, chunks=[2, 1])
+    assert load_trace(good).meta["decode_from"] == 2
+
+
+def test_a_known_float_site_stored_as_integers_is_refused(tmp_path):
+    """It used to be compared as sets of ids per row, saying nothing about its values."""
+    p = write(tmp_path / "i.st", {"logits": np.zeros((3, 8), np.int32)})
+    with pytest.raises(CompareError, match="site 'logits' has dtype int32; it is a float site"):
+        compare(p, p)
+
+
+def _profile(**tables):
+    base = load_profiles()["mirror-vs-mirror"]
+    return {"custom": {**base, **tables}}
+
+
+@pytest.mark.parametrize("profile, words", [
+    (_profile(float={"max_rel": {"bound": "1e-3"}}),
+     r"\[float\] max_rel = '1e-3': a bound must be a finite number >= 0"),
+    (_profile(float={"max_rel": "1e-3"}), r"\[float\] max_rel = '1e-3'"),
+    (_profile(float={"max_rel": {"measured": 0.0}}), r"\[float\] max_rel = None"),
+    (_profile(float={"max_rel": float("nan")}), r"\[float\] max_rel = nan"),
+    (_profile(float={"min_cos": 2.0}), r"\[float\] min_cos = 2.0: a bound must be a finite number in \[-1, 1\]"),
+    (_profile(logits={"max_kl": True}), r"\[logits\] max_kl = True"),
+    (_profile(float={"max_rell": 0.0}), r"\[float\] has no bound 'max_rell'"),
+    (_profile(integer={"max_kl": 0.0}), r"\[integer\] has no bound 'max_kl'"),
+    (_profile(sites={"logits": {"max_rel": "x"}}), r"\[sites.\"logits\"\] max_rel = 'x'"),
+    (_profile(sites={"logits": 1.0}), "'sites' must hold one table per site kind"),
+    (_profile(flaot={"max_rel": 0.0}), "unknown key 'flaot'"),
+    (_profile(auto="mirror"), "'auto' must be a list of precision pairs"),
+    ({"custom": "loose"}, "profile 'custom': must be a table, got str"),
+])
+def test_a_custom_profile_with_a_bad_bound_is_refused_by_name(tmp_path, profile, words):
+    """A text bound used to raise numpy's UFuncTypeError (a TypeError, not the ValueError every refusal
+    is); a misspelt bound or a NaN one was never checked, so every comparison passed."""
+    p = write(tmp_path / "t.st", {"logits": np.zeros((3, 8), np.float32)})
+    with pytest.raises(CompareError, match=f"profile 'custom': {words}" if "custom" not in words else words):
+        compare(p, p, profile="custom", profiles=profile)
+    assert compare(p, p, profile="custom", profiles=_profile()).ok
+
+
+def test_traces_whose_common_sites_hold_no_values_are_not_within_tolerance(tmp_path):
+    """Zero values compared used to read `within tolerance: 1 sites compared`."""
+    a = write(tmp_path / "a.st", {"layers.2.attn.compressed_kv": np.zeros((0, 4), np.float32)}, tokens=[5])
+    with pytest.raises(CompareError, match=r"1 common site\(s\) hold no values .*: nothing to compare"):
+        compare(a, a)

@@ -1,5 +1,6 @@
 """The golden set (golden/): intact, reproduced by this refimpl, and a changed number is named by site."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -139,3 +140,177 @@ def test_a_set_made_from_a_given_checkpoint_verifies_on_it(tiny_ckpt, tmp_path, 
     other = patched_ckpt({"norm.weight": {0: 2.0}})               # same config, other weights: a site differs
     failures = verify(out, ckpt=other, progress=quiet)
     assert failures and all("first differing site" in f for f in failures)
+
+
+# ---------------------------------------------------------------- bad manifests and selections (issue 25)
+
+def manifest_copy(tmp_path, change) -> Path:
+    """A golden folder holding only a changed copy of the manifest (refused before any trace is read)."""
+    m = json.loads((GOLDEN / "manifest.json").read_text())
+    change(m)
+    folder = tmp_path / "golden"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps(m))
+    return folder
+
+
+def no_checkpoint(monkeypatch):
+    """Fail the test if verify gets as far as making the checkpoint (a refusal must come first)."""
+    import refimpl.synthetic.writer as writer
+    monkeypatch.setattr(writer, "make_checkpoint", lambda *a, **k: pytest.fail("verify ran"))
+
+
+@pytest.mark.parametrize("kwargs, change, words", [
+    ({"inputs": ["prefill-8O"]}, None, "no input named 'prefill-8O' in the golden set; its inputs: prefill-1, "),
+    ({"inputs": ["prefill-1"], "precisions": ["float64"]}, None,
+     "input prefill-1 has no trace in float64; it is stored in mirror"),
+    ({"precisions": ["float64"]}, lambda m: m.update(precisions=["mirror"]),
+     "precision 'float64': this golden set holds mirror only"),
+    ({}, lambda m: m.update(precisions=[]), "'precisions' must list one or more of float64, mirror"),
+    ({}, lambda m: m.update(inputs=[]), "'inputs' lists no input"),
+    ({"inputs": "prefill-80"}, None, "inputs must be a non-empty list of names"),
+    ({"precisions": ()}, None, "precisions must be a non-empty list of names"),
+])
+def test_a_selection_that_matches_nothing_is_refused_before_running(tmp_path, monkeypatch, kwargs, change, words):
+    """Zero checks used to print `golden verify: passed`: a misspelt input, an input with no trace in
+    the precision asked for, a manifest listing no precision."""
+    no_checkpoint(monkeypatch)
+    folder = GOLDEN if change is None else manifest_copy(tmp_path, change)
+    with pytest.raises(GoldenError, match=re.escape(words)):
+        verify(folder, progress=quiet, **kwargs)
+
+
+def test_cli_golden_verify_of_nothing_is_an_error_not_a_pass(capsys, monkeypatch):
+    from refimpl.cli.main import main
+    no_checkpoint(monkeypatch)
+    assert main(["golden", "verify", "--input", "prefill-8O"]) == 1
+    cap = capsys.readouterr()
+    assert "passed" not in cap.out and cap.err.startswith("error: no input named 'prefill-8O'")
+    assert len(cap.err.strip().splitlines()) == 1
+
+
+def _drop(*path):
+    def change(m):
+        for key in path[:-1]:
+            m = m[key]
+        del m[path[-1]]
+    return change
+
+
+def _set(value, *path):
+    def change(m):
+        for key in path[:-1]:
+            m = m[key]
+        m[path[-1]] = value
+    return change
+
+
+@pytest.mark.parametrize("change, words", [
+    *[(_drop(key), f"'{key}' must be a JSON") for key in ("checkpoint", "config", "tokens", "inputs", "precisions",
+                                                          "files")],
+    (_set(["a"], "tokens"), "'tokens' must be a non-empty list of token ids"),
+    (_set("canonical!", "layout"), "'layout' must be one of official, canonical"),
+    (_set({"/etc/passwd": "0" * 64}, "files"), "'files' must map paths inside the folder"),
+    (_set({"traces/../../x": "0" * 64}, "files"), "'files' must map paths inside the folder"),
+    (_drop("checkpoint", "seed"), "a 'seed' (an integer >= 0)"),
+    (_set(-1, "checkpoint", "seed"), "a 'seed' (an integer >= 0)"),
+    (_drop("checkpoint", "sha256"), "'checkpoint.sha256' must map"),
+    (_set({"../config.json": "0" * 64}, "checkpoint", "sha256"), "'checkpoint.sha256' must map"),
+    (_drop("inputs", 0, "rows"), "input prefill-1: 'rows' must list increasing positions in [0, 1)"),
+    (_drop("inputs", 0, "name"), "an input's 'name' must be a file name"),
+    (_set("../../x", "inputs", 0, "name"), "an input's 'name' must be a file name"),
+    (_set(81, "inputs", 0, "length"), "input prefill-1: 'length' must be an integer in [1, 80]"),
+    (_set("1", "inputs", 0, "length"), "input prefill-1: 'length' must be an integer in [1, 80]"),
+    (_set([5], "inputs", 0, "rows"), "'rows' must list increasing positions in [0, 1)"),
+    (_set(-100000000, "inputs", 13, "decode_from"), "input decode-29-to-80: 'decode_from' must be null or an "
+                                                    "integer in [1, 79]"),
+    (_set([3, 5], "inputs", 14, "chunks"), "input chunked-80: 'chunks' must be null or positive integers adding "
+                                          "up to its length 80"),
+    (_set(["bf16"], "inputs", 0, "precisions"), "input prefill-1: 'precisions' must list one or more of"),
+    (_set({"swiglu_limit": "2"}, "inputs", 15, "config"), "config changes must be finite numbers"),
+    (_set("prefill-3", "inputs", 0, "name"), "two inputs are named prefill-3"),
+    (_drop("files", "traces/mirror/prefill-1.safetensors"),
+     "'files' does not list traces/mirror/prefill-1.safetensors"),
+])
+def test_a_manifest_with_a_missing_or_malformed_key_is_one_clear_error(tmp_path, monkeypatch, change, words):
+    """A manifest without one of the keys verify reads used to raise KeyError (a traceback); every
+    field is checked against its type and range before anything runs."""
+    no_checkpoint(monkeypatch)
+    folder = manifest_copy(tmp_path, change)
+    with pytest.raises(GoldenError, match=re.escape(words)) as e:
+        verify(folder, progress=quiet)
+    assert str(e.value).startswith(str(folder / "manifest.json"))
+
+
+def test_the_cli_reports_a_manifest_without_its_files_in_one_line(tmp_path, capsys, monkeypatch):
+    from refimpl.cli.main import main
+    no_checkpoint(monkeypatch)
+    folder = manifest_copy(tmp_path, _drop("files"))
+    assert main(["golden", "verify", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "'files' must be a JSON object; it is missing" in err
+
+
+def test_a_checkpoint_given_for_a_set_remade_from_its_seed_is_refused(tmp_path, monkeypatch):
+    """--ckpt used to be ignored for the built-in set (made from make-checkpoint tiny --seed 0)."""
+    no_checkpoint(monkeypatch)
+    with pytest.raises(GoldenError, match=r"a checkpoint was given \(--ckpt .*\), but this set's checkpoint is "
+                                          r"re-made by make-checkpoint tiny --seed 0"):
+        verify(GOLDEN, ckpt=tmp_path, inputs=["prefill-1"], progress=quiet)
+
+
+# ---------------------------------------------------------------- the golden set travels with the package
+
+def installed_copy(site: Path) -> Path:
+    """refimpl as pyproject.toml installs it (its packages, package dirs and package data), under site."""
+    import tomllib
+    root = GOLDEN.parent
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = tool.get("package-dir", {})
+    for pkg in tool["packages"]:
+        parent = next((p for p in sorted(dirs, key=len, reverse=True) if pkg == p or pkg.startswith(p + ".")), None)
+        src = root / dirs[parent] / Path(*pkg[len(parent) + 1:].split(".")) if parent else root / Path(*pkg.split("."))
+        dst = site / Path(*pkg.split("."))
+        dst.mkdir(parents=True, exist_ok=True)
+        for pattern in ["*.py", *tool["package-data"].get(pkg, [])]:
+            for f in src.glob(pattern):
+                shutil.copy(f, dst / f.name)
+    return site
+
+
+def test_the_package_lists_every_package_and_every_golden_file():
+    """pyproject.toml names the packages (to map golden/ into refimpl/golden): none may be left out."""
+    import tomllib
+    root = GOLDEN.parent
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "refimpl").rglob("__init__.py")}
+    listed = set(tool["packages"])
+    assert found == {p for p in listed if not p.startswith("refimpl.golden")}
+    assert {f"refimpl.golden.traces.{p.name}" for p in (GOLDEN / "traces").iterdir()} | {"refimpl.golden"} == \
+        {p for p in listed if p.startswith("refimpl.golden")}
+
+
+def test_the_golden_set_is_found_from_any_folder(tmp_path, monkeypatch):
+    """After `pip install .`, `refimpl golden verify` used to look for ./golden (`<cwd>/golden: no
+    manifest.json`). The set is installed as refimpl/golden; from a source tree, golden/ next to it."""
+    import subprocess
+    import sys
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert golden.default_dir() == GOLDEN                                      # a clone / an editable install
+    site = installed_copy(tmp_path / "site")
+    probe = ("import refimpl; from refimpl.oracle.golden import default_dir, read_manifest; "
+             "d = default_dir(); read_manifest(d); print(refimpl.__file__); print(d)")
+    env = dict(__import__("os").environ, PYTHONPATH=str(site))
+    r = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(site / "refimpl" / "__init__.py"), str(site / "refimpl" / "golden")]
+    installed = site / "refimpl" / "golden"
+    assert sorted(p.relative_to(installed).as_posix() for p in installed.rglob("*.*")) == \
+        sorted([*read_manifest(GOLDEN)["files"], "README.md", "manifest.json"])
+    shutil.rmtree(installed)                                                   # a package without it
+    r = subprocess.run([sys.executable, "-m", "refimpl.cli.main", "golden", "verify"], cwd=elsewhere, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "it is the golden/ folder of the refimpl repository: pass its path (refimpl golden verify PATH)" in r.stderr

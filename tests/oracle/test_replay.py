@@ -219,8 +219,8 @@ def test_cli_decode_trace_and_replay(tiny_ckpt, tmp_path, capsys):
            "layers [2, 4]" in said and "hash layers" not in said
     a, b = SafetensorsFile(tmp_path / "d.st"), SafetensorsFile(tmp_path / "r.st")
     assert np.array_equal(a.get("logits"), b.get("logits"))
-    assert main(["trace", str(tiny_ckpt), "--tokens", toks, "--replay-weights", "--out", str(tmp_path / "x.st")]) != 0
-    assert "--replay-weights needs --replay" in capsys.readouterr().err
+    assert main(["trace", str(tiny_ckpt), "--tokens", toks, "--replay-weights", "--out", str(tmp_path / "x.st")]) == 2
+    assert capsys.readouterr().err == "error: argument --replay-weights: needs --replay TRACE\n"   # usage: exit 2
     assert main(["trace", str(tiny_ckpt), "--tokens", toks, "--decode-from", "4", "--chunks", "4,8",
                  "--out", "x"]) == 2                                  # argparse: usage error
     assert "not allowed with argument" in capsys.readouterr().err

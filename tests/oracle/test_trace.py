@@ -106,3 +106,8 @@ def test_load_refuses_a_path_of_the_wrong_type(path):
     from refimpl.formats.weights import load
     with pytest.raises(ValueError, match="the checkpoint path must be a str or a path"):
         load(path)
+
+
+def test_no_pattern_is_refused_not_run_to_record_nothing(tiny_model):
+    with pytest.raises(ValueError, match="no trace pattern given: nothing would be recorded"):
+        run_trace(tiny_model("float64"), [1, 2, 3], patterns=())
