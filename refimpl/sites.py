@@ -27,6 +27,7 @@ SITES = (
     "layers.{i}.attn.indexer.scores",
     "layers.{i}.attn.indexer.topk",
     "layers.{i}.attn.out",
+    "layers.{i}.hc_attn.out",
     "layers.{i}.hc_ffn.pre", "layers.{i}.hc_ffn.post", "layers.{i}.hc_ffn.comb",
     "layers.{i}.ffn.gate_scores",
     "layers.{i}.ffn.expert_ids",

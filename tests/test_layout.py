@@ -95,6 +95,23 @@ def test_every_import_points_to_the_same_floor_or_below():
     assert not upward, "\n".join(upward)
 
 
+def test_only_the_command_line_imports_inside_functions():
+    """A function-level import hides an arrow from a reader (and can hide a cycle); only the CLI has them, so that
+    `refimpl --help` starts without importing NumPy's and Numba's heavy modules."""
+    hidden = []
+    for path in PKG.rglob("*.py"):
+        name = module_name(path)
+        if name.startswith("refimpl.cli"):
+            continue
+        tree = ast.parse(path.read_text())
+        top = set(map(id, tree.body))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                hidden += [f"{name}:{node.lineno} imports {m}" for m in mods if m.startswith("refimpl")]
+    assert not hidden, "\n".join(hidden)
+
+
 def test_the_floor_check_finds_an_upward_import():
     assert floor_of("refimpl.model.attention") < floor_of("refimpl.oracle.trace")
     assert floor_of("refimpl.sites") < floor_of("refimpl.model.block") < floor_of("refimpl.formats.weights")

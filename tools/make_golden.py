@@ -1,6 +1,6 @@
 """Write a golden set: the only writer of golden/ (refimpl/oracle/golden.py says what one holds).
 
-    python tools/make_golden.py                       # golden/ for the tiny model (make-checkpoint tiny --seed 0)
+    python tools/make_golden.py --reason WHY          # golden/ for the tiny model (make-checkpoint tiny --seed 0)
     python tools/make_golden.py --ckpt PATH --out DIR [--precision mirror] [--max-length 8]
                                                       # from any official-format checkpoint, e.g. the real
                                                       # DeepSeek-V4-Flash folder: memory-mapped, layer by layer
@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--precision", action="append", choices=golden.PRECISIONS,
                    help="precisions to trace (repeatable; default: float64 and mirror, or mirror with --ckpt)")
     p.add_argument("--max-length", type=int, default=None, help="with --ckpt: the longest input (default 8)")
+    p.add_argument("--reason", required=True, help="why the set is (re)made: written into the manifest")
     a = p.parse_args(argv)
 
     out = Path(a.out)
@@ -139,6 +140,7 @@ def main(argv=None) -> int:
 
         manifest = {
             "format_version": golden.FORMAT_VERSION,
+            "reason": a.reason,
             "generated_by": {"tool": "tools/make_golden.py", "refimpl": __version__, "commit": commit(),
                              "python": platform.python_version(), "numpy": np.__version__,
                              "ml_dtypes": __import__("ml_dtypes").__version__, "machine": platform.machine()},

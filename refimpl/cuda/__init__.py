@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import os
 
+from refimpl.ops import KernelError
+
 
 def simulator() -> bool:
     """True when Numba's CUDA simulator is on (NUMBA_ENABLE_CUDASIM=1)."""
@@ -54,5 +56,4 @@ def check_available() -> None:
     """Raise KernelError (a ValueError) saying why kernels="cuda" cannot run here; ops.AVAILABILITY["cuda"]."""
     reason = unavailable_reason()
     if reason is not None:
-        from refimpl.ops import KernelError
         raise KernelError(reason)

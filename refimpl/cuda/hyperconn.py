@@ -16,6 +16,7 @@ from numba import cuda
 
 from refimpl.cuda.device import MODE_FLOAT64, add, device_function, div, ex, mul, rnd, sigmoid, sub
 from refimpl.cuda.host import check_mode, launch_1d, to_device, to_host
+from refimpl.model import hyperconn as spec_hyperconn
 
 __all__ = ["split_sinkhorn"]
 
@@ -89,8 +90,7 @@ def split_sinkhorn(mixes: np.ndarray, scale: np.ndarray, base: np.ndarray, *, n:
     if iters < 1:
         raise ValueError(f"split_sinkhorn: iters must be >= 1, got {iters}")
     if n > MAX_STREAMS:
-        from refimpl.model.hyperconn import split_sinkhorn as spec
-        return spec.spec(mixes, scale, base, n=n, iters=iters, eps=eps, prec=prec)
+        return spec_hyperconn.split_sinkhorn.spec(mixes, scale, base, n=n, iters=iters, eps=eps, prec=prec)
     lead = mixes.shape[:-1]
     rows = mixes.reshape(-1, x).astype(dt)
     R = rows.shape[0]

@@ -42,6 +42,7 @@ from refimpl.kernels.prefetch import prefetch
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix
 from refimpl.model.linear import matmul as _matmul
 from refimpl.numerics import FP4_BLOCK, FP8_BLOCK, _as_codes, _check_scale_grid, act_fp8, bf16, round_f32, work_dtype
+from refimpl.model import attention as spec_attention, linear as spec_linear
 
 
 ROWS_PER_TASK = 32   # output rows per parallel task (scratch buffers are allocated once per task)
@@ -441,11 +442,10 @@ _NO_SCALE = np.zeros((1, 1), np.uint8)
 
 def fp32_linear(x: np.ndarray, w: np.ndarray, prec: str) -> np.ndarray:
     """Kernel of model.linear.fp32_linear: x [..., in] @ w[out, in]ᵀ, w bf16 or float32 (others: the spec)."""
-    from refimpl.model.linear import fp32_linear as spec
     work_dtype(prec)
     dense = _dense_codes(w, "fp32_linear")
     if dense is None:
-        return spec.spec(x, w, prec)
+        return spec_linear.fp32_linear.spec(x, w, prec)
     fmt, codes = dense
     y = product(fmt, _rows(x, codes.shape[1], "fp32_linear"), codes, _NO_SCALE, codes.shape[0], 0)
     return _finish(y, np.shape(x)[:-1], prec)
@@ -460,8 +460,7 @@ def grouped_wo_a(o: np.ndarray, wo_a: Fp8Matrix, groups: int, prec: str) -> np.n
     """Kernel of model.attention.grouped_wo_a: o [b, s, g, h*d/g] -> u [b, s, g, r], from wo_a's FP8 bytes."""
     fmt, codes, scale, nan = checked_codes(wo_a)
     if nan:                                                       # NaN weights: the spec's NaN outputs
-        from refimpl.model.attention import grouped_wo_a as spec
-        return spec.spec(o, wo_a, groups, prec)
+        return spec_attention.grouped_wo_a.spec(o, wo_a, groups, prec)
     n, k = codes.shape
     o = np.asarray(o)
     if groups < 1 or n % groups or o.ndim != 4 or o.shape[2] != groups or o.shape[3] != k:

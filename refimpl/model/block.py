@@ -38,6 +38,7 @@ def block(h: np.ndarray, tokens: np.ndarray, start_pos: int, state: AttentionSta
     x = rms_norm(x, w.attn_norm, eps=eps, prec=ctx.prec)
     x, state = attention(x, start_pos, state, w.attn, layer, ctx)
     h = hc_post(x, residual, post, comb, ctx)                          # [b, s, n, c]
+    record(ctx, f"layers.{i}.hc_attn.out", h)
 
     residual = h
     x, post, comb = hc_pre(h, w.hc_ffn, f"layers.{i}.hc_ffn", ctx)

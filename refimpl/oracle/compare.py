@@ -65,6 +65,7 @@ import numpy as np
 from refimpl.formats.files import write_bytes
 from refimpl.oracle.trace import TRACE_FORMAT_VERSION
 from refimpl.sites import SITES
+from refimpl.formats.files import MAX_JSON_DEPTH, check_output_path, json_depth
 
 PROFILES_PATH = Path(__file__).with_name("profiles.toml")
 PRECISIONS = ("float64", "float32", "mirror", "bf16")   # the precisions a trace may declare
@@ -127,7 +128,6 @@ def load_trace(path) -> TraceFile:
 
 def parse_meta_json(raw, path, error=ValueError):
     """The 'refimpl' metadata string parsed as JSON, nested at most MAX_JSON_DEPTH levels; error names path."""
-    from refimpl.formats.files import MAX_JSON_DEPTH, json_depth
     try:
         meta = json.loads(raw)
     except RecursionError:
@@ -203,7 +203,8 @@ _NDIM = {"embed": 2, "final.x": 2, "logits": 2, "mtp.final.x": 2, "mtp.logits": 
          "hc_attn.pre": 2, "hc_attn.post": 2, "hc_attn.comb": 3, "hc_ffn.pre": 2, "hc_ffn.post": 2,
          "hc_ffn.comb": 3, "attn.q": 3, "attn.kv": 2, "attn.compressed_kv": 2, "attn.indexer.scores": 2,
          "attn.indexer.topk": 2, "attn.out": 2, "ffn.gate_scores": 2, "ffn.expert_ids": 2,
-         "ffn.expert_weights": 2, "ffn.out": 2, "out": 3}
+         "ffn.expert_weights": 2, "ffn.out": 2, "out": 3, "hc_attn.out": 3}
+assert set(_NDIM) == {s.replace("layers.{i}.", "") for s in SITES}, "every site needs its number of axes"
 
 
 def _check_site_contract(path, tensors: dict, s: int, mtp: int | None, golden_rows=None) -> None:
@@ -896,7 +897,6 @@ def check_plot_path(path, inputs=()) -> Path:
     be a new name or a regular file (not a symlink, FIFO, device or folder: `files.check_output_path`)
     and not be one of the input traces. PlotUsageError for a malformed value, FileError/CompareError
     for a refused path; nothing is touched."""
-    from refimpl.formats.files import check_output_path
     text = str(path)
     if text == "":
         raise PlotUsageError("--plot: the file name is empty; give a name ending in .png")

@@ -30,7 +30,15 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+from refimpl.config import Config
+from refimpl.formats.checkpoint import SafetensorsFile
+from refimpl.formats.config_file import read_config
+from refimpl.formats.weights import load
+from refimpl.model.transformer import Model
+from refimpl.oracle.trace import run_trace, site_names
+from refimpl.synthetic.writer import make_checkpoint
+
+FORMAT_VERSION = 2                             # 2: the manifest says why the set was (re)made (`reason`)
 MANIFEST = "manifest.json"
 SEED = 0                                       # make-checkpoint tiny --seed 0
 TOKEN_SEED = 2026                              # the token ids of every input: prefixes of one sequence
@@ -126,7 +134,6 @@ class GoldenInput:
         """The model this input runs on: `model`, or the same weights under its changed config keys."""
         if not self.config:
             return model
-        from refimpl.model.transformer import Model
         cfg = model.cfg.replace(**{CONFIG_OVERRIDES[k]: v for k, v in self.config})
         return Model(cfg, model.weights, precision=model.precision, revision=model.revision, layout=model.layout,
                      kernels=model.kernels)
@@ -257,7 +264,11 @@ def read_manifest(golden_dir) -> dict:
 
 
 # the keys verify reads, and their JSON types (the others describe the set to people)
-REQUIRED = {"checkpoint": dict, "config": dict, "tokens": list, "inputs": list, "precisions": list, "files": dict}
+REQUIRED = {"checkpoint": dict, "config": dict, "tokens": list, "inputs": list, "precisions": list, "files": dict,
+            "reason": str}
+
+
+KINDS = {dict: "object", list: "list", str: "string"}
 
 
 def trace_file(precision: str, name: str) -> str:
@@ -270,7 +281,7 @@ def check_manifest(manifest: dict, path) -> None:
     for key, kind in REQUIRED.items():
         if not isinstance(manifest.get(key), kind):
             what = "missing" if key not in manifest else f"a {type(manifest[key]).__name__}"
-            raise GoldenError(f"{path}: '{key}' must be a JSON {'object' if kind is dict else 'list'}; it is {what}")
+            raise GoldenError(f"{path}: '{key}' must be a JSON {KINDS[kind]}; it is {what}")
     tokens, held, files = manifest["tokens"], manifest["precisions"], manifest["files"]
     if not tokens or not all(_is_int(t) and t >= 0 for t in tokens):
         raise GoldenError(f"{path}: 'tokens' must be a non-empty list of token ids (integers >= 0)")
@@ -401,12 +412,6 @@ def verify(golden_dir=None, *, precisions=None, inputs: list[str] | None = None,
     kernels: the kernel selection to run (refimpl/ops.py): verify the kernels against the golden set.
     """
     import tempfile
-    from refimpl.config import Config
-    from refimpl.formats.config_file import read_config
-    from refimpl.formats.checkpoint import SafetensorsFile
-    from refimpl.formats.weights import load
-    from refimpl.oracle.trace import run_trace, site_names
-    from refimpl.synthetic.writer import make_checkpoint
 
     golden_dir = Path(golden_dir) if golden_dir is not None else default_dir()
     manifest = read_manifest(golden_dir)

@@ -25,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from refimpl.formats.checkpoint import SafetensorsFile
+from refimpl.oracle.compare import parse_meta_json
+
 MAX_WEIGHT_FACTOR = 1e4     # forced expert weights: at most this x route_scale (the model's sum to route_scale)
 SITE = re.compile(r"^layers\.(\d+)\.(ffn\.expert_ids|ffn\.expert_weights|attn\.indexer\.topk)$")
 
@@ -86,14 +89,12 @@ class Replay:
     @classmethod
     def load(cls, path, *, weights: bool = False, hash_layers: bool = False) -> "Replay":
         """From a safetensors file (a refimpl trace, or one written as docs/replay.md says)."""
-        from refimpl.formats.checkpoint import SafetensorsFile
         path = Path(path)
         if path.is_dir():
             raise ReplayError(f"{path}: is a folder; a replay input is one safetensors file (e.g. a trace)")
         f = SafetensorsFile(path)                       # validates the header; CheckpointError names the file
         tokens = None
         if "refimpl" in f.metadata:
-            from refimpl.oracle.compare import parse_meta_json
             meta = parse_meta_json(f.metadata["refimpl"], path, ReplayError)
             if not isinstance(meta, dict):
                 raise ReplayError(f"{path}: metadata 'refimpl' is not a JSON object")

@@ -14,10 +14,12 @@ bytes depend only on the seed, the name and the shape, never on the write order.
 the same streams only on the same build; golden sets therefore store the sha256 of the files.)
 
 Weight scales (chosen so that a forward pass of random weights stays O(1) through every layer):
-    linear weights (FP8, FP4, BF16)  N(0, 1/fan_in) in dequantized value; FP8 via quant_fp8_weight
+    linear weights (FP8, FP4, BF16)  N(0, 1/fan_in) in dequantized value; FP8 via quant_fp8_weight,
+                                     each 128x128 block with its own power-of-two gain (2^-2..2^2,
+                                     normalised), so the block scales vary by 4 binades across the grid
     routed experts (FP4)             random e2m1 nibbles shaped like a quantized N(0, 2^2) and E8M0
-                                     per-32 scales mixed between two powers of two so that the
-                                     dequantized variance is 1/fan_in (no float array is quantized)
+                                     per-32 scales spread over 4 binades, mixed so that the dequantized
+                                     variance is 1/fan_in on average (no float array is quantized)
     embed                            N(0, 1): unit-RMS token vectors
     norms                            1 + N(0, 0.02^2)
     hc_*_fn                          N(0, 1/(hc_mult·dim)): the RMS-normalized mixes are ~N(0, 1)
@@ -49,10 +51,12 @@ from refimpl.config import Config, ConfigError
 from refimpl.numerics import FP4_BLOCK, FP8_BLOCK, decode_fp4_e2m1
 from refimpl.synthetic.quantize import quant_fp8_weight
 from refimpl.formats.weights import TensorSpec, expected_tensors
+from refimpl.synthetic.tokenizer import build_tiny_tokenizer, write_tokenizer_files
 
 DEFAULT_SHARD_BYTES = 4 * 1024**3      # the official shards average 3.5 GB (46 for 160 GB)
 CHUNK_ELEMENTS = 1 << 22               # large tensors are generated in row chunks of ~4M elements
 FP4_CODE_STD = 2.0                     # nibbles ~ e2m1(N(0, 2^2)): amax/scale of a real 32-block is 3..6
+SCALE_SPREAD = 2                       # FP8 and FP4 block scales spread over 2^-2 .. 2^2 around their mean
 
 
 # ---------------------------------------------------------------- configs
@@ -95,14 +99,27 @@ def _normal(rng, shape, std: float, mean: float = 0.0, dtype=np.float32) -> np.n
     return out
 
 
+def _block_gains(rng, shape) -> np.ndarray:
+    """Per-block gains 2^r · c, r uniform in -SCALE_SPREAD..SCALE_SPREAD, c = 1/sqrt(mean of the drawn 4^r): the
+    weight keeps a variance of 1/K over the whole matrix, whatever its few blocks drew."""
+    r = rng.integers(-SCALE_SPREAD, SCALE_SPREAD + 1, size=shape)
+    return (np.ldexp(1.0, r) / math.sqrt(np.mean(4.0 ** r))).astype(np.float32)
+
+
 def _fp8_pair(rng, shape) -> tuple[np.ndarray, np.ndarray]:
-    """FP8 weight [N, K] ~ N(0, 1/K) quantized with 128x128 E8M0 block scales, in row chunks."""
+    """FP8 weight [N, K] ~ N(0, 1/K)·gain quantized with 128x128 E8M0 block scales, in row chunks.
+
+    Each 128x128 block has its own gain (_block_gains), so the block scales vary across the grid
+    in both directions by 2·SCALE_SPREAD binades, as a real checkpoint's do: a loader that reads
+    the grid transposed, per column, or with another block height gets other numbers.
+    """
     n, k = shape
     values = np.empty((n, k), ml_dtypes.float8_e4m3fn)
     scale = np.empty((-(-n // FP8_BLOCK), -(-k // FP8_BLOCK)), ml_dtypes.float8_e8m0fnu)
+    gains = np.repeat(np.repeat(_block_gains(rng, scale.shape), FP8_BLOCK, 0), FP8_BLOCK, 1)[:n, :k]
     step = max(FP8_BLOCK, CHUNK_ELEMENTS // k // FP8_BLOCK * FP8_BLOCK)   # whole 128-row blocks per chunk
     for r in range(0, n, step):
-        w = rng.standard_normal((min(step, n - r), k), dtype=np.float32) * np.float32(k ** -0.5)
+        w = rng.standard_normal((min(step, n - r), k), dtype=np.float32) * np.float32(k ** -0.5) * gains[r:r + step]
         v, s = quant_fp8_weight(w)                               # uint8 codes, uint8 E8M0
         values[r:r + step] = v.view(ml_dtypes.float8_e4m3fn)
         scale[r // FP8_BLOCK:(r + step) // FP8_BLOCK] = s.view(ml_dtypes.float8_e8m0fnu)
@@ -137,13 +154,17 @@ def _fp4_weight(rng, shape) -> np.ndarray:
 
 
 def _fp4_scale(rng, shape) -> np.ndarray:
-    """E8M0 [N, K/32]: 2^e or 2^(e+1) per block, mixed so dequantized variance = 1/K (K = 32·cols)."""
+    """E8M0 [N, K/32]: 2^(e + r) or 2^(e + r + 1) per block, r uniform in -SCALE_SPREAD..SCALE_SPREAD (scales
+    vary by several binades along both axes, as a real checkpoint's do), mixed so that the dequantized
+    variance is 1/K on average (K = 32·cols)."""
     k = shape[1] * FP4_BLOCK
-    target = 1.0 / k / _FP4_CODE_VAR                             # wanted E[scale^2]
+    spread = np.arange(-SCALE_SPREAD, SCALE_SPREAD + 1)
+    target = 1.0 / k / _FP4_CODE_VAR / np.mean(4.0 ** spread)   # wanted E[scale^2] / E[4^r]
     e = math.floor(math.log2(target) / 2)                        # 4^e <= target < 4^(e+1)
     p_hi = (target / 4.0**e - 1) / 3                             # p·4^(e+1) + (1-p)·4^e = target
     hi = rng.random(shape, dtype=np.float32) < p_hi
-    return (127 + e + hi).astype(np.uint8).view(ml_dtypes.float8_e8m0fnu)   # biased exponent bytes
+    r = rng.integers(-SCALE_SPREAD, SCALE_SPREAD + 1, size=shape)
+    return (127 + e + r + hi).astype(np.uint8).view(ml_dtypes.float8_e8m0fnu)   # biased exponent bytes
 
 
 def _tid2eid(rng, vocab: int, n_experts: int, k: int) -> np.ndarray:
@@ -240,7 +261,6 @@ def _write_tokenizer(cfg: Config, out: Path) -> str | None:
     tokens: enough for tiny, not for Flash's 129,280. A tokenizer with fewer ids than the model
     would misdescribe the checkpoint, so larger vocabularies get none (copy the official one in).
     """
-    from refimpl.synthetic.tokenizer import build_tiny_tokenizer, write_tokenizer_files
     try:
         tok = build_tiny_tokenizer(cfg.vocab_size)
     except ValueError as e:

@@ -30,7 +30,7 @@ def _meta(path):
 def test_within_tolerance_exits_0(cli_traces, capsys):
     assert main(["compare", str(cli_traces["float32"]), str(cli_traces["float64"])]) == 0
     out = capsys.readouterr().out
-    assert "profile float32-vs-float64" in out and "within tolerance (float32-vs-float64): 108 sites compared" in out
+    assert "profile float32-vs-float64" in out and "within tolerance (float32-vs-float64): 115 sites compared" in out
 
 
 def test_out_of_tolerance_exits_1_and_names_the_first_site(cli_traces, tmp_path, capsys):
@@ -42,14 +42,14 @@ def test_out_of_tolerance_exits_1_and_names_the_first_site(cli_traces, tmp_path,
     assert main(["compare", str(bad), str(cli_traces["float64"])]) == 1
     out = capsys.readouterr().out
     assert "FIRST OUT OF TOLERANCE: layers.4.ffn.out (layer 4), position 9: max_rel" in out
-    assert "worst element (9, 100)" in out and "2 of 108 sites out of tolerance" in out
+    assert "worst element (9, 100)" in out and "2 of 115 sites out of tolerance" in out
 
 
 def test_json_output_parses(cli_traces, capsys):
     assert main(["compare", str(cli_traces["float32"]), str(cli_traces["float64"]), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["ok"] is True and r["first"] is None and r["profile"] == "float32-vs-float64"
-    assert len(r["sites"]) == 108 and r["sites"][0]["site"] == "embed"
+    assert len(r["sites"]) == 115 and r["sites"][0]["site"] == "embed"
     topk = next(s for s in r["sites"] if s["site"] == "layers.2.attn.indexer.topk")
     assert topk["min_margin"] == "inf"                     # non-finite numbers as strings: strict JSON
     json.loads(json.dumps(r), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
@@ -172,4 +172,4 @@ def test_a_candidate_without_logits_exits_1(cli_traces, tmp_path, capsys):
     assert out.startswith("FAILED: the candidate") and "no 'logits' site" in out
     save_file({"embed": t["embed"], "logits": t["logits"]}, str(cand), metadata=_meta(cli_traces["float32"]))
     assert main(["compare", str(cand), str(cli_traces["float64"])]) == 0
-    assert "note: NOT COMPARED: 106 of the reference's 108 sites are missing" in capsys.readouterr().out
+    assert "note: NOT COMPARED: 113 of the reference's 115 sites are missing" in capsys.readouterr().out

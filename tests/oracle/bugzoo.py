@@ -33,6 +33,7 @@ import pytest
 import refimpl.model.attention as attention_mod
 import refimpl.model.compressor as compressor_mod
 import refimpl.model.indexer as indexer_mod
+import refimpl.model.linear as linear_mod
 import refimpl.model.moe as moe_mod
 import refimpl.model.norm as norm_mod
 import refimpl.model.rope as rope_mod
@@ -235,6 +236,36 @@ def _rsqrt_not_correctly_rounded(mp):
     mp.setattr(attention_mod, "head_rms_norm", f)
 
 
+def _fp8_grid_read_column_major(mp):
+    # the FP8 scale grid [ceil(N/128), ceil(K/128)] read in column-major order (a transposed grid, for square ones)
+    real = linear_mod.dequant_fp8_weight
+
+    def dequant(values, scale, *, block=128):
+        s = np.asarray(scale).view(np.uint8)
+        return real(values, np.ascontiguousarray(s.T).reshape(s.shape), block=block)
+    mp.setattr(linear_mod, "dequant_fp8_weight", dequant)
+
+
+def _fp8_one_scale_row(mp):
+    # every 128-row block of an FP8 weight takes the first block row's scales (one scale per column block)
+    real = linear_mod.dequant_fp8_weight
+
+    def dequant(values, scale, *, block=128):
+        s = np.asarray(scale).view(np.uint8)
+        return real(values, np.repeat(s[:1], s.shape[0], axis=0), block=block)
+    mp.setattr(linear_mod, "dequant_fp8_weight", dequant)
+
+
+def _fp4_one_scale_row(mp):
+    # every row of a routed expert's FP4 weight takes row 0's 1x32 scales
+    real = linear_mod.dequant_fp4_weight
+
+    def dequant(packed, scale):
+        s = np.asarray(scale).view(np.uint8)
+        return real(packed, np.repeat(s[:1], s.shape[0], axis=0))
+    mp.setattr(linear_mod, "dequant_fp4_weight", dequant)
+
+
 FAULTS: dict[str, Fault] = {
     "wrong_rope_base_compressed": Fault(
         "compressed layers use rope_theta 10000 (with YaRN) instead of compress_rope_theta (§19.2)",
@@ -277,10 +308,21 @@ FAULTS: dict[str, Fault] = {
         "prefill-4", "layers.2.attn.indexer.scores", 3, _visibility_t_over_m),
     "sink_in_max": Fault(
         "attention sink inside the softmax's running max (§19.9): same math, other roundings",
-        "prefill-1", "layers.0.attn.out", 0, _sink_in_max),
+        "prefill-1", "layers.1.attn.out", 0, _sink_in_max),   # roundings only: layer 0's happen to agree
+    "fp8_scale_grid_column_major": Fault(
+        "FP8 block-scale grid read column-major, i.e. transposed (a loader bug; §16); wq_a, wq_b and wkv have a "
+        "grid of one row or column, which reads the same, so the first weight it changes is wo_a",
+        "prefill-1", "layers.0.attn.out", 0, _fp8_grid_read_column_major),
+    "fp8_one_scale_row": Fault(
+        "every 128-row block of an FP8 weight scaled by the first block row's scales (a loader bug; §16); wq_b's "
+        "block rows are its heads, and the per-head q norm cancels a power-of-two factor exactly, so wo_a shows it",
+        "prefill-1", "layers.0.attn.out", 0, _fp8_one_scale_row),
+    "fp4_one_scale_row": Fault(
+        "every row of an FP4 expert weight scaled by row 0's 1x32 scales (a loader bug; §16)",
+        "prefill-1", "layers.0.ffn.out", 0, _fp4_one_scale_row),
     "rsqrt_not_correctly_rounded": Fault(
         "the q norm's bf16 rsqrt as PyTorch's CPU kernel rounds it (§19.5)",
-        "prefill-1", "layers.0.attn.q", 0, _rsqrt_not_correctly_rounded),
+        "prefill-1", "layers.1.attn.q", 0, _rsqrt_not_correctly_rounded),   # layer 0's q norms hit no such value
 }
 
 
