@@ -65,6 +65,11 @@ class State:
             raise StateError("state layers must be a tuple of AttentionState, one per layer")
         object.__setattr__(self, "layers", tuple(_read_only(ls) for ls in self.layers))
 
+    def __setstate__(self, fields: dict) -> None:
+        # pickle and copy.deepcopy rebuild a State without __init__: checked and made read-only all the same
+        self.__dict__.update(fields)
+        self.__post_init__()
+
     @staticmethod
     def empty(cfg, batch: int, precision: str, revision: str, layout: str = "official", *,
               weights_id: str) -> "State":

@@ -388,7 +388,9 @@ def test_state_from_another_checkpoint_is_refused(tiny_model, tmp_path):
 def test_state_arrays_are_read_only(tiny_model, prec):
     """Every array of a state (fresh, from prefill, from decode) is read-only: an edit in place raises
     instead of being decoded (it made every logit 0.0), and the model never needs to write into one."""
+    import copy
     import dataclasses
+    import pickle
     model = chunk_model(tiny_model, prec)
     _, state = model.prefill(tokens(9, 3))                   # 9 tokens: every kind of layer holds entries
     for st in (model.new_state(), state, model.decode(5, state)[1]):
@@ -407,6 +409,9 @@ def test_state_arrays_are_read_only(tiny_model, prec):
     edited = dataclasses.replace(state, layers=(dataclasses.replace(state.layers[0], window=mine),)
                                  + state.layers[1:])
     assert mine.flags.writeable and not edited.layers[0].window.flags.writeable   # given; theirs stay as they were
+    for again in (copy.deepcopy(state), pickle.loads(pickle.dumps(state))):     # rebuilt without __init__
+        assert not any(a.flags.writeable for a in state_arrays(again).values())
+        assert np.array_equal(model.decode(5, again)[0], logits)
 
 
 def test_arguments_of_the_wrong_kind_are_value_errors(tiny_model):
