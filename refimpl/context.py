@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from refimpl.config import Config, Layer
+from refimpl.config import Config, ConfigError, Layer
 from refimpl.numerics import PRECISIONS, check_precision, work_dtype
 from refimpl.ops import Kernels, parse_kernels
 
@@ -51,7 +51,7 @@ class RunContext:
 
     def __post_init__(self):
         if not isinstance(self.cfg, Config):
-            raise TypeError(f"RunContext needs a refimpl Config, got {type(self.cfg).__name__}")
+            raise ConfigError(f"RunContext needs a refimpl Config, got {type(self.cfg).__name__}")
         check_precision(self.prec)
         check_revision(self.revision)
         check_layout(self.layout)

@@ -54,6 +54,11 @@ def probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
     """One token id from the logits of one position. logits [v] -> int."""
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), got "
+                         f"{type(rng).__name__}")
     if params.temperature == 0:
         return int(np.argmax(logits))
     p = probabilities(logits, params.temperature)                       # [v]
@@ -79,9 +84,10 @@ class Generation:
     prompt: list[int]
     tokens: list[int] = field(default_factory=list)       # new tokens (EOS included if it was drawn)
     stopped_on_eos: bool = False
+    stopped_at_max_seq_len: bool = False                  # fewer tokens than asked: prompt + tokens fill the context
     prefill_s: float = 0.0
     decode_s: list[float] = field(default_factory=list)   # seconds per decode step
-    state: object = None
+    state: object = field(default=None, repr=False)
 
     @property
     def ms_per_token(self) -> float:
@@ -91,7 +97,13 @@ class Generation:
 def generate(model, prompt: list[int], *, max_new_tokens: int, params: SamplingParams = SamplingParams(),
              seed: int | None = 0, eos_id: int | None = None, stop_on_eos: bool = True,
              on_token: Callable[[int], None] | None = None) -> Generation:
-    """Prefill the prompt, then sample up to max_new_tokens tokens one decode step at a time."""
+    """Prefill the prompt, then sample up to max_new_tokens tokens one decode step at a time.
+
+    The prompt and the new tokens together fit the model's max_seq_len: generation stops there
+    (`stopped_at_max_seq_len`), and a prompt longer than max_seq_len is refused.
+    """
+    if not all(hasattr(model, name) for name in ("cfg", "prefill", "decode")):   # a Model, or one that acts alike
+        raise ValueError(f"model must be a refimpl Model (refimpl.load(CKPT)), got {type(model).__name__}")
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if seed is not None and (not _is_int(seed) or seed < 0):
@@ -100,11 +112,17 @@ def generate(model, prompt: list[int], *, max_new_tokens: int, params: SamplingP
         raise ValueError(f"eos_id must be None or an int, got {eos_id!r}")
     if not isinstance(params, SamplingParams):
         raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-    iterable = hasattr(prompt, "__iter__") and not isinstance(prompt, (str, bytes))
-    items = list(prompt) if iterable else []
-    bad = [t for t in items if not _is_int(t)] if iterable else [prompt]
+    if not isinstance(stop_on_eos, (bool, np.bool_)):
+        raise ValueError(f"stop_on_eos must be True or False, got {stop_on_eos!r:.60}")
+    if on_token is not None and not callable(on_token):
+        raise ValueError(f"on_token must be None or a function of one token id, got {type(on_token).__name__}")
+    if not isinstance(prompt, (list, tuple, range, np.ndarray)):   # a dict or a set is no sequence of ids
+        raise ValueError(f"prompt must be a list, tuple or 1-D array of integer token ids, got "
+                         f"{type(prompt).__name__} {prompt!r:.60}")
+    items = list(prompt) if not isinstance(prompt, np.ndarray) or prompt.ndim == 1 else [prompt]
+    bad = [t for t in items if not _is_int(t)]
     if bad:                                                 # never "0152" -> [0, 1, 5, 2], [1.7] -> [1]
-        raise ValueError(f"prompt must be a sequence of integer token ids, got {bad[0]!r}")
+        raise ValueError(f"prompt must be a sequence of integer token ids, got {bad[0]!r:.60}")
     prompt = [int(t) for t in items]                        # exact: each is an integer already
     if not prompt:
         raise ValueError("empty prompt: at least one token is needed")
@@ -112,13 +130,14 @@ def generate(model, prompt: list[int], *, max_new_tokens: int, params: SamplingP
     outside = [t for t in prompt if not 0 <= t < cfg.vocab_size]   # checked here too: max_new_tokens=0 runs nothing
     if outside:
         raise ValueError(f"token id {outside[0]} is outside the vocabulary [0, {cfg.vocab_size})")
-    if len(prompt) + max_new_tokens > cfg.max_seq_len:
+    if len(prompt) > cfg.max_seq_len:
+        raise ValueError(f"prompt of {len(prompt)} tokens exceeds max_seq_len={cfg.max_seq_len}")
+    limited = len(prompt) + max_new_tokens > cfg.max_seq_len
+    if limited:
         max_new_tokens = cfg.max_seq_len - len(prompt)      # the context ends here (a load option)
-        if max_new_tokens < 0:
-            raise ValueError(f"prompt of {len(prompt)} tokens exceeds max_seq_len={cfg.max_seq_len}")
     eos_id = cfg.eos_token_id if eos_id is None else eos_id
     rng = np.random.default_rng(seed)
-    out = Generation(prompt=prompt)
+    out = Generation(prompt=prompt, stopped_at_max_seq_len=limited)
     if max_new_tokens == 0:
         return out
     t0 = time.perf_counter()
@@ -131,7 +150,7 @@ def generate(model, prompt: list[int], *, max_new_tokens: int, params: SamplingP
         if on_token is not None:
             on_token(tok)
         if stop_on_eos and tok == eos_id:
-            out.stopped_on_eos = True
+            out.stopped_on_eos, out.stopped_at_max_seq_len = True, False
             break
         if step == max_new_tokens - 1:
             break

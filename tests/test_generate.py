@@ -121,3 +121,40 @@ def test_non_numeric_or_out_of_range_sampling_params_are_clear_errors(kwargs):
     """A ValueError naming the parameter, never a TypeError from a comparison."""
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("prompt", [{0: 1}, {0, 3}, {"a": 1}.keys(), iter([0, 3])])
+def test_a_prompt_that_is_no_sequence_is_refused(prompt):
+    """A dict's keys (or a set, an iterator) are not the prompt: refused, not run as [0]."""
+    with pytest.raises(ValueError, match="prompt must be a list, tuple or 1-D array"):
+        generate(_Scripted([5]), prompt, max_new_tokens=1)
+    assert generate(_Scripted([5]), range(2), max_new_tokens=1).prompt == [0, 1]
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: generate(None, [0], max_new_tokens=1), "model must be a refimpl Model"),
+    (lambda: generate("ckpt", [0], max_new_tokens=1), "got str"),
+    (lambda: generate(_Scripted([5]), [0], max_new_tokens=1, on_token=5), "on_token must be None or a function"),
+    (lambda: generate(_Scripted([5]), [0], max_new_tokens=1, stop_on_eos="no"), "stop_on_eos must be True or False"),
+    (lambda: sample(np.zeros(4), None, np.random.default_rng(0)), "params must be a SamplingParams"),
+    (lambda: sample(np.zeros(4), SamplingParams(temperature=1.0), None), "rng must be a numpy.random.Generator"),
+])
+def test_arguments_of_the_wrong_kind_are_value_errors(call, words):
+    """Misuse is a ValueError naming the argument, never an AttributeError or a TypeError from deep inside."""
+    with pytest.raises(ValueError, match=words):
+        call()
+
+
+def test_generation_says_it_stopped_at_max_seq_len():
+    """Fewer tokens than asked because the context is full: said, not silent; a full prompt gives 0 tokens."""
+    g = generate(_Scripted([5], max_seq_len=6), [0, 2, 3], max_new_tokens=10)
+    assert g.tokens == [5, 5, 5] and g.stopped_at_max_seq_len and not g.stopped_on_eos
+    full = generate(_Scripted([5], max_seq_len=3), [0, 2, 3], max_new_tokens=4)
+    assert full.tokens == [] and full.stopped_at_max_seq_len
+    exact = generate(_Scripted([5], max_seq_len=6), [0, 2, 3], max_new_tokens=3)
+    assert exact.tokens == [5, 5, 5] and not exact.stopped_at_max_seq_len      # all that was asked for
+    eos = generate(_Scripted([5, 1], max_seq_len=5), [0, 2, 3], max_new_tokens=4)
+    assert eos.tokens == [5, 1] and eos.stopped_on_eos and not eos.stopped_at_max_seq_len
+    with pytest.raises(ValueError, match="exceeds max_seq_len=2"):
+        generate(_Scripted([5], max_seq_len=2), [0, 2, 3], max_new_tokens=1)
+    assert "state" not in repr(g)                          # the result prints as tokens, not as every cached array

@@ -34,15 +34,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _int(text: str) -> int | None:
-    """A decimal integer written in ASCII digits (int() alone also takes '1_0' and non-ASCII digits), else None."""
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _number(text: str, *, integer: bool = False) -> int | float | None:
+    """The one parser of every numeric flag: a number in ASCII decimal (an int if integer, else a finite
+    float), else None. int() and float() alone also take '1_0' and non-ASCII digits, float() 'nan' and 'inf'."""
     text = text.strip()
-    return int(text) if re.fullmatch(r"[+-]?[0-9]+", text) else None
+    if not (_INTEGER if integer else _DECIMAL).fullmatch(text):
+        return None
+    if integer:
+        return int(text)
+    v = float(text)
+    return v if math.isfinite(v) else None         # '1e999' overflows to inf
 
 
 def _ids(text: str) -> list[int]:
     """--tokens: comma-separated integers (argparse type)."""
-    parts = [_int(t) for t in text.split(",")]
+    parts = [_number(t, integer=True) for t in text.split(",")]
     if not text.strip():
         raise argparse.ArgumentTypeError("is empty: give comma-separated token ids, e.g. 0,15,27")
     if None in parts:
@@ -52,7 +62,7 @@ def _ids(text: str) -> list[int]:
 
 def _chunks(text: str) -> list[int]:
     """--chunks: comma-separated positive integers (argparse type)."""
-    sizes = [_int(t) for t in text.split(",")]
+    sizes = [_number(t, integer=True) for t in text.split(",")]
     if None in sizes or min(sizes) <= 0:
         raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {text[:100]!r}")
     return sizes
@@ -77,7 +87,7 @@ def _path(text: str) -> str:
 def _at_least(lo: int):
     """argparse type: an integer >= lo."""
     def parse(text: str) -> int:
-        n = _int(text)
+        n = _number(text, integer=True)
         if n is None or n < lo:
             raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {text[:100]!r}")
         return n
@@ -86,28 +96,30 @@ def _at_least(lo: int):
 
 def _temperature(text: str) -> float:
     """--temperature: a finite number >= 0 (argparse reports a bad value as a usage error, exit 2)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number >= 0 (0 = greedy)")
+    v = _number(text)
+    if v is None or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite decimal number >= 0 (0 = greedy), got {text[:100]!r}")
     return v
 
 
 def _top_p(text: str) -> float:
-    """--top-p: a number in (0, 1]."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must lie in (0, 1]")
+    """--top-p: a decimal number in (0, 1]."""
+    v = _number(text)
+    if v is None or not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be a decimal number in (0, 1], got {text[:100]!r}")
     return v
 
 
+def _folder(text: str) -> str:
+    """--dir: a folder name (argparse type: '' would be taken as the current folder)."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty: give a folder")
+    return text
+
+
 def _kernels(text: str):
-    """--kernels: a kernel selection (argparse type: a bad one is a usage error naming the flag)."""
+    """--kernels or $REFIMPL_KERNELS: a kernel selection (argparse type). One it cannot make (malformed, or a
+    backend this machine cannot run) is a usage error, exit 2, from either source."""
     from refimpl.ops import KernelError, parse_kernels
     import refimpl.model.transformer  # noqa: F401  (registers the swappable operations)
     try:
@@ -220,7 +232,10 @@ def cmd_generate(a) -> int:
     from refimpl.generate import SamplingParams, generate
     from refimpl.formats.tokenizer import Tokenizer
     from refimpl.formats.weights import check_checkpoint_folder
-    params = SamplingParams(temperature=a.temperature, top_p=a.top_p)     # checked before any loading
+    if a.thinking and a.chat is None:                                     # a usage error, before any loading
+        return _fail("argument --thinking: applies to --chat only (the chat encoding's thinking mode); "
+                     "--prompt and --tokens are used exactly as given", 2)
+    params = SamplingParams(temperature=a.temperature, top_p=a.top_p)
     check_checkpoint_folder(a.ckpt)
     ids = _prompt_ids(a)
     model = _load(a)
@@ -244,9 +259,23 @@ def cmd_generate(a) -> int:
 
     g = generate(model, ids, max_new_tokens=a.max_new_tokens, params=params, seed=a.seed, on_token=show)
     sys.stdout.write("\n")
-    print(f"[{len(g.tokens)} tokens; prefill {g.prefill_s * 1000:.0f} ms; decode {g.ms_per_token:.1f} ms/token"
-          f"{'; stopped on EOS' if g.stopped_on_eos else ''}]", file=sys.stderr)
+    print(f"[{_generation_summary(g, model.cfg.max_seq_len)}]", file=sys.stderr)
     return 0
+
+
+def _generation_summary(g, max_seq_len: int) -> str:
+    """`N tokens; prefill .. ms; decode .. ms/token; why it stopped` (only the parts that happened)."""
+    parts = [f"{len(g.tokens)} tokens"]
+    if g.tokens:
+        parts.append(f"prefill {g.prefill_s * 1000:.0f} ms")
+    if g.decode_s:
+        parts.append(f"decode {g.ms_per_token:.1f} ms/token")
+    if g.stopped_on_eos:
+        parts.append("stopped on EOS")
+    if g.stopped_at_max_seq_len:
+        parts.append(f"stopped at max_seq_len={max_seq_len}: the prompt ({len(g.prompt)} tokens) and the new tokens "
+                     "fill the context (--max-seq-len N sets it)")
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------- comparing traces
@@ -327,7 +356,7 @@ def cmd_golden_verify(a) -> int:
 
 def cmd_demo(a) -> int:
     from refimpl.cli.demo import run_demo
-    return run_demo(Path(a.dir), max_new_tokens=a.max_new_tokens, precision=a.precision, kernels=a.kernels)
+    return run_demo(a.dir, max_new_tokens=a.max_new_tokens, precision=a.precision, kernels=a.kernels)
 
 
 # ---------------------------------------------------------------- parser
@@ -440,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_golden_verify)
 
     q = sub.add_parser("demo", help="the README's main job on the built-in tiny model")
-    q.add_argument("--dir", default=str(DEFAULT_DEMO_DIR),
+    q.add_argument("--dir", type=_folder, default=str(DEFAULT_DEMO_DIR),
                    help="where the tiny checkpoint is made or reused (a new or empty folder, or one the demo wrote)")
     q.add_argument("--max-new-tokens", type=_at_least(1), default=8)
     q.add_argument("--precision", default="mirror", choices=("float64", "float32", "mirror"))
@@ -456,6 +485,11 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     if sys.stdout is None:             # started with stdout closed (`refimpl encode x >&-`): nowhere to print
         return _fail("standard output is closed: the command has nowhere to write its output", 1)
+    if getattr(args, "kernels", False) is None and os.environ.get("REFIMPL_KERNELS"):
+        try:                           # the same rule as --kernels: checked now, a usage error
+            args.kernels = _kernels(os.environ["REFIMPL_KERNELS"])
+        except argparse.ArgumentTypeError as e:
+            return _fail(f"the environment variable REFIMPL_KERNELS: {e}", 2)
     restore = _sigterm_raises()
     try:
         return args.func(args)

@@ -22,19 +22,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from refimpl.config import Config, ConfigError
 from refimpl.context import RunContext
 from refimpl.model.attention import AttentionState
 from refimpl.model.block import BlockWeights, block
-from refimpl.model.state import State, StateError, config_id
+from refimpl.model.state import State, StateError, config_id, weights_id
 from refimpl.model.hyperconn import HyperConnWeights, hc_head
 from refimpl.model.linear import Fp8Matrix, fp32_linear, quantized_linear
 from refimpl.model.norm import rms_norm
 from refimpl.numerics import bf16, storage_dtype
-from refimpl.sites import record, wants_mtp
+from refimpl.sites import Recording, record, wants_mtp
 from refimpl.ops import parse_kernels, use_kernels
 
+
 class InputError(ValueError):
-    """Token ids or lengths the model cannot take."""
+    """Token ids or lengths the model cannot take, or an argument of the wrong kind (a trace, the weights)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,21 @@ class ModelWeights:
     hc_head: HyperConnWeights          # hc_head_fn [n, n*c] / hc_head_base [n] / hc_head_scale [1]
     head: np.ndarray                   # [v, c] bf16   head.weight (used as fp32)
     mtp: MTPWeights | None
+
+
+def fingerprint(w: ModelWeights) -> str:
+    """weights_id of a few small tensors of every checkpoint: a state made over other weights is refused.
+
+    The final norm and hc_head, the first and last rows of embed and head, and each layer's
+    attention sinks and mHC bias: a few hundred KB on Flash, read once when the model is made.
+    """
+    arrays = {"norm": w.norm, "hc_head.fn": w.hc_head.fn, "hc_head.base": w.hc_head.base,
+              "hc_head.scale": w.hc_head.scale, "embed.first": w.embed[0], "embed.last": w.embed[-1],
+              "head.first": w.head[0], "head.last": w.head[-1]}
+    for i, layer in enumerate(w.layers):
+        arrays[f"layers.{i}.attn_sink"] = layer.attn.attn_sink
+        arrays[f"layers.{i}.hc_attn.base"] = layer.hc_attn.base
+    return weights_id(arrays)
 
 
 def head_logits(h: np.ndarray, hc: HyperConnWeights, norm: np.ndarray, head: np.ndarray, site: str, ctx) -> np.ndarray:
@@ -98,10 +115,16 @@ class Model:
 
     def __init__(self, cfg, weights: ModelWeights, *, precision: str = "float32", revision: str = "current",
                  layout: str = "official", kernels: str | None = None):
+        if not isinstance(cfg, Config):
+            raise ConfigError(f"Model needs a refimpl Config, got {type(cfg).__name__}")
+        if not isinstance(weights, ModelWeights):
+            raise InputError(f"Model needs ModelWeights (refimpl.load makes them from a checkpoint), got "
+                             f"{type(weights).__name__}")
         # every option checked once, here (context.py); kernels: which implementation runs each swappable operation
         self.ctx = RunContext(cfg, precision, revision, layout, parse_kernels(kernels))
         self.cfg, self.weights = cfg, weights
-        self.config_id = config_id(cfg)          # identifies the states (and traces) of this model
+        self.config_id = config_id(cfg)          # identifies the traces of this model's config
+        self.weights_id = fingerprint(weights)   # with config_id, the states of this model
 
     precision = property(lambda self: self.ctx.prec)
     revision = property(lambda self: self.ctx.revision)
@@ -111,10 +134,12 @@ class Model:
     # ---- public API ----
     def new_state(self, batch: int = 1) -> State:
         """An empty state (position 0) for `batch` sequences."""
-        return State.empty(self.cfg, batch, self.precision, self.revision, self.layout)
+        return State.empty(self.cfg, batch, self.precision, self.revision, self.layout, weights_id=self.weights_id)
 
     def forward(self, tokens, *, trace=None, mtp: bool = False):
         """Logits for every position. tokens [s] -> [s, v]  (or [b, s] -> [b, s, v]); with mtp, also MTP logits."""
+        if not isinstance(mtp, (bool, np.bool_)):
+            raise InputError(f"mtp must be True or False, got {mtp!r:.60}")
         ids, single = self._as_batch(tokens)
         logits, h, _ = self._run(ids, self.new_state(ids.shape[0]), trace)
         mtp_logits = None
@@ -134,6 +159,9 @@ class Model:
 
     def decode(self, token, state: State, *, trace=None):
         """One token per sequence. token int or [b] -> (logits [v] or [b, v], new state)."""
+        if state is None:                        # prefill takes None as a fresh state; a decode step follows one
+            raise StateError("decode needs the state of the sequence (from prefill or decode; model.new_state() "
+                             "for an empty one)")
         ids = token_ids(token)
         single = ids.ndim == 0
         logits, new_state = self.prefill(ids.reshape(-1, 1), state, trace=trace)
@@ -147,7 +175,7 @@ class Model:
     # ---- the forward pass ----
     def _run(self, ids: np.ndarray, state: State, trace):
         """ids [b, s] from state.pos -> (logits [b, s, v], final streams [b, s, n, c], new state)."""
-        ctx = self.ctx.running(trace)
+        ctx = self.ctx.running(_check_trace(trace))
         with use_kernels(ctx.kernels):
             return self._forward(ids, state, ctx)
 
@@ -164,13 +192,13 @@ class Model:
             layers.append(ls)
         logits = head_logits(h, w.hc_head, w.norm, w.head, "final.x", ctx)   # [b, s, v]
         record(ctx, "logits", logits)
-        new_state = State(pos=state.pos + s, layers=tuple(layers), batch=b, precision=ctx.prec,
-                          revision=ctx.revision, config_id=state.config_id, layout=ctx.layout)
+        new_state = State(pos=state.pos + s, layers=tuple(layers), batch=b, precision=ctx.prec, revision=ctx.revision,
+                          config_id=state.config_id, weights_id=state.weights_id, layout=ctx.layout)
         return logits, h, new_state
 
     def mtp_forward(self, h: np.ndarray, ids: np.ndarray, trace=None) -> np.ndarray:
         """MTP logits: position t uses streams h_t and token t+1, predicting t+2. h [b,s,n,c] -> [b, s-1, v]."""
-        ctx = self.ctx.running(trace)
+        ctx = self.ctx.running(_check_trace(trace))
         with use_kernels(ctx.kernels):
             return mtp(h, ids, self.weights, ctx)
 
@@ -194,6 +222,9 @@ class Model:
             raise StateError(f"expected a refimpl State, got {type(state).__name__}")
         if state.config_id != self.config_id:
             raise StateError("this state belongs to a model with another configuration")
+        if state.weights_id != self.weights_id:
+            raise StateError(f"this state belongs to a model with other weights (weights fingerprint "
+                             f"{state.weights_id!r:.20}, this model's {self.weights_id!r}): another checkpoint")
         if (state.precision, state.revision, state.layout) != (self.precision, self.revision, self.layout):
             raise StateError(f"this state was made in precision {state.precision!r} / revision {state.revision!r} / "
                              f"layout {state.layout!r}, the model runs {self.precision!r} / {self.revision!r} / "
@@ -205,6 +236,14 @@ class Model:
         if end > self.cfg.max_seq_len:
             raise InputError(f"sequence of {end} tokens exceeds the configured maximum context "
                              f"max_seq_len={self.cfg.max_seq_len} (a load option: load(..., max_seq_len=N))")
+
+
+def _check_trace(trace):
+    """trace as a run takes it: None or a sites.Recording (refimpl.Trace is one); InputError otherwise."""
+    if trace is not None and not isinstance(trace, Recording):
+        raise InputError(f"trace must be None or a Recording (refimpl.Trace, refimpl.sites.Recording), got "
+                         f"{type(trace).__name__}")
+    return trace
 
 
 def token_ids(tokens) -> np.ndarray:

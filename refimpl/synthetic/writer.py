@@ -44,8 +44,8 @@ import numpy as np
 
 from refimpl.formats.checkpoint import (INDEX_NAME, CheckpointError, spec_nbytes, write_json,
                                         write_sharded)
-from refimpl.formats.files import (check_output_path, interrupts_deferred, os_error, remove_folder, replace_folder,
-                                   temporary_name, write_text)
+from refimpl.formats.files import (FileError, check_output_path, interrupts_deferred, os_error, remove_folder,
+                                   replace_folder, temporary_name, write_text)
 from refimpl._version import __version__
 from refimpl.config import Config, ConfigError
 from refimpl.numerics import FP4_BLOCK, FP8_BLOCK, decode_fp4_e2m1
@@ -354,6 +354,8 @@ def make_checkpoint(cfg: Config, out_dir: str | Path, *, seed: int = 0, layers: 
             remove_folder(tmp)
         if isinstance(e, OSError):
             raise os_error(out, e, "write", CheckpointError) from None
+        if isinstance(e, FileError) and str(e).startswith(str(tmp)):   # a file of tmp, removed now: name out's
+            raise FileError(str(out) + str(e)[len(str(tmp)):]) from None
         raise
     finally:
         if bar is not None:

@@ -276,13 +276,13 @@ def test_folders_given_as_input_files(ck, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag, value, code, words", [
-    ("--temperature", "abc", 2, "argument --temperature: 'abc' is not a number"),
-    ("--temperature", "-1", 2, "argument --temperature: '-1': must be a finite number >= 0"),
-    ("--temperature", "nan", 2, "argument --temperature: 'nan': must be a finite number >= 0"),
-    ("--temperature", "inf", 2, "argument --temperature: 'inf': must be a finite number >= 0"),
-    ("--top-p", "0", 2, "argument --top-p: '0': must lie in (0, 1]"),
-    ("--top-p", "1.5", 2, "argument --top-p: '1.5': must lie in (0, 1]"),
-    ("--top-p", "nan", 2, "argument --top-p: 'nan': must lie in (0, 1]"),
+    ("--temperature", "abc", 2, "argument --temperature: must be a finite decimal number >= 0 (0 = greedy), got 'abc'"),
+    ("--temperature", "-1", 2, "argument --temperature: must be a finite decimal number >= 0 (0 = greedy), got '-1'"),
+    ("--temperature", "nan", 2, "argument --temperature: must be a finite decimal number >= 0 (0 = greedy), got 'nan'"),
+    ("--temperature", "inf", 2, "argument --temperature: must be a finite decimal number >= 0 (0 = greedy), got 'inf'"),
+    ("--top-p", "0", 2, "argument --top-p: must be a decimal number in (0, 1], got '0'"),
+    ("--top-p", "1.5", 2, "argument --top-p: must be a decimal number in (0, 1], got '1.5'"),
+    ("--top-p", "nan", 2, "argument --top-p: must be a decimal number in (0, 1], got 'nan'"),
     ("--max-new-tokens", "-1", 2, "argument --max-new-tokens: must be an integer >= 0"),
     ("--seed", "x", 2, "argument --seed: must be an integer >= 0"),
 ])
@@ -486,3 +486,105 @@ def test_a_long_legal_output_name_is_written(tiny_ckpt, tmp_path, capsys):
     code, _, err = run(capsys, "trace", str(tiny_ckpt), "--tokens", "1,2", "--sites", "embed", "--out", str(out))
     assert code == 0, err
     assert out.is_file() and [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+# ---------------------------------------------------------------- issue 25: CLI words and the first run
+
+@pytest.mark.parametrize("how", ["--kernels", "REFIMPL_KERNELS"])
+@pytest.mark.parametrize("value, words", [("cuda", "needs an NVIDIA GPU (test)"), ("fast", "the first item must be")])
+def test_a_kernel_selection_is_one_rule_from_the_flag_or_the_environment(ck, tmp_path, capsys, monkeypatch,
+                                                                         how, value, words):
+    """A selection that cannot be made (malformed, or cuda without a GPU) is a usage error, exit 2, whether it
+    comes from --kernels or from REFIMPL_KERNELS (the variable gave 1), before anything is loaded."""
+    import refimpl.cuda
+    monkeypatch.setattr(refimpl.cuda, "unavailable_reason", lambda: "kernels=cuda needs an NVIDIA GPU (test)")
+    flag = ["--kernels", value] if how == "--kernels" else []
+    if how == "REFIMPL_KERNELS":
+        monkeypatch.setenv("REFIMPL_KERNELS", value)
+    refused(capsys, "trace", ck, "--tokens", "0,5", "--out", tmp_path / "t", *flag, code=2, words=words)
+    refused(capsys, "generate", ck, "--tokens", "0", *flag, code=2, words=words)
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("flag", ["--temperature", "--top-p", "--tokens", "--seed", "--max-new-tokens"])
+@pytest.mark.parametrize("value", ["\u0661", "1_0", " 1_0", "\uff11", "0x1", "1e999"])
+def test_every_numeric_flag_reads_numbers_alike(ck, capsys, flag, value):
+    """One parser for every numeric flag: ASCII decimal only ('1_0' and non-ASCII digits were read by
+    --temperature and --top-p as 10 and 1, and refused by --tokens and --seed)."""
+    refused(capsys, "generate", ck, *(["--tokens", "0"] if flag != "--tokens" else []), flag, value,
+            code=2, words=f"argument {flag}")
+
+
+def test_decimal_sampling_flags_still_read(ck, capsys):
+    code, _, err = run(capsys, "generate", ck, "--tokens", "0", "--temperature", ".5e1", "--top-p", "+0.25",
+                       "--max-new-tokens", "1")
+    assert code == 0 and "1 tokens" in err
+
+
+def test_thinking_without_chat_is_refused_not_ignored(ck, capsys):
+    """--thinking sets the chat encoding's mode: with --prompt or --tokens it did nothing, silently."""
+    for given in (["--prompt", "Hi"], ["--tokens", "0,5"]):
+        refused(capsys, "generate", ck, *given, "--thinking", code=2, words="--thinking: applies to --chat only")
+
+
+def test_generate_says_it_stopped_at_max_seq_len(ck, capsys):
+    """A full context: '0 tokens ... decode nan ms/token' before; now why it stopped, and no nan."""
+    code, _, err = run(capsys, "generate", ck, "--tokens", "0,5,9", "--max-seq-len", "3")
+    assert code == 0 and err.strip() == ("[0 tokens; stopped at max_seq_len=3: the prompt (3 tokens) and the new "
+                                         "tokens fill the context (--max-seq-len N sets it)]")
+    code, _, err = run(capsys, "generate", ck, "--tokens", "0,5,9", "--max-seq-len", "5", "--max-new-tokens", "9")
+    assert code == 0 and "[2 tokens; prefill" in err and "stopped at max_seq_len=5" in err and "nan" not in err
+    code, _, err = run(capsys, "generate", ck, "--tokens", "0,5,9", "--max-new-tokens", "1")
+    assert code == 0 and "decode" not in err and "max_seq_len" not in err        # one token: no decode step
+
+
+def test_an_empty_demo_dir_is_not_the_current_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.txt").write_text("x")
+    refused(capsys, "demo", "--dir", "", code=2, words="argument --dir: is empty")
+    with pytest.raises(files.FileError, match=r"the demo's folder \(--dir\) is empty"):
+        ensure_tiny_checkpoint("")
+    assert sorted(os.listdir(tmp_path)) == ["mine.txt"]
+
+
+def test_a_demo_racing_another_reuses_its_checkpoint(tmp_path, tiny_ckpt, monkeypatch):
+    """Two demos at once: the second finds the folder written while it wrote its own; it reuses it instead of
+    telling the user to pass overwrite=True or --force (which demo does not have)."""
+    from refimpl.synthetic import writer
+    target, real = tmp_path / "tiny", writer.write_sharded
+
+    def meanwhile(make):
+        def write_sharded(*args, **kwargs):          # while this demo writes its shards, the folder appears
+            real(*args, **kwargs)
+            make(target)
+        return write_sharded
+
+    def other_demo(out):
+        shutil.copytree(tiny_ckpt, out)
+        (out / DEMO_MARKER).write_text("x")
+    monkeypatch.setattr(writer, "write_sharded", meanwhile(other_demo))
+    assert ensure_tiny_checkpoint(target) == (target, False)
+    assert not leftovers(tmp_path)
+    shutil.rmtree(target)
+
+    def someone_else(out):                           # anything else arriving meanwhile: refused, untouched
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    monkeypatch.setattr(writer, "write_sharded", meanwhile(someone_else))
+    with pytest.raises(files.FileError, match="another program wrote into this folder") as e:
+        ensure_tiny_checkpoint(target)
+    assert "--force" not in str(e.value) and "overwrite" not in str(e.value)
+    assert os.listdir(target) == ["notes.txt"] and not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("command", [["make-checkpoint", "tiny", "OUT"], ["demo", "--dir", "OUT"]])
+def test_a_full_disk_names_the_folder_not_its_removed_temporary(tmp_path, capsys, monkeypatch, command):
+    import errno
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", full)
+    out = tmp_path / "tiny"
+    line = refused(capsys, *[str(out) if a == "OUT" else a for a in command], words="No space left on device")
+    assert line.startswith(f"error: {out}/") and ".tmp-" not in line
+    assert os.listdir(tmp_path) == []

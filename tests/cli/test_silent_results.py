@@ -70,4 +70,5 @@ def test_infinite_temperature_is_refused(tiny_ckpt, capsys):
     """It used to sample uniformly (logits / inf = 0)."""
     assert main(["generate", str(tiny_ckpt), "--tokens", "0,5", "--temperature", "inf"]) != 0
     cap = capsys.readouterr()
-    assert cap.out == "" and "argument --temperature: 'inf': must be a finite number" in cap.err
+    assert cap.out == "" and "argument --temperature: must be a finite decimal number >= 0 (0 = greedy), got 'inf'" \
+        in cap.err

@@ -357,10 +357,82 @@ def test_state_from_another_precision_revision_or_batch(tiny_model):
 def test_state_from_another_configuration(tiny_model):
     """A state made for another Config (here index_topk 8) is refused: StateError naming the configuration."""
     from refimpl.model.state import State
-    other = State.empty(TINY.replace(index_topk=8), 1, "float64", "current")
+    model = tiny_model("float64")
+    other = State.empty(TINY.replace(index_topk=8), 1, "float64", "current", weights_id=model.weights_id)
     with pytest.raises(StateError, match="another configuration"):
-        tiny_model("float64").prefill([1, 2, 3], other)
+        model.prefill([1, 2, 3], other)
     assert other.pos == 0 and all(ls.window.sum() == 0 for ls in other.layers)
+
+
+def test_state_from_another_checkpoint_is_refused(tiny_model, tmp_path):
+    """A state made over other weights of the same config (here seed 1's) is refused, not decoded: the
+    model's identity covers a fingerprint of its weights, also for a Model built by hand from ModelWeights."""
+    from refimpl.model.transformer import Model
+    from refimpl.synthetic.writer import make_checkpoint
+    make_checkpoint(TINY, tmp_path / "seed1", seed=1, progress=False)
+    seed0, seed1 = tiny_model("float64"), load(tmp_path / "seed1", precision="float64")
+    assert seed0.config_id == seed1.config_id and seed0.weights_id != seed1.weights_id
+    _, s1 = seed1.prefill([1, 2, 3])
+    with pytest.raises(StateError, match="other weights .*another checkpoint"):
+        seed0.decode(4, s1)
+    with pytest.raises(StateError, match="other weights"):
+        seed0.prefill([4, 5], s1)
+    by_hand = Model(TINY, seed0.weights, precision="float64")          # the same weights: the same identity
+    _, s0 = seed0.prefill([1, 2, 3])
+    assert by_hand.weights_id == seed0.weights_id and same(by_hand.decode(4, s0)[0], seed0.decode(4, s0)[0], "float64")
+    with pytest.raises(StateError, match="other weights"):
+        Model(TINY, seed1.weights, precision="float64").decode(4, s0)
+
+
+@pytest.mark.parametrize("prec", ["float64", "mirror"])
+def test_state_arrays_are_read_only(tiny_model, prec):
+    """Every array of a state (fresh, from prefill, from decode) is read-only: an edit in place raises
+    instead of being decoded (it made every logit 0.0), and the model never needs to write into one."""
+    import copy
+    import dataclasses
+    import pickle
+    model = chunk_model(tiny_model, prec)
+    _, state = model.prefill(tokens(9, 3))                   # 9 tokens: every kind of layer holds entries
+    for st in (model.new_state(), state, model.decode(5, state)[1]):
+        arrays = state_arrays(st)
+        assert arrays and not any(a.flags.writeable for a in arrays.values())
+    snap = snapshot(state)
+    for a in state_arrays(state).values():
+        with pytest.raises(ValueError, match="read-only"):
+            a[...] = 0
+        with pytest.raises(ValueError, match="read-only"):
+            a.reshape(-1)[0] = 1
+    assert_unchanged(state, snap)
+    logits, _ = model.decode(5, state)                        # decode == one prefill (canonical layout in mirror)
+    assert np.array_equal(logits, model.forward(np.append(tokens(9, 3), 5))[-1])
+    mine = state.layers[0].window.copy()                      # a State built by hand views the arrays it is
+    edited = dataclasses.replace(state, layers=(dataclasses.replace(state.layers[0], window=mine),)
+                                 + state.layers[1:])
+    assert mine.flags.writeable and not edited.layers[0].window.flags.writeable   # given; theirs stay as they were
+    for again in (copy.deepcopy(state), pickle.loads(pickle.dumps(state))):     # rebuilt without __init__
+        assert not any(a.flags.writeable for a in state_arrays(again).values())
+        assert np.array_equal(model.decode(5, again)[0], logits)
+
+
+def test_arguments_of_the_wrong_kind_are_value_errors(tiny_model):
+    """A trace that is no Recording, mtp that is no bool, decode without a state, a Model without a Config or
+    ModelWeights: a ValueError subclass naming the argument (they were AttributeError / TypeError)."""
+    from refimpl.config import ConfigError
+    from refimpl.model.transformer import Model
+    model = tiny_model("float64")
+    for trace in ("x", [], [["embed"]], {"embed": []}):
+        with pytest.raises(InputError, match="trace must be None or a Recording"):
+            model.forward([1, 2], trace=trace)
+        with pytest.raises(InputError, match="trace must be"):
+            model.prefill([1, 2], trace=trace)
+    with pytest.raises(InputError, match="mtp must be True or False"):
+        model.forward([1, 2], mtp="yes")
+    with pytest.raises(StateError, match="decode needs the state"):
+        model.decode(1, None)
+    with pytest.raises(ConfigError, match="Config"):
+        Model(None, model.weights)
+    with pytest.raises(InputError, match="ModelWeights"):
+        Model(TINY, None)
 
 
 @pytest.mark.slow
