@@ -745,7 +745,7 @@ def compare(a, b, profile: str = "auto", *, profiles: dict | None = None) -> Rep
     report = Report(a=_describe(ta), b=_describe(tb), profile=name, sites=sites, notes=notes,
                     only_in_a=site_order(set(ta.tensors) - common, mtp),
                     only_in_b=site_order(set(tb.tensors) - common, mtp))
-    report.first = _first_failure(sites)
+    report.first = _first_failure(sites, bf16_norms=_bf16_norms(report))
     if "logits" in tb.tensors and "logits" not in ta.tensors:
         report.missing = (f"the candidate {ta.path} has no 'logits' site and the reference has: the end result "
                           f"of the run is not compared")
@@ -772,7 +772,12 @@ def _describe(t: TraceFile) -> dict:
     return {"path": t.path, **{k: t.meta[k] for k in keys if k in t.meta}, "tokens": len(t.meta["tokens"])}
 
 
-def _first_failure(sites: list[dict]) -> dict | None:
+def _bf16_norms(r) -> bool:
+    """Whether a trace of the pair ran the q norm in bf16 ops (mirror, bf16), the premise of Q_NORM_HINT."""
+    return not all(d.get("precision") in ("float64", "float32") for d in (r.a, r.b))
+
+
+def _first_failure(sites: list[dict], *, bf16_norms: bool) -> dict | None:
     """The first site out of tolerance, its first failing row, its worst element, and the hints that apply."""
     for i, m in enumerate(sites):
         if m["ok"]:
@@ -787,7 +792,7 @@ def _first_failure(sites: list[dict]) -> dict | None:
         else:
             first["rows"] = m["real_rows"][:3]
         hints = []
-        if m["site_kind"] == "attn.q":
+        if m["site_kind"] == "attn.q" and bf16_norms:             # the hint's premise: bf16 q norms
             hints.append(Q_NORM_HINT)
         if m["kind"] == "float" and m["real"] == 0:
             hints.append(f"every differing element is a rounding-boundary flip (one ulp of {m['format']}): the "
@@ -854,13 +859,15 @@ def format_report(r: Report) -> str:
     if r.only_in_b:
         lines.append(f"{'' if r.only_in_a else chr(10)}only in B (not compared): {', '.join(r.only_in_b)}")
     lines.append("")
+    # a float32 trace differs from any other implementation by rounding at its first site: the lines would
+    # always name it, which tells nothing
+    informative = "float32" not in (r.a.get("precision"), r.b.get("precision"))
     for f, what in ((r.first_diff, "first difference"), (r.first_real, "first real difference (beyond one ulp)")):
-        if f is not None:
+        if f is not None and informative:
             pw = "entry" if "entry" in f else "position"
             lines.append(f"{what}: {f['site']}" + (f" ({f['label']})" if f["label"] else "") + f", {pw} {f[pw]}")
     q_first = any(f is not None and split_site(f["site"])[1] == "attn.q" for f in (r.first_diff, r.first_real))
-    bf16_rounding = not all(d.get("precision") in ("float64", "float32") for d in (r.a, r.b))   # bf16 q norms
-    if q_first and bf16_rounding and (r.first is None or split_site(r.first["site"])[1] != "attn.q"):
+    if q_first and _bf16_norms(r) and (r.first is None or split_site(r.first["site"])[1] != "attn.q"):
         lines.append(f"  hint: {Q_NORM_HINT}")
     if r.first is None:
         if r.missing:
