@@ -212,7 +212,7 @@ def _check_site_contract(path, tensors: dict, s: int, mtp: int | None, golden_ro
     s - 1 for the MTP block; any for compressed_kv; s or s - 1 for a layer when the MTP layer cannot be
     told: no n_layers, no mtp.* site; a golden-set trace: its kept rows, those below s - 1 for the MTP
     block), and integer sites in range (expert ids in [0, n) with n the
-    width of the layer's gate_scores when present, else >= 0; top-k entries >= -1)."""
+    width of the layer's gate_scores when present, else >= 0; top-k entries >= -1), each entry once per row."""
     for name, x in tensors.items():
         layer, kind = split_site(name)
         if (layer is None and kind not in _NDIM) or (layer is not None and kind not in _TEMPLATES):
@@ -251,6 +251,12 @@ def _check_site_contract(path, tensors: dict, s: int, mtp: int | None, golden_ro
             if np.any(bad):
                 t = int(np.argwhere(bad)[0][0])
                 raise CompareError(f"{path}: site {name!r} row {t} holds {x[t].tolist()[:8]}; it must hold {what}")
+            rows = np.sort(x.reshape(x.shape[0], -1), axis=1)          # a selection names each entry once
+            twice = (rows[:, 1:] == rows[:, :-1]) & (rows[:, 1:] >= 0)
+            if np.any(twice):
+                t = int(np.argwhere(twice)[0][0])
+                raise CompareError(f"{path}: site {name!r} row {t} holds {x[t].tolist()[:8]}: a selection names "
+                                   "each entry once (its sets are compared, so a repeat would go unseen)")
 
 
 def _is_int(v) -> bool:
