@@ -145,13 +145,32 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise CheckpointError(f"{path}: __metadata__ must be an object of string values")
     tensors = {name: _tensor_info(path, name, entry, data_len) for name, entry in header.items()}
-    # no two tensors may share bytes (zero-size tensors occupy none)
-    spans = sorted((t.begin, t.end, name) for name, t in tensors.items() if t.end > t.begin)
-    for (b0, e0, name0), (b1, e1, name1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise CheckpointError(f"{path}: tensor {name1!r}: data_offsets [{b1}, {e1}] overlap those "
-                                  f"of tensor {name0!r} [{b0}, {e0}]")
+    _check_coverage(path, tensors, data_len)
     return tensors, meta, 8 + n
+
+
+def _check_coverage(path: Path, tensors: dict[str, TensorInfo], data_len: int) -> None:
+    """Every byte of the data section belongs to exactly one tensor, as the safetensors library requires.
+
+    In offset order each tensor starts where the one before it ended and the last ends at the end
+    of the file: no gap, no overlap, no trailing bytes (the library refuses each: a gap or extra
+    bytes could hide data a reader never checks). The header may list the tensors in any order,
+    and a zero-size tensor sits at a boundary between two others; unaligned offsets are allowed
+    (the library reads them too, and NumPy views them as they are).
+    """
+    pos, before = 0, None
+    for begin, end, name in sorted((t.begin, t.end, name) for name, t in tensors.items()):
+        if begin > pos:
+            after = f"after tensor {before[0]!r}" if before else "before the first tensor"
+            raise CheckpointError(f"{path}: tensor {name!r}: data_offsets [{begin}, {end}] leave bytes "
+                                  f"[{pos}, {begin}) of the data section unused ({after})")
+        if begin < pos:
+            raise CheckpointError(f"{path}: tensor {name!r}: data_offsets [{begin}, {end}] overlap those of "
+                                  f"tensor {before[0]!r} [{before[1]}, {before[2]}]")
+        pos, before = end, (name, begin, end)
+    if pos != data_len:
+        raise CheckpointError(f"{path}: {data_len - pos} byte(s) after the last tensor (the data section has "
+                              f"{data_len} bytes, the tensors cover {pos}; a safetensors file holds nothing else)")
 
 
 def _tensor_info(path: Path, name: str, entry, data_len: int) -> TensorInfo:
