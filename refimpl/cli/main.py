@@ -205,8 +205,11 @@ def cmd_generate(a) -> int:
     params = SamplingParams(temperature=a.temperature, top_p=a.top_p)     # checked before any loading
     check_checkpoint_folder(a.ckpt)
     ids = _prompt_ids(a)
-    model = _load(a)
     tok = Tokenizer.from_checkpoint(a.ckpt) if Path(a.ckpt, "tokenizer.json").exists() else None
+    if tok is not None:                           # every id the model can generate has text: checked before the run
+        from refimpl.formats.config_file import read_config
+        tok.check_vocab(read_config(a.ckpt).vocab_size)
+    model = _load(a)
     tty = sys.stderr.isatty()
     print(f"[prompt: {len(ids)} tokens; prefill ...]", file=sys.stderr, flush=True) if tty else None
 

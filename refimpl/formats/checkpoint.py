@@ -37,7 +37,7 @@ from typing import Callable, Mapping
 import ml_dtypes
 import numpy as np
 
-from refimpl.formats.files import atomic_file, read_json, write_text
+from refimpl.formats.files import StrictJSONError, atomic_file, parse_json, read_json, write_text
 
 class CheckpointError(ValueError):
     """A checkpoint file or directory that is malformed, incomplete or inconsistent."""
@@ -95,15 +95,6 @@ class TensorInfo:
         return f"TensorInfo({self.dtype}, {list(self.shape)}, [{self.begin}, {self.end}))"
 
 
-def _no_duplicates(pairs):
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise CheckpointError(f"duplicate JSON key {k!r}")
-        d[k] = v
-    return d
-
-
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -132,8 +123,8 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except CheckpointError as e:
+        header = parse_json(raw.decode("utf-8"))
+    except StrictJSONError as e:
         raise CheckpointError(f"{path}: header: {e}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: header is not valid UTF-8 JSON ({type(e).__name__}: "
@@ -282,7 +273,7 @@ class TensorSource:
 
     def _open_index(self, index: Path):
         raw = read_json(index, limit=MAX_INDEX_BYTES, what="a safetensors index", regular=True,
-                        object_pairs_hook=_no_duplicates, error=CheckpointError)
+                        error=CheckpointError)
         wm = raw.get("weight_map") if isinstance(raw, dict) else None
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
             raise CheckpointError(f"{index}: expected an object with a 'weight_map' of tensor name -> shard file")
