@@ -432,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     if sys.stdout is None:             # started with stdout closed (`refimpl encode x >&-`): nowhere to print
         return _fail("standard output is closed: the command has nowhere to write its output", 1)
     restore = _sigterm_raises()
+    unguard = _guard_mapped_files(args)
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -448,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         return _fail("out of memory", 1)
     finally:
+        unguard()
         restore()
 
 
@@ -468,6 +470,16 @@ def _sigterm_raises():
         raise Terminated()
     old = signal.signal(signal.SIGTERM, raise_terminated)
     return lambda: signal.signal(signal.SIGTERM, old)
+
+
+def _guard_mapped_files(args):
+    """For the commands that run the model over memory-mapped weights: a checkpoint file truncated
+    meanwhile ends the process with one line naming it, exit 1, not SIGBUS (formats/sigbus.py);
+    -> a function putting the old handler back."""
+    if args.func not in (cmd_trace, cmd_generate, cmd_golden_verify, cmd_demo):
+        return lambda: None
+    from refimpl.formats.sigbus import install
+    return install()
 
 
 def _silence_stdout() -> None:

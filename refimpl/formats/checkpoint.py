@@ -18,7 +18,8 @@ A checkpoint directory holds either `model.safetensors`, or shards `model-0000i-
 plus `model.safetensors.index.json` = {"metadata": {"total_size": bytes}, "weight_map": {name: shard}}.
 
 Reading maps each file with `np.memmap` (mode "r") and returns read-only views: opening a
-checkpoint reads only the headers, and a tensor's pages are read when its values are touched.
+checkpoint reads only the headers, and a tensor's pages are read when its values are touched
+(each map is registered with `sigbus`, so that a file truncated meanwhile is one line, not a crash).
 Every malformed input raises `CheckpointError` naming the file and the tensor. `scan_values`
 streams tensors through pread in 16 MiB chunks to count NaN/Inf. Writing streams one tensor at
 a time (peak memory: one tensor) to a temporary name, renamed when complete.
@@ -37,6 +38,7 @@ from typing import Callable, Mapping
 import ml_dtypes
 import numpy as np
 
+from refimpl.formats import sigbus
 from refimpl.formats.files import StrictJSONError, atomic_file, parse_json, read_json, write_text
 
 class CheckpointError(ValueError):
@@ -216,6 +218,7 @@ class SafetensorsFile:
                 self._map = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.data_start, shape=(size,))
             except (OSError, ValueError) as e:
                 raise CheckpointError(f"{self.path}: cannot map the file ({e})") from None
+            sigbus.register(self._map, self.path)      # truncated while mapped: one line, not a bus error
         return np.ndarray(t.shape, dtype=dt, buffer=self._map, offset=t.begin)
 
     def iter_bytes(self, name: str, chunk: int = 1 << 24):

@@ -565,3 +565,37 @@ def test_a_tokenizer_regex_that_panics_is_one_line(ck, capfd):
     code = main(["generate", str(ck), "--prompt", "a" * 40 + "b"])
     err = capfd.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "the tokenizers library failed tokenizing this text" in err[0], err
+
+
+def test_a_shard_truncated_while_generate_runs_is_one_line(ck):
+    """The process died of SIGBUS (exit 135) with no error line (issue 25): the fault is in NumPy's machine
+    code, so formats/sigbus.py answers it there, naming the file."""
+    shard = next(ck.glob("model-*.safetensors"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "refimpl.cli.main", "generate", str(ck), "--tokens", "0,5",
+                             "--max-new-tokens", "4000", "--kernels", "numpy"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout.read(1), "generate printed nothing"             # the model runs, over the mapped shard
+        os.truncate(shard, 4096)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and err.decode().splitlines() == [
+        f"error: {shard}: changed while in use (truncated while refimpl read it through a memory map)"]
+
+
+def test_a_fault_outside_the_mapped_files_still_ends_the_process(tmp_path):
+    """The handler answers only for registered mappings; any other SIGBUS ends the process as before (no hang)."""
+    script = tmp_path / "fault.py"
+    script.write_text(
+        "import mmap, os, sys\n"
+        "from refimpl.formats import sigbus\n"
+        "sigbus.install()\n"
+        f"f = open({str(tmp_path / 'x')!r}, 'w+b'); f.truncate(1 << 16)\n"
+        "m = mmap.mmap(f.fileno(), 1 << 16, access=mmap.ACCESS_READ)\n"
+        "f.truncate(0)\n"
+        "print(m[40000])\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == -signal.SIGBUS and "changed while in use" not in r.stderr
