@@ -14,9 +14,9 @@ A folder output (a checkpoint) follows the same scheme: `check_output_path` for 
 
 Reading (`read_bytes`, `read_text`, `read_json`): at most `limit` bytes are ever read, so a
 wrong file (a 2.6 GB shard given as a config, /dev/zero as a chat) fails at once with bounded
-memory; a folder, a missing file, text that is not UTF-8, JSON nested more than
-MAX_JSON_DEPTH levels, and JSON that `parse_json` refuses (a key given twice in one object, NaN,
-Infinity, a number beyond a float) are each one line naming the file. The limits of each input are named
+memory; a folder, a missing file, text that is not UTF-8, JSON nested more than MAX_JSON_DEPTH
+levels, and JSON that `parse_json` refuses (a key given twice in one object, NaN, Infinity, a
+number beyond a float) are each one line naming the file. The limits of each input are named
 beside the code that reads it (docs/usage.md, "Files").
 """
 from __future__ import annotations

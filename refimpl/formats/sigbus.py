@@ -38,7 +38,7 @@ LINE_BYTES = 1024               # the prepared line of each (a longer path is cu
 SUPPORTED = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64")
 
 # Live tables the handler reads through their addresses: [start, end, line length] per slot (end 0:
-# free), the lines, and the handler that was in place before install().
+# free) and the lines; _OLD below, the handler that was in place before install().
 _REGIONS = np.zeros((CAPACITY, 3), np.int64)
 _LINES = np.zeros((CAPACITY, LINE_BYTES), np.uint8)
 
@@ -82,7 +82,10 @@ def install() -> Callable[[], None]:
         return lambda: None
     global _handler
     if _handler is None:
-        _handler = _compile()
+        try:
+            _handler = _compile()
+        except Exception:                        # Numba cannot build it here: a fault stays a plain SIGBUS
+            return lambda: None
     libc = ctypes.CDLL(None, use_errno=True)
     now = _Sigaction()
     if libc.sigaction(signal.SIGBUS, None, ctypes.byref(now)) != 0 or now.handler == _handler.address:

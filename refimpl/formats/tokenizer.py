@@ -7,7 +7,7 @@ the BOS text itself) and then calls `tokenizer.encode(string)` (official: G:L125
 
 Tokenizing is bounded (`encode(text, max_tokens=)`): it costs about 200 bytes of memory per byte of
 normalized text, so a text that cannot give at most max_tokens tokens is refused before the
-library tokenizes it, by bounds that never refuse a text that fits:
+library tokenizes it, by lower bounds on its token count (each with a factor 2 to spare):
 - each token stands for at most S bytes of text, S the longest vocabulary string of at most
   LONG_TOKEN_BYTES bytes; the text of a longer token (a 1 MB added token) counts once per
   occurrence. A text of more than 2 x max_tokens x S bytes outside those is refused;
