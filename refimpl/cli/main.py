@@ -473,10 +473,10 @@ def _sigterm_raises():
 
 
 def _guard_mapped_files(args):
-    """For the commands that run the model over memory-mapped weights: a checkpoint file truncated
+    """For the commands that read memory-mapped weights (inspect maps the routing tables): a file truncated
     meanwhile ends the process with one line naming it, exit 1, not SIGBUS (formats/sigbus.py);
     -> a function putting the old handler back."""
-    if args.func not in (cmd_trace, cmd_generate, cmd_golden_verify, cmd_demo):
+    if args.func not in (cmd_inspect, cmd_trace, cmd_generate, cmd_golden_verify, cmd_demo):
         return lambda: None
     from refimpl.formats.sigbus import install
     return install()
