@@ -70,17 +70,19 @@ FIELD_RANGES: dict[str, tuple[int, int]] = {
     "eos_token_id": (0, 1 << 24),
 }
 MAX_COMPRESS_RATIO = 4096                  # 32x the released 128: the compressor state holds m (2m) rows
-# Lower bounds of the real-valued fields, all of which must be finite: (bound, inclusive). No upper
-# bound is needed: none of them sizes an array or a loop (the epsilons are kept <= 1 below).
-REAL_LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
-    "route_scale": (0.0, False),           # scales the routing weights
-    "swiglu_limit": (0.0, True),           # 0 = no clamp (moe.expert); the released value is 10
-    "norm_eps": (0.0, False),              # rsqrt(mean(x^2) + eps) must not divide by zero
-    "hc_eps": (0.0, False),                # Sinkhorn denominators + eps
-    "rope_theta": (1.0, False),            # YaRN divides by log(base) (precompute_freqs_cis, M:L199-229)
-    "compress_rope_theta": (1.0, False),
-    "rope_factor": (1.0, True),            # YaRN divides frequencies by factor (M:L199-229): 0 gave
-                                           # NaN logits; < 1 would shorten wavelengths, not stretch them
+# Ranges of the real-valued fields, all of which must be finite: (lower bound, inclusive, upper bound).
+# None of them sizes an array or a loop; the upper bounds keep a value from overflowing float32 (or
+# bf16) where the model computes with it, and admit the released values many times over.
+REAL_RANGES: dict[str, tuple[float, bool, float]] = {
+    "route_scale": (0.0, False, 1e4),          # scales the routing weights (released 1.5, 2.5); 1e308 gave
+                                               # Inf at the MoE output, blamed on the weights
+    "swiglu_limit": (0.0, True, 1e4),          # 0 = no clamp (moe.expert); the released value is 10
+    "norm_eps": (0.0, False, 1.0),             # rsqrt(mean(x^2) + eps) must not divide by zero; an
+    "hc_eps": (0.0, False, 1.0),               # epsilon guards a division (Sinkhorn denominators + eps)
+    "rope_theta": (1.0, False, 1e9),           # YaRN divides by log(base) (precompute_freqs_cis, M:L199-229);
+    "compress_rope_theta": (1.0, False, 1e9),  # 6000x the released 160000
+    "rope_factor": (1.0, True, 1e6),           # YaRN divides frequencies by factor (M:L199-229): 0 gave NaN
+                                               # logits; < 1 would shorten wavelengths, not stretch them
 }
 
 
@@ -224,7 +226,8 @@ class Config:
             if f.type == "int":
                 need(_is_int(v), f"{f.name} = {v!r}: must be an int", f.name)
             elif f.type == "float":
-                need(_is_real(v) and math.isfinite(v), f"{f.name} = {v!r}: must be a finite number", f.name)
+                need(_is_real(v) and (_is_int(v) or math.isfinite(v)), f"{f.name} = {v!r:.40}: must be a finite number",
+                     f.name)
             elif f.type == "str":
                 need(isinstance(v, str), f"{f.name} = {v!r}: must be a str", f.name)
             else:  # tuple[int, ...]
@@ -233,12 +236,10 @@ class Config:
         for name, (lo, hi) in FIELD_RANGES.items():
             v = getattr(self, name)
             need(lo <= v <= hi, f"{name} = {v!r}: must be between {lo} and {hi}", name)
-        for name, (lo, inclusive) in REAL_LOWER_BOUNDS.items():
+        for name, (lo, inclusive, hi) in REAL_RANGES.items():
             v = getattr(self, name)
-            need(v >= lo if inclusive else v > lo, f"{name} = {v!r}: must be {'>=' if inclusive else '>'} {lo:g}", name)
-        need(self.norm_eps <= 1 and self.hc_eps <= 1,
-             f"norm_eps = {self.norm_eps}, hc_eps = {self.hc_eps}: an epsilon guards a division, it must be <= 1",
-             "norm_eps" if self.norm_eps > 1 else "hc_eps")
+            need((v >= lo if inclusive else v > lo) and v <= hi,
+                 f"{name} = {v!r}: must be {'>=' if inclusive else '>'} {lo:g} and <= {hi:g}", name)
         need(self.score_func == "sqrtsoftplus",
              f"score_func {self.score_func!r}: only 'sqrtsoftplus' (released V4) is supported", "score_func")
         need(self.n_shared_experts == 1, "n_shared_experts must be 1 (official asserts it, M:L626)", "n_shared_experts")
@@ -444,8 +445,14 @@ def _typed(fields: dict, where) -> dict:
         if t == "int":
             ok = isinstance(v, int) and not isinstance(v, bool)
         elif t == "float":
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            v = float(v) if ok else v
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if ok:                                     # (JSON files hold no NaN or Infinity: formats.files)
+                try:
+                    v = float(v)
+                except OverflowError:
+                    raise ConfigError(f"{where}: key for {k!r} is an integer too large for a float", field=k) from None
+                if not math.isfinite(v):
+                    raise ConfigError(f"{where}: key for {k!r} is {v!r}, not a finite number", field=k)
         elif t == "str":
             ok = isinstance(v, str)
         else:  # tuple[int, ...]

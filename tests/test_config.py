@@ -105,14 +105,14 @@ def test_max_seq_len_is_a_load_option(tmp_path):
 # ---------------------------------------------------------------- field domains
 
 @pytest.mark.parametrize("mutate, words", [
-    (lambda r: r.update(rms_norm_eps=-1), "norm_eps = -1.0: must be > 0 (key 'rms_norm_eps')"),
-    (lambda r: r["rope_scaling"].update(factor=0), "rope_factor = 0.0: must be >= 1 (key 'rope_scaling.factor')"),
+    (lambda r: r.update(rms_norm_eps=-1), "norm_eps = -1.0: must be > 0 and <= 1 (key 'rms_norm_eps')"),
+    (lambda r: r["rope_scaling"].update(factor=0), "rope_factor = 0.0: must be >= 1 and <= 1e+06 (key 'rope_scaling.factor')"),
     (lambda r: r.update(rope_theta=-10000), "rope_theta = -10000.0: must be > 1"),
     (lambda r: r.update(compress_rope_theta=1), "compress_rope_theta = 1.0: must be > 1"),
     (lambda r: r.update(sliding_window=100_000_000), "window_size = 100000000: must be between 1 and 8192"),
     (lambda r: r.update(hc_sinkhorn_iters=100_000_000), "hc_sinkhorn_iters = 100000000: must be between 1 and 1000"),
     (lambda r: r.update(hc_eps=-1e-6), "hc_eps = -1e-06: must be > 0"),
-    (lambda r: r.update(routed_scaling_factor=0), "route_scale = 0.0: must be > 0 (key 'routed_scaling_factor')"),
+    (lambda r: r.update(routed_scaling_factor=0), "route_scale = 0.0: must be > 0 and <= 10000 (key 'routed_scaling_factor')"),
     (lambda r: r.update(swiglu_limit=-10), "swiglu_limit = -10.0: must be >= 0"),
     (lambda r: r["rope_scaling"].update(beta_slow=0), "beta_slow = 0: must be between 1"),
     (lambda r: r["rope_scaling"].update(beta_fast=0), "beta_fast = 0: must be between 1"),
@@ -120,6 +120,9 @@ def test_max_seq_len_is_a_load_option(tmp_path):
     (lambda r: r.update(index_topk=0), "index_topk = 0: must be between 1"),
     (lambda r: r.update(compress_ratios=[128 << 8] * 44), "each must be 0, 4 (CSA) or an even ratio > 4 (HCA) up to 4096"),
     (lambda r: r.update(vocab_size=1 << 30), "vocab_size = 1073741824: must be between 1 and 16777216"),
+    (lambda r: r.update(routed_scaling_factor=1e308), "route_scale = 1e+308: must be > 0 and <= 10000"),
+    (lambda r: r.update(rope_theta=1e300), "rope_theta = 1e+300: must be > 1 and <= 1e+09"),
+    (lambda r: r.update(swiglu_limit=1e300), "swiglu_limit = 1e+300: must be >= 0 and <= 10000"),
 ])
 def test_field_domains_are_checked_naming_the_field(tmp_path, mutate, words):
     """rms_norm_eps -1 / rope factor 0 gave all-NaN logits, a negative rope_theta 'math domain error',
@@ -129,6 +132,37 @@ def test_field_domains_are_checked_naming_the_field(tmp_path, mutate, words):
     with pytest.raises(ConfigError) as e:
         read_config(_write(tmp_path, raw))
     assert words in str(e.value) and "config.json" in str(e.value)
+
+
+@pytest.mark.parametrize("text, words", [('NaN', "NaN is not a JSON number (JSON numbers are finite)"),
+                                         ('-Infinity', "-Infinity is not a JSON number"),
+                                         ('1e999', "number 1e999 is too large for a float")])
+def test_non_finite_numbers_in_config_json_are_named(tmp_path, text, words):
+    """NaN / Infinity were reported as 'wrong type: nan (expected float)' (issue 25)."""
+    raw = json.dumps(_flash_raw()).replace('"routed_scaling_factor": 1.5', f'"routed_scaling_factor": {text}')
+    assert text in raw
+    (tmp_path / "config.json").write_text(raw)
+    with pytest.raises(ConfigError, match=None) as e:
+        read_config(tmp_path)
+    assert f"config.json: {words}" in str(e.value)
+
+
+@pytest.mark.parametrize("value, words", [(float("nan"), "is nan, not a finite number"),
+                                          (float("inf"), "is inf, not a finite number"),
+                                          (10 ** 400, "is an integer too large for a float")])
+def test_non_finite_numbers_in_a_python_dict_are_named(value, words):
+    raw = _flash_raw()
+    raw["routed_scaling_factor"] = value
+    with pytest.raises(ConfigError, match=f"key for 'route_scale' {words}"):
+        from_hf_dict(raw)
+
+
+def test_duplicate_keys_in_config_json_are_refused(tmp_path):
+    """json keeps the last of two equal keys; the config reader refuses them (issue 25)."""
+    text = json.dumps(_flash_raw()).replace('"num_hidden_layers": 43', '"num_hidden_layers": 43, "num_hidden_layers": 4')
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match="config.json: duplicate key 'num_hidden_layers' in a JSON object"):
+        read_config(tmp_path)
 
 
 @pytest.mark.parametrize("field, value", [("window_size", 2.5), ("n_layers", True), ("dim", "4096"),
@@ -155,3 +189,17 @@ def test_every_int_field_has_a_range_admitting_the_releases():
         with pytest.raises(ConfigError, match=rf"\b{name}\b") as e:
             Config.tiny().replace(**{name: hi + 1})
         assert e.value.field is not None
+
+
+def test_every_real_field_has_a_range_admitting_the_releases():
+    """Each float field is bounded on both sides (1e308 overflowed in the model, issue 25); the releases pass."""
+    import dataclasses
+    from refimpl.config import REAL_RANGES
+    assert set(REAL_RANGES) == {f.name for f in dataclasses.fields(Config) if f.type == "float"}
+    for cfg in (Config.flash(), Config.pro(), Config.tiny()):
+        for name, (lo, _, hi) in REAL_RANGES.items():
+            assert lo <= getattr(cfg, name) <= hi, name
+    for name, (lo, _, hi) in REAL_RANGES.items():
+        with pytest.raises(ConfigError, match=rf"^{name} = .*<= ") as e:
+            Config.tiny().replace(**{name: hi * 2})
+        assert e.value.field == name

@@ -238,8 +238,11 @@ def cmd_generate(a) -> int:
     params = SamplingParams(temperature=a.temperature, top_p=a.top_p)
     check_checkpoint_folder(a.ckpt)
     ids = _prompt_ids(a)
-    model = _load(a)
     tok = Tokenizer.from_checkpoint(a.ckpt) if Path(a.ckpt, "tokenizer.json").exists() else None
+    if tok is not None:                           # every id the model can generate has text: checked before the run
+        from refimpl.formats.config_file import read_config
+        tok.check_vocab(read_config(a.ckpt).vocab_size)
+    model = _load(a)
     tty = sys.stderr.isatty()
     print(f"[prompt: {len(ids)} tokens; prefill ...]", file=sys.stderr, flush=True) if tty else None
 
@@ -491,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         except argparse.ArgumentTypeError as e:
             return _fail(f"the environment variable REFIMPL_KERNELS: {e}", 2)
     restore = _sigterm_raises()
+    unguard = _guard_mapped_files(args)
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -507,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         return _fail("out of memory", 1)
     finally:
+        unguard()
         restore()
 
 
@@ -527,6 +532,16 @@ def _sigterm_raises():
         raise Terminated()
     old = signal.signal(signal.SIGTERM, raise_terminated)
     return lambda: signal.signal(signal.SIGTERM, old)
+
+
+def _guard_mapped_files(args):
+    """For the commands that read memory-mapped weights (inspect maps the routing tables): a file truncated
+    meanwhile ends the process with one line naming it, exit 1, not SIGBUS (formats/sigbus.py);
+    -> a function putting the old handler back."""
+    if args.func not in (cmd_inspect, cmd_trace, cmd_generate, cmd_golden_verify, cmd_demo):
+        return lambda: None
+    from refimpl.formats.sigbus import install
+    return install()
 
 
 def _silence_stdout() -> None:

@@ -18,7 +18,8 @@ A checkpoint directory holds either `model.safetensors`, or shards `model-0000i-
 plus `model.safetensors.index.json` = {"metadata": {"total_size": bytes}, "weight_map": {name: shard}}.
 
 Reading maps each file with `np.memmap` (mode "r") and returns read-only views: opening a
-checkpoint reads only the headers, and a tensor's pages are read when its values are touched.
+checkpoint reads only the headers, and a tensor's pages are read when its values are touched
+(each map is registered with `sigbus`, so that a file truncated meanwhile is one line, not a crash).
 Every malformed input raises `CheckpointError` naming the file and the tensor. `scan_values`
 streams tensors through pread in 16 MiB chunks to count NaN/Inf. Writing streams one tensor at
 a time (peak memory: one tensor) to a temporary name, renamed when complete.
@@ -37,7 +38,8 @@ from typing import Callable, Mapping
 import ml_dtypes
 import numpy as np
 
-from refimpl.formats.files import atomic_file, read_json, write_text
+from refimpl.formats import sigbus
+from refimpl.formats.files import StrictJSONError, atomic_file, parse_json, read_json, write_text
 
 class CheckpointError(ValueError):
     """A checkpoint file or directory that is malformed, incomplete or inconsistent."""
@@ -95,15 +97,6 @@ class TensorInfo:
         return f"TensorInfo({self.dtype}, {list(self.shape)}, [{self.begin}, {self.end}))"
 
 
-def _no_duplicates(pairs):
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise CheckpointError(f"duplicate JSON key {k!r}")
-        d[k] = v
-    return d
-
-
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -132,8 +125,8 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except CheckpointError as e:
+        header = parse_json(raw.decode("utf-8"))
+    except StrictJSONError as e:
         raise CheckpointError(f"{path}: header: {e}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: header is not valid UTF-8 JSON ({type(e).__name__}: "
@@ -145,13 +138,32 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise CheckpointError(f"{path}: __metadata__ must be an object of string values")
     tensors = {name: _tensor_info(path, name, entry, data_len) for name, entry in header.items()}
-    # no two tensors may share bytes (zero-size tensors occupy none)
-    spans = sorted((t.begin, t.end, name) for name, t in tensors.items() if t.end > t.begin)
-    for (b0, e0, name0), (b1, e1, name1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise CheckpointError(f"{path}: tensor {name1!r}: data_offsets [{b1}, {e1}] overlap those "
-                                  f"of tensor {name0!r} [{b0}, {e0}]")
+    _check_coverage(path, tensors, data_len)
     return tensors, meta, 8 + n
+
+
+def _check_coverage(path: Path, tensors: dict[str, TensorInfo], data_len: int) -> None:
+    """Every byte of the data section belongs to exactly one tensor, as the safetensors library requires.
+
+    In offset order each tensor starts where the one before it ended and the last ends at the end
+    of the file: no gap, no overlap, no trailing bytes (the library refuses each: a gap or extra
+    bytes could hide data a reader never checks). The header may list the tensors in any order,
+    and a zero-size tensor sits at a boundary between two others; unaligned offsets are allowed
+    (the library reads them too, and NumPy views them as they are).
+    """
+    pos, before = 0, None
+    for begin, end, name in sorted((t.begin, t.end, name) for name, t in tensors.items()):
+        if begin > pos:
+            after = f"after tensor {before[0]!r}" if before else "before the first tensor"
+            raise CheckpointError(f"{path}: tensor {name!r}: data_offsets [{begin}, {end}] leave bytes "
+                                  f"[{pos}, {begin}) of the data section unused ({after})")
+        if begin < pos:
+            raise CheckpointError(f"{path}: tensor {name!r}: data_offsets [{begin}, {end}] overlap those of "
+                                  f"tensor {before[0]!r} [{before[1]}, {before[2]}]")
+        pos, before = end, (name, begin, end)
+    if pos != data_len:
+        raise CheckpointError(f"{path}: {data_len - pos} byte(s) after the last tensor (the data section has "
+                              f"{data_len} bytes, the tensors cover {pos}; a safetensors file holds nothing else)")
 
 
 def _tensor_info(path: Path, name: str, entry, data_len: int) -> TensorInfo:
@@ -206,6 +218,7 @@ class SafetensorsFile:
                 self._map = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.data_start, shape=(size,))
             except (OSError, ValueError) as e:
                 raise CheckpointError(f"{self.path}: cannot map the file ({e})") from None
+            sigbus.register(self._map, self.path)      # truncated while mapped: one line, not a bus error
         return np.ndarray(t.shape, dtype=dt, buffer=self._map, offset=t.begin)
 
     def iter_bytes(self, name: str, chunk: int = 1 << 24):
@@ -263,7 +276,7 @@ class TensorSource:
 
     def _open_index(self, index: Path):
         raw = read_json(index, limit=MAX_INDEX_BYTES, what="a safetensors index", regular=True,
-                        object_pairs_hook=_no_duplicates, error=CheckpointError)
+                        error=CheckpointError)
         wm = raw.get("weight_map") if isinstance(raw, dict) else None
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
             raise CheckpointError(f"{index}: expected an object with a 'weight_map' of tensor name -> shard file")

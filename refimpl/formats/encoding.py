@@ -54,6 +54,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from refimpl.formats.files import StrictJSONError, parse_json
+
 # Special tokens (official: E:L17-35); ids are the official tokenizer's (docs/architecture.md §17).
 BOS = "<｜begin▁of▁sentence｜>"                   # id 0
 EOS = "<｜end▁of▁sentence｜>"                     # id 1, also pad
@@ -344,7 +346,10 @@ def _tools_and_format(m: dict) -> str:
 def _arguments(args: str, where: str) -> dict:
     """Tool-call arguments: a JSON object (official: E:L152-157)."""
     try:
-        parsed = json.loads(args)
+        parsed = parse_json(args)
+    except StrictJSONError as err:
+        # NOTE(official): the official's json.loads keeps the last of two equal keys and reads NaN
+        raise EncodingError(f"{where}: function `arguments`: {err}") from None
     except json.JSONDecodeError as err:
         # NOTE(official): the official renders other text as {"arguments": text}, which its parser
         # reads back as a different call

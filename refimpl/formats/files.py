@@ -14,13 +14,15 @@ A folder output (a checkpoint) follows the same scheme: `check_output_path` for 
 
 Reading (`read_bytes`, `read_text`, `read_json`): at most `limit` bytes are ever read, so a
 wrong file (a 2.6 GB shard given as a config, /dev/zero as a chat) fails at once with bounded
-memory; a folder, a missing file, text that is not UTF-8 and JSON nested more than
-MAX_JSON_DEPTH levels are each one line naming the file. The limits of each input are named
+memory; a folder, a missing file, text that is not UTF-8, JSON nested more than MAX_JSON_DEPTH
+levels, and JSON that `parse_json` refuses (a key given twice in one object, NaN, Infinity, a
+number beyond a float) are each one line naming the file. The limits of each input are named
 beside the code that reads it (docs/usage.md, "Files").
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
@@ -45,7 +47,7 @@ def os_error(path, err: OSError, doing: str, error: type[ValueError] = FileError
 
 def size_text(n: int) -> str:
     """Bytes as a short human-readable size: 8 MiB, 1.5 KiB, 12 bytes."""
-    for unit, k in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+    for unit, k in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if n >= 1 << k:
             return f"{n / (1 << k):.3g} {unit}"
     return f"{n} bytes"
@@ -269,16 +271,62 @@ def read_text(path, *, limit: int, what: str, regular: bool = False, bom: bool =
         raise error(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
-def read_json(path, *, limit: int, what: str, regular: bool = False, object_pairs_hook=None,
+class StrictJSONError(ValueError):
+    """JSON that Python's `json` reads but other readers refuse or read differently: a key given twice
+    in one object, NaN / Infinity, a number too large for a float."""
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json object_pairs_hook refusing a key given twice (`json` keeps the last one, other readers the first)."""
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        seen = set()
+        k = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise StrictJSONError(f"duplicate key {k[:100]!r} in a JSON object")
+    return out
+
+
+def _no_constant(name: str):
+    raise StrictJSONError(f"{name} is not a JSON number (JSON numbers are finite)")
+
+
+def _finite(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise StrictJSONError(f"number {text[:40]} is too large for a float (it would read as infinity)")
+    return v
+
+
+def _integer(text: str) -> int:
+    v = int(text)
+    if abs(v) >= 1 << 1024:                     # beyond every float: serde refuses it too
+        raise StrictJSONError(f"number {text[:40]}... ({len(text)} digits) is too large")
+    return v
+
+
+def parse_json(text: str) -> Any:
+    """json.loads refusing what the JSON standard and stricter readers (serde, the safetensors library)
+    refuse: a key given twice in one object, NaN / Infinity, a number beyond the range of a float.
+
+    Raises StrictJSONError for those, json.JSONDecodeError for malformed text, RecursionError
+    when nested too deeply for the parser.
+    """
+    return json.loads(text, object_pairs_hook=unique_keys, parse_constant=_no_constant, parse_float=_finite,
+                      parse_int=_integer)
+
+
+def read_json(path, *, limit: int, what: str, regular: bool = False,
               error: type[ValueError] = FileError) -> Any:
-    """read_text parsed as JSON, nested at most MAX_JSON_DEPTH levels; every failure one line naming the file."""
+    """read_text parsed by parse_json, nested at most MAX_JSON_DEPTH levels; every failure one line naming the file."""
     text = read_text(path, limit=limit, what=what, regular=regular, bom=True, error=error)
     try:
-        value = json.loads(text, object_pairs_hook=object_pairs_hook)
+        value = parse_json(text)
     except RecursionError:
         value = None
         depth = MAX_JSON_DEPTH + 1
-    except ValueError as e:                   # json.JSONDecodeError, or the hook's error
+    except StrictJSONError as e:
+        raise error(f"{path}: {e}") from None
+    except ValueError as e:                   # json.JSONDecodeError
         raise error(f"{path}: not valid JSON ({str(e)[:200]})") from None
     else:
         depth = json_depth(value)

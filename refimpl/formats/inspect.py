@@ -1,7 +1,8 @@
 """`refimpl inspect` of any checkpoint: counts and bytes by dtype and kind, validation, a NaN/Inf scan.
 
 `summarize(ckpt)` returns a dict, `format_summary` its text. Validation is `weights.validate`
-against the checkpoint's config (names, dtypes, shapes, E8M0 NaN scales, routing tables);
+against the checkpoint's config (names, dtypes, shapes, E8M0 NaN scales, routing tables) and,
+where the folder has one, the tokenizer (readable, with exactly the config's vocab_size ids);
 `scan_values` adds the weights themselves: every BF16 / F16 / F32 / F64 value for NaN and Inf,
 and every FP8 e4m3 byte for the NaN codes 0x7F / 0xFF (e4m3fn has no Inf). FP4 e2m1 codes are
 all finite, so the routed experts (most of the bytes of a real checkpoint) are not read.
@@ -12,6 +13,7 @@ is reported.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -19,40 +21,51 @@ from pathlib import Path
 from refimpl.formats.config_file import read_config
 from refimpl.config import Config, ConfigError
 from refimpl.formats.checkpoint import TensorSource, scan_values
-from refimpl.formats.weights import expected_tensors, validate
+from refimpl.formats.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Tokenizer
+from refimpl.formats.weights import check_checkpoint_folder, expected_size, expected_tensors, size_problem, validate
 
 def summarize(source: TensorSource | str | Path, cfg: Config | None = None, *,
               scan_scales: bool = True, scan: bool = True) -> dict:
-    """Counts and bytes by dtype and by kind, and the problems (cfg: from config.json); scan: NaN/Inf of the values."""
+    """Counts and bytes by dtype and by kind, and the problems (cfg: from config.json); scan: NaN/Inf of the values.
+
+    source: a checkpoint folder (a shard file is refused: a checkpoint is a folder), or a TensorSource.
+    """
+    if not isinstance(source, TensorSource):
+        check_checkpoint_folder(source)
     src = source if isinstance(source, TensorSource) else TensorSource(source)
+    folder = src.path if src.path.is_dir() else src.path.parent
     problems: list[str] = []
     if cfg is None:
         try:
-            cfg = read_config(src.path if src.path.is_dir() else src.path.parent)
+            cfg = read_config(folder)
         except ConfigError as e:
             problems.append(f"config: {e}")
-    want = expected_tensors(cfg) if cfg is not None else {}
+    too_many = size_problem(src, cfg) if cfg is not None else None       # before any per-tensor work
+    want = expected_tensors(cfg) if cfg is not None and too_many is None else {}
+    expected = len(want) if want or cfg is None else expected_size(cfg)[0]
+    if cfg is not None:
+        problems += _tokenizer_problems(folder, cfg)
     by_dtype: dict = defaultdict(lambda: {"count": 0, "bytes": 0})
     by_kind: dict = defaultdict(lambda: {"count": 0, "bytes": 0})
     total = 0
     for name in src.keys():
         n = src.nbytes(name)
         total += n
-        kind = want[name].kind if name in want else ("unexpected" if cfg is not None else "unknown")
+        kind = want[name].kind if name in want else ("unexpected" if want else "unknown")
         for table, key in ((by_dtype, src.dtype(name)), (by_kind, kind)):
             table[key]["count"] += 1
             table[key]["bytes"] += n
     t0 = time.perf_counter()
     if cfg is not None:
-        problems += validate(src, cfg, scan_scales=scan_scales)
+        problems += [too_many] if too_many else validate(src, cfg, scan_scales=scan_scales)
     values = None
     if scan:
         found, values = scan_values(src)
         problems += found
-        if scan_scales:
+        if scan_scales and want:             # validate() read the E8M0 scales
             values["bytes"] += sum(src.nbytes(k) for k in src.keys() if src.dtype(k) == "F8_E8M0")
         values["seconds"] = time.perf_counter() - t0
-    return {"path": str(src.path), "files": len(src.files), "tensors": len(src), "expected": len(want),
+    return {"path": str(src.path), "files": len(src.files), "tensors": len(src), "expected": expected,
             "bytes": total, "index_total_size": src.index_metadata.get("total_size"),
             "by_dtype": dict(sorted(by_dtype.items())),
             "by_kind": {k: by_kind[k] for k in sorted(by_kind, key=lambda k: -by_kind[k]["bytes"])},
@@ -60,6 +73,17 @@ def summarize(source: TensorSource | str | Path, cfg: Config | None = None, *,
                                                 "n_routed_experts": cfg.n_routed_experts,
                                                 "vocab_size": cfg.vocab_size},
             "scan": values, "problems": problems, "ok": not problems}
+
+
+def _tokenizer_problems(folder: Path, cfg: Config) -> list[str]:
+    """The checkpoint's tokenizer, where it has one: readable, and exactly the model's vocabulary."""
+    if not any(os.path.lexists(folder / name) for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)):
+        return []                        # synthetic flash / pro checkpoints carry none
+    try:
+        Tokenizer.from_checkpoint(folder).check_vocab(cfg.vocab_size)
+    except ValueError as e:              # TokenizerError, or the bos/eos check
+        return [f"tokenizer: {e}"]
+    return []
 
 
 def _size(n: int) -> str:

@@ -28,8 +28,9 @@ from typing import NamedTuple
 import numpy as np
 
 from refimpl.formats.config_file import read_config
-from refimpl.formats.checkpoint import INDEX_NAME, MAX_INDEX_BYTES, CheckpointError, TensorSource, scan_values
-from refimpl.formats.files import read_json
+from refimpl.formats.checkpoint import (INDEX_NAME, MAX_INDEX_BYTES, CheckpointError, TensorSource, scan_values,
+                                        spec_nbytes)
+from refimpl.formats.files import read_json, size_text
 from refimpl.config import Config, ConfigError
 from refimpl.numerics import FP4_BLOCK, FP8_BLOCK
 from refimpl.model.linear import Fp8Matrix, Fp4Matrix
@@ -91,8 +92,9 @@ def _compressor(out: dict, p: str, layer: int, d: int, cfg: Config, kind: str):
     out[f"{p}norm.weight"] = TensorSpec("BF16", (d,), kind)
 
 
-def _block(out: dict, p: str, layer: int, cfg: Config, mtp: bool):
-    """The tensors of one Block (main layer or the MTP block), prefix p = "layers.{i}." or "mtp.0."."""
+def _block(out: dict, p: str, layer: int, cfg: Config, mtp: bool, experts: bool = True):
+    """The tensors of one Block (main layer or the MTP block), prefix p = "layers.{i}." or "mtp.0.";
+    experts=False leaves out the routed experts (expected_size counts them without listing them)."""
     k = lambda kind: "mtp" if mtp else kind                                   # noqa: E731
     c, d, h, q = cfg.dim, cfg.head_dim, cfg.n_heads, cfg.q_lora_rank
     e, f = cfg.n_routed_experts, cfg.moe_inter_dim
@@ -121,10 +123,8 @@ def _block(out: dict, p: str, layer: int, cfg: Config, mtp: bool):
         out[f"{g}tid2eid"] = TensorSpec("I64", (cfg.vocab_size, cfg.n_activated_experts), k("router"))
     else:
         out[f"{g}bias"] = TensorSpec("F32", (e,), k("router"))
-    for x in range(e):
-        _fp4(out, f"{p}ffn.experts.{x}.w1", f, c, k("experts"))
-        _fp4(out, f"{p}ffn.experts.{x}.w2", c, f, k("experts"))
-        _fp4(out, f"{p}ffn.experts.{x}.w3", f, c, k("experts"))
+    for x in range(e if experts else 0):
+        _expert(out, f"{p}ffn.experts.{x}.", cfg, k("experts"))
     _fp8(out, f"{p}ffn.shared_experts.w1", f, c, k("shared_expert"))
     _fp8(out, f"{p}ffn.shared_experts.w2", c, f, k("shared_expert"))
     _fp8(out, f"{p}ffn.shared_experts.w3", f, c, k("shared_expert"))
@@ -135,16 +135,25 @@ def _block(out: dict, p: str, layer: int, cfg: Config, mtp: bool):
     _hc(out, p, "ffn", cfg, k("mhc"))
 
 
-def expected_tensors(cfg: Config) -> dict[str, TensorSpec]:
-    """Every tensor of the official checkpoint for cfg (docs/architecture.md §16), in file order."""
+def _expert(out: dict, p: str, cfg: Config, kind: str):
+    # one routed expert: w1, w3 [f, c] and w2 [c, f], packed FP4 (docs/architecture.md §11, §16)
+    c, f = cfg.dim, cfg.moe_inter_dim
+    _fp4(out, f"{p}w1", f, c, kind)
+    _fp4(out, f"{p}w2", c, f, kind)
+    _fp4(out, f"{p}w3", f, c, kind)
+
+
+def expected_tensors(cfg: Config, *, experts: bool = True) -> dict[str, TensorSpec]:
+    """Every tensor of the official checkpoint for cfg (docs/architecture.md §16), in file order
+    (experts=False: all but the routed experts)."""
     c = cfg.dim
     out: dict[str, TensorSpec] = {"embed.weight": TensorSpec("BF16", (cfg.vocab_size, c), "embedding")}
     for i in range(cfg.n_layers):
-        _block(out, f"layers.{i}.", i, cfg, mtp=False)
+        _block(out, f"layers.{i}.", i, cfg, mtp=False, experts=experts)
     for m in range(cfg.n_mtp_layers):
         # MTP block: layer id n_layers (+m), plus its input projections, norms and own hc_head (docs/architecture.md §14)
         p = f"mtp.{m}."
-        _block(out, p, cfg.n_layers + m, cfg, mtp=True)
+        _block(out, p, cfg.n_layers + m, cfg, mtp=True, experts=experts)
         _fp8(out, f"{p}e_proj", c, c, "mtp")
         _fp8(out, f"{p}h_proj", c, c, "mtp")
         out[f"{p}enorm.weight"] = TensorSpec("BF16", (c,), "mtp")
@@ -157,16 +166,50 @@ def expected_tensors(cfg: Config) -> dict[str, TensorSpec]:
     return out
 
 
+MISSING_LISTED = 10_000          # missing tensors named one by one at most (beyond 2x the tensors present)
+
+
+def expected_size(cfg: Config) -> tuple[int, int]:
+    """(tensor count, bytes) of expected_tensors(cfg), with the routed experts counted, not listed.
+
+    Cheap at any config the field ranges admit (the experts are most of the tensors: 8 layers of
+    65,536 experts are 3 million, which took 18 s and 2.4 GB to list).
+    """
+    rest, one = expected_tensors(cfg, experts=False), {}
+    _expert(one, "", cfg, "experts")
+    experts = (cfg.n_layers + cfg.n_mtp_layers) * cfg.n_routed_experts
+    nbytes = lambda specs: sum(spec_nbytes(s) for s in specs.values())       # noqa: E731
+    return len(rest) + experts * len(one), nbytes(rest) + experts * nbytes(one)
+
+
+def size_problem(src: TensorSource, cfg: Config) -> str | None:
+    """A line when cfg implies far more tensors than the checkpoint holds, else None (before any per-tensor work).
+
+    Listing the expected tensors costs about a kilobyte each; below 2x the tensors the headers
+    already hold (plus a margin) that is bounded by what is in memory anyway, and every missing
+    tensor is named. Above it the config cannot describe these files, and one line says so.
+    """
+    n, nbytes = expected_size(cfg)
+    if n <= 2 * len(src) + MISSING_LISTED:
+        return None
+    have = sum(src.nbytes(k) for k in src.keys())
+    return (f"the config implies {n:,} tensors of {size_text(nbytes)}, but the checkpoint holds {len(src):,} "
+            f"of {size_text(have)}: config.json does not describe these files (not compared tensor by tensor)")
+
+
 # ---------------------------------------------------------------- validation
 
 def validate(source: TensorSource | str | Path, cfg: Config, *, scan_scales: bool = True) -> list[str]:
     """Problems of a checkpoint against cfg, one line each naming the tensor (empty = valid).
 
-    Checks: missing, unexpected (extra) and index-unlisted tensors, dtype, shape, every hash-routing
+    Checks: a config implying far more tensors than the files hold (one line: size_problem),
+    missing, unexpected (extra) and index-unlisted tensors, dtype, shape, every hash-routing
     table (tid2eid) for expert ids outside [0, n_routed_experts), and (scan_scales) every E8M0
     scale for the NaN byte 0xFF. Scanning reads the scales (~5% of the real checkpoint).
     """
     src = source if isinstance(source, TensorSource) else TensorSource(source)
+    if (too_many := size_problem(src, cfg)) is not None:
+        return [too_many]
     want = expected_tensors(cfg)
     have = set(src.keys())
     problems = [f"missing tensor {n!r} ({s.dtype} {list(s.shape)})" for n, s in want.items() if n not in have]

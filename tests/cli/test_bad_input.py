@@ -588,3 +588,116 @@ def test_a_full_disk_names_the_folder_not_its_removed_temporary(tmp_path, capsys
     line = refused(capsys, *[str(out) if a == "OUT" else a for a in command], words="No space left on device")
     assert line.startswith(f"error: {out}/") and ".tmp-" not in line
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- issue 25: checkpoint, config and tokenizer inputs
+
+def test_a_shard_with_bytes_no_tensor_covers_is_refused(ck, tmp_path, capsys):
+    """Trailing bytes (and gaps, overlaps) passed `inspect` and ran; the safetensors library refuses them."""
+    shard = next(ck.glob("model-*.safetensors"))
+    with open(shard, "ab") as f:
+        f.write(b"\0")
+    words = f"{shard}: 1 byte(s) after the last tensor"
+    refused(capsys, "inspect", ck, words=words)
+    refused(capsys, "trace", ck, "--tokens", "0,5", "--out", tmp_path / "t", words=words)
+
+
+def test_inspect_refuses_a_shard_file(ck, capsys):
+    shard = next(ck.glob("model-*.safetensors"))
+    refused(capsys, "inspect", shard, words="is a file: a checkpoint is a folder")
+
+
+@pytest.mark.parametrize("where", ["chat", "config.json", "tokenizer_config.json"])
+def test_duplicate_json_keys_are_refused(ck, tmp_path, capsys, where):
+    """json keeps the last of two equal keys: a chat or config said one thing and ran another."""
+    if where == "chat":
+        path = tmp_path / "chat.json"
+        path.write_text('[{"role": "user", "content": "hi", "content": "bye"}]')
+        refused(capsys, "encode", path, words=f"{path}: duplicate key 'content' in a JSON object")
+        refused(capsys, "generate", ck, "--chat", path, words="duplicate key 'content'")
+        return
+    path, key = ck / where, "vocab_size" if where == "config.json" else "eos_token"
+    path.write_text(path.read_text().replace("{", f'{{"{key}": 1, ', 1))        # the file's own comes later
+    refused(capsys, "generate", ck, "--prompt", "hi", words=f"{path}: duplicate key '{key}' in a JSON object")
+
+
+@pytest.mark.parametrize("value, words", [("NaN", "NaN is not a JSON number (JSON numbers are finite)"),
+                                          ("1e308", "route_scale = 1e+308: must be > 0 and <= 10000 "
+                                                    "(key 'routed_scaling_factor')")])
+def test_non_finite_or_huge_config_values_are_named(ck, tmp_path, capsys, value, words):
+    """NaN read as 'wrong type: nan'; 1e308 printed RuntimeWarnings and blamed the weights (issue 25)."""
+    raw = json.loads((ck / "config.json").read_text())
+    raw["routed_scaling_factor"] = "VALUE"
+    (ck / "config.json").write_text(json.dumps(raw).replace('"VALUE"', value))
+    refused(capsys, "trace", ck, "--tokens", "0,5", "--out", tmp_path / "t", words=words)
+    code, out, _ = run(capsys, "inspect", ck)
+    assert code == 1 and words in out
+
+
+def test_generate_refuses_a_tokenizer_smaller_than_the_vocabulary_before_running(ck, capsys):
+    """It failed mid-generation, after printing part of the text (issue 25)."""
+    from refimpl.synthetic.tokenizer import build_tiny_tokenizer, write_tokenizer_files
+    write_tokenizer_files(ck, build_tiny_tokenizer(1024))
+    got, out, err = run(capsys, "generate", ck, "--tokens", "0,5", "--max-new-tokens", "4")
+    assert got == 1 and out == "" and err.startswith("error: tokenizer.json has no token for 256 of the model's 1280")
+
+
+def _tokenizer_with(ck, **parts):
+    import tokenizers
+    t = tokenizers.Tokenizer.from_file(str(ck / "tokenizer.json"))
+    for name, value in parts.items():
+        setattr(t, name, value)
+    (ck / "tokenizer.json").write_text(t.to_str())
+
+
+def test_a_prompt_an_expanding_normalizer_blows_up_is_refused_before_tokenizing(ck, capsys):
+    from tokenizers import normalizers
+    _tokenizer_with(ck, normalizer=normalizers.Replace("a", "x" * 2000))
+    t0 = time.perf_counter()
+    refused(capsys, "generate", ck, "--prompt", "a" * 100_000, words="normalizes to more than")
+    assert time.perf_counter() - t0 < 5                           # was: 1.6 GB at 5 KB, an abort (134) at 100 KB
+
+
+def test_a_tokenizer_regex_that_panics_is_one_line(ck, capfd):
+    """A Rust panic report and a Python traceback (issue 25): now one line, the panic's report held back."""
+    from tokenizers import Regex, pre_tokenizers
+    _tokenizer_with(ck, pre_tokenizer=pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"(a+)+$"), "isolated"),
+                                                               pre_tokenizers.ByteLevel(add_prefix_space=False)]))
+    capfd.readouterr()
+    code = main(["generate", str(ck), "--prompt", "a" * 40 + "b"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "the tokenizers library failed tokenizing this text" in err[0], err
+
+
+def test_a_shard_truncated_while_generate_runs_is_one_line(ck):
+    """The process died of SIGBUS (exit 135) with no error line (issue 25): the fault is in NumPy's machine
+    code, so formats/sigbus.py answers it there, naming the file."""
+    shard = next(ck.glob("model-*.safetensors"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "refimpl.cli.main", "generate", str(ck), "--tokens", "0,5",
+                             "--max-new-tokens", "4000", "--kernels", "numpy"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout.read(1), "generate printed nothing"             # the model runs, over the mapped shard
+        os.truncate(shard, 4096)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and err.decode().splitlines() == [
+        f"error: {shard}: changed while in use (truncated while refimpl read it through a memory map)"]
+
+
+def test_a_fault_outside_the_mapped_files_still_ends_the_process(tmp_path):
+    """The handler answers only for registered mappings; any other SIGBUS ends the process as before (no hang)."""
+    script = tmp_path / "fault.py"
+    script.write_text(
+        "import mmap, os, sys\n"
+        "from refimpl.formats import sigbus\n"
+        "sigbus.install()\n"
+        f"f = open({str(tmp_path / 'x')!r}, 'w+b'); f.truncate(1 << 16)\n"
+        "m = mmap.mmap(f.fileno(), 1 << 16, access=mmap.ACCESS_READ)\n"
+        "f.truncate(0)\n"
+        "print(m[40000])\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == -signal.SIGBUS and "changed while in use" not in r.stderr

@@ -40,7 +40,7 @@ def test_generate_on_nan_weights_is_a_one_line_error(patched_ckpt, capsys):
 
 
 @pytest.mark.parametrize("key, value, words", [
-    ("rms_norm_eps", -1, "norm_eps = -1.0: must be > 0 (key 'rms_norm_eps')"),
+    ("rms_norm_eps", -1, "norm_eps = -1.0: must be > 0 and <= 1 (key 'rms_norm_eps')"),
     ("rope_theta", -10000, "rope_theta = -10000.0: must be > 1"),
     ("sliding_window", 100_000_000, "window_size = 100000000: must be between 1 and 8192 (key 'sliding_window')"),
     ("hc_sinkhorn_iters", 100_000_000, "hc_sinkhorn_iters = 100000000: must be between 1 and 1000"),
@@ -63,7 +63,7 @@ def test_rope_factor_zero_is_refused(tiny_ckpt, tmp_path, capsys):
     raw["rope_scaling"]["factor"] = 0
     (ck / "config.json").write_text(json.dumps(raw))
     assert main(["generate", str(ck), "--tokens", "0,5"]) != 0
-    assert "rope_factor = 0.0: must be >= 1 (key 'rope_scaling.factor')" in capsys.readouterr().err
+    assert "rope_factor = 0.0: must be >= 1 and <= 1e+06 (key 'rope_scaling.factor')" in capsys.readouterr().err
 
 
 def test_infinite_temperature_is_refused(tiny_ckpt, capsys):

@@ -196,6 +196,52 @@ def test_overlapping_offsets(tmp_path):
         TensorSource(f)
 
 
+def _library_refuses(path) -> bool:
+    try:
+        safetensors.deserialize(Path(path).read_bytes())        # the library's own (Rust) parser
+    except Exception:                                            # SafetensorError
+        return True
+    return False
+
+
+U8 = lambda begin, end: {"dtype": "U8", "shape": [end - begin], "data_offsets": [begin, end]}   # noqa: E731
+
+
+@pytest.mark.parametrize("header, data, message", [
+    ({"a": U8(0, 4), "b": U8(4, 8)}, 9, r"1 byte\(s\) after the last tensor \(the data section has 9 bytes, "
+                                         r"the tensors cover 8"),
+    ({}, 3, r"3 byte\(s\) after the last tensor"),
+    ({"a": U8(0, 4), "b": U8(5, 9)}, 9, r"tensor 'b': data_offsets \[5, 9\] leave bytes \[4, 5\) of the data "
+                                        r"section unused \(after tensor 'a'\)"),
+    ({"a": U8(1, 5)}, 5, r"tensor 'a': .* leave bytes \[0, 1\) .* \(before the first tensor\)"),
+    ({"a": U8(0, 4), "b": U8(2, 6)}, 6, r"tensor 'b': data_offsets \[2, 6\] overlap those of tensor 'a' \[0, 4\]"),
+    ({"a": U8(0, 4), "b": U8(0, 4)}, 4, r"tensor 'b': .* overlap those of tensor 'a'"),
+    ({"a": U8(0, 4), "z": U8(2, 2)}, 4, r"tensor 'z': data_offsets \[2, 2\] overlap those of tensor 'a'"),
+    ({"a": U8(0, 4), "z": U8(6, 6)}, 6, r"tensor 'z': .* leave bytes \[4, 6\)"),
+])
+def test_the_data_section_is_covered_exactly_once(tmp_path, header, data, message):
+    """Gaps, overlaps and trailing bytes are refused, naming the tensor, as the safetensors library does (issue 25)."""
+    f = _raw_file(tmp_path / "c.safetensors", header, bytes(data))
+    assert _library_refuses(f)
+    with pytest.raises(CheckpointError, match=r"c\.safetensors: " + message):
+        TensorSource(f)
+
+
+@pytest.mark.parametrize("header, data", [
+    ({"b": U8(4, 8), "a": U8(0, 4)}, 8),                                 # the header's order is free
+    ({"a": U8(0, 4), "z": U8(4, 4), "b": U8(4, 8), "y": U8(8, 8)}, 8),    # zero-size tensors at boundaries
+    ({"z": U8(0, 0)}, 0),
+    ({"a": U8(0, 1), "f": {"dtype": "F32", "shape": [2], "data_offsets": [1, 9]}}, 9),   # unaligned
+])
+def test_what_the_library_accepts_is_read(tmp_path, header, data):
+    raw = np.random.default_rng(0).integers(0, 256, data, dtype=np.uint8).tobytes()
+    f = _raw_file(tmp_path / "ok.safetensors", header, raw)     # the header is not padded: data starts unaligned
+    assert not _library_refuses(f)
+    src, theirs = TensorSource(f), dict(safetensors.deserialize(f.read_bytes()))
+    for name in header:
+        assert src.get(name).tobytes() == bytes(theirs[name]["data"]), name
+
+
 def test_offsets_past_the_file(tmp_path):
     h = _valid_header()
     h["b"]["data_offsets"] = [8, 12]
@@ -318,6 +364,7 @@ def _open_and_read_all(path):
     src = TensorSource(path)
     for k in src.keys():
         np.asarray(src.get(k)).sum()                             # touch every byte of every view
+    assert not _library_refuses(path), "a file the safetensors library refuses was read"
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

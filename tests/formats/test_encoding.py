@@ -582,7 +582,7 @@ safe_text = (st.lists(st.one_of(st.characters(codec="utf-8"),
                       max_size=10).map("".join)
              .filter(lambda s: not any(t in s for t in FORBIDDEN)))
 safe_name = safe_text.filter(lambda s: '"' not in s)   # names and keys sit unescaped inside name="..."
-json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | safe_text
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | safe_text
 json_values = st.recursive(
     json_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(safe_text, inner, max_size=3),
     max_leaves=6)
@@ -648,6 +648,10 @@ CALL_C1 = [call("c1", "f", {})]
     ([asst(tool_calls=[{"function": {"name": "f", "arguments": {"a": 1}}}])], "must be a JSON string, got dict"),
     ([asst(tool_calls=[{"function": {"name": "f", "arguments": "{'a': 1}"}}])], "not valid JSON"),
     ([asst(tool_calls=[{"function": {"name": "f", "arguments": "[1, 2]"}}])], "must be a JSON object"),
+    ([asst(tool_calls=[{"function": {"name": "f", "arguments": '{"a": 1, "a": 2}'}}])],
+     "function `arguments`: duplicate key 'a' in a JSON object"),
+    ([asst(tool_calls=[{"function": {"name": "f", "arguments": '{"a": NaN}'}}])],
+     "function `arguments`: NaN is not a JSON number"),
     ([asst(tool_calls=[{"id": 7, "function": {"name": "f", "arguments": "{}"}}])], "`id` must be a string"),
     ([{"role": "system", "content": "S", "tools": "f"}], "`tools` must be a list"),
     ([{"role": "system", "content": "S", "tools": [{"name": "f"}]}], r"tools\[0\]: expected"),

@@ -73,3 +73,63 @@ def test_tid2eid_out_of_range_is_a_problem(patched_ckpt):
     s = summarize(bad)
     assert s["problems"] == ["tensor 'layers.1.ffn.gate.tid2eid': 2 expert id(s) outside "
                              "[0, n_routed_experts = 8), the first -1 for token id 7"]
+
+
+# ---------------------------------------------------------------- issue 25: what inspect let pass
+
+def _copy(tiny_ckpt, tmp_path):
+    import shutil
+    out = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, out)
+    return out
+
+
+def test_a_shard_file_is_not_a_checkpoint(tiny_ckpt):
+    """summarize(shard) read the config beside it and said OK, although a checkpoint is a folder."""
+    from refimpl.formats.checkpoint import CheckpointError
+    shard = next(tiny_ckpt.glob("model-*.safetensors"))
+    with pytest.raises(CheckpointError, match="is a file: a checkpoint is a folder"):
+        summarize(shard)
+
+
+@pytest.mark.parametrize("size, words", [
+    (1024, "tokenizer: tokenizer.json has no token for 256 of the model's 1280 ids (config vocab_size), "
+           "the first 1024: a generated id could have no text"),
+    (1536, "tokenizer: tokenizer.json has token id 1535, outside the model's vocabulary (config vocab_size = 1280)"),
+])
+def test_a_tokenizer_that_is_not_the_model_vocabulary_is_a_problem(tiny_ckpt, tmp_path, size, words):
+    """A smaller tokenizer passed inspect and failed mid-generation (issue 25)."""
+    from refimpl.synthetic.tokenizer import build_tiny_tokenizer, write_tokenizer_files
+    ck = _copy(tiny_ckpt, tmp_path)
+    write_tokenizer_files(ck, build_tiny_tokenizer(size))
+    s = summarize(ck)
+    assert s["problems"] == [words] and "validation: 1 problem(s)" in format_summary(s)
+
+
+def test_an_unreadable_tokenizer_is_a_problem(tiny_ckpt, tmp_path):
+    ck = _copy(tiny_ckpt, tmp_path)
+    (ck / "tokenizer.json").write_text('{"model": ')
+    assert summarize(ck)["problems"][0].startswith("tokenizer: ")
+
+
+@pytest.mark.parametrize("layers", [8, 64, 1024])
+def test_a_config_implying_millions_of_tensors_is_refused_before_listing_them(tiny_ckpt, tmp_path, layers):
+    """8 layers x 65,536 experts took 18 s and 2.4 GB, 64 layers ran out of memory (issue 25)."""
+    import json
+    import time
+    import tracemalloc
+    ck = _copy(tiny_ckpt, tmp_path)
+    raw = json.loads((ck / "config.json").read_text())
+    raw.update(num_hidden_layers=layers, n_routed_experts=1 << 16, compress_ratios=[0] * (layers + 1))
+    (ck / "config.json").write_text(json.dumps(raw))
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        s = summarize(ck)
+        assert time.perf_counter() - t0 < 5 and tracemalloc.get_traced_memory()[1] < 64 << 20
+    finally:
+        tracemalloc.stop()
+    n = 6 * (layers + 1) << 16
+    assert len(s["problems"]) == 1 and s["expected"] > n
+    assert s["problems"][0].startswith(f"the config implies {s['expected']:,} tensors of ")
+    assert "but the checkpoint holds 585 of 10.7 MiB: config.json does not describe these files" in s["problems"][0]

@@ -142,3 +142,94 @@ def test_decode_refuses_bad_ids(tiny, ids, message):
     with pytest.raises(TokenizerError, match=message):
         tiny.decode(ids)
     assert tiny.decode(np.array([5, 1023])) == tiny.decode([5, 1023])
+
+
+# ---------------------------------------------------------------- issue 25: tokenizing is bounded, panics are errors
+
+def _with(tok: Tokenizer, **parts) -> Tokenizer:
+    """A copy of tok with these parts (normalizer=..., pre_tokenizer=...) replaced."""
+    import tokenizers
+    t = tokenizers.Tokenizer.from_str(tok.tok.to_str())
+    for name, value in parts.items():
+        setattr(t, name, value)
+    return Tokenizer(t)
+
+
+def test_an_expanding_normalizer_is_refused_before_tokenizing(tiny):
+    """Replace("a", 2000 characters): a 5 KB prompt took 1.6 GB before refusal, 100 KB aborted (exit 134)."""
+    import time
+    from tokenizers import normalizers
+    tok = _with(tiny, normalizer=normalizers.Replace("a", "x" * 2000))
+    assert tok.normalizer_growth == 2000
+    for n in (5_000, 100_000):
+        t0 = time.perf_counter()
+        with pytest.raises(TokenizerError, match=r"normalizes to more than \d+ bytes .* writes up to 2000 characters "
+                                                 r"for one\), far more than 4096 tokens can hold \(refused before"):
+            tok.encode("a" * n, max_tokens=4096)
+        assert time.perf_counter() - t0 < 1
+    assert tok.encode("b a b", max_tokens=4096) == tok.tok.encode("b a b", add_special_tokens=False).ids   # fits
+
+
+def test_a_normalizer_beyond_what_can_be_bounded_is_refused(tiny):
+    from tokenizers import normalizers
+    tok = _with(tiny, normalizer=normalizers.Replace("a", "x" * 70_000))
+    with pytest.raises(TokenizerError, match="its normalizer can write 70000 characters for one, more than the 65536"):
+        tok.encode("b", max_tokens=4096)
+    assert tok.encode("b") == [tok.token_to_id("b")]           # unbounded calls are the caller's choice
+
+
+def test_a_long_added_token_counts_once_where_it_occurs(tiny):
+    """A 1 MB added token widened the byte bound so that a 7 MB chat was tokenized (1.4 GB) before refusal."""
+    import tokenizers
+    t = tokenizers.Tokenizer.from_str(tiny.tok.to_str())
+    long = "y" * (64 << 10)
+    t.add_tokens([tokenizers.AddedToken(long)])
+    tok = Tokenizer(t)
+    with pytest.raises(TokenizerError, match="refused above 928 bytes, before tokenizing"):
+        tok.encode("hello world " * 40_000, max_tokens=16)       # 480 KB of ordinary text
+    assert tok.encode(long * 7, max_tokens=16) == [tok.token_to_id(long)] * 7
+
+
+@settings(deadline=None, max_examples=50)
+@given(text=st.text(max_size=40))
+def test_normalizer_growth_bounds_what_each_normalizer_writes(text):
+    from tokenizers import Regex, normalizers
+    from refimpl.formats.tokenizer import _growth
+    for n in (normalizers.NFKC(), normalizers.NFKD(), normalizers.NFD(), normalizers.Lowercase(),
+              normalizers.BertNormalizer(), normalizers.Prepend("▁▁"), normalizers.Replace("ab", "xyz" * 5),
+              normalizers.Replace(Regex("b*"), "--"), normalizers.ByteLevel(), normalizers.Strip(),
+              normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(" ", "▁")])):
+        growth = _growth(json.loads(n.__getstate__()))
+        assert len(n.normalize_str(text)) <= growth * max(len(text), 1), n.__getstate__()
+    assert len(normalizers.NFKD().normalize_str("\ufdfa")) == 18                 # the longest decomposition
+
+
+def test_a_regex_that_backtracks_without_end_is_an_error_not_a_panic(tiny, capfd):
+    """Onig's retry limit made the library panic: a Rust report on stderr and a PanicException traceback."""
+    from tokenizers import Regex, pre_tokenizers
+    tok = _with(tiny, pre_tokenizer=pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"(a+)+$"), "isolated"),
+                                                             pre_tokenizers.ByteLevel(add_prefix_space=False)]))
+    capfd.readouterr()
+    with pytest.raises(TokenizerError, match=r"tokenizer.json: the tokenizers library failed tokenizing this text "
+                                             r"\(Onig: Regex search error: retry-limit-in-match over\)"):
+        tok.encode("a" * 40 + "b", max_tokens=4096)
+    assert capfd.readouterr().err == ""                              # the panic's own report is held back
+    assert tok.decode(tok.encode("ab", max_tokens=16)) == "ab"     # text that does not backtrack still works
+
+
+def test_duplicate_keys_in_tokenizer_json_are_refused(tmp_path, tiny):
+    """The library's reader keeps the last of two equal vocabulary keys, leaving an id without a token."""
+    write_tokenizer_files(tmp_path, tiny.tok)
+    text = (tmp_path / "tokenizer.json").read_text(encoding="utf-8")
+    vocab_at = text.index('"vocab": {') + len('"vocab": {')
+    (tmp_path / "tokenizer.json").write_text(text[:vocab_at] + '"x": 5, ' + text[vocab_at:], encoding="utf-8")
+    with pytest.raises(TokenizerError, match="tokenizer.json: duplicate key 'x' in a JSON object"):
+        Tokenizer.from_checkpoint(tmp_path)
+
+
+def test_check_vocab(tiny):
+    tiny.check_vocab(1024)
+    with pytest.raises(TokenizerError, match="no token for 256 of the model's 1280 ids"):
+        tiny.check_vocab(1280)
+    with pytest.raises(TokenizerError, match="token id 1023, outside the model's vocabulary"):
+        tiny.check_vocab(1000)

@@ -237,3 +237,27 @@ def test_nonfinite_f32_weights_are_refused_at_load(patched_ckpt, tensor, index, 
     from refimpl.formats.weights import load
     with pytest.raises(CheckpointError, match=rf"NaN/Inf in the weights: tensor '{re.escape(tensor)}': 1 NaN/Inf"):
         load(patched_ckpt({tensor: {index: value}}))
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY.replace(n_routed_experts=16), Config.flash(), Config.pro(),
+                                 Config.flash().replace(n_mtp_layers=0, compress_ratios=Config.flash().compress_ratios[:-1])])
+def test_expected_size_counts_what_expected_tensors_lists(cfg):
+    from refimpl.formats.checkpoint import spec_nbytes
+    from refimpl.formats.weights import expected_size
+    specs = expected_tensors(cfg)
+    assert expected_size(cfg) == (len(specs), sum(spec_nbytes(s) for s in specs.values()))
+
+
+def test_load_refuses_a_config_implying_far_more_tensors_at_once(tiny_ckpt, tmp_path):
+    """Checked against the files before any per-tensor work (issue 25): one line, in well under a second."""
+    import time
+    big = TINY.replace(n_routed_experts=1 << 16, n_layers=64, compress_ratios=(0,) * 65)
+    src = TensorSource(tiny_ckpt)
+    t0 = time.perf_counter()
+    problems = validate(src, big)
+    assert time.perf_counter() - t0 < 2
+    assert problems == [f"the config implies {6 * 65 * 2**16 + len(expected_tensors(big, experts=False)):,} tensors "
+                        f"of 209 GiB, but the checkpoint holds {len(src)} of 10.7 MiB: config.json does not "
+                        "describe these files (not compared tensor by tensor)"]
+    few = TINY.replace(n_routed_experts=16)                     # twice the tensors: every one is still named
+    assert sum(p.startswith("missing tensor") for p in validate(src, few, scan_scales=False)) == 6 * 8 * 7
