@@ -65,7 +65,7 @@ import numpy as np
 from refimpl.formats.files import write_bytes
 from refimpl.oracle.trace import TRACE_FORMAT_VERSION
 from refimpl.sites import SITES
-from refimpl.formats.files import MAX_JSON_DEPTH, check_output_path, json_depth
+from refimpl.formats.files import MAX_JSON_DEPTH, StrictJSONError, check_output_path, json_depth, parse_json
 
 PROFILES_PATH = Path(__file__).with_name("profiles.toml")
 PRECISIONS = ("float64", "float32", "mirror", "bf16")   # the precisions a trace may declare
@@ -129,11 +129,11 @@ def load_trace(path) -> TraceFile:
 def parse_meta_json(raw, path, error=ValueError):
     """The 'refimpl' metadata string parsed as JSON, nested at most MAX_JSON_DEPTH levels; error names path."""
     try:
-        meta = json.loads(raw)
+        meta = parse_json(raw) if isinstance(raw, str) else json.loads(raw)   # strict: no key twice, no NaN
     except RecursionError:
         raise error(f"{path}: the 'refimpl' metadata entry is nested too deeply "
                     f"(more than {MAX_JSON_DEPTH} levels)") from None
-    except (json.JSONDecodeError, TypeError) as e:
+    except (json.JSONDecodeError, TypeError, StrictJSONError) as e:
         raise error(f"{path}: the 'refimpl' metadata entry is not JSON ({e})") from None
     if json_depth(meta) > MAX_JSON_DEPTH:
         raise error(f"{path}: the 'refimpl' metadata entry is nested too deeply (more than {MAX_JSON_DEPTH} levels)")

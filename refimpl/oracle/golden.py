@@ -22,7 +22,6 @@ checkpoint, checks its hashes, re-runs every input and compares every site.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import numpy as np
 from refimpl.config import Config
 from refimpl.formats.checkpoint import SafetensorsFile
 from refimpl.formats.config_file import read_config
+from refimpl.formats.files import parse_json
 from refimpl.formats.weights import load
 from refimpl.model.transformer import Model
 from refimpl.oracle.trace import run_trace, site_names
@@ -253,7 +253,7 @@ def read_manifest(golden_dir) -> dict:
     if not path.is_file():
         raise GoldenError(f"{golden_dir}: no {MANIFEST} (a golden set is the repository's golden/ folder)")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = parse_json(path.read_text(encoding="utf-8"))          # strict: no key twice, no NaN
     except (UnicodeDecodeError, ValueError) as e:
         raise GoldenError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:

@@ -608,3 +608,12 @@ def test_a_float32_trace_gets_no_first_difference_lines_and_no_rsqrt_hint(tmp_pa
     assert r.first["site"] == "layers.0.attn.q" and r.first["hints"] == []
     text = format_report(r)
     assert "first difference" not in text and "rsqrt" not in text
+
+
+def test_metadata_that_names_a_key_twice_is_refused(tmp_path):
+    """Python's json keeps the last of two equal keys; the metadata is read strictly (as the config is)."""
+    p = tmp_path / "dup.st"
+    save_file({"embed": np.ones((2, 4), np.float32)}, str(p),
+              metadata={"refimpl": '{"format_version": 1, "tokens": [1, 2], "tokens": [1, 2, 3], "precision": "float64"}'})
+    with pytest.raises(CompareError, match="duplicate key 'tokens'"):
+        compare(p, p)
