@@ -302,7 +302,7 @@ def cmd_compare(a) -> int:
             print("error: --plot needs matplotlib: pip install 'refimpl[plot]'", file=sys.stderr)
             return 1
     try:
-        report = compare(a.a, a.b, profile=a.profile)
+        report = compare(a.a, a.b, profile=a.profile, partial=a.partial)
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -430,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or another name in refimpl/oracle/profiles.toml")
     q.add_argument("--json", action="store_true", help="print the report as JSON")
     q.add_argument("--plot", metavar="PNG", default=None, help="write a plot of the error by layer and site kind")
+    q.add_argument("--partial", action="store_true",
+                   help="A records only some sites (one layer, no logits): check those, list the rest as not compared")
     q.set_defaults(func=cmd_compare)
 
     q = sub.add_parser("generate", help="generate text (tokens are streamed as they are produced)")

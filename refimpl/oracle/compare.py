@@ -694,8 +694,12 @@ class Report:
                       "sites": self.sites})
 
 
-def compare(a, b, profile: str = "auto", *, profiles: dict | None = None) -> Report:
+def compare(a, b, profile: str = "auto", *, profiles: dict | None = None, partial: bool = False) -> Report:
     """Compare trace a (candidate) with trace b (reference): paths or TraceFiles -> Report.
+
+    partial: the candidate records only some sites (one layer, no logits) and is checked on those;
+    without it a candidate that lacks the reference's logits fails. Either way the report lists the
+    sites that were not compared.
 
     Raises CompareError for traces that do not record the same run (tokens, config, chunking),
     a site whose shape or kind differs, or an unknown profile.
@@ -752,12 +756,13 @@ def compare(a, b, profile: str = "auto", *, profiles: dict | None = None) -> Rep
                     only_in_a=site_order(set(ta.tensors) - common, mtp),
                     only_in_b=site_order(set(tb.tensors) - common, mtp))
     report.first = _first_failure(sites, bf16_norms=_bf16_norms(report))
-    if "logits" in tb.tensors and "logits" not in ta.tensors:
+    if "logits" in tb.tensors and "logits" not in ta.tensors and not partial:
         report.missing = (f"the candidate {ta.path} has no 'logits' site and the reference has: the end result "
                           f"of the run is not compared")
     elif report.only_in_b:
-        report.notes.insert(0, f"NOT COMPARED: {len(report.only_in_b)} of the reference's {len(tb.tensors)} sites are "
-                               f"missing from the candidate (listed below); only {len(sites)} sites were compared")
+        report.notes.insert(0, f"NOT COMPARED{' (partial trace)' if partial else ''}: {len(report.only_in_b)} of the "
+                               f"reference's {len(tb.tensors)} sites are missing from the candidate (listed below); "
+                               f"only {len(sites)} sites were compared")
     for attr, key in (("first_diff", "first_diff_row"), ("first_real", "first_real_row")):
         m = next((m for m in sites if m[key] is not None), None)
         if m is not None:

@@ -173,3 +173,22 @@ def test_a_candidate_without_logits_exits_1(cli_traces, tmp_path, capsys):
     save_file({"embed": t["embed"], "logits": t["logits"]}, str(cand), metadata=_meta(cli_traces["float32"]))
     assert main(["compare", str(cand), str(cli_traces["float64"])]) == 0
     assert "note: NOT COMPARED: 113 of the reference's 115 sites are missing" in capsys.readouterr().out
+
+
+def test_a_partial_trace_is_checked_on_what_it_has_with_partial(cli_traces, tmp_path, capsys):
+    """One layer's sites, no logits: refused by default (the end result is not compared), checked with --partial,
+    and the report says which of the reference's sites were not compared; a real difference still fails."""
+    t = load_file(str(cli_traces["float32"]))
+    layer = {k: v for k, v in t.items() if k.startswith("layers.2.")}
+    cand = tmp_path / "layer2.st"
+    save_file(layer, str(cand), metadata=_meta(cli_traces["float32"]))
+    assert main(["compare", str(cand), str(cli_traces["float64"])]) == 1
+    capsys.readouterr()
+    assert main(["compare", str(cand), str(cli_traces["float64"]), "--partial"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: NOT COMPARED (partial trace): {115 - len(layer)} of the reference's 115 sites" in out
+    assert "only in B (not compared): embed" in out
+    layer["layers.2.attn.out"] = layer["layers.2.attn.out"] * 1.5
+    save_file(layer, str(cand), metadata=_meta(cli_traces["float32"]))
+    assert main(["compare", str(cand), str(cli_traces["float64"]), "--partial"]) == 1
+    assert "FIRST OUT OF TOLERANCE: layers.2.attn.out" in capsys.readouterr().out
