@@ -263,6 +263,59 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _same_rows(a: TraceFile, b: TraceFile):
+    """Both traces on the same rows: a full-length trace compared with a golden-set trace (which keeps only the
+    positions `golden_rows`) is cut to those rows here; two different row selections are refused.
+    -> (a, b, golden_rows or None)."""
+    ra, rb = a.meta.get("golden_rows"), b.meta.get("golden_rows")
+    if ra == rb:
+        return a, b, ra
+    if ra is not None and rb is not None:
+        raise CompareError(f"the traces keep different rows (golden_rows {ra} vs {rb}); compare traces of the same "
+                           f"rows, or a full-length trace with a golden one")
+    rows = ra if ra is not None else rb
+    full = b if ra is not None else a
+    s, mtp = len(full.meta["tokens"]), mtp_layer_of(set(full.tensors), full.meta, full.meta)
+    cut = {}
+    for name, x in full.tensors.items():
+        layer, kind = split_site(name)
+        is_mtp = name.startswith("mtp.") or (layer is not None and layer == mtp)
+        if kind == "attn.compressed_kv" or x.shape[0] != (s - 1 if is_mtp else s):
+            cut[name] = x                                   # one row per entry, or a site refimpl does not know
+        else:
+            cut[name] = x[[r for r in rows if r < x.shape[0]]]
+    cut_full = TraceFile(full.path, dict(full.meta, golden_rows=list(rows)), cut)
+    return (cut_full, b, rows) if full is a else (a, cut_full, rows)
+
+
+def _rows_to_positions(report, rows: list[int], s: int, mtp: int | None) -> None:
+    """Rewrite the row numbers of a golden-rows comparison as token positions (compressed entries stay entries)."""
+    short = [r for r in rows if r < s - 1]
+
+    def position_of(site):
+        layer, kind = split_site(site)
+        if kind == "attn.compressed_kv":
+            return None
+        return short.__getitem__ if site.startswith("mtp.") or (layer is not None and layer == mtp) else rows.__getitem__
+    for m in report.sites:
+        pos = position_of(m["site"])
+        if pos is None:
+            continue
+        for f in m["failures"]:
+            f["row"] = pos(f["row"])
+        for r in m.get("near_tie_rows", []) + m.get("real_rows", []):
+            r["row"] = pos(r["row"])
+        for key in ("first_diff_row", "first_real_row"):
+            if m.get(key) is not None:
+                m[key] = pos(m[key])
+        if report.first is not None and report.first["site"] == m["site"]:
+            f = report.first
+            if "position" in f:
+                f["position"] = pos(f["position"])
+            if "worst" in f:
+                f["worst"]["index"][0] = pos(f["worst"]["index"][0])   # (f["rows"] shares m's real_rows: done)
+
+
 def check_same_run(a: TraceFile, b: TraceFile) -> list[str]:
     """Raise CompareError unless a and b record the same input (tokens, config, chunking); -> notes."""
     ta, tb = a.meta["tokens"], b.meta["tokens"]
@@ -276,19 +329,24 @@ def check_same_run(a: TraceFile, b: TraceFile) -> list[str]:
     na, nb = a.meta.get("n_layers"), b.meta.get("n_layers")
     if na is not None and nb is not None and na != nb:
         raise CompareError(f"the traces come from models with {na} and {nb} layers")
-    if a.meta["chunks"] != b.meta["chunks"]:
-        raise CompareError(f"the traces were run in different chunks ({a.meta['chunks']} vs {b.meta['chunks']}); "
-                           f"chunking may change last bits, so trace both the same way")
+    notes = []
+    # float64 rows do not depend on the chunking or the call type (docs/architecture.md §15): a float64
+    # reference takes a candidate run any way; elsewhere they may change last bits, so both must match
+    exact_rows = b.meta.get("precision") == "float64"
     da, db = a.meta["decode_from"], b.meta["decode_from"]
-    if da != db:
-        what = lambda k: f"a {k}-token prefill then decode steps" if k else "prefill calls only"
-        raise CompareError(f"the traces ran different call types ({what(da)} vs {what(db)}); a decode step "
-                           f"may round differently from a one-token prefill, so trace both the same way")
+    how = f"--decode-from {db}" if db else f"--chunks {','.join(map(str, b.meta['chunks']))}"
+    if a.meta["chunks"] != b.meta["chunks"] or da != db:
+        what = lambda t: (f"a {t.meta['decode_from']}-token prefill then decode steps" if t.meta["decode_from"]
+                          else f"chunks {t.meta['chunks']}")
+        if not exact_rows:
+            raise CompareError(f"the traces ran different calls ({what(a)} vs {what(b)}), which may change last "
+                               f"bits in {b.meta.get('precision')}; trace yours the same way ({how})")
+        notes.append(f"the traces ran different calls ({what(a)} vs {what(b)}); a float64 reference's rows do "
+                     f"not depend on them")
     la, lb = a.meta.get("layout"), b.meta.get("layout")
     if la is not None and lb is not None and la != lb:
         raise CompareError(f"the traces used different attention index layouts ({la} vs {lb}); in mirror the "
                            f"layout decides the softmax blocks, so trace both with the same --layout")
-    notes = []
     if ca is None or cb is None:
         notes.append("a trace has no config_id: the model config could not be checked")
     ra, rb = a.meta.get("revision"), b.meta.get("revision")
@@ -706,6 +764,7 @@ def compare(a, b, profile: str = "auto", *, profiles: dict | None = None, partia
     """
     ta = check_trace(a) if isinstance(a, TraceFile) else load_trace(a)
     tb = check_trace(b) if isinstance(b, TraceFile) else load_trace(b)
+    ta, tb, golden_rows = _same_rows(ta, tb)
     notes = check_same_run(ta, tb)
     if profiles is None:
         profiles = load_profiles()
@@ -756,6 +815,8 @@ def compare(a, b, profile: str = "auto", *, profiles: dict | None = None, partia
                     only_in_a=site_order(set(ta.tensors) - common, mtp),
                     only_in_b=site_order(set(tb.tensors) - common, mtp))
     report.first = _first_failure(sites, bf16_norms=_bf16_norms(report))
+    if golden_rows is not None:                   # every row a report names is a token position
+        _rows_to_positions(report, golden_rows, len(ta.meta["tokens"]), mtp)
     if "logits" in tb.tensors and "logits" not in ta.tensors and not partial:
         report.missing = (f"the candidate {ta.path} has no 'logits' site and the reference has: the end result "
                           f"of the run is not compared")

@@ -155,7 +155,7 @@ def test_traces_of_different_runs_are_refused(tmp_path):
     a = write(tmp_path / "a.st", x)
     cases = [({"tokens": [5, 6, 8]}, "different token ids: 3 vs 3 tokens, first difference at position 2"),
              ({"tokens": [5, 6]}, "different token ids: 3 vs 2 tokens, first difference at position 2"),
-             ({"chunks": [2, 1]}, r"different chunks \(\[3\] vs \[2, 1\]\)"),
+             ({"chunks": [2, 1]}, r"different calls \(chunks \[3\] vs chunks \[2, 1\]\).*\(--chunks 2,1\)"),
              ({"config_id": "feedbeef"}, None)]                              # one side without: no check
     for meta, msg in cases:
         b = write(tmp_path / "b.st", {"embed": np.ones((len(meta.get("tokens", "abc")), 4), np.float32)}, **meta)
@@ -617,3 +617,28 @@ def test_metadata_that_names_a_key_twice_is_refused(tmp_path):
               metadata={"refimpl": '{"format_version": 1, "tokens": [1, 2], "tokens": [1, 2, 3], "precision": "float64"}'})
     with pytest.raises(CompareError, match="duplicate key 'tokens'"):
         compare(p, p)
+
+
+
+def test_a_float64_reference_takes_a_candidate_run_in_other_calls(tmp_path):
+    """float64 rows do not depend on the chunking or the call type: a note, not a refusal."""
+    x = {"embed": np.ones((3, 4), np.float32)}
+    a = write(tmp_path / "a.st", x, precision="float32")
+    b = write(tmp_path / "b.st", x, precision="float64", chunks=[1, 2])
+    r = compare(a, b)
+    assert r.ok and any("a float64 reference's rows do not depend on them" in n for n in r.notes)
+
+
+def test_a_full_trace_is_cut_to_a_golden_traces_rows_and_positions_are_token_positions(tmp_path):
+    """A golden trace keeps only some positions; a full-length candidate is cut to them, and the report names the
+    token position, not the row; two different row selections are refused."""
+    full = np.arange(40, dtype=np.float32).reshape(10, 4) + 1
+    ref = write(tmp_path / "ref.st", {"embed": full[[0, 3, 7]]}, tokens=list(range(10)), golden_rows=[0, 3, 7])
+    cand = full.copy()
+    cand[7, 2] *= 1.5                                              # token 7, the golden trace's third row
+    r = compare(write(tmp_path / "a.st", {"embed": cand}, tokens=list(range(10))), ref, profile="mirror-vs-mirror")
+    assert not r.ok and r.first["position"] == 7 and r.first["worst"]["index"] == [7, 2]
+    assert "FIRST OUT OF TOLERANCE: embed, position 7" in format_report(r)
+    other = write(tmp_path / "o.st", {"embed": full[[0, 3]]}, tokens=list(range(10)), golden_rows=[0, 3])
+    with pytest.raises(CompareError, match="keep different rows"):
+        compare(other, ref)
