@@ -5,7 +5,7 @@ deadline=None (JIT compilation and first calls are slow) through one of two prof
   "refimpl" (local runs): a fresh random seed per test on every run, so runs keep exploring; a
             failing test's report names its seed (rerun with --hypothesis-seed=N) and Hypothesis
             prints a @reproduce_failure blob;
-  "ci"      (HYPOTHESIS_PROFILE=ci, or CI set to anything but "" / "0" / "false", as .ci/run does):
+  "ci"      (HYPOTHESIS_PROFILE=ci as .ci/run sets, or else CI set to any value, as Hypothesis reads it):
             derandomized, so a run is reproducible: the same code draws the same examples.
 """
 import os
@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-settings.register_profile("refimpl", deadline=None, max_examples=25, print_blob=True,
+# parent: Hypothesis's "default" (not the active profile, which is its own "ci" where CI is set)
+settings.register_profile("refimpl", settings.get_profile("default"), deadline=None, max_examples=25,
+                          print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.register_profile("ci", settings.get_profile("refimpl"), derandomize=True, database=None)
-_IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false")
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if _IN_CI else "refimpl"))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if "CI" in os.environ else "refimpl"))
 
 from refimpl.config import Config  # noqa: E402
 
