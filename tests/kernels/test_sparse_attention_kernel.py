@@ -176,3 +176,20 @@ def test_mirror_accumulator_before_the_bf16_store_is_the_official_one(seed, h, k
         want = sparse_attn_query(q[0, si], kv[0], sink, idx[0, si], scale)
         assert want.dtype == np.float32
         assert np.array_equal(got[0, si], want), f"query {si}: {int((got[0, si] != want).sum())} values differ"
+
+
+@pytest.mark.parametrize("name", ["block_sum", "pv", "dot"])
+def test_mirror_sums_next_to_an_fp32_midpoint_are_the_specs(name):
+    """The block sum of the probabilities, the P·V sum and q·kv, each built to sit next to an fp32
+    rounding midpoint (tests/sparse_midpoints.py: random inputs almost never do): the fp32 acc / sum
+    before the bf16 store is `sparse_attn_query`'s and the hand-worked value. A sequential block sum
+    instead of NumPy's pairwise order, or an fp32 running sum, rounds the other way."""
+    import sparse_midpoints                      # tests/ (not imported at the top: SCRIPT imports this file)
+    from refimpl.kernels.attention import _sparse_attention
+    from refimpl.model.attention import sparse_attn_query
+    q, kv, sink, idx, expected = sparse_midpoints.cases()[name]
+    got = np.empty(q.shape, np.float32)
+    _sparse_attention(q, kv, sink, idx, 1.0, True, 1, got, False)
+    assert np.array_equal(got[0, 0], sparse_attn_query(q[0, 0], kv[0], sink, idx[0, 0], 1.0))
+    assert {c: float(got[0, 0, 0, c]) for c in expected} == expected
+    assert np.array_equal(kernel(q, kv, sink, idx, 1.0, "mirror"), spec(q, kv, sink, idx, 1.0, "mirror"))
