@@ -1,7 +1,12 @@
 """Shared fixtures: the tiny config, a synthetic tiny checkpoint, models in each precision.
 
 NUMBA_CACHE_DIR points at a writable folder for any test that JIT-compiles; Hypothesis runs with
-deadline=None (JIT compilation and first calls are slow) through the "refimpl" profile.
+deadline=None (JIT compilation and first calls are slow) through one of two profiles:
+  "refimpl" (local runs): a fresh random seed per test on every run, so runs keep exploring; a
+            failing test's report names its seed (rerun with --hypothesis-seed=N) and Hypothesis
+            prints a @reproduce_failure blob;
+  "ci"      (HYPOTHESIS_PROFILE=ci as .ci/run sets, or else CI set to any value, as Hypothesis reads it):
+            derandomized, so a run is reproducible: the same code draws the same examples.
 """
 import os
 import stat
@@ -13,13 +18,33 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-settings.register_profile("refimpl", deadline=None, max_examples=25,
+# parent: Hypothesis's "default" (not the active profile, which is its own "ci" where CI is set)
+settings.register_profile("refimpl", settings.get_profile("default"), deadline=None, max_examples=25,
+                          print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "refimpl"))
+settings.register_profile("ci", settings.get_profile("refimpl"), derandomize=True, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if "CI" in os.environ else "refimpl"))
 
 from refimpl.config import Config  # noqa: E402
 
 TINY = Config.tiny()
+
+
+def pytest_report_header(config):
+    profile = settings.get_current_profile_name()
+    return f"hypothesis profile {profile!r}: " + ("derandomized" if settings().derandomize else "random seeds")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed Hypothesis test's report names the seed it ran with (None where derandomized or
+    forced by --hypothesis-seed), so a random failure can be rerun."""
+    outcome = yield
+    report = outcome.get_result()
+    seed = getattr(getattr(item, "obj", None), "_hypothesis_internal_use_generated_seed", None)
+    if report.failed and seed is not None:
+        report.sections.append(("hypothesis seed", f"rerun with: python -m pytest '{item.nodeid}' "
+                                                   f"--hypothesis-seed={seed}"))
 
 
 @pytest.fixture(scope="session")

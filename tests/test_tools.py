@@ -1,4 +1,4 @@
-"""Tests of tools/: the mutation check of mirror's rounding steps; the simulated engine of measure_profiles."""
+"""Tests of tools/: the mutation check (rounding steps, orders, threads); the simulated engine of measure_profiles."""
 import importlib.util
 from pathlib import Path
 
@@ -16,12 +16,17 @@ def load_tool():
 
 def test_mutation_list_matches_the_code():
     """Every mutation's source text occurs exactly once: a code change that moves a rounding step
-    fails here, in the default suite, until the list in tools/mutation_check.py follows it."""
+    (or a summation order, a prange's scratch buffer, the MTP pairing) fails here, in the default
+    suite, until the lists in tools/mutation_check.py follow it. Each mutation of order, reduction
+    or threads names test files that exist to pin it."""
     tool = load_tool()
-    assert len(tool.MUTATIONS) >= 46
-    assert tool.check_sources(tool.MUTATIONS) == []
+    assert len(tool.MUTATIONS) >= 46 and len(tool.ORDER_AND_THREADS) >= 10
+    assert tool.check_sources(tool.ALL) == []
     drifted = [("x", tool.MUTATIONS[0][1], [("this text is not in the file", "")])]
     assert len(tool.check_sources(drifted)) == 1
+    assert {m[0] for m in tool.ORDER_AND_THREADS} == set(tool.PINNED_BY)
+    root = TOOL.parent.parent
+    assert all((root / t.split("::")[0]).is_file() for ts in tool.PINNED_BY.values() for t in ts)
 
 
 @pytest.mark.slow

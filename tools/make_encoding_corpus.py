@@ -5,7 +5,8 @@
 The official file cannot be vendored, so this runs it once and records what it does. It draws
 conversations and completions from the Hypothesis strategies of
 tests/formats/test_encoding_strategies.py (derandomized: the same Hypothesis version gives the
-same cases), adds fixed cases (issue 13's conversation and its neighbours), runs each through the
+same cases), adds fixed cases (issue 13's conversation and its neighbours; issue 27's completions,
+spaced as the official parser reads but its encoder does not write), runs each through the
 official `encode_messages` / `parse_message_from_completion_text`, and writes
 tests/data/encoding_corpus/cases.jsonl (one case per line: its input and the official's prompt,
 parse or error) and README.md (how it was made: official revision, file SHA-256, counts).
@@ -93,6 +94,53 @@ def fixed_conversations() -> list:
     return out
 
 
+# Issue 27: a completion with one call with parameters and one without, as the encoder writes it
+# (chat mode), and what is done to it: (id, why, [(old, new)] replaced once each in the text).
+_CALLS = [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "北京", "days": 2}'}},
+          {"type": "function", "function": {"name": "f", "arguments": "{}"}}]
+FIXED_COMPLETIONS = [
+    ("parse-ws-invoke-newline", "issue 27: a newline between <｜DSML｜invoke and name= (what failed the "
+     "property): the name regex ^\\s*name=\"(.*?)\">\\n$ reads any whitespace there",
+     [('invoke name="get_weather"', 'invoke\n name="get_weather"')]),
+    ("parse-ws-invoke-none", "issue 27: no space between <｜DSML｜invoke and name= (\\s* reads none)",
+     [('invoke name="get_weather"', 'invoke name="get_weather"'.replace(" ", ""))]),
+    ("parse-ws-invoke-tab-nbsp", "issue 27: a tab and a no-break space before name= (\\s reads Unicode whitespace)",
+     [('invoke name="f"', 'invoke\t\u00a0name="f"')]),
+    ("parse-ws-head-extra-newline", "issue 27: a blank line before the first parameter ($ also matches "
+     "before a final newline, so the head ends \">\\n\\n\")",
+     [('name="get_weather">\n', 'name="get_weather">\n\n')]),
+    ("parse-ws-head-no-blank-line", "issue 27: an invoke with no parameters and no blank line before its "
+     "close (the encoder writes one)", [('name="f">\n\n', 'name="f">\n')]),
+    ("parse-ws-value-newline-before-close", "issue 27: a newline between the value's < and "
+     "/｜DSML｜parameter (the value regex ends <$)", [('2</', '2<\n/')]),
+    ("parse-ws-false-value-newline", "issue 27: a string=\"false\" value ending in a newline, copied into "
+     "the arguments as is", [('2</', '2\n</')]),
+    ("parse-ws-parameter-newline", "issue 27, refused: a newline between <｜DSML｜parameter and name= "
+     "(the parameter regex wants exactly one space)", [('parameter name="city"', 'parameter\n name="city"')]),
+    ("parse-ws-before-gt", "issue 27, refused: a space before the head's > (the name regex wants \">)",
+     [('name="f">', 'name="f" >')]),
+    ("parse-cut-after-invoke-head", "cut inside the tool-call block after an invoke head: the official "
+     "returns the calls read so far, refimpl refuses", [('<｜DSML｜parameter name="city"', '\0')]),
+    ("parse-false-value-not-json", "a string=\"false\" value that is not JSON, copied into the arguments",
+     [('>2<', '>2 days<')]),
+]
+
+
+def fixed_completions(official) -> list:
+    """[(id, why, text)]: FIXED_COMPLETIONS applied to the official encoder's completion of _CALLS."""
+    import test_encoding_strategies as strategies
+    msg = {"role": "assistant", "content": "", "tool_calls": _CALLS}
+    base = strategies.completion_of(msg, "chat", encode=official.encode_messages)
+    out = []
+    for case_id, why, edits in FIXED_COMPLETIONS:
+        text = base
+        for old, new in edits:
+            assert text.count(old) >= 1, (case_id, old)
+            text = text[:text.index(old)] if new == "\0" else text.replace(old, new, 1)
+        out.append((case_id, why, text))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("official", type=Path, help="path to the official encoding/encoding_dsv4.py")
@@ -132,8 +180,18 @@ def main(argv=None) -> int:
                      "reads_back": again.get("ok") in (text, text + official.eos_token)}
         cases.append(case | ({} if "ok" in result else result))
 
+    fixed = []
+    for case_id, why, text in fixed_completions(official):
+        result = official_result(lambda: official.parse_message_from_completion_text(text, "chat"))
+        case = {"id": case_id, "why": why, "kind": "parse", "text": text, "thinking_mode": "chat"}
+        if "ok" in result:
+            again = official_result(lambda: official_completion(result["ok"], "chat"))
+            case |= {"parse": result["ok"], "reads_back": again.get("ok") in (text, text + official.eos_token)}
+        fixed.append(case | ({} if "ok" in result else result))
+
     args.out.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"id": f"{c['kind']}-{k:03d}", **c}, ensure_ascii=False) for k, c in enumerate(cases)]
+    cases = [{"id": f"{c['kind']}-{k:03d}", **c} for k, c in enumerate(cases)] + fixed
+    lines = [json.dumps(c, ensure_ascii=False) for c in cases]
     (args.out / "cases.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     n_enc = sum(c["kind"] == "encode" for c in cases)
     n_enc_raise = sum(c["kind"] == "encode" and "raises" in c for c in cases)
@@ -143,7 +201,7 @@ def main(argv=None) -> int:
     (args.out / "README.md").write_text(README.format(
         revision=args.revision, sha256=sha256, hypothesis=hypothesis.__version__,
         python=sys.version.split()[0], n=len(cases), n_enc=n_enc, n_enc_raise=n_enc_raise,
-        n_parse=len(cases) - n_enc, n_parse_raise=n_parse_raise, n_no_back=n_no_back, size=size,
+        n_parse=len(cases) - n_enc, n_parse_raise=n_parse_raise, n_no_back=n_no_back, size=size, n_fixed=len(fixed),
         enc=args.encode_cases, par=args.parse_cases), encoding="utf-8")
     print(f"{len(cases)} cases ({n_enc} encode, {len(cases) - n_enc} parse), {size} bytes -> {args.out}")
     return 0
@@ -165,7 +223,11 @@ against `refimpl.formats.encoding`.
 - Made by `python tools/make_encoding_corpus.py PATH/TO/encoding_dsv4.py --revision {revision}`
   (defaults `--encode-cases {enc} --parse-cases {par}`) with Hypothesis {hypothesis} and Python
   {python}: the strategies of `tests/formats/test_encoding_strategies.py`, derandomized, plus the
-  fixed cases of the script (issue 13's conversation in each mode, and conversations like it).
+  fixed cases of the script: issue 13's conversation in each mode, and conversations like it;
+  {n_fixed} completions with ids `parse-ws-*`, `parse-cut-*`, `parse-false-*`, each with a `why`:
+  issue 27's spacings in a tool-call block that the official parser reads (its name regex
+  `^\\s*name="(.*?)">\\n$`, E:L659) but its encoder never writes, two spacings it refuses, a
+  completion cut inside the block, and a string="false" value that is not JSON.
 - `cases.jsonl`: {n} cases, {size} bytes, one JSON object a line:
   - {n_enc} `encode` cases: `messages`, `context`, `options` (keyword arguments) and the
     official's `prompt`, or `raises` ({n_enc_raise} cases) with the official's error;
@@ -177,8 +239,10 @@ against `refimpl.formats.encoding`.
 The replay asks: a prompt or parse byte-identical to the official's wherever the official gives
 one; an `EncodingError` wherever the official raises. The one allowed difference: refimpl may
 refuse a completion the official parses but cannot read back (`reads_back` false), such as one cut
-off inside its tool-call block. Regenerate after changing the strategies; a new Hypothesis version
-draws other cases, which is fine: the official decides each one.
+off inside its tool-call block; not a `parse-ws-*` case, which refimpl reads as the official does
+(test_whitespace_the_official_reads_in_a_tool_call_is_read_the_same). Regenerate after changing
+the strategies; a new Hypothesis version draws other cases, which is fine: the official decides
+each one.
 """
 
 if __name__ == "__main__":

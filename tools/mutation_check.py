@@ -1,20 +1,30 @@
-"""Mutation check of mirror's rounding steps: remove (or move) each one in turn and expect the tests to fail.
+"""Mutation check: remove or change each step the tests must pin, in turn, and expect the tests to fail.
 
     python tools/mutation_check.py            # every mutation; exit 1 if any survives
     python tools/mutation_check.py --list     # the mutations, one a line
     python tools/mutation_check.py --only NAME [--only NAME ...]
 
-Each entry of MUTATIONS is (name, file, [(exact source text, replacement), ...]). The script
-first checks that every source text occurs exactly once in the current code (so it fails loudly,
-exit 2, when the code drifts and the list needs updating), copies the repository (tracked and
-untracked, not ignored files) to a scratch folder, and then, per mutation: applies it to the
-copy, runs the pinning tests (PINNING: tests/model/test_rounding.py, tests/test_numerics.py,
-tests/model/test_sparse_kernel.py, tests/model/test_index_layout.py, `pytest -x`, a caught
-mutation fails there within seconds), and only if they pass, the whole default suite. It prints
-a table (mutation, caught, by which test, seconds) and exits 1 if any mutation survives. The
-tests run with this Python (use the project's venv) on the scratch copy, never on the working
-tree. Measured: 33 min for the 78 mutations on 2 cores shared with other jobs (load average ~6;
-every one caught by the pinning tests, 6-25 s each, most of it pytest's start-up);
+Two lists. MUTATIONS: mirror's rounding steps, each removed or moved. ORDER_AND_THREADS (issue 27):
+the kinds a rounding-step list does not reach: the order of an accumulation of more than two terms
+(the MoE's routed experts, the shared expert last), the order or precision of a reduction whose
+result sits next to an fp32 rounding midpoint (the sparse-attention kernel's block sum, P·V and
+q·kv), a scratch buffer shared by the threads of a prange (hoisted out of it), and the MTP pairing.
+Each entry is (name, file, [(exact source text, replacement), ...]); PINNED_BY names the test files
+that pin an ORDER_AND_THREADS entry. Source texts are kept short, so that they are easy to re-point
+when the code around them changes.
+
+The script first checks that every source text occurs exactly once in the current code (so it
+fails loudly, exit 2, when the code drifts and the list needs updating), copies the repository
+(tracked and untracked, not ignored files) to a scratch folder, and then, per mutation: applies it
+to the copy, runs its pinning tests (PINNED_BY, else PINNING: tests/model/test_rounding.py,
+tests/test_numerics.py, tests/model/test_sparse_kernel.py, tests/model/test_index_layout.py;
+`pytest -x`, a caught mutation fails there within seconds to a minute), and only if they pass,
+the whole default suite. A mutation of refimpl/kernels/ runs with an empty Numba cache of its own
+(Numba's cache does not see an edit to a module whose functions a kernel calls). It prints a
+table (mutation, caught, by which test, seconds) and exits 1 if any mutation survives. The tests
+run with this Python (use the project's venv) on the scratch copy, never on the working tree.
+Measured: 33 min for the 78 rounding mutations on 2 cores shared with other jobs (load average
+~6; every one caught by the pinning tests, 6-25 s each, most of it pytest's start-up);
 tests/test_tools.py runs it as a `slow` test.
 """
 from __future__ import annotations
@@ -214,6 +224,65 @@ MUTATIONS = [
        "x = quantized_linear(e, m.e_proj, prec)[:, :, None, :] + quantized_linear(hs, m.h_proj, prec)")]),
 ]
 
+K_ATTN, K_POOL, K_NORM, K_IDX = ("refimpl/kernels/attention.py", "refimpl/kernels/compressor.py",
+                                 "refimpl/kernels/norm.py", "refimpl/kernels/indexer.py")
+K_MOE = "refimpl/kernels/moe.py"
+SIDE_THREADS = "tests/kernels/test_attention_side_kernels.py::test_thread_count_does_not_change_results"
+ATTN_KERNEL = "tests/kernels/test_sparse_attention_kernel.py"
+
+ORDER_AND_THREADS = [
+    # accumulation order of more than two terms (the tiny model routes 2 experts a token: 0 + a + b commutes)
+    ("moe: routed experts summed in descending id", E,
+     [("for e in np.unique(ids):", "for e in np.unique(ids)[::-1]:")]),
+    ("moe: shared expert added first, not last", E,
+     [("y = np.zeros(flat.shape, dt)", "y = np.zeros(flat.shape, dt) + expert(flat, w.shared, prec, "
+       "swiglu_limit=cfg.swiglu_limit if revision == \"current\" else 0.0)"),
+      ("return y + expert(flat, w.shared, prec, swiglu_limit=limit)", "return y")]),
+    ("moe kernel: routed experts summed in descending id", K_MOE,
+     [("for e in np.unique(ids):", "for e in np.unique(ids)[::-1]:")]),
+    # reductions next to an fp32 rounding midpoint
+    ("attention kernel: block sum of p sequential, not NumPy's pairwise order", K_ATTN,
+     [("bsum = pairwise_sum(s64, 0, nb)", "bsum = 0.0\n            for jj in range(nb):\n                bsum += s64[jj]")]),
+    ("attention kernel: P·V in an fp32 running sum", K_ATTN,
+     [("    pv = np.empty(d, np.float64)", "    pv = np.empty(d, np.float32)")]),
+    ("attention kernel: q·kv in an fp32 running sum", K_ATTN,
+     [("    s64 = np.empty(BLOCK, np.float64)\n    pb", "    s64 = np.empty(BLOCK, np.float32)\n    pb")]),
+    # a scratch buffer shared by the threads of a prange
+    ("compressor kernel: pool scratch shared by the threads", K_POOL,
+     [("    for task in numba.prange(b * n):\n        bi, ei = task // n, task % n\n        e = np.empty(P, np.float64)\n",
+       "    e = np.empty(P, np.float64)\n    for task in numba.prange(b * n):\n        bi, ei = task // n, task % n\n")]),
+    ("norm kernel: rms_norm scratch shared by the threads", K_NORM,
+     [("    for r in numba.prange(rows):\n        sq = np.empty(c, np.float64)\n",
+       "    sq = np.empty(c, np.float64)\n    for r in numba.prange(rows):\n")]),
+    ("indexer kernel: top-k scratch shared by the threads", K_IDX,
+     [("    for query in numba.prange(b * s):\n", "    shared = np.empty(n, np.float64)\n    for query in numba.prange(b * s):\n"),
+      ("        neg = np.empty(visible, np.float64)\n", "        neg = shared[:visible]\n")]),
+    ("attention kernel: P·V scratch shared by the threads", K_ATTN,
+     [("store_bf16, out):\n", "store_bf16, out, pv):\n"),
+      ("    pv = np.empty(d, np.float64)\n", ""),
+      ("    for task in numba.prange(b * s * groups):\n",
+       "    pv = np.empty(q.shape[3], np.float64)\n    for task in numba.prange(b * s * groups):\n"),
+      ("g * hs + hs, store_bf16, out)", "g * hs + hs, store_bf16, out, pv)")]),
+    # the MTP pairing (seen only by the golden set before issue 27)
+    ("mtp: streams h_{t+1} paired with token t+1", T, [("rms_norm(h[:, :-1],", "rms_norm(h[:, 1:],")]),
+]
+
+PINNED_BY = {
+    "moe: routed experts summed in descending id": ["tests/model/test_moe.py"],
+    "moe: shared expert added first, not last": ["tests/model/test_moe.py"],
+    "moe kernel: routed experts summed in descending id": ["tests/kernels/test_kernel_moe.py"],
+    "attention kernel: block sum of p sequential, not NumPy's pairwise order": [ATTN_KERNEL],
+    "attention kernel: P·V in an fp32 running sum": [ATTN_KERNEL],
+    "attention kernel: q·kv in an fp32 running sum": [ATTN_KERNEL],
+    "compressor kernel: pool scratch shared by the threads": [SIDE_THREADS],
+    "norm kernel: rms_norm scratch shared by the threads": [SIDE_THREADS],
+    "indexer kernel: top-k scratch shared by the threads": [SIDE_THREADS],
+    "attention kernel: P·V scratch shared by the threads":
+        [f"{ATTN_KERNEL}::test_thread_count_does_not_change_results"],
+    "mtp: streams h_{t+1} paired with token t+1": ["tests/model/test_transformer.py"],
+}
+ALL = MUTATIONS + ORDER_AND_THREADS
+
 
 def check_sources(mutations) -> list[str]:
     """Every source text must occur exactly once in its file; returns the problems."""
@@ -240,10 +309,12 @@ def scratch_copy() -> Path:
     return dest
 
 
-def pytest(copy: Path, args: list[str]) -> tuple[bool, str]:
-    """Run pytest in the copy; (passed, first failing test id or "")."""
+def pytest(copy: Path, args: list[str], numba_cache: Path | None = None) -> tuple[bool, str]:
+    """Run pytest in the copy (numba_cache: the NUMBA_CACHE_DIR to use); (passed, first failing test id or "")."""
     # the spec path: a model runs the (mutated) spec functions, not the kernels that replace them
     env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1", REFIMPL_KERNELS="numpy")
+    if numba_cache is not None:
+        env["NUMBA_CACHE_DIR"] = str(numba_cache)
     r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args],
                        cwd=copy, env=env, capture_output=True, text=True)
     failed = re.search(r"^(?:FAILED|ERROR) (\S+)", r.stdout, re.M)
@@ -255,7 +326,7 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="list the mutations and exit")
     ap.add_argument("--only", action="append", default=[], metavar="NAME", help="run only mutations containing NAME")
     args = ap.parse_args(argv)
-    mutations = [m for m in MUTATIONS if not args.only or any(o in m[0] for o in args.only)]
+    mutations = [m for m in ALL if not args.only or any(o in m[0] for o in args.only)]
     if args.list:
         print("\n".join(m[0] for m in mutations))
         return 0
@@ -271,7 +342,9 @@ def main(argv=None) -> int:
         if not where.startswith(str(copy)):
             print(f"the scratch copy does not shadow the installed package ({where.strip()})", file=sys.stderr)
             return 2
-        ok, failed = pytest(copy, PINNING)
+        cache = copy / ".numba-cache"                    # the copy's own: its files have new paths and times
+        pinning = list(dict.fromkeys(PINNING + [t for m in mutations for t in PINNED_BY.get(m[0], [])]))
+        ok, failed = pytest(copy, pinning, cache)
         if not ok:
             print(f"the unmutated pinning tests fail ({failed}); fix them first", file=sys.stderr)
             return 2
@@ -284,12 +357,16 @@ def main(argv=None) -> int:
                 mutated = mutated.replace(old, new, 1)
             path.write_text(mutated)
             t0 = time.perf_counter()
+            # a kernel's mutation: an empty Numba cache (the cached kernels of other files may call it)
+            own = Path(tempfile.mkdtemp(prefix="numba-", dir=copy)) if rel.startswith("refimpl/kernels/") else cache
             try:
-                passed, failed = pytest(copy, PINNING)
+                passed, failed = pytest(copy, PINNED_BY.get(name, PINNING), own)
                 if passed:                                   # not caught by the pinning tests: the whole suite
-                    passed, failed = pytest(copy, ["--ignore=tests/test_tools.py"])   # (its list check always fails)
+                    passed, failed = pytest(copy, ["--ignore=tests/test_tools.py"], own)   # (its list check always fails)
             finally:
                 path.write_text(original)
+                if own != cache:
+                    shutil.rmtree(own, ignore_errors=True)
             rows.append((name, not passed, failed if not passed else "-", time.perf_counter() - t0))
             print(f"{name:<66} {'yes' if not passed else 'NO':<4} {rows[-1][2]:<78} {rows[-1][3]:5.1f}s", flush=True)
     finally:

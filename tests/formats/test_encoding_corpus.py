@@ -51,3 +51,17 @@ def test_corpus_case(case):
         assert got == expected
     else:
         assert run(case) == expected
+
+
+def test_whitespace_the_official_reads_in_a_tool_call_is_read_the_same():
+    # issue 27: the official parser reads spacings in a tool-call block that its encoder never writes
+    # (any whitespace or none before name=, one "\n" more or less before $; see
+    # test_encoding_strategies.LENIENT); refimpl must read them as it does, never refuse them
+    cases = [c for c in CASES if c["id"].startswith("parse-ws-")]
+    assert sum("parse" in c for c in cases) >= 6 and sum("raises" in c for c in cases) >= 2
+    for case in cases:
+        if "parse" in case:
+            assert run(case) == case["parse"], case["why"]
+        else:
+            with pytest.raises(EncodingError):
+                run(case)

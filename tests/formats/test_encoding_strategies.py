@@ -12,11 +12,12 @@ test_encoding_corpus.py replays; the tests here check properties that need no of
 """
 
 import json
+import re
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refimpl.formats.encoding import (EOS, TASK_TOKENS, EncodingError, encode_messages,
+from refimpl.formats.encoding import (DSML, EOS, TASK_TOKENS, EncodingError, encode_messages,
                                       parse_message_from_completion_text)
 
 # short texts: plain words, CJK, JSON-ish and tag-ish pieces, the blank lines the format joins with
@@ -162,11 +163,34 @@ def _json_arguments(msg):
         return False
 
 
+# Where the official parser reads more than its encoder writes (issue 27: a random CI failure of the
+# property below, on "<｜DSML｜invoke\n name=...">). Its name regex (E:L659) is
+# r'^\s*name="(.*?)">\n$' (DOTALL): any whitespace, or none, after "<｜DSML｜invoke" (the encoder
+# writes one space), and `$` also matches before a final "\n", so one "\n" more or less at the end of
+# the head; its value regex (E:L668) ends in r'<$', so "<\n" before "/｜DSML｜parameter"; and a
+# string="false" value is copied into the arguments unchecked (E:L169-186), whitespace and all. refimpl
+# reads all of them as the official does (corpus cases "parse-fixed-*", recorded from the official
+# file); encoded again, such a text comes back in the encoder's own spacing.
+LENIENT = re.compile(f'<{DSML}invoke(?! name=")|">\n\n<{DSML}parameter|">\n</{DSML}invoke|<\n/{DSML}parameter')
+
+
+def no_space(s):
+    return re.sub(r"\s", "", s)
+
+
+def canonical(msg):
+    """msg with each tool call's arguments as the encoder writes them (json.dumps of the parsed JSON)."""
+    return {**msg, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.dumps(
+        json.loads(c["function"]["arguments"]), ensure_ascii=False)}} for c in msg["tool_calls"]]}
+
+
 @settings(max_examples=150)
 @given(turn=assistant_turns(), edit=edits())
 def test_parsed_completion_encodes_back(turn, edit):
-    # what parses is a whole message: encoded again it gives the completion back (EOS may be
-    # missing after a tool-call block), unless a string="false" value was not JSON (copied as is)
+    # what parses is a whole message (unless a string="false" value was not JSON, copied as is):
+    # encoded again it parses to the same message with its arguments as the encoder writes them, and
+    # gives the completion back byte for byte (EOS may be missing after a tool-call block), or up to
+    # whitespace where the text is spaced as the official reads but does not write (LENIENT, above)
     msg, mode = turn
     text = apply_edit(completion_of(msg, mode), edit)
     try:
@@ -175,4 +199,8 @@ def test_parsed_completion_encodes_back(turn, edit):
         return
     if _json_arguments(got):
         again = completion_of(got, mode)
-        assert again in (text, text + EOS), (text, again)
+        assert parse_message_from_completion_text(again, thinking_mode=mode) == canonical(got), (text, again)
+        if LENIENT.search(text) or canonical(got) != got:
+            assert no_space(again) in (no_space(text), no_space(text + EOS)), (text, again)
+        else:
+            assert again in (text, text + EOS), (text, again)

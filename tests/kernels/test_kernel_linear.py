@@ -185,21 +185,37 @@ fmt, codes, scale, _ = K.checked_codes(w)                          # the paralle
 xp = np.repeat(x.astype(np.float64), 3, axis=0)
 out["parallel"] = K.product_kernel(fmt, xp, codes, scale, codes.shape[0], 0).tobytes().hex()
 out["serial"] = K.product_kernel_serial(fmt, xp, codes, scale, codes.shape[0], 0).tobytes().hex()
+# thread-count test: products long enough that two threads overlap in each prange (64 tasks of 32
+# rows; the several-row path and both one-row paths), three times each: a scratch buffer the threads
+# share corrupts some of them
+if {large}:
+    import hashlib
+    h = hashlib.sha256()
+    xl = round_bf16(rng.standard_normal((16, 1024))).astype(np.float64)
+    for w in (fp8_matrix(rng, 2048, 1024), fp4_matrix(rng, 2048, 1024)):
+        fmt, codes, scale, _ = K.checked_codes(w)
+        for rows in (xl, xl[:1]):
+            for _ in range(3):
+                h.update(K.product_kernel(fmt, rows, codes, scale, codes.shape[0], 0).tobytes())
+    out["large"] = h.hexdigest()
 print(json.dumps(out))
 """
 
 
-def _run(env: dict) -> dict:
+def _run(env: dict, large: bool = False) -> dict:
     here = os.path.dirname(os.path.abspath(__file__))
-    r = subprocess.run([sys.executable, "-c", _SCRIPT.format(here=here)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", _SCRIPT.format(here=here, large=large)], capture_output=True, text=True,
                        env={**os.environ, **env}, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def test_thread_count_does_not_change_a_bit():
-    one, two = _run({"NUMBA_NUM_THREADS": "1"}), _run({"NUMBA_NUM_THREADS": "2"})
-    assert one == two
+    """One thread and two give the same bits, on small products and on products where two threads
+    overlap in each prange ("large"), each called three times: a scratch buffer shared by the
+    threads fails this on every run."""
+    one, two = _run({"NUMBA_NUM_THREADS": "1"}, large=True), _run({"NUMBA_NUM_THREADS": "2"}, large=True)
+    assert one == two and "large" in one
     assert one["parallel"] == one["serial"]                       # the one-thread path for small products
     assert one["fp8mirror"][1] and one["fp4mirror"][1]             # and equal to the spec on these inputs
 

@@ -55,6 +55,48 @@ def test_expert_sum_matches_spec(seed, prec, tokens, revision):
         assert np.abs(ky - sy).max() <= 1e-5 * scale
 
 
+@settings(max_examples=8)
+@given(seed=st.integers(0, 2**32 - 1), a=st.integers(3, 6), prec=st.sampled_from(["mirror", "mirror", "float32"]))
+def test_expert_sum_adds_three_to_six_experts_as_the_spec(seed, a, prec):
+    """Flash routes each token to 6 experts: with 3-6 and routing weights spread over 2^28 (expert
+    outputs further apart than fp32's 24 bits) the order of the fp32 additions shows (ascending id,
+    docs/architecture.md §19.31); with the tiny model's 2 it cannot (0 + a + b commutes). Bit for bit."""
+    rng = np.random.default_rng(seed)
+    e, c, f, T = 8, 256, 128, 12
+    w = _moe_weights(rng, e, c, f)
+    flat = round_bf16(rng.standard_normal((T, c)))
+    ids = np.stack([rng.choice(e, a, replace=False) for _ in range(T)]).astype(np.int64)
+    weights = (2.0 ** rng.uniform(-26, 2, (T, a))).astype(np.float32)
+    ky = K.expert_sum(flat, ids, weights, w, TINY, prec, "current")
+    sy = expert_sum.spec(flat, ids, weights, w, TINY, prec, "current")
+    if prec == "mirror":
+        assert np.array_equal(ky, sy)
+    else:
+        assert np.abs(ky - sy).max() <= 1e-5 * np.abs(sy).max()
+
+
+class _Constant:
+    """A stand-in expert whose output is `value` in every element."""
+    def __init__(self, value):
+        self.value = value
+
+
+@pytest.mark.parametrize("prec", ["mirror", "float32", "float64"])
+def test_expert_sum_adds_routed_experts_in_ascending_id_hand_worked(monkeypatch, prec):
+    """Experts stubbed to constant outputs, so that only the accumulation is left: token 0 routed to
+    [2, 3, 1] (outputs 2^-24, 2^-24, 1), token 1 to [1, 3, 2], shared expert 0. In fp32 and ascending
+    id (((0 + 1) + 2^-24) + 2^-24) + 0 = 1 (ties, to even); in descending id or slot order 2^-24 + 2^-24
+    comes first and the sum is 1 + 2^-23, as the exact (float64) sum."""
+    monkeypatch.setattr(K, "_expert", lambda xq, w, prec, limit, weights: np.full(
+        xq.shape, w.value, np.float64 if prec == "float64" else np.float32))
+    w = MoEWeights(gate=None, experts=tuple(_Constant(v) for v in (0.0, 1.0, 2.0 ** -24, 2.0 ** -24)),
+                   shared=_Constant(0.0))
+    ids = np.array([[2, 3, 1], [1, 3, 2]], np.int64)
+    flat = np.ones((2, 128), np.float64 if prec == "float64" else np.float32)
+    y = K.expert_sum(flat, ids, np.ones(ids.shape, flat.dtype), w, TINY, prec, "current")
+    assert y.dtype == flat.dtype and np.all(y == (1.0 + 2.0 ** -23 if prec == "float64" else 1.0))
+
+
 def test_expert_sum_refuses_mismatched_routing():
     rng = np.random.default_rng(0)
     w = _moe_weights(rng, 2, 128, 128)

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from refimpl.context import RunContext
 from refimpl.config import Config
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix
-from refimpl.model.moe import ExpertWeights, GateWeights, MoEWeights, expert, moe, route
+from refimpl.model import moe as moe_module
+from refimpl.model.moe import ExpertWeights, GateWeights, MoEWeights, expert, expert_sum, moe, route
 from refimpl.numerics import round_bf16
 from refimpl.synthetic.quantize import quant_fp4_weight, quant_fp8_weight
 from refimpl.oracle.trace import Trace
@@ -247,6 +248,78 @@ def test_moe_shared_expert_clamp_only_in_current_revision():
     w = make_moe(rng, shared_scale=1.0)
     assert np.allclose(moe(x, tokens, 0, w, TINY.layer(3), RunContext(TINY, "float64")),
                        moe(x, tokens, 0, w, TINY.layer(3), RunContext(TINY, "float64", revision="initial")), rtol=1e-13, atol=1e-14)
+
+
+class ConstantExpert:
+    """A stand-in routed or shared expert whose output is `value` in every element (a bf16 value)."""
+    def __init__(self, value):
+        self.value = value
+
+
+def constant_experts(monkeypatch, module, name):
+    """Replace module.<name> (model.moe.expert or kernels.moe._expert) with ConstantExpert's output,
+    so that only expert_sum's accumulation is left: [T, c] of w.value (float32, or float64 for x float64)."""
+    def stub(x, w, *args, **kwargs):
+        return np.full(x.shape, w.value, np.float64 if x.dtype == np.float64 else np.float32)
+    monkeypatch.setattr(module, name, stub)
+
+
+def three_expert_case():
+    """(flat, ids, weights, w): token 0 routed to experts [2, 3, 1] (outputs 2^-24, 2^-24, 1), token 1
+    to [1, 3, 2] (the same set), shared expert output 0.
+
+    Hand-worked, fp32: in ascending id, (((0 + 1) + 2^-24) + 2^-24) + 0 = 1 (each 1 + 2^-24 is a tie,
+    rounded to even 1); in descending id or in slot order (token 0), 2^-24 + 2^-24 = 2^-23 first and
+    1 + 2^-23 last, exact; the exact sum (float64) is 1 + 2^-23 too.
+    """
+    outputs = {0: 0.0, 1: 1.0, 2: 2.0 ** -24, 3: 2.0 ** -24}
+    w = MoEWeights(gate=None, experts=tuple(ConstantExpert(outputs[e]) for e in range(4)),
+                   shared=ConstantExpert(0.0))
+    ids = np.array([[2, 3, 1], [1, 3, 2]], np.int64)
+    return np.ones((2, C), np.float32), ids, np.ones(ids.shape, np.float32), w
+
+
+@pytest.mark.parametrize("prec", ["mirror", "float32", "float64"])
+def test_routed_experts_are_added_in_ascending_id_hand_worked(monkeypatch, prec):
+    """docs/architecture.md §19.31: fp32 over the routed experts in ascending id, the shared one last.
+
+    With two experts per token the order cannot matter (0 + a + b commutes); three can."""
+    constant_experts(monkeypatch, moe_module, "expert")
+    flat, ids, weights, w = three_expert_case()
+    y = expert_sum.spec(flat.astype(np.float64) if prec == "float64" else flat, ids, weights, w, TINY, prec,
+                        "current")
+    expected = 1.0 + 2.0 ** -23 if prec == "float64" else 1.0
+    assert y.dtype == (np.float64 if prec == "float64" else np.float32)
+    assert np.all(y == expected)
+
+
+def spread_routing(rng, T, a, n_experts=E):
+    """ids [T, a] (distinct, random order) and routing weights spread over 2^-26..2^2 (float32): expert
+    outputs (bf16, 8 bits) further apart than fp32's 24 bits, so that partial sums round."""
+    ids = np.stack([rng.choice(n_experts, a, replace=False) for _ in range(T)]).astype(np.int64)
+    weights = (2.0 ** rng.uniform(-26, 2, (T, a))).astype(np.float32)
+    return ids, weights
+
+
+@settings(max_examples=8)
+@given(seed=st.integers(0, 2**32 - 1), a=st.integers(3, 6))
+def test_expert_sum_adds_three_to_six_experts_in_ascending_id(seed, a):
+    """docs/architecture.md §19.31 with up to Flash's 6 experts per token and routing weights spread
+    over 2^28: each token's fp32 sum, expert by expert in ascending id, then the shared expert. (The
+    order changes 0-10% of these outputs; the tiny model's 2 per token cannot show it.)"""
+    rng = np.random.default_rng(seed)
+    w = make_moe(rng, shared_scale=1.0)
+    T = 12
+    flat = round_bf16(rng.standard_normal((T, C)) * 2)
+    ids, weights = spread_routing(rng, T, a)
+    y = expert_sum.spec(flat, ids, weights, w, TINY, "mirror", "current")
+    for t in range(T):
+        acc = np.zeros(C, np.float32)
+        for k in np.argsort(ids[t]):                             # this token's experts, ascending id
+            acc += expert(flat[t:t + 1], w.experts[ids[t, k]], "mirror", swiglu_limit=L,
+                          weights=weights[t:t + 1, k:k + 1])[0]
+        acc += expert(flat[t:t + 1], w.shared, "mirror", swiglu_limit=L)[0]
+        assert np.array_equal(y[t], acc), t
 
 
 def test_moe_trace_ids_and_weights(tiny_model):

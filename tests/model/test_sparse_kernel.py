@@ -19,6 +19,7 @@ import math
 import numpy as np
 import pytest
 
+import sparse_midpoints
 from helpers import bf16
 from refimpl.model.attention import sparse_attention, sparse_attn_query
 
@@ -171,3 +172,28 @@ def test_a_first_block_without_entries_is_refused():
         sparse_attention(q, kv, np.zeros(1, np.float32), -np.ones((1, 1, 5), int), 1.0, "float64")
     o = sparse_attention(q.astype(np.float64), kv.astype(np.float64), np.zeros(1), idx, 1.0, "float64")
     assert np.allclose(o, 6 / (6 + math.exp(-4)), rtol=1e-15)            # float64: the plain softmax, sink 0
+
+
+def test_the_midpoint_block_tells_the_sum_orders_apart():
+    """tests/sparse_midpoints.py, block_sum: its 64 probabilities are what the case says, and the
+    exact sum and NumPy's pairwise float64 sum round to 1 + 2^-23, a sequential float64 sum to 1."""
+    p = sparse_midpoints.probabilities("block_sum")
+    a, b = p[1], p[8]
+    assert p[0] == 1 and b == 2.0 ** -24 - 2.0 ** -48 and 0.7 * 2.0 ** -53 < a < 2.0 ** -53
+    assert np.array_equal(p, [1] + [a] * 7 + [b] + [a] * 55)
+    sequential = 0.0
+    for x in p:
+        sequential += x
+    assert F32(math.fsum(p)) == F32(np.sum(p)) == 1 + 2.0 ** -23 and F32(sequential) == 1
+
+
+@pytest.mark.parametrize("name", ["block_sum", "pv", "dot"])
+def test_sums_next_to_an_fp32_midpoint_are_rounded_once_from_the_exact_sum(name):
+    """mirror's block sum, P·V sum and q·kv, each built to sit next to an fp32 rounding midpoint
+    (tests/sparse_midpoints.py): sparse_attn_query gives the hand-worked o, and the bits of this
+    file's emulation (exact sums, math.fsum). Another order or an fp32 running sum rounds the other way."""
+    q, kv, sink, idx, expected = sparse_midpoints.cases()[name]
+    got = sparse_attn_query(q[0, 0], kv[0], sink, idx[0, 0], 1.0)
+    assert got.dtype == np.float32
+    assert {c: float(got[0, c]) for c in expected} == expected
+    assert np.array_equal(got[None], kernel_ref(q[0], kv[0], sink, idx[0], 1.0, store_bf16=False))

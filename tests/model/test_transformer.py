@@ -162,6 +162,29 @@ def test_mtp_logits_shape_and_causality(tiny_model):
     assert np.array_equal(mtp[:7], mtp2[:7]) and not np.array_equal(mtp[7], mtp2[7])   # row 7 reads token 8
 
 
+def test_mtp_pairs_the_streams_of_position_t_with_token_t_plus_1(tiny_model):
+    """MTP row t reads the main model's streams h_t (and token t+1), not h_{t+1}: changing h_k
+    changes rows k.. (row k directly, later rows through the MTP block's attention) and no row
+    before k; the last position's streams reach no row. docs/architecture.md §14.
+    (The token side, row t reads token t+1: test_mtp_logits_shape_and_causality.)"""
+    model = tiny_model("float64")
+    rng = np.random.default_rng(8)
+    s = 7
+    ids = tokens(s, 8)[None]
+    h = rng.standard_normal((1, s, TINY.hc_mult, TINY.dim))
+    base = model.mtp_forward(h, ids)
+    assert base.shape == (1, s - 1, V)
+    for k in (0, 3, s - 2):
+        other = h.copy()
+        other[:, k] += rng.standard_normal((TINY.hc_mult, TINY.dim))
+        got = model.mtp_forward(other, ids)
+        assert np.array_equal(got[:, :k], base[:, :k]), k                 # rows before k never see h_k
+        assert not np.allclose(got[:, k], base[:, k], rtol=1e-6), k       # row k reads h_k
+    last = h.copy()
+    last[:, s - 1] += rng.standard_normal((TINY.hc_mult, TINY.dim))
+    assert np.array_equal(model.mtp_forward(last, ids), base)             # h_{s-1} pairs with no token
+
+
 def test_forward_is_deterministic_and_does_not_depend_on_call_history(tiny_model):
     """DESIGN: no hidden state: the same call twice gives the same bits."""
     model = tiny_model("mirror")
