@@ -227,8 +227,8 @@ MUTATIONS = [
 K_ATTN, K_POOL, K_NORM, K_IDX = ("refimpl/kernels/attention.py", "refimpl/kernels/compressor.py",
                                  "refimpl/kernels/norm.py", "refimpl/kernels/indexer.py")
 K_MOE = "refimpl/kernels/moe.py"
-SIDE_THREADS = "tests/kernels/test_attention_side_kernels.py::test_thread_count_does_not_change_results"
-ATTN_KERNEL = "tests/kernels/test_sparse_attention_kernel.py"
+SIDE_THREADS = "tests/kernels/test_threads_kernel.py::test_thread_count_does_not_change_results"
+ATTN_KERNEL = "tests/kernels/test_attention_kernel.py"
 
 ORDER_AND_THREADS = [
     # accumulation order of more than two terms (the tiny model routes 2 experts a token: 0 + a + b commutes)
@@ -270,7 +270,7 @@ ORDER_AND_THREADS = [
 PINNED_BY = {
     "moe: routed experts summed in descending id": ["tests/model/test_moe.py"],
     "moe: shared expert added first, not last": ["tests/model/test_moe.py"],
-    "moe kernel: routed experts summed in descending id": ["tests/kernels/test_kernel_moe.py"],
+    "moe kernel: routed experts summed in descending id": ["tests/kernels/test_moe_kernel.py"],
     "attention kernel: block sum of p sequential, not NumPy's pairwise order": [ATTN_KERNEL],
     "attention kernel: P·V in an fp32 running sum": [ATTN_KERNEL],
     "attention kernel: q·kv in an fp32 running sum": [ATTN_KERNEL],

@@ -19,7 +19,6 @@ a refimpl trace is one. docs/replay.md describes the format for writers outside 
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 

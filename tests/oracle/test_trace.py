@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 
 from refimpl.config import Config
-from refimpl.config import Config
 from refimpl.context import RunContext
 from refimpl.oracle.trace import Trace, run_trace
 from refimpl.sites import NonFiniteError, check_finite, record, site_names

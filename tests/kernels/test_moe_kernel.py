@@ -1,7 +1,7 @@
 """The MoE expert-sum kernel (refimpl/kernels/moe.py) against model.moe.expert_sum, and the whole
 tiny model with this helper's kernels against the NumPy spec path.
 
-expert_sum: the kernel runs the spec's steps with the product kernels (tests/kernels/test_kernel_linear.py
+expert_sum: the kernel runs the spec's steps with the product kernels (tests/kernels/test_linear_kernel.py
 gives their agreement), so in mirror the result is bit-identical unless a product hit an fp32
 rounding boundary, which did not happen on these inputs; float64 within 1e-12 relative of the
 output's scale; float32 within the float32 product bound carried through SwiGLU (1e-5 relative).

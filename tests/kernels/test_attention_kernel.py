@@ -130,7 +130,7 @@ SCRIPT = textwrap.dedent("""
     import hashlib, sys
     import numpy as np
     sys.path.insert(0, {tests!r})
-    from test_sparse_attention_kernel import make_case
+    from test_attention_kernel import make_case
     from refimpl.kernels.attention import sparse_attention as kernel
     import refimpl.kernels.threads
     refimpl.kernels.threads.SMALL_WORK = 0            # small calls too run in the parallel regions
