@@ -41,7 +41,9 @@ or writes what its own parser reads back as something else). In detail:
 `parse_message_from_completion_text` reads one assistant turn back (official: E:L687-744), in time
 linear in the text (the official is quadratic in some malformed inputs). It is as lenient as the
 official (EOS may be missing after a closed tool-call block, a string="false" parameter value is
-copied into the arguments JSON text unchecked) except for one case: where the text ends inside
+copied into the arguments JSON text unchecked, an invoke head takes any whitespace or none before
+name= and one newline more or less at its end, a value one newline before its closing tag: spacings
+the encoder never writes, corpus cases parse-ws-*) except for one case: where the text ends inside
 the tool-call block, the official returns the calls read so far as if the message were complete;
 this refuses it. Tool and parameter names are not escaped (as the official), so a name
 containing '"' does not survive a round trip.
