@@ -63,6 +63,7 @@ import ml_dtypes
 import numpy as np
 
 from refimpl.formats.files import write_bytes
+from refimpl.context import LAYOUTS, REVISIONS
 from refimpl.oracle.trace import TRACE_FORMAT_VERSION
 from refimpl.sites import SITES
 from refimpl.formats.files import MAX_JSON_DEPTH, StrictJSONError, check_output_path, json_depth, parse_json
@@ -191,9 +192,13 @@ def check_trace(t: TraceFile) -> TraceFile:
     n_layers = meta.get("n_layers")
     if n_layers is not None and not (_is_int(n_layers) and n_layers >= 0):
         raise CompareError(f"{path}: metadata 'n_layers' must be a non-negative integer, got {n_layers!r}")
+    for key, allowed in (("revision", REVISIONS), ("layout", LAYOUTS)):     # optional; when given, a known one
+        if key in meta and meta[key] not in allowed:
+            raise CompareError(f"{path}: metadata {key!r} is {meta[key]!r:.40}, not one of {', '.join(allowed)}")
     rows = meta.get("golden_rows")          # a golden-set trace keeps these positions' rows only (oracle/golden.py)
-    if rows is not None and not (isinstance(rows, list) and all(_is_int(r) and 0 <= r < len(tokens) for r in rows)):
-        raise CompareError(f"{path}: metadata 'golden_rows' must be a list of positions in [0, {len(tokens)})")
+    if rows is not None and not (isinstance(rows, list) and all(_is_int(r) and 0 <= r < len(tokens) for r in rows)
+                                 and all(x < y for x, y in zip(rows, rows[1:]))):
+        raise CompareError(f"{path}: metadata 'golden_rows' must be increasing positions in [0, {len(tokens)})")
     _check_site_contract(path, tensors, len(tokens), mtp_layer_of(tensors, meta, {}), rows)
     return t
 

@@ -256,6 +256,8 @@ def read_manifest(golden_dir) -> dict:
         manifest = parse_json(path.read_text(encoding="utf-8"))          # strict: no key twice, no NaN
     except (UnicodeDecodeError, ValueError) as e:
         raise GoldenError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise GoldenError(f"{path}: not a manifest: JSON nested too deeply") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         raise GoldenError(f"{path}: format_version {manifest.get('format_version') if isinstance(manifest, dict) else '?'} "
                           f"is not {FORMAT_VERSION}, the one this refimpl reads")
@@ -265,7 +267,7 @@ def read_manifest(golden_dir) -> dict:
 
 # the keys verify reads, and their JSON types (the others describe the set to people)
 REQUIRED = {"checkpoint": dict, "config": dict, "tokens": list, "inputs": list, "precisions": list, "files": dict,
-            "reason": str}
+            "reason": str, "profiles": dict}
 
 
 KINDS = {dict: "object", list: "list", str: "string"}
@@ -288,6 +290,9 @@ def check_manifest(manifest: dict, path) -> None:
     if not held or not all(p in PRECISIONS for p in held) or len(set(held)) != len(held):
         raise GoldenError(f"{path}: 'precisions' must list one or more of {', '.join(PRECISIONS)}, once each; "
                           f"got {held!r:.80}")
+    if any(manifest["profiles"].get(p) != PROFILES[p] for p in held):   # the rule verify applies, per precision
+        raise GoldenError(f"{path}: 'profiles' must name the profile of each precision held "
+                          f"({', '.join(f'{p}: {PROFILES[p]}' for p in held)}); got {manifest['profiles']!r:.80}")
     if manifest.get("layout", "official") not in LAYOUTS:
         raise GoldenError(f"{path}: 'layout' must be one of {', '.join(LAYOUTS)}, got {manifest['layout']!r:.80}")
     for name, digest in files.items():

@@ -518,8 +518,10 @@ def test_golden_set_traces_keep_only_their_listed_rows(tmp_path):
     bad = write(tmp_path / "b.st", {"embed": np.ones((3, 4), np.float32)}, golden_rows=[0, 2])
     with pytest.raises(CompareError, match=r"'embed' has 3 rows; golden_rows \[0, 2\] give it 2"):
         compare(bad, bad)
-    with pytest.raises(CompareError, match="'golden_rows' must be a list of positions in"):
+    with pytest.raises(CompareError, match="'golden_rows' must be increasing positions in"):
         compare(write(tmp_path / "c.st", t, golden_rows=[0, 3]), p)
+    with pytest.raises(CompareError, match="'golden_rows' must be increasing positions in"):   # in order, once each
+        compare(write(tmp_path / "d.st", t, golden_rows=[2, 0]), p)
 
 
 # ---------------------------------------------------------------- sizes and ranges before allocating (issue 25)
@@ -642,3 +644,11 @@ def test_a_full_trace_is_cut_to_a_golden_traces_rows_and_positions_are_token_pos
     other = write(tmp_path / "o.st", {"embed": full[[0, 3]]}, tokens=list(range(10)), golden_rows=[0, 3])
     with pytest.raises(CompareError, match="keep different rows"):
         compare(other, ref)
+
+
+
+@pytest.mark.parametrize("key, value", [("revision", "future"), ("layout", "diagonal")])
+def test_metadata_naming_an_unknown_revision_or_layout_is_refused(tmp_path, key, value):
+    p = write(tmp_path / "a.st", {"embed": np.ones((3, 4), np.float32)}, **{key: value})
+    with pytest.raises(CompareError, match=f"metadata '{key}' is '{value}', not one of"):
+        compare(p, p)

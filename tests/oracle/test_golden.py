@@ -315,3 +315,21 @@ def test_the_golden_set_is_found_from_any_folder(tmp_path, monkeypatch):
                        capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert "it is the golden/ folder of the refimpl repository: pass its path (refimpl golden verify PATH)" in r.stderr
+
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda m: m.update(profiles={"mirror": "nope", "float64": "float64-stored-as-float32"}), "'profiles' must name"),
+    (lambda m: m.pop("profiles"), "'profiles' must be a JSON object; it is missing"),
+])
+def test_a_manifest_with_a_wrong_or_missing_profile_is_refused(tmp_path, change, words):
+    """verify applies the manifest's rule per precision: a rule it does not know must not pass silently."""
+    with pytest.raises(GoldenError, match=words):
+        read_manifest(manifest_copy(tmp_path, change))
+
+
+def test_a_manifest_nested_too_deeply_is_one_error(tmp_path):
+    folder = manifest_copy(tmp_path, lambda m: None)
+    (folder / "manifest.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(GoldenError, match="nested too deeply"):
+        read_manifest(folder)
