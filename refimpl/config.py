@@ -93,9 +93,6 @@ class Layer:
     compress_ratio: int            # m: 0 = window only
     overlap: bool                  # the compressor pools overlapping blocks (m == 4)
     uses_indexer: bool             # CSA: an indexer chooses the compressed entries (m == 4)
-    hash_routed: bool              # the router reads tid2eid (layer_id < n_hash_layers)
-    rope_base: float               # RoPE base of the layer's tables
-    rope_original_seq_len: int     # YaRN's original context (0: no YaRN)
 
 
 @dataclass(frozen=True)
@@ -207,8 +204,7 @@ class Config:
     def layer(self, i: int) -> "Layer":
         """The facts of block i (a main layer, or the MTP block at i = n_layers) in one value."""
         return Layer(id=i, compress_ratio=self.compress_ratio(i), overlap=self.uses_overlap(i),
-                     uses_indexer=self.uses_indexer(i), hash_routed=self.is_hash_layer(i),
-                     rope_base=self.rope_base(i), rope_original_seq_len=self.rope_original_seq_len(i))
+                     uses_indexer=self.uses_indexer(i))
 
     # ---- checks ----
     def validate(self) -> None:

@@ -14,11 +14,11 @@ swappable operations (the kernel interface, on plain arrays) take only the preci
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 
 from refimpl.config import Config, ConfigError, Layer
-from refimpl.numerics import PRECISIONS, check_precision, work_dtype
+from refimpl.numerics import check_precision, work_dtype
 from refimpl.ops import Kernels, parse_kernels
 
 REVISIONS = ("current", "initial")
@@ -48,6 +48,7 @@ class RunContext:
     trace: object = None
     replay: object = None
     layers: tuple[Layer, ...] = ()
+    dtype: type = field(init=False, default=None)   # the activation dtype: float64 in "float64", float32 otherwise
 
     def __post_init__(self):
         if not isinstance(self.cfg, Config):
@@ -56,6 +57,7 @@ class RunContext:
         check_revision(self.revision)
         check_layout(self.layout)
         object.__setattr__(self, "kernels", parse_kernels(self.kernels))
+        object.__setattr__(self, "dtype", work_dtype(self.prec))
         if not self.layers:
             n = self.cfg.n_layers + (1 if self.cfg.n_mtp_layers else 0)
             object.__setattr__(self, "layers", tuple(self.cfg.layer(i) for i in range(n)))
@@ -64,12 +66,10 @@ class RunContext:
         """This context for one call: recording into `trace` (a sites.Recording), with the replay it carries
         (as it applies to this config: oracle/replay.py Replay.applied_to)."""
         replay = getattr(trace, "replay", None)
-        return dataclasses.replace(self, trace=trace, replay=None if replay is None else replay.applied_to(self.cfg))
-
-    @property
-    def dtype(self) -> type:
-        """The activation dtype: float64 in "float64", float32 otherwise."""
-        return work_dtype(self.prec)
+        call = copy.copy(self)                     # the options were checked when self was made: not again
+        object.__setattr__(call, "trace", trace)
+        object.__setattr__(call, "replay", None if replay is None else replay.applied_to(self.cfg))
+        return call
 
 
-__all__ = ["LAYOUTS", "PRECISIONS", "REVISIONS", "Layer", "RunContext", "check_layout", "check_revision"]
+__all__ = ["LAYOUTS", "REVISIONS", "Layer", "RunContext", "check_layout", "check_revision"]

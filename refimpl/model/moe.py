@@ -57,7 +57,7 @@ def route(x: np.ndarray, tokens: np.ndarray, start_pos: int, w: GateWeights, lay
     cfg, prec, dt, i = ctx.cfg, ctx.prec, ctx.dtype, layer.id
     z = fp32_linear(x.astype(dt), w.weight, prec)                  # [b, s, e]  official: x.float() @ W.float()
     scores = np.sqrt(softplus(z, prec))                            # F.softplus one op; sqrt (IEEE, correctly rounded)
-    if w.tid2eid is not None:                                      # hash layer (layer.hash_routed): ids from the token id
+    if w.tid2eid is not None:                                      # hash layer: ids from the token id only
         ids = np.asarray(w.tid2eid[tokens], dtype=np.int64)        # [b, s, a]
     else:
         biased = scores + w.bias.astype(dt)                        # [b, s, e]

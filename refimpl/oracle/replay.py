@@ -164,9 +164,9 @@ class Replay:
     def applied_to(self, cfg) -> "Replay":
         """What this replay forces on a model of cfg: without the hash layers' expert ids (and weights) unless
         hash_layers. ReplayError if nothing is left to force."""
-        if self.hash_layers:
-            return self
         keep = {layer for layer in self.expert_ids if layer >= cfg.n_layers or not cfg.is_hash_layer(layer)}
+        if self.hash_layers or keep == set(self.expert_ids):
+            return self                                # nothing to leave out (also: already applied)
         applied = Replay.__new__(Replay)
         applied.__dict__.update(self.__dict__)
         applied.expert_ids = {i: v for i, v in self.expert_ids.items() if i in keep}
