@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-length", type=int, default=None, help="with --ckpt: the longest input (default 8)")
     p.add_argument("--reason", required=True, help="why the set is (re)made: written into the manifest")
     a = p.parse_args(argv)
+    if not a.reason.strip():
+        p.error("--reason: say why the set is (re)made (it is written into the manifest)")
 
     out = Path(a.out)
     ours = {golden.MANIFEST, "README.md", "traces"}
