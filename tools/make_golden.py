@@ -156,6 +156,8 @@ def main(argv=None) -> int:
             "profiles": {p: golden.PROFILES[p] for p in precisions},
             "storage": {"float64": "float64 traces are stored rounded to float32; integer sites as int32",
                         "mirror": "as computed: float32 holding the official roundings; integer sites as int32",
+                        "float32": "as computed (refimpl in float32: the noise model's companion, oracle/noise.py); "
+                                   "integer sites as int32",
                         "rows": "per input, only the rows of the positions in `rows` (MTP sites: those below "
                                 "length-1; compressed_kv: every entry)"},
             "files": files,
