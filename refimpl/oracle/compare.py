@@ -297,6 +297,8 @@ def _same_rows(a: TraceFile, b: TraceFile):
 def _rows_to_positions(report, rows: list[int], s: int, mtp: int | None) -> None:
     """Rewrite the row numbers of a golden-rows comparison as token positions (compressed entries stay entries)."""
     short = [r for r in rows if r < s - 1]
+    if report.noise is not None and report.noise["unjudged_from"] is not None:
+        report.noise["unjudged_from"] = rows[report.noise["unjudged_from"]]
 
     def position_of(site):
         layer, kind = split_site(site)
@@ -813,7 +815,7 @@ def compare(a, b, profile: str = "auto", *, profiles: dict | None = None, partia
                            f"{list(ta.tensors[sorted(common)[0]].shape)}): nothing to compare")
     mtp = mtp_layer_of(set(ta.tensors) | set(tb.tensors), ta.meta, tb.meta)
     tc = _companion(noise, ta, tb)
-    excused_from = None                 # the first position after a flipped near-tie or expected selection
+    excused_from = None                 # the first row whose selection flipped on a near-tie (companion aside)
     sites = []
     for site in site_order(common, mtp):
         x, y = ta.tensors[site], tb.tensors[site]
@@ -834,7 +836,7 @@ def compare(a, b, profile: str = "auto", *, profiles: dict | None = None, partia
             m = _integer_site(site, kind, x, y, [None if s is None else s.astype(np.float64) for s in scores], prof,
                               companion=c if c is not None and c.shape == x.shape else None)
             if tc is not None:
-                flipped = [r["row"] for r in m["near_tie_rows"] + m.get("expected_rows", [])]
+                flipped = [r["row"] for r in m["near_tie_rows"]]   # the candidate chose otherwise than refimpl did
                 if flipped:
                     excused_from = min([excused_from, *flipped] if excused_from is not None else flipped)
         else:
@@ -931,8 +933,9 @@ def _companion(noise, ta: TraceFile, tb: TraceFile) -> TraceFile | None:
 
 def _noise_site(m: dict, a, b, c, fmt: str, excused_from: int | None) -> None:
     """Judge a float site by the noise model: per position, the candidate's RMS error over the companion's
-    (oracle/noise.py); positions from excused_from on (after a flipped near-tie or an expected selection
-    upstream) are shown but not judged. Fills m's noise fields and its failure."""
+    (oracle/noise.py); rows from excused_from on (after a selection upstream where the candidate chose
+    otherwise than both the reference and the companion, on a near-tie) are shown but not judged. Fills m's
+    noise fields and its failure."""
     if a.size == 0:
         m.update(noise_ratio=0.0, noise_row=None, noise_expected=0.0, noise_observed=0.0)
         return

@@ -334,3 +334,15 @@ def test_a_manifest_nested_too_deeply_is_one_error(tmp_path):
     (folder / "manifest.json").write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(GoldenError, match="nested too deeply"):
         read_manifest(folder)
+
+
+def test_the_float32_rule_allows_another_blas_and_nothing_more():
+    """float32 traces (the noise companion) are recomputed with the machine's BLAS: another build's last bits,
+    carried forward, stay within FLOAT32_REL of the site's largest magnitude; more is a difference."""
+    from refimpl.oracle.golden import FLOAT32_REL, compare_site
+    want = np.array([[1.0, -2.0], [0.5, -np.inf]], np.float32)
+    near = want + np.array([[FLOAT32_REL, 0], [0, 0]], np.float32)          # 1e-4 of max |x| = 2: allowed
+    assert compare_site("s", want, near, "float32") is None
+    far = want + np.array([[0, 0], [3 * FLOAT32_REL, 0]], np.float32)
+    assert "1 of 4 elements differ, the first at (1, 0)" in compare_site("s", want, far, "float32")
+    assert compare_site("s", want, near, "mirror") is not None              # mirror: exact
