@@ -46,6 +46,14 @@ boundary margin of a row is (k-th best - (k+1)-th best score) / the row's larges
 
 Tolerance profiles live in `profiles.toml` next to this module, each bound with the measurement
 behind it (`tools/measure_profiles.py` remakes the measurements).
+
+The noise model (oracle/noise.py; docs/compare.md, "The noise model"): with a companion, refimpl's own
+trace of the same input at the candidate's precision (`noise=`; found in the golden set when b is a
+golden trace), every float site is judged by its noise ratio, the candidate's RMS error per position
+over the companion's, failing above noise.JUMP (10), instead of by the profile's float bounds; the
+first site that jumps is named however small its absolute error. Integer sites keep the profile's
+rules, a disagreement the companion shares being expected; after a selection the candidate flipped on
+a near-tie, later rows from that position are not judged by the ratio.
 """
 from __future__ import annotations
 
@@ -1085,6 +1093,10 @@ def format_report(r: Report) -> str:
     pw = "entry" if "entry" in f else "position"
     lines.append(f"FIRST OUT OF TOLERANCE: {f['site']}" + (f" ({f['label']})" if f["label"] else "") +
                  f", {pw} {f[pw]}: {f['metric']} = {_g(f['value'], 3)} (bound {_g(f['bound'], 3)})")
+    if f["metric"] == "noise_ratio":
+        m = next(m for m in r.sites if m["site"] == f["site"])
+        lines.append(f"  A's error jumps here: at worst {_g(m['noise_observed'], 3)} of the site's RMS at {pw} "
+                     f"{m['noise_row']}, where refimpl's own {r.noise['precision']} run errs by {_g(m['noise_expected'], 3)}")
     if "worst" in f:
         w = f["worst"]
         m = next(m for m in r.sites if m["site"] == f["site"])
