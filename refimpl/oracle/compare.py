@@ -936,6 +936,9 @@ def _companion(noise, ta: TraceFile, tb: TraceFile) -> TraceFile | None:
     if cc is not None and cb is not None and cc != cb:
         raise CompareError(f"the noise companion {tc.path} comes from another model config (config_id {cc} vs {cb})")
     tc, _, _ = _same_rows(tc, tb)
+    if tc.meta.get("golden_rows") != tb.meta.get("golden_rows"):    # a golden companion, a full-length reference
+        raise CompareError(f"the noise companion {tc.path} keeps the rows {tc.meta.get('golden_rows')} only; the "
+                           f"reference {tb.path} has every row: give a full-length companion")
     return tc
 
 

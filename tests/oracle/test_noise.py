@@ -141,6 +141,16 @@ def test_an_explicit_companion_must_fit(tmp_path):
                 "prefill-64.safetensors")
     r = compare(trace_path("float32"), trace_path("float64"), noise=trace_path("float32"))
     assert r.ok and r.noise is not None
+    full = load_trace(trace_path("float64"))                          # a full-length reference, a golden companion
+    rows = full.meta["golden_rows"]
+    tokens = full.meta["tokens"]
+    widened = {k: np.repeat(v[:1], len(tokens), axis=0) if not k.endswith("compressed_kv") and v.shape[0] == len(rows)
+               else v for k, v in full.tensors.items() if not k.startswith(("mtp.", "layers.6."))}
+    meta = {k: v for k, v in full.meta.items() if k != "golden_rows"}
+    ref = TraceFile(str(tmp_path / "full.safetensors"), meta, widened)
+    with pytest.raises(CompareError, match="keeps the rows .* only; the reference .* has every row"):
+        compare(TraceFile("a", dict(meta, precision="float32"), widened), ref, noise=trace_path("float32"),
+                partial=True)
 
 
 def test_the_same_precision_keeps_the_profile():
