@@ -470,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = gs.add_parser("verify", help="re-make the tiny checkpoint, check its bytes, re-run every golden input")
     v.add_argument("dir", nargs="?", type=_path, default=None,
                    help="the golden folder (default: the one installed with refimpl, the repository's golden/)")
-    v.add_argument("--precision", action="append", choices=("float64", "mirror"), help="only this precision (repeatable)")
+    v.add_argument("--precision", action="append", choices=("float64", "float32", "mirror"),
+                   help="only this precision (repeatable)")
     v.add_argument("--input", action="append", help="only this input, e.g. prefill-80 (repeatable)")
     v.add_argument("--ckpt", type=_path, default=None,
                    help="for a set made with tools/make_golden.py --ckpt: the checkpoint folder (default: the path "
