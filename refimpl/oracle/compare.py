@@ -924,7 +924,10 @@ def _companion(noise, ta: TraceFile, tb: TraceFile) -> TraceFile | None:
         noise = find_companion(tb.path, want)
         if noise is None:
             return None
-    tc = check_trace(noise) if isinstance(noise, TraceFile) else load_trace(noise)
+    try:
+        tc = check_trace(noise) if isinstance(noise, TraceFile) else load_trace(noise)
+    except CompareError as e:
+        raise CompareError(f"the noise companion: {e}") from None
     want = companion_precision(ta.precision, tb.precision)
     if tc.precision != want:
         raise CompareError(f"the noise companion {tc.path} is a {tc.precision} trace; a {ta.precision} candidate against "
