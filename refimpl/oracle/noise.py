@@ -22,7 +22,11 @@ error infinite.
 
 The same principle serves one operation as well as a whole trace: call the operation with
 prec="float64" (the reference) and with the candidate's precision (the companion), then
-`check(candidate, reference, companion, fmt)` on its output.
+`check(candidate, reference, companion, fmt)` on its output; `check_operation` does both:
+
+    from refimpl.model.norm import rms_norm
+    c = check_operation(my_rms_norm(x, w), rms_norm, x, w, eps=1e-6, precision="float32")
+    assert c.ok, (c.worst, c.first_row)
 """
 from __future__ import annotations
 
@@ -132,3 +136,21 @@ def check(candidate, reference, companion, fmt: str, *, jump: float = JUMP) -> N
         raise ValueError("arrays need a first (row) axis")
     expected = expected_noise(companion, reference, fmt)
     return NoiseCheck(noise_ratio(candidate, reference, expected), expected, row_error(candidate, reference), jump)
+
+
+FORMAT_OF = {"float64": "float64", "float32": "float32", "mirror": "bfloat16"}   # a precision's roundoff format
+
+
+def check_operation(candidate, fn, *args, precision: str = "float32", jump: float = JUMP, **kwargs) -> NoiseCheck:
+    """A candidate's output of one refimpl operation, checked against fn(*args, prec="float64", **kwargs) with
+    fn(*args, prec=precision, **kwargs) as the companion: their output [rows, ...] (of an operation that returns
+    (output, state), the output)."""
+    if precision not in FORMAT_OF:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(FORMAT_OF)}")
+    first = lambda out: out[0] if isinstance(out, tuple) else out        # (output, state) operations
+    reference = np.asarray(first(fn(*args, prec="float64", **kwargs)))
+    companion = np.asarray(first(fn(*args, prec=precision, **kwargs)))
+    candidate = np.asarray(candidate)
+    if reference.ndim == 0:
+        reference, companion, candidate = reference[None], companion[None], candidate[None]
+    return check(candidate, reference, companion, FORMAT_OF[precision], jump=jump)

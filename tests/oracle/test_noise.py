@@ -173,3 +173,21 @@ def test_the_command_line_option(tmp_path, capsys):
     capsys.readouterr()
     assert main(["compare", mine.path, ref, "--noise", str(trace_path("mirror"))]) == 1
     assert "error: the noise companion" in capsys.readouterr().err
+
+
+def test_check_operation_on_one_operation():
+    """One refimpl operation as the oracle: a float32 RMSNorm written another way passes, one with eps 1e-5 fails."""
+    from refimpl.model.norm import rms_norm
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((4, 64)) * 1e-2).astype(np.float32)      # small rows: eps matters
+    w = rng.standard_normal(64).astype(np.float32)
+
+    def mine(eps):                                                   # float32, another summation order
+        sq = (x * x)[:, ::-1]
+        ms = sq.sum(axis=1, dtype=np.float32) / np.float32(64)
+        return (x / np.sqrt(ms + np.float32(eps))[:, None]) * w
+    assert noise.check_operation(mine(1e-6), rms_norm, x, w, eps=1e-6, precision="float32").ok
+    bad = noise.check_operation(mine(1e-5), rms_norm, x, w, eps=1e-6, precision="float32")
+    assert not bad.ok and bad.first_row == 0 and bad.worst > 100
+    with pytest.raises(ValueError, match="precision 'bf16'"):
+        noise.check_operation(mine(1e-6), rms_norm, x, w, eps=1e-6, precision="bf16")
