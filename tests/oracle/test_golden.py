@@ -346,3 +346,10 @@ def test_the_float32_rule_allows_another_blas_and_nothing_more():
     far = want + np.array([[0, 0], [3 * FLOAT32_REL, 0]], np.float32)
     assert "1 of 4 elements differ, the first at (1, 0)" in compare_site("s", want, far, "float32")
     assert compare_site("s", want, near, "mirror") is not None              # mirror: exact
+    # with the input's float64 site, the noise model judges: an error 5x the stored one's passes, 20x fails
+    exact = np.array([[1.0, -2.0, 0.5, 3.0]])
+    stored = (exact + 1e-5).astype(np.float32)                               # errs by 1e-5 (+- its rounding)
+    assert compare_site("s", stored, exact + 5e-5, "float32", exact) is None
+    why = compare_site("s", stored, exact + 2e-4, "float32", exact)
+    assert "x as much against float64 as the stored float32 trace (at most 10x), the first at (0,)" in why
+    assert 19 < float(why.split("errs ")[1].split("x")[0]) < 21
