@@ -191,3 +191,33 @@ def test_check_operation_on_one_operation():
     assert not bad.ok and bad.first_row == 0 and bad.worst > 100
     with pytest.raises(ValueError, match="precision 'bf16'"):
         noise.check_operation(mine(1e-6), rms_norm, x, w, eps=1e-6, precision="bf16")
+
+
+def test_the_companion_precision_of_each_pair():
+    from refimpl.oracle.compare import companion_precision
+    assert companion_precision("float32", "float64") == "float32"
+    assert companion_precision("float32", "mirror") == "float32"
+    assert companion_precision("mirror", "float64") == "mirror"
+    assert companion_precision("float64", "mirror") == "float64"
+    assert companion_precision("bf16", "float64") == "mirror"             # rounds where mirror does
+    assert companion_precision("bf16", "mirror") == "float64"             # other roundings: the looser bound
+    assert companion_precision("mirror", "mirror") is None                # the same precision: the profile
+    assert companion_precision("float32", "float32") is None
+
+
+def test_a_disagreement_the_companion_shares_is_expected(tmp_path):
+    """A hash layer's expert ids (no scores, so no near-tie) that differ from the reference: a real disagreement,
+    unless refimpl's own float32 run chose the same (then `expected`, and the verdict stands on the floats)."""
+    def with_ids(precision, ids):
+        t = load_trace(trace_path(precision, "prefill-1"))
+        tensors = dict(t.tensors, **{"layers.0.ffn.expert_ids": np.asarray(ids, np.int32)})
+        return TraceFile(str(tmp_path / f"{precision}.safetensors"), dict(t.meta), tensors)
+    ref = load_trace(trace_path("float64", "prefill-1"))
+    ids = ref.tensors["layers.0.ffn.expert_ids"]
+    other = [[int(ids[0, 0]), next(e for e in range(8) if e not in ids[0])]]
+    mine = with_ids("float32", other)
+    r = compare(mine, ref, noise=None)
+    assert not r.ok and r.first["site"] == "layers.0.ffn.expert_ids"     # no companion: a real disagreement
+    r = compare(mine, ref, noise=with_ids("float32", other))
+    m = next(m for m in r.sites if m["site"] == "layers.0.ffn.expert_ids")
+    assert r.ok and m["expected"] == 1 and m["real"] == 0 and m["expected_rows"][0]["row"] == 0
