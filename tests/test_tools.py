@@ -67,3 +67,14 @@ def test_each_profile_accepts_the_pair_it_was_measured_on(tiny_ckpt):
     for profile, (x, y) in mod.PAIRS.items():
         r = compare(tr[x], tr["mirror-again" if profile == "mirror-vs-mirror" else y], profile)
         assert r.ok, format_report(r)
+
+
+@pytest.mark.slow
+def test_measure_noise_finds_no_false_alarm(capsys):
+    """tools/measure_noise.py: correct float32, float64, mirror and bf16-engine runs of every golden input pass
+    against both references (docs/compare.md gives the figures; about 4 minutes)."""
+    spec = importlib.util.spec_from_file_location("measure_noise", TOOL.parent / "measure_noise.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([]) == 0, capsys.readouterr().out[-3000:]
+    assert "0 comparisons failed" in capsys.readouterr().out

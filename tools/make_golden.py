@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt", help="an official-format checkpoint folder (default: the tiny model, seed 0)")
     p.add_argument("--out", default=str(ROOT / "golden"), help="the golden folder to write (replaced)")
     p.add_argument("--precision", action="append", choices=golden.PRECISIONS,
-                   help="precisions to trace (repeatable; default: float64 and mirror, or mirror with --ckpt)")
+                   help="precisions to trace (repeatable; default: float64, float32 and mirror, or mirror with --ckpt)")
     p.add_argument("--max-length", type=int, default=None, help="with --ckpt: the longest input (default 8)")
     p.add_argument("--reason", required=True, help="why the set is (re)made: written into the manifest")
     a = p.parse_args(argv)
@@ -156,6 +156,8 @@ def main(argv=None) -> int:
             "profiles": {p: golden.PROFILES[p] for p in precisions},
             "storage": {"float64": "float64 traces are stored rounded to float32; integer sites as int32",
                         "mirror": "as computed: float32 holding the official roundings; integer sites as int32",
+                        "float32": "as computed (refimpl in float32: the noise model's companion, oracle/noise.py); "
+                                   "integer sites as int32",
                         "rows": "per input, only the rows of the positions in `rows` (MTP sites: those below "
                                 "length-1; compressed_kv: every entry)"},
             "files": files,

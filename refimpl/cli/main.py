@@ -302,7 +302,8 @@ def cmd_compare(a) -> int:
             print("error: --plot needs matplotlib: pip install 'refimpl[plot]'", file=sys.stderr)
             return 1
     try:
-        report = compare(a.a, a.b, profile=a.profile, partial=a.partial)
+        noise = {"auto": "auto", "off": None}.get(a.noise, a.noise)
+        report = compare(a.a, a.b, profile=a.profile, partial=a.partial, noise=noise)
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -432,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plot", metavar="PNG", default=None, help="write a plot of the error by layer and site kind")
     q.add_argument("--partial", action="store_true",
                    help="A records only some sites (one layer, no logits): check those, list the rest as not compared")
+    q.add_argument("--noise", default="auto", metavar="auto|off|TRACE",
+                   help="the noise model's companion: refimpl's own trace of the same input at A's precision "
+                        "(refimpl trace ... --precision P); auto (default): the golden set's, when B is a golden "
+                        "trace; off: the profile only (docs/compare.md, 'The noise model')")
     q.set_defaults(func=cmd_compare)
 
     q = sub.add_parser("generate", help="generate text (tokens are streamed as they are produced)")
@@ -465,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = gs.add_parser("verify", help="re-make the tiny checkpoint, check its bytes, re-run every golden input")
     v.add_argument("dir", nargs="?", type=_path, default=None,
                    help="the golden folder (default: the one installed with refimpl, the repository's golden/)")
-    v.add_argument("--precision", action="append", choices=("float64", "mirror"), help="only this precision (repeatable)")
+    v.add_argument("--precision", action="append", choices=("float64", "float32", "mirror"),
+                   help="only this precision (repeatable)")
     v.add_argument("--input", action="append", help="only this input, e.g. prefill-80 (repeatable)")
     v.add_argument("--ckpt", type=_path, default=None,
                    help="for a set made with tools/make_golden.py --ckpt: the checkpoint folder (default: the path "

@@ -46,6 +46,14 @@ boundary margin of a row is (k-th best - (k+1)-th best score) / the row's larges
 
 Tolerance profiles live in `profiles.toml` next to this module, each bound with the measurement
 behind it (`tools/measure_profiles.py` remakes the measurements).
+
+The noise model (oracle/noise.py; docs/compare.md, "The noise model"): with a companion, refimpl's own
+trace of the same input at the candidate's precision (`noise=`; found in the golden set when b is a
+golden trace), every float site is judged by its noise ratio, the candidate's RMS error per position
+over the companion's, failing above noise.JUMP (10), instead of by the profile's float bounds; the
+first site that jumps is named however small its absolute error. Integer sites keep the profile's
+rules, a disagreement the companion shares being expected; after a selection the candidate flipped on
+a near-tie, later rows from that position are not judged by the ratio.
 """
 from __future__ import annotations
 
@@ -64,6 +72,7 @@ import numpy as np
 
 from refimpl.formats.files import write_bytes
 from refimpl.context import LAYOUTS, REVISIONS
+from refimpl.oracle import noise as noise_model
 from refimpl.oracle.trace import TRACE_FORMAT_VERSION
 from refimpl.sites import SITES
 from refimpl.formats.files import MAX_JSON_DEPTH, StrictJSONError, check_output_path, json_depth, parse_json
@@ -296,6 +305,8 @@ def _same_rows(a: TraceFile, b: TraceFile):
 def _rows_to_positions(report, rows: list[int], s: int, mtp: int | None) -> None:
     """Rewrite the row numbers of a golden-rows comparison as token positions (compressed entries stay entries)."""
     short = [r for r in rows if r < s - 1]
+    if report.noise is not None and report.noise["unjudged_from"] is not None:
+        report.noise["unjudged_from"] = rows[report.noise["unjudged_from"]]
 
     def position_of(site):
         layer, kind = split_site(site)
@@ -310,7 +321,9 @@ def _rows_to_positions(report, rows: list[int], s: int, mtp: int | None) -> None
             f["row"] = pos(f["row"])
         for r in m.get("near_tie_rows", []) + m.get("real_rows", []):
             r["row"] = pos(r["row"])
-        for key in ("first_diff_row", "first_real_row"):
+        for r in m.get("expected_rows", []):
+            r["row"] = pos(r["row"])
+        for key in ("first_diff_row", "first_real_row", "noise_row"):
             if m.get(key) is not None:
                 m[key] = pos(m[key])
         if report.first is not None and report.first["site"] == m["site"]:
@@ -664,16 +677,20 @@ def _row_scale(s: np.ndarray) -> float:
     return top if top > 0 else 1.0
 
 
-def _integer_site(name, kind, a, b, scores, profile) -> dict:
-    """Per-row set agreement of an integer site; near-ties from the scores. scores: [S_a or None, S_b or None]."""
+def _integer_site(name, kind, a, b, scores, profile, companion=None) -> dict:
+    """Per-row set agreement of an integer site; near-ties from the scores. scores: [S_a or None, S_b or None].
+    companion (noise model): refimpl's own selection at the candidate's precision; a row where it makes
+    the candidate's choice is an expected disagreement (`expected_rows`), not a real one."""
     near_rel = bound(profile, "integer", "near_tie_rel", kind)
     near_rel = 0.0 if near_rel is None else near_rel
     have = [s for s in scores if s is not None]
     rows = a.shape[0]
     width = int(np.prod(a.shape[1:], dtype=np.int64))                # (a site may have no rows: -1 cannot reshape that)
     a, b = a.reshape(rows, width), b.reshape(rows, width)            # a row per position
-    agree = near = real = close = 0
-    overlap_sum, margins, near_rows, real_rows = 0.0, [], [], []
+    agree = near = real = close = expected = 0
+    overlap_sum, margins, near_rows, real_rows, expected_rows = 0.0, [], [], [], []
+    if companion is not None:
+        companion = companion.reshape(rows, width)
     for t in range(rows):
         sa = {int(x) for x in a[t] if x >= 0}
         sb = {int(x) for x in b[t] if x >= 0}
@@ -700,7 +717,10 @@ def _integer_site(name, kind, a, b, scores, profile) -> dict:
                 v = s[t, disputed].astype(np.float64)
                 spreads.append(float(v.max() - v.min()) / _row_scale(s[t]) if np.isfinite(v).all() else math.inf)
             spread = max(spreads)
-        if spread <= near_rel:
+        if companion is not None and {int(x) for x in companion[t] if x >= 0} == sa:
+            expected += 1                                            # refimpl at this precision chose so too
+            expected_rows.append({"row": t, "spread": spread, "a_only": sorted(sa - sb), "b_only": sorted(sb - sa)})
+        elif spread <= near_rel:
             near += 1
             near_rows.append({"row": t, "spread": spread, "a_only": sorted(sa - sb), "b_only": sorted(sb - sa)})
         else:
@@ -710,7 +730,9 @@ def _integer_site(name, kind, a, b, scores, profile) -> dict:
          "set_agreement": _num(overlap_sum / max(rows, 1)), "min_margin": _num(min(margins, default=math.inf)),
          "scores": bool(have), "near_tie_rows": near_rows[:20], "real_rows": real_rows[:20],
          "first_real_row": real_rows[0]["row"] if real_rows else None,
-         "first_diff_row": min([r["row"] for r in real_rows[:1] + near_rows[:1]], default=None)}
+         "first_diff_row": min([r["row"] for r in real_rows[:1] + near_rows[:1] + expected_rows[:1]], default=None)}
+    if companion is not None:
+        m.update(expected=expected, expected_rows=expected_rows[:20])
     fails = []
     lim = bound(profile, "integer", "max_real_frac", kind)
     if lim is not None and real / max(rows, 1) > lim:
@@ -736,6 +758,7 @@ class Report:
     first_diff: dict | None = None          # the first site with any difference (flips included)
     first_real: dict | None = None          # the first site with a real difference (beyond one ulp)
     missing: str | None = None              # why the candidate fails by what it lacks (the reference's logits)
+    noise: dict | None = None               # the noise model's companion, when it judged the float sites
 
     @property
     def ok(self) -> bool:
@@ -752,17 +775,26 @@ class Report:
                 return [clean(v) for v in x]
             return x
         return clean({"ok": self.ok, "profile": self.profile, "a": self.a, "b": self.b, "first": self.first,
-                      "missing": self.missing, "first_diff": self.first_diff, "first_real": self.first_real,
+                      "missing": self.missing, "noise": self.noise, "first_diff": self.first_diff,
+                      "first_real": self.first_real,
                       "only_in_a": self.only_in_a, "only_in_b": self.only_in_b, "notes": self.notes,
                       "sites": self.sites})
 
 
-def compare(a, b, profile: str = "auto", *, profiles: dict | None = None, partial: bool = False) -> Report:
+def compare(a, b, profile: str = "auto", *, profiles: dict | None = None, partial: bool = False,
+            noise="auto") -> Report:
     """Compare trace a (candidate) with trace b (reference): paths or TraceFiles -> Report.
 
     partial: the candidate records only some sites (one layer, no logits) and is checked on those;
     without it a candidate that lacks the reference's logits fails. Either way the report lists the
     sites that were not compared.
+
+    noise: the noise model's companion (refimpl's own trace of the same input at the candidate's
+    precision: a path or TraceFile), "auto" (the golden set's trace at that precision when b is a
+    golden trace and the precisions differ: `find_companion`) or None (the profile only). With a
+    companion every float site it holds is judged by its noise ratio (oracle/noise.py) instead of the
+    profile's float bounds; integer sites keep the profile's rules, a disagreement refimpl's companion
+    makes too being expected.
 
     Raises CompareError for traces that do not record the same run (tokens, config, chunking),
     a site whose shape or kind differs, or an unknown profile.
@@ -790,6 +822,8 @@ def compare(a, b, profile: str = "auto", *, profiles: dict | None = None, partia
         raise CompareError(f"the traces' {len(common)} common site(s) hold no values (e.g. {sorted(common)[0]!r} "
                            f"{list(ta.tensors[sorted(common)[0]].shape)}): nothing to compare")
     mtp = mtp_layer_of(set(ta.tensors) | set(tb.tensors), ta.meta, tb.meta)
+    tc = _companion(noise, ta, tb)
+    excused_from = None                 # the first row whose selection flipped on a near-tie (companion aside)
     sites = []
     for site in site_order(common, mtp):
         x, y = ta.tensors[site], tb.tensors[site]
@@ -806,19 +840,37 @@ def compare(a, b, profile: str = "auto", *, profiles: dict | None = None, partia
             for s, t in zip(scores, (ta, tb)):
                 if s is not None and s.shape[0] != x.shape[0]:
                     raise CompareError(f"site {sname!r} in {t.path} has {s.shape[0]} rows, {site!r} {x.shape[0]}")
-            m = _integer_site(site, kind, x, y, [None if s is None else s.astype(np.float64) for s in scores], prof)
+            c = tc.tensors.get(site) if tc is not None else None
+            m = _integer_site(site, kind, x, y, [None if s is None else s.astype(np.float64) for s in scores], prof,
+                              companion=c if c is not None and c.shape == x.shape else None)
+            if tc is not None:
+                flipped = [r["row"] for r in m["near_tie_rows"]]   # the candidate chose otherwise than refimpl did
+                if flipped:
+                    excused_from = min([excused_from, *flipped] if excused_from is not None else flipped)
         else:
             fmt = coarser(storage_format(ta.precision, kind, x.dtype), storage_format(tb.precision, kind, y.dtype))
             ids = f"layers.{layer}.ffn.expert_ids"
             if kind == "ffn.expert_weights" and ids in ta.tensors and ids in tb.tensors:
                 x, y = _by_expert_id(x, ta.tensors[ids]), _by_expert_id(y, tb.tensors[ids])   # column order free
-            m = _float_site(kind, x, y, fmt, prof)
+            c = tc.tensors.get(site) if tc is not None else None
+            if c is not None and c.shape == y.shape and c.dtype.kind == "f":
+                if kind == "ffn.expert_weights" and ids in tc.tensors:
+                    c = _by_expert_id(c, tc.tensors[ids])
+                m = _float_site(kind, x, y, fmt, {})                  # the noise ratio replaces the float bounds
+                _noise_site(m, x, y, c, fmt, excused_from)
+            else:
+                m = _float_site(kind, x, y, fmt, prof)
         m.update(site=site, layer=layer, label=site_label(site, mtp), site_kind=kind, shape=list(x.shape),
                  ok=not m["failures"])
         sites.append(m)
     report = Report(a=_describe(ta), b=_describe(tb), profile=name, sites=sites, notes=notes,
                     only_in_a=site_order(set(ta.tensors) - common, mtp),
                     only_in_b=site_order(set(tb.tensors) - common, mtp))
+    if tc is not None:
+        judged = sum(1 for m in sites if "noise_ratio" in m)
+        report.noise = {"companion": tc.path, "precision": tc.precision, "jump": noise_model.JUMP,
+                        "floor_units": noise_model.FLOOR_UNITS, "sites": judged,
+                        "unjudged_from": excused_from}
     report.first = _first_failure(sites, bf16_norms=_bf16_norms(report))
     if golden_rows is not None:                   # every row a report names is a token position
         _rows_to_positions(report, golden_rows, len(ta.meta["tokens"]), mtp)
@@ -835,6 +887,84 @@ def compare(a, b, profile: str = "auto", *, profiles: dict | None = None, partia
             setattr(report, attr, {"site": m["site"], "layer": m["layer"], "label": m["label"],
                                    position_word(m["site"]): m[key]})
     return report
+
+
+def find_companion(reference_path, precision: str) -> str | None:
+    """The noise companion of a golden-set trace: `traces/{precision}/{input}.safetensors` beside the
+    reference `traces/{p}/{input}.safetensors` of a golden folder (one holding manifest.json), else None."""
+    ref = Path(reference_path).resolve()
+    if len(ref.parents) < 3 or ref.parents[1].name != "traces" or not (ref.parents[2] / "manifest.json").is_file():
+        return None
+    path = ref.parents[1] / precision / ref.name
+    return str(path) if path.is_file() else None
+
+
+def companion_precision(candidate: str, reference: str) -> str | None:
+    """The precision of refimpl's run that is the noise companion of a candidate against a reference, or None
+    (the same precision: the profile says how close). A float32, float64 or mirror candidate: refimpl's run at
+    its own precision. A bf16 engine (bf16 activations, fp32 accumulation in its own order): mirror's, which
+    rounds at the same points; against a mirror reference, float64's (how far other roundings land from
+    mirror; an engine that rounds where mirror does lands nearer, so this bound is the looser one)."""
+    if candidate == "bf16":
+        want = "float64" if reference in ("mirror", "bf16") else "mirror"
+    else:
+        want = candidate if candidate in ("float64", "float32", "mirror") else None
+    return None if want == reference or candidate == reference else want
+
+
+def _companion(noise, ta: TraceFile, tb: TraceFile) -> TraceFile | None:
+    """The companion trace for compare's `noise` argument, on the reference's rows (CompareError if it does
+    not record the same input or is not at the candidate's precision); None: no noise model."""
+    if noise is None or noise is False:
+        return None
+    if isinstance(noise, str) and noise == "auto":
+        want = companion_precision(ta.precision, tb.precision)
+        if want is None:                                      # the same precision: the profile says how close
+            return None
+        noise = find_companion(tb.path, want)
+        if noise is None:
+            return None
+    try:
+        tc = check_trace(noise) if isinstance(noise, TraceFile) else load_trace(noise)
+    except CompareError as e:
+        raise CompareError(f"the noise companion: {e}") from None
+    want = companion_precision(ta.precision, tb.precision)
+    if tc.precision != want:
+        raise CompareError(f"the noise companion {tc.path} is a {tc.precision} trace; a {ta.precision} candidate against "
+                           f"a {tb.precision} reference takes refimpl's own {want or ta.precision} trace"
+                           + ("" if want else " (the same precision as the reference: the profile applies; --noise off)"))
+    if tc.meta["tokens"] != tb.meta["tokens"]:
+        raise CompareError(f"the noise companion {tc.path} records other token ids than the reference {tb.path}")
+    cc, cb = tc.meta.get("config_id"), tb.meta.get("config_id")
+    if cc is not None and cb is not None and cc != cb:
+        raise CompareError(f"the noise companion {tc.path} comes from another model config (config_id {cc} vs {cb})")
+    tc, _, _ = _same_rows(tc, tb)
+    if tc.meta.get("golden_rows") != tb.meta.get("golden_rows"):    # a golden companion, a full-length reference
+        raise CompareError(f"the noise companion {tc.path} keeps the rows {tc.meta.get('golden_rows')} only; the "
+                           f"reference {tb.path} has every row: give a full-length companion")
+    return tc
+
+
+def _noise_site(m: dict, a, b, c, fmt: str, excused_from: int | None) -> None:
+    """Judge a float site by the noise model: per position, the candidate's RMS error over the companion's
+    (oracle/noise.py); rows from excused_from on (after a selection upstream where the candidate chose
+    otherwise than both the reference and the companion, on a near-tie) are shown but not judged. Fills m's
+    noise fields and its failure."""
+    if a.size == 0:
+        m.update(noise_ratio=0.0, noise_row=None, noise_expected=0.0, noise_observed=0.0)
+        return
+    p = a.shape[0]
+    chk = noise_model.check(a.reshape(p, -1), b.reshape(p, -1), c.reshape(p, -1), fmt)
+    judged = chk.ratio if excused_from is None else chk.ratio[:excused_from]
+    worst = int(np.argmax(chk.ratio))
+    scale = noise_model.site_rms(b) or 1.0
+    m.update(noise_ratio=_num(chk.worst), noise_row=worst, noise_expected=_num(chk.expected[worst] / scale),
+             noise_observed=_num(chk.observed[worst] / scale),
+             noise_judged_rows=int(judged.size))
+    over = judged > chk.jump
+    if over.any():
+        t = int(np.argmax(over))
+        m["failures"] = [{"metric": "noise_ratio", "value": _num(chk.ratio[t]), "bound": chk.jump, "row": t}]
 
 
 def _by_expert_id(weights: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -905,6 +1035,11 @@ def describe_replay(replay: dict) -> str:
     return f"{', '.join(parts) or 'nothing'} from {replay.get('source', '?')}{hash_ids}"
 
 
+def _rule(r: Report) -> str:
+    """What judged the sites: the profile, and the noise model when it judged the float sites."""
+    return f"noise model x{r.noise['jump']:g}, {r.profile} for the rest" if r.noise else r.profile
+
+
 def format_report(r: Report) -> str:
     """The readable report: header, one row per site, the first site out of tolerance and its hints."""
     lines = [f"FAILED: {r.missing}"] if r.missing else []
@@ -915,7 +1050,13 @@ def format_report(r: Report) -> str:
     lines += [f"{which} replayed {describe_replay(t['replay'])}" for which, t in (("A", r.a), ("B", r.b))
               if isinstance(t.get("replay"), dict)]
     lines += [f"note: {n}" for n in r.notes]
-    head = f"{'site':34} {'max abs':>9} {'max rel':>9} {'rms rel':>9} {'1 - cos':>9} {'1-ulp':>7} {'real':>7}  {'':6} extra"
+    if r.noise:
+        lines.append(f"noise model: companion {r.noise['companion']} ({r.noise['precision']}); a float site fails where "
+                     f"its error exceeds {r.noise['jump']:g}x the companion's (column 'x noise')"
+                     + (f"; positions from {r.noise['unjudged_from']} on follow a flipped selection and are not judged"
+                        if r.noise["unjudged_from"] is not None else ""))
+    nx = f" {'x noise':>8}" if r.noise else ""
+    head = f"{'site':34} {'max abs':>9} {'max rel':>9} {'rms rel':>9} {'1 - cos':>9} {'1-ulp':>7} {'real':>7}{nx}  {'':6} extra"
     lines += ["", head, "-" * len(head)]
     for m in r.sites:
         status = "ok" if m["ok"] else "FAIL"
@@ -924,13 +1065,15 @@ def format_report(r: Report) -> str:
             extra = ""
             if "top1" in m:
                 extra = f"top1 {m['top1']:.3f} top5 {m['top5']:.3f} KL {_g(m['kl'])}"
+            ratio = (f" {_g(m['noise_ratio'], 1):>8}" if "noise_ratio" in m else f" {'-':>8}") if r.noise else ""
             lines.append(f"{m['site']:34} {_g(m['max_abs']):>9} {_g(m['max_rel']):>9} {_g(m['rms_rel']):>9} "
-                         f"{cos:>9} {m['flips']:>7} {m['real']:>7}  {status:6} {extra}".rstrip())
+                         f"{cos:>9} {m['flips']:>7} {m['real']:>7}{ratio}  {status:6} {extra}".rstrip())
         else:                       # integer sites: rows whose sets agree; real = rows that really disagree
             margin = f", min margin {_g(m['min_margin'])}" if m["scores"] else ", no scores"
             agree = f"sets agree in {m['agree']}/{m['rows']} rows"
-            lines.append(f"{m['site']:34} {agree:>39} {'':>7} {m['real']:>7}  {status:6} near-ties "
-                         f"{m['near_ties']}, close calls {m['close_calls']}{margin}")
+            expected = f", expected {m['expected']}" if "expected" in m else ""
+            lines.append(f"{m['site']:34} {agree:>39} {'':>7} {m['real']:>7}{' ' * len(nx)}  {status:6} near-ties "
+                         f"{m['near_ties']}{expected}, close calls {m['close_calls']}{margin}")
     if r.only_in_a:
         lines.append(f"\nonly in A (not compared): {', '.join(r.only_in_a)}")
     if r.only_in_b:
@@ -948,14 +1091,18 @@ def format_report(r: Report) -> str:
         lines.append(f"  hint: {Q_NORM_HINT}")
     if r.first is None:
         if r.missing:
-            lines.append(f"FAILED: {r.missing} ({len(r.sites)} sites compared, within tolerance ({r.profile}))")
+            lines.append(f"FAILED: {r.missing} ({len(r.sites)} sites compared, within tolerance ({_rule(r)}))")
         else:
-            lines.append(f"within tolerance ({r.profile}): {len(r.sites)} sites compared")
+            lines.append(f"within tolerance ({_rule(r)}): {len(r.sites)} sites compared")
         return "\n".join(lines)
     f = r.first
     pw = "entry" if "entry" in f else "position"
     lines.append(f"FIRST OUT OF TOLERANCE: {f['site']}" + (f" ({f['label']})" if f["label"] else "") +
                  f", {pw} {f[pw]}: {f['metric']} = {_g(f['value'], 3)} (bound {_g(f['bound'], 3)})")
+    if f["metric"] == "noise_ratio":
+        m = next(m for m in r.sites if m["site"] == f["site"])
+        lines.append(f"  A's error jumps here: at worst {_g(m['noise_observed'], 3)} of the site's RMS at {pw} "
+                     f"{m['noise_row']}, where refimpl's own {r.noise['precision']} run errs by {_g(m['noise_expected'], 3)}")
     if "worst" in f:
         w = f["worst"]
         m = next(m for m in r.sites if m["site"] == f["site"])

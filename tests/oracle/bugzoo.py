@@ -50,6 +50,9 @@ class Fault:
     site: str                      # the first site out of tolerance against the golden trace
     row: int                       # there: the position (per-position sites) or entry (compressed_kv)
     apply: Callable                # apply(monkeypatch): inject the fault
+    config: tuple = ()             # config keys the faulty implementation gets wrong: (Config field, value) pairs
+    rounding_only: bool = False    # the same math, other roundings: no fault at all in float32 or float64
+    float_at: tuple | None = None  # (site, row) where a float32 run first shows it, when not `site`, `row`
 
 
 # ---------------------------------------------------------------- helpers
@@ -266,6 +269,90 @@ def _fp4_one_scale_row(mp):
     mp.setattr(linear_mod, "dequant_fp4_weight", dequant)
 
 
+def _nothing(mp):
+    pass                                         # a fault of config values only (Fault.config)
+
+
+def _sink_missing(mp):
+    # the attention sink left out of the softmax denominator (a plain softmax over the index set)
+    mp.setattr(attention_mod, "sparse_attention", mutated(attention_mod.sparse_attention, [
+        ("denom = p.sum(axis=-1, keepdims=True) + np.exp(sink[:, None] - mx)", "denom = p.sum(axis=-1, keepdims=True)"),
+        ("sparse_attn_query(q[bi, si], kv[bi], sink, idx, softmax_scale)",
+         "sparse_attn_query(q[bi, si], kv[bi], np.full_like(sink, -np.inf), idx, softmax_scale)")]))
+
+
+def _window_off_by_one(mp):
+    # the window starts one position early (t-W .. t-1 with width W): from t = W a query no longer sees itself
+    mp.setattr(attention_mod, "window_indices", mutated(attention_mod.window_indices, [
+        ("pos = np.maximum(t - window + 1, 0)", "pos = np.maximum(t - window, 0)")]))
+
+
+def _grouped_output_interleaved(mp):
+    # the grouped output projection takes heads gi, gi+g, ... into group gi (official: h/g contiguous heads each)
+    real = attention_mod.grouped_wo_a
+    d = Config.tiny().head_dim                            # the bug zoo runs the tiny model
+
+    def grouped(o, wo_a, groups, prec):                   # o [b, s, g, (h/g)*d]
+        b, s, g, gd = o.shape
+        heads = o.reshape(b, s, -1, d)                                 # [b, s, h, d]
+        regrouped = np.stack([heads[:, :, gi::g] for gi in range(g)], axis=2).reshape(b, s, g, gd)
+        return real(np.ascontiguousarray(regrouped), wo_a, groups, prec)
+    mp.setattr(attention_mod, "grouped_wo_a", grouped)
+
+
+def _routing_axis(mp):
+    # the routing weights normalised over the positions of the call instead of over the chosen experts
+    mp.setattr(moe_mod, "route", mutated(moe_mod.route, [
+        ("weights = weights / reduce_sum(weights, -1, prec, keepdims=True)",
+         "weights = weights / reduce_sum(weights, 1, prec, keepdims=True)")]))
+
+
+def _hash_table_by_position(mp):
+    # hash layers look their expert ids up by the token's position instead of its id
+    mp.setattr(moe_mod, "route", mutated(moe_mod.route, [
+        ("ids = np.asarray(w.tid2eid[tokens], dtype=np.int64)",
+         "ids = np.asarray(w.tid2eid[start_pos + np.arange(tokens.shape[-1])][None], dtype=np.int64)")]))
+
+
+def _router_bias_weighs(mp):
+    # the router bias also weighs: the routing weights taken from the biased scores
+    mp.setattr(moe_mod, "route", mutated(moe_mod.route, [
+        ("weights = np.take_along_axis(scores, ids, axis=-1)",
+         "weights = np.take_along_axis(scores + (w.bias.astype(dt) if w.bias is not None else 0), ids, axis=-1)")]))
+
+
+def _mhc_mix_transposed(mp):
+    # the post-mix applies comb transposed: new stream k = Σ_j comb[k, j] · h[j]
+    from refimpl.model import hyperconn as hc_mod
+    real = hc_mod.hc_post
+
+    def hc_post(x, residual, post, comb, ctx):
+        return real(x, residual, post, np.swapaxes(comb, -1, -2), ctx)
+    patch_everywhere(mp, real, hc_post)
+
+
+def _indexer_scale_wrong(mp):
+    # the indexer's head weights scaled by head_dim^-0.5 only (the n_heads^-0.5 factor dropped)
+    mp.setattr(attention_mod, "indexer", mutated(indexer_mod.indexer, [
+        ("weights * dt(hd ** -0.5 * n_heads ** -0.5)", "weights * dt(hd ** -0.5)")]))
+
+
+def _fp4_nibble_order(mp):
+    # FP4 bytes unpacked high nibble first (the checkpoint packs element 2j in bits 0-3)
+    real = linear_mod.dequant_fp4_weight
+
+    def dequant(packed, scale):
+        p = np.asarray(packed).view(np.uint8)
+        return real(((p & 0x0F) << 4) | (p >> 4), scale)
+    mp.setattr(linear_mod, "dequant_fp4_weight", dequant)
+
+
+def _mtp_pairing(mp):
+    # the MTP block pairs the streams of position t with token t (not t+1)
+    from refimpl.model import transformer as tf_mod
+    mp.setattr(tf_mod, "mtp", mutated(tf_mod.mtp, [("nxt = ids[:, 1:]", "nxt = ids[:, :-1]")]))
+
+
 FAULTS: dict[str, Fault] = {
     "wrong_rope_base_compressed": Fault(
         "compressed layers use rope_theta 10000 (with YaRN) instead of compress_rope_theta (§19.2)",
@@ -308,7 +395,7 @@ FAULTS: dict[str, Fault] = {
         "prefill-4", "layers.2.attn.indexer.scores", 3, _visibility_t_over_m),
     "sink_in_max": Fault(
         "attention sink inside the softmax's running max (§19.9): same math, other roundings",
-        "prefill-1", "layers.1.attn.out", 0, _sink_in_max),   # roundings only: layer 0's happen to agree
+        "prefill-1", "layers.1.attn.out", 0, _sink_in_max, rounding_only=True),   # layer 0's happen to agree
     "fp8_scale_grid_column_major": Fault(
         "FP8 block-scale grid read column-major, i.e. transposed (a loader bug; §16); wq_a, wq_b and wkv have a "
         "grid of one row or column, which reads the same, so the first weight it changes is wo_a",
@@ -316,14 +403,66 @@ FAULTS: dict[str, Fault] = {
     "fp8_one_scale_row": Fault(
         "every 128-row block of an FP8 weight scaled by the first block row's scales (a loader bug; §16); wq_b's "
         "block rows are its heads, and the per-head q norm cancels a power-of-two factor exactly, so wo_a shows it",
-        "prefill-1", "layers.0.attn.out", 0, _fp8_one_scale_row),
+        "prefill-1", "layers.0.attn.out", 0, _fp8_one_scale_row,
+        float_at=("layers.0.attn.q", 0)),   # in float32 the q norm's eps keeps a trace of the factor: 46x the noise
     "fp4_one_scale_row": Fault(
         "every row of an FP4 expert weight scaled by row 0's 1x32 scales (a loader bug; §16)",
         "prefill-1", "layers.0.ffn.out", 0, _fp4_one_scale_row),
     "rsqrt_not_correctly_rounded": Fault(
         "the q norm's bf16 rsqrt as PyTorch's CPU kernel rounds it (§19.5)",
-        "prefill-1", "layers.1.attn.q", 0, _rsqrt_not_correctly_rounded),   # layer 0's q norms hit no such value
+        "prefill-1", "layers.1.attn.q", 0, _rsqrt_not_correctly_rounded, rounding_only=True),   # layer 0's q norms
+    "yarn_factor_wrong": Fault(                                                           # hit no such value
+        "YaRN factor 40 (V3's) instead of 16 in the compressed layers' RoPE (§19.2)",
+        "prefill-3", "layers.2.attn.q", 2, _nothing, config=(("rope_factor", 40.0),)),
+    "norm_eps_1e-5": Fault(
+        "RMSNorm epsilon 1e-5 instead of the config's 1e-6 (every norm, the mHC mix norm first)",
+        "prefill-1", "layers.0.hc_attn.pre", 0, _nothing, config=(("norm_eps", 1e-5),)),
+    "sinkhorn_iters_wrong": Fault(
+        "Sinkhorn-Knopp of the mHC mix run 10 times instead of hc_sinkhorn_iters = 20 (§8)",
+        "prefill-1", "layers.0.hc_attn.comb", 0, _nothing, config=(("hc_sinkhorn_iters", 10),)),
+    "sink_missing": Fault(
+        "attention sink left out of the softmax denominator (§19.9)",
+        "prefill-1", "layers.0.attn.out", 0, _sink_missing),
+    "window_off_by_one": Fault(
+        "sliding window t-W .. t-1 instead of t-W+1 .. t: from position W a query misses itself (§15)",
+        "prefill-33", "layers.0.attn.out", 32, _window_off_by_one),
+    "grouped_output_interleaved": Fault(
+        "grouped output projection with heads interleaved across groups instead of contiguous (§9)",
+        "prefill-1", "layers.0.attn.out", 0, _grouped_output_interleaved),
+    "routing_axis": Fault(
+        "routing weights normalised over the positions instead of the chosen experts (§11)",
+        "prefill-3", "layers.0.ffn.expert_weights", 2, _routing_axis),
+    "hash_table_by_position": Fault(
+        "hash layers' tid2eid looked up by position instead of token id (§11)",
+        "prefill-3", "layers.0.ffn.expert_ids", 2, _hash_table_by_position),
+    "router_bias_weighs": Fault(
+        "router bias added to the routing weights too (it only chooses) (§11)",
+        "prefill-1", "layers.3.ffn.expert_weights", 0, _router_bias_weighs),
+    "mhc_mix_transposed": Fault(
+        "mHC post-mix with comb transposed: stream k = Σ_j comb[k, j] h[j] (§8); layer 0's attention mix sees n equal "
+        "copies of the embedding, which comb and its transpose (both doubly stochastic) mix alike: the FFN mix after it "
+        "(layers.0.out) is the first that changes a number",
+        "prefill-1", "layers.0.out", 0, _mhc_mix_transposed),
+    "indexer_scale_wrong": Fault(
+        "indexer head weights scaled by head_dim^-0.5 only, n_heads^-0.5 dropped (§10)",
+        "prefill-4", "layers.2.attn.indexer.scores", 3, _indexer_scale_wrong),
+    "fp4_nibble_order": Fault(
+        "FP4 bytes unpacked high nibble first (a loader bug; §16)",
+        "prefill-1", "layers.0.ffn.out", 0, _fp4_nibble_order),
+    "mtp_pairing": Fault(
+        "MTP block pairs the streams of position t with token t instead of t+1 (§14)",
+        "prefill-80", "layers.6.hc_attn.pre", 0, _mtp_pairing),
 }
+
+
+def faulted_model(model, name: str):
+    """model, or the same weights under the fault's wrong config values (a fault with `config`)."""
+    from refimpl.model.transformer import Model
+    fault = FAULTS[name]
+    if not fault.config:
+        return model
+    return Model(model.cfg.replace(**dict(fault.config)), model.weights, precision=model.precision,
+                 revision=model.revision, layout=model.layout, kernels=model.kernels)
 
 
 @contextlib.contextmanager

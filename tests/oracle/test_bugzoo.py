@@ -10,6 +10,7 @@ The missing shared-expert clamp shows only where the clamp binds: the tiny model
 stay below 4.5, under the released limit of 10, so the golden set holds an input for it,
 `prefill-4-swiglu-limit-2`: the same weights with config.json's `swiglu_limit` set to 2.
 """
+import contextlib
 import subprocess
 import sys
 
@@ -22,7 +23,7 @@ from refimpl.oracle.compare import compare, load_trace
 from refimpl.oracle.golden import GoldenInput, checkpoint_hashes, read_manifest, sample_rows
 from refimpl.oracle.trace import Trace, run_trace
 
-from bugzoo import FAULTS, cpu_bf16_rsqrt, inject
+from bugzoo import FAULTS, cpu_bf16_rsqrt, faulted_model, inject
 
 GOLDEN = golden.default_dir()
 MANIFEST = read_manifest(GOLDEN)
@@ -66,7 +67,7 @@ def test_the_golden_set_catches_the_fault_at_its_site(name, mirror_model, tmp_pa
     spec = INPUTS[fault.input]
     ref = golden_path(spec.name)
     with inject(name):
-        mine = traced(mirror_model, spec, tmp_path / f"{name}.safetensors", load_trace(ref).meta)
+        mine = traced(faulted_model(mirror_model, name), spec, tmp_path / f"{name}.safetensors", load_trace(ref).meta)
     report = compare(mine, ref, profile=PROFILE)
     assert not report.ok, f"{name}: the golden set does not see the fault"
     layer = int(fault.site.split(".")[1]) if fault.site.startswith("layers.") else None
@@ -121,3 +122,78 @@ def test_the_fault_registry_is_not_reachable_from_the_package():
             "    raise SystemExit(f'{n} is importable')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------- float32 and the noise model (issue 21)
+
+FLOAT_FAULTS = sorted(n for n, f in FAULTS.items() if not f.rounding_only)   # the rest change roundings only
+
+
+def _tool(name):
+    """A script of tools/ as a module (its helpers: the correct alternative implementations below)."""
+    import importlib.util
+    path = GOLDEN.parent / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def float32_model(tiny_model, tiny_ckpt):
+    assert checkpoint_hashes(tiny_ckpt) == MANIFEST["checkpoint"]["sha256"]
+    return tiny_model("float32", "current", "official", kernels="numpy")   # the faults patch spec functions
+
+
+def test_in_float32_the_noise_model_names_every_fault_where_it_enters(float32_model, tmp_path):
+    """The planted-bug measurement (docs/compare.md, "The noise model"): each fault that changes the math, run
+    in float32 (a candidate's precision) on its golden input and compared with the stored float64 trace, is
+    judged by the noise model (the golden float32 trace as companion) and must be named at the site and
+    position where it enters the data flow. The tally: named there / named elsewhere / missed."""
+    tally, wrong = {"at entry": 0, "elsewhere": 0, "missed": 0}, []
+    for name in FLOAT_FAULTS:
+        fault, spec = FAULTS[name], INPUTS[FAULTS[name].input]
+        ref = GOLDEN / "traces" / "float64" / f"{spec.name}.safetensors"
+        companion = GOLDEN / "traces" / "float32" / f"{spec.name}.safetensors"
+        with inject(name):
+            mine = traced(faulted_model(float32_model, name), spec, tmp_path / f"{name}.safetensors",
+                          load_trace(companion).meta)
+        report = compare(mine, ref)
+        assert report.noise is not None and report.noise["companion"] == str(companion.resolve())
+        site, row = fault.float_at or (fault.site, fault.row)
+        layer = int(site.split(".")[1]) if site.startswith("layers.") else None
+        if report.first is None:
+            tally["missed"] += 1
+            wrong.append(f"{name}: missed")
+        elif first_divergence(report, spec) == (site, layer, row):
+            tally["at entry"] += 1
+        else:
+            tally["elsewhere"] += 1
+            wrong.append(f"{name}: named at {first_divergence(report, spec)}, enters at {(site, row)}")
+    assert tally == {"at entry": len(FLOAT_FAULTS), "elsewhere": 0, "missed": 0}, (tally, wrong)
+
+
+CONTROL_INPUTS = sorted({f.input for f in FAULTS.values()} - {"decode-29-to-80", "prefill-80"})
+
+
+@pytest.mark.parametrize("name", CONTROL_INPUTS)
+def test_correct_implementations_raise_no_false_alarm(name, tiny_model, tmp_path):
+    """The false alarms of the same measurement: correct runs of the fault inputs pass, each judged by the noise
+    model: refimpl float32 with the Numba kernels, a float32 run whose products sum in another order (an
+    independent float32 implementation's arithmetic) and the simulated bf16 engine against the float64 trace;
+    the bf16 engine also against the mirror trace (float64 companion), mirror against float64."""
+    spec = INPUTS[name]
+    split, engine = _tool("measure_noise").split_float32_products, _tool("measure_profiles").simulated_engine
+    runs = {"float32 (Numba kernels)": (tiny_model("float32"), contextlib.nullcontext(), "float32"),
+            "float32, other summation order": (tiny_model("float32", kernels="numpy"), split(), "float32"),
+            "bf16 engine (simulated)": (tiny_model("mirror", kernels="numpy"), engine(), "bf16"),
+            "mirror (Numba kernels)": (tiny_model("mirror"), contextlib.nullcontext(), "mirror")}
+    for label, (model, within, precision) in runs.items():
+        meta = dict(load_trace(GOLDEN / "traces" / "float64" / f"{name}.safetensors").meta, precision=precision)
+        with within:
+            mine = traced(model, spec, tmp_path / "run.safetensors", meta)
+        refs = ("float64", "mirror") if precision == "bf16" else ("float64",)
+        for ref in refs:
+            report = compare(mine, GOLDEN / "traces" / ref / f"{name}.safetensors")
+            assert report.noise is not None, (label, ref)
+            assert report.ok, (label, ref, report.first)

@@ -49,7 +49,7 @@ def test_manifest_lists_every_file_with_its_hash():
     on_disk = {p.relative_to(GOLDEN).as_posix() for p in (GOLDEN / "traces").rglob("*") if p.is_file()}
     assert on_disk == set(manifest["files"])
     assert manifest["config"] == TINY.to_hf_dict()
-    assert sum((GOLDEN / f).stat().st_size for f in manifest["files"]) < 8e6        # the set stays small (7.2 MB)
+    assert sum((GOLDEN / f).stat().st_size for f in manifest["files"]) < 14e6       # the set stays small (12.8 MB)
 
 
 def test_a_changed_file_is_refused(tmp_path):
@@ -163,11 +163,12 @@ def no_checkpoint(monkeypatch):
 
 @pytest.mark.parametrize("kwargs, change, words", [
     ({"inputs": ["prefill-8O"]}, None, "no input named 'prefill-8O' in the golden set; its inputs: prefill-1, "),
-    ({"inputs": ["prefill-1"], "precisions": ["float64"]}, None,
+    ({"inputs": ["prefill-1"], "precisions": ["float64"]},
+     lambda m: m["inputs"][0].update(precisions=["mirror"]),
      "input prefill-1 has no trace in float64; it is stored in mirror"),
     ({"precisions": ["float64"]}, lambda m: m.update(precisions=["mirror"]),
      "precision 'float64': this golden set holds mirror only"),
-    ({}, lambda m: m.update(precisions=[]), "'precisions' must list one or more of float64, mirror"),
+    ({}, lambda m: m.update(precisions=[]), "'precisions' must list one or more of float64, float32, mirror"),
     ({}, lambda m: m.update(inputs=[]), "'inputs' lists no input"),
     ({"inputs": "prefill-80"}, None, "inputs must be a non-empty list of names"),
     ({"precisions": ()}, None, "precisions must be a non-empty list of names"),
@@ -333,3 +334,22 @@ def test_a_manifest_nested_too_deeply_is_one_error(tmp_path):
     (folder / "manifest.json").write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(GoldenError, match="nested too deeply"):
         read_manifest(folder)
+
+
+def test_the_float32_rule_allows_another_blas_and_nothing_more():
+    """float32 traces (the noise companion) are recomputed with the machine's BLAS: another build's last bits,
+    carried forward, stay within FLOAT32_REL of the site's largest magnitude; more is a difference."""
+    from refimpl.oracle.golden import FLOAT32_REL, compare_site
+    want = np.array([[1.0, -2.0], [0.5, -np.inf]], np.float32)
+    near = want + np.array([[FLOAT32_REL, 0], [0, 0]], np.float32)          # 1e-4 of max |x| = 2: allowed
+    assert compare_site("s", want, near, "float32") is None
+    far = want + np.array([[0, 0], [3 * FLOAT32_REL, 0]], np.float32)
+    assert "1 of 4 elements differ, the first at (1, 0)" in compare_site("s", want, far, "float32")
+    assert compare_site("s", want, near, "mirror") is not None              # mirror: exact
+    # with the input's float64 site, the noise model judges: an error 5x the stored one's passes, 20x fails
+    exact = np.array([[1.0, -2.0, 0.5, 3.0]])
+    stored = (exact + 1e-5).astype(np.float32)                               # errs by 1e-5 (+- its rounding)
+    assert compare_site("s", stored, exact + 5e-5, "float32", exact) is None
+    why = compare_site("s", stored, exact + 2e-4, "float32", exact)
+    assert "x as much against float64 as the stored float32 trace (at most 10x), the first at (0,)" in why
+    assert 19 < float(why.split("errs ")[1].split("x")[0]) < 21
