@@ -8,10 +8,10 @@ premise holds in the numbers, tested against the site's own difference: an expla
 transform of B) counts when it leaves at most EXPLAINED of the difference, rms(A - X) <=
 EXPLAINED · rms(A - B). Random noise has no such explanation, so it gets no hint.
 
-    constant factor      A = c·B over the whole site (c != 1; c = -1: a sign flip), or one factor per
-                         position / per index of another axis (a norm, a per-head or per-channel scale)
-    sign flip            |A| = |B| with the sign flipped in some elements (which ones, when they form
-                         a set of indices of one axis)
+    constant factor      A = c·B over the whole site (c != 1), or one factor per position, per index of
+                         another axis, or per position and head (a norm, a per-head or per-channel scale)
+    sign flip            |A| = |B| with every sign flipped, or some (which ones, when they form a set
+                         of indices of one axis)
     transpose            A = B with two axes of equal length swapped (the mHC mix `comb`: [t, j, k])
     permutation          A = B with the indices of one axis permuted (which axis, and the permutation)
     shift by one         A's position (or entry, or index of the last axis) t holds B's t - 1 or t + 1
@@ -136,6 +136,19 @@ def _factor_hints(a, b, diff, names, hints) -> bool:
                      f"{_g(cs.max())}, != 1 at {names[axis]} {_ranges(off)} ({len(off)} of {n}): a per-"
                      f"{names[axis]} scale differs (a norm's rsqrt or epsilon, a norm weight, a block scale)")
         return True
+    for axis in range(1, a.ndim - 1):                    # per position and head (a per-head norm): [s, h, d]
+        n = a.shape[0] * a.shape[axis]
+        if a.shape[axis] < 2 or a.size // n < MIN_SLICE:
+            continue
+        am, bm = np.moveaxis(a, axis, 1).reshape(n, -1), np.moveaxis(b, axis, 1).reshape(n, -1)
+        bn = np.sum(bm * bm, axis=1)
+        cs = np.where(bn > 0, np.sum(am * bm, axis=1) / np.where(bn > 0, bn, 1.0), 1.0)
+        if np.all(np.abs(cs - 1.0) <= 1e-3) or not _explains(am, cs[:, None] * bm, diff):
+            continue
+        hints.append(f"A = c·B with one factor per position and {names[axis]} (axes 0 and {axis}): c from "
+                     f"{_g(cs.min())} to {_g(cs.max())}: a normalisation of each {names[axis]} differs (a "
+                     f"per-{names[axis]} RMS norm missing, or its epsilon)")
+        return True
     return False
 
 
@@ -256,40 +269,45 @@ def _boundary_hint(a, b, names, rows, kind, facts, hints) -> None:
                      + "; ".join(why))
 
 
-def _confined_indices(e, names) -> str:
-    """Where an error map e [rows, ...] lives: 'head 2, 5 (2 of 8; ...)' for each axis after the first
-    whose indices split in two: sorted by their error, the largest step between neighbours is at least
-    1/CLEAN (two orders of magnitude, or from exactly 0), and at most 3/4 of the indices lie above it.
-    Each index needs at least three elements (a value or two agree by chance, as bf16 ones often do)."""
-    parts = []
+def _confined(e, names) -> list[tuple[int, np.ndarray, str]]:
+    """Where an error map e [rows, ...] lives: (axis, the indices that differ, 'head 2, 5 (2 of 8; ...)') for
+    each axis after the first whose indices split in two: sorted by error, the highest cut that leaves at
+    least a quarter of them below it, whose largest error is at most CLEAN times the median error above
+    it (two orders of magnitude), and at most 3/4 above it. Each index needs at least three elements
+    (a value or two agree by chance, as bf16 ones often do)."""
+    found = []
     for axis in range(1, e.ndim):
         n = e.shape[axis]
         if n < 2 or e.size // n < 3:
             continue
         per = np.sqrt(np.mean(np.square(np.moveaxis(e, axis, 0).reshape(n, -1)), axis=1))
         srt = np.sort(per)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            steps = np.where(srt[:-1] > 0, srt[1:] / np.where(srt[:-1] > 0, srt[:-1], 1.0),
-                             np.where(srt[1:] > 0, np.inf, 1.0))
-        k = int(np.argmax(steps))
-        dirty = np.nonzero(per > srt[k])[0]
-        if steps[k] < 1.0 / CLEAN or not 1 <= len(dirty) <= 0.75 * n:
+        cut = next((k for k in range(n - 2, -(-n // 4) - 2, -1)
+                    if srt[k] <= CLEAN * float(np.median(srt[k + 1:])) and srt[k + 1] > 0), None)
+        if cut is None:
             continue
-        rest = "agree" if srt[k] == 0 else f"differ at least {_g(steps[k])}x less"
-        parts.append(f"{names[axis]} {_ranges(dirty)} ({len(dirty)} of {n}; the other {n - len(dirty)} {rest})")
-    return "; ".join(parts)
+        dirty = np.nonzero(per > srt[cut])[0]
+        if len(dirty) > 0.75 * n:
+            continue
+        rest = "agree" if srt[cut] == 0 else f"differ at least {_g(float(np.median(srt[cut + 1:])) / srt[cut])}x " \
+                                             f"less than the median of these"
+        found.append((axis, dirty, f"{names[axis]} {_ranges(dirty)} ({len(dirty)} of {n}; the other "
+                                   f"{n - len(dirty)} {rest})"))
+    return found
+
+
+def _confined_indices(e, names) -> str:
+    return "; ".join(text for _, _, text in _confined(e, names))
 
 
 def _confined_hint(e, names, kind, facts, hints) -> None:
-    where = _confined_indices(e, names)
-    if not where:
+    found = _confined(e, names)
+    if not found:
         return
-    rope = facts.get("rope_head_dim")
+    rope, d = facts.get("rope_head_dim"), e.shape[-1]
     extra = ""
-    if kind in ("attn.q", "attn.kv", "attn.compressed_kv") and isinstance(rope, int) and rope > 0:
-        d = e.shape[-1]
-        per = np.sqrt(np.mean(np.square(e.reshape(-1, d)), axis=0))
-        dirty = np.nonzero(per > CLEAN * per.max())[0]
-        if len(dirty) and dirty.min() >= d - rope:
+    if kind in ("attn.q", "attn.kv", "attn.compressed_kv") and isinstance(rope, int) and 0 < rope < d:
+        last = [dirty for axis, dirty, _ in found if axis == e.ndim - 1]
+        if last and last[0].min() >= d - rope:
             extra = f" (within the rotary dims {d - rope}-{d - 1}: a RoPE fault)"
-    hints.append(f"the difference is confined to {where}{extra}")
+    hints.append(f"the difference is confined to {'; '.join(t for _, _, t in found)}{extra}")

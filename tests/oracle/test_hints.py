@@ -55,6 +55,9 @@ def test_a_factor_per_position_or_head():
     g = np.ones((1, 8, 1)); g[0, 3] = 0.5
     h = one(hints(Q * g), "A = c·B with one factor per head (axis 1)")
     assert "!= 1 at head 3 (1 of 8)" in h
+    per = 0.5 + RNG.random((40, 8, 1))                                        # a per-head norm left out
+    assert "(axes 0 and 1)" in one(hints(Q * per), "one factor per position and head")
+    assert not [h for h in hints(noise(Q * per, 0.3)) if "factor" in h]
 
 
 def test_sign_flips_whole_or_in_some_dims():
