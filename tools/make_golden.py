@@ -1,6 +1,7 @@
 """Write a golden set: the only writer of golden/ (refimpl/oracle/golden.py says what one holds).
 
-    python tools/make_golden.py --reason WHY          # golden/ for the tiny model (make-checkpoint tiny --seed 0)
+    python tools/make_golden.py --reason WHY          # golden/ for the tiny model (make-checkpoint tiny --seed 0),
+                                                      # and the inputs of its second checkpoint (tiny-partial)
     python tools/make_golden.py --ckpt PATH --out DIR [--precision mirror] [--max-length 8]
                                                       # from any official-format checkpoint, e.g. the real
                                                       # DeepSeek-V4-Flash folder: memory-mapped, layer by layer

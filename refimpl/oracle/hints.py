@@ -33,7 +33,6 @@ HINT_FACTS = ("window_size", "compress_ratios", "rope_head_dim")   # trace metad
 EXPLAINED = 0.05            # an explanation must leave at most 5% of the difference (rms)
 CLEAN = 0.01                # an index / position "agrees" when its error is below 1% of the worst one
 MIN_SLICE = 8               # a per-index factor needs this many elements per index to mean anything
-MAX_MATCH = 4096            # axes longer than this are not searched for a permutation (a distance matrix)
 
 # the axes of each known site after the position axis (docs/trace-format.md, "Sites")
 AXES = {"attn.q": ("head", "dim"), "hc_attn.comb": ("stream j (from)", "stream k (to)"),
@@ -201,15 +200,20 @@ def _shift_hint(a, b, diff, names, rows, kind, hints) -> bool:
 
 
 def _permutation_hint(a, b, diff, names, hints) -> bool:
-    """A = B with the indices of one axis permuted: each slice of A is a slice of B, found by distance."""
+    """A = B with the indices of one axis permuted. The candidate permutation pairs the slices of A and
+    B along the axis in the order of their projections on one fixed direction (a permutation keeps the
+    projections, and continuous values do not tie), then it must explain the difference."""
+    if not _explains(np.sort(a, axis=None), np.sort(b, axis=None), diff):   # a permutation keeps the values
+        return False
     for axis in range(a.ndim):
         n = a.shape[axis]
-        if n < 2 or n > MAX_MATCH:
+        if n < 2:
             continue
         am, bm = np.moveaxis(a, axis, 0).reshape(n, -1), np.moveaxis(b, axis, 0).reshape(n, -1)
-        d2 = (np.sum(am * am, 1)[:, None] + np.sum(bm * bm, 1)[None, :] - 2.0 * am @ bm.T)
-        p = np.argmin(d2, axis=1)
-        if len(set(p.tolist())) != n or np.array_equal(p, np.arange(n)) or not _explains(am, bm[p], diff):
+        direction = np.random.default_rng(0).standard_normal(am.shape[1])     # fixed: the same hint every run
+        p = np.empty(n, np.int64)
+        p[np.argsort(am @ direction, kind="stable")] = np.argsort(bm @ direction, kind="stable")
+        if np.array_equal(p, np.arange(n)) or not _explains(am, bm[p], diff):
             continue
         hints.append(f"A = B with the {names[axis]} indices (axis {axis}) permuted: A's index i holds B's "
                      f"p[i], {_describe_permutation(p)}: a layout read in another order")
@@ -282,15 +286,15 @@ def _confined(e, names) -> list[tuple[int, np.ndarray, str]]:
             continue
         per = np.sqrt(np.mean(np.square(np.moveaxis(e, axis, 0).reshape(n, -1)), axis=1))
         srt = np.sort(per)
-        cut = next((k for k in range(n - 2, -(-n // 4) - 2, -1)
-                    if srt[k] <= CLEAN * float(np.median(srt[k + 1:])) and srt[k + 1] > 0), None)
+        above = lambda k: 0.5 * float(srt[(k + n) // 2] + srt[(k + n + 1) // 2])   # noqa: E731 median of srt[k+1:]
+        cut = next((k for k in range(n - 2, -(-n // 4) - 2, -1) if srt[k] <= CLEAN * above(k) and srt[k + 1] > 0),
+                   None)
         if cut is None:
             continue
         dirty = np.nonzero(per > srt[cut])[0]
         if len(dirty) > 0.75 * n:
             continue
-        rest = "agree" if srt[cut] == 0 else f"differ at least {_g(float(np.median(srt[cut + 1:])) / srt[cut])}x " \
-                                             f"less than the median of these"
+        rest = "agree" if srt[cut] == 0 else f"differ at least {_g(above(cut) / srt[cut])}x less than the median of these"
         found.append((axis, dirty, f"{names[axis]} {_ranges(dirty)} ({len(dirty)} of {n}; the other "
                                    f"{n - len(dirty)} {rest})"))
     return found

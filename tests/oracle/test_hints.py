@@ -86,6 +86,7 @@ def test_permutations_name_the_axis_and_the_pattern():
     assert "two halves swapped" in one(hints(Q[..., (d + 64) % 128]), "permuted")
     inter = np.where(d < 64, 2 * d, 2 * (d - 64) + 1)
     assert "interleaved pairs read as halves" in one(hints(Q[..., inter]), "permuted")
+    assert not [h for h in hints(noise(Q[..., d ^ 1], 0.5)) if "permuted" in h]   # no longer the same values
 
 
 def test_a_shift_by_one_position_or_entry():
@@ -95,6 +96,7 @@ def test_a_shift_by_one_position_or_entry():
     s = RNG.standard_normal((20, 5))                                          # indexer scores: [s, entries]
     h = one(hints(s[:, 1:], s[:, :-1], kind="attn.indexer.scores"), "shifted")
     assert "axis 1 (compressed entry)" in h and "t + 1" in h
+    assert not [h for h in hints(noise(x, 0.5)) if "shifted" in h]           # a shift drowned in noise
     # golden rows (not consecutive positions): a shift of rows is not a shift of positions
     assert not [h for h in hints(x, positions=[3 * i for i in range(40)]) if "shifted" in h]
 
