@@ -2,8 +2,9 @@
 
     hints = site_hints("attn.q", a, b, layer=0, positions=[0, 1, 2], facts={"window_size": 32, ...})
 
-kind is the site's name without its layer (`attn.q`, `logits`), a the candidate's site, b the reference's ([rows, ...], row r holding token position
-positions[r], or compressed entry r for `attn.compressed_kv`). Each hint is given only when its
+kind is the site's name without its layer (`attn.q`, `logits`), a the candidate's site, b the
+reference's ([rows, ...]: row r holds token position positions[r], position r when positions is
+None, or compressed entry r in `attn.compressed_kv`). Each hint is given only when its
 premise holds in the numbers, tested against the site's own difference: an explanation X (a
 transform of B) counts when it leaves at most EXPLAINED of the difference, rms(A - X) <=
 EXPLAINED · rms(A - B). Random noise has no such explanation, so it gets no hint.
@@ -31,7 +32,8 @@ import numpy as np
 
 HINT_FACTS = ("window_size", "compress_ratios", "rope_head_dim")   # trace metadata keys the hints read
 EXPLAINED = 0.05            # an explanation must leave at most 5% of the difference (rms)
-CLEAN = 0.01                # an index / position "agrees" when its error is below 1% of the worst one
+CLEAN = 0.01                # a position agrees when its error is below 1% of the worst one; the indices
+                            # of an axis split when those below are 100x under the median of those above
 MIN_SLICE = 8               # a per-index factor needs this many elements per index to mean anything
 
 # the axes of each known site after the position axis (docs/trace-format.md, "Sites")
@@ -92,6 +94,8 @@ def site_hints(kind: str, a, b, *, layer: int | None = None, positions=None, fac
     facts = dict(facts or {}, layer=layer)
     names = axis_names(kind, a.ndim)
     rows = list(range(a.shape[0])) if positions is None else [int(p) for p in positions]
+    if len(rows) != a.shape[0]:                          # rows that are not positions (a site refimpl does not
+        rows = None                                      # know, kept whole): no hint about positions
     hints = []
     explained = _sign_hint(a, b, diff, names, hints) or _factor_hints(a, b, diff, names, hints)
     if not explained:
@@ -100,7 +104,7 @@ def site_hints(kind: str, a, b, *, layer: int | None = None, positions=None, fac
         explained = _shift_hint(a, b, diff, names, rows, kind, hints)
     if not explained:
         _permutation_hint(a, b, diff, names, hints)
-    if kind != "attn.compressed_kv":
+    if kind != "attn.compressed_kv" and rows is not None:
         _boundary_hint(a, b, names, rows, kind, facts, hints)
     _confined_hint(np.abs(a - b), names, kind, facts, hints)
     return hints
@@ -180,7 +184,7 @@ def _transpose_hint(a, b, diff, names, hints) -> bool:
 def _shift_hint(a, b, diff, names, rows, kind, hints) -> bool:
     """A's index t holds B's t - 1 (or t + 1) along the position axis (consecutive positions only) or the last axis."""
     axes = [a.ndim - 1] if a.ndim > 1 else []
-    consecutive = all(q == p + 1 for p, q in zip(rows, rows[1:]))
+    consecutive = rows is not None and all(q == p + 1 for p, q in zip(rows, rows[1:]))
     if consecutive or kind == "attn.compressed_kv":
         axes = [0] + axes
     for axis in axes:
