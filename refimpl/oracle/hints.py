@@ -280,8 +280,8 @@ def _boundary_hint(a, b, names, rows, kind, facts, hints) -> None:
 def _confined(e, names) -> list[tuple[int, np.ndarray, str]]:
     """Where an error map e [rows, ...] lives: (axis, the indices that differ, 'head 2, 5 (2 of 8; ...)') for
     each axis after the first whose indices split in two: sorted by error, the highest cut that leaves at
-    least a quarter of them below it, whose largest error is at most CLEAN times the median error above
-    it (two orders of magnitude), and at most 3/4 above it. Each index needs at least three elements
+    least a quarter of them below it (so at most 3/4 above it) and whose largest error below is at most
+    CLEAN times the median error above it (two orders of magnitude). Each index needs at least three elements
     (a value or two agree by chance, as bf16 ones often do)."""
     found = []
     for axis in range(1, e.ndim):
@@ -295,9 +295,7 @@ def _confined(e, names) -> list[tuple[int, np.ndarray, str]]:
                    None)
         if cut is None:
             continue
-        dirty = np.nonzero(per > srt[cut])[0]
-        if len(dirty) > 0.75 * n:
-            continue
+        dirty = np.nonzero(per > srt[cut])[0]                # at most 3/4 of them: the cut leaves a quarter below
         rest = "agree" if srt[cut] == 0 else f"differ at least {_g(above(cut) / srt[cut])}x less than the median of these"
         found.append((axis, dirty, f"{names[axis]} {_ranges(dirty)} ({len(dirty)} of {n}; the other "
                                    f"{n - len(dirty)} {rest})"))

@@ -153,6 +153,17 @@ def test_random_noise_gets_no_structural_hint(seed, s, mid, width, rel, kind, la
 def test_no_hint_without_a_difference_or_with_too_few_numbers():
     assert hints(Q.copy()) == []
     assert hints(np.array([[2.0]]), np.array([[1.0]]), kind="attn.indexer.scores") == []   # one number
+    b = np.zeros((4, 4))
+    b[:, 0] = [1.0, -2.0, 3.0, 0.5]                        # 16 numbers, 4 of them not zero: no evidence of a
+    for a in (-b, 2 * b):                                  # sign or factor (channel 0 holds it all: confined)
+        assert not [h for h in hints(a, b, kind="ffn.out") if "A = " in h or "sign" in h]
+
+
+def test_a_difference_in_nearly_every_index_is_not_confined():
+    """Channels that agree by chance (single bf16 values often do) do not make the rest a structure."""
+    x = Q.copy()
+    x[..., 1:] += RNG.standard_normal((40, 8, 127))       # every dim but dim 0
+    assert not [h for h in hints(x) if "confined to" in h and "dim" in h]
 
 
 # ---------------------------------------------------------------- in compare's report
