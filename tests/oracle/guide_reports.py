@@ -4,7 +4,8 @@ Each "implementation under test" is refimpl's own float32 path with one fault of
 (or, for a trace-writer bug, its correct trace with one site written in another layout), traced on
 the tokens of a golden input and compared with the stored golden float64 trace, as a user would.
 `report(name)` -> the text report; tests/oracle/test_checking_guide.py checks the doc's excerpts
-against it, and `python tests/oracle/guide_reports.py` prints them (to update the doc).
+against it; `python tests/oracle/guide_reports.py` prints them, `... --write` rewrites the doc's quotes
+(after a deliberate change of compare's report; review the diff: the prose around a quote may need it too).
 """
 from __future__ import annotations
 
@@ -73,7 +74,26 @@ def tail(text: str) -> str:
     return "\n".join(lines[next(i for i, l in enumerate(lines) if l.startswith("FIRST OUT OF TOLERANCE")):])
 
 
+def rewrite_guide(guide: Path, out_dir) -> list[str]:
+    """Replace each quoted report of the guide by what compare says now; -> the names that changed."""
+    text, changed = guide.read_text(encoding="utf-8"), []
+    for name in EXAMPLES:
+        head = f"<!-- checked: {name} -->\n```\n"
+        start = text.index(head) + len(head)
+        end = text.index("\n```", start)
+        new = tail(report(name, out_dir))
+        if text[start:end] != new:
+            text, changed = text[:start] + new + text[end:], changed + [name]
+    guide.write_text(text, encoding="utf-8")
+    return changed
+
+
 if __name__ == "__main__":
+    # python tests/oracle/guide_reports.py [--write]: print the reports, or rewrite docs/checking.md's quotes
     with tempfile.TemporaryDirectory() as d:
-        for n in sys.argv[1:] or EXAMPLES:
-            print(f"<!-- checked: {n} -->\n```\n{tail(report(n, d))}\n```\n")
+        if sys.argv[1:] == ["--write"]:
+            guide = Path(__file__).resolve().parents[2] / "docs" / "checking.md"
+            print("rewrote:", ", ".join(rewrite_guide(guide, d)) or "nothing (every quote is current)")
+        else:
+            for n in sys.argv[1:] or EXAMPLES:
+                print(f"<!-- checked: {n} -->\n```\n{tail(report(n, d))}\n```\n")

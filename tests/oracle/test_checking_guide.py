@@ -1,7 +1,7 @@
 """docs/checking.md as a user follows it: its script runs as written (without refimpl), its commands give
 the output it quotes, and every report it quotes is what compare says today (regenerated here).
 
-To update the quoted reports after a deliberate change of compare: `python tests/oracle/guide_reports.py`.
+To update the quoted reports after a deliberate change of compare: `python tests/oracle/guide_reports.py --write`.
 """
 import ast
 import os
