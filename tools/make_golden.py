@@ -1,6 +1,7 @@
 """Write a golden set: the only writer of golden/ (refimpl/oracle/golden.py says what one holds).
 
-    python tools/make_golden.py --reason WHY          # golden/ for the tiny model (make-checkpoint tiny --seed 0)
+    python tools/make_golden.py --reason WHY          # golden/ for the tiny model (make-checkpoint tiny --seed 0),
+                                                      # and the inputs of its second checkpoint (tiny-partial)
     python tools/make_golden.py --ckpt PATH --out DIR [--precision mirror] [--max-length 8]
                                                       # from any official-format checkpoint, e.g. the real
                                                       # DeepSeek-V4-Flash folder: memory-mapped, layer by layer
@@ -98,6 +99,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: {out} exists and holds files a golden set does not; refusing to replace it")
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="refimpl-golden-") as tmp:
+        ckpts, checkpoints = {}, {}                          # the other checkpoints (manifest `checkpoints`)
         if a.ckpt is None:                                                   # the tiny model, from its seed
             from refimpl.synthetic.writer import make_checkpoint
             cfg = Config.tiny()
@@ -107,12 +109,18 @@ def main(argv=None) -> int:
                           "made_by": f"refimpl make-checkpoint tiny OUT --seed {golden.SEED}"}
             inputs = golden.golden_inputs(cfg)
             precisions = a.precision or list(golden.PRECISIONS)
+            for name, other in golden.extra_checkpoints(cfg).items():    # e.g. tiny-partial: a partial FP8 block
+                ckpts[name] = Path(tmp) / name
+                make_checkpoint(other, ckpts[name], seed=golden.SEED, progress=False)
+                checkpoints[name] = {"preset": name, "seed": golden.SEED, "sha256": golden.checkpoint_hashes(ckpts[name]),
+                                     "made_by": f"refimpl make-checkpoint {name} OUT --seed {golden.SEED}",
+                                     "config": other.to_hf_dict()}
         else:
             ckpt = Path(a.ckpt)
             cfg = read_config(ckpt)
             n = a.max_length or 8
             inputs = [i for i in golden.golden_inputs(Config.tiny()) if i.length <= n and i.chunks is None
-                      and i.decode_from is None and not i.config]
+                      and i.decode_from is None and not i.config and i.checkpoint is None]
             inputs = [golden.GoldenInput(i.name, i.length, rows=i.rows) for i in inputs]   # every precision
             inputs.append(golden.GoldenInput(f"decode-{max(n // 2, 1)}-to-{n}", n, decode_from=max(n // 2, 1),
                                              rows=tuple(range(max(n // 2, 1), n))))
@@ -123,14 +131,18 @@ def main(argv=None) -> int:
 
         stage = Path(tmp) / "golden"
         files = {}
+        ckpts[None] = ckpt
         for precision in precisions:
-            model = load(ckpt, precision=precision, kernels="numpy")       # the spec functions' numbers
+            models = {}                                                      # per checkpoint, loaded when used
             (stage / "traces" / precision).mkdir(parents=True)
             for spec in inputs:
                 if precision not in spec.precisions:
                     continue
                 t0 = time.perf_counter()
-                trace = run_input(model, cfg, spec, f"{precision} {spec.name}")
+                if spec.checkpoint not in models:                          # the spec functions' numbers
+                    models[spec.checkpoint] = load(ckpts[spec.checkpoint], precision=precision, kernels="numpy")
+                model = models[spec.checkpoint]
+                trace = run_input(model, model.cfg, spec, f"{precision} {spec.name}")
                 kept = golden.sample_rows(trace.tensors, spec.rows, spec.length)
                 name = f"traces/{precision}/{spec.name}.safetensors"
                 from safetensors.numpy import save_file
@@ -147,6 +159,7 @@ def main(argv=None) -> int:
                              "python": platform.python_version(), "numpy": np.__version__,
                              "ml_dtypes": __import__("ml_dtypes").__version__, "machine": platform.machine()},
             "checkpoint": checkpoint,
+            "checkpoints": checkpoints,               # the other checkpoints inputs run on (an input's `checkpoint`)
             "config": cfg.to_hf_dict(),
             "token_seed": golden.TOKEN_SEED,
             "tokens": golden.golden_tokens(cfg, max(i.length for i in inputs)),

@@ -100,41 +100,15 @@ def _torch():
 
 # ---------------------------------------------------------------- partial FP8 blocks
 
-class PartialBlockConfig(Config):
-    """A Config that admits FP8 matrices with partial 128-blocks (a dimension not a multiple of 128).
-
-    refimpl's Config refuses such dimensions (other tools refuse them), but its numerics handle
-    them as the official format defines them: ceil(N/128) x ceil(K/128) scale grids, block index
-    o//128, i//128 (numerics.dequant_fp8_weight). Every other check of Config.validate still
-    applies: only the last one, on the FP8 dimensions, is lifted.
-    """
-
-    def validate(self) -> None:
-        try:
-            super().validate()
-        except ConfigError as e:
-            if not str(e).startswith("dimensions carrying FP8 weights must be multiples of"):
-                raise
+def partial_config() -> Config:
+    """refimpl's tiny-partial preset (tiny with head_dim 192): wkv [192, 256] has a 2-row scale grid, the
+    second block half full; every other FP8 width stays a multiple of 128, so refimpl runs it in every mode."""
+    return Config.tiny_partial()
 
 
-def partial_config() -> PartialBlockConfig:
-    """tiny with head_dim 192: wkv [192, 256] has a 2-row scale grid, the second block half full.
-
-    head_dim 192 keeps every other FP8 dimension a multiple of 128 (n_heads*head_dim = 1536,
-    wo_a's input 8*192/2 = 768), the non-rope dims (128) a multiple of the KV QDQ block (64), and
-    every activation-quantized input a multiple of 128, so refimpl runs it in every mode.
-    """
-    return PartialBlockConfig.tiny().replace(head_dim=192)
-
-
-def load_config(ckpt: Path, partial: bool) -> Config:
-    """The checkpoint's Config; partial: with partial FP8 blocks admitted (PartialBlockConfig)."""
-    try:
-        return read_config(ckpt, PartialBlockConfig if partial else Config)
-    except ConfigError as e:
-        if "multiples of" in str(e) and not partial:
-            raise ConfigError(f"{e}; --partial-blocks reads such a checkpoint") from None
-        raise
+def load_config(ckpt: Path) -> Config:
+    """The checkpoint's Config (refimpl reads FP8 row counts with a partial 128-block, docs/architecture.md §19.34)."""
+    return read_config(ckpt)
 
 
 # ---------------------------------------------------------------- the transformers model
@@ -575,7 +549,7 @@ def _open(a):
     torch, _ = _torch()
     torch.set_num_threads(a.threads)
     ckpt = Path(a.ckpt)
-    cfg = load_config(ckpt, a.partial_blocks)
+    cfg = load_config(ckpt)
     ids = _tokens(a, cfg)
     return ckpt, cfg, ids, load_transformers(ckpt, cfg)
 
@@ -698,7 +672,7 @@ def cmd_make_partial(a) -> int:
     cfg = partial_config()
     print(f"wrote {a.out}: tiny with head_dim {cfg.head_dim}; attn.wkv is [{cfg.head_dim}, {cfg.dim}] with a "
           f"2-row scale grid, its second (partial) block's scales raised one binade in {len(changed)} "
-          "matrices; read it with --partial-blocks")
+          "matrices")
     return 0
 
 
@@ -711,8 +685,6 @@ def build_parser() -> argparse.ArgumentParser:
         g = q.add_mutually_exclusive_group(required=True)
         g.add_argument("--tokens", help="comma-separated token ids, e.g. 0,15,27")
         g.add_argument("--prompt", help="text, tokenized with the checkpoint's tokenizer.json")
-        q.add_argument("--partial-blocks", action="store_true",
-                       help="admit FP8 dimensions that are not multiples of 128 (see make-partial)")
         q.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
 
     q = sub.add_parser("trace", help="write transformers' trace of a checkpoint")

@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         kernels_opt(q)
 
     q = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the official format")
-    q.add_argument("preset", choices=("tiny", "flash", "pro"))
+    q.add_argument("preset", choices=("tiny", "tiny-partial", "flash", "pro"))
     q.add_argument("out")
     q.add_argument("--seed", type=_at_least(0), default=0)
     q.add_argument("--layers", type=_at_least(1), default=None, help="keep only the first N main layers")

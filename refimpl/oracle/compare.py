@@ -73,6 +73,7 @@ import numpy as np
 from refimpl.formats.files import write_bytes
 from refimpl.context import LAYOUTS, REVISIONS
 from refimpl.oracle import noise as noise_model
+from refimpl.oracle.hints import HINT_FACTS, site_hints
 from refimpl.oracle.trace import TRACE_FORMAT_VERSION
 from refimpl.sites import SITES
 from refimpl.formats.files import MAX_JSON_DEPTH, StrictJSONError, check_output_path, json_depth, parse_json
@@ -91,6 +92,9 @@ Q_NORM_HINT = (
     "the nearest bf16 is 0.79296875: 0.5% per element, about 1.5% relative in layer-0 attention); "
     "refimpl's mirror rounds rsqrt correctly. The official code run on a CPU differs here, and its "
     "result depends on the tensor size; run the norm in fp32 and round once to compare arithmetic.")
+
+
+MAX_HINT_SITES = 6                # failing sites after the first whose structural hints the text report shows
 
 
 class CompareError(ValueError):
@@ -824,6 +828,7 @@ def compare(a, b, profile: str = "auto", *, profiles: dict | None = None, partia
     mtp = mtp_layer_of(set(ta.tensors) | set(tb.tensors), ta.meta, tb.meta)
     tc = _companion(noise, ta, tb)
     excused_from = None                 # the first row whose selection flipped on a near-tie (companion aside)
+    facts = {k: tb.meta.get(k, ta.meta.get(k)) for k in HINT_FACTS}        # the model facts hints may name
     sites = []
     for site in site_order(common, mtp):
         x, y = ta.tensors[site], tb.tensors[site]
@@ -862,6 +867,9 @@ def compare(a, b, profile: str = "auto", *, profiles: dict | None = None, partia
                 m = _float_site(kind, x, y, fmt, prof)
         m.update(site=site, layer=layer, label=site_label(site, mtp), site_kind=kind, shape=list(x.shape),
                  ok=not m["failures"])
+        if m["kind"] == "float" and not m["ok"]:              # what the numbers show (oracle/hints.py)
+            m["hints"] = site_hints(kind, x, y, layer=layer, facts=facts,
+                                    positions=_row_positions(site, golden_rows, len(ta.meta["tokens"]), mtp))
         sites.append(m)
     report = Report(a=_describe(ta), b=_describe(tb), profile=name, sites=sites, notes=notes,
                     only_in_a=site_order(set(ta.tensors) - common, mtp),
@@ -965,6 +973,13 @@ def _noise_site(m: dict, a, b, c, fmt: str, excused_from: int | None) -> None:
     if over.any():
         t = int(np.argmax(over))
         m["failures"] = [{"metric": "noise_ratio", "value": _num(chk.ratio[t]), "bound": chk.jump, "row": t}]
+def _row_positions(site: str, golden_rows, s: int, mtp: int | None):
+    """The token position of each row of a site (None: row r is position r, or entry r in compressed_kv)."""
+    layer, kind = split_site(site)
+    if golden_rows is None or kind == "attn.compressed_kv":
+        return None
+    is_mtp = site.startswith("mtp.") or (layer is not None and layer == mtp)
+    return [r for r in golden_rows if r < s - 1] if is_mtp else list(golden_rows)
 
 
 def _by_expert_id(weights: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -1010,7 +1025,7 @@ def _first_failure(sites: list[dict], *, bf16_norms: bool) -> dict | None:
             where = "; ".join(f"{s['site']} rows {[r['row'] for r in s['near_tie_rows'][:5]]}" for s in upstream[:3])
             hints.append(f"near-tie selections upstream ({where}): a choice that flipped on a near-tie changes "
                          f"everything computed from it; compare with the choices forced to agree")
-        first["hints"] = hints
+        first["hints"] = hints + m.get("hints", [])
         return first
     return None
 
@@ -1116,6 +1131,15 @@ def format_report(r: Report) -> str:
     lines.append(f"  {len(failing)} of {len(r.sites)} sites out of tolerance")
     for h in f["hints"]:
         lines.append(f"  hint: {h}")
+    later: dict[str, list[str]] = {}                        # structural hints of the other failing sites,
+    for m in r.sites:                                       # each once, at the first site that has it
+        for h in m.get("hints", []) if m["site"] != f["site"] else []:
+            later.setdefault(h, []).append(m["site"])
+    for h, where in list(later.items())[:MAX_HINT_SITES]:
+        also = f" (and {len(where) - 1} later sites)" if len(where) > 1 else ""
+        lines.append(f"  hint at {where[0]}{also}: {h}")
+    if len(later) > MAX_HINT_SITES:
+        lines.append(f"  ({len(later) - MAX_HINT_SITES} more hints at later sites: --json lists each site's)")
     return "\n".join(lines)
 
 

@@ -16,8 +16,12 @@ and its last position); sites with one row per position keep those rows, the MTP
 row per entry) keeps all its rows. float64 traces are stored rounded to float32 (documented in
 the manifest); mirror traces are stored as computed (fp32 holding the official roundings).
 
+One more checkpoint (`checkpoints` in the manifest, made from a preset and the same seed) holds what
+the tiny one cannot: `tiny-partial` (head_dim 192), an FP8 weight with a partial 128-row block; an
+input whose `checkpoint` names it runs on it.
+
 `tools/make_golden.py` is the only writer; `verify()` (and `refimpl golden verify`) re-makes the
-checkpoint, checks its hashes, re-runs every input and compares every site.
+checkpoints, checks their hashes, re-runs every input and compares every site.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from refimpl.synthetic.writer import make_checkpoint
 
 FORMAT_VERSION = 3                             # 2: the manifest says why the set was (re)made (`reason`);
                                                # 3: float32 traces (the noise model's companion), float64 at every length
+                                               # and an input may run on a second checkpoint (`checkpoints`)
 MANIFEST = "manifest.json"
 SEED = 0                                       # make-checkpoint tiny --seed 0
 TOKEN_SEED = 2026                              # the token ids of every input: prefixes of one sequence
@@ -82,6 +87,7 @@ class GoldenInput:
     rows: tuple[int, ...] = ()
     precisions: tuple[str, ...] = PRECISIONS  # the precisions this input is stored in
     config: tuple[tuple[str, float], ...] = ()   # config.json keys changed for this input (same weights)
+    checkpoint: str | None = None             # the manifest's `checkpoints` entry it runs on (None: the main one)
 
     def stored(self, held) -> tuple[str, ...]:
         """The precisions this input has a trace in, in a set that holds `held` (a set made for fewer
@@ -96,6 +102,8 @@ class GoldenInput:
              "decode_from": self.decode_from, "rows": list(self.rows), "precisions": list(self.precisions)}
         if self.config:
             d["config"] = dict(self.config)
+        if self.checkpoint:
+            d["checkpoint"] = self.checkpoint
         return d
 
     @classmethod
@@ -136,8 +144,12 @@ class GoldenInput:
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                    for v in config.values()):
             raise GoldenError(f"input {name}: config changes must be finite numbers, got {config!r:.80}")
+        checkpoint = d.get("checkpoint")
+        if checkpoint is not None and not (isinstance(checkpoint, str) and NAME.fullmatch(checkpoint)):
+            raise GoldenError(f"input {name}: 'checkpoint' must be null or the name of an entry of the manifest's "
+                              f"'checkpoints', got {checkpoint!r:.80}")
         return cls(name, length, tuple(chunks) if chunks else None, k, tuple(rows), tuple(precisions),
-                   tuple(sorted(config.items())))
+                   tuple(sorted(config.items())), checkpoint)
 
     def model(self, model):
         """The model this input runs on: `model`, or the same weights under its changed config keys."""
@@ -200,7 +212,19 @@ def golden_inputs(cfg) -> list[GoldenInput]:
     # the SwiGLU clamp (routed and shared experts) binding: the same weights with swiglu_limit 2
     inputs.append(GoldenInput(f"prefill-{m}-swiglu-limit-2", m, rows=tuple(range(m)),
                               config=(("swiglu_limit", CLAMP_LIMIT),)))
+    # a partial FP8 block (wkv [192, c]: rows 128-191 one half-full block), on the second checkpoint
+    # (its first position, and the last, which sees the first CSA entry: 0.27 MB per precision)
+    inputs.append(GoldenInput(f"{PARTIAL}-prefill-{m + 1}", m + 1, rows=(0, m), checkpoint=PARTIAL))
     return inputs
+
+
+# the second checkpoint of the set: the tiny-partial preset (head_dim 192), an FP8 weight with a partial block
+PARTIAL = "tiny-partial"
+
+
+def extra_checkpoints(cfg) -> dict[str, Config]:
+    """The other checkpoints a golden set for cfg holds inputs of: {name: its config} (made with seed SEED)."""
+    return {PARTIAL: Config.tiny_partial()} if cfg == Config.tiny() else {}
 
 
 def golden_tokens(cfg, n: int) -> list[int]:
@@ -277,7 +301,7 @@ def read_manifest(golden_dir) -> dict:
 
 # the keys verify reads, and their JSON types (the others describe the set to people)
 REQUIRED = {"checkpoint": dict, "config": dict, "tokens": list, "inputs": list, "precisions": list, "files": dict,
-            "reason": str, "profiles": dict}
+            "reason": str, "profiles": dict, "checkpoints": dict}
 
 
 KINDS = {dict: "object", list: "list", str: "string"}
@@ -311,6 +335,12 @@ def check_manifest(manifest: dict, path) -> None:
             raise GoldenError(f"{path}: 'files' must map paths inside the folder to SHA-256 hex digests; "
                               f"got {name!r:.80}: {digest!r:.80}")
     _check_recipe(manifest["checkpoint"], path)
+    for name, extra in manifest["checkpoints"].items():      # the other checkpoints: re-made from a preset
+        if not (NAME.fullmatch(name) and isinstance(extra, dict) and "preset" in extra
+                and isinstance(extra.get("config"), dict)):
+            raise GoldenError(f"{path}: 'checkpoints' must map names to a preset, a seed, the SHA-256 of each "
+                              f"file and the config; got {name!r:.40}: {extra!r:.80}")
+        _check_recipe(extra, path)
     if not manifest["inputs"]:
         raise GoldenError(f"{path}: 'inputs' lists no input")
     names = set()
@@ -321,6 +351,9 @@ def check_manifest(manifest: dict, path) -> None:
             raise GoldenError(f"{path}: {e}") from None
         if spec.name in names:
             raise GoldenError(f"{path}: two inputs are named {spec.name}")
+        if spec.checkpoint is not None and spec.checkpoint not in manifest["checkpoints"]:
+            raise GoldenError(f"{path}: input {spec.name} runs on checkpoint {spec.checkpoint!r:.40}, which "
+                              f"'checkpoints' does not describe")
         names.add(spec.name)
         for p in spec.stored(held):
             if trace_file(p, spec.name) not in files:         # else its bytes would go unchecked
@@ -433,7 +466,7 @@ def verify(golden_dir=None, *, precisions=None, inputs: list[str] | None = None,
 
     precisions, inputs: only these (None: every precision and input of the set); a name that
     matches nothing is a GoldenError (`select`). A set made from the tiny preset re-makes its
-    checkpoint from the seed (giving `ckpt` is then an error); a set made from a given checkpoint
+    checkpoints from the seed (giving `ckpt` is then an error; the inputs of `checkpoints` run on theirs); a set made from a given checkpoint
     (`tools/make_golden.py --ckpt`) runs on `ckpt` (default: the path in the manifest), after
     checking its config and the SHA-256 of its config and index files. Each failure names the
     input, the precision, the first site (in data-flow order) that differs and the stored row's position.
@@ -475,12 +508,17 @@ def verify(golden_dir=None, *, precisions=None, inputs: list[str] | None = None,
             if got.get(name) != digest:
                 failures.append(f"checkpoint: {what} {name} with another SHA-256 than the golden set's "
                                 f"({'the writer changed' if 'preset' in recipe else 'another checkpoint'})")
+        ckpts = {None: (ckpt, cfg)}                              # the other checkpoints the checks run on
+        for name in dict.fromkeys(s.checkpoint for _, s in checks if s.checkpoint is not None):
+            extra = manifest["checkpoints"][name]
+            ckpts[name] = _remake(extra, Path(tmp) / name, f"{golden_dir}: checkpoint {name!r}", failures)
         if failures:
             return failures
-        order = {n: i for i, n in enumerate(site_names(cfg))}
-        for precision in dict.fromkeys(p for p, _ in checks):
+        for (precision, where), group in _groups(checks).items():
+            ckpt, cfg = ckpts[where]
+            order = {n: i for i, n in enumerate(site_names(cfg))}
             model = load(ckpt, precision=precision, kernels=kernels, layout=manifest.get("layout", "official"))
-            for spec in (s for p, s in checks if p == precision):
+            for spec in group:
                 tokens = manifest["tokens"][:spec.length]
                 trace = run_trace(spec.model(model), tokens, **spec.run_kwargs())
                 computed = sample_rows(trace.tensors, spec.rows, spec.length)
@@ -505,3 +543,30 @@ def verify(golden_dir=None, *, precisions=None, inputs: list[str] | None = None,
                         break
                 progress(f"{precision:8s} {spec.name:24s} {'DIFFERS' if why else 'ok'}")
     return failures
+
+
+def _groups(checks) -> dict:
+    """The checks by (precision, checkpoint name), in their order: one model is loaded per group."""
+    groups: dict = {}
+    for p, spec in checks:
+        groups.setdefault((p, spec.checkpoint), []).append(spec)
+    return groups
+
+
+def _remake(recipe: dict, out: Path, what: str, failures: list) -> tuple[Path, Config]:
+    """Re-make a checkpoint from its preset and seed into out; a config or file hash that differs from the
+    recipe's is a failure (appended). -> (out, its config)."""
+    try:
+        cfg = Config.preset(recipe["preset"])
+    except ValueError as e:
+        raise GoldenError(f"{what}: {e}") from None
+    if cfg.to_hf_dict() != recipe["config"]:
+        raise GoldenError(f"{what}: the golden set's config is not this refimpl's {recipe['preset']} preset "
+                          f"(made by another version?)")
+    make_checkpoint(cfg, out, seed=recipe["seed"], progress=False)
+    got = checkpoint_hashes(out)
+    for name, digest in recipe["sha256"].items():
+        if got.get(name) != digest:
+            failures.append(f"checkpoint: make-checkpoint {recipe['preset']} --seed {recipe['seed']} wrote {name} "
+                            f"with another SHA-256 than the golden set's (the writer changed)")
+    return out, cfg

@@ -53,7 +53,9 @@ def trace_metadata(model, tokens, chunks, decode_from: int | None = None, replay
     meta = {"format_version": TRACE_FORMAT_VERSION, "implementation": f"refimpl {__version__}",
             "refimpl": __version__, "config_id": model.config_id, "n_layers": model.cfg.n_layers,
             "precision": model.precision, "revision": model.revision, "layout": model.layout, "tokens": tokens,
-            "chunks": list(chunks) if chunks else [len(tokens)], "decode_from": decode_from}
+            "chunks": list(chunks) if chunks else [len(tokens)], "decode_from": decode_from,
+            "window_size": model.cfg.window_size, "compress_ratios": list(model.cfg.compress_ratios),
+            "rope_head_dim": model.cfg.rope_head_dim}         # facts compare's hints name (oracle/hints.py)
     if replay is not None:
         meta["replay"] = replay.summary()
     return meta

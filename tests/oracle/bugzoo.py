@@ -39,7 +39,7 @@ import refimpl.model.norm as norm_mod
 import refimpl.model.rope as rope_mod
 from refimpl.config import Config
 from refimpl.model.compressor import CompressorState
-from refimpl.numerics import bf16, work_dtype
+from refimpl.numerics import FP8_BLOCK, bf16, decode_ue8m0, work_dtype
 
 
 @dataclass(frozen=True)
@@ -259,6 +259,35 @@ def _fp8_one_scale_row(mp):
     mp.setattr(linear_mod, "dequant_fp8_weight", dequant)
 
 
+def _fp8_rows_read_with(row_block):
+    """A loader fault that gives weight row o of an FP8 matrix [N, K] the scales of grid row row_block(N, R)[o]
+    (R = the grid's rows) instead of o // 128: a fault of partial blocks, the same reading where N = 128·R."""
+    real = linear_mod.dequant_fp8_weight
+
+    def dequant(values, scale, *, block=FP8_BLOCK):
+        w = real(values, scale, block=block)                              # the right weight, float32
+        s = decode_ue8m0(np.asarray(scale).view(np.uint8))
+        n, k = w.shape
+        right = np.repeat(np.repeat(s, block, axis=0), block, axis=1)[:n, :k]
+        wrong = np.repeat(s[row_block(n, s.shape[0], block)], block, axis=1)[:, :k]
+        return (w / right * wrong).astype(w.dtype)                        # exact: powers of two
+    return dequant
+
+
+def _fp8_block_height_from_grid(mp):
+    # transformers 5.24 (§19.34): the block height taken as N // grid rows (96 for wkv [192, K]), so rows
+    # 96-127 take the next (partial) block's scale
+    f = _fp8_rows_read_with(lambda n, r, block: np.minimum(np.arange(n) // (n // r), r - 1))
+    mp.setattr(linear_mod, "dequant_fp8_weight", f)
+
+
+def _fp8_scales_cropped_at_the_end(mp):
+    # the per-row scales (each grid row repeated 128 times) cropped to N rows from the end, not the start: the
+    # partial block read as the first one, so rows 64-127 of a [192, K] matrix take the next block's scale
+    f = _fp8_rows_read_with(lambda n, r, block: np.repeat(np.arange(r), block)[-n:])
+    mp.setattr(linear_mod, "dequant_fp8_weight", f)
+
+
 def _fp4_one_scale_row(mp):
     # every row of a routed expert's FP4 weight takes row 0's 1x32 scales
     real = linear_mod.dequant_fp4_weight
@@ -405,6 +434,14 @@ FAULTS: dict[str, Fault] = {
         "block rows are its heads, and the per-head q norm cancels a power-of-two factor exactly, so wo_a shows it",
         "prefill-1", "layers.0.attn.out", 0, _fp8_one_scale_row,
         float_at=("layers.0.attn.q", 0)),   # in float32 the q norm's eps keeps a trace of the factor: 46x the noise
+    "fp8_block_height_from_grid": Fault(
+        "FP8 block height taken from the scale grid (N // grid rows: 96 for wkv [192, 256]), not the fixed 128: "
+        "rows 96-127 take the next block's scale (transformers 5.24; §19.34); only a partial block shows it",
+        "tiny-partial-prefill-5", "layers.0.attn.kv", 0, _fp8_block_height_from_grid),
+    "fp8_scales_cropped_at_the_end": Fault(
+        "FP8 per-row scales cropped from the end of the repeated grid (the partial block read first): rows "
+        "64-127 of wkv [192, 256] take the next block's scale (§19.34); only a partial block shows it",
+        "tiny-partial-prefill-5", "layers.0.attn.kv", 0, _fp8_scales_cropped_at_the_end),
     "fp4_one_scale_row": Fault(
         "every row of an FP4 expert weight scaled by row 0's 1x32 scales (a loader bug; §16)",
         "prefill-1", "layers.0.ffn.out", 0, _fp4_one_scale_row),

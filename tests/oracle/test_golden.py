@@ -13,7 +13,8 @@ from refimpl.oracle.golden import GoldenError, check_files, golden_inputs, read_
 
 GOLDEN = Path(__file__).resolve().parents[2] / "golden"     # the repository's, whatever is installed
 TINY = Config.tiny()
-QUICK = ["prefill-80", "prefill-33", "prefill-4-swiglu-limit-2"]   # float64 and mirror (a few seconds)
+QUICK = ["prefill-80", "prefill-33", "prefill-4-swiglu-limit-2",   # float64 and mirror (a few seconds),
+         "tiny-partial-prefill-5"]                                   # the second checkpoint's input too
 
 
 def quiet(*_):
@@ -209,7 +210,12 @@ def _set(value, *path):
 
 @pytest.mark.parametrize("change, words", [
     *[(_drop(key), f"'{key}' must be a JSON") for key in ("checkpoint", "config", "tokens", "inputs", "precisions",
-                                                          "files")],
+                                                          "files", "checkpoints")],
+    (_set("elsewhere", "inputs", 16, "checkpoint"), "input tiny-partial-prefill-5 runs on checkpoint 'elsewhere', "
+                                                    "which 'checkpoints' does not describe"),
+    (_set("../x", "inputs", 16, "checkpoint"), "'checkpoint' must be null or the name of an entry"),
+    (_drop("checkpoints", "tiny-partial", "config"), "'checkpoints' must map names to a preset, a seed"),
+    (_drop("checkpoints", "tiny-partial", "sha256"), "'checkpoint.sha256' must map"),
     (_set(["a"], "tokens"), "'tokens' must be a non-empty list of token ids"),
     (_set("canonical!", "layout"), "'layout' must be one of official, canonical"),
     (_set({"/etc/passwd": "0" * 64}, "files"), "'files' must map paths inside the folder"),
@@ -353,3 +359,16 @@ def test_the_float32_rule_allows_another_blas_and_nothing_more():
     why = compare_site("s", stored, exact + 2e-4, "float32", exact)
     assert "x as much against float64 as the stored float32 trace (at most 10x), the first at (0,)" in why
     assert 19 < float(why.split("errs ")[1].split("x")[0]) < 21
+
+
+def test_the_set_holds_a_weight_with_a_partial_fp8_block():
+    """Issue 21 item 8: the second checkpoint (tiny-partial, head_dim 192) holds wkv [192, 256], whose second
+    row block is a partial one; one input runs on it, stored in every precision (rows 0 and 4)."""
+    manifest = read_manifest(GOLDEN)
+    recipe = manifest["checkpoints"][golden.PARTIAL]
+    cfg = Config.preset(recipe["preset"])
+    assert cfg.to_hf_dict() == recipe["config"] and (cfg.head_dim, cfg.head_dim % 128) == (192, 64)
+    inputs = [d for d in manifest["inputs"] if d.get("checkpoint") == golden.PARTIAL]
+    assert [(d["name"], d["rows"], d["precisions"]) for d in inputs] == [
+        ("tiny-partial-prefill-5", [0, 4], ["float64", "float32", "mirror"])]
+    assert "partial" in manifest["reason"]

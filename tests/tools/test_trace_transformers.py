@@ -30,16 +30,13 @@ tool = load_tool()
 
 # ---------------------------------------------------------------- without torch
 
-def test_partial_block_config_lifts_only_the_fp8_check():
-    with pytest.raises(ConfigError, match="multiples of 128"):
-        Config.tiny().replace(head_dim=192)
+def test_the_partial_config_is_refimpls_tiny_partial_preset():
     cfg = tool.partial_config()
-    assert isinstance(cfg, Config) and cfg.head_dim == 192 and cfg.nope_head_dim == 128
-    assert isinstance(cfg.replace(window_size=16), tool.PartialBlockConfig)   # replace keeps the class
+    assert cfg == Config.preset("tiny-partial") and cfg.head_dim == 192 and cfg.nope_head_dim == 128
+    with pytest.raises(ConfigError, match="input widths of FP8 weights must be multiples of 128"):
+        Config.tiny().replace(dim=192)                                 # an FP8 input width: still refused
     with pytest.raises(ConfigError, match="multiple of 64"):           # the KV QDQ block check still holds
-        tool.PartialBlockConfig.tiny().replace(head_dim=160)
-    with pytest.raises(ConfigError, match="o_groups"):                  # and every other one
-        tool.PartialBlockConfig.tiny().replace(head_dim=192, o_groups=3)
+        Config.tiny().replace(head_dim=160)
 
 
 def test_compare_traces_hand_worked():
@@ -181,9 +178,7 @@ def test_a_partial_fp8_block_is_misread_and_shows_first_at_attn_kv(peers, tmp_pa
     ckpt = tmp_path / "partial"
     changed = tool.make_partial_checkpoint(ckpt)
     assert changed == [f"layers.{i}.attn.wkv.scale" for i in range(6)] + ["mtp.0.attn.wkv.scale"]
-    with pytest.raises(ConfigError, match="--partial-blocks"):         # refimpl's own reader refuses it
-        tool.load_config(ckpt, partial=False)
-    cfg = tool.load_config(ckpt, partial=True)
+    cfg = tool.load_config(ckpt)
     bad, peer, ref = trace_both(ckpt, cfg, np.arange(2, 10))
     assert [(hf, n, rows) for hf, _, _, n, rows in bad] == [
         (f"model.layers.{i}.self_attn.kv_proj.weight", 32 * cfg.dim, "rows 96-127") for i in range(6)]
