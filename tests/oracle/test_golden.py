@@ -50,7 +50,7 @@ def test_manifest_lists_every_file_with_its_hash():
     on_disk = {p.relative_to(GOLDEN).as_posix() for p in (GOLDEN / "traces").rglob("*") if p.is_file()}
     assert on_disk == set(manifest["files"])
     assert manifest["config"] == TINY.to_hf_dict()
-    assert sum((GOLDEN / f).stat().st_size for f in manifest["files"]) < 14e6       # the set stays small (12.8 MB)
+    assert sum((GOLDEN / f).stat().st_size for f in manifest["files"]) < 15e6       # the set stays small (13.6 MB)
 
 
 def test_a_changed_file_is_refused(tmp_path):
