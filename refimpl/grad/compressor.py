@@ -34,8 +34,8 @@ def pools(x: np.ndarray, w: CompressorWeights, layer: Layer, *, head_dim: int):
     kv = x @ w.wkv.T                                                   # [b, s, o*d]
     score = x @ w.wgate.T + w.ape[np.arange(s) % m]                   # [b, s, o*d]
     n_full = s // m
-    blk_kv = kv[:, :n_full * m].reshape(b, n_full, m, -1)             # [b, n_full, m, o*d]
-    blk_score = score[:, :n_full * m].reshape(b, n_full, m, -1)
+    blk_kv = kv[:, :n_full * m].reshape(b, n_full, m, kv.shape[-1])   # [b, n_full, m, o*d]
+    blk_score = score[:, :n_full * m].reshape(b, n_full, m, kv.shape[-1])
     if not layer.overlap:
         return blk_kv, blk_score, kv, score
     prev_kv = np.concatenate([np.zeros_like(blk_kv[:, :1]), blk_kv[:, :-1]], axis=1)     # block 0: padding
@@ -56,7 +56,7 @@ def unpool(dpool: np.ndarray, s: int, layer: Layer, *, head_dim: int) -> np.ndar
     else:
         dblk = dpool
     out = np.zeros((b, s, dblk.shape[-1]))
-    out[:, :n_full * m] = dblk.reshape(b, n_full * m, -1)              # tokens of an incomplete group: 0
+    out[:, :n_full * m] = dblk.reshape(b, n_full * m, dblk.shape[-1])              # tokens of an incomplete group: 0
     return out
 
 
@@ -66,6 +66,9 @@ def compress_backward(de: np.ndarray, x: np.ndarray, w: CompressorWeights, layer
     -> (dx [b,s,c], {"wkv", "wgate", "ape", "norm"} gradients)."""
     b, s, _ = x.shape
     m = layer.compress_ratio
+    if s < m:                                                           # no complete block: no entry, no gradient
+        return np.zeros(x.shape), {"wkv": np.zeros(w.wkv.shape), "wgate": np.zeros(w.wgate.shape),
+                                   "ape": np.zeros(w.ape.shape), "norm": np.zeros(w.norm.shape)}
     pool_kv, pool_score, _, _ = pools(x, w, layer, head_dim=head_dim)
     a = np.exp(pool_score - pool_score.max(axis=2, keepdims=True))
     a = a / a.sum(axis=2, keepdims=True)                              # [b, n_full, P, d] softmax over the pool
