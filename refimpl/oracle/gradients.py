@@ -23,8 +23,10 @@ import numpy as np
 
 from refimpl._version import __version__
 from refimpl.formats.checkpoint import CheckpointError, SafetensorsFile, write_safetensors
+from refimpl.formats.weights import expected_tensors
 from refimpl.grad import backward
 from refimpl.oracle.trace import TRACE_FORMAT_VERSION
+from refimpl.sites import site_names
 
 KIND = "gradients"
 RTOL = 1e-9          # max |a - b| <= RTOL · max |b| per tensor: float64 gradients summed in another order agree far closer
@@ -46,15 +48,16 @@ def run_grad_trace(model, tokens, *, head: str = "main", targets=None, patterns:
     if head not in ("main", "mtp"):
         raise GradTraceError(f"head must be 'main' or 'mtp', got {head!r}")
     ids = [int(t) for t in model.check_tokens(tokens)]
+    known = gradient_names(model.cfg)
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in known)]
+    if unmatched:                                             # checked before the run: a typo would keep nothing
+        raise GradTraceError(f"pattern(s) {unmatched} match no gradient of this model (e.g. 'grad.layers.0.attn.q', "
+                             f"'grad.layers.*.attn.wq_a.weight', 'grad.embed')")
     if targets is None:
         shift = 1 if head == "main" else 2
         targets = ids[shift:] + [-1]
     g = backward(model, ids, targets) if head == "main" else backward(model, ids, mtp_targets=targets)
     tensors = {**g.sites, **{f"grad.{k}": v for k, v in g.params.items()}}
-    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in tensors)]
-    if unmatched:
-        raise GradTraceError(f"pattern(s) {unmatched} match no gradient of this model (e.g. 'grad.layers.0.attn.q', "
-                             f"'grad.layers.*.attn.wq_a.weight', 'grad.embed')")
     kept = {k: v for k, v in tensors.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
     meta = {"format_version": TRACE_FORMAT_VERSION, "kind": KIND, "implementation": f"refimpl {__version__}",
             "refimpl": __version__, "config_id": model.config_id, "n_layers": model.cfg.n_layers,
@@ -62,6 +65,15 @@ def run_grad_trace(model, tokens, *, head: str = "main", targets=None, patterns:
             "head": head, "targets": [int(t) for t in targets],
             "loss": g.loss if head == "main" else g.mtp_loss}
     return kept, meta
+
+
+def gradient_names(cfg) -> list[str]:
+    """Every name a gradient trace of cfg can hold: grad.<differentiable site>, grad.<float parameter>."""
+    choosing = (".indexer.scores", ".indexer.topk", ".gate_scores", ".expert_ids")
+    sites = [f"grad.{n}" for n in site_names(cfg) if not n.endswith(choosing)]
+    params = [f"grad.{n}" for n, spec in expected_tensors(cfg).items()
+              if not n.endswith(".scale") or spec.dtype != "F8_E8M0"]
+    return sites + [n for n in params if not n.endswith(".tid2eid")]
 
 
 def save_grad_trace(path, tensors: dict, meta: dict) -> None:
