@@ -175,3 +175,49 @@ def test_bad_arguments_are_refused_with_a_message(tiny_model, kwargs, message):
 def test_a_model_of_another_kind_is_refused():
     with pytest.raises(GradError, match="refimpl Model or a checkpoint folder"):
         backward(object(), [1, 2], [2, 3])
+
+
+@st.composite
+def small_configs(draw):
+    """Small configurations keeping the structure: window, CSA (ratio 4, an indexer choosing top-k), HCA, hash and
+    score routing, 1-3 streams, few Sinkhorn iterations, a short window and top-k that short sequences cross."""
+    from refimpl.config import Config
+    layers = draw(st.integers(1, 2))
+    ratios = tuple(draw(st.sampled_from([0, 4, 16])) for _ in range(layers)) + (draw(st.sampled_from([0, 4])),)
+    experts = draw(st.integers(2, 4))
+    return Config.tiny().replace(
+        n_layers=layers, compress_ratios=ratios, n_hash_layers=draw(st.integers(0, layers)),
+        n_routed_experts=experts, n_activated_experts=draw(st.integers(1, 2)), window_size=draw(st.integers(2, 8)),
+        index_topk=draw(st.integers(1, 3)), hc_mult=draw(st.integers(1, 3)), hc_sinkhorn_iters=draw(st.integers(1, 5)),
+        n_heads=2, o_groups=draw(st.sampled_from([1, 2])), vocab_size=300, index_n_heads=2)
+
+
+@given(small_configs(), st.integers(6, 20), st.integers(0, 2**32 - 1), st.data())
+@settings(max_examples=2)
+def test_drawn_small_models_agree_with_finite_differences(cfg, s, seed, data):
+    """A drawn configuration's random checkpoint: its forward is refimpl's, and a drawn parameter and site per
+    example agree with central differences (the slow run: every parameter and site of a few drawn models)."""
+    check_small_model(cfg, s, seed, lambda names: [data.draw(st.sampled_from(names))])
+
+
+@pytest.mark.slow
+@given(small_configs(), st.integers(6, 24), st.integers(0, 2**32 - 1))
+@settings(max_examples=6)
+def test_drawn_small_models_every_gradient(cfg, s, seed):
+    check_small_model(cfg, s, seed, lambda names: names)
+
+
+def check_small_model(cfg, s, seed, pick):
+    import tempfile
+    from refimpl.formats.weights import load
+    from refimpl.synthetic.writer import make_checkpoint
+    with tempfile.TemporaryDirectory() as tmp:
+        make_checkpoint(cfg, f"{tmp}/m", seed=seed % 1000)
+        model = load(f"{tmp}/m", precision="float64", kernels="numpy")
+        c = Case(model, s, seed)
+        logits, mtp_logits = model.forward(c.ids[0], mtp=True)
+        assert np.array_equal(c.tape.logits[0], logits) and np.array_equal(c.tape.mtp_logits[0], mtp_logits)
+        names = pick(sorted(c.params)) + pick(sorted(c.sites))
+        for i, name in enumerate(names):
+            got = c.check(name, seed + i)
+            assert got is None or agrees(*got), (name, got)
