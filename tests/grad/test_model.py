@@ -221,3 +221,23 @@ def check_small_model(cfg, s, seed, pick):
         for i, name in enumerate(names):
             got = c.check(name, seed + i)
             assert got is None or agrees(*got), (name, got)
+
+
+def test_a_step_across_a_router_tie_is_detected(tiny_model):
+    """Plant a near-tie: move layer 3's bias so that a token's a-th and (a+1)-th experts are 1e-9 apart; a finite
+    difference along the bias would jump across the selection, and `directional` refuses it (NearTie)."""
+    c = case(tiny_model)
+    cfg, name = c.ctx.cfg, "layers.3.ffn.gate.bias"
+    x = c.tape.blocks[3]["ffn"]["x"][0, 0].astype(np.float64)              # token 0's MoE input
+    biased = np.sqrt(np.logaddexp(0, c.P["layers.3.ffn.gate.weight"] @ x)) + c.P[name]
+    order = np.argsort(-biased, kind="stable")
+    inside, outside = order[cfg.n_activated_experts - 1], order[cfg.n_activated_experts]
+    bias = c.P[name].copy()
+    bias[outside] += biased[inside] - biased[outside] - 1e-9               # just below the last chosen one
+    P = c.P.replace({name: bias})
+    tape = forward(P, c.ids, c.ctx)
+    assert tape.blocks[3]["ffn"]["ids"][0, 0].tolist() == c.tape.blocks[3]["ffn"]["ids"][0, 0].tolist()
+    u = np.zeros_like(bias)
+    u[outside] = 1.0
+    with pytest.raises(NearTie, match="3.ids"):
+        directional(c.loss, P, c.ids, c.ctx, param=name, direction=u, base=choices(tape, P, c.ctx))
