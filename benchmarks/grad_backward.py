@@ -57,8 +57,9 @@ def main() -> None:
         params_s = time.perf_counter() - t0
         ctx = run_context(model.cfg)
         rng = np.random.default_rng(0)
-        out = {"machine": platform.machine(), "blas_threads": os.environ["OPENBLAS_NUM_THREADS"], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "params_of_s": params_s, "lengths": {}, "ratios": {}}
+        out = {"machine": platform.machine(), "blas_threads": os.environ["OPENBLAS_NUM_THREADS"],
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "params_of_s": params_s,
+               "lengths": {}, "ratios": {}}
         for s in (int(x) for x in a.lengths.split(",")):
             ids = rng.integers(0, model.cfg.vocab_size, (1, s))
             t1, t2 = rng.integers(0, model.cfg.vocab_size, (1, s)), rng.integers(0, model.cfg.vocab_size, (1, s - 1))

@@ -237,6 +237,6 @@ def test_expert_backward_with_the_clamp(seed, rows, limit, weighted):
                                       swiglu_limit=limit, weights=weights)
     assert_directional(f, {"x": dx, **g}, {"x": x, **w}, rng, step=1e-7)
     if weighted:
-        fw = lambda weights: float(np.sum(cot * expert(x, ExpertWeights(*(Dense(w[k]) for k in ("w1", "w2", "w3"))),   # noqa: E731
-                                                       "float64", swiglu_limit=limit, weights=weights)))
+        ex = ExpertWeights(*(Dense(w[k]) for k in ("w1", "w2", "w3")))
+        fw = lambda weights: float(np.sum(cot * expert(x, ex, "float64", swiglu_limit=limit, weights=weights)))  # noqa: E731
         assert_directional(fw, {"weights": dweights[:, None]}, {"weights": weights}, rng)
