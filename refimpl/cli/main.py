@@ -460,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--grad", choices=("main", "mtp"), default=None,
                    help="write the gradients of this head's next-token loss instead (float64; docs/gradients.md)")
     q.add_argument("--targets", type=_ids, default=None,
-                   help="with --grad: the token each position predicts, -1 = left out (default: the next tokens)")
+                   help="with --grad: the token each position predicts, -1 = left out (default: the next tokens); "
+                        "write --targets=-1,... when the first is -1")
     q.add_argument("--out", required=True)
     q.set_defaults(func=cmd_trace, precision=None)
 
