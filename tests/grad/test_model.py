@@ -241,3 +241,20 @@ def test_a_step_across_a_router_tie_is_detected(tiny_model):
     u[outside] = 1.0
     with pytest.raises(NearTie, match="3.ids"):
         directional(c.loss, P, c.ids, c.ctx, param=name, direction=u, base=choices(tape, P, c.ctx))
+
+
+def test_gradients_through_a_binding_clamp(tiny_model):
+    """swiglu_limit 2 (the golden set's prefill-4-swiglu-limit-2): the clamp binds in routed and shared experts, and
+    the gradients (subgradient 0 where it holds) still agree with finite differences away from its edges."""
+    from refimpl.model.transformer import Model
+    base = tiny_model("float64", kernels="numpy")
+    model = Model(base.cfg.replace(swiglu_limit=2.0), base.weights, precision="float64", kernels="numpy")
+    c = Case(model, 12, seed=2)
+    held = {k: v for k, v in c.base.items() if k.endswith(".clamp")}
+    assert any(v[1:].any() for k, v in held.items() if ".experts." in k)        # up beyond ±2 in a routed expert
+    assert any(v[1:].any() for k, v in held.items() if "shared" in k)
+    used = sorted({int(e) for e in np.unique(c.tape.blocks[4]["ffn"]["ids"])})
+    for i, name in enumerate([f"layers.4.ffn.experts.{used[0]}.w3.weight", "layers.4.ffn.shared_experts.w1.weight",
+                              "layers.4.ffn.gate.weight", "grad.layers.4.ffn.expert_weights", "grad.layers.1.out"]):
+        got = c.check(name, i)
+        assert got is not None and agrees(*got), (name, got)
