@@ -110,6 +110,13 @@ def _top_p(text: str) -> float:
     return v
 
 
+def _rtol(text: str) -> float:
+    v = _number(text)
+    if v is None or not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text[:40]!r}")
+    return float(v)
+
+
 def _folder(text: str) -> str:
     """--dir: a folder name (argparse type: '' would be taken as the current folder)."""
     if not text:
@@ -317,6 +324,8 @@ def cmd_compare(a) -> int:
     from refimpl.oracle.gradients import is_gradient_trace
     if is_gradient_trace(a.a) or is_gradient_trace(a.b):
         return _compare_gradients(a)
+    if a.rtol is not None:
+        return _fail("argument --rtol: for gradient traces only (forward traces use --profile)", 2)
     from refimpl.oracle.compare import (CompareError, PlotUsageError, check_plot_path, compare, format_report,
                                         load_profiles, plot_report)
     if a.profile != "auto" and a.profile not in load_profiles():
@@ -354,7 +363,7 @@ def _compare_gradients(a) -> int:
     for flag, given in (("--plot", a.plot is not None), ("--partial", a.partial), ("--profile", a.profile != "auto")):
         if given:
             return _fail(f"argument {flag}: not for gradient traces", 2)
-    report = compare_gradients(a.a, a.b)
+    report = compare_gradients(a.a, a.b, **({} if a.rtol is None else {"rtol": a.rtol}))
     print(json.dumps(report.to_json(), indent=1) if a.json else format_grad_report(report))
     return 0 if report.ok else 1
 
@@ -480,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plot", metavar="PNG", default=None, help="write a plot of the error by layer and site kind")
     q.add_argument("--partial", action="store_true",
                    help="A records only some sites (one layer, no logits): check those, list the rest as not compared")
+    q.add_argument("--rtol", type=_rtol, default=None,
+                   help="gradient traces only: max|A-B| <= RTOL * max|B| per gradient (default 1e-9; docs/gradients.md)")
     q.set_defaults(func=cmd_compare)
 
     q = sub.add_parser("generate", help="generate text (tokens are streamed as they are produced)")
