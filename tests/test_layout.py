@@ -71,6 +71,7 @@ FLOORS = (
     ("refimpl.model",),
     ("refimpl.kernels", "refimpl.cuda"),
     ("refimpl.formats",),
+    ("refimpl.grad",),               # the backward: differentiates the model's float64 forward; takes a checkpoint
     ("refimpl.synthetic", "refimpl.generate"),
     ("refimpl.oracle",),
     ("refimpl.cli", "refimpl"),
@@ -117,7 +118,7 @@ def test_only_the_command_line_imports_inside_functions():
 
 def test_the_floor_check_finds_an_upward_import():
     assert upward_imports({"refimpl.model.moe": {"refimpl.oracle.replay", "refimpl.sites"}}) == \
-        ["refimpl.model.moe (floor 2) imports refimpl.oracle.replay (floor 6)"]
+        ["refimpl.model.moe (floor 2) imports refimpl.oracle.replay (floor 7)"]
     assert floor_of("refimpl.model.attention") < floor_of("refimpl.oracle.trace")
     assert floor_of("refimpl.sites") < floor_of("refimpl.model.block") < floor_of("refimpl.formats.weights")
     assert floor_of("refimpl") == floor_of("refimpl.cli.main")
@@ -137,8 +138,8 @@ def test_readme_map_names_the_floors_in_order():
     readme = (PKG.parent / "README.md").read_text()
     section = readme.split("## Map", 1)[1].split("\n## ", 1)[0] if "## Map" in readme else \
         readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
-    order = [section.find(name) for name in ("numerics.py", "sites.py", "model/", "kernels/", "formats/", "oracle/",
-                                             "cli/")]
+    order = [section.find(name) for name in ("numerics.py", "sites.py", "model/", "kernels/", "formats/", "grad/",
+                                             "oracle/", "cli/")]
     assert all(i >= 0 for i in order), order
     assert order == sorted(order), "the README's map lists the floors out of order"
 

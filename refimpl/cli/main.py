@@ -110,6 +110,13 @@ def _top_p(text: str) -> float:
     return v
 
 
+def _rtol(text: str) -> float:
+    v = _number(text)
+    if v is None or not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text[:40]!r}")
+    return float(v)
+
+
 def _folder(text: str) -> str:
     """--dir: a folder name (argparse type: '' would be taken as the current folder)."""
     if not text:
@@ -208,6 +215,9 @@ def cmd_trace(a) -> int:
     for flag, given in (("--replay-weights", a.replay_weights), ("--replay-hash-ids", a.replay_hash_ids)):
         if given and a.replay is None:            # a flag that qualifies another: usage
             return _fail(f"argument {flag}: needs --replay TRACE", 2)
+    if a.grad is not None or a.targets is not None:
+        return _grad_trace(a)
+    a.precision = a.precision or "float32"
     check_checkpoint_folder(a.ckpt)
     _check_out(a)
     ids = _prompt_ids(a)
@@ -225,6 +235,32 @@ def cmd_trace(a) -> int:
           (f", replayed {describe_replay(trace.metadata['replay'])}" if replay else "")
     print(f"wrote {a.out}: {len(trace.tensors)} sites, {len(ids)} tokens, precision {model.precision}{how} "
           f"({time.perf_counter() - t0:.2f} s)")
+    return 0
+
+
+def _grad_trace(a) -> int:
+    """trace --grad: the gradients of one head's loss, written as a gradient trace (float64 always)."""
+    from refimpl.formats.weights import check_checkpoint_folder
+    from refimpl.oracle.gradients import run_grad_trace, save_grad_trace
+    if a.grad is None:
+        return _fail("argument --targets: needs --grad main|mtp", 2)
+    for flag, given in (("--chunks", a.chunks), ("--decode-from", a.decode_from), ("--replay", a.replay)):
+        if given is not None:
+            return _fail(f"argument {flag}: not with --grad (the backward differentiates one forward pass from "
+                         "position 0)", 2)
+    if a.precision not in (None, "float64"):
+        return _fail(f"argument --precision: --grad runs in float64 only, not {a.precision}", 2)
+    a.precision = "float64"
+    check_checkpoint_folder(a.ckpt)
+    _check_out(a)
+    ids = _prompt_ids(a)
+    model = _load(a)
+    t0 = time.perf_counter()
+    tensors, meta = run_grad_trace(model, ids, head=a.grad, targets=a.targets,
+                                   patterns=a.sites if a.sites is not None else ("*",))
+    save_grad_trace(a.out, tensors, meta)
+    print(f"wrote {a.out}: {len(tensors)} gradients of the {a.grad} head's loss {meta['loss']:.6g}, {len(ids)} "
+          f"tokens, float64 ({time.perf_counter() - t0:.2f} s)")
     return 0
 
 
@@ -285,6 +321,11 @@ def _generation_summary(g, max_seq_len: int) -> str:
 
 def cmd_compare(a) -> int:
     """Exit 0 within tolerance, 1 out of tolerance or traces that cannot be compared, 2 usage."""
+    from refimpl.oracle.gradients import is_gradient_trace
+    if is_gradient_trace(a.a) or is_gradient_trace(a.b):
+        return _compare_gradients(a)
+    if a.rtol is not None:
+        return _fail("argument --rtol: for gradient traces only (forward traces use --profile)", 2)
     from refimpl.oracle.compare import (CompareError, PlotUsageError, check_plot_path, compare, format_report,
                                         load_profiles, plot_report)
     if a.profile != "auto" and a.profile not in load_profiles():
@@ -314,6 +355,17 @@ def cmd_compare(a) -> int:
     if a.plot is not None:
         plot_report(report, a.plot)
         print(f"wrote {a.plot}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def _compare_gradients(a) -> int:
+    """compare on two gradient traces (docs/gradients.md): the first gradient out of tolerance, backward order."""
+    from refimpl.oracle.gradients import compare_gradients, format_grad_report
+    for flag, given in (("--plot", a.plot is not None), ("--partial", a.partial), ("--profile", a.profile != "auto")):
+        if given:
+            return _fail(f"argument {flag}: not for gradient traces", 2)
+    report = compare_gradients(a.a, a.b, **({} if a.rtol is None else {"rtol": a.rtol}))
+    print(json.dumps(report.to_json(), indent=1) if a.json else format_grad_report(report))
     return 0 if report.ok else 1
 
 
@@ -415,8 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--replay-weights", action="store_true", help="with --replay: force the expert weights too")
     q.add_argument("--replay-hash-ids", action="store_true",
                    help="with --replay: force the hash layers' expert ids too (by default their tid2eid table is tested)")
+    q.add_argument("--grad", choices=("main", "mtp"), default=None,
+                   help="write the gradients of this head's next-token loss instead (float64; docs/gradients.md)")
+    q.add_argument("--targets", type=_ids, default=None,
+                   help="with --grad: the token each position predicts, -1 = left out (default: the next tokens); "
+                        "write --targets=-1,... when the first is -1")
     q.add_argument("--out", required=True)
-    q.set_defaults(func=cmd_trace)
+    q.set_defaults(func=cmd_trace, precision=None)
 
     q = sub.add_parser("compare", help="compare two traces site by site; name the first site out of tolerance",
                        description="Compare trace A (candidate) with trace B (reference) in data-flow order. "
@@ -437,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the noise model's companion: refimpl's own trace of the same input at A's precision "
                         "(refimpl trace ... --precision P); auto (default): the golden set's, when B is a golden "
                         "trace; off: the profile only (docs/compare.md, 'The noise model')")
+    q.add_argument("--rtol", type=_rtol, default=None,
+                   help="gradient traces only: max|A-B| <= RTOL * max|B| per gradient (default 1e-9; docs/gradients.md)")
     q.set_defaults(func=cmd_compare)
 
     q = sub.add_parser("generate", help="generate text (tokens are streamed as they are produced)")
