@@ -82,15 +82,15 @@ class Prompt:
 
 # ---------------------------------------------------------------- reading a corpus
 
-def read_corpus(path, ckpt) -> list[Prompt]:
+def read_corpus(path, ckpt, max_seq_len: int | None = None) -> list[Prompt]:
     """The prompts of a JSON Lines file, tokenized with the checkpoint's tokenizer where given as text.
 
     Every line is checked before anything runs: malformed JSON, an unknown form, a duplicate id, a
     token id outside the vocabulary or a prompt longer than the context is a CorpusError naming
-    the line. An empty corpus is refused.
+    the line. An empty corpus is refused. max_seq_len: the context the run loads with (default: the config's).
     """
     text = read_text(path, limit=MAX_CORPUS_BYTES, what="a prompt corpus (JSON Lines)", error=CorpusError)
-    cfg = read_config(ckpt)
+    cfg = read_config(ckpt) if max_seq_len is None else read_config(ckpt, max_seq_len=max_seq_len)
     tokenizer = None
     prompts, seen = [], {}
     for n, line in enumerate(text.split("\n"), start=1):
@@ -401,7 +401,7 @@ def make_corpus(ckpt, corpus, out, *, job: Job | None = None, runner=None,
     job = job or Job(str(ckpt))
     if Path(job.ckpt) != Path(ckpt):
         raise CorpusError(f"the job's checkpoint {job.ckpt} is not {ckpt}")
-    prompts = read_corpus(corpus, ckpt)
+    prompts = read_corpus(corpus, ckpt, job.max_seq_len)
     manifest = make_manifest(job, prompts, corpus)
     prepare_folder(out, manifest)
     pending = [p for p in prompts if not prompt_done(out, p)]

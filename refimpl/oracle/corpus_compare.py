@@ -15,7 +15,10 @@ Per position t of a prompt: KL(P_B || P_A) = Σ_i p_B(i) (log p_B(i) - log p_A(i
 the whole vocabulary where both sides keep whole rows. Where one side keeps its top k only, the
 sum runs over the ids whose log-probability both sides know, plus one term for all the other ids
 together (p_rest = 1 - Σ p over the known ids): the KL of the coarser distribution, never larger
-than the full one (the data-processing inequality), and equal to it when both rows are whole.
+than the full one (the data-processing inequality), and equal to it when both rows are whole. A
+rest below 4e-16 per known id is rounding: it counts as 0 in the reference and as 4e-16 per
+known id in the candidate (a candidate that leaves no mass where the reference has some gets a
+large, finite KL).
 Top-1 agreement counts positions whose largest logits have the same id (ties: the lower id). At the
 first position where the greedy choices differ, both sides' margins (largest minus second largest
 log-probability) and whether each side's choice is in the other's top N are reported: a split at a
@@ -122,14 +125,21 @@ def kl_rows(b: Rows, a: Rows) -> np.ndarray:
     for t in range(b.lp.shape[0]):
         lb, la = _known(b, t), _known(a, t)
         common = sorted(set(lb) & set(la))
-        pb = np.array([np.exp(lb[i]) for i in common])
-        kl = float(np.sum(pb * (np.array([lb[i] for i in common]) - np.array([la[i] for i in common])))) if common else 0.0
-        rest_b = max(1.0 - float(np.sum(pb)), 0.0)
-        rest_a = max(1.0 - float(np.sum([np.exp(la[i]) for i in common])), 0.0)
-        if rest_b > 0:
-            kl += rest_b * (np.log(rest_b) - np.log(rest_a)) if rest_a > 0 else np.inf
+        xb = np.array([lb[i] for i in common])                 # [n] log p_B of the ids both sides know
+        xa = np.array([la[i] for i in common])                 # [n] log p_A
+        kl = float(np.sum(np.exp(xb) * (xb - xa))) if common else 0.0
+        # the rest's mass, 1 - Σ p = -expm1(log Σ p); below `floor` it is rounding, not mass
+        floor = 4e-16 * max(len(common), 1)
+        rest_b, rest_a = (-np.expm1(_logsumexp(x)) if x.size else 1.0 for x in (xb, xa))
+        if rest_b > floor:
+            kl += rest_b * (np.log(rest_b) - np.log(max(rest_a, floor)))
         out[t] = kl
     return out
+
+
+def _logsumexp(x: np.ndarray) -> float:
+    top = float(np.max(x))
+    return top + float(np.log(np.sum(np.exp(x - top)))) if np.isfinite(top) else top
 
 
 def _known(r: Rows, t: int) -> dict[int, float]:
