@@ -64,8 +64,8 @@ def ensure_ray(address: str | None = None) -> None:
 def ray_runner(workers: int, *, address: str | None = None, on_worker=None):
     """A runner for corpus.make_corpus: the pending prompts over `workers` Ray actors.
 
-    on_worker(event, pids): called as ("started", ...) when the workers are up and after each
-    written prompt ("written"), with the worker processes' ids (the tests kill one of them).
+    on_worker(busy, written): called after each round of handing out prompts, with the process ids
+    of the workers holding a prompt and the number of prompts written so far (the tests kill one).
     """
     if not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
         raise CorpusError(f"workers must be an integer >= 1, got {workers!r:.40}")
@@ -75,18 +75,16 @@ def ray_runner(workers: int, *, address: str | None = None, on_worker=None):
         pool = [CorpusWorker.remote(job) for _ in range(min(workers, len(pending)))]
         queue, inflight, failures, retried = deque(pending), {}, {}, []
         pid_refs = [w.pid.remote() for w in pool]       # answered once a worker has loaded its model
-
-        def pids():
-            return ray.get(pid_refs)
+        written = 0
         try:
-            if on_worker is not None:
-                on_worker("started", pids())
             while queue or inflight:
                 busy = {i for i, _ in inflight.values()}
                 for i in range(len(pool)):
                     if queue and i not in busy:
                         p = queue.popleft()
                         inflight[pool[i].run.remote(p)] = (i, p)
+                if on_worker is not None:
+                    on_worker([ray.get(pid_refs[i]) for i, _ in inflight.values()], written)
                 ready, _ = ray.wait(list(inflight), num_returns=1)
                 i, p = inflight.pop(ready[0])
                 try:
@@ -105,9 +103,8 @@ def ray_runner(workers: int, *, address: str | None = None, on_worker=None):
                 if status != "ok":
                     raise CorpusError(tensors)
                 write_prompt(out, p, tensors, meta)
+                written += 1
                 done(p, retried)
-                if on_worker is not None:
-                    on_worker("written", pids())
         finally:
             for w in pool:
                 ray.kill(w)
