@@ -40,20 +40,20 @@ from refimpl.formats.checkpoint import SafetensorsFile
 from refimpl.formats.files import parse_json, write_bytes
 from refimpl.oracle.corpus import MANIFEST, PROMPTS, read_manifest
 
-# Corpus profiles: the bounds a candidate corpus must meet against a reference corpus. Measured on
-# corpora of the tiny model (docs/corpora.md, "Calibration"): each bound is about 100 times the
-# largest value refimpl's own runs of the same pair of precisions reached, and a planted one-layer
-# bug exceeds it by orders of magnitude.
+# Corpus profiles: the bounds a candidate corpus must meet against a reference corpus, from corpora
+# of the tiny model (docs/corpora.md, "Profiles and calibration"): float32's stand about 1000 times
+# above refimpl's own float32-vs-float64 KL and orders of magnitude below a planted one-layer bug.
 CORPUS_PROFILES = {
     # refimpl against refimpl in the same precision: the same numbers
     "mirror-vs-mirror": {"kl_mean": 0.0, "kl_max": 0.0, "top1_min": 1.0},
     "float64-vs-float64": {"kl_mean": 0.0, "kl_max": 0.0, "top1_min": 1.0},
     # a float32 implementation against the float64 reference
     "float32-vs-float64": {"kl_mean": 1e-9, "kl_max": 1e-8, "top1_min": 0.99},
-    # the official roundings against exact arithmetic (also: a bf16 engine against the float64 reference)
-    "mirror-vs-float64": {"kl_mean": 1e-4, "kl_max": 1e-2, "top1_min": 0.9},
-    # a bf16 inference engine against refimpl's mirror corpus (different kernels round differently)
-    "bf16-engine-vs-mirror": {"kl_mean": 1e-4, "kl_max": 1e-2, "top1_min": 0.9},
+    # the official roundings against exact arithmetic; loose: on the tiny model's nearly flat distributions
+    # bf16 rounding alone moves a quarter of the greedy choices (docs/corpora.md, "Calibration")
+    "mirror-vs-float64": {"kl_mean": 0.1, "kl_max": 1.0, "top1_min": 0.5},
+    # a bf16 inference engine against refimpl's mirror corpus: as loose, until measured on the real checkpoint
+    "bf16-engine-vs-mirror": {"kl_mean": 0.1, "kl_max": 1.0, "top1_min": 0.5},
 }
 
 
