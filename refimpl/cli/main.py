@@ -388,12 +388,15 @@ def cmd_golden_verify(a) -> int:
 def cmd_golden_make(a) -> int:
     from refimpl.oracle.corpus import Job, make_corpus
     runner = None
-    if a.workers is not None or a.ray_address is not None:
+    if a.workers is not None and a.stages is not None:
+        return _fail("argument --stages: not with --workers (prompt-parallel or layer-pipelined, one of them)", 2)
+    if a.workers is not None or a.stages is not None or a.ray_address is not None:
         try:
-            from refimpl.oracle.corpus_ray import ray_runner
+            from refimpl.oracle.corpus_ray import pipeline_runner, ray_runner
         except ImportError:
-            return _fail("--workers and --ray-address need Ray: pip install 'refimpl[ray]'", 1)
-        runner = ray_runner(a.workers or 2, address=a.ray_address)
+            return _fail("--workers, --stages and --ray-address need Ray: pip install 'refimpl[ray]'", 1)
+        runner = (pipeline_runner(a.stages, address=a.ray_address) if a.stages is not None else
+                  ray_runner(a.workers or 2, address=a.ray_address))
     job = Job(a.ckpt, precision=a.precision, revision=a.revision, layout=a.layout, kernels=a.kernels, keep=a.keep,
               top_k=a.top_k, sites=a.sites or (), max_seq_len=a.max_seq_len)
     tty = sys.stderr.isatty()
@@ -545,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--sites", type=_patterns, default=None, help="other trace sites to keep, e.g. 'layers.*.out'")
     m.add_argument("--workers", type=_at_least(1), default=None,
                    help="run on N Ray workers (pip install 'refimpl[ray]'); default: this process")
+    m.add_argument("--stages", type=_at_least(1), default=None, metavar="N",
+                   help="run on Ray as a pipeline of N stages, each owning a contiguous range of layers (for "
+                        "machines whose memory holds only part of the checkpoint)")
     m.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="the Ray cluster to use (auto: the running one; default: start a local one)")
     m.set_defaults(func=cmd_golden_make, precision="mirror")

@@ -56,7 +56,7 @@ from refimpl.formats.encoding import encode_messages
 from refimpl.formats.files import check_output_path, parse_json, read_text, write_text
 from refimpl.formats.tokenizer import Tokenizer
 from refimpl.formats.weights import check_checkpoint_folder, load
-from refimpl.oracle.trace import Trace, run_trace
+from refimpl.oracle.trace import Trace, run_trace, trace_metadata
 
 FORMAT = "refimpl-corpus"
 FORMAT_VERSION = 1
@@ -213,11 +213,39 @@ def top_k_form(logits: np.ndarray, k: int) -> dict[str, np.ndarray]:
 def run_prompt(model, job: Job, prompt: Prompt) -> tuple[dict[str, np.ndarray], dict]:
     """Teacher-forced run of one prompt -> (tensors, metadata) of its prompt file (one forward pass)."""
     trace = run_trace(model, list(prompt.tokens), patterns=job.sites + ("logits",))
-    tensors = dict(trace.tensors)
+    return prompt_file(model, job, prompt, dict(trace.tensors))
+
+
+def prompt_file(model, job: Job, prompt: Prompt, tensors: dict) -> tuple[dict[str, np.ndarray], dict]:
+    """The recorded sites of one prompt's run -> (tensors, metadata) of its file (the compact form where asked)."""
+    tensors = dict(tensors)
     if job.keep == "top-k":
         tensors.update(top_k_form(tensors.pop("logits"), job.top_k))
-    meta = dict(trace.metadata, prompt=prompt.id, keep=job.keep, top_k=job.top_k if job.keep == "top-k" else None)
+    meta = dict(trace_metadata(model, prompt.tokens, None), prompt=prompt.id, keep=job.keep,
+                top_k=job.top_k if job.keep == "top-k" else None)
     return tensors, meta
+
+
+def split_layers(n_layers: int, stages: int) -> list[tuple[int, int]]:
+    """Contiguous layer ranges [start, stop) of a pipeline of `stages` (sizes differ by at most one, the first larger)."""
+    if not 1 <= stages <= n_layers:
+        raise CorpusError(f"a pipeline of {stages} stages over {n_layers} layers: give 1 to {n_layers} stages")
+    q, r = divmod(n_layers, stages)
+    bounds = np.cumsum([0] + [q + (i < r) for i in range(stages)])
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def run_stage(model, job: Job, prompt: Prompt, carry, start: int, stop: int):
+    """Layers start..stop-1 of one prompt's forward pass (a pipeline stage); carry: None at the first stage,
+    else the previous stage's (streams, recorded sites). -> (streams, sites), or at the last stage the
+    (tensors, metadata) of the prompt file, the same as run_prompt's."""
+    h, tensors = (None, {}) if carry is None else carry
+    trace = Trace(job.sites + ("logits",))
+    out = model.forward_layers(list(prompt.tokens), h, start=start, stop=stop, trace=trace)
+    tensors = {**tensors, **trace.tensors}
+    if stop < model.cfg.n_layers:
+        return out, tensors
+    return prompt_file(model, job, prompt, tensors)
 
 
 def prompt_path(out, prompt_id: str) -> Path:

@@ -19,7 +19,7 @@ from refimpl.formats.weights import load
 from refimpl.model.transformer import Model
 from refimpl.oracle import corpus_compare
 from refimpl.oracle.corpus import (CorpusError, Job, Progress, Prompt, corpus_hash, make_corpus, read_corpus,
-                                   read_manifest, run_prompt, top_k_form, write_prompt)
+                                   read_manifest, run_prompt, run_stage, split_layers, top_k_form, write_prompt)
 from refimpl.oracle.corpus_compare import CorpusCompareError, Rows, compare_corpora, kl_rows
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -378,3 +378,44 @@ def test_refimpl_runs_without_ray():
     code = ("import sys, refimpl, refimpl.oracle.corpus, refimpl.oracle.corpus_compare, refimpl.cli.main; "
             "sys.exit('ray' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+# ---------------------------------------------------------------- pipeline stages (the Ray runner's, run here)
+
+def test_split_layers():
+    assert split_layers(6, 4) == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    assert split_layers(43, 8)[0] == (0, 6) and split_layers(43, 8)[-1] == (38, 43)
+    assert split_layers(2, 2) == [(0, 1), (1, 2)]
+    for bad in (0, 7):
+        with pytest.raises(CorpusError, match="give 1 to 6 stages"):
+            split_layers(6, bad)
+
+
+@pytest.mark.parametrize("precision", ["mirror", "float64"])
+def test_stages_chained_give_the_one_pass_prompt_file(tiny_ckpt, tiny_model, precision):
+    """Model.forward_layers over contiguous ranges, the streams handed on: forward()'s sites and logits bit for bit."""
+    model = tiny_model(precision, kernels="numpy")
+    p = Prompt("x", tuple(range(3, 43)))
+    j = Job(str(tiny_ckpt), precision=precision, kernels="numpy", keep="top-k",
+            sites=("embed", "layers.[0-5].out", "layers.3.attn.*", "final.x"))
+    want, want_meta = run_prompt(model, j, p)
+    for stages in (1, 2, 4, 6):
+        carry = None
+        for start, stop in split_layers(6, stages):
+            carry = run_stage(model, j, p, carry, start, stop)
+        got, meta = carry
+        assert meta == want_meta and sorted(got) == sorted(want)
+        assert all(np.array_equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want), stages
+
+
+def test_forward_layers_refuses_streams_that_do_not_fit(tiny_model):
+    from refimpl.model.transformer import InputError
+    model = tiny_model("mirror", kernels="numpy")
+    h = model.forward_layers([1, 2, 3], start=0, stop=2)
+    assert h.shape == (1, 3, 4, 256) and h.dtype == np.float32
+    for kw, why in (({"start": 2, "stop": 2}, "start < stop"), ({"start": 0, "stop": 7}, "n_layers = 6"),
+                    ({"h": h, "start": 0, "stop": 3}, "h must be None"), ({"start": 2, "stop": 3}, "h must be the streams"),
+                    ({"h": h[:, :2], "start": 2, "stop": 3}, "h must be the streams"),
+                    ({"h": h.astype(np.float64), "start": 2, "stop": 3}, "h must be the streams")):
+        with pytest.raises(InputError, match=why):
+            model.forward_layers([1, 2, 3], **kw)

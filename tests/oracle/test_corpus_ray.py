@@ -1,4 +1,5 @@
-"""Corpora on Ray (oracle/corpus_ray.py): the same bytes as one process, and a killed worker loses nothing.
+"""Corpora on Ray (oracle/corpus_ray.py), prompt-parallel and layer-pipelined: the same bytes as one process,
+and a killed worker or stage loses nothing.
 
 Skipped without the extra (pip install 'refimpl[ray]'); .ci/run installs it. One local Ray cluster
 of two worker CPUs serves every test of the session (its start-up is most of the time here).
@@ -12,7 +13,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="the Ray tests need the extra: pip install 'refimpl[ray]'")
 
 from refimpl.oracle.corpus import CorpusError, Job, make_corpus, read_manifest  # noqa: E402
-from refimpl.oracle.corpus_ray import RETRIES, ray_runner  # noqa: E402
+from refimpl.oracle.corpus_ray import RETRIES, pipeline_runner, ray_runner  # noqa: E402
 
 from tests.oracle.test_corpus import files_of, random_corpus  # noqa: E402
 
@@ -32,14 +33,16 @@ def job(ckpt, **kw):
 
 
 @pytest.mark.parametrize("precision", ["mirror", "float64"])
-def test_two_workers_write_the_same_bytes_as_one_process(local_ray, tiny_ckpt, tmp_path, precision):
+def test_two_workers_and_two_stages_write_the_same_bytes_as_one_process(local_ray, tiny_ckpt, tmp_path, precision):
     corpus = random_corpus(tmp_path / "c.jsonl", n=6, seed=3)
-    make_corpus(tiny_ckpt, corpus, tmp_path / "one", job=job(tiny_ckpt, precision=precision))
-    states = []
-    make_corpus(tiny_ckpt, corpus, tmp_path / "two", job=job(tiny_ckpt, precision=precision),
-                runner=ray_runner(2), progress=states.append)
-    assert files_of(tmp_path / "two") == files_of(tmp_path / "one")       # prompt files and manifest alike
-    assert states[-1].done == 6 and not states[-1].retried
+    sites = ("layers.[0-5].out", "final.x") if precision == "float64" else ()   # sites of both stages travel too
+    make_corpus(tiny_ckpt, corpus, tmp_path / "one", job=job(tiny_ckpt, precision=precision, sites=sites))
+    for name, runner in (("workers", ray_runner(2)), ("stages", pipeline_runner(2))):
+        states = []
+        make_corpus(tiny_ckpt, corpus, tmp_path / name, job=job(tiny_ckpt, precision=precision, sites=sites),
+                    runner=runner, progress=states.append)
+        assert files_of(tmp_path / name) == files_of(tmp_path / "one"), name      # prompt files and manifest alike
+        assert states[-1].done == 6 and not states[-1].retried
 
 
 def test_a_killed_worker_loses_nothing(local_ray, tiny_ckpt, tmp_path):
@@ -56,6 +59,28 @@ def test_a_killed_worker_loses_nothing(local_ray, tiny_ckpt, tmp_path):
                 progress=states.append)
     assert killed and states[-1].retried                      # its prompt went to a new worker
     assert files_of(tmp_path / "two") == files_of(tmp_path / "one")
+
+
+def test_a_killed_pipeline_stage_loses_nothing(local_ray, tiny_ckpt, tmp_path):
+    corpus = random_corpus(tmp_path / "c.jsonl", n=6, seed=4, longest=40)
+    make_corpus(tiny_ckpt, corpus, tmp_path / "one", job=job(tiny_ckpt))
+    killed = []
+
+    def kill_the_last_stage(pids, written):                  # prompts are in flight in both stages by then
+        if written >= 1 and not killed:
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
+    states = []
+    make_corpus(tiny_ckpt, corpus, tmp_path / "two", job=job(tiny_ckpt),
+                runner=pipeline_runner(2, on_worker=kill_the_last_stage), progress=states.append)
+    assert killed and states[-1].retried
+    assert files_of(tmp_path / "two") == files_of(tmp_path / "one")
+
+
+def test_a_pipeline_refuses_sites_of_the_mtp_block(local_ray, tiny_ckpt, tmp_path):
+    with pytest.raises(CorpusError, match="MTP block"):
+        make_corpus(tiny_ckpt, random_corpus(tmp_path / "c.jsonl", n=1), tmp_path / "out",
+                    job=job(tiny_ckpt, sites=("layers.*.out",)), runner=pipeline_runner(2))
 
 
 def test_a_prompt_whose_workers_keep_dying_stops_the_run_keeping_what_was_written(local_ray, tiny_ckpt, tmp_path):
@@ -79,7 +104,8 @@ def test_a_prompt_whose_workers_keep_dying_stops_the_run_keeping_what_was_writte
 
 @pytest.mark.slow
 def test_flash_dimension_corpus_on_two_workers_is_the_one_process_corpus(local_ray, tmp_path):
-    """16 prompts on a 2-layer checkpoint of Flash dimensions (8 routed experts), mirror and float64."""
+    """16 prompts on a 2-layer checkpoint of Flash dimensions (8 routed experts): 2 workers in mirror and float64,
+    2 pipeline stages in mirror."""
     from refimpl.config import Config
     from refimpl.synthetic.writer import make_checkpoint
     ckpt = tmp_path / "flash2"
@@ -91,3 +117,6 @@ def test_flash_dimension_corpus_on_two_workers_is_the_one_process_corpus(local_r
         make_corpus(ckpt, corpus, two, job=Job(str(ckpt), precision=precision), runner=ray_runner(2))
         assert files_of(two) == files_of(one)
         assert len(read_manifest(two)["files"]) == 16
+    staged = tmp_path / "stages-mirror"                    # layer-pipelined: one layer per stage
+    make_corpus(ckpt, corpus, staged, job=Job(str(ckpt), precision="mirror"), runner=pipeline_runner(2))
+    assert files_of(staged) == files_of(tmp_path / "one-mirror")
