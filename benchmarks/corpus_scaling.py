@@ -1,4 +1,4 @@
-"""Corpus throughput: one process, then 1 and 2 Ray workers (prompt-parallel), on the same corpus.
+"""Corpus throughput: one process, 1 and 2 Ray workers (prompt-parallel), 2 pipeline stages, on the same corpus.
 
     python benchmarks/corpus_scaling.py [--ckpt DIR] [--prompts 16] [--tokens 32] [--precision mirror]
 
@@ -7,7 +7,7 @@ Default checkpoint: Flash dimensions, 2 layers, 8 routed experts (written to
 folder; the Ray runs' folders must hold the same bytes as the one-process folder (checked before
 any figure is printed). Figures: wall seconds (worker start-up, model loading and Numba's cache
 load included, as a user sees them), prompts/hour, tokens/s, and the speed-up of 2 workers over
-1 as a fraction of the ideal min(2, CPUs). The worker's model memory-maps the whole checkpoint:
+1 as a fraction of the ideal min(2, CPUs), and of 2 pipeline stages over 1 worker. The worker's model memory-maps the whole checkpoint:
 `checkpoint_bytes` is what each worker may read; `hop_bytes_per_token` is what a layer-pipelined
 run would send between stages per token (the residual streams, n·c values in the run's dtype),
 the input of docs/corpora.md's model of N machines. The last line printed is one JSON object.
@@ -44,7 +44,7 @@ def main() -> int:
     ap.add_argument("--precision", default="mirror")
     ap.add_argument("--kernels", default=None)
     a = ap.parse_args()
-    from refimpl.oracle.corpus_ray import ensure_ray, ray_runner     # the extra: fails here without it
+    from refimpl.oracle.corpus_ray import ensure_ray, pipeline_runner, ray_runner   # the extra: fails here without it
     ckpt = Path(a.ckpt)
     if not (ckpt / "config.json").exists():
         make_checkpoint(Config.flash(), ckpt, seed=0, layers=2, experts=8, progress=False)
@@ -58,7 +58,8 @@ def main() -> int:
     job = Job(str(ckpt), precision=a.precision, kernels=a.kernels)
     ensure_ray(None)
     runs, folders = {}, {}
-    for name, runner in (("one_process", None), ("ray_1_worker", ray_runner(1)), ("ray_2_workers", ray_runner(2))):
+    for name, runner in (("one_process", None), ("ray_1_worker", ray_runner(1)), ("ray_2_workers", ray_runner(2)),
+                         ("ray_2_stages", pipeline_runner(2))):
         out = work / name
         t0 = time.perf_counter()
         make_corpus(ckpt, corpus, out, job=job, runner=runner)
@@ -68,7 +69,7 @@ def main() -> int:
                       "tokens_per_s": round(a.prompts * a.tokens / s, 2)}
         print(f"{name:14s} {s:8.1f} s  {runs[name]['prompts_per_hour']:8.1f} prompts/hour  "
               f"{runs[name]['tokens_per_s']:7.2f} tokens/s", flush=True)
-    same = all(files_of(folders[n]) == files_of(folders["one_process"]) for n in ("ray_1_worker", "ray_2_workers"))
+    same = all(files_of(folders[n]) == files_of(folders["one_process"]) for n in runs)
     if not same:
         raise SystemExit("error: the Ray runs wrote other bytes than the one-process run")
     cpus = os.cpu_count() or 1
@@ -81,6 +82,8 @@ def main() -> int:
               "hop_bytes_per_token": cfg.hc_mult * cfg.dim * dtype_bytes,
               "ratios": {"speedup_2_over_1_worker": round(speedup, 3),
                          "of_ideal": round(speedup / min(2, cpus), 3),
+                         "speedup_2_stages_over_1_worker": round(runs["ray_1_worker"]["wall_s"] /
+                                                                 runs["ray_2_stages"]["wall_s"], 3),
                          "ray_1_worker_over_one_process": round(runs["one_process"]["wall_s"] /
                                                                 runs["ray_1_worker"]["wall_s"], 3)}}
     shutil.rmtree(work, ignore_errors=True)

@@ -219,10 +219,13 @@ def rows(logits):
 
 
 def test_kl_by_hand():
-    b = rows(np.log([[0.5, 0.25, 0.25]]))
-    a = rows(np.log([[0.25, 0.5, 0.25]]))
-    assert kl_rows(b, a)[0] == pytest.approx(0.5 * np.log(2) + 0.25 * np.log(0.5), abs=1e-15)   # = 0.25 ln 2
+    b = rows(np.log([[0.5, 0.25, 0.25]]))                   # the reference
+    a = rows(np.log([[0.8, 0.1, 0.1]]))                     # the candidate
+    # KL(B || A) = 0.5 ln(0.5/0.8) + 2 * 0.25 ln(0.25/0.1) = 0.5 ln(0.625 * 2.5) = ln 1.25  (KL(A || B) = 0.193)
+    assert kl_rows(b, a)[0] == pytest.approx(np.log(1.25), rel=1e-13)
     assert kl_rows(b, b)[0] == 0.0
+    top1 = Rows(np.log([[0.5]]), np.array([[0]]), None)     # B's top 1 only: {0} and the rest (0.5 vs 0.2)
+    assert kl_rows(top1, a)[0] == pytest.approx(0.5 * np.log(0.5 / 0.8) + 0.5 * np.log(0.5 / 0.2), rel=1e-13)
 
 
 @given(st.integers(0, 2**32 - 1), st.integers(1, 6))
@@ -365,6 +368,16 @@ def test_cli_bad_input_is_one_line(tiny_ckpt, corpora, tmp_path, capsys, args, c
     err = capsys.readouterr().err
     assert why in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "out" / "prompts").exists() or not any((tmp_path / "out" / "prompts").iterdir())
+
+
+def test_cli_ray_options(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    corpus = random_corpus(tmp_path / "c.jsonl", n=1)
+    assert run_cli("golden", "make", tiny_ckpt, corpus, tmp_path / "o", "--workers", "2", "--stages", "2") == 2
+    assert "not with --workers" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "refimpl.oracle.corpus_ray", None)        # as without the extra
+    assert run_cli("golden", "make", tiny_ckpt, corpus, tmp_path / "o", "--stages", "2") == 1
+    assert "need Ray: pip install 'refimpl[ray]'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_plot_of_kl_by_position(corpora, tmp_path):
