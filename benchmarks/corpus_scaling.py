@@ -56,6 +56,9 @@ def main() -> int:
                                                                                                  a.tokens)]}) + "\n"
                               for i in range(a.prompts)))
     job = Job(str(ckpt), precision=a.precision, kernels=a.kernels)
+    # Ray starts its workers at nice 15 (RAY_worker_niceness); on a machine shared with other work they would
+    # then get less CPU than the one-process run: the same priority for every run measured here
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ensure_ray(None)
     runs, folders = {}, {}
     for name, runner in (("one_process", None), ("ray_1_worker", ray_runner(1)), ("ray_2_workers", ray_runner(2)),

@@ -56,6 +56,7 @@ from refimpl.formats.encoding import encode_messages
 from refimpl.formats.files import check_output_path, parse_json, read_text, write_text
 from refimpl.formats.tokenizer import Tokenizer
 from refimpl.formats.weights import check_checkpoint_folder, load
+from refimpl.oracle.golden import sha256_file
 from refimpl.oracle.trace import Trace, run_trace, trace_metadata
 
 FORMAT = "refimpl-corpus"
@@ -296,14 +297,6 @@ def refimpl_commit() -> str:
         return "unknown"
 
 
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def make_manifest(job: Job, prompts: list[Prompt], corpus_file) -> dict:
     """The manifest of a corpus run (before its files are listed); every value depends on the inputs only."""
     ckpt = Path(job.ckpt)
@@ -398,9 +391,10 @@ class Progress:
     retried: list[str] = field(default_factory=list)   # prompts given to another worker after a worker failed
 
     def line(self) -> str:
-        """`corpus: 5/16 prompts, 1280 tokens, 35.2 tokens/s, ETA 0:00:12`."""
+        """`corpus: 5/16 prompts, 1280 tokens, 35.2 tokens/s, ETA 0:00:12` (hours:minutes:seconds)."""
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
-        eta = "?" if rate == 0 else time.strftime("%H:%M:%S", time.gmtime(self.left_tokens / rate))
+        left = round(self.left_tokens / rate) if rate > 0 else None
+        eta = "?" if left is None else f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
         more = f", {self.skipped} already written" if self.skipped else ""
         more += f", {len(self.retried)} retried" if self.retried else ""
         return (f"corpus: {self.done}/{self.total} prompts, {self.tokens} tokens, {rate:.1f} tokens/s, "

@@ -206,7 +206,8 @@ def test_a_prompt_file_of_other_tokens_is_not_taken_as_done(tiny_ckpt, tmp_path)
 
 def test_progress_line():
     assert Progress(done=5, total=16, tokens=100, seconds=4.0, left_tokens=250).line() == \
-        "corpus: 5/16 prompts, 100 tokens, 25.0 tokens/s, ETA 00:00:10"
+        "corpus: 5/16 prompts, 100 tokens, 25.0 tokens/s, ETA 0:00:10"
+    assert Progress(done=1, total=9, tokens=10, seconds=10.0, left_tokens=100000).line().endswith("ETA 27:46:40")
     assert Progress(done=2, total=3, skipped=2, retried=["a"]).line() == \
         "corpus: 2/3 prompts, 0 tokens, 0.0 tokens/s, ETA ?, 2 already written, 1 retried"
 
