@@ -4,8 +4,8 @@
 
 Default checkpoint: Flash dimensions, 2 layers, 8 routed experts (written to
 /tmp/refimpl-flash-corpus on first use, ~30 s, 4.4 GB). Each run writes the corpus into a new
-folder; the Ray runs' folders must hold the same bytes as the one-process folder (checked before
-any figure is printed). Figures: wall seconds (worker start-up, model loading and Numba's cache
+folder; the Ray runs' prompt files must hold the same bytes as the one-process run's, and their
+manifests the same values but `generated_by` (checked before the JSON line is printed). Figures: wall seconds (worker start-up, model loading and Numba's cache
 load included, as a user sees them), prompts/hour, tokens/s, and the speed-up of 2 workers over
 1 as a fraction of the ideal min(2, CPUs), and of 2 pipeline stages over 1 worker. The worker's model memory-maps the whole checkpoint:
 `checkpoint_bytes` is what each worker may read; `hop_bytes_per_token` is what a layer-pipelined
@@ -33,7 +33,11 @@ from refimpl.synthetic.writer import make_checkpoint
 
 
 def files_of(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """The prompt files' bytes, and the manifest but its `generated_by` (the git commit may move during a run)."""
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted((folder / "prompts").iterdir())}
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.pop("generated_by")
+    return dict(files, manifest=manifest)
 
 
 def main() -> int:
@@ -43,7 +47,12 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--precision", default="mirror")
     ap.add_argument("--kernels", default=None)
+    ap.add_argument("--numba-threads", type=int, default=None,
+                    help="NUMBA_NUM_THREADS of every process (the Ray workers inherit it): 1 keeps 2 workers on 2 "
+                         "threads in all, as 1 worker with the default 2 threads")
     a = ap.parse_args()
+    if a.numba_threads is not None:
+        os.environ["NUMBA_NUM_THREADS"] = str(a.numba_threads)      # before Numba is first used here or in a worker
     from refimpl.oracle.corpus_ray import ensure_ray, pipeline_runner, ray_runner   # the extra: fails here without it
     ckpt = Path(a.ckpt)
     if not (ckpt / "config.json").exists():
@@ -79,7 +88,7 @@ def main() -> int:
     speedup = runs["ray_1_worker"]["wall_s"] / runs["ray_2_workers"]["wall_s"]
     dtype_bytes = 8 if a.precision == "float64" else 4
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine(),
-              "cpu_count": cpus, "ckpt": str(ckpt), "n_layers": cfg.n_layers, "precision": a.precision,
+              "cpu_count": cpus, "load_average": os.getloadavg(), "numba_threads": os.environ.get("NUMBA_NUM_THREADS"), "ckpt": str(ckpt), "n_layers": cfg.n_layers, "precision": a.precision,
               "prompts": a.prompts, "tokens_per_prompt": a.tokens, "same_bytes": same, "runs": runs,
               "checkpoint_bytes": sum(p.stat().st_size for p in ckpt.glob("*.safetensors")),
               "hop_bytes_per_token": cfg.hc_mult * cfg.dim * dtype_bytes,
