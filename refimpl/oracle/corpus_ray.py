@@ -1,7 +1,9 @@
-"""A corpus run spread over Ray workers, prompt-parallel (the optional extra: pip install 'refimpl[ray]').
+"""A corpus run spread over Ray workers (the optional extra: pip install 'refimpl[ray]').
 
-Only this module imports ray, and nothing in refimpl imports this module at import time (the
-command line does when --workers is given), so refimpl runs without ray installed.
+Two runners for corpus.make_corpus: `ray_runner(N)`, prompt-parallel (N workers, each with the
+whole model), and `pipeline_runner(N)`, layer-pipelined (N stages, each owning a contiguous range
+of layers; below). Only this module imports ray, and nothing in refimpl imports this module at
+import time (the command line does for --workers or --stages), so refimpl runs without ray.
 
 Why actors and not Ray Data or plain tasks: a worker's cost is its model, a memory map of the
 checkpoint (160 GB for Flash) whose pages are read as they are used; an actor maps it once and
