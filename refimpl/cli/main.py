@@ -285,7 +285,7 @@ def _generation_summary(g, max_seq_len: int) -> str:
 
 def cmd_compare(a) -> int:
     """Exit 0 within tolerance, 1 out of tolerance or traces that cannot be compared, 2 usage."""
-    if Path(a.a).is_dir() or Path(a.b).is_dir():          # two corpus folders (refimpl golden make)
+    if Path(a.a).is_dir() and Path(a.b).is_dir():         # two corpus folders (refimpl golden make)
         return cmd_compare_corpora(a)
     if a.top_n is not None:
         return _fail("argument --top-n: applies to corpus folders only", 2)
