@@ -36,6 +36,7 @@ same bytes.
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 from importlib import metadata
 import json
@@ -58,6 +59,7 @@ from refimpl.formats.tokenizer import Tokenizer
 from refimpl.formats.weights import check_checkpoint_folder, load
 from refimpl.oracle.golden import sha256_file
 from refimpl.oracle.trace import Trace, run_trace, trace_metadata
+from refimpl.sites import site_names
 
 FORMAT = "refimpl-corpus"
 FORMAT_VERSION = 1
@@ -423,6 +425,11 @@ def make_corpus(ckpt, corpus, out, *, job: Job | None = None, runner=None,
     job = job or Job(str(ckpt))
     if Path(job.ckpt) != Path(ckpt):
         raise CorpusError(f"the job's checkpoint {job.ckpt} is not {ckpt}")
+    known = site_names(read_config(ckpt))
+    unmatched = [p for p in job.sites if not any(fnmatch.fnmatchcase(n, p) for n in known)]
+    if unmatched:                                    # refused before the folder is made (a typo keeps nothing)
+        raise CorpusError(f"sites {unmatched} match no site of this model (e.g. 'layers.0.attn.q', 'layers.*.out'; "
+                          "docs/trace-format.md lists them)")
     prompts = read_corpus(corpus, ckpt, job.max_seq_len)
     manifest = make_manifest(job, prompts, corpus)
     prepare_folder(out, manifest)

@@ -357,6 +357,7 @@ def test_cli_golden_make_and_compare(tiny_ckpt, corpora, tmp_path, capsys):
     (["golden", "make", "CKPT", "BAD", "OUT"], 1, "line 1: not a JSON object"),
     (["golden", "make", "CKPT", "EMPTY", "OUT"], 1, "holds no prompt"),
     (["golden", "make", "CKPT", "BAD", "OUT", "--top-k", "0"], 2, "--top-k"),
+    (["golden", "make", "CKPT", "EMPTY", "OUT", "--sites", "layers.0.atn.q"], 1, "match no site of this model"),
     (["compare", "REF", "REF", "--profile", "nope"], 2, "unknown corpus profile"),
     (["compare", "REF", "REF", "--partial"], 2, "--partial"),
 ])
@@ -368,7 +369,7 @@ def test_cli_bad_input_is_one_line(tiny_ckpt, corpora, tmp_path, capsys, args, c
     assert run_cli(*[subst.get(a, a) for a in args]) == code
     err = capsys.readouterr().err
     assert why in err and err.count("\n") == 1 and "Traceback" not in err
-    assert not (tmp_path / "out" / "prompts").exists() or not any((tmp_path / "out" / "prompts").iterdir())
+    assert not (tmp_path / "out").exists()                                    # nothing made for a refused run
 
 
 def test_cli_ray_options(tiny_ckpt, tmp_path, capsys, monkeypatch):
