@@ -15,7 +15,7 @@ ray = pytest.importorskip("ray", reason="the Ray tests need the extra: pip insta
 from refimpl.oracle.corpus import CorpusError, Job, make_corpus, read_manifest  # noqa: E402
 from refimpl.oracle.corpus_ray import RETRIES, pipeline_runner, ray_runner  # noqa: E402
 
-from tests.oracle.test_corpus import files_of, random_corpus  # noqa: E402
+from test_corpus import files_of, random_corpus  # noqa: E402  (tests/oracle/test_corpus.py)
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +34,7 @@ def job(ckpt, **kw):
 
 @pytest.mark.parametrize("precision", ["mirror", "float64"])
 def test_two_workers_and_two_stages_write_the_same_bytes_as_one_process(local_ray, tiny_ckpt, tmp_path, precision):
-    corpus = random_corpus(tmp_path / "c.jsonl", n=6, seed=3)
+    corpus = random_corpus(tmp_path / "c.jsonl", n=4, seed=3)
     sites = ("layers.[0-5].out", "final.x") if precision == "float64" else ()   # sites of both stages travel too
     make_corpus(tiny_ckpt, corpus, tmp_path / "one", job=job(tiny_ckpt, precision=precision, sites=sites))
     for name, runner in (("workers", ray_runner(2)), ("stages", pipeline_runner(2))):
@@ -42,11 +42,11 @@ def test_two_workers_and_two_stages_write_the_same_bytes_as_one_process(local_ra
         make_corpus(tiny_ckpt, corpus, tmp_path / name, job=job(tiny_ckpt, precision=precision, sites=sites),
                     runner=runner, progress=states.append)
         assert files_of(tmp_path / name) == files_of(tmp_path / "one"), name      # prompt files and manifest alike
-        assert states[-1].done == 6 and not states[-1].retried
+        assert states[-1].done == 4 and not states[-1].retried
 
 
 def test_a_killed_worker_loses_nothing(local_ray, tiny_ckpt, tmp_path):
-    corpus = random_corpus(tmp_path / "c.jsonl", n=6, seed=4, longest=40)
+    corpus = random_corpus(tmp_path / "c.jsonl", n=4, seed=4)
     make_corpus(tiny_ckpt, corpus, tmp_path / "one", job=job(tiny_ckpt))
     killed = []
 
@@ -62,7 +62,7 @@ def test_a_killed_worker_loses_nothing(local_ray, tiny_ckpt, tmp_path):
 
 
 def test_a_killed_pipeline_stage_loses_nothing(local_ray, tiny_ckpt, tmp_path):
-    corpus = random_corpus(tmp_path / "c.jsonl", n=6, seed=4, longest=40)
+    corpus = random_corpus(tmp_path / "c.jsonl", n=4, seed=4)
     make_corpus(tiny_ckpt, corpus, tmp_path / "one", job=job(tiny_ckpt))
     killed = []
 
