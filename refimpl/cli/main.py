@@ -321,6 +321,10 @@ def _generation_summary(g, max_seq_len: int) -> str:
 
 def cmd_compare(a) -> int:
     """Exit 0 within tolerance, 1 out of tolerance or traces that cannot be compared, 2 usage."""
+    if Path(a.a).is_dir() and Path(a.b).is_dir():         # two corpus folders (refimpl golden make)
+        return cmd_compare_corpora(a)
+    if a.top_n is not None:
+        return _fail("argument --top-n: applies to corpus folders only", 2)
     from refimpl.oracle.gradients import is_gradient_trace
     if is_gradient_trace(a.a) or is_gradient_trace(a.b):
         return _compare_gradients(a)
@@ -361,11 +365,39 @@ def cmd_compare(a) -> int:
 def _compare_gradients(a) -> int:
     """compare on two gradient traces (docs/gradients.md): the first gradient out of tolerance, backward order."""
     from refimpl.oracle.gradients import compare_gradients, format_grad_report
-    for flag, given in (("--plot", a.plot is not None), ("--partial", a.partial), ("--profile", a.profile != "auto")):
+    for flag, given in (("--plot", a.plot is not None), ("--partial", a.partial), ("--profile", a.profile != "auto"),
+                        ("--noise", a.noise != "auto")):
         if given:
             return _fail(f"argument {flag}: not for gradient traces", 2)
     report = compare_gradients(a.a, a.b, **({} if a.rtol is None else {"rtol": a.rtol}))
     print(json.dumps(report.to_json(), indent=1) if a.json else format_grad_report(report))
+    return 0 if report.ok else 1
+
+
+def cmd_compare_corpora(a) -> int:
+    """Corpus A (candidate) against corpus B (reference): KL, top-1, the first greedy split (docs/corpora.md)."""
+    from refimpl.oracle.corpus_compare import (CORPUS_PROFILES, compare_corpora, format_report, plot_report,
+                                               report_json)
+    from refimpl.oracle.compare import PlotUsageError, check_plot_path
+    for flag, given in (("--partial", a.partial), ("--noise", a.noise != "auto"), ("--rtol", a.rtol is not None)):
+        if given:
+            return _fail(f"argument {flag}: applies to trace files, not corpus folders", 2)
+    if a.profile != "auto" and a.profile not in CORPUS_PROFILES:
+        return _fail(f"unknown corpus profile {a.profile!r}; profiles: auto, {', '.join(CORPUS_PROFILES)}", 2)
+    if a.plot is not None:
+        try:
+            check_plot_path(a.plot, ())
+        except PlotUsageError as e:
+            return _fail(str(e), 2)
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return _fail("--plot needs matplotlib: pip install 'refimpl[plot]'", 1)
+    report = compare_corpora(a.a, a.b, profile=a.profile, top_n=a.top_n or 5)
+    print(report_json(report) if a.json else format_report(report))
+    if a.plot is not None:
+        plot_report(report, a.plot)
+        print(f"wrote {a.plot}", file=sys.stderr)
     return 0 if report.ok else 1
 
 
@@ -406,6 +438,34 @@ def cmd_golden_verify(a) -> int:
     print(f"golden verify: {'FAILED, ' + str(len(failures)) + ' case(s)' if failures else 'passed'} "
           f"({len(ran)} trace(s) checked, {time.perf_counter() - t0:.1f} s)")
     return 1 if failures else 0
+
+
+def cmd_golden_make(a) -> int:
+    from refimpl.oracle.corpus import Job, make_corpus
+    runner = None
+    if a.workers is not None and a.stages is not None:
+        return _fail("argument --stages: not with --workers (prompt-parallel or layer-pipelined, one of them)", 2)
+    if a.workers is not None or a.stages is not None or a.ray_address is not None:
+        try:
+            from refimpl.oracle.corpus_ray import pipeline_runner, ray_runner
+        except ImportError:
+            return _fail("--workers, --stages and --ray-address need Ray: pip install 'refimpl[ray]'", 1)
+        runner = (pipeline_runner(a.stages, address=a.ray_address) if a.stages is not None else
+                  ray_runner(a.workers or 2, address=a.ray_address))
+    job = Job(a.ckpt, precision=a.precision, revision=a.revision, layout=a.layout, kernels=a.kernels, keep=a.keep,
+              top_k=a.top_k, sites=a.sites or (), max_seq_len=a.max_seq_len)
+    tty = sys.stderr.isatty()
+
+    def progress(state) -> None:                  # one line, rewritten in place on a terminal
+        if tty:
+            print(f"\r{state.line()}   ", end="", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    manifest = make_corpus(a.ckpt, a.corpus, a.out, job=job, runner=runner, progress=progress)
+    if tty:
+        print(file=sys.stderr)
+    print(f"wrote {a.out}: {len(manifest['files'])} prompts, {manifest['corpus']['tokens']} tokens, precision "
+          f"{a.precision}, keep {a.keep} ({time.perf_counter() - t0:.1f} s)")
+    return 0
 
 
 # ---------------------------------------------------------------- demo
@@ -475,8 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     q.set_defaults(func=cmd_trace, precision=None)
 
-    q = sub.add_parser("compare", help="compare two traces site by site; name the first site out of tolerance",
-                       description="Compare trace A (candidate) with trace B (reference) in data-flow order. "
+    q = sub.add_parser("compare", help="compare two traces site by site, or two corpus folders by KL",
+                       description="Compare trace A (candidate) with trace B (reference) in data-flow order, or "
+                                   "corpus folder A with corpus folder B prompt by prompt (KL, top-1; "
+                                   "docs/corpora.md). "
                                    "Exit 0 within the profile's tolerance, 1 out of tolerance or traces that "
                                    "cannot be compared (different tokens, config or chunking; a shape mismatch), "
                                    "2 usage. Profiles: refimpl/oracle/profiles.toml (docs/compare.md).")
@@ -496,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "trace; off: the profile only (docs/compare.md, 'The noise model')")
     q.add_argument("--rtol", type=_rtol, default=None,
                    help="gradient traces only: max|A-B| <= RTOL * max|B| per gradient (default 1e-9; docs/gradients.md)")
+    q.add_argument("--top-n", type=_at_least(1), default=None, metavar="N",
+                   help="corpus folders: at the first greedy split, whether each side's token is in the other's "
+                        "top N (default 5)")
     q.set_defaults(func=cmd_compare)
 
     q = sub.add_parser("generate", help="generate text (tokens are streamed as they are produced)")
@@ -537,6 +602,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "in its manifest)")
     kernels_opt(v)
     v.set_defaults(func=cmd_golden_verify)
+    m = gs.add_parser("make", help="a corpus: reference outputs of a checkpoint on your prompts (docs/corpora.md)",
+                      description="Run every prompt of a JSON Lines corpus through the checkpoint (teacher-forced, "
+                                  "one forward pass each) and write one file per prompt and a manifest into OUT. "
+                                  "Resumable: run it again to continue where it stopped (docs/corpora.md).")
+    model_opts(m)
+    m.add_argument("corpus", type=_path, help="JSON Lines: one {\"id\", \"tokens\" | \"text\" | \"messages\"} per line")
+    m.add_argument("out", type=_path, help="the output folder (new, empty, or a run of the same corpus to continue)")
+    m.add_argument("--keep", choices=("logits", "top-k"), default="logits",
+                   help="logits: every row whole (default); top-k: the K largest logits and the log-sum-exp per row")
+    m.add_argument("--top-k", type=_at_least(1), default=20, metavar="K", help="with --keep top-k (default 20)")
+    m.add_argument("--sites", type=_patterns, default=None, help="other trace sites to keep, e.g. 'layers.*.out'")
+    m.add_argument("--workers", type=_at_least(1), default=None,
+                   help="run on N Ray workers (pip install 'refimpl[ray]'); default: this process")
+    m.add_argument("--stages", type=_at_least(1), default=None, metavar="N",
+                   help="run on Ray as a pipeline of N stages, each owning a contiguous range of layers (for "
+                        "machines whose memory holds only part of the checkpoint)")
+    m.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="the Ray cluster to use (auto: the running one; default: start a local one)")
+    m.set_defaults(func=cmd_golden_make, precision="mirror")
 
     q = sub.add_parser("demo", help="the README's main job on the built-in tiny model")
     q.add_argument("--dir", type=_folder, default=str(DEFAULT_DEMO_DIR),
@@ -605,7 +689,7 @@ def _guard_mapped_files(args):
     """For the commands that read memory-mapped weights (inspect maps the routing tables): a file truncated
     meanwhile ends the process with one line naming it, exit 1, not SIGBUS (formats/sigbus.py);
     -> a function putting the old handler back."""
-    if args.func not in (cmd_inspect, cmd_trace, cmd_generate, cmd_golden_verify, cmd_demo):
+    if args.func not in (cmd_inspect, cmd_trace, cmd_generate, cmd_golden_verify, cmd_golden_make, cmd_demo):
         return lambda: None
     from refimpl.formats.sigbus import install
     return install()

@@ -179,13 +179,47 @@ class Model:
         with use_kernels(ctx.kernels):
             return self._forward(ids, state, ctx)
 
+    def forward_layers(self, tokens, h: np.ndarray | None = None, *, start: int = 0, stop: int | None = None,
+                       trace=None) -> np.ndarray:
+        """Main layers start..stop-1 of a forward pass from position 0: one stage of a layer pipeline.
+
+        tokens [s] or [b, s]; h: the streams the layers before `start` made, [b, s, n, c] (None where
+        start is 0: the embedding). -> the streams after layer stop-1 [b, s, n, c], or where stop is
+        n_layers the logits [b, s, v]. Stages chained over 0..n_layers give forward()'s logits bit for bit.
+        """
+        ids, _ = self._as_batch(tokens)
+        stop = self.cfg.n_layers if stop is None else stop
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= self.cfg.n_layers):
+            raise InputError(f"layers {start}..{stop}: need 0 <= start < stop <= n_layers = {self.cfg.n_layers}")
+        want = (ids.shape[0], ids.shape[1], self.cfg.hc_mult, self.cfg.dim)
+        if (h is None) != (start == 0) or (h is not None and (h.shape != want or h.dtype != self.ctx.dtype)):
+            raise InputError(f"layers from {start}: h must be {'None' if start == 0 else f'the streams {want} {self.ctx.dtype}'}"
+                             f" (the previous stage's output), got {None if h is None else (h.shape, h.dtype)}")
+        ctx = self.ctx.running(_check_trace(trace))
+        state = self.new_state(ids.shape[0])
+        self._check_state(state, ids)
+        w = self.weights
+        with use_kernels(ctx.kernels):
+            h = self._embed(ids, ctx) if start == 0 else h
+            for i in range(start, stop):
+                h, _ = block(h, ids, 0, state.layers[i], w.layers[i], ctx.layers[i], ctx)
+            if stop < self.cfg.n_layers:
+                return h
+            logits = head_logits(h, w.hc_head, w.norm, w.head, "final.x", ctx)   # [b, s, v]
+            record(ctx, "logits", logits)
+            return logits
+
+    def _embed(self, ids: np.ndarray, ctx) -> np.ndarray:
+        """ids [b, s] -> the n identical streams of their embeddings [b, s, n, c]."""
+        h = np.asarray(self.weights.embed[ids]).astype(ctx.dtype)          # [b, s, c] bf16 rows, exact upcast
+        record(ctx, "embed", h)
+        return np.repeat(h[:, :, None, :], self.cfg.hc_mult, axis=2)        # [b, s, n, c] identical streams
+
     def _forward(self, ids: np.ndarray, state: State, ctx):
         cfg, w = self.cfg, self.weights
         self._check_state(state, ids)
         b, s = ids.shape
-        h = np.asarray(w.embed[ids]).astype(ctx.dtype)                     # [b, s, c] bf16 rows, exact upcast
-        record(ctx, "embed", h)
-        h = np.repeat(h[:, :, None, :], cfg.hc_mult, axis=2)                # [b, s, n, c] identical streams
+        h = self._embed(ids, ctx)                                           # [b, s, n, c]
         layers = []
         for i in range(cfg.n_layers):
             h, ls = block(h, ids, state.pos, state.layers[i], w.layers[i], ctx.layers[i], ctx)
