@@ -73,6 +73,7 @@ FLOORS = (
     ("refimpl.formats",),
     ("refimpl.synthetic", "refimpl.generate"),
     ("refimpl.oracle",),
+    ("refimpl.testing",),                       # the property-testing kit: above everything it offers, below the CLI
     ("refimpl.cli", "refimpl"),
 )
 
