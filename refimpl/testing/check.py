@@ -164,11 +164,11 @@ def assert_matches(mine, op, inputs: dict, precision: str = "float32") -> None:
     """Raise MismatchError unless `mine` (the candidate's outputs on `inputs`) matches the reference of `op`
     at the candidate's `precision` (module docstring). op: a name of refimpl.testing.OPS or a record."""
     rec = get_op(op)
+    got = as_outputs(mine, rec)
     if rec.exact:
         precision = rec.precisions[0]
     exact = rec.reference(inputs, "float64" if "float64" in rec.precisions else precision)
     approx = exact if precision == "float64" or rec.exact else rec.reference(inputs, precision)
-    got = as_outputs(mine, rec)
     problems = []
     for name in rec.outputs:
         if name in rec.selections:

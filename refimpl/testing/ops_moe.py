@@ -64,7 +64,7 @@ def _route_run(inp, prec):
 
 def _route_edges(inp) -> set:
     out = {"hash_layer"} if inp["tid2eid"] is not None else {"score_layer"}
-    out |= {f"route_scale_{inp['route_scale']:g}"}
+    out |= {"route_scale_not_1"} if inp["route_scale"] != 1 else set()
     out |= {"one_expert"} if inp["n_activated_experts"] == 1 else set()
     if inp["tid2eid"] is None:
         sc = _route_run(inp, "float64")["scores"][0]
@@ -90,7 +90,7 @@ register(OpRecord(
     axes={"weights": ("b batch", "s positions", "a slots"), "ids": ("b batch", "s positions", "a slots")},
     run=_route_run, strategy=route_inputs, edges=_route_edges,
     edge_cases=("hash_layer", "score_layer", "one_expert", "tie_at_the_boundary", "bias_changes_the_choice",
-                "route_scale_1.5"),
+                "route_scale_not_1"),
     selections={"ids": "scores"}, extra=("scores",)))
 
 
@@ -155,4 +155,6 @@ register(OpRecord(
             "swiglu_limit": "float (10)", "revision": "'current' or 'initial'"},
     outputs=("y",), axes={"y": ("t tokens", "c channels")},
     run=_expert_sum_run, strategy=expert_sum_inputs, edges=_expert_sum_edges,
-    edge_cases=("one_row", "unused_expert", "revision_initial", "clamp_active", "one_expert_per_token")))
+    edge_cases=("one_row", "unused_expert", "revision_initial", "clamp_active", "one_expert_per_token"),
+    suspects=(("the shared expert's clamp of the other revision",
+               lambda i: {**i, "revision": "initial" if i["revision"] == "current" else "current"}),)))

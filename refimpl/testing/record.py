@@ -45,8 +45,14 @@ class OpRecord:
         spec. refimpl's own kernel tests pass "numba" to hold a kernel against the kit (dogfood)."""
         if precision not in self.precisions:
             raise ValueError(f"{self.name}: precision {precision!r} is not one of {self.precisions}")
-        with use_kernels(kernels):
-            out = self.run(inputs, precision)
+        if not isinstance(inputs, dict):
+            raise TypeError(f"{self.name}: inputs must be a dict of named arrays, got {type(inputs).__name__}")
+        try:
+            with use_kernels(kernels):
+                out = self.run(inputs, precision)
+        except KeyError as e:
+            raise ValueError(f"{self.name}: the inputs have no {e}; the record's inputs are: "
+                             f"{'; '.join(self.inputs)}") from None
         return {k: np.asarray(v) for k, v in out.items()}
 
 
