@@ -68,6 +68,15 @@ def structural_hints(got: np.ndarray, exact: np.ndarray, bound: np.ndarray, bad:
             if len(hit) < got.shape[a]:
                 hints.append(f"confined: the out-of-bound elements lie only at {_name(axes, a)} "
                              f"{_ranges(hit)} of 0..{got.shape[a] - 1}")
+        nz = bad & (exact != 0)
+        if nz.any():                                   # the out-of-bound elements alone a constant multiple?
+            c = float(np.median(got[nz] / exact[nz]))
+            bb = np.broadcast_to(bound, got.shape)
+            if c != 0 and abs(c - 1) > 1e-3 and np.all(np.abs(got[nz] / c - exact[nz]) <= bb[nz]):
+                m, e = np.frexp(abs(c))
+                p2 = f" = {'-' if c < 0 else ''}2^{e - 1}" if m == 0.5 else ""
+                hints.append(f"factor: every out-of-bound element is {c:.6g}{p2} times the exact one (a scale "
+                             "applied to the wrong elements)")
     return hints
 
 
