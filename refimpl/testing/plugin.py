@@ -6,6 +6,7 @@ Installed with refimpl, active in every pytest run of that environment; it adds 
     --refimpl-precision P      float64 | float32 | mirror: the precision the candidates under test claim
                                (default float32); fixture `refimpl_precision`
     --refimpl-examples N       Hypothesis examples per check_op call made through `refimpl_check` (default 50)
+    --refimpl-bitwise          with mirror: require refimpl's mirror bits, not only mirror's error bound
 
     refimpl_ops                the records, {name: OpRecord} (refimpl.testing.OPS)
     refimpl_check              refimpl_check(impl, op, **options): check_op at the chosen precision and examples
@@ -32,6 +33,8 @@ def pytest_addoption(parser):
                     help="the precision of the implementations under test (default: float32)")
     group.addoption("--refimpl-examples", type=int, default=50,
                     help="Hypothesis examples per refimpl_check call (default: 50)")
+    group.addoption("--refimpl-bitwise", action="store_true",
+                    help="with --refimpl-precision mirror: require refimpl's mirror bits (up to rare boundary flips)")
 
 
 @pytest.fixture(scope="session")
@@ -48,8 +51,10 @@ def refimpl_ops() -> dict:
 def refimpl_check(request, refimpl_precision):
     """check(impl, op, *, precision=..., max_examples=..., **strategy options) with the command line's defaults."""
     examples = request.config.getoption("--refimpl-examples")
+    bitwise = request.config.getoption("--refimpl-bitwise")
 
     def check(impl, op, *, precision=None, max_examples=None, **options):
+        options.setdefault("bitwise", bitwise)
         check_op(impl, op, precision or refimpl_precision, max_examples=max_examples or examples, **options)
     return check
 

@@ -162,3 +162,15 @@ def test_a_near_tie_may_go_either_way_but_a_clear_margin_may_not():
 def test_import_refimpl_does_not_import_hypothesis():
     code = "import sys, refimpl, refimpl.model.transformer, refimpl.oracle.compare; print('hypothesis' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_at_mirror_the_bound_is_mirrors_error_and_bitwise_asks_for_its_bits():
+    """An exact product is as close to the exact value as mirror's own error allows: it passes at mirror; with
+    bitwise=True it fails (no FP8 activation quantization, no bf16 output)."""
+    check_op(candidates.fp8_linear, "fp8_linear", "mirror", max_examples=10, derandomize=True)
+    with pytest.raises(MismatchError, match=r"fp8_linear.y at mirror \(bitwise\)"):
+        check_op(candidates.fp8_linear, "fp8_linear", "mirror", max_examples=10, derandomize=True, bitwise=True)
+    rec = OPS["fp8_linear"]
+    check_op(lambda inp: rec.reference(inp, "mirror"), rec, "mirror", max_examples=5, derandomize=True, bitwise=True)
+    with pytest.raises(ValueError, match="use it with precision='mirror'"):
+        check_op(candidates.fp8_linear, "fp8_linear", "float32", max_examples=1, bitwise=True)
