@@ -209,6 +209,8 @@ def assert_matches(mine, op, inputs: dict, precision: str = "float32", *, bitwis
                 problems.append(p)
     if problems:
         problems += [f"  {h}" for h in suspect_hints(rec, got, inputs, precision)]
+        shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in inputs.items() if np.ndim(v))
+        problems.append(f"  inputs: {shapes}")
         raise MismatchError("\n".join(problems))
 
 
