@@ -32,10 +32,10 @@ from refimpl.testing import ops_attention  # noqa: F401  isort: skip
 from refimpl.testing import ops_moe  # noqa: F401  isort: skip
 from refimpl.testing.check import MismatchError, as_outputs, assert_matches, check_op
 from refimpl.testing.record import OPS, OpRecord, op
-from refimpl.testing.tolerance import FACTOR, FLOOR_ULPS, Bound, noise_bound
+from refimpl.testing.tolerance import FACTOR, FLOOR, Bound, noise_bound
 
 KIT_VERSION = "1.0"
 __version__ = KIT_VERSION
 
-__all__ = ["KIT_VERSION", "OPS", "Bound", "FACTOR", "FLOOR_ULPS", "MismatchError", "OpRecord", "as_outputs",
+__all__ = ["KIT_VERSION", "OPS", "Bound", "FACTOR", "FLOOR", "MismatchError", "OpRecord", "as_outputs",
            "assert_matches", "check_op", "noise_bound", "op"]

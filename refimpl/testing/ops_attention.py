@@ -1,4 +1,5 @@
-"""Records of the attention path: the compressor, the indexer and sparse attention with the sink (§8-10).
+"""Records of the attention path: the compressor, the indexer and sparse attention with the sink
+(docs/architecture.md §8-10).
 
     compress          gated pooling of m-token blocks into entries (m = 4: overlapping windows of 2m, the
                       previous block's first d channels; m > 4: one block), rms_norm, RoPE at the block's
@@ -207,7 +208,7 @@ def _sparse_edges(inp) -> set:
 register(OpRecord(
     name="sparse_attention",
     summary="attention over each query's gathered KV rows with a per-head sink in the softmax denominator",
-    official="K:L276-368 sparse_attn (block-64 online softmax in mirror), M:L528-531",
+    official="K:L276-368 sparse_attn (block-64 online softmax in mirror)",
     inputs={"q": "[b, s, h, d] float32 (bf16 values)", "kv": "[b, n, d] float32 (bf16 values): K = V",
             "attn_sink": "[h] float32 (each head its own)", "topk_idxs": "[b, s, k] int64, -1 = no entry",
             "softmax_scale": "float"},

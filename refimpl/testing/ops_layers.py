@@ -150,7 +150,7 @@ def _rope_edges(inp) -> set:
 
 register(OpRecord(
     name="apply_rope", summary="RoPE on the last rope_dim dims, interleaved pairs, YaRN frequencies; inverse: conjugate",
-    official="M:L199-229 precompute_freqs_cis, M:L232-244 apply_rotary_emb (inverse: the output de-rotation, M:L535)",
+    official="M:L199-229 precompute_freqs_cis, M:L232-244 apply_rotary_emb (inverse: the output de-rotation, M:L534)",
     inputs={"x": "[b, s, d] or [b, s, h, d] float32 (bf16 values)", "positions": "[s] int64 absolute positions",
             "rope_dim": "int p (the last p dims rotate)", "base": "float", "original_seq_len": "int (0: no YaRN)",
             "factor": "float", "beta_fast": "int", "beta_slow": "int", "inverse": "bool"},

@@ -12,7 +12,7 @@ from hypothesis import Phase, given, settings
 
 import candidates
 from refimpl.testing import OPS, MismatchError, assert_matches, check_op, noise_bound, op
-from refimpl.testing.tolerance import EPS, FACTOR, FLOOR_ULPS
+from refimpl.testing.tolerance import FACTOR, FLOOR
 
 # every record's strategy reaches every one of its edge cases within this many derandomized examples
 # (measured: at most 31, index_topk's tie at the top-k boundary)
@@ -68,15 +68,16 @@ def test_an_independent_correct_implementation_passes(name):
 # ------------------------------------------------------------------------------------------------ the tolerance
 
 def test_noise_bound_by_hand():
-    """Row 0: refimpl at float32 is off by 2^-20 on a row of scale 2 -> bound 8·2^-20 + 4·2^-23·2.
-    Row 1: refimpl is exact there, but the output's relative noise (2^-20 / 2 = 2^-21) at the row's scale 0.5
-    still counts: 8·2^-22 + 4·2^-23·0.5."""
+    """Row 0: refimpl at float32 is off by 2^-20 on a row of scale 2 -> bound 8·2^-20 + 64·2^-23·2.
+    Row 1: refimpl is exact there, but the output's worst row relative noise (2^-20 / 2 = 2^-21) at the row's
+    scale 0.5 still counts: 8·2^-22 + 64·2^-23·0.5."""
     exact = np.array([[1.0, 2.0], [0.5, 0.25]])
     approx = exact + np.array([[0.0, 2.0**-20], [0.0, 0.0]])
     b = noise_bound(exact, approx, "float32")
-    assert b.bound[0, 0] == FACTOR * 2.0**-20 + FLOOR_ULPS * EPS["float32"] * 2
-    assert b.bound[1, 0] == FACTOR * 2.0**-22 + FLOOR_ULPS * EPS["float32"] * 0.5
-    assert noise_bound(exact, exact, "float64").bound[0, 0] == FLOOR_ULPS * 2.0**-40 * 2
+    assert FACTOR == 8 and FLOOR["float32"] == 64 * 2.0**-23
+    assert b.bound[0, 0] == 8 * 2.0**-20 + 64 * 2.0**-23 * 2
+    assert b.bound[1, 0] == 8 * 2.0**-22 + 64 * 2.0**-23 * 0.5
+    assert noise_bound(exact, exact, "float64").bound[0, 0] == 2.0**-40 * 2
 
 
 def sparse_inputs(h=4, sink=None):
