@@ -1,4 +1,7 @@
-"""transformers' DeepSeek V4 FP8 loading path, property-tested through refimpl.testing (needs the `peers` extra).
+"""PyTorch implementations property-tested through refimpl.testing (needs the `peers` extra; skipped without it).
+
+A hand-written torch sparse attention (docs/testing.md's worked example) passes. transformers' DeepSeek V4 FP8
+loading path does not, on partial blocks:
 
 transformers dequantizes every FP8 weight of the official checkpoint on load (on a CPU it always does) with
 `Fp8Dequantize` (transformers/integrations/finegrained_fp8.py, the op its FP8 quantizer runs first on each
@@ -27,6 +30,23 @@ def transformers_fp8_linear(inp):
     scale = torch.from_numpy(np.asarray(inp["scale"]).view(np.uint8).copy())        # E8M0 bytes, as shipped
     w = fp8.Fp8Dequantize(None).convert({"weight": weight, "weight_scale_inv": scale})["weight"]
     return torch.nn.functional.linear(torch.from_numpy(inp["x"]), w.float()).numpy()
+
+
+def torch_sparse_attention(inp):
+    """docs/testing.md's hand-written torch op: the sink as one more logit that holds no value."""
+    q, kv = torch.from_numpy(inp["q"]), torch.from_numpy(inp["kv"])
+    sink, idx = torch.from_numpy(inp["attn_sink"]), torch.from_numpy(inp["topk_idxs"])
+    b, s, h, d = q.shape
+    rows = kv[torch.arange(b)[:, None, None], idx.clamp(min=0)]          # [b, s, k, d]
+    scores = torch.einsum("bshd,bskd->bshk", q, rows) * inp["softmax_scale"]
+    scores = scores.masked_fill((idx < 0)[:, :, None, :], float("-inf"))
+    scores = torch.cat([scores, sink.view(1, 1, h, 1).expand(b, s, h, 1)], dim=-1)
+    p = scores.softmax(dim=-1)[..., :-1]
+    return torch.einsum("bshk,bskd->bshd", p, rows).numpy()
+
+
+def test_a_hand_written_torch_sparse_attention_passes():
+    check_op(torch_sparse_attention, "sparse_attention", "float32", max_examples=60, derandomize=True)
 
 
 def test_full_blocks_agree():
