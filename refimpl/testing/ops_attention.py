@@ -219,6 +219,10 @@ register(OpRecord(
     suspects=tuple((f"every head group using the sinks of the first of {g} groups (tensor-parallel rank 0's)",
                     lambda i, g=g: {**i, "attn_sink": np.tile(i["attn_sink"][:len(i["attn_sink"]) // g], g)}
                     if len(i["attn_sink"]) % g == 0 and len(i["attn_sink"]) > 1 else None) for g in (2, 4, 8))
-    + (("the sink rounded to bf16", lambda i: {**i, "attn_sink": round_bf16(i["attn_sink"])}),
+    + (("each head using the sink of the head before it (an off-by-one head index)",
+        lambda i: {**i, "attn_sink": np.roll(i["attn_sink"], 1)} if len(i["attn_sink"]) > 1 else None),
+       ("each head using the sink of the head after it (an off-by-one head index)",
+        lambda i: {**i, "attn_sink": np.roll(i["attn_sink"], -1)} if len(i["attn_sink"]) > 2 else None),
+       ("the sink rounded to bf16", lambda i: {**i, "attn_sink": round_bf16(i["attn_sink"])}),
        ("attention without the sink", lambda i: {**i, "attn_sink": np.full_like(i["attn_sink"], -np.inf)})),
     ))
