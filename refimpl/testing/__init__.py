@@ -17,7 +17,8 @@ and two calls test a candidate:
     check_op(my_impl, "fp8_linear", precision="float32", max_examples=50)    # a whole Hypothesis property test
 
 The operations, in data-flow order: act_quant_fp8, fp8_linear, fp4_linear, rms_norm, head_rms_norm,
-apply_rope, split_sinkhorn, hc_pre, hc_post, compress, index_topk, sparse_attention, route, expert_sum.
+apply_rope, split_sinkhorn, hc_pre, hc_post, compress, index_topk, sparse_attention, route, expert_sum,
+mtp_input.
 The pytest plugin (`refimpl.testing.plugin`, registered as a pytest11 entry point) gives fixtures and
 the --refimpl-precision option. Guide and worked examples: docs/testing.md. This module (and only it)
 imports Hypothesis; `import refimpl` does not.
@@ -30,6 +31,7 @@ from refimpl.testing import ops_linear  # noqa: F401  isort: skip
 from refimpl.testing import ops_layers  # noqa: F401  isort: skip
 from refimpl.testing import ops_attention  # noqa: F401  isort: skip
 from refimpl.testing import ops_moe  # noqa: F401  isort: skip
+from refimpl.testing import ops_mtp  # noqa: F401  isort: skip
 from refimpl.testing.check import MismatchError, as_outputs, assert_matches, check_op
 from refimpl.testing.record import OPS, OpRecord, op
 from refimpl.testing.tolerance import FACTOR, FLOOR, Bound, noise_bound

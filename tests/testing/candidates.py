@@ -16,6 +16,7 @@ The bugs (names used by test_planted_bugs.py):
     index_topk        "ties_broken_upward"
     route             "bias_weighs", "ties_broken_upward"
     expert_sum        "shared_clamp_in_initial", "symmetric_gate_clamp" (the gate clamped below too)
+    mtp_input         "pairs_token_t" (the streams of t with token t, not t+1)
 """
 import math
 
@@ -243,3 +244,18 @@ def fp4_dequant(packed, scale):
     p = np.asarray(packed).view(np.uint8)
     w = FP4[np.stack([p & 15, p >> 4], -1).reshape(p.shape[0], -1)]
     return w * np.repeat(e8m0(scale), 32, 1)[:, :w.shape[1]]
+
+
+# -------------------------------------------------------------------------------------- MTP
+
+def _norm(x, w, eps):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * np.asarray(w).astype(F64)
+
+
+def mtp_input(inp, bug=None):
+    h, ids = np.asarray(inp["h"], F64), np.asarray(inp["ids"])
+    tok = ids[:, :-1] if bug == "pairs_token_t" else ids[:, 1:]
+    e = _norm(np.asarray(inp["embed"]).astype(F64)[tok], inp["enorm"], inp["norm_eps"])       # [b, s-1, c]
+    hs = _norm(h[:, :-1], inp["hnorm"], inp["norm_eps"])                                         # [b, s-1, n, c]
+    ep, hp = dequant_fp8(inp["e_proj"], inp["e_proj.scale"]), dequant_fp8(inp["h_proj"], inp["h_proj.scale"])
+    return f32((e @ ep.T)[:, :, None, :] + hs @ hp.T)

@@ -33,6 +33,7 @@ BUGS = [
     ("route", "ties_broken_upward", "float32", 25, "resolved to the HIGHER index"),
     ("expert_sum", "shared_clamp_in_initial", "float32", 25, "the shared expert's clamp of the other revision"),
     ("expert_sum", "symmetric_gate_clamp", "float32", 25, ""),
+    ("mtp_input", "pairs_token_t", "float32", 25, "the streams of t with token t itself"),
 ]
 
 

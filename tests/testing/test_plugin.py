@@ -60,3 +60,21 @@ def test_the_precision_options_reach_the_check(project):
     parser: choices=PRECISIONS.)"""
     out = run_pytest(project, "--refimpl-precision=mirror", "--refimpl-bitwise", "--refimpl-examples=40", "-k", "fp8")
     assert out.returncode == 1 and "fp8_linear.y at mirror (bitwise)" in out.stdout, out.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_a_fresh_venv_with_the_wheel_runs_the_ten_line_file(project, tmp_path):
+    """`pip install refimpl` (the wheel of this tree, its dependencies from the package index) in a new virtual
+    environment, then the ten-line file: the kit, its records and the plugin travel with the package."""
+    wheels = tmp_path / "wheels"
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(root)], check=True,
+                   timeout=600)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=600)
+    py = venv / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "-q", *map(str, wheels.glob("refimpl-*.whl")), "pytest"],
+                   check=True, timeout=1200)
+    out = subprocess.run([str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", "--refimpl-examples=20"],
+                         cwd=project, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "2 passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
