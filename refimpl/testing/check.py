@@ -51,10 +51,7 @@ def axis_names(rec: OpRecord, name: str, ndim: int) -> tuple:
 
 
 def _float64(a) -> np.ndarray:
-    a = np.asarray(a)
-    if hasattr(a, "detach"):                                   # a torch tensor passed by mistake: say so
-        raise MismatchError("pass NumPy arrays (tensor.float().numpy()), not tensors")
-    return a.astype(np.float64)                                # bf16 / fp8 ml_dtypes arrays convert exactly
+    return np.asarray(a).astype(np.float64)                    # bf16 / fp8 ml_dtypes arrays convert exactly
 
 
 def _check_float(rec, name, got, exact, approx, precision, hint: bool = True) -> str | None:
@@ -180,7 +177,8 @@ def _check_bits(rec, name, got, want) -> str | None:
 
 def assert_matches(mine, op, inputs: dict, precision: str = "float32", *, bitwise: bool = False) -> None:
     """Raise MismatchError unless `mine` (the candidate's outputs on `inputs`) matches the reference of `op`
-    at the candidate's `precision` (module docstring). op: a name of refimpl.testing.OPS or a record.
+    at the candidate's `precision` (module docstring). op: a name of refimpl.testing.OPS or a record. A record
+    marked `exact` (act_quant_fp8) is compared bit for bit with its one precision, whatever `precision` says.
 
     bitwise (mirror only): also require refimpl's mirror bits, up to rare one-unit rounding-boundary flips
     (the default bound admits any implementation as close to the exact value as mirror's own error)."""
@@ -215,11 +213,15 @@ def assert_matches(mine, op, inputs: dict, precision: str = "float32", *, bitwis
 
 
 def check_op(impl, op, precision: str = "float32", *, max_examples: int = 50, derandomize: bool = False,
-             bitwise: bool = False, **options) -> None:
+             bitwise: bool = False) -> None:
     """Property-test `impl(inputs) -> outputs` against the record on its strategy (Hypothesis: shrinks a
     failure to a small input). Each example's edge cases are Hypothesis events (--hypothesis-show-statistics)."""
     rec = get_op(op)
-    strategy = rec.strategy(precision, **options)
+    if rec.exact:
+        precision = rec.precisions[0]               # a format operation: bit for bit, in its one precision
+    if precision not in rec.precisions:
+        raise ValueError(f"{rec.name}: precision {precision!r} is not one of {rec.precisions}")
+    strategy = rec.strategy(precision)
 
     @settings(max_examples=max_examples, deadline=None, derandomize=derandomize, database=None)
     @given(inputs=strategy)

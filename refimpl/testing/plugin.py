@@ -9,7 +9,8 @@ Installed with refimpl, active in every pytest run of that environment; it adds 
     --refimpl-bitwise          with mirror: require refimpl's mirror bits, not only mirror's error bound
 
     refimpl_ops                the records, {name: OpRecord} (refimpl.testing.OPS)
-    refimpl_check              refimpl_check(impl, op, **options): check_op at the chosen precision and examples
+    refimpl_check              refimpl_check(impl, op, *, precision, max_examples, bitwise): check_op with the
+                               command line's precision, examples and bitwise as defaults
     refimpl_tiny_checkpoint    a tiny random-weight checkpoint in the official format (seed 0), once per session
     refimpl_golden             the golden set's inputs: [GoldenCase(name, tokens, chunks, decode_from, rows, traces)]
 """
@@ -49,13 +50,13 @@ def refimpl_ops() -> dict:
 
 @pytest.fixture
 def refimpl_check(request, refimpl_precision):
-    """check(impl, op, *, precision=..., max_examples=..., **strategy options) with the command line's defaults."""
+    """check(impl, op, *, precision=..., max_examples=..., bitwise=...): check_op with the command line's defaults."""
     examples = request.config.getoption("--refimpl-examples")
     bitwise = request.config.getoption("--refimpl-bitwise")
 
-    def check(impl, op, *, precision=None, max_examples=None, **options):
-        options.setdefault("bitwise", bitwise)
-        check_op(impl, op, precision or refimpl_precision, max_examples=max_examples or examples, **options)
+    def check(impl, op, *, precision=None, max_examples=None, bitwise=bitwise):
+        prec = precision or refimpl_precision
+        check_op(impl, op, prec, max_examples=max_examples or examples, bitwise=bitwise and prec == "mirror")
     return check
 
 
