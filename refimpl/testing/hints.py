@@ -2,7 +2,9 @@
 
 Each hint is tried only on a float output of the candidate whose shape allows it, and given only
 when the candidate, transformed, agrees with the exact result within the same bound the check
-uses (or, for "confined", when the out-of-bound elements occupy a strict subset along one axis).
+uses while the exact result, transformed, does not (or, for "confined", when the out-of-bound
+elements occupy a strict subset along one axis). A result with NaN or inf where the exact one is
+finite gets the "non-finite" hint and no transform.
 A hint names the likely mistake; it never turns a failure into a pass.
 
     factor      the candidate is a constant multiple of the exact result (a power of two: a scale)
@@ -30,9 +32,12 @@ def structural_hints(got: np.ndarray, exact: np.ndarray, bound: np.ndarray, bad:
     """Hints for a float output that failed. got, exact: same shape float64 (finite); bound broadcastable;
     bad: bool mask of out-of-bound elements; axes: a name per axis ("h heads", ...) or ()."""
     hints = []
-    finite = np.isfinite(exact) & np.isfinite(got)
-    if not finite.all():
-        got, exact = np.where(finite, got, 0.0), np.where(finite, exact, 0.0)
+    lost = np.isfinite(exact) & ~np.isfinite(got)
+    if lost.any():                     # NaN / inf where the exact value is finite: no transform can be judged
+        return [f"non-finite: the result holds NaN or inf at {int(lost.sum())} of {lost.size} elements where the "
+                "exact one is finite"] + _confined(bad, axes)
+    both = np.isfinite(exact)          # the exact -inf entries (masked scores) that the candidate matched
+    got, exact = np.where(both, got, 0.0), np.where(both, exact, 0.0)
     big = np.abs(exact) > 0.25 * np.abs(exact).max() if exact.size else np.zeros(0, bool)
     if big.any():
         ratio = got[big] / exact[big]
@@ -45,7 +50,8 @@ def structural_hints(got: np.ndarray, exact: np.ndarray, bound: np.ndarray, bad:
                          else f"factor: the result is {c:.6g} times the exact one")
     for a in range(got.ndim):
         for b in range(a + 1, got.ndim):
-            if got.shape[a] == got.shape[b] > 1 and _within(np.swapaxes(got, a, b), exact, bound):
+            if (got.shape[a] == got.shape[b] > 1 and _within(np.swapaxes(got, a, b), exact, bound)
+                    and not _within(np.swapaxes(exact, a, b), exact, bound)):       # the swap must change the result
                 hints.append(f"transpose: the result is the exact one with axes {_name(axes, a)} and {_name(axes, b)} "
                              "swapped (e.g. a mixing matrix read as [k, j] instead of [j, k])")
     for a in range(got.ndim):
@@ -57,17 +63,11 @@ def structural_hints(got: np.ndarray, exact: np.ndarray, bound: np.ndarray, bad:
                 sl2[a] = slice(None, -k) if k > 0 else slice(-k, None)
                 g, e = got[tuple(sl)], exact[tuple(sl2)]
                 bb = np.broadcast_to(bound, got.shape)[tuple(sl)]
-                if _within(g, e, bb):
+                if _within(g, e, bb) and not _within(exact[tuple(sl)], e, bb):      # the shift must change it
                     hints.append(f"shift: the result is the exact one shifted by {k} along {_name(axes, a)}")
                     break
+    hints += _confined(bad, axes)
     if bad.any() and not bad.all():
-        for a in range(got.ndim):
-            if got.shape[a] < 2:
-                continue
-            hit = np.flatnonzero(bad.any(axis=tuple(i for i in range(got.ndim) if i != a)))
-            if len(hit) < got.shape[a]:
-                hints.append(f"confined: the out-of-bound elements lie only at {_name(axes, a)} "
-                             f"{_ranges(hit)} of 0..{got.shape[a] - 1}")
         nz = bad & (exact != 0)
         if nz.any():                                   # the out-of-bound elements alone a constant multiple?
             c = float(np.median(got[nz] / exact[nz]))
@@ -78,6 +78,20 @@ def structural_hints(got: np.ndarray, exact: np.ndarray, bound: np.ndarray, bad:
                 hints.append(f"factor: every out-of-bound element is {c:.6g}{p2} times the exact one (a scale "
                              "applied to the wrong elements)")
     return hints
+
+
+def _confined(bad: np.ndarray, axes) -> list[str]:
+    """'confined' hints: the axes along which the out-of-bound elements occupy a strict subset of the indices."""
+    out = []
+    if bad.any() and not bad.all():
+        for a in range(bad.ndim):
+            if bad.shape[a] < 2:
+                continue
+            hit = np.flatnonzero(bad.any(axis=tuple(i for i in range(bad.ndim) if i != a)))
+            if len(hit) < bad.shape[a]:
+                out.append(f"confined: the out-of-bound elements lie only at {_name(axes, a)} "
+                           f"{_ranges(hit)} of 0..{bad.shape[a] - 1}")
+    return out
 
 
 def _name(axes, a: int) -> str:

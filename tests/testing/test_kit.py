@@ -121,6 +121,21 @@ def test_hints_factor_transpose_and_shift():
             assert_matches(wrong, rec, inputs, "float32")
 
 
+def test_a_nan_gets_no_transform_hint():
+    """NaN where the exact value is finite: said so, and no factor / transpose / shift is claimed."""
+    inputs = {"x": np.ones((1, 4), np.float32), "weight": np.ones(4, np.float32), "eps": 1e-6}
+    mine = np.array([[1.0, np.nan, 1.0, 1.0]], np.float32)
+    with pytest.raises(MismatchError) as e:
+        assert_matches(mine, "rms_norm", inputs, "float32")
+    msg = str(e.value)
+    assert "non-finite: the result holds NaN or inf at 1 of 4 elements" in msg
+    assert "confined: the out-of-bound elements lie only at axis 1 (c channels) 1 of 0..3" in msg
+    assert "shift" not in msg and "factor" not in msg and "transpose" not in msg
+    with pytest.raises(MismatchError) as e:                   # a constant row: a shift would change nothing
+        assert_matches(np.array([[1.0, 1.0, 1.0, 0.5]], np.float32), "rms_norm", inputs, "float32")
+    assert "shift" not in str(e.value) and "confined" in str(e.value)
+
+
 def test_wrong_shapes_and_output_counts_are_named():
     inputs = sparse_inputs()
     o = OPS["sparse_attention"].reference(inputs, "float32")["o"]
