@@ -168,7 +168,7 @@ def _check_bits(rec, name, got, want) -> str | None:
         return None
     with np.errstate(invalid="ignore"):
         flip = ~same & (np.abs(g - w) <= np.abs(w) * 2.0**-7)     # one bf16 unit (8 significant bits)
-    if flip.all() or (~same & ~flip).any() or flip.sum() > max(1, w.size // 1000):
+    if (~same & ~flip).any() or flip.sum() > max(1, w.size // 1000):
         i = tuple(int(v) for v in np.argwhere(~same)[0])
         return (f"{rec.name}.{name} at mirror (bitwise): {int((~same).sum())} of {w.size} elements differ from "
                 f"refimpl's mirror result; first at {list(i)}: got {g[i]:.9g}, mirror {w[i]:.9g}")
