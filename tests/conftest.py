@@ -29,6 +29,9 @@ from refimpl.config import Config  # noqa: E402
 
 TINY = Config.tiny()
 
+# another project's folder (tests/testing/test_plugin.py runs it as its user would, with the installed refimpl)
+collect_ignore = ["testing/elsewhere"]
+
 
 def pytest_report_header(config):
     profile = settings.get_current_profile_name()

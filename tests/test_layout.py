@@ -74,6 +74,7 @@ FLOORS = (
     ("refimpl.grad",),               # the backward: differentiates the model's float64 forward; takes a checkpoint
     ("refimpl.synthetic", "refimpl.generate"),
     ("refimpl.oracle",),
+    ("refimpl.testing",),                       # the property-testing kit: above everything it offers, below the CLI
     ("refimpl.cli", "refimpl"),
 )
 

@@ -220,8 +220,8 @@ MUTATIONS = [
     ("head: logits rounded to bf16", T,
      [("return fp32_linear(x, head, ctx.prec)", "return bf16(fp32_linear(x, head, ctx.prec), ctx.prec)")]),
     ("mtp: e_proj + h_proj not bf16", T,
-     [("x = bf16(quantized_linear(e, m.e_proj, prec)[:, :, None, :] + quantized_linear(hs, m.h_proj, prec), prec)",
-       "x = quantized_linear(e, m.e_proj, prec)[:, :, None, :] + quantized_linear(hs, m.h_proj, prec)")]),
+     [("return bf16(quantized_linear(e, e_proj, prec)[:, :, None, :] + quantized_linear(hs, h_proj, prec), prec)",
+       "return quantized_linear(e, e_proj, prec)[:, :, None, :] + quantized_linear(hs, h_proj, prec)")]),
 ]
 
 K_ATTN, K_POOL, K_NORM, K_IDX = ("refimpl/kernels/attention.py", "refimpl/kernels/compressor.py",

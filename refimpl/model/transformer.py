@@ -30,7 +30,7 @@ from refimpl.model.state import State, StateError, config_id, weights_id
 from refimpl.model.hyperconn import HyperConnWeights, hc_head
 from refimpl.model.linear import Fp8Matrix, fp32_linear, quantized_linear
 from refimpl.model.norm import rms_norm
-from refimpl.numerics import bf16, storage_dtype
+from refimpl.numerics import bf16, storage_dtype, work_dtype
 from refimpl.sites import Recording, record, wants_mtp
 from refimpl.ops import parse_kernels, use_kernels
 
@@ -84,6 +84,16 @@ def head_logits(h: np.ndarray, hc: HyperConnWeights, norm: np.ndarray, head: np.
     return fp32_linear(x, head, ctx.prec)              # official: F.linear(x.float(), head fp32)
 
 
+def mtp_input(h: np.ndarray, ids: np.ndarray, embed: np.ndarray, e_proj: Fp8Matrix, h_proj: Fp8Matrix,
+              enorm: np.ndarray, hnorm: np.ndarray, *, norm_eps: float, prec: str) -> np.ndarray:
+    """The MTP block's input: position t pairs streams h_t with token t+1. h [b,s,n,c], ids [b,s] -> [b,s-1,n,c]."""
+    dt = work_dtype(prec)
+    nxt = ids[:, 1:]                                                    # [b, s-1] token t+1
+    e = rms_norm(np.asarray(embed[nxt]).astype(dt), enorm, eps=norm_eps, prec=prec)
+    hs = rms_norm(h[:, :-1], hnorm, eps=norm_eps, prec=prec)            # [b, s-1, n, c] streams of t, per stream
+    return bf16(quantized_linear(e, e_proj, prec)[:, :, None, :] + quantized_linear(hs, h_proj, prec), prec)
+
+
 def mtp(h: np.ndarray, ids: np.ndarray, w: ModelWeights, ctx) -> np.ndarray:
     """The MTP block: position t pairs streams h_t with token t+1, predicting t+2. h [b,s,n,c], ids [b,s] -> [b,s-1,v]."""
     cfg, prec, m = ctx.cfg, ctx.prec, w.mtp
@@ -91,9 +101,7 @@ def mtp(h: np.ndarray, ids: np.ndarray, w: ModelWeights, ctx) -> np.ndarray:
     if s < 2:
         return np.zeros((b, 0, cfg.vocab_size), ctx.dtype)
     nxt = ids[:, 1:]                                                    # [b, s-1] token t+1
-    e = rms_norm(np.asarray(w.embed[nxt]).astype(ctx.dtype), m.enorm, eps=cfg.norm_eps, prec=prec)
-    hs = rms_norm(h[:, :-1], m.hnorm, eps=cfg.norm_eps, prec=prec)      # [b, s-1, n, c] streams of t, per stream
-    x = bf16(quantized_linear(e, m.e_proj, prec)[:, :, None, :] + quantized_linear(hs, m.h_proj, prec), prec)
+    x = mtp_input(h, ids, w.embed, m.e_proj, m.h_proj, m.enorm, m.hnorm, norm_eps=cfg.norm_eps, prec=prec)
     layer = ctx.layers[cfg.mtp_layer]
     state = AttentionState.empty(cfg, layer.id, b, prec)
     x, _ = block(x, nxt, 0, state, m.block, layer, ctx)

@@ -42,6 +42,7 @@ from refimpl.model.indexer import index_scores  # noqa: E402
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix, matmul, quantized_linear  # noqa: E402
 from refimpl.numerics import round_bf16  # noqa: E402
 from refimpl.synthetic.quantize import quant_fp4_weight, quant_fp8_weight  # noqa: E402
+from refimpl.testing import OPS, assert_matches  # noqa: E402
 
 PRECS = ("float64", "float32", "mirror")
 FEW = settings(deadline=None, max_examples=8, derandomize=True)
@@ -311,6 +312,30 @@ def test_split_sinkhorn_refuses_bad_shapes():
     with pytest.raises(ValueError, match="mixes"):
         cu_hyperconn.split_sinkhorn(np.zeros((2, 23), np.float32), np.ones(3, np.float32), np.zeros(24, np.float32),
                                     n=4, iters=2, eps=1e-6, prec="mirror")
+
+
+@pytest.mark.parametrize("prec", PRECS)
+def test_cuda_kernels_through_the_kit(prec):
+    """Dogfood: the CUDA sparse attention and Sinkhorn on inputs drawn by refimpl.testing's records, checked with
+    its assertion at their precision (what another implementation's kernel must pass), 3 examples each."""
+
+    @settings(deadline=None, max_examples=3, derandomize=True)
+    @given(inputs=OPS["sparse_attention"].strategy(prec))
+    def attention(inputs):
+        dt = np.float64 if prec == "float64" else np.float32
+        o = cu_attention.sparse_attention(inputs["q"].astype(dt), inputs["kv"].astype(dt), inputs["attn_sink"],
+                                          inputs["topk_idxs"], inputs["softmax_scale"], prec)
+        assert_matches(o, "sparse_attention", inputs, prec)
+
+    @settings(deadline=None, max_examples=3, derandomize=True)
+    @given(inputs=OPS["split_sinkhorn"].strategy(prec))
+    def sinkhorn(inputs):
+        dt = np.float64 if prec == "float64" else np.float32
+        out = cu_hyperconn.split_sinkhorn(inputs["mixes"].astype(dt), inputs["scale"], inputs["base"], n=inputs["n"],
+                                          iters=inputs["iters"], eps=inputs["eps"], prec=prec)
+        assert_matches(out, "split_sinkhorn", inputs, prec)
+    attention()
+    sinkhorn()
 
 
 def test_zz_mirror_comparisons_were_made():

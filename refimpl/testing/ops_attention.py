@@ -1,0 +1,228 @@
+"""Records of the attention path: the compressor, the indexer and sparse attention with the sink
+(docs/architecture.md §8-10).
+
+    compress          gated pooling of m-token blocks into entries (m = 4: overlapping windows of 2m, the
+                      previous block's first d channels; m > 4: one block), rms_norm, RoPE at the block's
+                      first position, then FP8 QDQ of the non-rope dims (main) or Hadamard + FP4 QDQ
+                      (rotate: the indexer's compressor); the decode state carries incomplete blocks   (M:L279-377)
+    index_topk        I[t, e] = Σ_h w[t, h]·ReLU(q[t, h]·K[e]) for e < (t+1)//m, top-k descending, ties to the
+                      lower entry, -1 padded                                                           (M:L380-433)
+    sparse_attention  o = Σ_j softmax-with-sink(scale·q·kv_j)·kv_j over each query's index set (-1 = none):
+                      the sink attn_sink[h] of the query's OWN head enters the denominator only       (K:L276-368)
+"""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+from hypothesis import strategies as st
+
+from refimpl.config import Config, Layer
+from refimpl.context import RunContext
+from refimpl.model.attention import sparse_attention
+from refimpl.model.compressor import CompressorState, CompressorWeights, compress
+from refimpl.model.indexer import index_topk
+from refimpl.numerics import round_bf16
+from refimpl.testing.ops_linear import as_dtype, bf16_values
+from refimpl.testing.record import OpRecord, register
+
+_TINY = Config.tiny()
+COMPRESSED_ROPE = dict(base=_TINY.compress_rope_theta, original_seq_len=_TINY.original_seq_len,
+                       factor=_TINY.rope_factor, beta_fast=_TINY.beta_fast, beta_slow=_TINY.beta_slow)
+
+
+# ------------------------------------------------------------------------------------------------ compressor
+
+def _compress(inp, prec, start_pos, x, kv, score):
+    m, d = inp["ratio"], inp["head_dim"]
+    layer = Layer(id=3, compress_ratio=m, overlap=m == 4, uses_indexer=False)   # a compressed layer of tiny: its RoPE
+    ctx = RunContext(cfg=_TINY, prec=prec)
+    w = CompressorWeights(wkv=inp["wkv"], wgate=inp["wgate"], ape=inp["ape"], norm=inp["norm"])
+    e, st_ = compress(as_dtype(x, prec), start_pos, CompressorState(kv=as_dtype(kv, prec), score=as_dtype(score, prec)),
+                      w, layer, ctx, head_dim=d, rotate=inp["rotate"])
+    return e, st_
+
+
+@st.composite
+def compressor_inputs(draw, precision: str = "float32"):
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    m = draw(st.sampled_from([4, 8, 16]))
+    d = _TINY.head_dim                                                  # 128: p = 64 rope dims, 64 FP8 QDQ dims
+    c = draw(st.sampled_from([16, 64]))
+    o = 2 if m == 4 else 1
+    start = draw(st.sampled_from([0, 0, 1, m - 1, m, m + 1, 3 * m - 1]))
+    s = draw(st.sampled_from([1, 2, m - 1, m, m + 1, 2 * m + 3]))
+    inp = {"ratio": m, "head_dim": d, "rotate": draw(st.booleans()), "start_pos": start,
+           "wkv": (rng.standard_normal((o * d, c)) * c ** -0.5).astype(ml_dtypes.bfloat16),
+           "wgate": (rng.standard_normal((o * d, c)) * c ** -0.5).astype(ml_dtypes.bfloat16),
+           "ape": (rng.standard_normal((m, o * d)) * 0.5).astype(np.float32),
+           "norm": (1 + 0.1 * rng.standard_normal(d)).astype(ml_dtypes.bfloat16), **COMPRESSED_ROPE}
+    shape = (1, o * m, o * d)
+    kv, score = np.zeros(shape, np.float32), np.full(shape, -np.inf, np.float32)
+    if start:                         # the decode state after `start` tokens: refimpl's own, from a float32 prefill
+        _, state = _compress(inp, "float32", 0, bf16_values(rng, (1, start, c)), kv, score)
+        kv, score = state.kv, state.score
+    inp.update(x=bf16_values(rng, (1, s, c)).astype(np.float32), state_kv=kv, state_score=score)
+    return inp
+
+
+def _compressor_run(inp, prec):
+    e, state = _compress(inp, prec, inp["start_pos"], inp["x"], inp["state_kv"], inp["state_score"])
+    return {"entries": e, "state_kv": state.kv, "state_score": state.score}
+
+
+def _compressor_edges(inp) -> set:
+    m, start, s = inp["ratio"], inp["start_pos"], inp["x"].shape[1]
+    out = {"overlap"} if m == 4 else {"no_overlap"}
+    out |= {"rotate"} if inp["rotate"] else set()
+    new = (start + s) // m - start // m
+    out |= {"no_entry"} if new == 0 else {"several_entries"} if new > 1 else set()
+    out |= {"incomplete_group"} if (start + s) % m else set()
+    out |= {"decode_state"} if start % m else set()
+    out |= {"first_block_padding"} if m == 4 and start < m and new > 0 else set()
+    return out
+
+
+register(OpRecord(
+    name="compress",
+    summary="compressor: gated pooling of m-token blocks (overlap at m = 4), norm, RoPE at the block start, QDQ",
+    official="M:L279-377 Compressor (forward and the decode state kv_state / score_state)",
+    inputs={"x": "[b, s, c] float32 (bf16 values): tokens start_pos .. start_pos+s-1", "start_pos": "int",
+            "ratio": "int m (4: overlap, o = 2; else o = 1)", "head_dim": "int d", "rotate": "bool (indexer's compressor)",
+            "wkv": "[o·d, c] bfloat16", "wgate": "[o·d, c] bfloat16", "ape": "[m, o·d] float32", "norm": "[d] bfloat16",
+            "state_kv": "[b, o·m, o·d] float32: rows 0..m-1 the previous block (overlap), then the pending rows t mod m",
+            "state_score": "[b, o·m, o·d] float32 (-inf where unused; scores include ape)",
+            "base, original_seq_len, factor, beta_fast, beta_slow": "the compressed layers' RoPE/YaRN (rope_dim 64)"},
+    outputs=("entries", "state_kv", "state_score"),
+    axes={"entries": ("b batch", "e entries", "d dims"), "state_kv": ("b batch", "r rows", "d channels"),
+          "state_score": ("b batch", "r rows", "d channels")},
+    run=_compressor_run, strategy=compressor_inputs, edges=_compressor_edges,
+    edge_cases=("overlap", "no_overlap", "rotate", "no_entry", "several_entries", "incomplete_group", "decode_state",
+                "first_block_padding")))
+
+
+# ------------------------------------------------------------------------------------------------ index_topk
+
+@st.composite
+def index_topk_inputs(draw, precision: str = "float32"):
+    """Integer-valued q, keys and weights times powers of two: every score is exact at every precision, so
+    scores are either equal (exact ties, often) or far apart, and the top-k is decided without near-ties."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    s = draw(st.sampled_from([1, 2, 6]))
+    start = draw(st.sampled_from([0, 1, 3, 10, 40]))
+    ratio = draw(st.sampled_from([4]))
+    heads = draw(st.sampled_from([1, 4]))
+    j = draw(st.sampled_from([8, 32]))
+    k = draw(st.sampled_from([1, 2, 4, 16]))
+    levels = draw(st.sampled_from([1, 2, 5]))                           # few levels: many exact ties
+    n = (start + s) // ratio + draw(st.sampled_from([0, 2]))            # keys may run past the visible ones
+    pick = lambda *sh: rng.integers(-levels, levels + 1, sh).astype(np.float32)      # noqa: E731
+    return {"q": pick(1, s, heads, j) * 0.5, "keys": pick(1, n, j) * 0.25, "weights": np.abs(pick(1, s, heads)) + 1,
+            "start_pos": start, "ratio": ratio, "index_topk": k}
+
+
+def _index_topk_run(inp, prec):
+    topk, scores = index_topk(as_dtype(inp["q"], prec), as_dtype(inp["keys"], prec), as_dtype(inp["weights"], prec),
+                                   inp["start_pos"], inp["ratio"], inp["index_topk"], prec)
+    return {"topk": topk, "scores": scores}
+
+
+def _index_topk_edges(inp) -> set:
+    out = set()
+    start, s, m, k = inp["start_pos"], inp["q"].shape[1], inp["ratio"], inp["index_topk"]
+    vis = (start + np.arange(s) + 1) // m
+    out |= {"query_sees_nothing"} if (vis == 0).any() else set()
+    out |= {"padding_-1"} if ((vis > 0) & (vis < k)).any() else set()
+    out |= {"topk_drops_entries"} if (vis > k).any() else set()
+    out |= {"keys_past_visible"} if inp["keys"].shape[1] > vis.max() else set()
+    sc = _index_topk_run(inp, "float64")["scores"][0]
+    for t, v in enumerate(vis):
+        row = sc[t, :v]
+        if v > k and len(row) and np.sort(row)[::-1][k - 1] == np.sort(row)[::-1][k]:
+            out.add("tie_at_the_boundary")
+        if len(np.unique(row)) < len(row):
+            out.add("exact_ties")
+    return out
+
+
+register(OpRecord(
+    name="index_topk",
+    summary="indexer scores Σ_h w·ReLU(q·K) of the visible entries and their top-k (ties: the lower entry), -1 padded",
+    official="M:L380-433 Indexer.forward (score, the causal mask, topk)",
+    inputs={"q": "[b, s, i, j] float32 (after RoPE, Hadamard and FP4 QDQ)", "keys": "[b, n, j] float32 (entries)",
+            "weights": "[b, s, i] float32 (weights_proj · j^-0.5 · i^-0.5)", "start_pos": "int",
+            "ratio": "int m (4)", "index_topk": "int k"},
+    outputs=("topk", "scores"),
+    axes={"topk": ("b batch", "s positions", "k slots"), "scores": ("b batch", "s positions", "e entries")},
+    run=_index_topk_run, strategy=index_topk_inputs, edges=_index_topk_edges,
+    edge_cases=("query_sees_nothing", "padding_-1", "topk_drops_entries", "keys_past_visible", "exact_ties",
+                "tie_at_the_boundary"),
+    selections={"topk": "scores"}))
+
+
+# ------------------------------------------------------------------------------------------------ sparse_attention
+
+@st.composite
+def sparse_attention_inputs(draw, precision: str = "float32"):
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    s = draw(st.sampled_from([1, 1, 3]))
+    h = draw(st.sampled_from([1, 2, 8]))
+    d = draw(st.sampled_from([8, 64]))
+    n = draw(st.sampled_from([1, 5, 70, 200]))
+    k = draw(st.sampled_from([1, 3, 64, 65, 150]))
+    pad = draw(st.sampled_from([0.0, 0.3, 0.95]))
+    spread = draw(st.sampled_from([1.0, 8.0]))
+    q = bf16_values(rng, (1, s, h, d)) * spread
+    kv = bf16_values(rng, (1, n, d))
+    sink = (rng.standard_normal(h) * draw(st.sampled_from([1.0, 4.0]))
+            + draw(st.sampled_from([0.0, 12.0]))).astype(np.float32)    # +12: the sink outweighs the scores
+    idx = rng.integers(0, n, (1, s, k))
+    idx[rng.random((1, s, k)) < pad] = -1
+    idx[:, :, 0] = rng.integers(0, n, (1, s))                           # the first block has an entry (K:L276-368)
+    scale = float(draw(st.sampled_from([d ** -0.5, 1.0])))
+    # scores at most 60 in size: exp(sink - max) stays finite in fp32 (a correct fp32 kernel overflows beyond)
+    sc = np.abs(np.einsum("bshd,bnd->bshn", q, kv) * scale).max(axis=(-1, -2), keepdims=True)[..., 0]   # [b, s, 1]
+    q = q * np.minimum(1.0, 60.0 / np.maximum(sc, 1e-30))[..., None]
+    return {"q": round_bf16(q), "kv": kv.astype(np.float32), "attn_sink": sink, "topk_idxs": idx,
+            "softmax_scale": scale}
+
+
+def _sparse_run(inp, prec):
+    return {"o": sparse_attention(as_dtype(inp["q"], prec), as_dtype(inp["kv"], prec), inp["attn_sink"],
+                                       np.asarray(inp["topk_idxs"]), inp["softmax_scale"], prec)}
+
+
+def _sparse_edges(inp) -> set:
+    idx, h = np.asarray(inp["topk_idxs"]), inp["q"].shape[2]
+    valid = (idx >= 0).sum(-1)
+    out = {"padding_-1"} if (idx < 0).any() else set()
+    out |= {"one_valid_entry"} if (valid == 1).any() else set()
+    out |= {"several_blocks_of_64"} if idx.shape[-1] > 64 else set()
+    out |= {"one_query"} if inp["q"].shape[1] == 1 else set()
+    out |= {"sink_heads_differ"} if h > 1 and np.ptp(inp["attn_sink"]) > 0.5 else set()
+    sc = np.einsum("bshd,bnd->bshn", inp["q"].astype(np.float64), inp["kv"].astype(np.float64)) * inp["softmax_scale"]
+    out |= {"sink_dominates"} if (inp["attn_sink"][None, None, :] > sc.max(-1) + 5).any() else set()
+    out |= {"large_logits"} if np.abs(sc).max() > 50 else set()
+    return out
+
+
+register(OpRecord(
+    name="sparse_attention",
+    summary="attention over each query's gathered KV rows with a per-head sink in the softmax denominator",
+    official="K:L276-368 sparse_attn (block-64 online softmax in mirror)",
+    inputs={"q": "[b, s, h, d] float32 (bf16 values)", "kv": "[b, n, d] float32 (bf16 values): K = V",
+            "attn_sink": "[h] float32 (each head its own)", "topk_idxs": "[b, s, k] int64, -1 = no entry",
+            "softmax_scale": "float"},
+    outputs=("o",), axes={"o": ("b batch", "s positions", "h heads", "d dims")},
+    run=_sparse_run, strategy=sparse_attention_inputs, edges=_sparse_edges,
+    edge_cases=("padding_-1", "one_valid_entry", "several_blocks_of_64", "one_query", "sink_heads_differ",
+                "sink_dominates", "large_logits"),
+    suspects=tuple((f"every head group using the sinks of the first of {g} groups (tensor-parallel rank 0's)",
+                    lambda i, g=g: {**i, "attn_sink": np.tile(i["attn_sink"][:len(i["attn_sink"]) // g], g)}
+                    if len(i["attn_sink"]) % g == 0 and len(i["attn_sink"]) > 1 else None) for g in (2, 4, 8))
+    + (("each head using the sink of the head before it (an off-by-one head index)",
+        lambda i: {**i, "attn_sink": np.roll(i["attn_sink"], 1)} if len(i["attn_sink"]) > 1 else None),
+       ("each head using the sink of the head after it (an off-by-one head index)",
+        lambda i: {**i, "attn_sink": np.roll(i["attn_sink"], -1)} if len(i["attn_sink"]) > 2 else None),
+       ("the sink rounded to bf16", lambda i: {**i, "attn_sink": round_bf16(i["attn_sink"])}),
+       ("attention without the sink", lambda i: {**i, "attn_sink": np.full_like(i["attn_sink"], -np.inf)})),
+    ))
