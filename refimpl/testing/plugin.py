@@ -70,13 +70,16 @@ def refimpl_tiny_checkpoint(tmp_path_factory) -> Path:
 
 @dataclass(frozen=True)
 class GoldenCase:
-    """One input of the golden set: its tokens, how it is run, the positions kept, its trace per precision."""
+    """One input of the golden set: its tokens, how it is run, the positions kept, its trace per precision, and
+    the checkpoint it runs on (None: the tiny one, `refimpl_tiny_checkpoint`; else a preset name, made with
+    `refimpl make-checkpoint PRESET DIR --seed 0`)."""
     name: str
     tokens: tuple
     chunks: tuple | None
     decode_from: int | None
     rows: tuple
     traces: dict             # precision -> path of refimpl's trace of this input (docs/trace-format.md)
+    checkpoint: str | None = None
 
 
 @pytest.fixture(scope="session")
@@ -87,5 +90,6 @@ def refimpl_golden() -> list:
     for d in manifest["inputs"]:
         g = GoldenInput.from_dict(d, len(manifest["tokens"]))
         cases.append(GoldenCase(g.name, tuple(manifest["tokens"][:g.length]), g.chunks, g.decode_from, g.rows,
-                                {p: folder / trace_file(p, g.name) for p in g.stored(manifest["precisions"])}))
+                                {p: folder / trace_file(p, g.name) for p in g.stored(manifest["precisions"])},
+                                g.checkpoint))
     return cases
