@@ -35,6 +35,7 @@ tests bound the difference by (K + 2)·2^-24·Σ|x·w|.
 """
 from __future__ import annotations
 
+import math
 import weakref
 
 import numpy as np
@@ -474,15 +475,63 @@ def blas_float32(fmt, x, codes, scale, n_out, row0):
     return out
 
 
-def _grain(v: np.ndarray) -> np.ndarray:
-    """The largest power of two dividing each float64 value (v = odd integer · grain); inf for 0 (no constraint),
-    NaN for inf / NaN."""
-    m, e = np.frexp(v)                                               # v = m·2^e, |m| in [0.5, 1)
-    with np.errstate(invalid="ignore"):                              # inf / NaN: no integer significand
-        n = np.abs(m * 2.0 ** 53).astype(np.int64)                   # the 53-bit significand as an integer
-    low = (n & -n).astype(np.float64)                                # its lowest set bit (0 for v = 0)
-    g = np.where(np.isfinite(v), np.ldexp(low, e - 53), np.nan)
-    return np.where(v == 0, np.inf, g)
+@njit(cache=True, nogil=True)
+def _min_grain(v):
+    """v [R, K] float64 (C-contiguous) -> [R]: the smallest grain (the largest power of two dividing a value:
+    v = odd integer · grain) among each row's non-zero values; inf for a row of zeros, NaN for a row with
+    inf or NaN. From the bits: significand s (with its hidden bit), exponent e: grain = 2^(e + trailing zeros of s)."""
+    R, K = v.shape
+    bits = v.view(np.uint64)
+    one = np.empty(1)
+    one_bits = one.view(np.uint64)
+    out = np.empty(R)
+    for r in range(R):
+        lo = 100000                                                  # the least grain exponent so far
+        bad = False
+        for k in range(K):
+            b = bits[r, k] & np.uint64(0x7FFFFFFFFFFFFFFF)
+            if b == 0:
+                continue
+            ef = np.int64(b >> np.uint64(52))
+            if ef == 0x7FF:
+                bad = True
+                break
+            sig = np.int64(b & np.uint64(0xFFFFFFFFFFFFF))
+            e = np.int64(-1074)
+            if ef:
+                sig |= np.int64(1) << 52
+                e = ef - 1075
+            one[0] = np.float64(sig & -sig)                          # the lowest set bit, exactly
+            tz = np.int64(one_bits[0] >> np.uint64(52)) - 1023
+            lo = min(lo, e + tz)
+        out[r] = np.nan if bad else (np.inf if lo == 100000 else math.ldexp(1.0, lo))
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _rounding_safe(y, a, gx, gw, gamma):
+    """[T, N] bool: fp32(y) is the fp32 rounding of every float64 sum of the same exact products (see
+    blas_rounding_checked): either the sum is exact (a < 2^52 · gx · gw: every partial sum, in any
+    order, is a multiple of gx·gw below 2^53 of them), or y ± 2γa(1 + 2γ) holds no fp32 rounding midpoint."""
+    T, N = y.shape
+    safe = np.zeros((T, N), np.bool_)
+    for t in range(T):
+        for n in range(N):
+            yv = y[t, n]
+            f = np.float32(yv)
+            if not np.isfinite(f):
+                continue
+            if a[t, n] < gx[t] * gw[n] * 2.0 ** 52:
+                safe[t, n] = True
+                continue
+            up = np.float64(np.nextafter(f, np.float32(np.inf)))
+            down = np.float64(np.nextafter(f, np.float32(-np.inf)))
+            if not (np.isfinite(up) and np.isfinite(down)):
+                continue
+            b = a[t, n] * (2 * gamma * (1 + 2 * gamma))
+            fv = np.float64(f)
+            safe[t, n] = yv - b > (fv + down) / 2 and yv + b < (fv + up) / 2
+    return safe
 
 
 def blas_rounding_checked(fmt, x, codes, scale, n_out, row0):
@@ -499,7 +548,7 @@ def blas_rounding_checked(fmt, x, codes, scale, n_out, row0):
     T, K = x.shape
     gamma = K * 2.0 ** -53 / (1 - K * 2.0 ** -53)
     ax = np.abs(x)
-    gx = _grain(x).min(axis=1)                                       # [T] every x[t, k] is a multiple of gx[t]
+    gx = _min_grain(x)                                               # [T] every x[t, k] is a multiple of gx[t]
     out = np.empty((T, n_out))
 
     def panel(p0):
@@ -508,17 +557,7 @@ def blas_rounding_checked(fmt, x, codes, scale, n_out, row0):
         decode_rows(fmt, codes, scale, p0, p1, row0, w)
         y = x @ w.T                                                  # [T, p] float64, BLAS's order
         a = ax @ np.abs(w).T                                         # Σ|x·w| (to within a factor 1 + γ)
-        bound = a * (2 * gamma * (1 + 2 * gamma))                    # >= |y - kernel's sum|
-        f = y.astype(np.float32)
-        with np.errstate(invalid="ignore", over="ignore"):
-            up = np.nextafter(f, np.float32(np.inf)).astype(np.float64)
-            down = np.nextafter(f, np.float32(-np.inf)).astype(np.float64)
-            f64 = f.astype(np.float64)
-            safe = (y - bound > (f64 + down) / 2) & (y + bound < (f64 + up) / 2) & np.isfinite(up) & np.isfinite(down)
-            # exact sums: every product a multiple of G = gx·gw and Σ|x·w| < 2^52·G (a's own error included):
-            # every partial sum of any order is exact, so both sums are the exact value (bf16 x bf16 often)
-            exact = a < np.outer(gx, _grain(w).min(axis=1)) * 2.0 ** 52
-        safe |= exact & np.isfinite(y)
+        safe = _rounding_safe(y, a, gx, _min_grain(w), gamma)
         y[y == 0] = 0.0                                              # the kernel's sums start at +0: never -0
         out[:, p0:p1] = y
         for t in np.flatnonzero(~safe.all(axis=1)):                  # rows with an output near a rounding midpoint
