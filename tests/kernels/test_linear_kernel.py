@@ -103,10 +103,11 @@ def test_mirror_quantized_products_are_the_spec_on_every_path(small_panels, seed
                                                                                           scale_hi=hi)
     x = rng.standard_normal((rows, k)) * np.exp2(rng.integers(-act_span, act_span + 1, (rows, kblocks)).repeat(128, 1))
     x = round_bf16(x)
-    ky = K.quantized_linear(x, w, "mirror")
-    assert np.array_equal(ky, spec.quantized_linear(x, w, "mirror"))
-    for r in {0, rows - 1}:
-        assert np.array_equal(K.quantized_linear(x[r:r + 1], w, "mirror")[0], ky[r])
+    with np.errstate(over="ignore"):                                   # extreme scales: some sums pass fp32's range
+        ky = K.quantized_linear(x, w, "mirror")
+        assert np.array_equal(ky, spec.quantized_linear(x, w, "mirror"))
+        for r in {0, rows - 1}:
+            assert np.array_equal(K.quantized_linear(x[r:r + 1], w, "mirror")[0], ky[r])
 
 
 @pytest.mark.parametrize("rows", [1, 3, 18])
