@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args(argv)
+    if a.tokens < 1 or a.threads < 1 or a.repeats < 1:
+        ap.error("--tokens, --threads and --repeats must be at least 1")
     _threads(a.threads)
     try:
         import torch

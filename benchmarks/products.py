@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="mirror only, one repeat")
     a = ap.parse_args(argv)
+    if a.rows < 32 or a.k < 128 or a.k % 128 or a.repeats < 1:
+        ap.error("--rows must be at least 32, --k a multiple of 128, --repeats at least 1")
     report = {"machine": {"load_start": os.getloadavg()}, "shape": {"rows": a.rows, "k": a.k}}
     rng = np.random.default_rng(0)
     T, k = a.rows, a.k
