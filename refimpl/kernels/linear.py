@@ -51,7 +51,7 @@ from refimpl.numerics import FP4_BLOCK, FP8_BLOCK, _as_codes, _check_scale_grid,
 from refimpl.model import attention as spec_attention, linear as spec_linear
 
 
-LANES = 16           # lanes of a block's sum: position p of a 128-column block (FP4: of a 1x32 block's half) -> lane p % 16
+LANES = 16           # lanes of a block's sum: position p of a block (FP4: of a 1x32 block's half) -> lane p % 16
 ROWS_PER_TASK = 32   # output rows per parallel task (scratch buffers are allocated once per task)
 PREFETCH_ROWS = 8    # one-row products: weight rows read ahead (kernels/prefetch.py)
 LINE = 64            # bytes per cache line

@@ -25,9 +25,10 @@ them: at most 43 significant bits, exact in float64 whatever the order of the ad
 without fused multiply-adds. An FP4 weight (e2m1: a multiple of 0.5, at most 6) has one scale per
 32 columns: a 32-column sum is exact (27 bits), and a 128-column sum too while the block's four
 scales span at most 24 binades (29 bits + the span <= 53). So mirror defines the product as the
-official kernel structures it (per-block partial sums, scaled, accumulated: fp8_gemm K:L203-273, fp4_gemm K:L441-536): each
-128-column block's sum (an FP4 block: its four 32-column sums added in ascending order), the
-blocks added in ascending order in float64, the result rounded once to fp32. Every block sum is
+official kernel structures it (per-block partial sums, scaled, accumulated: fp8_gemm K:L203-273,
+fp4_gemm K:L441-536): each 128-column block's sum (an FP4 block: its four 32-column sums added
+in ascending order), the blocks added in ascending order in float64, the result rounded once to
+fp32 (docs/architecture.md §4). Every block sum is
 exact, so any BLAS call computes it with the same bits for any number of rows: a matrix product
 per block is row-count independent, and the kernels (refimpl/kernels/linear.py) reproduce these
 bits on any number of rows and threads.
