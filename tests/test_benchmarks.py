@@ -93,3 +93,14 @@ def test_prefill_flops_add_up_over_chunks(preset):
     swa = [i for i in layers if cfg.compress_ratio(i) == 0][0]
     one = bench.prefill_flops(cfg, [swa], 1000, 1, head=False)
     assert one["attention"] == 4 * cfg.n_heads * cfg.head_dim * cfg.window_size
+
+
+def test_peers_benchmark_skips_with_a_reason_without_torch():
+    """benchmarks/peers.py without torch (hidden here even where installed): says why, prints a JSON line, exit 0."""
+    code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['peers.py']; "
+            f"runpy.run_path({str(ROOT / 'benchmarks' / 'peers.py')!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("skipped: ") and "pip install '.[peers]'" in lines[0]
+    assert "skipped" in json.loads(lines[-1])

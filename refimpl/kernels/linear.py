@@ -6,23 +6,27 @@
     grouped_wo_a       attention step 6: o_g @ wo_a[g]ᵀ for each group, from the FP8 bytes
 
 One kernel, `product_kernel` (and `product_kernel_serial`, the same operations on one thread for
-small products), does all of them. Order of every output element: the input columns are taken
-in blocks of 128; lane l (column k0 + l of each block; for FP4 the block's even columns, then its
-odd ones, as a packed byte holds two) accumulates in float64 x · w over the blocks in ascending
-order, w the exact weight (raw weight · block scale, a power of two: exact); then the 128 lanes
-are added in ascending order. The order depends on the weight's shape only, so a row of x gives
+small products), does all of them; mirror's FP8/FP4 products with many rows take BLAS instead
+(`blas_block_sums`). Order of every output element, the spec's block sums (model/linear.py
+`block_sums`): the input columns are taken in blocks of 128; a block's sum is taken in LANES = 16
+float64 lanes (position p of the block goes to lane p % 16, positions ascending, x · w with w the
+exact weight: raw weight · block scale, a power of two), the lanes added in ascending order; the
+block sums are added in ascending order. An FP4 block's sum is its four 1x32 blocks' sums (each
+taken the same way over its 16 packed bytes: lane i = even column's product, then the odd one's;
+the FP4 lane order puts a block's even columns first, then its odd ones, as a packed byte holds
+two) added in ascending order. The order depends on the weight's shape only, so a row of x gives
 the same output alone or among any number of rows (one input row takes a path that decodes on
 the fly, several rows share decoded weight rows: the same operations), on any number of threads.
 The lanes are what LLVM vectorizes without reassociating anything (no fastmath).
 
 Exactness (mirror). The activations of an FP8/FP4 product are e4m3 values times a power of two
-per 1x128 block (act_fp8) and the weights e4m3 / e2m1 values times powers of two: every product
-x · w is exact in float64. Only the additions round: the kernel and the spec (a float64 BLAS
-product, row by row) add the same exact products in different orders, their float64 sums differ
-by a few float64 ulps at most, and the one rounding to fp32 agrees except when the exact sum lies
-that close to an fp32 rounding boundary (the tests check each differing output is such a case
-and count them: none so far). bf16/fp32 weights times fp32 activations: products exact in
-float64 (8 or 24 + 24 bits), same argument.
+per 1x128 block (act_fp8) and the weights e4m3 / e2m1 values times powers of two: every block sum
+(and every 1x32 sum of an FP4 block) is exact in float64 in any order, so the kernel, the BLAS
+path and the spec add the same float64 numbers in the same order: bit-identical results.
+bf16/fp32 weights times fp32 activations: products exact in float64 (8 or 24 + 24 bits), sums
+not; the kernel and the spec (a float64 BLAS product, row by row) differ by a few float64 ulps at
+most, and the one rounding to fp32 agrees except when the exact sum lies that close to an fp32
+rounding boundary (the tests check each differing output is such a case and count them).
 
 float64 mode: the same kernel; it and BLAS both sum within K·2^-53·Σ|x·w| of the exact value.
 float32 mode: the spec takes one float32 BLAS product (error up to about K·2^-24·Σ|x·w|); the
@@ -31,6 +35,7 @@ tests bound the difference by (K + 2)·2^-24·Σ|x·w|.
 """
 from __future__ import annotations
 
+import math
 import weakref
 
 import numpy as np
@@ -38,6 +43,7 @@ from numba import njit, prange
 
 from refimpl.kernels.formats import (BLOCK, FMT_BF16, FMT_F32, FMT_FP4, FMT_FP8, bf16_value, f32_from_bits,
                                      fp4_block_scale, fp4_pair_raw, fp8_block_scale, fp8_raw)
+from refimpl.kernels.blas import run_tasks
 from refimpl.kernels.prefetch import prefetch
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix
 from refimpl.model.linear import matmul as _matmul
@@ -45,6 +51,7 @@ from refimpl.numerics import FP4_BLOCK, FP8_BLOCK, _as_codes, _check_scale_grid,
 from refimpl.model import attention as spec_attention, linear as spec_linear
 
 
+LANES = 16           # lanes of a block's sum: position p of a block (FP4: of a 1x32 block's half) -> lane p % 16
 ROWS_PER_TASK = 32   # output rows per parallel task (scratch buffers are allocated once per task)
 PREFETCH_ROWS = 8    # one-row products: weight rows read ahead (kernels/prefetch.py)
 LINE = 64            # bytes per cache line
@@ -117,58 +124,71 @@ def _prefetch_ahead(codes, n, m, k_lo, k_hi):
 
 
 @njit(cache=True, inline="always")
-def _lane_sum(a, lanes):
-    """Σ a[:lanes] in ascending order."""
+def _lane_sum(a):
+    """Σ a[:LANES] in ascending order."""
     y = 0.0
-    for k in range(lanes):
+    for k in range(LANES):
         y += a[k]
     return y
+
+
+@njit(cache=True, inline="always")
+def _fp4_sub_sum(a, xe, xo, c, s, m):
+    """One 1x32 FP4 block: lane i (< m) = xe[i]·(low nibble of c[i]·s) + xo[i]·(high nibble·s); Σ of the lanes."""
+    a[:] = 0.0
+    for i in range(m):
+        lo, hi = fp4_pair_raw(c[i])
+        a[i] += xe[i] * (lo * s)
+        a[i] += xo[i] * (hi * s)
+    return _lane_sum(a)
 
 
 @njit(cache=True)
 def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, out1):
     """One input row x1 [K] (FP8, BF16 or F32 weights): rows n_lo..n_hi-1 of out1, two weight rows at a time.
 
-    Each lane adds x · (raw weight · block scale), decoding on the fly: the same operations as
-    _general_rows, with one load of x serving two weight rows. The lanes a2 are allocated here, so
-    LLVM knows they alias no argument.
+    The order of product_kernel, decoding on the fly, one load of x serving two weight rows. The
+    lanes a2 are allocated here, so LLVM knows they alias no argument.
     """
     K = x1.shape[0]
-    a2 = np.empty((2, BLOCK))
-    lanes = min(BLOCK, K)
+    a2 = np.empty((2, LANES))
     n = n_lo
     while n < n_hi:
         sr = (row0 + n) // BLOCK
         two = n + 1 < n_hi and (row0 + n + 1) // BLOCK == sr   # both rows in one scale-grid row
         a0 = a2[0]
         a1 = a2[1]
-        a0[:] = 0.0
-        a1[:] = 0.0
         m = 1 if two else 0                                   # the second row: row n + m (itself if single)
+        y0 = 0.0
+        y1 = 0.0
         for k0 in range(0, K, BLOCK):
             kb = min(BLOCK, K - k0)
             _prefetch_ahead(codes, n, m, k0, k0 + kb)
-            xb = x1[k0:k0 + kb]
-            c0 = codes[n, k0:k0 + kb]
-            c1 = codes[n + m, k0:k0 + kb]
-            b0 = a0[:kb]
-            b1 = a1[:kb]
-            if fmt == FMT_FP8:
-                s = fp8_block_scale(scale[sr, k0 // BLOCK])
-                for k in range(kb):
-                    b0[k] += xb[k] * (fp8_raw(c0[k]) * s)
-                    b1[k] += xb[k] * (fp8_raw(c1[k]) * s)
-            elif fmt == FMT_BF16:
-                for k in range(kb):
-                    b0[k] += xb[k] * bf16_value(c0[k])
-                    b1[k] += xb[k] * bf16_value(c1[k])
-            else:  # FMT_F32
-                for k in range(kb):
-                    b0[k] += xb[k] * f32_from_bits(np.uint32(c0[k]))
-                    b1[k] += xb[k] * f32_from_bits(np.uint32(c1[k]))
-        out1[n] = _lane_sum(a0, lanes)
+            a0[:] = 0.0
+            a1[:] = 0.0
+            s = fp8_block_scale(scale[sr, k0 // BLOCK]) if fmt == FMT_FP8 else 1.0
+            for j in range(0, kb, LANES):                     # position k0 + j + l goes to lane l
+                w = min(LANES, kb - j)
+                xb = x1[k0 + j:k0 + j + w]
+                c0 = codes[n, k0 + j:k0 + j + w]
+                c1 = codes[n + m, k0 + j:k0 + j + w]
+                if fmt == FMT_FP8:
+                    for l in range(w):
+                        a0[l] += xb[l] * (fp8_raw(c0[l]) * s)
+                        a1[l] += xb[l] * (fp8_raw(c1[l]) * s)
+                elif fmt == FMT_BF16:
+                    for l in range(w):
+                        a0[l] += xb[l] * bf16_value(c0[l])
+                        a1[l] += xb[l] * bf16_value(c1[l])
+                else:  # FMT_F32
+                    for l in range(w):
+                        a0[l] += xb[l] * f32_from_bits(np.uint32(c0[l]))
+                        a1[l] += xb[l] * f32_from_bits(np.uint32(c1[l]))
+            y0 += _lane_sum(a0)                               # the block's sum, blocks in ascending order
+            y1 += _lane_sum(a1)
+        out1[n] = y0
         if two:
-            out1[n + 1] = _lane_sum(a1, lanes)
+            out1[n + 1] = y1
         n += 1 + m
 
 
@@ -176,57 +196,71 @@ def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, out1):
 def _fp4_matvec_rows(xd, codes, scale, n_lo, n_hi, out1):
     """One input row xd [K] (FP4 lane order) times FP4 weight rows n_lo..n_hi-1 -> out1[n].
 
-    The same operations as _general_rows: lane += x · (raw weight · block scale), decoding on the
-    fly. Two weight rows n, n + 1 are taken per pass over xd, so each x load serves both; each
-    row's own lanes see the same additions in the same order as alone. The lanes a2 [2, 128] are
-    allocated here: LLVM then knows they alias no argument (measured: passed in, the two-row loop
-    was slower than one row).
+    The order of product_kernel, decoding on the fly; two weight rows n, n + 1 per pass over xd, so
+    each x load serves both. The lanes a2 are allocated here: LLVM then knows they alias no argument
+    (measured: passed in, the two-row loop was slower than one row).
     """
     K = xd.shape[0]
-    a2 = np.empty((2, BLOCK))
+    a2 = np.empty((2, LANES))
     n = n_lo
     while n < n_hi:
         m = 1 if n + 1 < n_hi else 0                          # the second row: row n + m (itself if single)
         a0 = a2[0]
         a1 = a2[1]
-        a0[:] = 0.0
-        a1[:] = 0.0
-        for k0 in range(0, K - K % BLOCK, BLOCK):             # full blocks: four 1x32 blocks of constant size
+        y0 = 0.0
+        y1 = 0.0
+        for k0 in range(0, K - K % BLOCK, BLOCK):             # full blocks: four 1x32 blocks of 16 lanes
             _prefetch_ahead(codes, n, m, k0 // 2, k0 // 2 + BLOCK // 2)   # the block's 64 bytes
+            b0 = 0.0
+            b1 = 0.0
             for q in range(4):
                 s0 = fp4_block_scale(scale[n, k0 // 32 + q])
                 s1 = fp4_block_scale(scale[n + m, k0 // 32 + q])
                 c0 = codes[n, k0 // 2 + 16 * q:k0 // 2 + 16 * q + 16]
                 c1 = codes[n + m, k0 // 2 + 16 * q:k0 // 2 + 16 * q + 16]
-                ae0, ao0 = a0[16 * q:16 * q + 16], a0[64 + 16 * q:64 + 16 * q + 16]
-                ae1, ao1 = a1[16 * q:16 * q + 16], a1[64 + 16 * q:64 + 16 * q + 16]
                 xe, xo = xd[k0 + 16 * q:k0 + 16 * q + 16], xd[k0 + 64 + 16 * q:k0 + 64 + 16 * q + 16]
+                a0[:] = 0.0
+                a1[:] = 0.0
                 for i in range(16):
                     lo0, hi0 = fp4_pair_raw(c0[i])
                     lo1, hi1 = fp4_pair_raw(c1[i])
-                    ae0[i] += xe[i] * (lo0 * s0)
-                    ao0[i] += xo[i] * (hi0 * s0)
-                    ae1[i] += xe[i] * (lo1 * s1)
-                    ao1[i] += xo[i] * (hi1 * s1)
+                    a0[i] += xe[i] * (lo0 * s0)
+                    a1[i] += xe[i] * (lo1 * s1)
+                    a0[i] += xo[i] * (hi0 * s0)
+                    a1[i] += xo[i] * (hi1 * s1)
+                if q == 0:
+                    b0 = _lane_sum(a0)
+                    b1 = _lane_sum(a1)
+                else:
+                    b0 += _lane_sum(a0)
+                    b1 += _lane_sum(a1)
+            y0 += b0
+            y1 += b1
         k0 = K - K % BLOCK
         kb = K - k0
         h = kb // 2
-        for r in range(1 + m if kb else 0):                   # a partial last block: each row on its own
-            a = a2[r]
-            for q in range((h + 15) // 16):                   # 1x32 blocks: 16 lanes of each half
-                s = fp4_block_scale(scale[n + r, k0 // 32 + q])
-                lo_i, hi_i = 16 * q, min(h, 16 * q + 16)
-                src = codes[n + r, k0 // 2 + lo_i:k0 // 2 + hi_i]
-                ae, ao = a[lo_i:hi_i], a[h + lo_i:h + hi_i]
-                xe, xo = xd[k0 + lo_i:k0 + hi_i], xd[k0 + h + lo_i:k0 + h + hi_i]
-                for i in range(hi_i - lo_i):
-                    lo, hi = fp4_pair_raw(src[i])
-                    ae[i] += xe[i] * (lo * s)
-                    ao[i] += xo[i] * (hi * s)
-        out1[n] = _lane_sum(a0, min(BLOCK, K))
+        if kb:                                                # a partial last block: each row on its own
+            y0 += _fp4_block(xd, codes, scale, n, k0, h, a0)
+            if m:
+                y1 += _fp4_block(xd, codes, scale, n + 1, k0, h, a1)
+        out1[n] = y0
         if m:
-            out1[n + 1] = _lane_sum(a1, min(BLOCK, K))
+            out1[n + 1] = y1
         n += 1 + m
+
+
+@njit(cache=True, inline="always")
+def _fp4_block(xd, codes, scale, n, k0, h, a):
+    """Row n's sum over the FP4 block at column k0 (2h columns, FP4 lane order): its 1x32 blocks' sums in
+    ascending order."""
+    b = 0.0
+    for q in range((h + 15) // 16):                           # 1x32 blocks: 16 lanes of each half
+        lo_i, hi_i = 16 * q, min(h, 16 * q + 16)
+        c = codes[n, k0 // 2 + lo_i:k0 // 2 + hi_i]
+        sq = _fp4_sub_sum(a, xd[k0 + lo_i:k0 + hi_i], xd[k0 + h + lo_i:k0 + h + hi_i], c,
+                          fp4_block_scale(scale[n, k0 // 32 + q]), hi_i - lo_i)
+        b = sq if q == 0 else b + sq
+    return b
 
 
 @njit(cache=True)
@@ -235,17 +269,16 @@ def _general_rows(fmt, xin, codes, scale, n_lo, n_hi, row0, out):
     kernel's loop body, kept out of Numba's parfor transformations).
 
     Two weight rows are decoded into w [2, K] (exact weights, lane order), then every pair of input
-    rows takes both: four lane accumulators, each x and w load serving two of them (measured at
-    2048x4096: 1.4-2.4x the one-row-at-a-time loop, 20-26 GFLOP/s on 2 threads). The input rows
-    are taken in tiles of about TILE_BYTES, each tile against every weight row of the task, so a
-    long input is not streamed from memory once per weight-row pair. Each output
-    element's lanes see the same additions in the same order as alone. The scratch buffers are
+    rows takes both: four lane sets, each x and w load serving two of them. The input rows are
+    taken in tiles of about TILE_BYTES, each tile against every weight row of the task, so a long
+    input is not streamed from memory once per weight-row pair. Each output element sees the
+    additions of product_kernel's order, the same as alone. FP4 weights: the blocks go through
+    _fp4_block (on the decoded rows' raw values it is the same arithmetic). The scratch buffers are
     allocated here, so LLVM knows they alias no argument.
     """
     T, K = xin.shape
     w = np.empty((2, K))
-    acc = np.empty((4, BLOCK))
-    lanes = min(BLOCK, K)
+    acc = np.empty((4, LANES))
     tile = max(2, TILE_BYTES // (8 * K))                      # input rows per tile: they stay in cache
     for t_lo in range(0, T, tile):
         t_hi = min(T, t_lo + tile)
@@ -253,24 +286,61 @@ def _general_rows(fmt, xin, codes, scale, n_lo, n_hi, row0, out):
             n1 = n + 1 if n + 1 < n_hi else n                 # the second weight row (row n again if none)
             _decode_row(fmt, codes, scale, n, (row0 + n) // BLOCK, w[0])
             _decode_row(fmt, codes, scale, n1, (row0 + n1) // BLOCK, w[1])
+            if fmt == FMT_FP4:
+                for t in range(t_lo, t_hi):
+                    out[t, n] = _fp4_decoded_sum(xin[t], w[0], acc[0])
+                    out[t, n1] = _fp4_decoded_sum(xin[t], w[1], acc[1])
+                continue
             for t in range(t_lo, t_hi, 2):
                 t1 = t + 1 if t + 1 < t_hi else t             # the second input row (row t again if none)
-                acc[:] = 0.0
                 a00, a01, a10, a11 = acc[0], acc[1], acc[2], acc[3]   # a<input row><weight row>
+                y00 = 0.0
+                y01 = 0.0
+                y10 = 0.0
+                y11 = 0.0
                 for k0 in range(0, K, BLOCK):
                     kb = min(BLOCK, K - k0)
-                    x0, x1 = xin[t, k0:k0 + kb], xin[t1, k0:k0 + kb]
-                    w0, w1 = w[0, k0:k0 + kb], w[1, k0:k0 + kb]
-                    b00, b01, b10, b11 = a00[:kb], a01[:kb], a10[:kb], a11[:kb]
-                    for k in range(kb):
-                        b00[k] += x0[k] * w0[k]
-                        b01[k] += x0[k] * w1[k]
-                        b10[k] += x1[k] * w0[k]
-                        b11[k] += x1[k] * w1[k]
-                out[t, n] = _lane_sum(a00, lanes)
-                out[t, n1] = _lane_sum(a01, lanes)
-                out[t1, n] = _lane_sum(a10, lanes)
-                out[t1, n1] = _lane_sum(a11, lanes)
+                    acc[:] = 0.0
+                    for j in range(0, kb, LANES):             # position k0 + j + l goes to lane l
+                        wd = min(LANES, kb - j)
+                        x0, x1 = xin[t, k0 + j:k0 + j + wd], xin[t1, k0 + j:k0 + j + wd]
+                        w0, w1 = w[0, k0 + j:k0 + j + wd], w[1, k0 + j:k0 + j + wd]
+                        for l in range(wd):
+                            a00[l] += x0[l] * w0[l]
+                            a01[l] += x0[l] * w1[l]
+                            a10[l] += x1[l] * w0[l]
+                            a11[l] += x1[l] * w1[l]
+                    y00 += _lane_sum(a00)                     # the block's sum, blocks in ascending order
+                    y01 += _lane_sum(a01)
+                    y10 += _lane_sum(a10)
+                    y11 += _lane_sum(a11)
+                out[t, n] = y00
+                out[t, n1] = y01
+                out[t1, n] = y10
+                out[t1, n1] = y11
+
+
+@njit(cache=True, inline="always")
+def _fp4_decoded_sum(xd, w, a):
+    """One input row xd [K] times one decoded FP4 weight row w [K] (both in FP4 lane order): _fp4_block's
+    arithmetic (lane i: even column's product, then odd column's; 1x32 blocks' sums ascending), blocks ascending."""
+    K = xd.shape[0]
+    y = 0.0
+    for k0 in range(0, K, BLOCK):
+        h = min(BLOCK, K - k0) // 2
+        b = 0.0
+        for q in range((h + 15) // 16):
+            lo_i, hi_i = 16 * q, min(h, 16 * q + 16)
+            xe, xo = xd[k0 + lo_i:k0 + hi_i], xd[k0 + h + lo_i:k0 + h + hi_i]
+            we, wo = w[k0 + lo_i:k0 + hi_i], w[k0 + h + lo_i:k0 + h + hi_i]
+            a[:] = 0.0
+            for i in range(hi_i - lo_i):
+                a[i] += xe[i] * we[i]
+                a[i] += xo[i] * wo[i]
+            sq = _lane_sum(a)
+            b = sq if q == 0 else b + sq
+        y += b
+    return y
 
 
 @njit(parallel=True, cache=True)
@@ -279,11 +349,9 @@ def product_kernel(fmt, x, codes, scale, n_out, row0):
 
     codes holds the rows row0.. of W (codes[n] is row row0+n); an FP8 scale grid is indexed by the
     absolute row (row0 + n) // 128, so a row range of a larger FP8 matrix can be passed.
-    Order of every output element (t, n): lane l of each 128-column block (column k0 + l; for FP4
-    the even columns, then the odd ones) accumulates x · w, w = raw weight · block scale (exact),
-    over the blocks in ascending order; then the lanes are added in ascending order. One input
-    row is decoded on the fly, several rows share decoded weight rows, two at a
-    time: the same operations either way.
+    Order of every output element: the module docstring's (block sums in LANES lanes, blocks
+    ascending). One input row is decoded on the fly, several rows share decoded weight rows, two
+    at a time: the same operations either way.
     """
     T, K = x.shape
     out = np.empty((T, n_out))
@@ -321,12 +389,202 @@ def product_kernel_serial(fmt, x, codes, scale, n_out, row0):
     return out
 
 
+@njit(cache=True, nogil=True)
+def decode_rows(fmt, codes, scale, n_lo, n_hi, row0, out):
+    """out [n_hi - n_lo, K] = rows n_lo..n_hi-1 of the weight, natural column order, in out's dtype: float64
+    (exact) or float32 (exact, or rounded as the spec's float32 dequantization rounds: RNE). On the calling
+    thread, without the GIL: blas.run_tasks runs several at once."""
+    K = out.shape[1]
+    for i in range(n_hi - n_lo):
+        n = n_lo + i
+        o = out[i]
+        if fmt == FMT_FP8:
+            for k0 in range(0, K, BLOCK):
+                s = fp8_block_scale(scale[(row0 + n) // BLOCK, k0 // BLOCK])
+                for k in range(k0, min(K, k0 + BLOCK)):
+                    o[k] = fp8_raw(codes[n, k]) * s
+        elif fmt == FMT_FP4:
+            for j in range(K // 2):
+                s = fp4_block_scale(scale[n, (2 * j) // 32])
+                lo, hi = fp4_pair_raw(codes[n, j])
+                o[2 * j] = lo * s
+                o[2 * j + 1] = hi * s
+        elif fmt == FMT_BF16:
+            for k in range(K):
+                o[k] = bf16_value(codes[n, k])
+        else:  # FMT_F32
+            for k in range(K):
+                o[k] = f32_from_bits(np.uint32(codes[n, k]))
+
+
+def fp4_spans_fit(scale: np.ndarray) -> bool:
+    """True if every 128-column block of an FP4 weight has scales spanning at most 24 binades: then its
+    128-column sums against FP8 activations are exact in float64 (model/linear.py), as its 32-column sums are."""
+    n, nb = scale.shape
+    if nb % 4:
+        return False
+    s = scale.reshape(n, nb // 4, 4)
+    return bool((s.max(axis=-1).astype(np.int16) - s.min(axis=-1) <= 24).all())
+
+
+BLAS_MIN_ROWS = 16       # products with at least this many input rows take BLAS: mirror's FP8/FP4 block sums
+                         # (blas_block_sums, the same bits), float32 mode's products (blas_float32, the spec's sgemm)
+PANEL_ROWS = 512         # BLAS paths: weight rows decoded at a time, and input rows per block-sum product
+
+
+def blas_block_sums(fmt, x, codes, scale, n_out, row0):
+    """Mirror's x [T, K] float64 (FP8-quantized activations) @ W[row0 : row0+n_out]ᵀ -> [T, n_out] float64, through
+    BLAS: the spec's own block_sums on panels of PANEL_ROWS decoded weight rows and PANEL_ROWS input rows,
+    the panels spread over blas.run_tasks' threads.
+
+    Every block sum is exact (model/linear.py), so each BLAS product gives the bits of any other order,
+    on any number of rows and threads; an FP4 weight whose scales span more than 24 binades in some
+    128-column block is taken in 32-column sums (the spec's definition), which are exact for any spans.
+    """
+    T, K = x.shape
+    sub = BLOCK if fmt == FMT_FP8 or fp4_spans_fit(scale) else FP4_BLOCK
+    out = np.empty((T, n_out))
+
+    def panel(p0):
+        p1 = min(n_out, p0 + PANEL_ROWS)
+        w = np.empty((p1 - p0, K))
+        decode_rows(fmt, codes, scale, p0, p1, row0, w)
+        for t0 in range(0, T, PANEL_ROWS):
+            out[t0:t0 + PANEL_ROWS, p0:p1] = spec_linear.block_sums(x[t0:t0 + PANEL_ROWS], w, sub=sub)
+    run_tasks(panel, range(0, n_out, PANEL_ROWS))
+    return out
+
+
+def blas_float32(fmt, x, codes, scale, n_out, row0):
+    """float32 mode's x [T, K] @ W[row0 : row0+n_out]ᵀ -> [T, n_out] float32: the spec's one float32 BLAS product
+    (sgemm), on panels of PANEL_ROWS weight rows decoded to float32 (no float32 copy of a whole matrix).
+
+    Not row-count independent bit for bit: the float32 guarantees are bounds (docs/architecture.md §15),
+    and the spec's own float32 product is this one (tests/kernels/test_linear_kernel.py measures it).
+    """
+    T, K = x.shape
+    x32 = x.astype(np.float32)
+    out = np.empty((T, n_out), np.float32)
+
+    def panel(p0):
+        p1 = min(n_out, p0 + PANEL_ROWS)
+        w = np.empty((p1 - p0, K), np.float32)
+        decode_rows(fmt, codes, scale, p0, p1, row0, w)
+        np.matmul(x32, w.T, out=out[:, p0:p1])
+    run_tasks(panel, range(0, n_out, PANEL_ROWS))
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _min_grain(v):
+    """v [R, K] float64 (C-contiguous) -> [R]: the smallest grain (the largest power of two dividing a value:
+    v = odd integer · grain) among each row's non-zero values; inf for a row of zeros, NaN for a row with
+    inf or NaN. From the bits: significand s (with its hidden bit), exponent e: grain = 2^(e + trailing zeros of s)."""
+    R, K = v.shape
+    bits = v.view(np.uint64)
+    one = np.empty(1)
+    one_bits = one.view(np.uint64)
+    out = np.empty(R)
+    for r in range(R):
+        lo = 100000                                                  # the least grain exponent so far
+        bad = False
+        for k in range(K):
+            b = bits[r, k] & np.uint64(0x7FFFFFFFFFFFFFFF)
+            if b == 0:
+                continue
+            ef = np.int64(b >> np.uint64(52))
+            if ef == 0x7FF:
+                bad = True
+                break
+            sig = np.int64(b & np.uint64(0xFFFFFFFFFFFFF))
+            e = np.int64(-1074)
+            if ef:
+                sig |= np.int64(1) << 52
+                e = ef - 1075
+            one[0] = np.float64(sig & -sig)                          # the lowest set bit, exactly
+            tz = np.int64(one_bits[0] >> np.uint64(52)) - 1023
+            lo = min(lo, e + tz)
+        out[r] = np.nan if bad else (np.inf if lo == 100000 else math.ldexp(1.0, lo))
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _rounding_safe(y, a, gx, gw, gamma):
+    """[T, N] bool: fp32(y) is the fp32 rounding of every float64 sum of the same exact products (see
+    blas_rounding_checked): either the sum is exact (a < 2^52 · gx · gw: every partial sum, in any
+    order, is a multiple of gx·gw below 2^53 of them), or y ± 2γa(1 + 2γ) holds no fp32 rounding midpoint."""
+    T, N = y.shape
+    safe = np.zeros((T, N), np.bool_)
+    for t in range(T):
+        for n in range(N):
+            yv = y[t, n]
+            f = np.float32(yv)
+            if not np.isfinite(f):
+                continue
+            if a[t, n] < gx[t] * gw[n] * 2.0 ** 52:
+                safe[t, n] = True
+                continue
+            up = np.float64(np.nextafter(f, np.float32(np.inf)))
+            down = np.float64(np.nextafter(f, np.float32(-np.inf)))
+            if not (np.isfinite(up) and np.isfinite(down)):
+                continue
+            b = a[t, n] * (2 * gamma * (1 + 2 * gamma))
+            fv = np.float64(f)
+            safe[t, n] = yv - b > (fv + down) / 2 and yv + b < (fv + up) / 2
+    return safe
+
+
+def blas_rounding_checked(fmt, x, codes, scale, n_out, row0):
+    """mirror's dense products (bf16/fp32 weights, or FP8 weights times bf16 activations: grouped wo_a) on many
+    rows: a float64 [T, n_out] whose rounding to fp32 is product_kernel's, taken through BLAS.
+
+    Each product x·w is exact in float64 (24 + 24 bits at most), so any order of summation, BLAS's
+    (dgemm, s) or the kernel's (k), lies within γ·A of the exact sum, A = Σ|x·w|, γ = K·2^-53/(1 - K·2^-53):
+    |s - k| <= 2γA. A second dgemm gives A (to within a factor 1 + γ). Where the interval s ± 2γA(1 + 2γ)
+    holds no fp32 rounding midpoint, fp32(s) = fp32(k); every other output (and any non-finite one) is
+    computed again by product_kernel, row by row of the rows concerned. So the rounded results are the
+    kernel's bit for bit, for any number of rows: BLAS decides only how fast they come.
+    """
+    T, K = x.shape
+    gamma = K * 2.0 ** -53 / (1 - K * 2.0 ** -53)
+    ax = np.abs(x)
+    gx = _min_grain(x)                                               # [T] every x[t, k] is a multiple of gx[t]
+    out = np.empty((T, n_out))
+
+    def panel(p0):
+        p1 = min(n_out, p0 + PANEL_ROWS)
+        w = np.empty((p1 - p0, K))
+        decode_rows(fmt, codes, scale, p0, p1, row0, w)
+        y = x @ w.T                                                  # [T, p] float64, BLAS's order
+        a = ax @ np.abs(w).T                                         # Σ|x·w| (to within a factor 1 + γ)
+        safe = _rounding_safe(y, a, gx, _min_grain(w), gamma)
+        y[y == 0] = 0.0                                              # the kernel's sums start at +0: never -0
+        out[:, p0:p1] = y
+        for t in np.flatnonzero(~safe.all(axis=1)):                  # rows with an output near a rounding midpoint
+            sc = scale[p0:p1] if fmt == FMT_FP4 else scale           # an FP4 grid is per row; FP8's by absolute row
+            redo = product_kernel_serial(fmt, x[t:t + 1], codes[p0:p1], sc, p1 - p0, row0 + p0)[0]
+            out[t, p0:p1] = np.where(safe[t], y[t], redo)
+    run_tasks(panel, range(0, n_out, PANEL_ROWS))
+    return out
+
+
 PARALLEL_MIN = 1 << 23   # multiply-adds below which a product runs on one thread (on a loaded 2-core
                          # machine a parallel start measured up to ~5 ms; 2^23 is about that much work)
 
 
-def product(fmt, x, codes, scale, n_out, row0):
-    """x [T, K] float64 @ W[row0 : row0+n_out]ᵀ (product_kernel), on one thread when the product is small."""
+def product(fmt, x, codes, scale, n_out, row0, *, prec: str = "float64", exact_blocks: bool = False):
+    """x [T, K] float64 @ W[row0 : row0+n_out]ᵀ (product_kernel), on one thread when the product is small.
+
+    From BLAS_MIN_ROWS rows on: with exact_blocks (mirror's FP8/FP4 products, whose block sums are
+    exact) blas_block_sums, which gives the same bits; in float32 mode blas_float32 (float32 result).
+    """
+    if x.shape[0] >= BLAS_MIN_ROWS:
+        if exact_blocks and x.shape[1] % BLOCK == 0:
+            return blas_block_sums(fmt, x, codes, scale, n_out, row0)
+        if prec == "float32":
+            return blas_float32(fmt, x, codes, scale, n_out, row0)
+        if prec == "mirror":
+            return blas_rounding_checked(fmt, x, codes, scale, n_out, row0)
     if x.shape[0] * x.shape[1] * n_out < PARALLEL_MIN:
         return product_kernel_serial(fmt, x, codes, scale, n_out, row0)
     return product_kernel(fmt, x, codes, scale, n_out, row0)
@@ -415,7 +673,7 @@ def quantized_product(x: np.ndarray, w: Fp8Matrix | Fp4Matrix, prec: str) -> np.
         return spec_matmul(act_fp8(x, prec), w.dequantize(), prec)
     n, k = w.shape
     x = act_fp8(x, prec)                                          # official: act_quant(x, 128, ue8m0)
-    y = product(fmt, _rows(x, k, "quantized_linear"), codes, scale, n, 0)
+    y = product(fmt, _rows(x, k, "quantized_linear"), codes, scale, n, 0, prec=prec, exact_blocks=prec == "mirror")
     return _finish(y, np.shape(x)[:-1], prec)
 
 
@@ -447,7 +705,7 @@ def fp32_linear(x: np.ndarray, w: np.ndarray, prec: str) -> np.ndarray:
     if dense is None:
         return spec_linear.fp32_linear.spec(x, w, prec)
     fmt, codes = dense
-    y = product(fmt, _rows(x, codes.shape[1], "fp32_linear"), codes, _NO_SCALE, codes.shape[0], 0)
+    y = product(fmt, _rows(x, codes.shape[1], "fp32_linear"), codes, _NO_SCALE, codes.shape[0], 0, prec=prec)
     return _finish(y, np.shape(x)[:-1], prec)
 
 
@@ -469,6 +727,6 @@ def grouped_wo_a(o: np.ndarray, wo_a: Fp8Matrix, groups: int, prec: str) -> np.n
     b, s = o.shape[:2]
     u = np.empty((b, s, groups, r), np.float64 if prec == "float64" else np.float32)
     for gi in range(groups):                                      # official: einsum over groups (M:L538)
-        y = product(fmt, _rows(o[:, :, gi], k, "grouped_wo_a"), codes[gi * r:(gi + 1) * r], scale, r, gi * r)
+        y = product(fmt, _rows(o[:, :, gi], k, "grouped_wo_a"), codes[gi * r:(gi + 1) * r], scale, r, gi * r, prec=prec)
         u[:, :, gi] = bf16(_finish(y, (b, s), prec), prec)
     return u

@@ -24,7 +24,9 @@ def _linear(xq: np.ndarray, w, prec: str) -> np.ndarray:
         raise ValueError(f"expert_sum: input has {xq.shape[1]} columns, the expert matrix {w.shape} needs {k}")
     if nan:                                                        # NaN weights: the spec's NaN outputs
         return bf16(spec_matmul(xq, w.dequantize(), prec), prec)
-    return bf16(_finish(product(fmt, xq, codes, scale, n, 0), (xq.shape[0],), prec), prec)
+    return bf16(_finish(product(fmt, xq, codes, scale, n, 0, prec=prec, exact_blocks=prec == "mirror"),
+                            (xq.shape[0],), prec),
+                prec)
 
 
 def _expert(xq: np.ndarray, w: ExpertWeights, prec: str, swiglu_limit: float, weights) -> np.ndarray:

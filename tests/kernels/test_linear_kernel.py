@@ -1,8 +1,10 @@
 """Kernels of the products (refimpl/kernels/linear.py) against their spec functions (refimpl/model/linear.py).
 
-mirror: bit-identical, except where the exact float64 sum lies on an fp32 rounding boundary (the
-kernel and BLAS add the same exact products in different orders); every such case is checked to
-be one, and at most one output in 10,000 of a case may be one.
+mirror, FP8/FP4 weights: bit-identical (the block sums are exact, the blocks added in the spec's order,
+model/linear.py), on the one-row, several-row and BLAS paths, for any row and thread count.
+mirror, bf16/fp32 weights: bit-identical, except where the exact float64 sum lies on an fp32
+rounding boundary (the kernel and BLAS add the same exact products in different orders); every
+such case is checked to be one, and at most one output in 10,000 of a case may be one.
 float64: within 1e-12 of Σ|x·w| (both sums lie within K·2^-53·Σ|x·w| of the exact value).
 float32: the spec's one float32 BLAS product lies within about K·2^-24·Σ|x·w| of the exact value
 and the kernel within one fp32 rounding of it: bound (K + 2)·2^-24·Σ|x·w|.
@@ -43,7 +45,9 @@ def check_against_spec(kernel_y, spec_y, x_eff, w, prec):
     assert kernel_y.dtype == spec_y.dtype and kernel_y.shape == spec_y.shape
     ky, sy = kernel_y.reshape(-1, kernel_y.shape[-1]), spec_y.reshape(-1, spec_y.shape[-1])
     bound = _abs_product(x_eff, w)
-    if prec == "mirror":
+    if prec == "mirror" and isinstance(w, (Fp8Matrix, Fp4Matrix)):
+        assert np.array_equal(ky, sy), f"mirror: {np.sum(ky != sy)} of {ky.size} outputs differ from the spec"
+    elif prec == "mirror":
         diff = np.argwhere(ky != sy)
         assert len(diff) <= max(1, ky.size // 10000), f"mirror: {len(diff)} of {ky.size} outputs differ from the spec"
         wd = w.dequantize() if isinstance(w, (Fp8Matrix, Fp4Matrix)) else np.asarray(w, np.float32)
@@ -74,6 +78,111 @@ def test_quantized_linear_matches_spec(seed, prec, fmt, n, kblocks, odd_k, rows)
     ky = K.quantized_linear(x, w, prec)
     sy = spec.quantized_linear(x, w, prec)
     check_against_spec(ky, sy, act_fp8(x, prec), w, prec)
+
+
+@pytest.fixture
+def small_panels(monkeypatch):
+    """The BLAS path in panels of 64 weight and input rows, so that small products cross panel edges."""
+    monkeypatch.setattr(K, "PANEL_ROWS", 64)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), fmt=st.sampled_from(["fp8", "fp4"]), n=st.integers(1, 150),
+       kblocks=st.integers(1, 3), rows=st.sampled_from([1, 2, 5, 16, 17, 70]), span=st.sampled_from([4, 24, 25, 120]),
+       act_span=st.integers(0, 40))
+def test_mirror_quantized_products_are_the_spec_on_every_path(small_panels, seed, fmt, n, kblocks, rows, span,
+                                                              act_span):
+    """mirror, FP8/FP4: every path (one row, several rows in Numba, BLAS from BLAS_MIN_ROWS rows, in panels)
+    gives the spec's bits, with weight scales spanning up to 120 binades (FP4 blocks past 24: the
+    32-column sums) and activation blocks 2^±act_span apart; each row alone gives the same bits."""
+    rng = np.random.default_rng(seed)
+    k = 128 * kblocks
+    lo = int(rng.integers(1, 254 - min(span, 120)))
+    hi = min(lo + span, 245 if fmt == "fp8" else 252)                  # no weight beyond fp32's range
+    w = fp8_matrix(rng, n, k, scale_lo=lo, scale_hi=hi) if fmt == "fp8" else fp4_matrix(rng, n, k, scale_lo=lo,
+                                                                                          scale_hi=hi)
+    x = rng.standard_normal((rows, k)) * np.exp2(rng.integers(-act_span, act_span + 1, (rows, kblocks)).repeat(128, 1))
+    x = round_bf16(x)
+    with np.errstate(over="ignore"):                                   # extreme scales: some sums pass fp32's range
+        ky = K.quantized_linear(x, w, "mirror")
+        assert np.array_equal(ky, spec.quantized_linear(x, w, "mirror"))
+        for r in {0, rows - 1}:
+            assert np.array_equal(K.quantized_linear(x[r:r + 1], w, "mirror")[0], ky[r])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 18])
+def test_mirror_block_order_hand_worked_on_every_path(rows):
+    """Blocks (1, 2^60, -2^60) in every order add to ((a + b) + c): 0 or 1, on each kernel path (FP8 128-column
+    blocks; FP4 32-column sums inside one block, whose spans of 60 binades send BLAS to the 32-column sums)."""
+    import itertools
+    big = 2.0 ** 60
+    perms = [list(p) for p in itertools.permutations([1.0, big, -big])]
+    want = np.array([(a + b) + c for a, b, c in perms] * 3, np.float32)[:max(rows, 6)]
+    codes = np.zeros((1, 384), np.uint8)
+    codes[0, [0, 129, 258]] = 0x38                                     # e4m3 1.0
+    w8 = Fp8Matrix(codes.view(ml_dtypes.float8_e4m3fn), np.full((1, 3), 127, np.uint8).view(ml_dtypes.float8_e8m0fnu))
+    x8 = np.zeros((len(want), 384), np.float32)
+    x8[:, [0, 129, 258]] = (perms * 3)[:len(want)]
+    assert np.array_equal(K.quantized_linear(x8[:rows], w8, "mirror")[:, 0], want[:rows])
+    from refimpl.numerics import pack_fp4
+    nib = np.zeros((6, 128), np.uint8)
+    scale = np.full((6, 4), 127, np.uint8)
+    for r, p in enumerate(perms):
+        for q, v in enumerate(p):
+            nib[r, [0, 33, 66][q]] = 2 if v > 0 else 10                # e2m1 ±1.0
+            scale[r, q] = 187 if abs(v) == big else 127                # 2^60 / 2^0
+    w4 = Fp4Matrix(pack_fp4(nib), scale.view(ml_dtypes.float8_e8m0fnu))
+    x4 = np.zeros((rows, 128), np.float32)
+    x4[:, [0, 33, 66]] = 1.0
+    y = K.quantized_linear(x4, w4, "mirror")
+    assert np.array_equal(y, np.tile(want[:6], (rows, 1)))
+
+
+@pytest.mark.parametrize("wdtype", ["bf16", "f32"])
+def test_mirror_dense_products_on_many_rows_are_the_kernel_row_by_row(wdtype):
+    """mirror, bf16/fp32 weights, >= BLAS_MIN_ROWS rows (blas_rounding_checked): each row's fp32 result is the
+    one-row kernel's bit for bit. The rows cancel massively (x = [a, b, ..., -b, -a] plus a small term), so
+    BLAS's own float64 order rounds to another fp32 value on many of them: the midpoint check and the
+    kernel's recomputation are what make them equal."""
+    rng = np.random.default_rng(0)
+    k, rows = 64, 200
+    x = (rng.standard_normal((rows, k)) * np.exp2(rng.integers(-30, 30, (rows, k)))).astype(np.float32)
+    x[:, k // 2:] = -x[:, :k // 2][:, ::-1]
+    x[:, 5] = rng.standard_normal(rows)
+    w = np.ones((3, k), np.float32)
+    w[1] = rng.standard_normal(k)
+    w = w.astype(ml_dtypes.bfloat16) if wdtype == "bf16" else w
+    one = np.stack([K.fp32_linear(x[r:r + 1], w, "mirror")[0] for r in range(rows)])
+    blas = (x.astype(np.float64) @ np.asarray(w, np.float64).T).astype(np.float32)
+    assert np.sum(blas[:, 0] != one[:, 0]) > 10                        # BLAS alone rounds otherwise
+    assert np.array_equal(K.fp32_linear(x, w, "mirror"), one)
+    assert np.array_equal(K.fp32_linear(x[17:150], w, "mirror"), one[17:150])
+
+
+def test_fp4_spans_fit_hand_worked():
+    """A 128-column FP4 block fits when its four 1x32 scales span at most 24 binades."""
+    assert K.fp4_spans_fit(np.array([[100, 124, 110, 100], [0, 24, 24, 0]], np.uint8))
+    assert not K.fp4_spans_fit(np.array([[100, 125, 110, 100], [0, 24, 24, 0]], np.uint8))
+    assert K.fp4_spans_fit(np.array([[0, 0, 0, 0, 200, 200, 200, 200]], np.uint8))   # spans within each block
+    assert not K.fp4_spans_fit(np.array([[0, 0]], np.uint8))                         # not whole blocks
+
+
+def test_blas_tasks_restore_the_thread_count_and_raise():
+    """blas.run_tasks runs every task once, restores OpenBLAS's thread count, and raises a task's error."""
+    from refimpl.kernels import blas
+    lib = blas._openblas()
+    before = int(lib[0]()) if lib else None
+    done = []
+    blas.run_tasks(done.append, range(7))
+    assert sorted(done) == list(range(7))
+    assert (int(lib[0]()) if lib else None) == before
+
+    def boom(t):
+        if t == 3:
+            raise ValueError("task 3")
+    with pytest.raises(ValueError, match="task 3"):
+        blas.run_tasks(boom, range(5))
+    assert (int(lib[0]()) if lib else None) == before
 
 
 @settings(max_examples=20)
@@ -198,6 +307,10 @@ if {large}:
             for _ in range(3):
                 h.update(K.product_kernel(fmt, rows, codes, scale, codes.shape[0], 0).tobytes())
     out["large"] = h.hexdigest()
+xb = round_bf16(rng.standard_normal((40, 512)))                    # the BLAS path (mirror, >= BLAS_MIN_ROWS rows)
+K.PANEL_ROWS = 32
+out["blas"] = "".join(K.quantized_linear(xb, w, "mirror").tobytes().hex()
+                      for w in (fp8_matrix(rng, 100, 512), fp4_matrix(rng, 100, 512)))
 print(json.dumps(out))
 """
 

@@ -19,6 +19,7 @@ The rounding points of mirror, as the code has them (test names below without th
 | linear.quantized_linear | FP8 e4m3 activation quantization, 1x128 blocks, power-of-two scales (`act_fp8`) | M:L108-120, K:L40-125 | quantized_linear_fp8_and_fp4 |
 | linear.quantized_linear | fp32 accumulator, output bf16 | K:L203-273 | quantized_linear_fp8_and_fp4 |
 | numerics (every FP8/FP4 quantization) | block scale a power of two, 2^ceil(log2(amax/max)) from the bits | K:L22-37 | quantized_linear_fp8_and_fp4 (and tests/test_numerics.py) |
+| linear.quantized_linear | block sums exact, blocks added in ascending order in float64 (FP4: a block's 32-column sums too) | K:L203-273, K:L441-536 | quantized_linear_adds_block_sums_in_ascending_order |
 | linear.bf16_linear | fp32 accumulator, output bf16 (weights_proj, wo_a) | M:L380-433, M:L534-542 | fp32_and_bf16_linear |
 | linear.fp32_linear | output fp32, not bf16 (compressor wkv/wgate, gate, hc fn, head) | M:L279-377, M:L564-584 | fp32_and_bf16_linear |
 | linear.product | fp32 accumulator of attention/indexer products | K:L276-368 | product_rounds_once_to_fp32 |
@@ -206,6 +207,47 @@ def test_quantized_linear_fp8_and_fp4(kind):
     assert differs(want, bf16r(exact_rows(fp8_act_ref(x, 64), wd)))  # with blocks of 64
     assert differs(want, bf16r(exact_rows(x, wd)))                  # without the FP8 activation quantization
     assert differs(want, f32r(exact_rows(fp8_act_ref(x), wd)))      # without the bf16 output
+
+
+def _unit_fp8_weight(cols, k):
+    """An Fp8Matrix [1, k] with 1.0 at the given columns, 0 elsewhere, every block scale 2^0."""
+    codes = np.zeros((1, k), np.uint8)
+    codes[0, cols] = 0x38                                            # e4m3 1.0
+    scale = np.full((1, k // 128), 127, np.uint8)                    # 2^0
+    return Fp8Matrix(codes.view(ml_dtypes.float8_e4m3fn), scale.view(ml_dtypes.float8_e8m0fnu))
+
+
+def test_quantized_linear_adds_block_sums_in_ascending_order():
+    """Block sums, one row per ordering of (1, 2^60, -2^60), add in ascending block order: ((a + b) + c) in
+    float64, 0 or 1 by the order, where the exact value is 1. Each value is its block's only non-zero
+    product (columns 0, 129, 258: different SIMD lanes of a one-pass dot product), so the FP8
+    activation quantization keeps it exactly (q = 256, s = a power of two)."""
+    import itertools
+    k, big, cols = 384, 2.0 ** 60, [0, 129, 258]
+    x = np.array(list(itertools.permutations([1.0, big, -big])), np.float32)   # [6, 3] the values per block
+    xs = np.zeros((6, k), np.float32)
+    xs[:, cols] = x
+    w = _unit_fp8_weight(cols, k)
+    assert np.array_equal(fp8_act_ref(xs), xs)                       # quantization exact on these rows
+    rows = x.astype(np.float64).tolist()
+    ascending = [(a + b) + c for a, b, c in rows]
+    assert sorted(ascending) == [0.0] * 4 + [1.0] * 2                # the order decides the value
+    assert np.array_equal(quantized_linear(xs, w, M)[:, 0], ascending)
+    assert [math.fsum(r) for r in rows] == [1.0] * 6                 # not the exact value
+    assert [(c + b) + a for a, b, c in rows] != ascending            # nor the reverse order
+    # FP4: one 128-column block per output, whose 32-column sums (S0, S1, S2) are an ordering of (1, 2^60, -2^60):
+    # ((S0 + S1) + S2) + S3, S3 = 0; a single 128-column sum (exact or in another order) differs
+    cols4 = [0, 33, 66]                                              # in 32-column blocks 0, 1, 2
+    nib = np.zeros((6, 128), np.uint8)
+    scale = np.full((6, 4), 127, np.uint8)
+    for r, (a, b, c) in enumerate(rows):
+        for q, v in enumerate((a, b, c)):
+            nib[r, cols4[q]] = 2 if v > 0 else 10                    # e2m1 1.0 / -1.0
+            scale[r, q] = 187 if abs(v) == big else 127              # 2^60 / 2^0
+    w4 = Fp4Matrix(nx.pack_fp4(nib), scale.view(ml_dtypes.float8_e8m0fnu))
+    x4 = np.zeros((1, 128), np.float32)
+    x4[0, cols4] = 1.0
+    assert np.array_equal(quantized_linear(x4, w4, M)[0], ascending)
 
 
 def test_fp32_and_bf16_linear():
