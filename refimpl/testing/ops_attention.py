@@ -50,7 +50,7 @@ def _compress(inp, prec, start_pos, x, kv, score):
 def compressor_inputs(draw, precision: str = "float32"):
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     m = draw(st.sampled_from([4, 8, 16]))
-    d = _TINY.head_dim                                                  # 128: p = 64 rope dims, 64 FP8 QDQ dims
+    d = draw(st.sampled_from([_TINY.head_dim, 256]))                   # p = 64 rope dims; 64 or 192 FP8 QDQ dims
     c = draw(st.sampled_from([16, 64]))
     o = 2 if m == 4 else 1
     start = draw(st.sampled_from([0, 0, 1, m - 1, m, m + 1, 3 * m - 1]))
@@ -83,6 +83,7 @@ def _compressor_edges(inp) -> set:
     out |= {"incomplete_group"} if (start + s) % m else set()
     out |= {"decode_state"} if start % m else set()
     out |= {"first_block_padding"} if m == 4 and start < m and new > 0 else set()
+    out |= {"head_dim_256"} if inp["head_dim"] == 256 else set()
     return out
 
 
@@ -101,7 +102,7 @@ register(OpRecord(
           "state_score": ("b batch", "r rows", "d channels")},
     run=_compressor_run, strategy=compressor_inputs, edges=_compressor_edges,
     edge_cases=("overlap", "no_overlap", "rotate", "no_entry", "several_entries", "incomplete_group", "decode_state",
-                "first_block_padding")))
+                "first_block_padding", "head_dim_256")))
 
 
 # ------------------------------------------------------------------------------------------------ hadamard
