@@ -18,7 +18,7 @@ and two calls test a candidate:
 
 The operations, in data-flow order: act_quant_fp8, fp8_linear, fp4_linear, rms_norm, head_rms_norm,
 apply_rope, split_sinkhorn, hc_pre, hc_post, hc_head, compress, hadamard, act_quant_fp4, index_topk,
-sparse_attention, route, expert_sum, mtp_input.
+index_layout, sparse_attention, route, expert_sum, mtp_input.
 The pytest plugin (`refimpl.testing.plugin`, registered as a pytest11 entry point) gives fixtures and
 the --refimpl-precision option. Guide and worked examples: docs/testing.md. This module (and only it)
 imports Hypothesis; `import refimpl` does not.

@@ -11,6 +11,10 @@
                       e2m1 values (round half to even, saturating at ±6); QDQ = bf16(values·scale) (K:L128-200)
     index_topk        I[t, e] = Σ_h w[t, h]·ReLU(q[t, h]·K[e]) for e < (t+1)//m, top-k descending, ties to the
                       lower entry, -1 padded                                                           (M:L380-433)
+    index_layout      which kv entries each query sees, in the order attention lists them: the window part
+                      (positions max(0, t-W+1) .. t oldest first, -1 padded to min(s, W) in a prefill from 0
+                      and to W in a decode step or with layout "canonical"), then the compressed part
+                      (entries e < (t+1)//m ascending, -1 padded)                          (M:L254-276)
     sparse_attention  o = Σ_j softmax-with-sink(scale·q·kv_j)·kv_j over each query's index set (-1 = none):
                       the sink attn_sink[h] of the query's OWN head enters the denominator only       (K:L276-368)
 """
@@ -22,7 +26,7 @@ from hypothesis import strategies as st
 
 from refimpl.config import Config, Layer
 from refimpl.context import RunContext
-from refimpl.model.attention import sparse_attention
+from refimpl.model.attention import compressed_indices, sparse_attention, window_indices
 from refimpl.model.compressor import CompressorState, CompressorWeights, compress
 from refimpl.model.indexer import index_topk
 from refimpl.numerics import FP4_AMAX_FLOOR, FP4_BLOCK, FP4_MAX, act_quant_fp4, hadamard, round_bf16
@@ -276,6 +280,68 @@ register(OpRecord(
     edge_cases=("query_sees_nothing", "padding_-1", "topk_drops_entries", "keys_past_visible", "exact_ties",
                 "tie_at_the_boundary"),
     selections={"topk": "scores"}))
+
+
+# ------------------------------------------------------------------------------------------------ index_layout
+
+@st.composite
+def index_layout_inputs(draw, precision: str = "float32"):
+    """Calls placed at the window and compression boundaries: a prefill from 0 shorter and longer than the
+    window, decode steps at t = W-2, W-1, W (the first full window) and at t+1 = k·m (an entry completes),
+    chunks from start_pos > 0, both layouts."""
+    w = draw(st.sampled_from([4, 8, 128]))
+    m = draw(st.sampled_from([0, 4, 8]))                                # 0: a window-only layer
+    kind = draw(st.sampled_from(["prefill", "decode", "chunk"]))
+    if kind == "prefill":
+        start, s = 0, draw(st.sampled_from([1, w - 1, w, w + 1, 2 * w + 3]))
+    else:
+        start = draw(st.sampled_from([w - 2, w - 1, w, 2 * w + 1, max(m, 1) * 3 - 1]))
+        s = 1 if kind == "decode" else draw(st.sampled_from([2, w + 1]))
+    return {"start_pos": max(start, 0 if kind == "prefill" else 1), "s": s, "window_size": w, "ratio": m,
+            "layout": draw(st.sampled_from(["official", "canonical"]))}
+
+
+def _index_layout_run(inp, prec):
+    start, s, w, m = inp["start_pos"], inp["s"], inp["window_size"], inp["ratio"]
+    idx, n_prev = window_indices(start, s, w, inp["layout"])
+    window = np.where(idx >= 0, idx + (start - n_prev), -1)            # rows of [previous rows ++ call] -> positions
+    comp = compressed_indices(start, s, m) if m else np.zeros((s, 0), np.int64)
+    return {"window": window.astype(np.int64), "compressed": comp.astype(np.int64)}
+
+
+def _index_layout_edges(inp) -> set:
+    start, s, w, m = inp["start_pos"], inp["s"], inp["window_size"], inp["ratio"]
+    t = start + np.arange(s)
+    out = {"prefill_shorter_than_window"} if start == 0 and s < w else set()
+    out |= {"prefill_longer_than_window"} if start == 0 and s > w else set()
+    out |= {"decode_step"} if start > 0 and s == 1 else {"chunk_after_start"} if start > 0 else set()
+    out |= {"window_padding_-1"} if (start > 0 or inp["layout"] == "canonical") and (t < w - 1).any() else set()
+    out |= {"first_full_window"} if (t == w - 1).any() else set()
+    out |= {"window_slides"} if (t >= w).any() else set()
+    out |= {"canonical"} if inp["layout"] == "canonical" else set()
+    if m:
+        out |= {"entry_completes"} if ((t + 1) % m == 0).any() else set()
+        out |= {"no_entry_visible"} if (t + 1 < m).any() else set()
+        out |= {"compressed_padding_-1"} if ((t + 1) // m < (start + s) // m).any() else set()
+    else:
+        out.add("window_only")
+    return out
+
+
+register(OpRecord(
+    name="index_layout",
+    summary="the index set of each query: window positions (oldest first, -1 padded), then visible compressed entries",
+    official="M:L254-276 get_window_topk_idxs (prefill from 0: min(s, W) wide; decode: W, the ring oldest first) and "
+             "get_compress_topk_idxs (entries e < (t+1)//m)",
+    inputs={"start_pos": "int: the call's first position", "s": "int: tokens in the call", "window_size": "int W",
+            "ratio": "int m (0: a window-only layer)", "layout": '"official" or "canonical" (always W wide)'},
+    outputs=("window", "compressed"),
+    axes={"window": ("s positions", "k slots"), "compressed": ("s positions", "k slots")},
+    run=_index_layout_run, strategy=index_layout_inputs, edges=_index_layout_edges,
+    edge_cases=("prefill_shorter_than_window", "prefill_longer_than_window", "decode_step", "chunk_after_start",
+                "window_padding_-1", "first_full_window", "window_slides", "canonical", "entry_completes",
+                "no_entry_visible", "compressed_padding_-1", "window_only"),
+    precisions=("mirror", "float32", "float64"), exact=True))
 
 
 # ------------------------------------------------------------------------------------------------ sparse_attention

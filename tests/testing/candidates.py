@@ -15,6 +15,9 @@ The bugs (names used by test_planted_bugs.py):
                       "sinkhorn_on_pre" (pre normalised to sum 1, as if it went through hc_pre's mixing)
     hadamard          "walsh_order" (the rows of H in sequency order, as a fast Walsh-Hadamard transform
                       library may return them), "unnormalised" (no 1/sqrt(n))
+    index_layout      "window_one_too_wide" (positions t-W .. t), "entry_visible_early" (an entry visible from its
+                      block's first token, e < t//m + 1), "prefill_padded_to_window" (a prefill from 0 padded
+                      to W as a decode step is)
     act_quant_fp4     "ties_away_from_zero" (e2m1 rounding half away from zero), "scale_rounded_to_nearest"
     sparse_attention  "sink_of_rank_0" (every tensor-parallel rank uses the first rank's sinks), "sink_in_the_max",
                       "sink_as_bf16"
@@ -206,6 +209,26 @@ def act_quant_fp4(inp, bug=None):
     pick = np.where((dhi < dlo) | ((dhi == dlo) & up_on_tie), hi, lo)
     q = np.sign(xb) * E2M1[pick]
     return q.reshape(rows, k).astype(np.float32), s.astype(np.float32)
+
+
+# -------------------------------------------------------------------------------------- index layouts
+
+def index_layout(inp, bug=None):
+    start, s, w, m = inp["start_pos"], inp["s"], inp["window_size"], inp["ratio"]
+    official_prefill = inp["layout"] == "official" and start == 0 and bug != "prefill_padded_to_window"
+    width = min(s, w) if official_prefill else w
+    span = w + 1 if bug == "window_one_too_wide" else w
+    win = np.full((s, width + (span - w)), -1, np.int64)
+    comp = np.full((s, (start + s) // m if m else 0), -1, np.int64)
+    for i in range(s):
+        t = start + i
+        seen = list(range(max(0, t - span + 1), t + 1))               # oldest first
+        win[i, :len(seen)] = seen
+        if m:
+            n = t // m + 1 if bug == "entry_visible_early" else (t + 1) // m
+            n = min(n, comp.shape[1])
+            comp[i, :n] = np.arange(n)
+    return win, comp
 
 
 # -------------------------------------------------------------------------------------- attention
