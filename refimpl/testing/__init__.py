@@ -17,8 +17,8 @@ and two calls test a candidate:
     check_op(my_impl, "fp8_linear", precision="float32", max_examples=50)    # a whole Hypothesis property test
 
 The operations, in data-flow order: act_quant_fp8, fp8_linear, fp4_linear, rms_norm, head_rms_norm,
-apply_rope, split_sinkhorn, hc_pre, hc_post, compress, index_topk, sparse_attention, route, expert_sum,
-mtp_input.
+apply_rope, split_sinkhorn, hc_pre, hc_post, hc_head, compress, hadamard, act_quant_fp4, index_topk,
+index_layout, sparse_attention, route, expert_sum, mtp_input.
 The pytest plugin (`refimpl.testing.plugin`, registered as a pytest11 entry point) gives fixtures and
 the --refimpl-precision option. Guide and worked examples: docs/testing.md. This module (and only it)
 imports Hypothesis; `import refimpl` does not.

@@ -5,8 +5,16 @@
                       previous block's first d channels; m > 4: one block), rms_norm, RoPE at the block's
                       first position, then FP8 QDQ of the non-rope dims (main) or Hadamard + FP4 QDQ
                       (rotate: the indexer's compressor); the decode state carries incomplete blocks   (M:L279-377)
+    hadamard          x · H_n / sqrt(n) on the last axis, Sylvester (natural) order: the indexer rotates its
+                      queries and keys with it before their FP4 QDQ (rotate_activation)              (M:L247-251)
+    act_quant_fp4     the FP4 QDQ of the index queries and keys: per 1x32 block, scale 2^ceil(log2(amax/6)),
+                      e2m1 values (round half to even, saturating at ±6); QDQ = bf16(values·scale) (K:L128-200)
     index_topk        I[t, e] = Σ_h w[t, h]·ReLU(q[t, h]·K[e]) for e < (t+1)//m, top-k descending, ties to the
                       lower entry, -1 padded                                                           (M:L380-433)
+    index_layout      which kv entries each query sees, in the order attention lists them: the window part
+                      (positions max(0, t-W+1) .. t oldest first, -1 padded to min(s, W) in a prefill from 0
+                      and to W in a decode step or with layout "canonical"), then the compressed part
+                      (entries e < (t+1)//m ascending, -1 padded)                          (M:L254-276)
     sparse_attention  o = Σ_j softmax-with-sink(scale·q·kv_j)·kv_j over each query's index set (-1 = none):
                       the sink attn_sink[h] of the query's OWN head enters the denominator only       (K:L276-368)
 """
@@ -18,10 +26,10 @@ from hypothesis import strategies as st
 
 from refimpl.config import Config, Layer
 from refimpl.context import RunContext
-from refimpl.model.attention import sparse_attention
+from refimpl.model.attention import compressed_indices, sparse_attention, window_indices
 from refimpl.model.compressor import CompressorState, CompressorWeights, compress
 from refimpl.model.indexer import index_topk
-from refimpl.numerics import round_bf16
+from refimpl.numerics import FP4_AMAX_FLOOR, FP4_BLOCK, FP4_MAX, act_quant_fp4, hadamard, round_bf16
 from refimpl.testing.ops_linear import as_dtype, bf16_values
 from refimpl.testing.record import OpRecord, register
 
@@ -46,7 +54,7 @@ def _compress(inp, prec, start_pos, x, kv, score):
 def compressor_inputs(draw, precision: str = "float32"):
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     m = draw(st.sampled_from([4, 8, 16]))
-    d = _TINY.head_dim                                                  # 128: p = 64 rope dims, 64 FP8 QDQ dims
+    d = draw(st.sampled_from([_TINY.head_dim, 256]))                   # p = 64 rope dims; 64 or 192 FP8 QDQ dims
     c = draw(st.sampled_from([16, 64]))
     o = 2 if m == 4 else 1
     start = draw(st.sampled_from([0, 0, 1, m - 1, m, m + 1, 3 * m - 1]))
@@ -79,6 +87,7 @@ def _compressor_edges(inp) -> set:
     out |= {"incomplete_group"} if (start + s) % m else set()
     out |= {"decode_state"} if start % m else set()
     out |= {"first_block_padding"} if m == 4 and start < m and new > 0 else set()
+    out |= {"head_dim_256"} if inp["head_dim"] == 256 else set()
     return out
 
 
@@ -97,7 +106,121 @@ register(OpRecord(
           "state_score": ("b batch", "r rows", "d channels")},
     run=_compressor_run, strategy=compressor_inputs, edges=_compressor_edges,
     edge_cases=("overlap", "no_overlap", "rotate", "no_entry", "several_entries", "incomplete_group", "decode_state",
-                "first_block_padding")))
+                "first_block_padding", "head_dim_256")))
+
+
+# ------------------------------------------------------------------------------------------------ hadamard
+
+@st.composite
+def hadamard_inputs(draw, precision: str = "float32"):
+    """Rows of one head dim n (128: the released index_head_dim), rows 2^±20 apart, and rows made to cancel:
+    a constant row (all outputs but the first exactly 0) and a row of one Walsh function (one output nonzero)."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    n = draw(st.sampled_from([2, 32, 64, 128]))
+    shape = draw(st.sampled_from([(0,), (1,), (3,), (1, 2, 4)]))         # (1, 2, 4): [b, s, i] heads
+    x = bf16_values(rng, shape + (n,)) * np.exp2(rng.integers(-20, 21, shape + (1,)))
+    rows = x.reshape(-1, n)
+    if len(rows) and draw(st.booleans()):
+        rows[0] = round_bf16(rng.standard_normal())                      # constant: H·x has one nonzero
+    if len(rows) > 1 and draw(st.booleans()):
+        rows[-1] = _sylvester(n)[rng.integers(n)] * round_bf16(rng.standard_normal())   # one Walsh function
+    return {"x": round_bf16(x).astype(np.float32)}
+
+
+def _sylvester(n: int) -> np.ndarray:
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
+def _hadamard_edges(inp) -> set:
+    x = np.asarray(inp["x"], np.float64)
+    n = x.shape[-1]
+    rows = x.reshape(-1, n)
+    out = {"one_row"} if len(rows) == 1 else {"empty"} if len(rows) == 0 else set()
+    out |= {"heads_axis"} if x.ndim == 4 else set()
+    out |= {"index_head_dim_128"} if n == 128 else {"two_dims"} if n == 2 else set()
+    if len(rows):
+        y = rows @ _sylvester(n)
+        cancels = ((y == 0).sum(-1) >= n - 1) & (np.abs(rows).max(-1) > 0)   # all outputs but one exactly 0
+        out |= {"exact_zeros"} if n > 2 and cancels.any() else set()
+        rms = np.sqrt((rows * rows).mean(-1))
+        rms = rms[rms > 0]
+        out |= {"rows_over_16_binades"} if rms.size and np.log2(rms.max() / rms.min()) >= 16 else set()
+    return out
+
+
+register(OpRecord(
+    name="hadamard",
+    summary="the indexer's rotation: x · H_n / sqrt(n) along the last axis, Sylvester (natural) order, n a power of two",
+    official="M:L247-251 rotate_activation (fast_hadamard_transform, scale = dim ** -0.5); on the index queries "
+             "(Indexer, M:L380-433) and keys (the indexer's Compressor, M:L279-377)",
+    inputs={"x": "[..., n] float32 (bf16 values; n a power of two: 128 in the indexer)"},
+    outputs=("y",), axes={"y": (("r rows", "n dims"), ("b batch", "s positions", "h heads", "n dims"))},
+    run=lambda inp, prec: {"y": hadamard(as_dtype(inp["x"], prec), prec)},
+    strategy=hadamard_inputs, edges=_hadamard_edges,
+    edge_cases=("one_row", "empty", "heads_axis", "index_head_dim_128", "two_dims", "exact_zeros",
+                "rows_over_16_binades")))
+
+
+# ------------------------------------------------------------------------------------------------ act_quant_fp4
+
+E2M1_TIES = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])          # halfway between e2m1 neighbours
+
+
+@st.composite
+def act_quant_fp4_inputs(draw, precision: str = "mirror"):
+    """Blocks of 32 whose amax is 6·2^k exactly (values at ±6 after scaling) and whose other values sit exactly
+    halfway between e2m1 neighbours (ties, round half to even), blocks 2^±40 apart, blocks below the amax floor
+    6·2^-126 (zero or bf16 subnormals), and values that round to 0."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    rows = draw(st.sampled_from([0, 1, 2, 3]))
+    nblocks = draw(st.integers(1, 4))
+    spread = draw(st.sampled_from([0, 40]))
+    x = bf16_values(rng, (rows, nblocks, FP4_BLOCK)) * np.exp2(rng.integers(-spread, spread + 1, (rows, nblocks, 1)))
+    x = round_bf16(x)
+    if rows and draw(st.booleans()):                                    # amax 6·2^k, the rest ties at scale 2^k
+        r, b, k = rng.integers(rows), rng.integers(nblocks), int(rng.integers(-30, 30))
+        x[r, b] = rng.choice(E2M1_TIES, FP4_BLOCK) * rng.choice([-1, 1], FP4_BLOCK) * 2.0**k
+        x[r, b, rng.integers(FP4_BLOCK)] = FP4_MAX * 2.0**k * rng.choice([-1, 1])
+    if rows and draw(st.booleans()):                                    # below the amax floor
+        r, b = rng.integers(rows), rng.integers(nblocks)
+        x[r, b] = 0.0 if draw(st.booleans()) else round_bf16(x[r, b] * 2.0**-128)
+    return {"x": x.reshape(rows, nblocks * FP4_BLOCK).astype(np.float32)}
+
+
+def _act_quant_fp4_run(inp, prec):
+    q, s = act_quant_fp4(np.asarray(inp["x"], np.float32), block=FP4_BLOCK)
+    return {"values": q, "scale": s}
+
+
+def _act_quant_fp4_edges(inp) -> set:
+    x = np.asarray(inp["x"], np.float32)
+    out = {"one_row"} if x.shape[0] == 1 else {"empty"} if x.shape[0] == 0 else set()
+    if x.size:
+        q, s = act_quant_fp4(x, block=FP4_BLOCK)
+        r = np.abs(x.astype(np.float64).reshape(x.shape[0], -1, FP4_BLOCK)) / s[..., None]
+        out |= {"e2m1_max"} if (np.abs(q) == FP4_MAX).any() else set()
+        out |= {"exact_ties"} if np.isin(r, E2M1_TIES).any() else set()
+        out |= {"rounds_to_zero"} if ((r > 0) & (q.reshape(r.shape) == 0)).any() else set()
+        out |= {"amax_floor"} if (np.abs(x.reshape(x.shape[0], -1, FP4_BLOCK)).max(-1) < FP4_AMAX_FLOOR).any() else set()
+        ls = np.log2(s)
+        out |= {"scales_over_16_binades"} if ls.max() - ls.min() >= 16 else set()
+    return out
+
+
+register(OpRecord(
+    name="act_quant_fp4",
+    summary="FP4 e2m1 quantization of the index queries / keys per 1x32 block, power-of-two scales (QDQ: values·scale)",
+    official="K:L128-200 fp4_act_quant (scale = 2^ceil(log2(max(amax, 6·2^-126) / 6)), e2m1 cast RNE, saturating); "
+             "in place on the index queries (M:L380-433) and keys (M:L279-377)",
+    inputs={"x": "[rows, K] float32 (bf16 values, K a multiple of 32)"},
+    outputs=("values", "scale"),
+    axes={"values": ("r rows", "k columns"), "scale": ("r rows", "b blocks")},
+    run=_act_quant_fp4_run, strategy=act_quant_fp4_inputs, edges=_act_quant_fp4_edges,
+    edge_cases=("one_row", "empty", "e2m1_max", "exact_ties", "rounds_to_zero", "amax_floor", "scales_over_16_binades"),
+    precisions=("mirror",), exact=True))
 
 
 # ------------------------------------------------------------------------------------------------ index_topk
@@ -157,6 +280,68 @@ register(OpRecord(
     edge_cases=("query_sees_nothing", "padding_-1", "topk_drops_entries", "keys_past_visible", "exact_ties",
                 "tie_at_the_boundary"),
     selections={"topk": "scores"}))
+
+
+# ------------------------------------------------------------------------------------------------ index_layout
+
+@st.composite
+def index_layout_inputs(draw, precision: str = "float32"):
+    """Calls placed at the window and compression boundaries: a prefill from 0 shorter and longer than the
+    window, decode steps at t = W-2, W-1, W (the first full window) and at t+1 = k·m (an entry completes),
+    chunks from start_pos > 0, both layouts."""
+    w = draw(st.sampled_from([4, 8, 128]))
+    m = draw(st.sampled_from([0, 4, 8]))                                # 0: a window-only layer
+    kind = draw(st.sampled_from(["prefill", "decode", "chunk"]))
+    if kind == "prefill":
+        start, s = 0, draw(st.sampled_from([1, w - 1, w, w + 1, 2 * w + 3]))
+    else:
+        start = draw(st.sampled_from([w - 2, w - 1, w, 2 * w + 1, max(m, 1) * 3 - 1]))
+        s = 1 if kind == "decode" else draw(st.sampled_from([2, w + 1]))
+    return {"start_pos": max(start, 0 if kind == "prefill" else 1), "s": s, "window_size": w, "ratio": m,
+            "layout": draw(st.sampled_from(["official", "canonical"]))}
+
+
+def _index_layout_run(inp, prec):
+    start, s, w, m = inp["start_pos"], inp["s"], inp["window_size"], inp["ratio"]
+    idx, n_prev = window_indices(start, s, w, inp["layout"])
+    window = np.where(idx >= 0, idx + (start - n_prev), -1)            # rows of [previous rows ++ call] -> positions
+    comp = compressed_indices(start, s, m) if m else np.zeros((s, 0), np.int64)
+    return {"window": window.astype(np.int64), "compressed": comp.astype(np.int64)}
+
+
+def _index_layout_edges(inp) -> set:
+    start, s, w, m = inp["start_pos"], inp["s"], inp["window_size"], inp["ratio"]
+    t = start + np.arange(s)
+    out = {"prefill_shorter_than_window"} if start == 0 and s < w else set()
+    out |= {"prefill_longer_than_window"} if start == 0 and s > w else set()
+    out |= {"decode_step"} if start > 0 and s == 1 else {"chunk_after_start"} if start > 0 else set()
+    out |= {"window_padding_-1"} if (start > 0 or inp["layout"] == "canonical") and (t < w - 1).any() else set()
+    out |= {"first_full_window"} if (t == w - 1).any() else set()
+    out |= {"window_slides"} if (t >= w).any() else set()
+    out |= {"canonical"} if inp["layout"] == "canonical" else set()
+    if m:
+        out |= {"entry_completes"} if ((t + 1) % m == 0).any() else set()
+        out |= {"no_entry_visible"} if (t + 1 < m).any() else set()
+        out |= {"compressed_padding_-1"} if ((t + 1) // m < (start + s) // m).any() else set()
+    else:
+        out.add("window_only")
+    return out
+
+
+register(OpRecord(
+    name="index_layout",
+    summary="the index set of each query: window positions (oldest first, -1 padded), then visible compressed entries",
+    official="M:L254-276 get_window_topk_idxs (prefill from 0: min(s, W) wide; decode: W, the ring oldest first) and "
+             "get_compress_topk_idxs (entries e < (t+1)//m)",
+    inputs={"start_pos": "int: the call's first position", "s": "int: tokens in the call", "window_size": "int W",
+            "ratio": "int m (0: a window-only layer)", "layout": '"official" or "canonical" (always W wide)'},
+    outputs=("window", "compressed"),
+    axes={"window": ("s positions", "k slots"), "compressed": ("s positions", "k slots")},
+    run=_index_layout_run, strategy=index_layout_inputs, edges=_index_layout_edges,
+    edge_cases=("prefill_shorter_than_window", "prefill_longer_than_window", "decode_step", "chunk_after_start",
+                "window_padding_-1", "first_full_window", "window_slides", "canonical", "entry_completes",
+                "no_entry_visible", "compressed_padding_-1", "window_only"),
+    precisions=("mirror", "float32", "float64"), exact=True))
 
 
 # ------------------------------------------------------------------------------------------------ sparse_attention

@@ -9,6 +9,8 @@
     hc_pre          RMS of the flattened streams, mixes, split_sinkhorn, Σ_j pre_j·h_j (M:L674-681)
     hc_post         y[k] = post[k]·x + Σ_j comb[j, k]·h[j]: comb[j, k] is old stream j's weight in
                     new stream k (a transposed mix is a field bug)                       (M:L683-687)
+    hc_head         the final collapse of the streams before the head: RMS of the FLATTENED streams,
+                    pre = sigmoid(mixes·scale + base) + eps (no Sinkhorn, no post), Σ_j pre_j·h_j  (M:L729-736)
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from hypothesis import strategies as st
 
 from refimpl.config import Config
 from refimpl.context import RunContext
-from refimpl.model.hyperconn import HyperConnWeights, hc_post, hc_pre, split_sinkhorn
+from refimpl.model.hyperconn import HyperConnWeights, hc_head, hc_post, hc_pre, split_sinkhorn
 from refimpl.model.norm import head_rms_norm, rms_norm
 from refimpl.model.rope import apply_rope, rope_table
 from refimpl.testing.ops_linear import as_dtype, bf16_values
@@ -279,3 +281,52 @@ register(OpRecord(
     suspects=(("a transposed mixing matrix (comb read as [k, j])",
                lambda i: {**i, "comb": np.ascontiguousarray(np.swapaxes(i["comb"], -1, -2))} if i["comb"].shape[-1] > 1
                else None),)))
+
+
+# ------------------------------------------------------------------------------------------------ hc_head
+
+@st.composite
+def hc_head_inputs(draw, precision: str = "float32"):
+    """Streams up to 2^±6 apart (the RMS is over the flattened streams, not per stream), mixing logits from
+    small to saturating (pre near its eps floor and near 1), c 128 or 256."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    n = draw(st.sampled_from([1, 2, 4]))
+    s = draw(st.sampled_from([1, 3]))
+    c = draw(st.sampled_from([128, 256]))
+    spread = draw(st.sampled_from([0, 6]))
+    h = bf16_values(rng, (1, s, n, c)) * np.exp2(rng.integers(-spread, spread + 1, (1, s, n, 1)))
+    gain = draw(st.sampled_from([1.0, 40.0]))                           # 40: sigmoids saturate at 0 and 1
+    return {"h": h.astype(np.float32), "fn": (rng.standard_normal((n, n * c)) * (n * c) ** -0.5).astype(np.float32),
+            "scale": (rng.uniform(0.2, 2.0, 1) * gain).astype(np.float32),
+            "base": rng.standard_normal(n).astype(np.float32), "norm_eps": 1e-6, "hc_eps": 1e-6}
+
+
+def _hc_head_run(inp, prec):
+    n, c = inp["h"].shape[2:]
+    ctx = _ctx(prec, dim=c, hc_mult=n, hc_eps=inp["hc_eps"], norm_eps=inp["norm_eps"])
+    return {"x": hc_head(as_dtype(inp["h"], prec), HyperConnWeights(fn=inp["fn"], base=inp["base"],
+                                                                    scale=inp["scale"]), ctx)}
+
+
+def _hc_head_edges(inp) -> set:
+    h = np.asarray(inp["h"], np.float64)
+    n = h.shape[2]
+    out = {f"streams_{n}"}
+    rms = np.sqrt((h * h).mean(-1))                                     # [b, s, n]
+    out |= {"streams_differ_in_scale"} if n > 1 and (rms.max(-1) / rms.min(-1)).max() >= 16 else set()
+    v = h.reshape(*h.shape[:2], -1)
+    mixes = v @ np.asarray(inp["fn"], np.float64).T / np.sqrt((v * v).mean(-1, keepdims=True) + inp["norm_eps"])
+    z = mixes * float(inp["scale"][0]) + np.asarray(inp["base"], np.float64)
+    out |= {"pre_saturated"} if (np.abs(z) > 20).any() else set()
+    return out
+
+
+register(OpRecord(
+    name="hc_head", summary="mHC head: RMS over the flattened streams, pre = sigmoid(mixes·scale + base) + eps, Σ_j pre_j·h_j",
+    official="M:L729-736 ParallelHead.hc_head",
+    inputs={"h": "[b, s, n, c] float32 (bf16 values)", "fn": "[n, n·c] float32 (hc_head_fn)",
+            "scale": "[1] float32 (hc_head_scale)", "base": "[n] float32 (hc_head_base)", "norm_eps": "float",
+            "hc_eps": "float"},
+    outputs=("x",), axes={"x": ("b batch", "s positions", "c channels")},
+    run=_hc_head_run, strategy=hc_head_inputs, edges=_hc_head_edges,
+    edge_cases=("streams_1", "streams_2", "streams_4", "streams_differ_in_scale", "pre_saturated")))

@@ -11,6 +11,14 @@ The bugs (names used by test_planted_bugs.py):
     apply_rope        "missing_yarn", "rotate_half" (split-halves pairs), "inverse_not_conjugated"
     split_sinkhorn    "one_iteration_short"
     hc_post           "transposed_mix"
+    hc_head           "rms_per_stream" (each stream normalised by its own RMS, not the flattened streams'),
+                      "sinkhorn_on_pre" (pre normalised to sum 1, as if it went through hc_pre's mixing)
+    hadamard          "walsh_order" (the rows of H in sequency order, as a fast Walsh-Hadamard transform
+                      library may return them), "unnormalised" (no 1/sqrt(n))
+    index_layout      "window_one_too_wide" (positions t-W .. t), "entry_visible_early" (an entry visible from its
+                      block's first token, e < t//m + 1), "prefill_padded_to_window" (a prefill from 0 padded
+                      to W as a decode step is)
+    act_quant_fp4     "ties_away_from_zero" (e2m1 rounding half away from zero), "scale_rounded_to_nearest"
     sparse_attention  "sink_of_rank_0" (every tensor-parallel rank uses the first rank's sinks), "sink_in_the_max",
                       "sink_as_bf16"
     index_topk        "ties_broken_upward"
@@ -148,6 +156,79 @@ def hc_post(inp, bug=None):
     if bug == "transposed_mix":
         comb = np.swapaxes(comb, -1, -2)
     return f32(post[..., None] * x[:, :, None] + np.einsum("bsjk,bsjc->bskc", comb, h))
+
+
+def hc_head(inp, bug=None):
+    h, fn, sc, base = (np.asarray(inp[k], F64) for k in ("h", "fn", "scale", "base"))
+    b, s, n, c = h.shape
+    if bug == "rms_per_stream":
+        hn = h / np.sqrt((h * h).mean(-1, keepdims=True) + inp["norm_eps"])
+        mixes = hn.reshape(b, s, n * c) @ fn.T
+    else:
+        v = h.reshape(b, s, n * c)
+        mixes = v @ fn.T / np.sqrt((v * v).mean(-1, keepdims=True) + inp["norm_eps"])
+    pre = 1 / (1 + np.exp(-(mixes * sc[0] + base))) + inp["hc_eps"]
+    if bug == "sinkhorn_on_pre":
+        pre = pre / pre.sum(-1, keepdims=True)
+    return f32(np.einsum("bsj,bsjc->bsc", pre, h))
+
+
+# -------------------------------------------------------------------------------------- indexer rotation, FP4
+
+def _walsh_sylvester(n):
+    idx = np.arange(n)
+    return (-1.0) ** np.array([[bin(i & j).count("1") for j in idx] for i in idx])   # H[i, j] = (-1)^popcount(i&j)
+
+
+def hadamard(inp, bug=None):
+    x = np.asarray(inp["x"], F64)
+    n = x.shape[-1]
+    h = _walsh_sylvester(n)
+    if bug == "walsh_order":                     # rows sorted by their number of sign changes (sequency)
+        h = h[np.argsort([np.count_nonzero(np.diff(r)) for r in h], kind="stable")]
+    y = x @ h.T
+    return f32(y if bug == "unnormalised" else y / math.sqrt(n))
+
+
+E2M1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6])
+
+
+def act_quant_fp4(inp, bug=None):
+    x = np.asarray(inp["x"], F64)
+    rows, k = x.shape
+    xb = x.reshape(rows, k // 32, 32)
+    amax = np.maximum(np.abs(xb).max(-1), 6 * 2.0**-126)
+    ratio = f32(f32(amax) * np.float32(1 / 6)).astype(F64)
+    e = np.round(np.log2(ratio)) if bug == "scale_rounded_to_nearest" else np.ceil(np.log2(ratio))
+    s = np.exp2(e)
+    r = np.minimum(np.abs(xb / s[..., None]), 6.0)
+    i = np.searchsorted(E2M1, r)                                      # E2M1[i-1] < r <= E2M1[i]
+    lo, hi = np.clip(i - 1, 0, 7), np.clip(i, 0, 7)
+    dlo, dhi = r - E2M1[lo], E2M1[hi] - r
+    up_on_tie = (hi % 2 == 0) if bug != "ties_away_from_zero" else np.ones(r.shape, bool)   # even index wins
+    pick = np.where((dhi < dlo) | ((dhi == dlo) & up_on_tie), hi, lo)
+    q = np.sign(xb) * E2M1[pick]
+    return q.reshape(rows, k).astype(np.float32), s.astype(np.float32)
+
+
+# -------------------------------------------------------------------------------------- index layouts
+
+def index_layout(inp, bug=None):
+    start, s, w, m = inp["start_pos"], inp["s"], inp["window_size"], inp["ratio"]
+    official_prefill = inp["layout"] == "official" and start == 0 and bug != "prefill_padded_to_window"
+    width = min(s, w) if official_prefill else w
+    span = w + 1 if bug == "window_one_too_wide" else w
+    win = np.full((s, width + (span - w)), -1, np.int64)
+    comp = np.full((s, (start + s) // m if m else 0), -1, np.int64)
+    for i in range(s):
+        t = start + i
+        seen = list(range(max(0, t - span + 1), t + 1))               # oldest first
+        win[i, :len(seen)] = seen
+        if m:
+            n = t // m + 1 if bug == "entry_visible_early" else (t + 1) // m
+            n = min(n, comp.shape[1])
+            comp[i, :n] = np.arange(n)
+    return win, comp
 
 
 # -------------------------------------------------------------------------------------- attention

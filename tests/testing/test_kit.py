@@ -15,7 +15,7 @@ from refimpl.testing import OPS, MismatchError, assert_matches, check_op, noise_
 from refimpl.testing.tolerance import FACTOR, FLOOR
 
 # every record's strategy reaches every one of its edge cases within this many derandomized examples
-# (measured: at most 31, index_topk's tie at the top-k boundary)
+# (measured: at most 41, index_layout's prefill longer than the window; then 31, index_topk's tie at the top-k boundary)
 REACH_EXAMPLES = 100
 # edge cases a strategy leaves out at one precision, and why
 NOT_AT = {("fp8_linear", "mirror"): {"partial_column_block"}}   # mirror's act_quant needs K % 128 == 0 (K:L40-125)
@@ -23,8 +23,8 @@ NOT_AT = {("fp8_linear", "mirror"): {"partial_column_block"}}   # mirror's act_q
 
 def test_the_records_are_complete_and_in_data_flow_order():
     assert list(OPS) == ["act_quant_fp8", "fp8_linear", "fp4_linear", "rms_norm", "head_rms_norm", "apply_rope",
-                         "split_sinkhorn", "hc_pre", "hc_post", "compress", "index_topk", "sparse_attention", "route",
-                         "expert_sum", "mtp_input"]
+                         "split_sinkhorn", "hc_pre", "hc_post", "hc_head", "compress", "hadamard", "act_quant_fp4",
+                         "index_topk", "index_layout", "sparse_attention", "route", "expert_sum", "mtp_input"]
     for rec in OPS.values():
         assert rec.summary and rec.official and rec.inputs and rec.edge_cases
         assert set(rec.axes) <= set(rec.outputs) and set(rec.selections) <= set(rec.outputs)
@@ -57,12 +57,13 @@ def test_refimpl_itself_passes_at_every_precision(name):
 
 
 @pytest.mark.parametrize("name", ["act_quant_fp8", "fp8_linear", "fp4_linear", "rms_norm", "apply_rope",
-                                  "split_sinkhorn", "hc_post", "sparse_attention", "index_topk", "route", "expert_sum",
+                                  "split_sinkhorn", "hc_post", "hc_head", "hadamard", "act_quant_fp4", "index_layout",
+                                  "sparse_attention", "index_topk", "route", "expert_sum",
                                   "mtp_input"])
 def test_an_independent_correct_implementation_passes(name):
     """tests/testing/candidates.py, written from the official code without refimpl's spec, float64 inside and
     rounded once: a correct float32 implementation that sums in another order must pass."""
-    precision = "mirror" if name == "act_quant_fp8" else "float32"
+    precision = "mirror" if name in ("act_quant_fp8", "act_quant_fp4") else "float32"
     check_op(getattr(candidates, name), name, precision, max_examples=30, derandomize=True)
 
 
