@@ -9,6 +9,8 @@ activation quantization: the architecture's math), and writes the sites of
 
     python tests/independent/v4_float32.py CKPT --tokens 0,15,27 --out mine.safetensors
         [--swiglu-limit L] [--sites-only embed,layers.0.*]
+    python tests/independent/v4_float32.py CKPT --golden golden --input prefill-80 --out mine.safetensors
+        (the input's tokens and config override from the golden set's manifest.json)
 
 Official line references: `inference/model.py` (M) and `inference/kernel.py` (K) of
 deepseek-ai/DeepSeek-V4-Flash, revision 60d8d70770c6776ff598c94bb586a859a38244f1 (current).
@@ -399,6 +401,9 @@ class Model:
         return X
 
     def forward(self, tokens):
+        vocab = self.cfg["vocab_size"]
+        if not tokens or any(not 0 <= t < vocab for t in tokens):
+            raise ValueError(f"tokens must be a non-empty list of ids in [0, {vocab})")
         sites = {}
         emb = self.w("embed.weight")[np.asarray(tokens)]
         sites["embed"] = emb
@@ -446,14 +451,35 @@ def run(ckpt, tokens, out, swiglu_limit=None, sites_only=None):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ckpt")
-    ap.add_argument("--tokens", required=True, help="comma-separated token ids")
+    ap.add_argument("--tokens", help="comma-separated token ids")
+    ap.add_argument("--golden", help="a golden-set folder (with manifest.json); with --input")
+    ap.add_argument("--input", help="the golden input whose tokens (and config override) to run")
     ap.add_argument("--out", required=True)
     ap.add_argument("--swiglu-limit", type=float, default=None)
     ap.add_argument("--sites-only", default=None, help="comma-separated globs of sites to write")
     args = ap.parse_args(argv)
-    tokens = [int(t) for t in args.tokens.split(",")]
-    run(args.ckpt, tokens, args.out, args.swiglu_limit,
-        args.sites_only.split(",") if args.sites_only else None)
+    limit = args.swiglu_limit
+    try:
+        if args.golden or args.input:
+            if not (args.golden and args.input) or args.tokens:
+                ap.error("--golden and --input go together, without --tokens")
+            manifest = json.loads((Path(args.golden) / "manifest.json").read_text())
+            case = next((i for i in manifest["inputs"] if i["name"] == args.input), None)
+            if case is None:
+                ap.error(f"no input {args.input!r} in the manifest: "
+                         + ", ".join(i["name"] for i in manifest["inputs"]))
+            tokens = manifest["tokens"][:case["length"]]
+            if limit is None:
+                limit = (case.get("config") or {}).get("swiglu_limit")
+        elif args.tokens:
+            tokens = [int(t) for t in args.tokens.split(",")]
+        else:
+            ap.error("give --tokens, or --golden and --input")
+        if not tokens:
+            ap.error("no tokens")
+        run(args.ckpt, tokens, args.out, limit, args.sites_only.split(",") if args.sites_only else None)
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise SystemExit(f"v4_float32: error: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":
