@@ -128,6 +128,31 @@ class SinkMissing(v4_float32.Model):
         return np.full_like(v, -np.inf) if name.endswith("attn.attn_sink") else v
 
 
+class BlockHeightFromGrid(v4_float32.Model):
+    """An FP8 loader taking the block height from the scale grid (rows // grid rows) instead of the
+    fixed 128: on tiny-partial's wkv [192, 256] (grid 2 rows), rows 96-127 get the second scale."""
+
+    def w(self, name):
+        if not name.endswith("attn.wkv.weight"):
+            return super().w(name)
+        _, shape, data = self.ck.raw(name)
+        _, sshape, sdata = self.ck.raw(name[:-len(".weight")] + ".scale")
+        scale = v4_float32.e8m0(np.frombuffer(sdata, np.uint8).reshape(sshape))
+        w = v4_float32.E4M3[np.frombuffer(data, np.uint8).reshape(shape)]
+        rows = np.arange(shape[0]) // (shape[0] // sshape[0])
+        return w * scale[rows][:, np.arange(shape[1]) // 128]
+
+
+class Fp4HighNibbleFirst(v4_float32.Model):
+    """Routed experts unpacked high nibble first."""
+
+    def w(self, name):
+        v = super().w(name)
+        if ".experts." in name and name.endswith(".weight"):
+            v = v.reshape(v.shape[0], -1, 2)[:, :, ::-1].reshape(v.shape)
+        return v
+
+
 class SinkhornShort(v4_float32.Model):
     """One Sinkhorn iteration short (19 instead of 20)."""
 
@@ -140,6 +165,8 @@ class SinkhornShort(v4_float32.Model):
     (RopeHalves, "prefill-17", "layers.0.attn.q", 16),                  # the input's one stored row
     (CompressedAtPoolIndex, "prefill-17", "layers.2.attn.compressed_kv", 1),   # entry 0 is at 0 either way
     (SinkMissing, "prefill-5", "layers.0.attn.out", 4),
+    (BlockHeightFromGrid, "tiny-partial-prefill-5", "layers.0.attn.kv", 0),
+    (Fp4HighNibbleFirst, "prefill-5", "layers.0.ffn.out", 4),
 ])
 def test_a_planted_bug_is_named_at_its_site(checkpoints, bug, name, site, position, tmp_path):
     """The first site out of tolerance is the bug's, at the first position (stored row, or entry
