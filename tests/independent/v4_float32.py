@@ -63,9 +63,7 @@ class Checkpoint:
         self.path = Path(path)
         self.config = json.loads((self.path / "config.json").read_text())
         index = json.loads((self.path / "model.safetensors.index.json").read_text())
-        self.where = {}
-        for name, shard in index["weight_map"].items():
-            self.where[name] = shard
+        self.where = dict(index["weight_map"])          # tensor name -> shard file
         self._headers = {}
 
     def has(self, name):
@@ -270,7 +268,7 @@ class Model:
         return out.astype(F32)
 
     # --- attention (M:L436-543, K:L276-368)
-    def attention(self, x, li, p, sites, qpos):
+    def attention(self, x, li, p, sites):
         s = x.shape[0]
         h, d, r = self.n_heads, self.head_dim, self.rope_dim
         ratio = self.ratios[li]
@@ -385,7 +383,7 @@ class Model:
         sites[prefix + "hc_attn.pre"], sites[prefix + "hc_attn.post"] = pre, post
         sites[prefix + "hc_attn.comb"] = comb
         y = rms_norm(y, self.w(p + "attn_norm.weight"), self.eps)
-        out = self.attention(y, li, p, loc, None)
+        out = self.attention(y, li, p, loc)
         X = self.hc_post(out, R, post, comb)
         sites[prefix + "hc_attn.out"] = X
         R = X
