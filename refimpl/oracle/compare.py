@@ -768,6 +768,13 @@ class Report:
     def ok(self) -> bool:
         return self.first is None and self.missing is None
 
+    @property
+    def empty_sites(self) -> list[str]:
+        """Common sites that hold no rows in these traces (e.g. the MTP block's, whose rows stop one position
+        before the main model's, in a golden trace that keeps only the last position): nothing was compared
+        there, and the report says so rather than counting them."""
+        return [m["site"] for m in self.sites if m["shape"] and m["shape"][0] == 0]
+
     def to_json(self) -> dict:
         """A JSON-ready dict (non-finite numbers as the strings "inf", "-inf", "nan")."""
         def clean(x):
@@ -782,7 +789,7 @@ class Report:
                       "missing": self.missing, "noise": self.noise, "first_diff": self.first_diff,
                       "first_real": self.first_real,
                       "only_in_a": self.only_in_a, "only_in_b": self.only_in_b, "notes": self.notes,
-                      "sites": self.sites})
+                      "empty_sites": self.empty_sites, "sites": self.sites})
 
 
 def compare(a, b, profile: str = "auto", *, profiles: dict | None = None, partial: bool = False,
@@ -982,6 +989,11 @@ def _row_positions(site: str, golden_rows, s: int, mtp: int | None):
     return [r for r in golden_rows if r < s - 1] if is_mtp else list(golden_rows)
 
 
+def _few(names: list[str], n: int = 3) -> str:
+    """The first n names, and how many more."""
+    return ", ".join(names[:n]) + (f", ... {len(names) - n} more" if len(names) > n else "")
+
+
 def _by_expert_id(weights: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Each row of the routing weights ordered by its expert id (ids and weights share a column order)."""
     if ids.shape != weights.shape:
@@ -1105,10 +1117,13 @@ def format_report(r: Report) -> str:
     if q_first and _bf16_norms(r) and (r.first is None or split_site(r.first["site"])[1] != "attn.q"):
         lines.append(f"  hint: {Q_NORM_HINT}")
     if r.first is None:
+        empty = r.empty_sites
+        counted = f"{len(r.sites) - len(empty)} sites compared" + (
+            f"; {len(empty)} held no rows here and were not compared ({_few(empty)})" if empty else "")
         if r.missing:
-            lines.append(f"FAILED: {r.missing} ({len(r.sites)} sites compared, within tolerance ({_rule(r)}))")
+            lines.append(f"FAILED: {r.missing} ({counted}, within tolerance ({_rule(r)}))")
         else:
-            lines.append(f"within tolerance ({_rule(r)}): {len(r.sites)} sites compared")
+            lines.append(f"within tolerance ({_rule(r)}): {counted}")
         return "\n".join(lines)
     f = r.first
     pw = "entry" if "entry" in f else "position"

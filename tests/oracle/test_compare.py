@@ -653,3 +653,22 @@ def test_metadata_naming_an_unknown_revision_or_layout_is_refused(tmp_path, key,
     p = write(tmp_path / "a.st", {"embed": np.ones((3, 4), np.float32)}, **{key: value})
     with pytest.raises(CompareError, match=f"metadata '{key}' is '{value}', not one of"):
         compare(p, p)
+
+
+def test_sites_that_hold_no_rows_are_not_counted_as_compared(tmp_path):
+    """A golden trace that keeps only the last position has no MTP rows (the MTP block's rows stop one position
+    earlier): a candidate whose MTP block is wrong passes there, so the report must say those sites were empty,
+    not count them as compared (found by an independent implementation: negated MTP norms passed 'within
+    tolerance, 115 sites compared' on prefill-5)."""
+    from refimpl.oracle.golden import default_dir
+    ref = default_dir() / "traces" / "float64" / "prefill-5.safetensors"
+    report = compare(ref, ref)
+    empty = report.empty_sites
+    mtp = [m["site"] for m in report.sites if m["site"].startswith(("mtp.", "layers.6."))]     # tiny: MTP = layer 6
+    assert mtp and set(mtp) <= set(empty), empty                     # and compressed_kv before its first entry
+    assert set(empty) - set(mtp) <= {"layers.3.attn.compressed_kv", "layers.5.attn.compressed_kv"}, empty
+    assert all(report.sites[[m["site"] for m in report.sites].index(s)]["shape"][0] == 0 for s in empty)
+    text = format_report(report)
+    assert f"{len(report.sites) - len(empty)} sites compared; {len(empty)} held no rows here and were not " \
+           f"compared" in text
+    assert report.to_json()["empty_sites"] == empty
