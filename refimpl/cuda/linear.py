@@ -15,10 +15,10 @@ through decode tables made by the spec's own decoders (numerics.decode_fp8_e4m3 
     dense_gemm           one thread per output: Σ_i x[r,i]·W[o,i] in float64, i ascending, rounded once
 
 Quantized products (mirror): the activations are e4m3 values times a power of two per 1x128 block,
-the weights e4m3 / e2m1 values times powers of two, so every block sum (every 1x32 sum of an FP4
-block) is exact in float64 whatever the order of its additions (fused or not); the kernel then
-adds the same float64 numbers as the spec in the same order: bit-identical results. Only the
-combination of blocks rounds, which is why its order is the spec's and not one pass over the row
+the weights e4m3 / e2m1 values times powers of two, so every FP8 block's sum and every 1x32 sum of
+an FP4 block is exact in float64 whatever the order of its additions (fused or not); the kernel
+then adds these exact sums as the spec does, in the same order: bit-identical results. Only their
+combination rounds, which is why its order is the spec's and not one pass over the row
 (a pass over all K columns, or an FP4 row's 1x32 sums added one by one to the running total, can
 round to another fp32 value next to a rounding boundary).
 Dense products (bf16/fp32 weights): each x·W is exact in float64, so the float64 sum differs from
