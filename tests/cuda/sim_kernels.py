@@ -161,7 +161,8 @@ def test_quantized_linear_adds_the_spec_block_sums_in_order():
     FP4, K = 256, outputs one per ordering (a, b, c) of (1, 2^60, -2^60) through e2m1 ±1 weights whose 1x32
     scales are 2^0 or 2^60: a at column 0 (block 0), b and c in the first two 1x32 blocks of block 1.
     Spec: a + (b + c); one pass (and the old kernel, which added each 1x32 sum to the running total):
-    (a + b) + c; they differ on 4 of the 6 orderings.
+    (a + b) + c; they differ on 4 of the 6 orderings. Six more outputs put a, b, c in the first three
+    1x32 blocks of block 1: (a + b) + c, where the 1x32 sums in descending order give (c + b) + a.
     FP8, K = 384 (one activation per column and 1x128 block, each quantized exactly): 2^60 in block 0,
     96 and 96 in block 1, -2^60 in block 2: (2^60 + 192) + -2^60 = 256; one pass: ((2^60 + 96) + 96) + -2^60 = 0
     (96 is below half an ulp of 2^60, 192 above)."""
@@ -171,18 +172,19 @@ def test_quantized_linear_adds_the_spec_block_sums_in_order():
     spec_order = [a + (b + c) for a, b, c in perms]
     one_pass = [(a + b) + c for a, b, c in perms]
     assert sum(p != q for p, q in zip(spec_order, one_pass)) == 4
-    cols = [0, 128, 160]                                              # block 0; block 1's 1x32 blocks 0 and 1
-    nib = np.zeros((6, 256), np.uint8)
-    scale = np.full((6, 8), 127, np.uint8)                            # E8M0 2^0
-    for o, values in enumerate(perms):
+    assert [(c + b) + a for a, b, c in perms] != one_pass
+    nib = np.zeros((12, 256), np.uint8)
+    scale = np.full((12, 8), 127, np.uint8)                           # E8M0 2^0
+    for o, values in enumerate(perms * 2):
+        cols = [0, 128, 160] if o < 6 else [128, 160, 192]            # block 0 and block 1's 1x32 blocks
         for col, v in zip(cols, values):
             nib[o, col] = 2 if v > 0 else 10                          # e2m1 +1.0 / -1.0
             scale[o, col // 32] = 187 if abs(v) == big else 127       # 2^60 / 2^0
     w4 = Fp4Matrix(pack_fp4(nib), scale.view(ml_dtypes.float8_e8m0fnu))
     x4 = np.zeros((2, 256), np.float32)
-    x4[:, cols] = 1.0
+    x4[:, [0, 128, 160, 192]] = 1.0
     want = quantized_linear.spec(x4, w4, "mirror")
-    assert np.array_equal(want, np.tile(np.array(spec_order, np.float32), (2, 1)))
+    assert np.array_equal(want, np.tile(np.array(spec_order + one_pass, np.float32), (2, 1)))
     check(cu_linear.quantized_linear(x4, w4, "mirror"), want, "mirror")
 
     codes = np.zeros((1, 384), np.uint8)
