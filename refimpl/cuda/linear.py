@@ -8,12 +8,22 @@ through decode tables made by the spec's own decoders (numerics.decode_fp8_e4m3 
 
     act_quant_kernel     mirror: per row and 128-block, amax -> power-of-two scale (the official
                          bit tricks) -> RNE to e4m3 -> q·s (numerics.act_fp8); one thread per block
-    fp8/fp4/dense_gemm   one thread per output (row r, column o): Σ_i x[r,i]·W[o,i] in float64,
-                         i ascending, then rounded once to fp32 (and to bf16 for quantized_linear)
+    fp8/fp4_gemm         one thread per output (row r, column o), the spec's block sums
+                         (model/linear.py block_sums): each 128-column block's sum in float64 (an
+                         FP4 block: its four 1x32 sums, each scaled, added in ascending order), the
+                         block sums added in ascending order, then rounded once to fp32 (and bf16)
+    dense_gemm           one thread per output: Σ_i x[r,i]·W[o,i] in float64, i ascending, rounded once
 
-Each product x·W is exact in float64 (fp32 x e4m3/e2m1 x 2^k, or fp32 x bf16), so the float64
-sum differs from the spec's (NumPy/BLAS float64, another order) by far less than half an fp32 ulp:
-the fp32 result is the same except where the exact sum lies that close to a rounding boundary.
+Quantized products (mirror): the activations are e4m3 values times a power of two per 1x128 block,
+the weights e4m3 / e2m1 values times powers of two, so every FP8 block's sum and every 1x32 sum of
+an FP4 block is exact in float64 whatever the order of its additions (fused or not); the kernel
+then adds these exact sums as the spec does, in the same order: bit-identical results. Only their
+combination rounds, which is why its order is the spec's and not one pass over the row
+(a pass over all K columns, or an FP4 row's 1x32 sums added one by one to the running total, can
+round to another fp32 value next to a rounding boundary).
+Dense products (bf16/fp32 weights): each x·W is exact in float64, so the float64 sum differs from
+the spec's (NumPy/BLAS float64, another order) by far less than half an fp32 ulp: the fp32 result
+is the same except where the exact sum lies that close to a rounding boundary.
 A row's result does not depend on the other rows or on the launch shape.
 float64 mode: float64 throughout (within ~1e-15 of the spec). float32 mode: the float64 sum
 rounded to fp32, where the spec takes one fp32 BLAS product: they agree within float32 error.
@@ -57,7 +67,7 @@ def act_quant_kernel(x, out):
 
 @cuda.jit
 def fp8_gemm_kernel(x, codes, scale, e4m3, ue8m0, mode, out_bf16, out):
-    """x [R, K] @ (e4m3[codes] · ue8m0[scale[o//128, i//128]])ᵀ -> out [R, N]."""
+    """x [R, K] @ (e4m3[codes] · ue8m0[scale[o//128, i//128]])ᵀ -> out [R, N] (official: fp8_gemm K:L203-273)."""
     o = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if o >= codes.shape[0]:
         return
@@ -65,18 +75,19 @@ def fp8_gemm_kernel(x, codes, scale, e4m3, ue8m0, mode, out_bf16, out):
     fp32 = mode == MODE_MIRROR
     for r in range(cuda.blockIdx.y, x.shape[0], cuda.gridDim.y):          # rows beyond the grid's 65535
         total = 0.0
-        for blk in range(0, K, FP8_BLOCK):
+        for blk in range(0, K, FP8_BLOCK):                                 # 128-column blocks, ascending
             sc = ue8m0[scale[o // FP8_BLOCK, blk // FP8_BLOCK]]
-            part = 0.0
+            part = 0.0                                                     # the block's sum: exact (mirror)
             for i in range(blk, min(blk + FP8_BLOCK, K)):
                 part += np.float64(x[r, i]) * e4m3[codes[o, i]]
-            total += part * sc                                             # exact: sc = 2^k
+            total += part * sc                                             # part·sc exact: sc = 2^k
         out[r, o] = bf16_if(rnd(total, fp32), out_bf16 and fp32)
 
 
 @cuda.jit
 def fp4_gemm_kernel(x, packed, scale, e2m1, ue8m0, mode, out_bf16, out):
-    """x [R, K] @ (e2m1[nibble(o, i)] · ue8m0[scale[o, i//32]])ᵀ -> out [R, N]; byte i//2, low nibble first."""
+    """x [R, K] @ (e2m1[nibble(o, i)] · ue8m0[scale[o, i//32]])ᵀ -> out [R, N]; byte i//2, low nibble first
+    (official: fp4_gemm K:L441-536)."""
     o = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if o >= packed.shape[0]:
         return
@@ -84,14 +95,17 @@ def fp4_gemm_kernel(x, packed, scale, e2m1, ue8m0, mode, out_bf16, out):
     fp32 = mode == MODE_MIRROR
     for r in range(cuda.blockIdx.y, x.shape[0], cuda.gridDim.y):
         total = 0.0
-        for blk in range(0, K, FP4_BLOCK):
-            sc = ue8m0[scale[o, blk // FP4_BLOCK]]
-            part = 0.0
-            for i in range(blk, min(blk + FP4_BLOCK, K), 2):
-                byte = packed[o, i // 2]
-                part += np.float64(x[r, i]) * e2m1[byte & 15]              # element 2j: bits 0-3
-                part += np.float64(x[r, i + 1]) * e2m1[byte >> 4]          # element 2j+1: bits 4-7
-            total += part * sc
+        for blk in range(0, K, FP8_BLOCK):                                 # 128-column blocks, ascending
+            block = 0.0                                                    # the block's sum:
+            for sub in range(blk, min(blk + FP8_BLOCK, K), FP4_BLOCK):     # its 1x32 sums, ascending
+                sc = ue8m0[scale[o, sub // FP4_BLOCK]]
+                part = 0.0                                                 # the 1x32 sum: exact (mirror)
+                for i in range(sub, min(sub + FP4_BLOCK, K), 2):
+                    byte = packed[o, i // 2]
+                    part += np.float64(x[r, i]) * e2m1[byte & 15]          # element 2j: bits 0-3
+                    part += np.float64(x[r, i + 1]) * e2m1[byte >> 4]      # element 2j+1: bits 4-7
+                block += part * sc                                         # part·sc exact: sc = 2^k
+            total += block
         out[r, o] = bf16_if(rnd(total, fp32), out_bf16 and fp32)
 
 

@@ -40,7 +40,7 @@ from refimpl.model.compressor import gated_pool  # noqa: E402
 from refimpl.model.hyperconn import split_sinkhorn  # noqa: E402
 from refimpl.model.indexer import index_scores  # noqa: E402
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix, matmul, quantized_linear  # noqa: E402
-from refimpl.numerics import round_bf16  # noqa: E402
+from refimpl.numerics import pack_fp4, round_bf16  # noqa: E402
 from refimpl.synthetic.quantize import quant_fp4_weight, quant_fp8_weight  # noqa: E402
 from refimpl.testing import OPS, assert_matches  # noqa: E402
 
@@ -153,6 +153,49 @@ def test_quantized_linear(seed, rows, n, kb, fp4, prec):
     w = (fp4_matrix if fp4 else fp8_matrix)(rng, n, k)
     x = activations(rng, (rows, k), prec) * float(rng.choice([2.0 ** -10, 1.0, 2.0 ** 7]))
     check(cu_linear.quantized_linear(x, w, prec), quantized_linear.spec(x, w, prec), prec)
+
+
+def test_quantized_linear_adds_the_spec_block_sums_in_order():
+    """mirror: the blocks' sums added in ascending order (model/linear.py block_sums), not one pass over the row.
+    Hand-worked, each output exact in fp32 (0, 1 or 256) and one pass giving another value:
+    FP4, K = 256, outputs one per ordering (a, b, c) of (1, 2^60, -2^60) through e2m1 ±1 weights whose 1x32
+    scales are 2^0 or 2^60: a at column 0 (block 0), b and c in the first two 1x32 blocks of block 1.
+    Spec: a + (b + c); one pass (and the old kernel, which added each 1x32 sum to the running total):
+    (a + b) + c; they differ on 4 of the 6 orderings. Six more outputs put a, b, c in the first three
+    1x32 blocks of block 1: (a + b) + c, where the 1x32 sums in descending order give (c + b) + a.
+    FP8, K = 384 (one activation per column and 1x128 block, each quantized exactly): 2^60 in block 0,
+    96 and 96 in block 1, -2^60 in block 2: (2^60 + 192) + -2^60 = 256; one pass: ((2^60 + 96) + 96) + -2^60 = 0
+    (96 is below half an ulp of 2^60, 192 above)."""
+    import itertools
+    big = 2.0 ** 60
+    perms = list(itertools.permutations([1.0, big, -big]))
+    spec_order = [a + (b + c) for a, b, c in perms]
+    one_pass = [(a + b) + c for a, b, c in perms]
+    assert sum(p != q for p, q in zip(spec_order, one_pass)) == 4
+    assert [(c + b) + a for a, b, c in perms] != one_pass
+    nib = np.zeros((12, 256), np.uint8)
+    scale = np.full((12, 8), 127, np.uint8)                           # E8M0 2^0
+    for o, values in enumerate(perms * 2):
+        cols = [0, 128, 160] if o < 6 else [128, 160, 192]            # block 0 and block 1's 1x32 blocks
+        for col, v in zip(cols, values):
+            nib[o, col] = 2 if v > 0 else 10                          # e2m1 +1.0 / -1.0
+            scale[o, col // 32] = 187 if abs(v) == big else 127       # 2^60 / 2^0
+    w4 = Fp4Matrix(pack_fp4(nib), scale.view(ml_dtypes.float8_e8m0fnu))
+    x4 = np.zeros((2, 256), np.float32)
+    x4[:, [0, 128, 160, 192]] = 1.0
+    want = quantized_linear.spec(x4, w4, "mirror")
+    assert np.array_equal(want, np.tile(np.array(spec_order + one_pass, np.float32), (2, 1)))
+    check(cu_linear.quantized_linear(x4, w4, "mirror"), want, "mirror")
+
+    codes = np.zeros((1, 384), np.uint8)
+    codes[0, [0, 128, 129, 256]] = 0x38                               # e4m3 1.0, block scales 2^0
+    w8 = Fp8Matrix(codes.view(ml_dtypes.float8_e4m3fn), np.full((1, 3), 127, np.uint8).view(ml_dtypes.float8_e8m0fnu))
+    x8 = np.zeros((1, 384), np.float32)
+    x8[0, [0, 128, 129, 256]] = [big, 96.0, 96.0, -big]
+    assert ((big + 96.0) + 96.0) - big == 0.0                         # one pass
+    want = quantized_linear.spec(x8, w8, "mirror")
+    assert want[0, 0] == 256.0
+    check(cu_linear.quantized_linear(x8, w8, "mirror"), want, "mirror")
 
 
 def test_quantized_linear_act_quant_edges_and_row_independence():
