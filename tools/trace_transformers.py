@@ -14,7 +14,7 @@ hold it against a refimpl trace of the same checkpoint and tokens.
     python tools/trace_transformers.py make-partial OUT                  # head_dim 192: partial FP8 blocks
 
 Measured results, and the commands that reproduce them: docs/peers-transformers.md. In short:
-on tiny every site agrees with refimpl's float32 trace within 1.6e-6 relative; with a partial
+on tiny every site but the MTP block's agrees with refimpl's float32 trace within 2.4e-6 relative; with a partial
 FP8 block transformers misreads the block boundary (docs/architecture.md §19.34) and the first
 divergent site is layers.0.attn.kv.
 
@@ -50,6 +50,12 @@ Sites and layouts (refimpl's names, shapes and dtypes; batch element 0; one pref
   layers.i.attn.indexer.topk  the indexer's output [s, k] int32, -1 padded (same layout: torch.topk
                               is sorted by descending score, the invisible entries come last)
   layers.i.attn.out           self_attn output (after o_b_proj)                 [s, c]
+  layers.i.hc_attn.out        the streams after the attention sublayer's post-mix: ffn_hc's input
+                              (a pre-hook)                                      [s, n, c]
+  layers.i.hc_ffn.*           as hc_attn, on ffn_hc
+  layers.i.ffn.gate_scores    score-routed layers: the biased scores the router's top-k ranks,
+                              score_fn(logits) + e_score_correction_bias, recomputed from the
+                              router's logits output and checked (see _gate_scores)  [s, e]
   layers.i.ffn.expert_ids / .expert_weights  the router's (indices, weights); transformers' top-k
                               is unsorted (`sorted=False`), so the pairs are put in refimpl's order:
                               descending biased score, ties by lower id (hash layers: tid2eid order)
@@ -181,6 +187,10 @@ def _register_probe():
 def load_transformers(ckpt: Path, cfg: Config):
     """DeepseekV4ForCausalLM over the checkpoint directory, float32, eval mode, probe attention."""
     torch, transformers = _torch()
+    try:
+        import accelerate  # noqa: F401  (transformers' FP8 quantizer refuses to load without it)
+    except ImportError:
+        raise PeerError("transformers' FP8 loader needs accelerate; install it with pip install '.[peers]'") from None
     raw = json.loads((ckpt / "config.json").read_text())
     _register_probe()
     hc = hf_config(cfg, raw["quantization_config"])
@@ -321,6 +331,22 @@ def _hc_probe(module, hidden, collapsed):
     return pre
 
 
+def _gate_scores(router, logits, indices):
+    """The biased router scores a score-routed layer's top-k ranks, which transformers computes inline.
+
+    Recomputed with transformers' own expression (`score_fn(logits) + e_score_correction_bias`) from
+    the router's logits output, then checked: the same top-k over them must choose the router's own
+    experts, so the recorded scores are the ones transformers ranked.
+    """
+    torch, _ = _torch()
+    biased = router.score_fn(logits) + router.e_score_correction_bias
+    again = torch.topk(biased, indices.shape[-1], dim=-1, sorted=False).indices
+    if not torch.equal(torch.sort(again, dim=-1).values, torch.sort(indices, dim=-1).values):
+        raise PeerError("the recomputed router scores do not choose transformers' experts; this "
+                        "transformers version ranks experts differently (update _gate_scores)")
+    return biased
+
+
 def _expert_order(router, logits, weights, indices, hashed: bool):
     """(ids, weights) in refimpl's order: descending biased score, ties by the lower id; hash: as given."""
     torch, _ = _torch()
@@ -349,6 +375,9 @@ def trace_transformers(model, cfg: Config, ids: np.ndarray) -> Trace:
     def hook(module, fn):                                              # fn(module, args, output)
         handles.append(module.register_forward_hook(fn))
 
+    def pre_hook(module, fn):                                          # fn(module, args), before forward
+        handles.append(module.register_forward_pre_hook(fn))
+
     inner = model.model
     hook(inner.embed_tokens, lambda m, a, out: put("embed", out[0]))
     for i, layer in enumerate(inner.layers):
@@ -360,6 +389,8 @@ def trace_transformers(model, cfg: Config, ids: np.ndarray) -> Trace:
                 put(f"{L}{sub}.post", post[0])
                 put(f"{L}{sub}.comb", comb[0])                         # [s, j, k], as refimpl's
             hook(mod, hc)
+        # the streams after the attention sublayer's post-mix are what the MoE sublayer's mHC takes in
+        pre_hook(layer.ffn_hc, lambda m, a, L=L: put(f"{L}hc_attn.out", a[0][0]))
         attn = layer.self_attn
 
         def record(query, key, L=L, attn=attn):
@@ -384,6 +415,8 @@ def trace_transformers(model, cfg: Config, ids: np.ndarray) -> Trace:
 
         def route(m, a, out, L=L, hashed=cfg.is_hash_layer(i)):
             logits, weights, indices = out
+            if not hashed:
+                put(f"{L}ffn.gate_scores", _gate_scores(m, logits, indices).reshape(s, -1))
             ids_, w = _expert_order(m, logits, weights, indices, hashed)
             put(f"{L}ffn.expert_ids", ids_.reshape(s, -1).to(torch.int32))
             put(f"{L}ffn.expert_weights", w.reshape(s, -1))
@@ -600,13 +633,14 @@ def cmd_check(a) -> int:
 
 
 def make_partial_checkpoint(out: Path, seed: int = 0) -> list[str]:
-    """Write partial_config()'s checkpoint; the scales of every partial row block one binade up.
+    """Write partial_config()'s checkpoint; every partial row block's scales made to differ from the block above.
 
-    The writer draws every FP8 matrix i.i.d., so the two row blocks of a [192, K] matrix almost
-    always get the same power-of-two scale, and a reader that puts the block boundary at row 96
-    instead of 128 would go unnoticed. Trained checkpoints have different scales per block; here
-    the last (partial) row block's E8M0 bytes are raised by one (its rows doubled, an exact
-    change), so that rows 96-127 decode differently under the two readings.
+    The writer gives each 128x128 block its own gain (scales spread over 4 binades), so the two
+    row blocks of a [192, K] matrix usually have different scales, but in about one column block
+    of five they draw the same, and there a reader that puts the block boundary at row 96 instead
+    of 128 would go unnoticed. Where the last (partial) row block's E8M0 byte equals the one above
+    it, it is raised by one (its rows doubled, an exact change; lowered by one at the top of the
+    range), so that rows 96-127 decode differently under the two readings in every column block.
     -> the scale tensors changed.
     """
     from refimpl.formats.checkpoint import TensorSource
@@ -623,14 +657,18 @@ def make_partial_checkpoint(out: Path, seed: int = 0) -> list[str]:
         f = source.files[source.file_of(scale).name]
         info = f.tensors[scale]
         rows, cols = info.shape
+        if rows < 2:
+            raise PeerError(f"{scale}: a matrix of one partial row block has no block boundary to misread")
         with open(f.path, "r+b") as fh:
-            at = f.data_start + info.begin + (rows - 1) * cols      # the last row of the scale grid
+            at = f.data_start + info.begin + (rows - 2) * cols      # the last two rows of the scale grid
             fh.seek(at)
-            last = np.frombuffer(fh.read(cols), np.uint8)
-            if (last >= 254).any():
-                raise PeerError(f"{scale}: an E8M0 scale at the top of its range cannot be raised")
-            fh.seek(at)
-            fh.write((last + 1).astype(np.uint8).tobytes())
+            above, last = np.frombuffer(fh.read(2 * cols), np.uint8).reshape(2, cols).astype(np.int64)
+            same = last == above
+            if not same.any():
+                continue
+            last = np.where(same, np.where(last >= 254, last - 1, last + 1), last)   # 255 is E8M0's NaN
+            fh.seek(at + cols)
+            fh.write(last.astype(np.uint8).tobytes())
         changed.append(scale)
     return changed
 
@@ -671,8 +709,8 @@ def cmd_make_partial(a) -> int:
     changed = make_partial_checkpoint(Path(a.out), a.seed)
     cfg = partial_config()
     print(f"wrote {a.out}: tiny with head_dim {cfg.head_dim}; attn.wkv is [{cfg.head_dim}, {cfg.dim}] with a "
-          f"2-row scale grid, its second (partial) block's scales raised one binade in {len(changed)} "
-          "matrices")
+          f"2-row scale grid; {len(changed)} matrices had a partial block scale equal to the one above "
+          "it, raised (or lowered) one binade so that every partial block's scales differ")
     return 0
 
 

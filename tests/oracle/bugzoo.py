@@ -379,6 +379,7 @@ def _fp4_nibble_order(mp):
 def _mtp_pairing(mp):
     # the MTP block pairs the streams of position t with token t (not t+1)
     from refimpl.model import transformer as tf_mod
+    mp.setattr(tf_mod, "mtp_input", mutated(tf_mod.mtp_input, [("nxt = ids[:, 1:]", "nxt = ids[:, :-1]")]))
     mp.setattr(tf_mod, "mtp", mutated(tf_mod.mtp, [("nxt = ids[:, 1:]", "nxt = ids[:, :-1]")]))
 
 
