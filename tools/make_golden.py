@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         p.error("--reason: say why the set is (re)made (it is written into the manifest)")
 
     out = Path(a.out)
-    ours = {golden.MANIFEST, "README.md", "traces"}
+    ours = {golden.MANIFEST, "README.md", "traces", "gradients"}
     if out.exists() and (not out.is_dir() or any(p.name not in ours for p in out.iterdir())):
         raise SystemExit(f"error: {out} exists and holds files a golden set does not; refusing to replace it")
     t_start = time.perf_counter()
@@ -152,6 +152,22 @@ def main(argv=None) -> int:
                 print(f"{precision:8s} {spec.name:24s} {len(kept)} sites, rows {list(spec.rows)} "
                       f"({time.perf_counter() - t0:.1f} s, peak RSS {peak_rss_mb():.0f} MB)")
 
+        grads = golden.golden_gradients(cfg) if a.ckpt is None and "float64" in precisions else []
+        if grads:                                                            # float64 gradient traces, sampled
+            from refimpl.oracle.gradients import save_grad_trace
+            (stage / "gradients").mkdir()
+            model = load(ckpt, precision="float64", kernels="numpy")
+            for i, g in enumerate(grads):
+                t0 = time.perf_counter()
+                kept, meta = golden.compute_gradient(g, model, golden.golden_tokens(cfg, g.length))
+                grads[i] = g = golden.GoldenGradient(g.name, g.length, g.head, g.rows,
+                                                     tuple(sorted(n for n in kept if n in golden.parameter_gradients(cfg))))
+                name = golden.gradient_file(g.name)
+                save_grad_trace(stage / name, kept, meta)
+                files[name] = golden.sha256_file(stage / name)
+                print(f"gradient {g.name:24s} {len(kept)} gradients ({len(g.params)} parameters), rows {list(g.rows)}, "
+                      f"{(stage / name).stat().st_size / 1e6:.2f} MB ({time.perf_counter() - t0:.1f} s)")
+
         manifest = {
             "format_version": golden.FORMAT_VERSION,
             "reason": a.reason,
@@ -172,7 +188,10 @@ def main(argv=None) -> int:
                         "float32": "as computed (refimpl in float32: the noise model's companion, oracle/noise.py); "
                                    "integer sites as int32",
                         "rows": "per input, only the rows of the positions in `rows` (MTP sites: those below "
-                                "length-1; compressed_kv: every entry)"},
+                                "length-1; compressed_kv: every entry)",
+                        "gradients": "float64 as computed: the rows in `rows` of every activation gradient "
+                                     "(compressed_kv: every entry) and the parameter gradients in `params`, whole"},
+            "gradients": [g.as_dict() for g in grads],   # golden gradient traces (float64, docs/gradients.md)
             "files": files,
         }
         (stage / golden.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")

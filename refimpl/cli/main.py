@@ -596,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the golden folder (default: the one installed with refimpl, the repository's golden/)")
     v.add_argument("--precision", action="append", choices=("float64", "float32", "mirror"),
                    help="only this precision (repeatable)")
-    v.add_argument("--input", action="append", help="only this input, e.g. prefill-80 (repeatable)")
+    v.add_argument("--input", action="append", help="only this input, e.g. prefill-80, or golden gradient trace, e.g. grad-mtp-prefill-17 (repeatable)")
     v.add_argument("--ckpt", type=_path, default=None,
                    help="for a set made with tools/make_golden.py --ckpt: the checkpoint folder (default: the path "
                         "in its manifest)")

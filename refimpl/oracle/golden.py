@@ -37,15 +37,17 @@ from refimpl.config import Config
 from refimpl.formats.checkpoint import SafetensorsFile
 from refimpl.formats.config_file import read_config
 from refimpl.formats.files import parse_json
-from refimpl.formats.weights import load
+from refimpl.formats.weights import expected_tensors, load
 from refimpl.model.transformer import Model
 from refimpl.oracle import noise
+from refimpl.oracle.gradients import GradTrace, GradTraceError, compare_gradients, run_grad_trace
 from refimpl.oracle.trace import run_trace, site_names
 from refimpl.synthetic.writer import make_checkpoint
 
-FORMAT_VERSION = 3                             # 2: the manifest says why the set was (re)made (`reason`);
+FORMAT_VERSION = 4                             # 2: the manifest says why the set was (re)made (`reason`);
                                                # 3: float32 traces (the noise model's companion), float64 at every length
-                                               # and an input may run on a second checkpoint (`checkpoints`)
+                                               # and an input may run on a second checkpoint (`checkpoints`);
+                                               # 4: golden gradient traces (`gradients`: docs/gradients.md)
 MANIFEST = "manifest.json"
 SEED = 0                                       # make-checkpoint tiny --seed 0
 TOKEN_SEED = 2026                              # the token ids of every input: prefixes of one sequence
@@ -218,6 +220,97 @@ def golden_inputs(cfg) -> list[GoldenInput]:
     return inputs
 
 
+# ---------------------------------------------------------------- golden gradients
+
+# Gradient traces (refimpl/oracle/gradients.py) of threshold inputs of the tiny model, float64, stored
+# as computed (float64: the comparison's tolerance is far below float32's resolution). To stay small each
+# keeps the rows of its `rows` of every activation gradient (`grad.<site>`; compressed_kv: every entry)
+# and the whole gradient of every parameter of at most GRAD_PARAM_MAX elements (norms, sinks, the
+# compressors' ape, the mHC scales and biases: the parameters new in V4's backward; grad.<name>).
+# A position whose own loss is left out and that no later loss sees (the last, or the last two for
+# MTP) has gradient 0: the rows are earlier ones.
+GRAD_PARAM_MAX = 1024
+# verify recomputes them with ordinary BLAS, whose summation order differs between builds: a float64
+# gradient summed in another order differs in its last bits, amplified by the model's conditioning, so
+# the check is max |computed - stored| <= GRAD_RTOL * max |stored| per tensor, not bit for bit (the
+# same machine recomputes them exactly; a real backward bug is wrong by 1e-3 or more of the scale).
+GRAD_RTOL = 1e-9
+
+
+@dataclass(frozen=True)
+class GoldenGradient:
+    """One golden gradient trace: the gradients of a head's loss on a prefix of the golden tokens."""
+    name: str
+    length: int
+    head: str                                  # "main" or "mtp" (refimpl/oracle/gradients.py: run_grad_trace)
+    rows: tuple[int, ...]
+    params: tuple[str, ...] = ()               # the parameter gradients kept whole (grad.<name>); filled by the writer
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "length": self.length, "head": self.head, "rows": list(self.rows),
+                "params": list(self.params), "file": gradient_file(self.name)}
+
+    @classmethod
+    def from_dict(cls, d, n_tokens: int) -> "GoldenGradient":
+        if not isinstance(d, dict):
+            raise GoldenError(f"a gradient entry must be a JSON object, got {type(d).__name__}")
+        name, length, head, rows, params = (d.get(k) for k in ("name", "length", "head", "rows", "params"))
+        if not (isinstance(name, str) and NAME.fullmatch(name)):
+            raise GoldenError(f"a gradient entry's 'name' must be a file name, got {name!r:.80}")
+        if not (_is_int(length) and 2 <= length <= n_tokens):
+            raise GoldenError(f"gradient {name}: 'length' must be an integer in [2, {n_tokens}], got {length!r:.80}")
+        if head not in ("main", "mtp"):
+            raise GoldenError(f"gradient {name}: 'head' must be 'main' or 'mtp', got {head!r:.80}")
+        if not (isinstance(rows, list) and rows and all(_is_int(r) for r in rows)
+                and all(0 <= a < b for a, b in zip(rows, rows[1:])) and rows[0] >= 0 and rows[-1] < length):
+            raise GoldenError(f"gradient {name}: 'rows' must list increasing positions in [0, {length}), got {rows!r:.80}")
+        if not (isinstance(params, list) and all(isinstance(p, str) and p.startswith("grad.") for p in params)):
+            raise GoldenError(f"gradient {name}: 'params' must list gradient names (grad.<parameter>), got {params!r:.80}")
+        if d.get("file") != gradient_file(name):
+            raise GoldenError(f"gradient {name}: 'file' must be {gradient_file(name)}, got {d.get('file')!r:.80}")
+        return cls(name, length, head, tuple(rows), tuple(params))
+
+
+def gradient_file(name: str) -> str:
+    """The path of a golden gradient trace in a golden folder (as the manifest's `files` lists it)."""
+    return f"gradients/{name}.safetensors"
+
+
+def golden_gradients(cfg) -> list[GoldenGradient]:
+    """The golden gradient traces for cfg: the main loss across the window's edge, the MTP loss across a
+    compression boundary (the params are chosen by the writer: `cut_gradients`)."""
+    W, m, M = cfg.window_size, min(r for r in cfg.compress_ratios if r), max(cfg.compress_ratios)
+    # main, W+1 tokens: position 0 leaves position W's window (attended by 1..W-1 only); position M-1
+    # closes the first block of both ratios (every compressed entry's gradient flows back into it)
+    # mtp, M+1 tokens: position m-1 closes the first ratio-m block; M-2 is the last position with an MTP loss
+    return [GoldenGradient(f"grad-main-prefill-{W + 1}", W + 1, "main", (0, M - 1)),
+            GoldenGradient(f"grad-mtp-prefill-{M + 1}", M + 1, "mtp", (m - 1, M - 2))]
+
+
+def parameter_gradients(cfg) -> set[str]:
+    """The names of cfg's parameter gradients (grad.<checkpoint name>); the other gradients are of sites."""
+    return {f"grad.{n}" for n in expected_tensors(cfg)}
+
+
+def cut_gradients(tensors: dict, rows, length: int, param_names, *, params=None) -> dict:
+    """The stored part of a gradient trace: the listed rows of every activation gradient (compressed_kv:
+    every entry) and the parameter gradients in `params` (None: those of at most GRAD_PARAM_MAX elements).
+    param_names: the model's parameter gradients (parameter_gradients)."""
+    out = {}
+    for name, x in tensors.items():
+        x = np.asarray(x, np.float64)
+        if name in param_names:
+            if (x.size <= GRAD_PARAM_MAX) if params is None else (name in params):
+                out[name] = x
+        elif name.endswith(".compressed_kv"):
+            out[name] = x                                                 # one row per entry: all of them
+        else:
+            if x.shape[0] not in (length, length - 1):
+                raise GoldenError(f"gradient {name} has {x.shape[0]} rows for an input of {length} tokens")
+            out[name] = x[[r for r in rows if r < x.shape[0]]]
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
 # the second checkpoint of the set: the tiny-partial preset (head_dim 192), an FP8 weight with a partial block
 PARTIAL = "tiny-partial"
 
@@ -301,7 +394,7 @@ def read_manifest(golden_dir) -> dict:
 
 # the keys verify reads, and their JSON types (the others describe the set to people)
 REQUIRED = {"checkpoint": dict, "config": dict, "tokens": list, "inputs": list, "precisions": list, "files": dict,
-            "reason": str, "profiles": dict, "checkpoints": dict}
+            "reason": str, "profiles": dict, "checkpoints": dict, "gradients": list}
 
 
 KINDS = {dict: "object", list: "list", str: "string"}
@@ -344,6 +437,18 @@ def check_manifest(manifest: dict, path) -> None:
     if not manifest["inputs"]:
         raise GoldenError(f"{path}: 'inputs' lists no input")
     names = set()
+    for d in manifest["gradients"]:                           # the golden gradient traces
+        try:
+            g = GoldenGradient.from_dict(d, len(tokens))
+        except GoldenError as e:
+            raise GoldenError(f"{path}: {e}") from None
+        if g.name in names:
+            raise GoldenError(f"{path}: two gradient traces are named {g.name}")
+        names.add(g.name)
+        if gradient_file(g.name) not in files:
+            raise GoldenError(f"{path}: 'files' does not list {gradient_file(g.name)}, the gradient trace {g.name}")
+    if manifest["gradients"] and "preset" not in manifest["checkpoint"]:
+        raise GoldenError(f"{path}: gradient traces are made on a checkpoint re-made from its preset only")
     for d in manifest["inputs"]:
         try:
             spec = GoldenInput.from_dict(d, len(tokens))
@@ -476,7 +581,18 @@ def verify(golden_dir=None, *, precisions=None, inputs: list[str] | None = None,
 
     golden_dir = Path(golden_dir) if golden_dir is not None else default_dir()
     manifest = read_manifest(golden_dir)
-    checks = select(manifest, precisions, inputs)
+    grads = [GoldenGradient.from_dict(d, len(manifest["tokens"])) for d in manifest["gradients"]]
+    gnames = [g.name for g in grads]
+    if inputs is not None and not isinstance(inputs, str) and inputs:     # gradient traces are named like inputs
+        grads = [g for g in grads if g.name in inputs]
+        inputs = [n for n in inputs if n not in gnames] or None
+        if grads and precisions is not None and "float64" not in precisions:
+            raise GoldenError(f"gradient trace(s) {', '.join(g.name for g in grads)} are float64 only")
+        checks = select(manifest, precisions, inputs) if inputs is not None else []
+    else:
+        checks = select(manifest, precisions, inputs)
+        if precisions is not None and "float64" not in precisions:
+            grads = []
     recipe = manifest["checkpoint"]
     if "preset" in recipe and ckpt is not None:
         raise GoldenError(f"{golden_dir}: a checkpoint was given (--ckpt {ckpt}), but this set's checkpoint is "
@@ -542,7 +658,45 @@ def verify(golden_dir=None, *, precisions=None, inputs: list[str] | None = None,
                         failures.append(f"{precision} {spec.name}: first differing site {name}{where}: {why}")
                         break
                 progress(f"{precision:8s} {spec.name:24s} {'DIFFERS' if why else 'ok'}")
+        if grads:
+            ckpt, cfg = ckpts[None]
+            model = load(ckpt, precision="float64", kernels="numpy", layout=manifest.get("layout", "official"))
+            for g in grads:
+                why = verify_gradient(golden_dir, g, model, manifest["tokens"][:g.length])
+                if why:
+                    failures.append(f"gradients {g.name}: {why}")
+                progress(f"{'gradient':8s} {g.name:24s} {'DIFFERS' if why else 'ok'}")
     return failures
+
+
+def compute_gradient(g: GoldenGradient, model, tokens, *, params=None) -> tuple[dict, dict]:
+    """A golden gradient trace's stored part and metadata, computed (params: None = the writer's choice)."""
+    tensors, meta = run_grad_trace(model, tokens, head=g.head)
+    kept = cut_gradients(tensors, g.rows, g.length, parameter_gradients(model.cfg), params=params)
+    return kept, dict(meta, golden_rows=list(g.rows))
+
+
+def verify_gradient(golden_dir, g: GoldenGradient, model, tokens) -> str | None:
+    """None if the recomputed gradients match the stored ones within GRAD_RTOL, else the first that does not
+    (in the backward's order, from the loss to the embedding)."""
+    f = SafetensorsFile(Path(golden_dir) / gradient_file(g.name))
+    stored = {n: np.asarray(f.get(n)) for n in f.tensors}
+    if not set(g.params) <= set(stored):
+        return f"parameter gradients the manifest lists are not in the file: {sorted(set(g.params) - set(stored))[:5]}"
+    computed, meta = compute_gradient(g, model, tokens, params=g.params)
+    if set(computed) != set(stored):
+        return f"gradients in only one of stored / computed: {sorted(set(computed) ^ set(stored))[:5]}"
+    try:
+        report = compare_gradients(GradTrace("computed", meta, computed), GradTrace(str(f), meta, stored),
+                                   rtol=GRAD_RTOL)
+    except GradTraceError as e:
+        return str(e)
+    bad = report.first_failure
+    if bad is None:
+        return None
+    detail = bad.get("problem") or (f"max|computed - stored| = {bad['max_abs']:.3g}, {bad['rel']:.3g} of the stored "
+                                    f"max {bad['scale']:.3g} (at most {GRAD_RTOL:g}), at index {tuple(bad['where'])}")
+    return f"first differing gradient {bad['name']}: {detail}"
 
 
 def _groups(checks) -> dict:

@@ -228,8 +228,12 @@ def compare_gradients(a, b, *, rtol: float = RTOL) -> GradReport:
         raise GradTraceError("the two gradient traces have no gradient name in common")
     report = GradReport(ta.path, tb.path, rtol, only_a=sorted(set(ta.tensors) - common),
                         only_b=sorted(set(tb.tensors) - common))
+    rows = golden_rows(tb.meta) if "golden_rows" not in ta.meta else None
     for name in backward_order(common, tb.meta["n_layers"]):
         x, y = np.asarray(ta.tensors[name], np.float64), np.asarray(tb.tensors[name], np.float64)
+        if rows is not None and x.shape != y.shape and not name.endswith(".compressed_kv") and x.ndim \
+                and x.shape[0] in (len(tb.meta["tokens"]), len(tb.meta["tokens"]) - 1):
+            x = x[[r for r in rows if r < x.shape[0]]]          # B is a golden gradient trace: its stored rows
         if x.shape != y.shape:
             report.rows.append({"name": name, "ok": False, "problem": f"shape {x.shape} vs {y.shape}"})
             continue
@@ -242,6 +246,18 @@ def compare_gradients(a, b, *, rtol: float = RTOL) -> GradReport:
         report.rows.append({"name": name, "max_abs": err, "scale": scale, "rel": err / scale if scale else
                             (0.0 if err == 0 else float("inf")), "ok": err <= rtol * scale, "where": where})
     return report
+
+
+def golden_rows(meta: dict) -> list[int] | None:
+    """The positions a golden gradient trace keeps of each activation gradient (its metadata's golden_rows), or
+    None for a whole trace. compare_gradients cuts a whole trace A to them when B is a golden one."""
+    rows = meta.get("golden_rows")
+    if rows is None:
+        return None
+    if not (isinstance(rows, list) and rows and all(isinstance(r, int) and not isinstance(r, bool) and r >= 0
+                                                    for r in rows) and isinstance(meta.get("tokens"), list)):
+        raise GradTraceError("the reference's golden_rows must be a list of positions (and its tokens a list)")
+    return rows
 
 
 def format_grad_report(r: GradReport) -> str:
