@@ -95,13 +95,7 @@ def ray_runner(workers: int, *, address: str | None = None, on_worker=None):
                 try:
                     status, tensors, meta = ray.get(ready[0])
                 except RayActorError as e:         # the worker died: its prompt goes to a new worker
-                    failures[p.id] = failures.get(p.id, 0) + 1
-                    if failures[p.id] > RETRIES:
-                        raise CorpusError(f"prompt {p.id}: its worker died {failures[p.id]} times (the last: "
-                                          f"{str(e).splitlines()[0][:200]}); the prompts written so far are kept, "
-                                          "run the command again to continue") from None
-                    retried.append(p.id)
-                    queue.appendleft(p)
+                    _requeue(p, e, "its worker", failures, retried, queue)
                     pool[i] = CorpusWorker.remote(job)
                     pid_refs[i] = pool[i].pid.remote()
                     continue
@@ -178,13 +172,7 @@ def pipeline_runner(stages: int, *, address: str | None = None, on_worker=None):
                 try:
                     status, tensors, meta = ray.get(ready[0])
                 except RayError as e:                    # a stage died on its way: again, on a new stage
-                    failures[p.id] = failures.get(p.id, 0) + 1
-                    if failures[p.id] > RETRIES:
-                        raise CorpusError(f"prompt {p.id}: a pipeline stage died {failures[p.id]} times (the last: "
-                                          f"{str(e).splitlines()[0][:200]}); the prompts written so far are kept, "
-                                          "run the command again to continue") from None
-                    retried.append(p.id)
-                    queue.appendleft(p)
+                    _requeue(p, e, "a pipeline stage", failures, retried, queue)
                     for i, w in enumerate(pool):
                         if not _alive(w):
                             pool[i] = StageWorker.remote(job, *bounds[i])
@@ -199,6 +187,18 @@ def pipeline_runner(stages: int, *, address: str | None = None, on_worker=None):
             for w in pool:
                 ray.kill(w)
     return run
+
+
+def _requeue(p, e, who: str, failures: dict, retried: list, queue) -> None:
+    """A prompt whose worker (or stage) died goes back to the front of the queue, RETRIES times at most; then the
+    run stops with one error, keeping every prompt file written so far."""
+    failures[p.id] = failures.get(p.id, 0) + 1
+    if failures[p.id] > RETRIES:
+        raise CorpusError(f"prompt {p.id}: {who} died {failures[p.id]} times (the last: "
+                          f"{str(e).splitlines()[0][:200]}); the prompts written so far are kept, "
+                          "run the command again to continue") from None
+    retried.append(p.id)
+    queue.appendleft(p)
 
 
 def _alive(worker) -> bool:
