@@ -486,9 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="numba (the Numba kernels; the default, or $REFIMPL_KERNELS), numpy (the readable spec "
                             "functions), or per operation, e.g. numba,sparse_attention=numpy (refimpl/ops.py)")
 
-    def model_opts(q):
+    def model_opts(q, precision="float32"):
         q.add_argument("ckpt", help="checkpoint directory (config.json + safetensors)")
-        q.add_argument("--precision", default="float32", choices=("float64", "float32", "mirror"))
+        q.add_argument("--precision", default=precision, choices=("float64", "float32", "mirror"),
+                       help=f"float64, float32, or mirror (the official code's roundings, bit for bit; "
+                            f"docs/usage.md). Default: {precision}")
         q.add_argument("--revision", default="current", choices=("current", "initial"),
                        help="official code revision to reproduce (docs/architecture.md §18)")
         q.add_argument("--max-seq-len", type=_max_seq_len, default=None, help="maximum context (default: 4096)")
@@ -606,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
                       description="Run every prompt of a JSON Lines corpus through the checkpoint (teacher-forced, "
                                   "one forward pass each) and write one file per prompt and a manifest into OUT. "
                                   "Resumable: run it again to continue where it stopped (docs/corpora.md).")
-    model_opts(m)
+    model_opts(m, precision="mirror")
     m.add_argument("corpus", type=_path, help="JSON Lines: one {\"id\", \"tokens\" | \"text\" | \"messages\"} per line")
     m.add_argument("out", type=_path, help="the output folder (new, empty, or a run of the same corpus to continue)")
     m.add_argument("--keep", choices=("logits", "top-k"), default="logits",
@@ -620,13 +622,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "machines whose memory holds only part of the checkpoint)")
     m.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="the Ray cluster to use (auto: the running one; default: start a local one)")
-    m.set_defaults(func=cmd_golden_make, precision="mirror")
+    m.set_defaults(func=cmd_golden_make)
 
     q = sub.add_parser("demo", help="the README's main job on the built-in tiny model")
     q.add_argument("--dir", type=_folder, default=str(DEFAULT_DEMO_DIR),
                    help="where the tiny checkpoint is made or reused (a new or empty folder, or one the demo wrote)")
     q.add_argument("--max-new-tokens", type=_at_least(1), default=8)
-    q.add_argument("--precision", default="mirror", choices=("float64", "float32", "mirror"))
+    q.add_argument("--precision", default="mirror", choices=("float64", "float32", "mirror"),
+                   help="float64, float32, or mirror (default: mirror)")
     kernels_opt(q)
     q.set_defaults(func=cmd_demo)
     return p

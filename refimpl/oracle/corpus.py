@@ -92,7 +92,10 @@ def read_corpus(path, ckpt, max_seq_len: int | None = None) -> list[Prompt]:
     token id outside the vocabulary or a prompt longer than the context is a CorpusError naming
     the line. An empty corpus is refused. max_seq_len: the context the run loads with (default: the config's).
     """
-    text = read_text(path, limit=MAX_CORPUS_BYTES, what="a prompt corpus (JSON Lines)", error=CorpusError)
+    # a regular file only: a rerun continues the run by reading the corpus again and checking its hash,
+    # which a pipe (`<(...)`) cannot give twice, and a FIFO with no writer would wait for ever
+    text = read_text(path, limit=MAX_CORPUS_BYTES, what="a prompt corpus (JSON Lines, a regular file)",
+                     regular=True, error=CorpusError)
     cfg = read_config(ckpt) if max_seq_len is None else read_config(ckpt, max_seq_len=max_seq_len)
     tokenizer = None
     prompts, seen = [], {}

@@ -88,6 +88,14 @@ def test_an_empty_corpus_is_refused(tiny_ckpt, tmp_path):
         read_corpus(write_jsonl(tmp_path / "c.jsonl", ["", "  "]), tiny_ckpt)
 
 
+def test_a_fifo_corpus_is_refused_without_waiting_for_a_writer(tiny_ckpt, tmp_path):
+    """A named pipe with no writer would block the run for ever (and a rerun could not read it again)."""
+    fifo = tmp_path / "c.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(CorpusError, match="c.jsonl: is a FIFO.*regular file"):
+        read_corpus(fifo, tiny_ckpt)
+
+
 # ---------------------------------------------------------------- one prompt, the compact form
 
 def test_top_k_form_by_hand():
