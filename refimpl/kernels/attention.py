@@ -3,9 +3,9 @@
     sparse_attention(q, kv, attn_sink, topk_idxs, softmax_scale, prec)
         q [b,s,h,d], kv [b,n,d], attn_sink [h], topk_idxs [b,s,k] (-1 padded) -> o [b,s,h,d]
 
-One task is one query and a group of its heads; the tasks run in a prange. A head's output is
-computed by one thread in a fixed order, whatever the grouping, the thread count or the number
-of queries in the call, so results are bit-identical across all of them.
+A head's output is computed by one thread in a fixed order, whatever the grouping of queries
+and heads into tasks, the thread count or the number of queries in the call, so results are
+bit-identical across all of them.
 
 mirror (the official kernel, K:L276-368, as `sparse_attn_query` states it): per block of 64
 index entries, in order, -1 entries skipped,
@@ -20,8 +20,9 @@ The mirror path (`_mirror`) takes its two float64 products from BLAS, as the spe
 `product` is one float64 np.matmul): per query, the scores of all its entries and heads are one
 dgemm (q [heads, d] @ rows [k, d]ᵀ), and P·V one dgemm per block of 64 (the bf16 probabilities,
 exact 0 at -1 entries, @ the block's rows). Both sums are of bf16 x bf16 products, exact in
-float64 whatever the order (the premise the spec's BLAS product rests on too), so the BLAS's order
-and thread count change nothing. The rest (the fp32 online softmax, the pairwise block sums, the
+float64 whatever the order while the magnitudes in one sum spread over less than about 28
+binades (the premise the spec's own BLAS product rests on), so the BLAS's order and thread count
+change nothing. The rest (the fp32 online softmax, the pairwise block sums, the
 rescaled accumulator) is Numba, in the order above. The queries (and, for a decode step, the
 heads) are split into tasks on the pool of `refimpl.kernels.blas.run_tasks`: one BLAS thread
 each, one Python thread per Numba thread; a small call runs as one task on the calling thread.
@@ -30,8 +31,9 @@ Each head of each query is computed the same way in any task, so the split never
 float64 / float32: one softmax over the whole index set in float64 (float32 mode rounds the
 result once to fp32; the spec's float32 BLAS path differs from it by float32 rounding only).
 
-In float64 / float32 (`_sparse_attention`), the float64 sums run over the head dim (scores) or the block's entries (P·V) sequentially, with
-the independent outputs (a block's 64 scores, a row's d channels) as the vector lanes: the order
+In float64 / float32 (`_sparse_attention`, one task = a query and a group of its heads, in a
+prange), the float64 sums run over the head dim (scores) or the block's entries (P·V) in order,
+with the independent outputs (a block's 64 scores, a row's d channels) as the vector lanes: the order
 of each sum is fixed, and the loops vectorize without reassociation.
 """
 from __future__ import annotations
