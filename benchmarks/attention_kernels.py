@@ -1,9 +1,12 @@
 """Attention-side Numba kernels against their NumPy spec functions, at tiny and Flash dimensions.
 
-    python benchmarks/attention_kernels.py ops [--precisions mirror float64]
+    python benchmarks/attention_kernels.py ops [--precisions mirror float64] [--only NAME ...] [--dims flash]
+                                               [--reps N]
         each kernel (refimpl/kernels/: sparse_attention, index_topk, split_sinkhorn, rms_norm,
         head_rms_norm, apply_rope, gated_pool) and its spec on random bf16-valued inputs of the
-        tiny and Flash shapes (prefill and decode), with the speed-up and whether mirror is equal
+        tiny and Flash shapes (prefill and decode), with the speed-up and whether mirror is equal;
+        --only keeps the cases whose name contains one of NAME (e.g. "decode"); --reps N: the best
+        of N interleaved spec / kernel calls (default 2 at Flash dimensions, 10 at tiny)
     python benchmarks/attention_kernels.py layer LAYER TOKENS [--precision mirror] [--kernels K] [--profile]
         one attention layer at Flash dimensions (Config.preset("flash"); layer 2 is CSA, ratio 4
         with the indexer; layer 3 HCA, ratio 128) on random weights made in memory as the
@@ -32,14 +35,6 @@ from refimpl.config import Config  # noqa: E402
 
 KERNELS = "numpy," + ",".join(f"{op}=numba" for op in (
     "sparse_attention", "index_topk", "gated_pool", "split_sinkhorn", "rms_norm", "head_rms_norm", "apply_rope"))
-
-
-def timeit(f, reps):
-    f()
-    t = time.perf_counter()
-    for _ in range(reps):
-        f()
-    return (time.perf_counter() - t) / reps
 
 
 def attention_case(rng, bf, h, d, W, s, ratio, topk, start=0):
@@ -100,12 +95,32 @@ def op_cases(prec):
             (bf(1, s // 4, 8, d), bf(1, s // 4, 8, d), prec), {}
 
 
-def run_ops(precisions):
+def best_of(f, g, reps):
+    """min over reps interleaved calls of f and of g (after one warm-up call of each)."""
+    f(), g()
+    tf = tg = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f()
+        tf = min(tf, time.perf_counter() - t)
+        t = time.perf_counter()
+        g()
+        tg = min(tg, time.perf_counter() - t)
+    return tf, tg
+
+
+def run_ops(precisions, only=(), dims_only=None, reps=None):
+    from refimpl.kernels.blas import _openblas
+    lib = _openblas()
+    if lib:   # a fresh process's OpenBLAS ran a 64 x 128 @ 128 x 2048 product 50x slower until its thread count
+        lib[1](lib[0]())   # was set once (measured 2026-12-07); a model run's products (blas.run_tasks) set it
+    print(f"load average {os.getloadavg()}", flush=True)
     for prec in precisions:
         for dims, name, spec, kernel, args, kw in op_cases(prec):
-            reps = 2 if dims == "flash" else 10
-            ts = timeit(lambda: spec(*args, **kw), reps)
-            tk = timeit(lambda: kernel(*args, **kw), reps)
+            if (only and not any(o in name for o in only)) or (dims_only and dims != dims_only):
+                continue
+            ts, tk = best_of(lambda: spec(*args, **kw), lambda: kernel(*args, **kw),
+                             reps or (2 if dims == "flash" else 10))
             a, b = spec(*args, **kw), kernel(*args, **kw)
             same = all(np.array_equal(x, y) for x, y in zip(a if isinstance(a, tuple) else (a,),
                                                           b if isinstance(b, tuple) else (b,)))
@@ -155,6 +170,9 @@ def main():
     sub = ap.add_subparsers(dest="cmd", required=True)
     o = sub.add_parser("ops")
     o.add_argument("--precisions", nargs="+", default=["mirror", "float64"])
+    o.add_argument("--only", nargs="+", default=[])
+    o.add_argument("--dims", choices=["tiny", "flash"], default=None)
+    o.add_argument("--reps", type=int, default=None)
     la = sub.add_parser("layer")
     la.add_argument("layer", type=int)
     la.add_argument("tokens", type=int)
@@ -163,7 +181,7 @@ def main():
     la.add_argument("--profile", action="store_true")
     a = ap.parse_args()
     if a.cmd == "ops":
-        run_ops(a.precisions)
+        run_ops(a.precisions, a.only, a.dims, a.reps)
     else:
         run_layer(a.layer, a.tokens, a.precision, a.kernels, a.profile)
 

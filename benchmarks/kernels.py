@@ -617,7 +617,7 @@ def job_long(ckpt: str, kernels: str, precision: str, n_tokens: int, chunk: int,
         h = np.repeat(x[:, :, None, :], cfg.hc_mult, axis=2)            # [1, s, n, c]
         with use_kernels(model.kernels):
             for i in layers:
-                h, states[i] = block(h, ids, lo, states[i], w.layers[i], cfg.layer(i), RunContext(cfg, prec, revision=model.revision, layout=model.layout))
+                h, states[i] = block(h, ids, lo, states[i], w.layers[i], cfg.layer(i), model.ctx)   # read per call: OpCapture swaps it
     chunks, done = [], 0
     t_start = time.perf_counter()
     size = min(first_chunk, chunk, n_tokens)                           # a short first chunk measures the pace

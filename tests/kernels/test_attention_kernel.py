@@ -182,12 +182,12 @@ def test_runs_with_jit_disabled():
 def test_mirror_accumulator_before_the_bf16_store_is_the_official_one(seed, h, k, pad, spread):
     """The fp32 acc / sum of every query, before the bf16 store, equals `sparse_attn_query` bit for
     bit over several blocks of 64 (the store's rounding would hide a changed rescale of acc or sum)."""
-    from refimpl.kernels.attention import _sparse_attention
+    from refimpl.kernels.attention import _mirror
     from refimpl.model.attention import sparse_attn_query
     q, kv, sink, idx = make_case(seed, 1, 3, h, 16, 300, k, pad, spread)
     scale = 0.25
     got = np.empty(q.shape, np.float32)
-    _sparse_attention(q, kv, sink, idx.astype(np.int64), float(np.float32(scale)), True, 1, got, False)
+    _mirror(q, kv, sink, idx.astype(np.int64), np.float32(scale), got, store_bf16=False)
     for si in range(q.shape[1]):
         want = sparse_attn_query(q[0, si], kv[0], sink, idx[0, si], scale)
         assert want.dtype == np.float32
@@ -201,11 +201,11 @@ def test_mirror_sums_next_to_an_fp32_midpoint_are_the_specs(name):
     before the bf16 store is `sparse_attn_query`'s and the hand-worked value. A sequential block sum
     instead of NumPy's pairwise order, or an fp32 running sum, rounds the other way."""
     import sparse_midpoints                      # tests/ (not imported at the top: SCRIPT imports this file)
-    from refimpl.kernels.attention import _sparse_attention
+    from refimpl.kernels.attention import _mirror
     from refimpl.model.attention import sparse_attn_query
     q, kv, sink, idx, expected = sparse_midpoints.cases()[name]
     got = np.empty(q.shape, np.float32)
-    _sparse_attention(q, kv, sink, idx, 1.0, True, 1, got, False)
+    _mirror(q, kv, sink, idx, np.float32(1.0), got, store_bf16=False)
     assert np.array_equal(got[0, 0], sparse_attn_query(q[0, 0], kv[0], sink, idx[0, 0], 1.0))
     assert {c: float(got[0, 0, 0, c]) for c in expected} == expected
     assert np.array_equal(kernel(q, kv, sink, idx, 1.0, "mirror"), spec(q, kv, sink, idx, 1.0, "mirror"))

@@ -27,3 +27,20 @@ def test_index_topk(prec, seed, b, s, heads, hd, start, ratio, k, coarse):
     if prec != "float32" or coarse:                             # float32 scores may order near-ties differently
         assert np.array_equal(got_idx, want_idx)
     assert got_idx.dtype == np.int64 and got_idx.shape == want_idx.shape
+
+
+@settings(deadline=None, max_examples=15)
+@given(seed=st.integers(0, 2**31), levels=st.sampled_from([1, 2, 5, 50]), k=st.sampled_from([1, 7, 511, 512, 513]),
+       n=st.integers(1, 1500))
+def test_topk_selection_with_many_ties_is_the_stable_sort(seed, levels, k, n):
+    """The top-k by partition (k-th largest, the entries above it, then the lowest entries equal to it)
+    gives the first k of the full stable sort (numerics.top_k) when most scores tie: few distinct
+    levels, k below, at and above the number visible, -0.0 and 0.0 mixed (equal, so entry order decides)."""
+    from refimpl.numerics import top_k
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(-levels // 2, levels - levels // 2, (1, 1, n)).astype(np.float32)
+    scores[scores == 0] *= np.where(rng.random(int((scores == 0).sum())) < 0.5, -1, 1).astype(np.float32)
+    width = min(k, n)
+    topk = np.full((1, 1, width), -1, np.int64)
+    ki._topk_rows(scores, 0, 0, 1, n - 1, 1, k, topk, np.empty(n))
+    assert np.array_equal(topk[0, 0], top_k(scores[0, 0], width))
