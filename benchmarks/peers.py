@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         subprocess.run(cli + ["make-checkpoint", "tiny", str(ckpt)], check=True, stdout=subprocess.DEVNULL)
     torch.set_num_threads(a.threads)
     tool = _tool()
-    cfg = tool.load_config(ckpt, False)
+    cfg = tool.load_config(ckpt)
     hf = tool.load_transformers(ckpt, cfg)
     ids = np.random.default_rng(0).integers(2, cfg.vocab_size, a.tokens)
     tids = torch.from_numpy(ids)[None]

@@ -107,7 +107,10 @@ def test_round_bf16_against_bit_reference_on_edges_and_random_bits():
     x = x[~np.isnan(x)]
     with np.errstate(over="ignore"):
         same_floats(nx.round_bf16(x), bf16_by_bits(x))
+        same_floats(nx.round_bf16(x), x.astype(ml_dtypes.bfloat16).astype(np.float32))   # the ml_dtypes codec
     assert np.isnan(nx.round_bf16(np.array([np.nan, -np.nan], np.float32))).all()
+    nans = np.array([0x7F800001, 0xFFFFFFFF, 0x7FC00000, 0xFF80FFFF], np.uint32).view(np.float32)   # any NaN
+    assert np.isnan(nx.round_bf16(nans)).all()
 
 
 def grid_round(x, values, codes):
