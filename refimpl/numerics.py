@@ -368,14 +368,17 @@ def hadamard(x, prec: str) -> np.ndarray:
 
 def _hadamard(x: np.ndarray) -> np.ndarray:
     n = x.shape[-1]
-    y = x.reshape(-1, n)                                         # [rows, n]
+    y = x.reshape(-1, n).T.copy()                                # [n, rows] (a copy: y is overwritten below)
+    out = np.empty_like(y)
     h = 1
     while h < n:                     # butterfly on bit h: (y_i, y_i+h) -> (y_i + y_i+h, y_i - y_i+h)
-        pairs = y.reshape(y.shape[0], n // (2 * h), 2, h)        # [rows, n/2h, 2, h]
-        a, b = pairs[:, :, 0, :], pairs[:, :, 1, :]
-        y = np.stack([a + b, a - b], axis=2).reshape(-1, n)      # natural (Sylvester) order
+        pairs = y.reshape(n // (2 * h), 2, h * y.shape[1])       # [n/2h, 2, h·rows]
+        to = out.reshape(pairs.shape)
+        np.add(pairs[:, 0], pairs[:, 1], out=to[:, 0])           # natural (Sylvester) order
+        np.subtract(pairs[:, 0], pairs[:, 1], out=to[:, 1])
+        y, out = out, y
         h *= 2
-    return (y * x.dtype.type(n ** -0.5)).reshape(x.shape)        # official: scale = dim ** -0.5
+    return (y.T * x.dtype.type(n ** -0.5)).reshape(x.shape)      # official: scale = dim ** -0.5
 
 
 # ------------------------------------------------------------------------------------------------

@@ -484,6 +484,9 @@ def test_hadamard_orthogonal(seed, lg):
     y = nx.hadamard(x, prec="float32")
     np.testing.assert_allclose(nx.hadamard(y, prec="float32"), x, rtol=0, atol=1e-12)
     np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-13)
+    one = x[0].copy()                                            # one row alone: the same values, its input untouched
+    np.testing.assert_array_equal(nx.hadamard(one, prec="float32"), y[0])
+    np.testing.assert_array_equal(one, x[0])
 
 
 def test_hadamard_rejects_bad_input():
