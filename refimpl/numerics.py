@@ -103,7 +103,7 @@ def round_bf16(x) -> np.ndarray:
     the bits of ml_dtypes' bfloat16 cast (tests/test_numerics.py checks both against each other)
     in about a third of the time; NaN, the one input it would not keep, takes ml_dtypes' cast.
     """
-    x = np.asarray(x).astype(np.float32)                         # f64 -> f32 first (documented above)
+    x = np.asarray(x, dtype=np.float32)                          # f64 -> f32 first (documented above); x is only read
     u = x.reshape(-1).view(np.uint32)                            # [n] (a 0-d input too)
     r = (u >> np.uint32(16)) & np.uint32(1)                      # the lowest kept bit (ties to even)
     r += np.uint32(0x7FFF)

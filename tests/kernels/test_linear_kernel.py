@@ -363,3 +363,26 @@ def test_fp4_one_row_path_matches_the_general_path_bitwise(n, k):
     both = K.product_kernel_serial(f, x, codes, scale, n, 0)
     for r in range(2):
         assert np.array_equal(K.product_kernel_serial(f, x[r:r + 1], codes, scale, n, 0)[0], both[r])
+
+
+def test_checked_codes_checks_a_read_only_matrix_once_and_a_writeable_one_every_call():
+    rng = np.random.default_rng(7)
+    w = fp8_matrix(rng, 130, 256)
+    w.values.flags.writeable = False
+    w.scale.flags.writeable = False
+    first = K.checked_codes(w)
+    again = K.checked_codes(w)                                     # from the cache: the same format, bytes and flag
+    assert first[0] == again[0] == K.FMT_FP8 and first[3] is again[3] is False
+    assert np.array_equal(first[1], again[1]) and np.array_equal(first[2], again[2])
+    assert again[1].dtype == again[2].dtype == np.uint8
+    bad_scale = w.scale.view(np.uint8).copy()
+    bad_scale[0, 0] = 255                                          # a NaN scale in another read-only matrix: checked
+    bad_scale.flags.writeable = False
+    with pytest.raises(ValueError, match="NaN"):
+        K.checked_codes(Fp8Matrix(w.values, bad_scale.view(ml_dtypes.float8_e8m0fnu)))
+    fp4 = Fp4Matrix(w.values.view(np.int8), np.zeros((130, 16), np.uint8))   # the same bytes as FP4: its own entry
+    assert K.checked_codes(fp4)[0] == K.FMT_FP4
+    m = fp8_matrix(rng, 130, 256)                                  # writeable: a NaN code written later is seen
+    assert K.checked_codes(m)[3] is False
+    m.values.view(np.uint8)[3, 5] = 0x7F
+    assert K.checked_codes(m)[3] is True
