@@ -28,7 +28,11 @@ not; the kernel and the spec (a float64 BLAS product, row by row) differ by a fe
 most, and the one rounding to fp32 agrees except when the exact sum lies that close to an fp32
 rounding boundary (the tests check each differing output is such a case and count them).
 
-float64 mode: the same kernel; it and BLAS both sum within K·2^-53·Σ|x·w| of the exact value.
+float64 mode: the same kernel, for any number of rows (a row's bits never depend on the other rows: decode
+== prefill); it and BLAS both sum within K·2^-53·Σ|x·w| of the exact value. Not dgemm: a plain dgemm's
+row can change with the row count (measured, docs/architecture.md §4), and dgemm on fixed tiles of 16 rows
+(which measured row-independent) would decode every weight to float64 on every decode step (measured
+3-17x the kernel's time for one row).
 float32 mode: the spec takes one float32 BLAS product (error up to about K·2^-24·Σ|x·w|); the
 kernel computes the float64 sum and rounds it once to float32, which is closer to exact; the
 tests bound the difference by (K + 2)·2^-24·Σ|x·w|.
@@ -568,40 +572,6 @@ def blas_rounding_checked(fmt, x, codes, scale, n_out, row0):
     return out
 
 
-TILE_ROWS = 16           # float64 products: dgemm on tiles of exactly this many input rows (blas_tiles)
-
-
-def blas_tiles(fmt, x, codes, scale, n_out, row0):
-    """float64 mode's x [T, K] @ W[row0 : row0+n_out]ᵀ -> [T, n_out] float64 for ANY number of rows: dgemm on tiles of
-    exactly TILE_ROWS input rows (the last one padded with zeros) against panels of PANEL_ROWS weight rows
-    decoded to float64, on blas.run_tasks' threads (one OpenBLAS thread each).
-
-    Why tiles. A dgemm's result for one row can depend on the number of rows in the call (OpenBLAS picks
-    its kernels by shape: measured on this project's machines, rows differ between a call of M and of
-    M' rows for several of the model's shapes, and one row (a matrix-vector product) never matches
-    the rows of a larger call). Every call here has the same shape for a given weight (TILE_ROWS x K
-    times K x panel width, the panels fixed by the weight's shape), so a row's result is that of one
-    call shape whatever the number of rows: decode == prefill and row-count independence as the
-    row-by-row spec gives them. That a row's bits do not depend on the other rows of its tile, on its
-    place in the tile, or on the BLAS thread count is measured on the machine that runs the tests
-    (tests/kernels/test_linear_kernel.py, the model's shape families).
-    """
-    T, K = x.shape
-    n_tiles = -(-T // TILE_ROWS)
-    xt = np.zeros((n_tiles * TILE_ROWS, K))                          # padded: every tile has TILE_ROWS rows
-    xt[:T] = x
-    out = np.empty((n_tiles * TILE_ROWS, n_out))
-
-    def panel(p0):
-        p1 = min(n_out, p0 + PANEL_ROWS)
-        w = np.empty((p1 - p0, K))
-        decode_rows(fmt, codes, scale, p0, p1, row0, w)
-        for t0 in range(0, n_tiles * TILE_ROWS, TILE_ROWS):
-            out[t0:t0 + TILE_ROWS, p0:p1] = xt[t0:t0 + TILE_ROWS] @ w.T   # [TILE_ROWS, p]: one call shape
-    run_tasks(panel, range(0, n_out, PANEL_ROWS))
-    return out[:T]
-
-
 PARALLEL_MIN = 1 << 23   # multiply-adds below which a product runs on one thread (on a loaded 2-core
                          # machine a parallel start measured up to ~5 ms; 2^23 is about that much work)
 
@@ -612,8 +582,6 @@ def product(fmt, x, codes, scale, n_out, row0, *, prec: str = "float64", exact_b
     From BLAS_MIN_ROWS rows on: with exact_blocks (mirror's FP8/FP4 products, whose block sums are
     exact) blas_block_sums, which gives the same bits; in float32 mode blas_float32 (float32 result).
     """
-    if prec == "float64":
-        return blas_tiles(fmt, x, codes, scale, n_out, row0)        # any number of rows: one call shape per weight
     if x.shape[0] >= BLAS_MIN_ROWS:
         if exact_blocks and x.shape[1] % BLOCK == 0:
             return blas_block_sums(fmt, x, codes, scale, n_out, row0)
