@@ -378,7 +378,7 @@ def _hadamard(x: np.ndarray) -> np.ndarray:
         np.subtract(pairs[:, 0], pairs[:, 1], out=to[:, 1])
         y, out = out, y
         h *= 2
-    return (y.T * x.dtype.type(n ** -0.5)).reshape(x.shape)      # official: scale = dim ** -0.5
+    return np.multiply(y.T, x.dtype.type(n ** -0.5), order="C").reshape(x.shape)   # official: scale = dim ** -0.5
 
 
 # ------------------------------------------------------------------------------------------------
