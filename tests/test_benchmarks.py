@@ -121,3 +121,5 @@ def test_peers_benchmark_runs_where_the_peers_extra_is_installed(tmp_path):
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(report["ratios"]) == {"refimpl_float32_over_transformers", "refimpl_mirror_over_transformers"}
     assert all(0 < v < math.inf for v in report["ratios"].values())
+    assert set(report["cpu_ratios"]) == set(report["ratios"])
+    assert all(0 < v < math.inf for v in report["cpu_ratios"].values())
