@@ -97,8 +97,9 @@ def test_mirror_quantized_products_are_the_spec_on_every_path(small_panels, seed
     32-column sums) and activation blocks 2^±act_span apart; each row alone gives the same bits."""
     rng = np.random.default_rng(seed)
     k = 128 * kblocks
-    lo = int(rng.integers(1, 254 - min(span, 120)))
-    hi = min(lo + span, 245 if fmt == "fp8" else 252)                  # no weight beyond fp32's range
+    top = 245 if fmt == "fp8" else 252                                 # no weight beyond fp32's range
+    lo = int(rng.integers(1, min(254 - min(span, 120), top - 1)))      # lo < hi: a non-empty scale range
+    hi = min(lo + span, top)
     w = fp8_matrix(rng, n, k, scale_lo=lo, scale_hi=hi) if fmt == "fp8" else fp4_matrix(rng, n, k, scale_lo=lo,
                                                                                           scale_hi=hi)
     x = rng.standard_normal((rows, k)) * np.exp2(rng.integers(-act_span, act_span + 1, (rows, kblocks)).repeat(128, 1))
