@@ -9,7 +9,8 @@ may use) for torch, Numba and OpenBLAS, interleaved (transformers, refimpl float
 again), best of --repeats after a warm-up forward of each (Numba's compilation is not timed). The
 figures are ratios in the same run: refimpl's time over transformers' time for one forward pass of
 --tokens random token ids (logits at every position; transformers with use_cache=False, its eager
-attention, float32 on the CPU). The last line printed is one JSON object. Without torch or
+attention, float32 on the CPU); the same in process CPU seconds ("cpu_ratios", steadier than wall
+time on a loaded machine, and the same measure as wall time at --threads 1 on an idle one). The last line printed is one JSON object. Without torch or
 transformers the script says so and exits with status 0 (tests/test_benchmarks.py skips then).
 On a shared machine: compare ratios of one run only, and give the load average (recorded).
 """
@@ -43,16 +44,6 @@ def _tool():
     return mod
 
 
-def best(fn, repeats: int) -> float:
-    """The least wall time of `repeats` calls of fn() (seconds)."""
-    times = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt", default=None, help="official-format checkpoint (default: the tiny preset, made once)")
@@ -84,7 +75,7 @@ def main(argv=None) -> int:
         subprocess.run(cli + ["make-checkpoint", "tiny", str(ckpt)], check=True, stdout=subprocess.DEVNULL)
     torch.set_num_threads(a.threads)
     tool = _tool()
-    cfg = tool.load_config(ckpt, False)
+    cfg = tool.load_config(ckpt)
     hf = tool.load_transformers(ckpt, cfg)
     ids = np.random.default_rng(0).integers(2, cfg.vocab_size, a.tokens)
     tids = torch.from_numpy(ids)[None]
@@ -100,17 +91,24 @@ def main(argv=None) -> int:
         fn()
     load_start = os.getloadavg()
     times = {name: float("inf") for name in runs}
-    for _ in range(a.repeats):                                                   # interleaved
+    cpu = {name: float("inf") for name in runs}                                  # process CPU seconds: steadier
+    for _ in range(a.repeats):                                                   # interleaved                  under load
         for name, fn in runs.items():
-            times[name] = min(times[name], best(fn, 1))
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            times[name] = min(times[name], time.perf_counter() - t0)
+            cpu[name] = min(cpu[name], time.process_time() - c0)
     ratios = {f"{name}_over_transformers": times[name] / times["transformers"] for name in runs
               if name != "transformers"}
+    cpu_ratios = {f"{name}_over_transformers": cpu[name] / cpu["transformers"] for name in runs
+                  if name != "transformers"}
     report = {"ckpt": str(ckpt), "tokens": a.tokens, "threads": a.threads, "seconds": times, "ratios": ratios,
+              "cpu_seconds": cpu, "cpu_ratios": cpu_ratios,
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                            "refimpl": refimpl.__version__ if hasattr(refimpl, "__version__") else None},
               "machine": {"load_start": load_start, "load_end": os.getloadavg()}}
     for name, r in ratios.items():
-        print(f"{name:40s} x{r:.2f}")
+        print(f"{name:40s} x{r:.2f}  (CPU time: x{cpu_ratios[name]:.2f})")
     print(json.dumps(report))
     return 0
 

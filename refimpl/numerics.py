@@ -96,10 +96,25 @@ def round_f32(x) -> np.ndarray:
 
 
 def round_bf16(x) -> np.ndarray:
-    """Round to bfloat16 (RNE), returned as float32; float64 input is rounded to float32 first."""
-    x = np.asarray(x).astype(np.float32)                         # f64 -> f32 first (documented above)
-    with np.errstate(over="ignore", invalid="ignore"):           # fp32 max -> ∞ and NaN are intended
-        return x.astype(ml_dtypes.bfloat16).astype(np.float32)   # ml_dtypes: RNE, exact (see below)
+    """Round to bfloat16 (RNE), returned as float32; float64 input is rounded to float32 first.
+
+    On the float32 bits: adding 0x7FFF plus the lowest kept bit and cutting the low 16 bits is RNE
+    (a carry into the exponent is the correct rounding up, to ∞ past the bf16 maximum). It gives
+    the bits of ml_dtypes' bfloat16 cast (tests/test_numerics.py checks both against each other)
+    in about a third of the time; NaN, the one input it would not keep, takes ml_dtypes' cast.
+    """
+    x = np.asarray(x, dtype=np.float32)                          # f64 -> f32 first (documented above); x is only read
+    u = x.reshape(-1).view(np.uint32)                            # [n] (a 0-d input too)
+    r = (u >> np.uint32(16)) & np.uint32(1)                      # the lowest kept bit (ties to even)
+    r += np.uint32(0x7FFF)
+    r += u
+    r &= np.uint32(0xFFFF0000)
+    y = r.view(np.float32)
+    nan = np.isnan(x.reshape(-1))                                # (the sum above may turn a NaN into ∞ or 0)
+    if nan.any():
+        with np.errstate(invalid="ignore"):                      # NaN is intended
+            y[nan] = x.reshape(-1)[nan].astype(ml_dtypes.bfloat16).astype(np.float32)   # a NaN stays NaN (quieted)
+    return y.reshape(x.shape)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -353,14 +368,17 @@ def hadamard(x, prec: str) -> np.ndarray:
 
 def _hadamard(x: np.ndarray) -> np.ndarray:
     n = x.shape[-1]
-    y = x.reshape(-1, n)                                         # [rows, n]
+    y = x.reshape(-1, n).T.copy()                                # [n, rows] (a copy: y is overwritten below)
+    out = np.empty_like(y)
     h = 1
     while h < n:                     # butterfly on bit h: (y_i, y_i+h) -> (y_i + y_i+h, y_i - y_i+h)
-        pairs = y.reshape(y.shape[0], n // (2 * h), 2, h)        # [rows, n/2h, 2, h]
-        a, b = pairs[:, :, 0, :], pairs[:, :, 1, :]
-        y = np.stack([a + b, a - b], axis=2).reshape(-1, n)      # natural (Sylvester) order
+        pairs = y.reshape(n // (2 * h), 2, h * y.shape[1])       # [n/2h, 2, h·rows]
+        to = out.reshape(pairs.shape)
+        np.add(pairs[:, 0], pairs[:, 1], out=to[:, 0])           # natural (Sylvester) order
+        np.subtract(pairs[:, 0], pairs[:, 1], out=to[:, 1])
+        y, out = out, y
         h *= 2
-    return (y * x.dtype.type(n ** -0.5)).reshape(x.shape)        # official: scale = dim ** -0.5
+    return np.multiply(y.T, x.dtype.type(n ** -0.5), order="C").reshape(x.shape)   # official: scale = dim ** -0.5
 
 
 # ------------------------------------------------------------------------------------------------

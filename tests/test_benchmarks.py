@@ -104,3 +104,22 @@ def test_peers_benchmark_skips_with_a_reason_without_torch():
     lines = r.stdout.strip().splitlines()
     assert lines[0].startswith("skipped: ") and "pip install '.[peers]'" in lines[0]
     assert "skipped" in json.loads(lines[-1])
+
+
+@pytest.mark.slow
+def test_peers_benchmark_runs_where_the_peers_extra_is_installed(tmp_path):
+    """benchmarks/peers.py end to end on a few tokens (it loads transformers' model through tools/trace_transformers.py,
+    whose signatures it must follow): both ratios reported, positive and finite."""
+    for name in ("torch", "transformers", "accelerate"):
+        pytest.importorskip(name, reason="the peers extra (pip install '.[peers]') is not installed")
+    ckpt = tmp_path / "tiny"
+    subprocess.run([sys.executable, "-c", "import sys; from refimpl.cli.main import main; sys.exit(main())",
+                    "make-checkpoint", "tiny", str(ckpt)], check=True, capture_output=True, timeout=600)
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--ckpt", str(ckpt), "--tokens", "8",
+                        "--threads", "1", "--repeats", "1"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(report["ratios"]) == {"refimpl_float32_over_transformers", "refimpl_mirror_over_transformers"}
+    assert all(0 < v < math.inf for v in report["ratios"].values())
+    assert set(report["cpu_ratios"]) == set(report["ratios"])
+    assert all(0 < v < math.inf for v in report["cpu_ratios"].values())

@@ -107,7 +107,10 @@ def test_round_bf16_against_bit_reference_on_edges_and_random_bits():
     x = x[~np.isnan(x)]
     with np.errstate(over="ignore"):
         same_floats(nx.round_bf16(x), bf16_by_bits(x))
+        same_floats(nx.round_bf16(x), x.astype(ml_dtypes.bfloat16).astype(np.float32))   # the ml_dtypes codec
     assert np.isnan(nx.round_bf16(np.array([np.nan, -np.nan], np.float32))).all()
+    nans = np.array([0x7F800001, 0xFFFFFFFF, 0x7FC00000, 0xFF80FFFF], np.uint32).view(np.float32)   # any NaN
+    assert np.isnan(nx.round_bf16(nans)).all()
 
 
 def grid_round(x, values, codes):
@@ -481,6 +484,9 @@ def test_hadamard_orthogonal(seed, lg):
     y = nx.hadamard(x, prec="float32")
     np.testing.assert_allclose(nx.hadamard(y, prec="float32"), x, rtol=0, atol=1e-12)
     np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-13)
+    one = x[0].copy()                                            # one row alone: the same values, its input untouched
+    np.testing.assert_array_equal(nx.hadamard(one, prec="float32"), y[0])
+    np.testing.assert_array_equal(one, x[0])
 
 
 def test_hadamard_rejects_bad_input():

@@ -28,7 +28,11 @@ not; the kernel and the spec (a float64 BLAS product, row by row) differ by a fe
 most, and the one rounding to fp32 agrees except when the exact sum lies that close to an fp32
 rounding boundary (the tests check each differing output is such a case and count them).
 
-float64 mode: the same kernel; it and BLAS both sum within K·2^-53·Σ|x·w| of the exact value.
+float64 mode: the same kernel, for any number of rows (a row's bits never depend on the other rows: decode
+== prefill); it and BLAS both sum within K·2^-53·Σ|x·w| of the exact value. Not dgemm: a plain dgemm's
+row can change with the row count (measured, docs/architecture.md §4), and dgemm on fixed tiles of 16 rows
+(which measured row-independent) would decode every weight to float64 on every decode step (measured
+3-17x the kernel's time for one row).
 float32 mode: the spec takes one float32 BLAS product (error up to about K·2^-24·Σ|x·w|); the
 kernel computes the float64 sum and rounds it once to float32, which is closer to exact; the
 tests bound the difference by (K + 2)·2^-24·Σ|x·w|.
@@ -611,7 +615,7 @@ def _finish(y: np.ndarray, lead: tuple, prec: str) -> np.ndarray:
     return y if prec == "float64" else round_f32(y)                # the exact sum rounded once to the fp32 accumulator
 
 
-_CHECKED: dict = {}          # (id(values), id(scale)) -> (weak references to both, NaN flag): read-only arrays only
+_CHECKED: dict = {}          # (type, id(values), id(scale)) -> (weak references to both, fmt, NaN flag): read-only arrays
 
 
 def _has_fp8_nan(codes: np.ndarray) -> bool:
@@ -621,25 +625,27 @@ def _has_fp8_nan(codes: np.ndarray) -> bool:
 
 
 def checked_codes(w: Fp8Matrix | Fp4Matrix):
-    """quantized_codes(w) plus a NaN-code flag; the NaN scan (a full read) runs once per read-only matrix.
+    """quantized_codes(w) plus a NaN-code flag; the checks (the NaN scan is a full read) run once per read-only matrix.
 
-    Checkpoint weights are read-only memory maps that live as long as the model: their flag is kept
-    (with weak references only, so the cache keeps no matrix alive). A writeable matrix can change
-    between calls, so it is scanned on every call.
+    Checkpoint weights are read-only memory maps that live as long as the model: their checks are
+    done on the first call and remembered (with weak references only, so the cache keeps no matrix
+    alive); later calls take views of the same bytes, without a check (a decode step makes about a
+    hundred such calls). A writeable matrix can change between calls, so it is checked on every call.
     """
-    fmt, codes, scale = quantized_codes(w)                         # the spec's checks; views, no copies
-    if fmt != FMT_FP8:
-        return fmt, codes, scale, False                           # every e2m1 nibble is a number
-    values = w.values
-    cacheable = not values.flags.writeable and not np.asarray(w.scale).flags.writeable
-    key = (id(values), id(w.scale))
+    if not isinstance(w, (Fp8Matrix, Fp4Matrix)):
+        quantized_codes(w)                                         # raises the spec's TypeError
+    values, wscale = w.values, w.scale
+    cacheable = (isinstance(values, np.ndarray) and isinstance(wscale, np.ndarray)
+                 and not values.flags.writeable and not wscale.flags.writeable)
+    key = (type(w), id(values), id(wscale))
     hit = _CHECKED.get(key) if cacheable else None
-    if hit is not None and hit[0]() is values and hit[1]() is w.scale:
-        return fmt, codes, scale, hit[2]
-    nan = _has_fp8_nan(codes)
+    if hit is not None and hit[0]() is values and hit[1]() is wscale:
+        return hit[2], values.view(np.uint8), wscale.view(np.uint8), hit[3]   # checked before: 1-byte codes
+    fmt, codes, scale = quantized_codes(w)                         # the spec's checks; views, no copies
+    nan = fmt == FMT_FP8 and _has_fp8_nan(codes)                  # every e2m1 nibble is a number
     if cacheable:
         try:
-            _CHECKED[key] = (weakref.ref(values), weakref.ref(w.scale), nan)
+            _CHECKED[key] = (weakref.ref(values), weakref.ref(wscale), fmt, nan)
         except TypeError:                        # an array type without weak references: not cached
             pass
     return fmt, codes, scale, nan

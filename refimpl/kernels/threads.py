@@ -21,6 +21,9 @@ def serial_below(work: int):
         yield
         return
     before = numba.get_num_threads()
+    if before == 1:                              # already serial: nothing to set (a decode step has hundreds)
+        yield
+        return
     numba.set_num_threads(1)
     try:
         yield

@@ -97,8 +97,9 @@ def test_mirror_quantized_products_are_the_spec_on_every_path(small_panels, seed
     32-column sums) and activation blocks 2^±act_span apart; each row alone gives the same bits."""
     rng = np.random.default_rng(seed)
     k = 128 * kblocks
-    lo = int(rng.integers(1, 254 - min(span, 120)))
-    hi = min(lo + span, 245 if fmt == "fp8" else 252)                  # no weight beyond fp32's range
+    top = 245 if fmt == "fp8" else 252                                 # no weight beyond fp32's range
+    lo = int(rng.integers(1, min(254 - min(span, 120), top - 1)))      # lo < hi: a non-empty scale range
+    hi = min(lo + span, top)
     w = fp8_matrix(rng, n, k, scale_lo=lo, scale_hi=hi) if fmt == "fp8" else fp4_matrix(rng, n, k, scale_lo=lo,
                                                                                           scale_hi=hi)
     x = rng.standard_normal((rows, k)) * np.exp2(rng.integers(-act_span, act_span + 1, (rows, kblocks)).repeat(128, 1))
@@ -363,3 +364,67 @@ def test_fp4_one_row_path_matches_the_general_path_bitwise(n, k):
     both = K.product_kernel_serial(f, x, codes, scale, n, 0)
     for r in range(2):
         assert np.array_equal(K.product_kernel_serial(f, x[r:r + 1], codes, scale, n, 0)[0], both[r])
+
+
+def test_checked_codes_checks_a_read_only_matrix_once_and_a_writeable_one_every_call():
+    rng = np.random.default_rng(7)
+    w = fp8_matrix(rng, 130, 256)
+    w.values.flags.writeable = False
+    w.scale.flags.writeable = False
+    first = K.checked_codes(w)
+    again = K.checked_codes(w)                                     # from the cache: the same format, bytes and flag
+    assert first[0] == again[0] == K.FMT_FP8 and first[3] is again[3] is False
+    assert np.array_equal(first[1], again[1]) and np.array_equal(first[2], again[2])
+    assert again[1].dtype == again[2].dtype == np.uint8
+    bad_scale = w.scale.view(np.uint8).copy()
+    bad_scale[0, 0] = 255                                          # a NaN scale in another read-only matrix: checked
+    bad_scale.flags.writeable = False
+    with pytest.raises(ValueError, match="NaN"):
+        K.checked_codes(Fp8Matrix(w.values, bad_scale.view(ml_dtypes.float8_e8m0fnu)))
+    fp4 = Fp4Matrix(w.values.view(np.int8), np.zeros((130, 16), np.uint8))   # the same bytes as FP4: its own entry
+    assert K.checked_codes(fp4)[0] == K.FMT_FP4
+    m = fp8_matrix(rng, 130, 256)                                  # writeable: a NaN code written later is seen
+    assert K.checked_codes(m)[3] is False
+    m.values.view(np.uint8)[3, 5] = 0x7F
+    assert K.checked_codes(m)[3] is True
+
+
+# float64's row-count independence rests on the spec's row-by-row products (model/linear.py `_row_by_row`: one
+# BLAS matrix-vector call per row, the same call for the same weight) and on the fixed-order kernel. Measured on
+# the machine that runs the tests, for the model's shape families (K inputs, N outputs: dim, q_lora_rank,
+# o_lora_rank, moe_inter_dim, hc_mult·dim, the mix count, the head, at tiny and Flash sizes): a row's bits are the
+# same alone, among other rows, and from a misaligned copy. (A plain dgemm fails this, which is why float64 does
+# not use one: docs/architecture.md §4.)
+ROW_FAMILIES = [(256, 1024), (256, 128), (128, 1024), (1024, 24), (512, 128), (128, 256), (256, 1280),
+                (4096, 1024), (1024, 4096), (4096, 512), (16384, 24)]
+
+
+@pytest.mark.parametrize("k,n", ROW_FAMILIES)
+def test_float64_spec_rows_do_not_depend_on_the_other_rows(k, n):
+    rng = np.random.default_rng(k * 7 + n)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((17, k))
+    y = spec.matmul.spec(x, w, "float64")
+    buf = np.empty(k + 1)                                              # a row 8 bytes off the allocation's alignment
+    buf[1:] = x[16]
+    for r, alone in ((0, x[:1]), (16, x[16:]), (16, buf[1:][None])):
+        assert np.array_equal(spec.matmul.spec(alone, w, "float64")[0], y[r])
+
+
+@settings(deadline=None, max_examples=6)
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 40), kind=st.sampled_from(["fp8", "fp4", "bf16"]))
+def test_float64_kernel_row_is_the_same_alone_and_among_any_rows(seed, rows, kind):
+    """float64 mode through the kernels: each row of a call of any length has the bits of that row alone
+    (decode == prefill) and lies within the float64 bound of the spec's row-by-row product."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, 256))
+    if kind == "bf16":
+        w = round_bf16(rng.standard_normal((150, 256))).astype(ml_dtypes.bfloat16)
+        f, ref = K.fp32_linear, spec.fp32_linear
+    else:
+        w = (fp8_matrix if kind == "fp8" else fp4_matrix)(rng, 150, 256)
+        f, ref = K.quantized_linear, spec.quantized_linear
+    y = f(x, w, "float64")
+    for r in {0, rows // 2, rows - 1}:
+        assert np.array_equal(f(x[r:r + 1][None], w, "float64")[0, 0], y[r])   # [1, 1, k]: a decode step's shape
+    assert np.all(np.abs(y - ref(x, w, "float64")) <= _abs_product(x, w) * 1e-12)
