@@ -145,3 +145,80 @@ def fp8_block_scale(byte):
 def fp4_block_scale(byte):
     """E8M0 byte S (0..254) -> 2^(S-127) · 2^126 (float64, from its exponent bits): scales fp4_pair_raw to the exact weight."""
     return f64_from_bits(np.uint64((np.int64(np.uint8(byte)) - 1 + 1023) << 52))
+
+
+# ---------------------------------------------------------------- FP4 one-row products in integers
+#
+# Mirror's activations are e4m3 values times a power of two per 128 columns (act_fp8): within a
+# 1x32 FP4 block, x = xq · 2^g with xq an integer (xq < 2^21 in magnitude: linear.py checks it per
+# call), and 4 · e2m1 is an integer in [-24, 24]. So the block's 32 products x·w are integers times
+# 2^g · 2^(S-127) / 4, and their sum, below 32 · 24 · 2^21 < 2^31, is an exact int32: summed in any
+# order it is the exact value that the float64 lanes of the spec's order also reach (every one of
+# their partial sums is exact). Integer addition is associative, so LLVM may vectorize it freely.
+
+FP4_XQ_LIMIT = 1 << 21   # |xq| below this: a 1x32 block's integer sum stays below 2^31
+
+
+def fp4_times4(nibble):
+    """e2m1 nibble (sign at bit 3) -> 4 · its value, an integer in [-24, 24] (plain-Python reference)."""
+    m, neg = int(nibble) & 7, int(nibble) & 8
+    v = 2 * m if m < 2 else (2 | (m & 1)) << (m >> 1)           # 0, 2 (0.5); then (1 + f/2) · 2^(e-1) · 4
+    return -v if neg else v
+
+
+if numba.config.DISABLE_JIT:
+    _TIMES4 = np.array([fp4_times4(c) for c in range(16)], np.int64)
+
+    def fp4_dot32(codes, n, j, xq, i):
+        """Σ_l xq[i + l] · 4·e2m1(low nibble of codes[n, j + l]) + xq[i + 16 + l] · 4·e2m1(high nibble), l < 16."""
+        c = codes[n, j:j + 16].astype(np.int64) & 0xFF
+        return int(np.dot(xq[i:i + 16], _TIMES4[c & 15]) + np.dot(xq[i + 16:i + 32], _TIMES4[c >> 4]))
+else:
+    @intrinsic
+    def fp4_dot32(typingctx, codes, n, j, xq, i):
+        """Σ_l xq[i + l] · 4·e2m1(low nibble of codes[n, j + l]) + xq[i + 16 + l] · 4·e2m1(high nibble), l < 16,
+        as an int32 (the caller keeps it below 2^31; indices in bounds).
+
+        Written as LLVM IR on vectors of 16 int32 (LLVM lowers them to the machine's vectors: AVX-512,
+        AVX2, or plain registers): each nibble n = s·8 + m decodes to v = 2m for m < 2, else
+        (2 | m & 1) << (m >> 1), negated for s = 1; the 32 products are added in one reduction.
+        """
+        if not (isinstance(codes, types.Array) and codes.ndim == 2 and isinstance(xq, types.Array)
+                and xq.ndim == 1 and xq.dtype == types.int32
+                and all(isinstance(t, types.Integer) for t in (n, j, i))):
+            return None
+
+        def codegen(context, builder, signature, args):
+            from llvmlite import ir
+            from numba.core import cgutils
+            c_ty, _, _, x_ty, _ = signature.args
+            i32, lanes = ir.IntType(32), 16
+            v8, v32 = ir.VectorType(ir.IntType(8), lanes), ir.VectorType(i32, lanes)
+
+            def splat(k):
+                return ir.Constant(v32, [k] * lanes)
+
+            def ptr(aty, arr, idx_vals, idx_tys):
+                ary = context.make_array(aty)(context, builder, arr)
+                idx = [context.cast(builder, v, t, types.intp) for v, t in zip(idx_vals, idx_tys)]
+                return cgutils.get_item_pointer(context, builder, aty, ary, idx, wraparound=False)
+            pc = ptr(c_ty, args[0], args[1:3], signature.args[1:3])
+            px = ptr(x_ty, args[3], args[4:5], signature.args[4:5])
+            c = builder.zext(builder.load(builder.bitcast(pc, v8.as_pointer()), align=1), v32)
+            xp = builder.bitcast(px, v32.as_pointer())
+            xe = builder.load(xp, align=4)
+            xo = builder.load(builder.gep(xp, [ir.Constant(i32, 1)]), align=4)
+
+            def times4(nib):
+                m = builder.and_(nib, splat(7))
+                big = builder.shl(builder.or_(builder.and_(m, splat(1)), splat(2)), builder.lshr(m, splat(1)))
+                v = builder.select(builder.icmp_unsigned("<", m, splat(2)), builder.shl(m, splat(1)), big)
+                s = builder.sub(splat(0), builder.lshr(nib, splat(3)))      # 0 or -1
+                return builder.sub(builder.xor(v, s), s)
+            lo = times4(builder.and_(c, splat(15)))
+            hi = times4(builder.lshr(c, splat(4)))
+            prod = builder.add(builder.mul(xe, lo), builder.mul(xo, hi))
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [v32]),
+                                                "llvm.vector.reduce.add.v16i32")
+            return builder.call(fn, [prod])
+        return types.int32(codes, n, j, xq, i), codegen

@@ -41,8 +41,9 @@ import weakref
 import numpy as np
 from numba import njit, prange
 
-from refimpl.kernels.formats import (BLOCK, FMT_BF16, FMT_F32, FMT_FP4, FMT_FP8, bf16_value, f32_from_bits,
-                                     fp4_block_scale, fp4_pair_raw, fp8_block_scale, fp8_raw)
+from refimpl.kernels.formats import (BLOCK, FMT_BF16, FMT_F32, FMT_FP4, FMT_FP8, FP4_XQ_LIMIT, bf16_value,
+                                     f32_from_bits, f64_from_bits, fp4_block_scale, fp4_dot32, fp4_pair_raw,
+                                     fp8_block_scale, fp8_raw)
 from refimpl.kernels.blas import run_tasks
 from refimpl.kernels.prefetch import prefetch
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix
@@ -263,6 +264,86 @@ def _fp4_block(xd, codes, scale, n, k0, h, a):
     return b
 
 
+NO_GRAIN = 1 << 20    # _fp4_int_x: a 1x32 block of x that is no integer vector below FP4_XQ_LIMIT times a power of two
+
+
+@njit(cache=True)
+def _fp4_int_x(xd):
+    """xd [K] (FP4 lane order, K % 128 == 0) -> (xq [K] int32, g [K / 32] int64): for each 1x32 block, its
+    16 even columns then its 16 odd ones as integers, x = xq · 2^g exactly with |xq| < FP4_XQ_LIMIT;
+    g = NO_GRAIN where no such integers exist (a value inf or NaN, or too wide a range: the block is
+    then taken in float64 lanes). g is the least exponent of the lowest set bit among the block's values."""
+    K = xd.shape[0]
+    xq = np.zeros(K, np.int32)
+    g = np.zeros(K // 32, np.int64)
+    bits = xd.view(np.uint64)
+    for k0 in range(0, K, BLOCK):
+        for q in range(4):
+            j = k0 // 32 + q
+            lo = 100000                                            # least grain exponent of the block's non-zeros
+            top = 0.0                                              # largest magnitude
+            for half in range(2):
+                for i in range(16):
+                    p = k0 + 64 * half + 16 * q + i
+                    b = bits[p] & np.uint64(0x7FFFFFFFFFFFFFFF)
+                    if b == 0:
+                        continue
+                    ef = np.int64(b >> np.uint64(52))
+                    if ef == 0x7FF:                                # inf or NaN
+                        lo = -100000
+                        break
+                    sig = np.int64(b & np.uint64(0xFFFFFFFFFFFFF))
+                    e = np.int64(-1074)
+                    if ef:
+                        sig |= np.int64(1) << 52
+                        e = ef - 1075
+                    tz = np.int64(0)
+                    while not (sig >> tz) & 1:                     # trailing zeros of the significand
+                        tz += 1
+                    lo = min(lo, e + tz)
+                    top = max(top, abs(xd[p]))
+            if lo == -100000 or (lo != 100000 and top >= math.ldexp(float(FP4_XQ_LIMIT), lo)):
+                g[j] = NO_GRAIN
+                continue
+            g[j] = 0 if lo == 100000 else lo
+            for half in range(2):
+                for i in range(16):
+                    xq[k0 + 32 * q + 16 * half + i] = np.int32(math.ldexp(xd[k0 + 64 * half + 16 * q + i], -g[j]))
+    return xq, g
+
+
+@njit(cache=True)
+def _fp4_matvec_rows_int(xd, xq, xg, codes, scale, n_lo, n_hi, out1):
+    """_fp4_matvec_rows (K % 128 == 0) with each 1x32 block's sum taken in integers (formats.fp4_dot32).
+
+    The block's sum Σ x·w = isum · 2^(g + S - 127) / 4 is exact either way (formats.py), so the float64
+    value isum · 2^E is the lanes' sum bit for bit; a block whose E = g + S - 129 leaves float64's normal
+    range (or whose x has no integer form: g = NO_GRAIN) is taken in float64 lanes as before. The 1x32
+    sums are added in ascending order, the 128-column blocks too: product_kernel's order.
+    """
+    K = xd.shape[0]
+    a = np.empty(LANES)
+    for n in range(n_lo, n_hi):
+        y = 0.0
+        for k0 in range(0, K, BLOCK):
+            if n + PREFETCH_ROWS < codes.shape[0]:                  # the block's 64 bytes, PREFETCH_ROWS rows ahead
+                prefetch(codes, n + PREFETCH_ROWS, k0 // 2)
+            b = 0.0
+            for q in range(4):
+                j = k0 // 32 + q
+                E = np.int64(scale[n, j]) - 129 + xg[j]
+                if -1022 <= E <= 992:
+                    sq = float(fp4_dot32(codes, n, k0 // 2 + 16 * q, xq, k0 + 32 * q)) * \
+                        f64_from_bits(np.uint64(E + 1023) << np.uint64(52))
+                else:
+                    sq = _fp4_sub_sum(a, xd[k0 + 16 * q:k0 + 16 * q + 16], xd[k0 + 64 + 16 * q:k0 + 64 + 16 * q + 16],
+                                      codes[n, k0 // 2 + 16 * q:k0 // 2 + 16 * q + 16],
+                                      fp4_block_scale(scale[n, j]), 16)
+                b = sq if q == 0 else b + sq
+            y += b
+        out1[n] = y
+
+
 @njit(cache=True)
 def _general_rows(fmt, xin, codes, scale, n_lo, n_hi, row0, out):
     """Rows n_lo..n_hi-1 of out [T, n] for any format and T (a separate function: the parallel
@@ -362,6 +443,12 @@ def product_kernel(fmt, x, codes, scale, n_out, row0):
             _matvec_rows(fmt, x[0], codes, scale, task * ROWS_PER_TASK, min(n_out, (task + 1) * ROWS_PER_TASK),
                          row0, out[0])
         return out
+    if T == 1 and fmt == FMT_FP4 and K % BLOCK == 0:
+        xq, xg = _fp4_int_x(xin[0])
+        for task in prange(n_tasks):
+            _fp4_matvec_rows_int(xin[0], xq, xg, codes, scale, task * ROWS_PER_TASK,
+                                 min(n_out, (task + 1) * ROWS_PER_TASK), out[0])
+        return out
     if T == 1 and fmt == FMT_FP4:
         for task in prange(n_tasks):
             _fp4_matvec_rows(xin[0], codes, scale, task * ROWS_PER_TASK, min(n_out, (task + 1) * ROWS_PER_TASK),
@@ -382,6 +469,10 @@ def product_kernel_serial(fmt, x, codes, scale, n_out, row0):
         _matvec_rows(fmt, x[0], codes, scale, 0, n_out, row0, out[0])
         return out
     xin = _deinterleave_fp4(x) if fmt == FMT_FP4 else x
+    if T == 1 and fmt == FMT_FP4 and K % BLOCK == 0:
+        xq, xg = _fp4_int_x(xin[0])
+        _fp4_matvec_rows_int(xin[0], xq, xg, codes, scale, 0, n_out, out[0])
+        return out
     if T == 1 and fmt == FMT_FP4:
         _fp4_matvec_rows(xin[0], codes, scale, 0, n_out, out[0])
         return out
