@@ -325,7 +325,8 @@ class LayerTimer:
         def block(*args, **kwargs):
             t0 = time.perf_counter()
             out = self.block(*args, **kwargs)
-            layer = args[6] if len(args) > 6 else kwargs["layer"]
+            layer = args[5] if len(args) > 5 else kwargs["layer"]   # block(h, tokens, start_pos, state, w, layer, ctx)
+            layer = getattr(layer, "id", layer)                    # a context's Layer: its index
             self.layer_s[layer] = self.layer_s.get(layer, 0.0) + time.perf_counter() - t0
             return out
 

@@ -222,3 +222,65 @@ else:
                                                 "llvm.vector.reduce.add.v16i32")
             return builder.call(fn, [prod])
         return types.int32(codes, n, j, xq, i), codegen
+
+
+# ---------------------------------------------------------------- FP8 one-row products: exact block sums
+#
+# A 128-column block of an FP8 product whose activations are integers below 2^28 times one power of
+# two (mirror's are e4m3 values times their 1x128 scale: 18 bits) has an exact float64 sum in any
+# order: each product x · fp8_raw(code) is an integer below 2^(28+18) times one power of two, and
+# 128 of them stay below 2^53 of it. linear.py checks the activations once per call, and the
+# scale range, so that the lanes' sums are exact too: then any order gives the lanes' bits.
+
+FP8_XQ_LIMIT = 1 << 28   # |xq| below this: a 128-column FP8 block's sum is exact in any order
+
+if numba.config.DISABLE_JIT:
+    def fp8_dot128(codes, n, j, x, i):
+        """Σ_l x[i + l] · fp8_raw(codes[n, j + l]), l < 128 (exact: see above), in float64."""
+        raw = np.array([fp8_raw(c) for c in codes[n, j:j + 128]], np.float64)
+        return float(np.dot(x[i:i + 128], raw))
+else:
+    @intrinsic
+    def fp8_dot128(typingctx, codes, n, j, x, i):
+        """Σ_l x[i + l] · fp8_raw(codes[n, j + l]), l < 128, in float64, in no particular order: only for sums
+        that are exact in every order (the caller checks; indices in bounds).
+
+        LLVM IR on vectors of 8: the codes decoded as fp8_raw does (sign-extend, shift, mask, bitcast),
+        widened to float64, fused multiply-adds into four accumulators (a product is exact, so the fused
+        and the separate forms agree), then the accumulators and their lanes added pairwise.
+        """
+        if not (isinstance(codes, types.Array) and codes.ndim == 2 and isinstance(x, types.Array)
+                and x.ndim == 1 and x.dtype == types.float64
+                and all(isinstance(t, types.Integer) for t in (n, j, i))):
+            return None
+
+        def codegen(context, builder, signature, args):
+            from llvmlite import ir
+            from numba.core import cgutils
+            c_ty, _, _, x_ty, _ = signature.args
+            i32, lanes = ir.IntType(32), 8
+            v8, v32 = ir.VectorType(ir.IntType(8), lanes), ir.VectorType(i32, lanes)
+            vf, vd = ir.VectorType(ir.FloatType(), lanes), ir.VectorType(ir.DoubleType(), lanes)
+
+            def ptr(aty, arr, idx_vals, idx_tys):
+                ary = context.make_array(aty)(context, builder, arr)
+                idx = [context.cast(builder, v, t, types.intp) for v, t in zip(idx_vals, idx_tys)]
+                return cgutils.get_item_pointer(context, builder, aty, ary, idx, wraparound=False)
+            pc = builder.bitcast(ptr(c_ty, args[0], args[1:3], signature.args[1:3]), v8.as_pointer())
+            px = builder.bitcast(ptr(x_ty, args[3], args[4:5], signature.args[4:5]), vd.as_pointer())
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vd, vd, vd]), "llvm.fma.v8f64")
+            acc = [ir.Constant(vd, [0.0] * lanes)] * 4
+            for c in range(128 // lanes):
+                k = ir.Constant(i32, c)
+                v = builder.shl(builder.sext(builder.load(builder.gep(pc, [k]), align=1), v32),
+                                ir.Constant(v32, [20] * lanes))
+                v = builder.and_(v, ir.Constant(v32, [0x87F00000 - (1 << 32)] * lanes))
+                w = builder.fpext(builder.bitcast(v, vf), vd)
+                acc[c % 4] = builder.call(fma, [builder.load(builder.gep(px, [k]), align=8), w, acc[c % 4]])
+            s = builder.fadd(builder.fadd(acc[0], acc[1]), builder.fadd(acc[2], acc[3]))
+            for width in (4, 2, 1):                                   # lanes added pairwise
+                lo = builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(i32, width), list(range(width))))
+                hi = builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(i32, width), list(range(width, 2 * width))))
+                s = builder.fadd(lo, hi)
+            return builder.extract_element(s, ir.Constant(i32, 0))
+        return types.float64(codes, n, j, x, i), codegen

@@ -41,9 +41,9 @@ import weakref
 import numpy as np
 from numba import njit, prange
 
-from refimpl.kernels.formats import (BLOCK, FMT_BF16, FMT_F32, FMT_FP4, FMT_FP8, FP4_XQ_LIMIT, bf16_value,
-                                     f32_from_bits, f64_from_bits, fp4_block_scale, fp4_dot32, fp4_pair_raw,
-                                     fp8_block_scale, fp8_raw)
+from refimpl.kernels.formats import (BLOCK, FMT_BF16, FMT_F32, FMT_FP4, FMT_FP8, FP4_XQ_LIMIT, FP8_XQ_LIMIT,
+                                     bf16_value, f32_from_bits, f64_from_bits, fp4_block_scale, fp4_dot32,
+                                     fp4_pair_raw, fp8_block_scale, fp8_dot128, fp8_raw)
 from refimpl.kernels.blas import run_tasks
 from refimpl.kernels.prefetch import prefetch
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix
@@ -145,11 +145,13 @@ def _fp4_sub_sum(a, xe, xo, c, s, m):
 
 
 @njit(cache=True)
-def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, out1):
+def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, out1, exact):
     """One input row x1 [K] (FP8, BF16 or F32 weights): rows n_lo..n_hi-1 of out1, two weight rows at a time.
 
     The order of product_kernel, decoding on the fly, one load of x serving two weight rows. The
-    lanes a2 are allocated here, so LLVM knows they alias no argument.
+    lanes a2 are allocated here, so LLVM knows they alias no argument. FP8 blocks marked in exact
+    (_fp8_exact_blocks) have a sum that is exact in any order: it is taken by formats.fp8_dot128 and
+    scaled, the lanes' bits.
     """
     K = x1.shape[0]
     a2 = np.empty((2, LANES))
@@ -165,9 +167,13 @@ def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, out1):
         for k0 in range(0, K, BLOCK):
             kb = min(BLOCK, K - k0)
             _prefetch_ahead(codes, n, m, k0, k0 + kb)
+            s = fp8_block_scale(scale[sr, k0 // BLOCK]) if fmt == FMT_FP8 else 1.0
+            if fmt == FMT_FP8 and exact[k0 // BLOCK]:               # exact block sums: any order, then the scale
+                y0 += fp8_dot128(codes, n, k0, x1, k0) * s
+                y1 += fp8_dot128(codes, n + m, k0, x1, k0) * s
+                continue
             a0[:] = 0.0
             a1[:] = 0.0
-            s = fp8_block_scale(scale[sr, k0 // BLOCK]) if fmt == FMT_FP8 else 1.0
             for j in range(0, kb, LANES):                     # position k0 + j + l goes to lane l
                 w = min(LANES, kb - j)
                 xb = x1[k0 + j:k0 + j + w]
@@ -264,6 +270,53 @@ def _fp4_block(xd, codes, scale, n, k0, h, a):
     return b
 
 
+@njit(cache=True, inline="always")
+def _grain_exponent(bits, p):
+    """The exponent of the lowest set bit of the float64 whose bits are bits[p] (|v| = odd · 2^result); None-like
+    sentinels: 100000 for a zero, -100000 for inf or NaN."""
+    b = bits[p] & np.uint64(0x7FFFFFFFFFFFFFFF)
+    if b == 0:
+        return np.int64(100000)
+    ef = np.int64(b >> np.uint64(52))
+    if ef == 0x7FF:
+        return np.int64(-100000)
+    sig = np.int64(b & np.uint64(0xFFFFFFFFFFFFF))
+    e = np.int64(-1074)
+    if ef:
+        sig |= np.int64(1) << 52
+        e = ef - 1075
+    tz = np.int64(0)
+    while not (sig >> tz) & 1:                                     # trailing zeros of the significand
+        tz += 1
+    return e + tz
+
+
+@njit(cache=True)
+def _fp8_exact_blocks(x1):
+    """x1 [K] -> [ceil(K / 128)] bool: the 128-column blocks whose FP8 block sums are exact in any order, in
+    float64 lanes and scaled (formats.fp8_dot128): whole blocks of finite values x = xq · 2^g, |xq| <
+    FP8_XQ_LIMIT, with -938 <= g <= 850 (every product x · e4m3 · 2^(S-127), S = 0..254, and the sum are
+    multiples of one power of two at least 2^-1074, below 2^1024)."""
+    K = x1.shape[0]
+    bits = x1.view(np.uint64)
+    ok = np.zeros((K + BLOCK - 1) // BLOCK, np.bool_)
+    for k0 in range(0, K - BLOCK + 1, BLOCK):
+        lo = np.int64(100000)
+        top = 0.0
+        bad = False
+        for p in range(k0, k0 + BLOCK):
+            e = _grain_exponent(bits, p)
+            if e == -100000:
+                bad = True
+                break
+            lo = min(lo, e)
+            top = max(top, abs(x1[p]))
+        if bad:                                                    # inf or NaN: the lanes
+            continue
+        ok[k0 // BLOCK] = lo == 100000 or (-938 <= lo <= 850 and top < math.ldexp(float(FP8_XQ_LIMIT), lo))
+    return ok
+
+
 NO_GRAIN = 1 << 20    # _fp4_int_x: a 1x32 block of x that is no integer vector below FP4_XQ_LIMIT times a power of two
 
 
@@ -280,29 +333,17 @@ def _fp4_int_x(xd):
     for k0 in range(0, K, BLOCK):
         for q in range(4):
             j = k0 // 32 + q
-            lo = 100000                                            # least grain exponent of the block's non-zeros
+            lo = np.int64(100000)                                  # least grain exponent of the block's non-zeros
             top = 0.0                                              # largest magnitude
+            bad = False
             for half in range(2):
                 for i in range(16):
                     p = k0 + 64 * half + 16 * q + i
-                    b = bits[p] & np.uint64(0x7FFFFFFFFFFFFFFF)
-                    if b == 0:
-                        continue
-                    ef = np.int64(b >> np.uint64(52))
-                    if ef == 0x7FF:                                # inf or NaN
-                        lo = -100000
-                        break
-                    sig = np.int64(b & np.uint64(0xFFFFFFFFFFFFF))
-                    e = np.int64(-1074)
-                    if ef:
-                        sig |= np.int64(1) << 52
-                        e = ef - 1075
-                    tz = np.int64(0)
-                    while not (sig >> tz) & 1:                     # trailing zeros of the significand
-                        tz += 1
-                    lo = min(lo, e + tz)
+                    e = _grain_exponent(bits, p)
+                    bad = bad or e == -100000                      # inf or NaN
+                    lo = min(lo, e)
                     top = max(top, abs(xd[p]))
-            if lo == -100000 or (lo != 100000 and top >= math.ldexp(float(FP4_XQ_LIMIT), lo)):
+            if bad or (lo != 100000 and top >= math.ldexp(float(FP4_XQ_LIMIT), lo)):
                 g[j] = NO_GRAIN
                 continue
             g[j] = 0 if lo == 100000 else lo
@@ -439,9 +480,10 @@ def product_kernel(fmt, x, codes, scale, n_out, row0):
     xin = _deinterleave_fp4(x) if fmt == FMT_FP4 else x
     n_tasks = (n_out + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     if T == 1 and fmt != FMT_FP4:
+        exact = _fp8_exact_blocks(x[0]) if fmt == FMT_FP8 else np.zeros(1, np.bool_)
         for task in prange(n_tasks):
             _matvec_rows(fmt, x[0], codes, scale, task * ROWS_PER_TASK, min(n_out, (task + 1) * ROWS_PER_TASK),
-                         row0, out[0])
+                         row0, out[0], exact)
         return out
     if T == 1 and fmt == FMT_FP4 and K % BLOCK == 0:
         xq, xg = _fp4_int_x(xin[0])
@@ -466,7 +508,8 @@ def product_kernel_serial(fmt, x, codes, scale, n_out, row0):
     T, K = x.shape
     out = np.empty((T, n_out))
     if T == 1 and fmt != FMT_FP4:
-        _matvec_rows(fmt, x[0], codes, scale, 0, n_out, row0, out[0])
+        exact = _fp8_exact_blocks(x[0]) if fmt == FMT_FP8 else np.zeros(1, np.bool_)
+        _matvec_rows(fmt, x[0], codes, scale, 0, n_out, row0, out[0], exact)
         return out
     xin = _deinterleave_fp4(x) if fmt == FMT_FP4 else x
     if T == 1 and fmt == FMT_FP4 and K % BLOCK == 0:

@@ -450,3 +450,40 @@ def test_fp4_int_x_hand_worked():
     assert g.tolist() == [-2, 30, K.NO_GRAIN, 0]                   # block 3: zeros (g = 0)
     assert xq[0] == 6 and xq[1] == 12 and xq[16] == -1             # columns 0, 2 (even), then 1 (odd)
     assert xq[32 + 4] == 1 and not xq[96:].any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 70), kblocks=st.integers(1, 3), odd_k=st.sampled_from([0, 0, 5]),
+       kind=st.sampled_from(["mirror", "wide", "nonfinite", "zeros", "tiny", "any"]),
+       lo=st.integers(0, 250), span=st.sampled_from([0, 4, 30, 255]))
+def test_fp8_exact_block_sums_are_the_float_lanes_bit_for_bit(seed, n, kblocks, odd_k, kind, lo, span):
+    """The one-row FP8 path with exact blocks taken in any order (formats.fp8_dot128, then the scale) gives the
+    float64 lanes' bits for every input kind and scales 0-254; a partial last block stays in lanes."""
+    rng = np.random.default_rng(seed)
+    k = 128 * kblocks + odd_k
+    f, codes, scale, _ = K.checked_codes(fp8_matrix(rng, n, k, scale_lo=lo, scale_hi=min(255, lo + span + 1)))
+    x = np.concatenate([_fp4_x(rng, 128 * kblocks, kind), rng.standard_normal(odd_k)])
+    exact = K._fp8_exact_blocks(x)
+    want, got = np.empty(n), np.empty(n)
+    with np.errstate(over="ignore", invalid="ignore"):
+        K._matvec_rows(f, x, codes, scale, 0, n, 0, want, np.zeros_like(exact))
+        K._matvec_rows(f, x, codes, scale, 0, n, 0, got, exact)
+    assert np.array_equal(got.view(np.uint64), want.view(np.uint64)) or (
+        np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(got[~np.isnan(got)], want[~np.isnan(want)]))
+    if kind in ("mirror", "zeros"):
+        assert exact[:kblocks].all()                               # mirror's activations take the exact path
+    assert not (odd_k and exact[-1])
+    if kind in ("wide", "nonfinite", "tiny"):
+        assert not exact.all()
+
+
+def test_fp8_exact_blocks_hand_worked():
+    """Blocks whose sums are exact in any order: integers below 2^28 times one power of two, in range."""
+    x = np.zeros(128 * 5)
+    x[0:2] = 448.0, 2.0 ** -9                                       # block 0: an e4m3 range (2^18): exact
+    x[128:130] = 1.0, 2.0 ** -28                                    # block 1: 2^28 apart: refused
+    x[256] = np.nan                                                 # block 2: NaN: refused
+    x[384] = 2.0 ** -1000                                           # block 3: grain 2^-1000 < 2^-938: refused
+    x[512:514] = 2.0 ** 27, -(2.0 ** 27) + 1                        # block 4: |xq| < 2^28: exact
+    assert K._fp8_exact_blocks(x).tolist() == [True, False, False, False, True]
+    assert K._fp8_exact_blocks(x[:600]).tolist() == [True, False, False, False, False]   # a partial block: lanes
