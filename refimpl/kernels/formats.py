@@ -284,3 +284,63 @@ else:
                 s = builder.fadd(lo, hi)
             return builder.extract_element(s, ir.Constant(i32, 0))
         return types.float64(codes, n, j, x, i), codegen
+
+
+# ---------------------------------------------------------------- dense one-row products: the lanes in registers
+
+if numba.config.DISABLE_JIT:
+    def dense_lanes128(codes, n, j, x, i):
+        """The 128-column block sum of linear.py's order (16 lanes, positions ascending, lanes added ascending) of
+        x[i:i+128] times the bf16 (uint16 codes) or float32 (uint32 codes) weights codes[n, j:j+128]."""
+        c = codes[n, j:j + 128]
+        w = (c.astype(np.uint32) << 16).view(np.float32) if c.dtype == np.uint16 else c.view(np.float32)
+        a = np.zeros(16)
+        for p in range(0, 128, 16):
+            a = a + x[i + p:i + p + 16] * w[p:p + 16].astype(np.float64)
+        y = 0.0
+        for v in a:
+            y += v
+        return y
+else:
+    @intrinsic
+    def dense_lanes128(typingctx, codes, n, j, x, i):
+        """The 128-column block sum of linear.py's order of x[i:i+128] times the bf16 (uint16 codes) or float32
+        (uint32 codes) weights codes[n, j:j+128]: lane l = Σ over p = 0, 16, .., 112 of x · w at position
+        p + l, in that order (a float64 multiply, then an add: no fused multiply-add), the 16 lanes then
+        added in ascending order from +0.0. The same operations as the kernel's lane loops, bit for bit,
+        with the lanes held in a vector register instead of memory.
+        """
+        if not (isinstance(codes, types.Array) and codes.ndim == 2 and isinstance(codes.dtype, types.Integer)
+                and isinstance(x, types.Array) and x.ndim == 1 and x.dtype == types.float64
+                and all(isinstance(t, types.Integer) for t in (n, j, i))):
+            return None
+
+        def codegen(context, builder, signature, args):
+            from llvmlite import ir
+            from numba.core import cgutils
+            c_ty, _, _, x_ty, _ = signature.args
+            if c_ty.dtype not in (types.uint16, types.uint32):         # a branch for other codes, typed, never run
+                return ir.Constant(ir.DoubleType(), float("nan"))
+            i32, lanes = ir.IntType(32), 16
+            bits = 16 if c_ty.dtype == types.uint16 else 32
+            vc, v32 = ir.VectorType(ir.IntType(bits), lanes), ir.VectorType(i32, lanes)
+            vf, vd = ir.VectorType(ir.FloatType(), lanes), ir.VectorType(ir.DoubleType(), lanes)
+
+            def ptr(aty, arr, idx_vals, idx_tys):
+                ary = context.make_array(aty)(context, builder, arr)
+                idx = [context.cast(builder, v, t, types.intp) for v, t in zip(idx_vals, idx_tys)]
+                return cgutils.get_item_pointer(context, builder, aty, ary, idx, wraparound=False)
+            pc = builder.bitcast(ptr(c_ty, args[0], args[1:3], signature.args[1:3]), vc.as_pointer())
+            px = builder.bitcast(ptr(x_ty, args[3], args[4:5], signature.args[4:5]), vd.as_pointer())
+            acc = ir.Constant(vd, [0.0] * lanes)
+            for c in range(128 // lanes):
+                k = ir.Constant(i32, c)
+                v = builder.load(builder.gep(pc, [k]), align=bits // 8)
+                if bits == 16:                                        # bf16: the bits above 16 zeros
+                    v = builder.shl(builder.zext(v, v32), ir.Constant(v32, [16] * lanes))
+                w = builder.fpext(builder.bitcast(v, vf), vd)
+                acc = builder.fadd(acc, builder.fmul(builder.load(builder.gep(px, [k]), align=8), w))
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.DoubleType(), [ir.DoubleType(), vd]),
+                                                "llvm.vector.reduce.fadd.v16f64")
+            return builder.call(fn, [ir.Constant(ir.DoubleType(), 0.0), acc])   # ordered: no reassociation flag
+        return types.float64(codes, n, j, x, i), codegen

@@ -43,7 +43,7 @@ from numba import njit, prange
 
 from refimpl.kernels.formats import (BLOCK, FMT_BF16, FMT_F32, FMT_FP4, FMT_FP8, FP4_XQ_LIMIT, FP8_XQ_LIMIT,
                                      bf16_value, f32_from_bits, f64_from_bits, fp4_block_scale, fp4_dot32,
-                                     fp4_pair_raw, fp8_block_scale, fp8_dot128, fp8_raw)
+                                     dense_lanes128, fp4_pair_raw, fp8_block_scale, fp8_dot128, fp8_raw)
 from refimpl.kernels.blas import run_tasks
 from refimpl.kernels.prefetch import prefetch
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix
@@ -151,7 +151,8 @@ def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, out1, exact):
     The order of product_kernel, decoding on the fly, one load of x serving two weight rows. The
     lanes a2 are allocated here, so LLVM knows they alias no argument. FP8 blocks marked in exact
     (_fp8_exact_blocks) have a sum that is exact in any order: it is taken by formats.fp8_dot128 and
-    scaled, the lanes' bits.
+    scaled, the lanes' bits. Whole bf16/fp32 blocks go through formats.dense_lanes128: the same
+    operations in the same order, the lanes kept in a register.
     """
     K = x1.shape[0]
     a2 = np.empty((2, LANES))
@@ -171,6 +172,10 @@ def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, out1, exact):
             if fmt == FMT_FP8 and exact[k0 // BLOCK]:               # exact block sums: any order, then the scale
                 y0 += fp8_dot128(codes, n, k0, x1, k0) * s
                 y1 += fp8_dot128(codes, n + m, k0, x1, k0) * s
+                continue
+            if fmt != FMT_FP8 and kb == BLOCK:                      # the lanes below, held in registers
+                y0 += dense_lanes128(codes, n, k0, x1, k0)
+                y1 += dense_lanes128(codes, n + m, k0, x1, k0)
                 continue
             a0[:] = 0.0
             a1[:] = 0.0

@@ -23,7 +23,7 @@ from numba import njit
 
 from packed_weights import fp4_matrix, fp8_matrix, on_fp32_boundary
 from refimpl.kernels import linear as K
-from refimpl.kernels.formats import fp4_dot32, fp4_times4
+from refimpl.kernels.formats import dense_lanes128, fp4_dot32, fp4_times4
 from refimpl.model import linear as spec
 from refimpl.model.attention import grouped_wo_a
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix
@@ -487,3 +487,38 @@ def test_fp8_exact_blocks_hand_worked():
     x[512:514] = 2.0 ** 27, -(2.0 ** 27) + 1                        # block 4: |xq| < 2^28: exact
     assert K._fp8_exact_blocks(x).tolist() == [True, False, False, False, True]
     assert K._fp8_exact_blocks(x[:600]).tolist() == [True, False, False, False, False]   # a partial block: lanes
+
+
+@njit
+def _lanes128(codes, n, j, x, i):
+    """formats.dense_lanes128 (an intrinsic: callable from compiled code only)."""
+    return dense_lanes128(codes, n, j, x, i)
+
+
+def _lanes_order(x, w):
+    """linear.py's block order, written out: lane l = Σ_p x[p + l]·w[p + l] over p = 0, 16, .. in order, then the
+    lanes added in ascending order from +0.0."""
+    a = [0.0] * 16
+    for p in range(0, 128, 16):
+        for lane in range(16):
+            a[lane] = a[lane] + float(x[p + lane]) * float(w[p + lane])
+    y = 0.0
+    for v in a:
+        y += v
+    return y
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from(["bf16", "f32"]), spread=st.integers(0, 60))
+def test_dense_lanes128_is_the_lane_order_bit_for_bit(seed, dtype, spread):
+    """The dense block sum held in a register gives the written-out lane order's bits on float64 inputs whose
+    products and sums round (float64 mode): no fused multiply-add, no reassociation."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(130) * 2.0 ** rng.integers(-spread, spread + 1, 130)
+    w = (rng.standard_normal((3, 140)) * 2.0 ** rng.integers(-spread, spread + 1, (3, 140))).astype(np.float32)
+    codes = (w.astype(ml_dtypes.bfloat16).view(np.uint16) if dtype == "bf16" else w.view(np.uint32))
+    wv = codes.astype(np.uint32) << 16 if dtype == "bf16" else codes
+    for n, j, i in ((0, 0, 0), (2, 12, 2)):
+        want = _lanes_order(x[i:i + 128], wv[n, j:j + 128].view(np.float32))
+        got = _lanes128(codes, n, j, x, i)
+        assert np.float64(got).view(np.uint64) == np.float64(want).view(np.uint64)
