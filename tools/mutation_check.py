@@ -276,7 +276,9 @@ ORDER_AND_THREADS = [
     ("linear kernel: FP4 integer block sums scaled by 2^(S-128+g)", K_LIN,
      [("E = np.int64(scale[n, j]) - 129 + xg[j]", "E = np.int64(scale[n, j]) - 128 + xg[j]")]),
     ("linear kernel: FP4 integer block sums outside float64's normal range", K_LIN,
-     [("if -1022 <= E <= 992:", "if E <= 992:")]),
+     [("if not checked or -1022 <= E <= 992:", "if not checked or E <= 992:")]),
+    ("linear kernel: FP4 rows never checked block by block", K_LIN,
+     [("checked = g_hi == NO_GRAIN or s_lo - 129 + g_lo < -1022 or s_hi - 129 + g_hi > 992", "checked = False")]),
     ("linear kernel: FP8 any-order block sums without the exactness check", K_LIN,
      [("(-938 <= lo <= 850 and top < math.ldexp(float(FP8_XQ_LIMIT), lo))", "True")]),
     ("linear kernel: dense lanes with fused multiply-adds", K_FMT,
@@ -300,6 +302,8 @@ PINNED_BY = {
     "mtp: streams h_{t+1} paired with token t+1": ["tests/model/test_transformer.py"],
     "linear kernel: FP4 integer block sums scaled by 2^(S-128+g)": [f"{LIN_KERNEL}::test_fp4_integer_one_row_path_is_the_float_lanes_bit_for_bit"],
     "linear kernel: FP4 integer block sums outside float64's normal range":
+        [f"{LIN_KERNEL}::test_fp4_integer_one_row_path_is_the_float_lanes_bit_for_bit"],
+    "linear kernel: FP4 rows never checked block by block":
         [f"{LIN_KERNEL}::test_fp4_integer_one_row_path_is_the_float_lanes_bit_for_bit"],
     "linear kernel: FP8 any-order block sums without the exactness check":
         [f"{LIN_KERNEL}::test_fp8_exact_block_sums_are_the_float_lanes_bit_for_bit",

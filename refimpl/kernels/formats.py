@@ -344,3 +344,67 @@ else:
                                                 "llvm.vector.reduce.fadd.v16f64")
             return builder.call(fn, [ir.Constant(ir.DoubleType(), 0.0), acc])   # ordered: no reassociation flag
         return types.float64(codes, n, j, x, i), codegen
+
+
+if numba.config.DISABLE_JIT:
+    def fp4_dot128(codes, n, j, xq, i):
+        """(fp4_dot32 at j, j + 16, j + 32, j + 48 against xq at i, i + 32, i + 64, i + 96): a 128-column block's
+        four 1x32 sums."""
+        return tuple(fp4_dot32(codes, n, j + 16 * q, xq, i + 32 * q) for q in range(4))
+else:
+    @intrinsic
+    def fp4_dot128(typingctx, codes, n, j, xq, i):
+        """The four 1x32 sums of fp4_dot32 over a 128-column block (bytes j..j+63, xq[i:i+128]), as a tuple of
+        int32: the four product vectors reduced together (pairwise shuffles), not one at a time."""
+        if not (isinstance(codes, types.Array) and codes.ndim == 2 and isinstance(xq, types.Array)
+                and xq.ndim == 1 and xq.dtype == types.int32
+                and all(isinstance(t, types.Integer) for t in (n, j, i))):
+            return None
+        sig = types.UniTuple(types.int32, 4)(codes, n, j, xq, i)
+
+        def codegen(context, builder, signature, args):
+            from llvmlite import ir
+            from numba.core import cgutils
+            c_ty, _, _, x_ty, _ = signature.args
+            i32, lanes = ir.IntType(32), 16
+            v8, v32 = ir.VectorType(ir.IntType(8), lanes), ir.VectorType(i32, lanes)
+
+            def splat(k):
+                return ir.Constant(v32, [k] * lanes)
+
+            def ptr(aty, arr, idx_vals, idx_tys):
+                ary = context.make_array(aty)(context, builder, arr)
+                idx = [context.cast(builder, v, t, types.intp) for v, t in zip(idx_vals, idx_tys)]
+                return cgutils.get_item_pointer(context, builder, aty, ary, idx, wraparound=False)
+            pc = builder.bitcast(ptr(c_ty, args[0], args[1:3], signature.args[1:3]), v8.as_pointer())
+            xp = builder.bitcast(ptr(x_ty, args[3], args[4:5], signature.args[4:5]), v32.as_pointer())
+
+            def times4(nib):                                          # as fp4_dot32
+                m = builder.and_(nib, splat(7))
+                big = builder.shl(builder.or_(builder.and_(m, splat(1)), splat(2)), builder.lshr(m, splat(1)))
+                v = builder.select(builder.icmp_unsigned("<", m, splat(2)), builder.shl(m, splat(1)), big)
+                s = builder.sub(splat(0), builder.lshr(nib, splat(3)))
+                return builder.sub(builder.xor(v, s), s)
+            p = []
+            for q in range(4):
+                c = builder.zext(builder.load(builder.gep(pc, [ir.Constant(i32, q)]), align=1), v32)
+                xe = builder.load(builder.gep(xp, [ir.Constant(i32, 2 * q)]), align=4)
+                xo = builder.load(builder.gep(xp, [ir.Constant(i32, 2 * q + 1)]), align=4)
+                p.append(builder.add(builder.mul(xe, times4(builder.and_(c, splat(15)))),
+                                     builder.mul(xo, times4(builder.lshr(c, splat(4))))))
+
+            def fold(a, b, idx_lo, idx_hi):
+                w = len(idx_lo)
+                lo = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, w), idx_lo))
+                hi = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, w), idx_hi))
+                return builder.add(lo, hi)
+            halves = (list(range(8)) + list(range(16, 24)), list(range(8, 16)) + list(range(24, 32)))
+            a = fold(p[0], p[1], *halves)                             # [p0 (8 partial sums), p1 (8)]
+            b = fold(p[2], p[3], *halves)
+            c = fold(a, b, [k for g in range(0, 32, 8) for k in range(g, g + 4)],
+                     [k for g in range(0, 32, 8) for k in range(g + 4, g + 8)])     # [p0 (4), p1, p2, p3]
+            d = fold(c, c, [k for g in range(0, 16, 4) for k in (g, g + 1)], [k for g in range(0, 16, 4) for k in (g + 2, g + 3)])
+            e = fold(d, d, [0, 2, 4, 6], [1, 3, 5, 7])                # [s0, s1, s2, s3]
+            return context.make_tuple(builder, signature.return_type,
+                                      [builder.extract_element(e, ir.Constant(i32, q)) for q in range(4)])
+        return sig, codegen

@@ -28,6 +28,18 @@ not; the kernel and the spec (a float64 BLAS product, row by row) differ by a fe
 most, and the one rounding to fp32 agrees except when the exact sum lies that close to an fp32
 rounding boundary (the tests check each differing output is such a case and count them).
 
+One-row products (decode), three shortcuts that give the bits of the order above:
+  - FP4 (mirror's activations): each 1x32 block's sum in int32 vectors (formats.fp4_dot128): x as
+    integers times a power of two per block (_fp4_int_x), the weights as 4·e2m1; the sum is exact
+    and so equals the lanes' sum, scaled by powers of two. Blocks without an int32 form, or whose
+    scale leaves float64's normal range, take the lanes.
+  - FP8: a 128-column block whose activations are integers below 2^28 times one power of two
+    (_fp8_exact_blocks; mirror's always are) has an exact sum in any order: formats.fp8_dot128 takes
+    it with fused multiply-adds in vectors, then the block scale.
+  - bf16/fp32 weights: whole blocks through formats.dense_lanes128, the same multiplies and adds in
+    the same lanes and order, kept in a register rather than in memory (any input, any mode).
+The tests check each against the lanes bit for bit, on inputs that take it and inputs that do not.
+
 float64 mode: the same kernel; it and BLAS both sum within K·2^-53·Σ|x·w| of the exact value.
 float32 mode: the spec takes one float32 BLAS product (error up to about K·2^-24·Σ|x·w|); the
 kernel computes the float64 sum and rounds it once to float32, which is closer to exact; the
@@ -42,7 +54,7 @@ import numpy as np
 from numba import njit, prange
 
 from refimpl.kernels.formats import (BLOCK, FMT_BF16, FMT_F32, FMT_FP4, FMT_FP8, FP4_XQ_LIMIT, FP8_XQ_LIMIT,
-                                     bf16_value, f32_from_bits, f64_from_bits, fp4_block_scale, fp4_dot32,
+                                     bf16_value, f32_from_bits, f64_from_bits, fp4_block_scale, fp4_dot128,
                                      dense_lanes128, fp4_pair_raw, fp8_block_scale, fp8_dot128, fp8_raw)
 from refimpl.kernels.blas import run_tasks
 from refimpl.kernels.prefetch import prefetch
@@ -360,27 +372,37 @@ def _fp4_int_x(xd):
 
 @njit(cache=True)
 def _fp4_matvec_rows_int(xd, xq, xg, codes, scale, n_lo, n_hi, out1):
-    """_fp4_matvec_rows (K % 128 == 0) with each 1x32 block's sum taken in integers (formats.fp4_dot32).
+    """_fp4_matvec_rows (K % 128 == 0) with each 1x32 block's sum taken in integers (formats.fp4_dot128).
 
     The block's sum Σ x·w = isum · 2^(g + S - 127) / 4 is exact either way (formats.py), so the float64
     value isum · 2^E is the lanes' sum bit for bit; a block whose E = g + S - 129 leaves float64's normal
     range (or whose x has no integer form: g = NO_GRAIN) is taken in float64 lanes as before. The 1x32
-    sums are added in ascending order, the 128-column blocks too: product_kernel's order.
+    sums are added in ascending order, the 128-column blocks too: product_kernel's order. A row whose
+    scales keep every block in range (checked once per row) takes a loop without the per-block check.
     """
     K = xd.shape[0]
     a = np.empty(LANES)
+    g_lo, g_hi = np.int64(NO_GRAIN), np.int64(-NO_GRAIN)
+    for j in range(K // 32):
+        g_lo = min(g_lo, xg[j])
+        g_hi = max(g_hi, xg[j])
     for n in range(n_lo, n_hi):
+        s_lo, s_hi = np.int64(255), np.int64(0)
+        for j in range(K // 32):
+            s_lo = min(s_lo, np.int64(scale[n, j]))
+            s_hi = max(s_hi, np.int64(scale[n, j]))
+        checked = g_hi == NO_GRAIN or s_lo - 129 + g_lo < -1022 or s_hi - 129 + g_hi > 992
         y = 0.0
         for k0 in range(0, K, BLOCK):
             if n + PREFETCH_ROWS < codes.shape[0]:                  # the block's 64 bytes, PREFETCH_ROWS rows ahead
                 prefetch(codes, n + PREFETCH_ROWS, k0 // 2)
             b = 0.0
+            isum = fp4_dot128(codes, n, k0 // 2, xq, k0)          # the four 1x32 blocks' integer sums
             for q in range(4):
                 j = k0 // 32 + q
                 E = np.int64(scale[n, j]) - 129 + xg[j]
-                if -1022 <= E <= 992:
-                    sq = float(fp4_dot32(codes, n, k0 // 2 + 16 * q, xq, k0 + 32 * q)) * \
-                        f64_from_bits(np.uint64(E + 1023) << np.uint64(52))
+                if not checked or -1022 <= E <= 992:
+                    sq = float(isum[q]) * f64_from_bits(np.uint64(E + 1023) << np.uint64(52))
                 else:
                     sq = _fp4_sub_sum(a, xd[k0 + 16 * q:k0 + 16 * q + 16], xd[k0 + 64 + 16 * q:k0 + 64 + 16 * q + 16],
                                       codes[n, k0 // 2 + 16 * q:k0 // 2 + 16 * q + 16],

@@ -23,7 +23,7 @@ from numba import njit
 
 from packed_weights import fp4_matrix, fp8_matrix, on_fp32_boundary
 from refimpl.kernels import linear as K
-from refimpl.kernels.formats import dense_lanes128, fp4_dot32, fp4_times4
+from refimpl.kernels.formats import dense_lanes128, fp4_dot32, fp4_dot128, fp4_times4
 from refimpl.model import linear as spec
 from refimpl.model.attention import grouped_wo_a
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix
@@ -522,3 +522,17 @@ def test_dense_lanes128_is_the_lane_order_bit_for_bit(seed, dtype, spread):
         want = _lanes_order(x[i:i + 128], wv[n, j:j + 128].view(np.float32))
         got = _lanes128(codes, n, j, x, i)
         assert np.float64(got).view(np.uint64) == np.float64(want).view(np.uint64)
+
+
+@njit
+def _dot128(codes, n, j, xq, i):
+    """formats.fp4_dot128 (an intrinsic: callable from compiled code only)."""
+    return fp4_dot128(codes, n, j, xq, i)
+
+
+def test_fp4_dot128_is_four_dot32():
+    """A 128-column block's four 1x32 sums reduced together equal four separate fp4_dot32 sums."""
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 256, (3, 80), dtype=np.uint8)
+    xq = rng.integers(-(1 << 20), 1 << 20, 140).astype(np.int32)
+    assert _dot128(codes, 2, 16, xq, 12) == tuple(_dot32(codes, 2, 16 + 16 * q, xq, 12 + 32 * q) for q in range(4))
