@@ -232,8 +232,10 @@ class SafetensorsFile:
         if t.nbytes == 0:
             return self.get(name)
         buf = mmap.mmap(-1, t.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_HUGEPAGE"):                # Linux: 2 MiB pages, one TLB entry each
+        try:                                             # Linux: 2 MiB pages, one TLB entry each
             buf.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):                 # no such advice here (other systems; THP compiled out)
+            pass
         view = memoryview(buf)
         done = 0
         with open(self.path, "rb") as f:

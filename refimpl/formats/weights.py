@@ -386,10 +386,10 @@ def load(path, *, precision: str = "float32", revision: str = "current", max_seq
     layout for every call: decode == prefill bit for bit in mirror too); see `Model`.
     kernels: "numba" (the kernels; the default, or $REFIMPL_KERNELS), "numpy" (the spec functions), or per
     operation, e.g. "numba,sparse_attention=numpy"; refimpl/ops.py.
-    resident_head: read the output head into anonymous memory at load (huge pages; Flash: 1.06 GB of
-    memory at once, and a decode step's head product about a quarter faster) instead of mapping it;
-    None (default): when the Numba kernel runs fp32_linear (the head's product), which is bound by
-    reading the matrix. Results are the same either way.
+    resident_head: read the output head into anonymous memory at load, on huge pages (Flash: 1.06 GB of
+    memory at once; faster to stream than 4 KiB file pages: benchmarks/README.md, "Issue 23: Flash
+    decode") instead of mapping it; None (default): when the Numba kernel runs fp32_linear (the head's
+    product), which every decode step runs over the whole matrix. Results are the same either way.
     """
     if max_seq_len is not None and (not isinstance(max_seq_len, (int, np.integer)) or isinstance(max_seq_len, bool)):
         raise ConfigError(f"max_seq_len = {max_seq_len!r}: must be an int (a number of tokens)", field="max_seq_len")
