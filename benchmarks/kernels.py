@@ -325,7 +325,8 @@ class LayerTimer:
         def block(*args, **kwargs):
             t0 = time.perf_counter()
             out = self.block(*args, **kwargs)
-            layer = args[6] if len(args) > 6 else kwargs["layer"]
+            layer = args[5] if len(args) > 5 else kwargs["layer"]   # block(h, tokens, start_pos, state, w, layer, ctx)
+            layer = getattr(layer, "id", layer)                    # a context's Layer: its index
             self.layer_s[layer] = self.layer_s.get(layer, 0.0) + time.perf_counter() - t0
             return out
 
@@ -1037,7 +1038,7 @@ def flash_section(a, report, ratios, quick, bw, mm, prefill, budget) -> None:
         say(f"flash       decode at position {kern['position']}: {kern['ms_per_token']:.0f} ms/token ({kern['layers']} layers: "
             + ", ".join(f"{v:.0f}" for v in kern["ms_per_layer"].values())
             + f" ms/layer; head {kern['ms_head']:.0f} ms); {kern['bytes_per_token'] / GB:.3f} GB read per "
-            f"token -> {kern['effective_GBps']:.2f} GB/s = {frac:.2f} of the read bandwidth (target 0.5; blocks "
+            f"token -> {kern['effective_GBps']:.2f} GB/s = {frac:.2f} of the read bandwidth (target 0.6; blocks "
             f"{kern['layers_effective_GBps']:.2f} GB/s, head {kern['head_effective_GBps']:.2f} GB/s); peak RSS "
             f"{kern['peak_rss_bytes'] / GB:.2f} GB vs {kern['touched_bytes'] / GB:.2f} GB touched (excess "
             f"{(kern['peak_rss_bytes'] - kern['touched_bytes']) / GiB:.2f} GiB; target <= 1 GiB)")

@@ -234,6 +234,8 @@ K_ATTN, K_POOL, K_NORM, K_IDX = ("refimpl/kernels/attention.py", "refimpl/kernel
 K_MOE = "refimpl/kernels/moe.py"
 SIDE_THREADS = "tests/kernels/test_threads_kernel.py::test_thread_count_does_not_change_results"
 ATTN_KERNEL = "tests/kernels/test_attention_kernel.py"
+K_LIN, K_FMT = "refimpl/kernels/linear.py", "refimpl/kernels/formats.py"
+LIN_KERNEL = "tests/kernels/test_linear_kernel.py"
 
 ORDER_AND_THREADS = [
     # accumulation order of more than two terms (the tiny model routes 2 experts a token: 0 + a + b commutes)
@@ -268,6 +270,19 @@ ORDER_AND_THREADS = [
       ("jbuf = _scratch(kp, hs, d)", "jbuf = shared")]),
     # the MTP pairing (seen only by the golden set before issue 27)
     ("mtp: streams h_{t+1} paired with token t+1", T, [("rms_norm(h[:, :-1],", "rms_norm(h[:, 1:],")]),
+    # one-row products' shortcuts (issue 23, decode): each holds only where its precondition does
+    ("linear kernel: FP4 integer block sums scaled by 2^(S-128+g)", K_LIN,
+     [("E = np.int64(scale[n, j]) - 129 + xg[j]", "E = np.int64(scale[n, j]) - 128 + xg[j]")]),
+    ("linear kernel: FP4 integer block sums outside float64's normal range", K_LIN,
+     [("if not checked or -1022 <= E <= 992:", "if not checked or E <= 992:")]),
+    ("linear kernel: FP4 rows never checked block by block", K_LIN,
+     [("checked = g_hi == NO_GRAIN or s_lo - 129 + g_lo < -1022 or s_hi - 129 + g_hi > 992", "checked = False")]),
+    ("linear kernel: FP8 any-order block sums without the exactness check", K_LIN,
+     [("(-938 <= lo <= 850 and top < math.ldexp(float(FP8_XQ_LIMIT), lo))", "True")]),
+    ("linear kernel: dense lanes with fused multiply-adds", K_FMT,
+     [("acc = builder.fadd(acc, builder.fmul(builder.load(builder.gep(px, [k]), align=8), w))",
+       "acc = builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vd, vd, vd]), "
+       "'llvm.fma.v16f64'), [builder.load(builder.gep(px, [k]), align=8), w, acc])")]),
 ]
 
 PINNED_BY = {
@@ -283,6 +298,15 @@ PINNED_BY = {
     "attention kernel: scratch shared by the tasks":
         [f"{ATTN_KERNEL}::test_thread_count_does_not_change_results"],
     "mtp: streams h_{t+1} paired with token t+1": ["tests/model/test_transformer.py"],
+    "linear kernel: FP4 integer block sums scaled by 2^(S-128+g)": [f"{LIN_KERNEL}::test_fp4_integer_one_row_path_is_the_float_lanes_bit_for_bit"],
+    "linear kernel: FP4 integer block sums outside float64's normal range":
+        [f"{LIN_KERNEL}::test_fp4_integer_one_row_path_is_the_float_lanes_bit_for_bit"],
+    "linear kernel: FP4 rows never checked block by block":
+        [f"{LIN_KERNEL}::test_fp4_integer_one_row_path_is_the_float_lanes_bit_for_bit"],
+    "linear kernel: FP8 any-order block sums without the exactness check":
+        [f"{LIN_KERNEL}::test_fp8_exact_block_sums_are_the_float_lanes_bit_for_bit",
+         f"{LIN_KERNEL}::test_fp8_exact_blocks_hand_worked"],
+    "linear kernel: dense lanes with fused multiply-adds": [f"{LIN_KERNEL}::test_dense_lanes128_is_the_lane_order_bit_for_bit"],
 }
 ALL = MUTATIONS + ORDER_AND_THREADS
 

@@ -33,6 +33,7 @@ from refimpl.formats.checkpoint import (INDEX_NAME, MAX_INDEX_BYTES, CheckpointE
 from refimpl.formats.files import read_json, size_text
 from refimpl.config import Config, ConfigError
 from refimpl.numerics import FP4_BLOCK, FP8_BLOCK
+from refimpl.ops import parse_kernels
 from refimpl.model.linear import Fp8Matrix, Fp4Matrix
 from refimpl.model.hyperconn import HyperConnWeights
 from refimpl.model.compressor import CompressorWeights
@@ -331,12 +332,13 @@ def load_mtp(t: TensorSource, cfg: Config) -> MTPWeights:
                       norm=t.get(f"{p}norm.weight"), hc_head=load_hyperconn(t, p, "head"))
 
 
-def load_model_weights(t: TensorSource, cfg: Config) -> ModelWeights:
-    """Every weight as memory-mapped views (each key read once; nothing dequantized)."""
+def load_model_weights(t: TensorSource, cfg: Config, *, resident_head: bool = False) -> ModelWeights:
+    """Every weight as memory-mapped views (each key read once; nothing dequantized); resident_head: the head
+    read into anonymous memory instead (TensorSource.get(resident=True))."""
     return ModelWeights(embed=t.get("embed.weight"),
                         layers=tuple(load_block(t, f"layers.{i}.", i, cfg) for i in range(cfg.n_layers)),
                         norm=t.get("norm.weight"), hc_head=load_hyperconn(t, "", "head"),
-                        head=t.get("head.weight"),
+                        head=t.get("head.weight", resident=resident_head),
                         mtp=load_mtp(t, cfg) if cfg.n_mtp_layers else None)
 
 
@@ -377,13 +379,17 @@ def checkpoint_files(path) -> list[Path]:
 
 
 def load(path, *, precision: str = "float32", revision: str = "current", max_seq_len: int | None = None,
-         layout: str = "official", kernels: str | None = None) -> Model:
+         layout: str = "official", kernels: str | None = None, resident_head: bool | None = None) -> Model:
     """A model over a memory-mapped checkpoint directory; nothing is dequantized until used.
 
     layout: "official" (each call's index layout as the official code has it) or "canonical" (one
     layout for every call: decode == prefill bit for bit in mirror too); see `Model`.
     kernels: "numba" (the kernels; the default, or $REFIMPL_KERNELS), "numpy" (the spec functions), or per
     operation, e.g. "numba,sparse_attention=numpy"; refimpl/ops.py.
+    resident_head: read the output head into anonymous memory at load, on huge pages (Flash: 1.06 GB of
+    memory at once; faster to stream than 4 KiB file pages: benchmarks/README.md, "Issue 23: Flash
+    decode") instead of mapping it; None (default): when the Numba kernel runs fp32_linear (the head's
+    product), which every decode step runs over the whole matrix. Results are the same either way.
     """
     if max_seq_len is not None and (not isinstance(max_seq_len, (int, np.integer)) or isinstance(max_seq_len, bool)):
         raise ConfigError(f"max_seq_len = {max_seq_len!r}: must be an int (a number of tokens)", field="max_seq_len")
@@ -399,5 +405,7 @@ def load(path, *, precision: str = "float32", revision: str = "current", max_seq
     if bad:
         more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise CheckpointError(f"{source.path}: NaN/Inf in the weights: " + "; ".join(bad[:5]) + more)
-    return Model(cfg, load_model_weights(source, cfg), precision=precision, revision=revision, layout=layout,
-                 kernels=kernels)
+    if resident_head is None:
+        resident_head = parse_kernels(kernels).backend("fp32_linear") == "numba"
+    return Model(cfg, load_model_weights(source, cfg, resident_head=bool(resident_head)), precision=precision,
+                 revision=revision, layout=layout, kernels=kernels)

@@ -145,3 +145,266 @@ def fp8_block_scale(byte):
 def fp4_block_scale(byte):
     """E8M0 byte S (0..254) -> 2^(S-127) · 2^126 (float64, from its exponent bits): scales fp4_pair_raw to the exact weight."""
     return f64_from_bits(np.uint64((np.int64(np.uint8(byte)) - 1 + 1023) << 52))
+
+
+# ---------------------------------------------------------------- FP4 one-row products in integers
+#
+# Mirror's activations are e4m3 values times a power of two per 128 columns (act_fp8): within a
+# 1x32 FP4 block, x = xq · 2^g with xq an integer (xq < 2^21 in magnitude: linear.py checks it per
+# call), and 4 · e2m1 is an integer in [-24, 24]. So the block's 32 products x·w are integers times
+# 2^g · 2^(S-127) / 4, and their sum, below 32 · 24 · 2^21 < 2^31, is an exact int32: summed in any
+# order it is the exact value that the float64 lanes of the spec's order also reach (every one of
+# their partial sums is exact). Integer addition is associative, so LLVM may vectorize it freely.
+
+FP4_XQ_LIMIT = 1 << 21   # |xq| below this: a 1x32 block's integer sum stays below 2^31
+
+
+def fp4_times4(nibble):
+    """e2m1 nibble (sign at bit 3) -> 4 · its value, an integer in [-24, 24] (plain-Python reference)."""
+    m, neg = int(nibble) & 7, int(nibble) & 8
+    v = 2 * m if m < 2 else (2 | (m & 1)) << (m >> 1)           # 0, 2 (0.5); then (1 + f/2) · 2^(e-1) · 4
+    return -v if neg else v
+
+
+if numba.config.DISABLE_JIT:
+    _TIMES4 = np.array([fp4_times4(c) for c in range(16)], np.int64)
+
+    def fp4_dot32(codes, n, j, xq, i):
+        """Σ_l xq[i + l] · 4·e2m1(low nibble of codes[n, j + l]) + xq[i + 16 + l] · 4·e2m1(high nibble), l < 16."""
+        c = codes[n, j:j + 16].astype(np.int64) & 0xFF
+        return int(np.dot(xq[i:i + 16], _TIMES4[c & 15]) + np.dot(xq[i + 16:i + 32], _TIMES4[c >> 4]))
+else:
+    @intrinsic
+    def fp4_dot32(typingctx, codes, n, j, xq, i):
+        """Σ_l xq[i + l] · 4·e2m1(low nibble of codes[n, j + l]) + xq[i + 16 + l] · 4·e2m1(high nibble), l < 16,
+        as an int32 (the caller keeps it below 2^31; indices in bounds).
+
+        Written as LLVM IR on vectors of 16 int32 (LLVM lowers them to the machine's vectors: AVX-512,
+        AVX2, or plain registers): each nibble n = s·8 + m decodes to v = 2m for m < 2, else
+        (2 | m & 1) << (m >> 1), negated for s = 1; the 32 products are added in one reduction.
+        """
+        if not (isinstance(codes, types.Array) and codes.ndim == 2 and isinstance(xq, types.Array)
+                and xq.ndim == 1 and xq.dtype == types.int32
+                and all(isinstance(t, types.Integer) for t in (n, j, i))):
+            return None
+
+        def codegen(context, builder, signature, args):
+            from llvmlite import ir
+            from numba.core import cgutils
+            c_ty, _, _, x_ty, _ = signature.args
+            i32, lanes = ir.IntType(32), 16
+            v8, v32 = ir.VectorType(ir.IntType(8), lanes), ir.VectorType(i32, lanes)
+
+            def splat(k):
+                return ir.Constant(v32, [k] * lanes)
+
+            def ptr(aty, arr, idx_vals, idx_tys):
+                ary = context.make_array(aty)(context, builder, arr)
+                idx = [context.cast(builder, v, t, types.intp) for v, t in zip(idx_vals, idx_tys)]
+                return cgutils.get_item_pointer(context, builder, aty, ary, idx, wraparound=False)
+            pc = ptr(c_ty, args[0], args[1:3], signature.args[1:3])
+            px = ptr(x_ty, args[3], args[4:5], signature.args[4:5])
+            c = builder.zext(builder.load(builder.bitcast(pc, v8.as_pointer()), align=1), v32)
+            xp = builder.bitcast(px, v32.as_pointer())
+            xe = builder.load(xp, align=4)
+            xo = builder.load(builder.gep(xp, [ir.Constant(i32, 1)]), align=4)
+
+            def times4(nib):
+                m = builder.and_(nib, splat(7))
+                big = builder.shl(builder.or_(builder.and_(m, splat(1)), splat(2)), builder.lshr(m, splat(1)))
+                v = builder.select(builder.icmp_unsigned("<", m, splat(2)), builder.shl(m, splat(1)), big)
+                s = builder.sub(splat(0), builder.lshr(nib, splat(3)))      # 0 or -1
+                return builder.sub(builder.xor(v, s), s)
+            lo = times4(builder.and_(c, splat(15)))
+            hi = times4(builder.lshr(c, splat(4)))
+            prod = builder.add(builder.mul(xe, lo), builder.mul(xo, hi))
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [v32]),
+                                                "llvm.vector.reduce.add.v16i32")
+            return builder.call(fn, [prod])
+        return types.int32(codes, n, j, xq, i), codegen
+
+
+# ---------------------------------------------------------------- FP8 one-row products: exact block sums
+#
+# A 128-column block of an FP8 product whose activations are integers below 2^28 times one power of
+# two (mirror's are e4m3 values times their 1x128 scale: 18 bits) has an exact float64 sum in any
+# order: each product x · fp8_raw(code) is an integer below 2^(28+18) times one power of two, and
+# 128 of them stay below 2^53 of it. linear.py checks the activations once per call, and the
+# scale range, so that the lanes' sums are exact too: then any order gives the lanes' bits.
+
+FP8_XQ_LIMIT = 1 << 28   # |xq| below this: a 128-column FP8 block's sum is exact in any order
+
+if numba.config.DISABLE_JIT:
+    def fp8_dot128(codes, n, j, x, i):
+        """Σ_l x[i + l] · fp8_raw(codes[n, j + l]), l < 128 (exact: see above), in float64."""
+        raw = np.array([fp8_raw(c) for c in codes[n, j:j + 128]], np.float64)
+        return float(np.dot(x[i:i + 128], raw))
+else:
+    @intrinsic
+    def fp8_dot128(typingctx, codes, n, j, x, i):
+        """Σ_l x[i + l] · fp8_raw(codes[n, j + l]), l < 128, in float64, in no particular order: only for sums
+        that are exact in every order (the caller checks; indices in bounds).
+
+        LLVM IR on vectors of 8: the codes decoded as fp8_raw does (sign-extend, shift, mask, bitcast),
+        widened to float64, fused multiply-adds into four accumulators (a product is exact, so the fused
+        and the separate forms agree), then the accumulators and their lanes added pairwise.
+        """
+        if not (isinstance(codes, types.Array) and codes.ndim == 2 and isinstance(x, types.Array)
+                and x.ndim == 1 and x.dtype == types.float64
+                and all(isinstance(t, types.Integer) for t in (n, j, i))):
+            return None
+
+        def codegen(context, builder, signature, args):
+            from llvmlite import ir
+            from numba.core import cgutils
+            c_ty, _, _, x_ty, _ = signature.args
+            i32, lanes = ir.IntType(32), 8
+            v8, v32 = ir.VectorType(ir.IntType(8), lanes), ir.VectorType(i32, lanes)
+            vf, vd = ir.VectorType(ir.FloatType(), lanes), ir.VectorType(ir.DoubleType(), lanes)
+
+            def ptr(aty, arr, idx_vals, idx_tys):
+                ary = context.make_array(aty)(context, builder, arr)
+                idx = [context.cast(builder, v, t, types.intp) for v, t in zip(idx_vals, idx_tys)]
+                return cgutils.get_item_pointer(context, builder, aty, ary, idx, wraparound=False)
+            pc = builder.bitcast(ptr(c_ty, args[0], args[1:3], signature.args[1:3]), v8.as_pointer())
+            px = builder.bitcast(ptr(x_ty, args[3], args[4:5], signature.args[4:5]), vd.as_pointer())
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vd, vd, vd]), "llvm.fma.v8f64")
+            acc = [ir.Constant(vd, [0.0] * lanes)] * 4
+            for c in range(128 // lanes):
+                k = ir.Constant(i32, c)
+                v = builder.shl(builder.sext(builder.load(builder.gep(pc, [k]), align=1), v32),
+                                ir.Constant(v32, [20] * lanes))
+                v = builder.and_(v, ir.Constant(v32, [0x87F00000 - (1 << 32)] * lanes))
+                w = builder.fpext(builder.bitcast(v, vf), vd)
+                acc[c % 4] = builder.call(fma, [builder.load(builder.gep(px, [k]), align=8), w, acc[c % 4]])
+            s = builder.fadd(builder.fadd(acc[0], acc[1]), builder.fadd(acc[2], acc[3]))
+            for width in (4, 2, 1):                                   # lanes added pairwise
+                lo = builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(i32, width), list(range(width))))
+                hi = builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(i32, width), list(range(width, 2 * width))))
+                s = builder.fadd(lo, hi)
+            return builder.extract_element(s, ir.Constant(i32, 0))
+        return types.float64(codes, n, j, x, i), codegen
+
+
+# ---------------------------------------------------------------- dense one-row products: the lanes in registers
+
+if numba.config.DISABLE_JIT:
+    def dense_lanes128(codes, n, j, x, i):
+        """The 128-column block sum of linear.py's order (16 lanes, positions ascending, lanes added ascending) of
+        x[i:i+128] times the bf16 (uint16 codes) or float32 (uint32 codes) weights codes[n, j:j+128]."""
+        c = codes[n, j:j + 128]
+        w = (c.astype(np.uint32) << 16).view(np.float32) if c.dtype == np.uint16 else c.view(np.float32)
+        a = np.zeros(16)
+        for p in range(0, 128, 16):
+            a = a + x[i + p:i + p + 16] * w[p:p + 16].astype(np.float64)
+        y = 0.0
+        for v in a:
+            y += v
+        return y
+else:
+    @intrinsic
+    def dense_lanes128(typingctx, codes, n, j, x, i):
+        """The 128-column block sum of linear.py's order of x[i:i+128] times the bf16 (uint16 codes) or float32
+        (uint32 codes) weights codes[n, j:j+128]: lane l = Σ over p = 0, 16, .., 112 of x · w at position
+        p + l, in that order (a float64 multiply, then an add: no fused multiply-add), the 16 lanes then
+        added in ascending order from +0.0. The same operations as the kernel's lane loops, bit for bit,
+        with the lanes held in a vector register instead of memory.
+        """
+        if not (isinstance(codes, types.Array) and codes.ndim == 2 and isinstance(codes.dtype, types.Integer)
+                and isinstance(x, types.Array) and x.ndim == 1 and x.dtype == types.float64
+                and all(isinstance(t, types.Integer) for t in (n, j, i))):
+            return None
+
+        def codegen(context, builder, signature, args):
+            from llvmlite import ir
+            from numba.core import cgutils
+            c_ty, _, _, x_ty, _ = signature.args
+            if c_ty.dtype not in (types.uint16, types.uint32):         # a branch for other codes, typed, never run
+                return ir.Constant(ir.DoubleType(), float("nan"))
+            i32, lanes = ir.IntType(32), 16
+            bits = 16 if c_ty.dtype == types.uint16 else 32
+            vc, v32 = ir.VectorType(ir.IntType(bits), lanes), ir.VectorType(i32, lanes)
+            vf, vd = ir.VectorType(ir.FloatType(), lanes), ir.VectorType(ir.DoubleType(), lanes)
+
+            def ptr(aty, arr, idx_vals, idx_tys):
+                ary = context.make_array(aty)(context, builder, arr)
+                idx = [context.cast(builder, v, t, types.intp) for v, t in zip(idx_vals, idx_tys)]
+                return cgutils.get_item_pointer(context, builder, aty, ary, idx, wraparound=False)
+            pc = builder.bitcast(ptr(c_ty, args[0], args[1:3], signature.args[1:3]), vc.as_pointer())
+            px = builder.bitcast(ptr(x_ty, args[3], args[4:5], signature.args[4:5]), vd.as_pointer())
+            acc = ir.Constant(vd, [0.0] * lanes)
+            for c in range(128 // lanes):
+                k = ir.Constant(i32, c)
+                v = builder.load(builder.gep(pc, [k]), align=bits // 8)
+                if bits == 16:                                        # bf16: the bits above 16 zeros
+                    v = builder.shl(builder.zext(v, v32), ir.Constant(v32, [16] * lanes))
+                w = builder.fpext(builder.bitcast(v, vf), vd)
+                acc = builder.fadd(acc, builder.fmul(builder.load(builder.gep(px, [k]), align=8), w))
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.DoubleType(), [ir.DoubleType(), vd]),
+                                                "llvm.vector.reduce.fadd.v16f64")
+            return builder.call(fn, [ir.Constant(ir.DoubleType(), 0.0), acc])   # ordered: no reassociation flag
+        return types.float64(codes, n, j, x, i), codegen
+
+
+if numba.config.DISABLE_JIT:
+    def fp4_dot128(codes, n, j, xq, i):
+        """(fp4_dot32 at j, j + 16, j + 32, j + 48 against xq at i, i + 32, i + 64, i + 96): a 128-column block's
+        four 1x32 sums."""
+        return tuple(fp4_dot32(codes, n, j + 16 * q, xq, i + 32 * q) for q in range(4))
+else:
+    @intrinsic
+    def fp4_dot128(typingctx, codes, n, j, xq, i):
+        """The four 1x32 sums of fp4_dot32 over a 128-column block (bytes j..j+63, xq[i:i+128]), as a tuple of
+        int32: the four product vectors reduced together (pairwise shuffles), not one at a time."""
+        if not (isinstance(codes, types.Array) and codes.ndim == 2 and isinstance(xq, types.Array)
+                and xq.ndim == 1 and xq.dtype == types.int32
+                and all(isinstance(t, types.Integer) for t in (n, j, i))):
+            return None
+        sig = types.UniTuple(types.int32, 4)(codes, n, j, xq, i)
+
+        def codegen(context, builder, signature, args):
+            from llvmlite import ir
+            from numba.core import cgutils
+            c_ty, _, _, x_ty, _ = signature.args
+            i32, lanes = ir.IntType(32), 16
+            v8, v32 = ir.VectorType(ir.IntType(8), lanes), ir.VectorType(i32, lanes)
+
+            def splat(k):
+                return ir.Constant(v32, [k] * lanes)
+
+            def ptr(aty, arr, idx_vals, idx_tys):
+                ary = context.make_array(aty)(context, builder, arr)
+                idx = [context.cast(builder, v, t, types.intp) for v, t in zip(idx_vals, idx_tys)]
+                return cgutils.get_item_pointer(context, builder, aty, ary, idx, wraparound=False)
+            pc = builder.bitcast(ptr(c_ty, args[0], args[1:3], signature.args[1:3]), v8.as_pointer())
+            xp = builder.bitcast(ptr(x_ty, args[3], args[4:5], signature.args[4:5]), v32.as_pointer())
+
+            def times4(nib):                                          # as fp4_dot32
+                m = builder.and_(nib, splat(7))
+                big = builder.shl(builder.or_(builder.and_(m, splat(1)), splat(2)), builder.lshr(m, splat(1)))
+                v = builder.select(builder.icmp_unsigned("<", m, splat(2)), builder.shl(m, splat(1)), big)
+                s = builder.sub(splat(0), builder.lshr(nib, splat(3)))
+                return builder.sub(builder.xor(v, s), s)
+            p = []
+            for q in range(4):
+                c = builder.zext(builder.load(builder.gep(pc, [ir.Constant(i32, q)]), align=1), v32)
+                xe = builder.load(builder.gep(xp, [ir.Constant(i32, 2 * q)]), align=4)
+                xo = builder.load(builder.gep(xp, [ir.Constant(i32, 2 * q + 1)]), align=4)
+                p.append(builder.add(builder.mul(xe, times4(builder.and_(c, splat(15)))),
+                                     builder.mul(xo, times4(builder.lshr(c, splat(4))))))
+
+            def fold(a, b, idx_lo, idx_hi):
+                w = len(idx_lo)
+                lo = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, w), idx_lo))
+                hi = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, w), idx_hi))
+                return builder.add(lo, hi)
+            halves = (list(range(8)) + list(range(16, 24)), list(range(8, 16)) + list(range(24, 32)))
+            a = fold(p[0], p[1], *halves)                             # [p0 (8 partial sums), p1 (8)]
+            b = fold(p[2], p[3], *halves)
+            c = fold(a, b, [k for g in range(0, 32, 8) for k in range(g, g + 4)],
+                     [k for g in range(0, 32, 8) for k in range(g + 4, g + 8)])     # [p0 (4), p1, p2, p3]
+            d = fold(c, c, [k for g in range(0, 16, 4) for k in (g, g + 1)], [k for g in range(0, 16, 4) for k in (g + 2, g + 3)])
+            e = fold(d, d, [0, 2, 4, 6], [1, 3, 5, 7])                # [s0, s1, s2, s3]
+            return context.make_tuple(builder, signature.return_type,
+                                      [builder.extract_element(e, ir.Constant(i32, q)) for q in range(4)])
+        return sig, codegen

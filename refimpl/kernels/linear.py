@@ -28,6 +28,18 @@ not; the kernel and the spec (a float64 BLAS product, row by row) differ by a fe
 most, and the one rounding to fp32 agrees except when the exact sum lies that close to an fp32
 rounding boundary (the tests check each differing output is such a case and count them).
 
+One-row products (decode), three shortcuts that give the bits of the order above:
+  - FP4 (mirror's activations): each 1x32 block's sum in int32 vectors (formats.fp4_dot128): x as
+    integers times a power of two per block (_fp4_int_x), the weights as 4·e2m1; the sum is exact
+    and so equals the lanes' sum, scaled by powers of two. Blocks without an int32 form, or whose
+    scale leaves float64's normal range, take the lanes.
+  - FP8: a 128-column block whose activations are integers below 2^28 times one power of two
+    (_fp8_exact_blocks; mirror's always are) has an exact sum in any order: formats.fp8_dot128 takes
+    it with fused multiply-adds in vectors, then the block scale.
+  - bf16/fp32 weights: whole blocks through formats.dense_lanes128, the same multiplies and adds in
+    the same lanes and order, kept in a register rather than in memory (any input, any mode).
+The tests check each against the lanes bit for bit, on inputs that take it and inputs that do not.
+
 float64 mode: the same kernel, for any number of rows (a row's bits never depend on the other rows: decode
 == prefill); it and BLAS both sum within K·2^-53·Σ|x·w| of the exact value. Not dgemm: a plain dgemm's
 row can change with the row count (measured, docs/architecture.md §4), and dgemm on fixed tiles of 16 rows
@@ -45,8 +57,9 @@ import weakref
 import numpy as np
 from numba import njit, prange
 
-from refimpl.kernels.formats import (BLOCK, FMT_BF16, FMT_F32, FMT_FP4, FMT_FP8, bf16_value, f32_from_bits,
-                                     fp4_block_scale, fp4_pair_raw, fp8_block_scale, fp8_raw)
+from refimpl.kernels.formats import (BLOCK, FMT_BF16, FMT_F32, FMT_FP4, FMT_FP8, FP4_XQ_LIMIT, FP8_XQ_LIMIT,
+                                     bf16_value, f32_from_bits, f64_from_bits, fp4_block_scale, fp4_dot128,
+                                     dense_lanes128, fp4_pair_raw, fp8_block_scale, fp8_dot128, fp8_raw)
 from refimpl.kernels.blas import run_tasks
 from refimpl.kernels.prefetch import prefetch
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix
@@ -148,11 +161,14 @@ def _fp4_sub_sum(a, xe, xo, c, s, m):
 
 
 @njit(cache=True)
-def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, out1):
+def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, out1, exact):
     """One input row x1 [K] (FP8, BF16 or F32 weights): rows n_lo..n_hi-1 of out1, two weight rows at a time.
 
     The order of product_kernel, decoding on the fly, one load of x serving two weight rows. The
-    lanes a2 are allocated here, so LLVM knows they alias no argument.
+    lanes a2 are allocated here, so LLVM knows they alias no argument. FP8 blocks marked in exact
+    (_fp8_exact_blocks) have a sum that is exact in any order: it is taken by formats.fp8_dot128 and
+    scaled, the lanes' bits. Whole bf16/fp32 blocks go through formats.dense_lanes128: the same
+    operations in the same order, the lanes kept in a register.
     """
     K = x1.shape[0]
     a2 = np.empty((2, LANES))
@@ -168,9 +184,17 @@ def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, out1):
         for k0 in range(0, K, BLOCK):
             kb = min(BLOCK, K - k0)
             _prefetch_ahead(codes, n, m, k0, k0 + kb)
+            s = fp8_block_scale(scale[sr, k0 // BLOCK]) if fmt == FMT_FP8 else 1.0
+            if fmt == FMT_FP8 and exact[k0 // BLOCK]:               # exact block sums: any order, then the scale
+                y0 += fp8_dot128(codes, n, k0, x1, k0) * s
+                y1 += fp8_dot128(codes, n + m, k0, x1, k0) * s
+                continue
+            if fmt != FMT_FP8 and kb == BLOCK:                      # the lanes below, held in registers
+                y0 += dense_lanes128(codes, n, k0, x1, k0)
+                y1 += dense_lanes128(codes, n + m, k0, x1, k0)
+                continue
             a0[:] = 0.0
             a1[:] = 0.0
-            s = fp8_block_scale(scale[sr, k0 // BLOCK]) if fmt == FMT_FP8 else 1.0
             for j in range(0, kb, LANES):                     # position k0 + j + l goes to lane l
                 w = min(LANES, kb - j)
                 xb = x1[k0 + j:k0 + j + w]
@@ -265,6 +289,131 @@ def _fp4_block(xd, codes, scale, n, k0, h, a):
                           fp4_block_scale(scale[n, k0 // 32 + q]), hi_i - lo_i)
         b = sq if q == 0 else b + sq
     return b
+
+
+@njit(cache=True, inline="always")
+def _grain_exponent(bits, p):
+    """The exponent of the lowest set bit of the float64 whose bits are bits[p] (|v| = odd · 2^result); None-like
+    sentinels: 100000 for a zero, -100000 for inf or NaN."""
+    b = bits[p] & np.uint64(0x7FFFFFFFFFFFFFFF)
+    if b == 0:
+        return np.int64(100000)
+    ef = np.int64(b >> np.uint64(52))
+    if ef == 0x7FF:
+        return np.int64(-100000)
+    sig = np.int64(b & np.uint64(0xFFFFFFFFFFFFF))
+    e = np.int64(-1074)
+    if ef:
+        sig |= np.int64(1) << 52
+        e = ef - 1075
+    tz = np.int64(0)
+    while not (sig >> tz) & 1:                                     # trailing zeros of the significand
+        tz += 1
+    return e + tz
+
+
+@njit(cache=True)
+def _fp8_exact_blocks(x1):
+    """x1 [K] -> [ceil(K / 128)] bool: the 128-column blocks whose FP8 block sums are exact in any order, in
+    float64 lanes and scaled (formats.fp8_dot128): whole blocks of finite values x = xq · 2^g, |xq| <
+    FP8_XQ_LIMIT, with -938 <= g <= 850 (every product x · e4m3 · 2^(S-127), S = 0..254, and the sum are
+    multiples of one power of two at least 2^-1074, below 2^1024)."""
+    K = x1.shape[0]
+    bits = x1.view(np.uint64)
+    ok = np.zeros((K + BLOCK - 1) // BLOCK, np.bool_)
+    for k0 in range(0, K - BLOCK + 1, BLOCK):
+        lo = np.int64(100000)
+        top = 0.0
+        bad = False
+        for p in range(k0, k0 + BLOCK):
+            e = _grain_exponent(bits, p)
+            if e == -100000:
+                bad = True
+                break
+            lo = min(lo, e)
+            top = max(top, abs(x1[p]))
+        if bad:                                                    # inf or NaN: the lanes
+            continue
+        ok[k0 // BLOCK] = lo == 100000 or (-938 <= lo <= 850 and top < math.ldexp(float(FP8_XQ_LIMIT), lo))
+    return ok
+
+
+NO_GRAIN = 1 << 20    # _fp4_int_x: a 1x32 block of x that is no integer vector below FP4_XQ_LIMIT times a power of two
+
+
+@njit(cache=True)
+def _fp4_int_x(xd):
+    """xd [K] (FP4 lane order, K % 128 == 0) -> (xq [K] int32, g [K / 32] int64): for each 1x32 block, its
+    16 even columns then its 16 odd ones as integers, x = xq · 2^g exactly with |xq| < FP4_XQ_LIMIT;
+    g = NO_GRAIN where no such integers exist (a value inf or NaN, or too wide a range: the block is
+    then taken in float64 lanes). g is the least exponent of the lowest set bit among the block's values."""
+    K = xd.shape[0]
+    xq = np.zeros(K, np.int32)
+    g = np.zeros(K // 32, np.int64)
+    bits = xd.view(np.uint64)
+    for k0 in range(0, K, BLOCK):
+        for q in range(4):
+            j = k0 // 32 + q
+            lo = np.int64(100000)                                  # least grain exponent of the block's non-zeros
+            top = 0.0                                              # largest magnitude
+            bad = False
+            for half in range(2):
+                for i in range(16):
+                    p = k0 + 64 * half + 16 * q + i
+                    e = _grain_exponent(bits, p)
+                    bad = bad or e == -100000                      # inf or NaN
+                    lo = min(lo, e)
+                    top = max(top, abs(xd[p]))
+            if bad or (lo != 100000 and top >= math.ldexp(float(FP4_XQ_LIMIT), lo)):
+                g[j] = NO_GRAIN
+                continue
+            g[j] = 0 if lo == 100000 else lo
+            for half in range(2):
+                for i in range(16):
+                    xq[k0 + 32 * q + 16 * half + i] = np.int32(math.ldexp(xd[k0 + 64 * half + 16 * q + i], -g[j]))
+    return xq, g
+
+
+@njit(cache=True)
+def _fp4_matvec_rows_int(xd, xq, xg, codes, scale, n_lo, n_hi, out1):
+    """_fp4_matvec_rows (K % 128 == 0) with each 1x32 block's sum taken in integers (formats.fp4_dot128).
+
+    The block's sum Σ x·w = isum · 2^(g + S - 127) / 4 is exact either way (formats.py), so the float64
+    value isum · 2^E is the lanes' sum bit for bit; a block whose E = g + S - 129 leaves float64's normal
+    range (or whose x has no integer form: g = NO_GRAIN) is taken in float64 lanes as before. The 1x32
+    sums are added in ascending order, the 128-column blocks too: product_kernel's order. A row whose
+    scales keep every block in range (checked once per row) takes a loop without the per-block check.
+    """
+    K = xd.shape[0]
+    a = np.empty(LANES)
+    g_lo, g_hi = np.int64(NO_GRAIN), np.int64(-NO_GRAIN)
+    for j in range(K // 32):
+        g_lo = min(g_lo, xg[j])
+        g_hi = max(g_hi, xg[j])
+    for n in range(n_lo, n_hi):
+        s_lo, s_hi = np.int64(255), np.int64(0)
+        for j in range(K // 32):
+            s_lo = min(s_lo, np.int64(scale[n, j]))
+            s_hi = max(s_hi, np.int64(scale[n, j]))
+        checked = g_hi == NO_GRAIN or s_lo - 129 + g_lo < -1022 or s_hi - 129 + g_hi > 992
+        y = 0.0
+        for k0 in range(0, K, BLOCK):
+            if n + PREFETCH_ROWS < codes.shape[0]:                  # the block's 64 bytes, PREFETCH_ROWS rows ahead
+                prefetch(codes, n + PREFETCH_ROWS, k0 // 2)
+            b = 0.0
+            isum = fp4_dot128(codes, n, k0 // 2, xq, k0)          # the four 1x32 blocks' integer sums
+            for q in range(4):
+                j = k0 // 32 + q
+                E = np.int64(scale[n, j]) - 129 + xg[j]
+                if not checked or -1022 <= E <= 992:
+                    sq = float(isum[q]) * f64_from_bits(np.uint64(E + 1023) << np.uint64(52))
+                else:
+                    sq = _fp4_sub_sum(a, xd[k0 + 16 * q:k0 + 16 * q + 16], xd[k0 + 64 + 16 * q:k0 + 64 + 16 * q + 16],
+                                      codes[n, k0 // 2 + 16 * q:k0 // 2 + 16 * q + 16],
+                                      fp4_block_scale(scale[n, j]), 16)
+                b = sq if q == 0 else b + sq
+            y += b
+        out1[n] = y
 
 
 @njit(cache=True)
@@ -362,9 +511,16 @@ def product_kernel(fmt, x, codes, scale, n_out, row0):
     xin = _deinterleave_fp4(x) if fmt == FMT_FP4 else x
     n_tasks = (n_out + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     if T == 1 and fmt != FMT_FP4:
+        exact = _fp8_exact_blocks(x[0]) if fmt == FMT_FP8 else np.zeros(1, np.bool_)
         for task in prange(n_tasks):
             _matvec_rows(fmt, x[0], codes, scale, task * ROWS_PER_TASK, min(n_out, (task + 1) * ROWS_PER_TASK),
-                         row0, out[0])
+                         row0, out[0], exact)
+        return out
+    if T == 1 and fmt == FMT_FP4 and K % BLOCK == 0:
+        xq, xg = _fp4_int_x(xin[0])
+        for task in prange(n_tasks):
+            _fp4_matvec_rows_int(xin[0], xq, xg, codes, scale, task * ROWS_PER_TASK,
+                                 min(n_out, (task + 1) * ROWS_PER_TASK), out[0])
         return out
     if T == 1 and fmt == FMT_FP4:
         for task in prange(n_tasks):
@@ -383,9 +539,14 @@ def product_kernel_serial(fmt, x, codes, scale, n_out, row0):
     T, K = x.shape
     out = np.empty((T, n_out))
     if T == 1 and fmt != FMT_FP4:
-        _matvec_rows(fmt, x[0], codes, scale, 0, n_out, row0, out[0])
+        exact = _fp8_exact_blocks(x[0]) if fmt == FMT_FP8 else np.zeros(1, np.bool_)
+        _matvec_rows(fmt, x[0], codes, scale, 0, n_out, row0, out[0], exact)
         return out
     xin = _deinterleave_fp4(x) if fmt == FMT_FP4 else x
+    if T == 1 and fmt == FMT_FP4 and K % BLOCK == 0:
+        xq, xg = _fp4_int_x(xin[0])
+        _fp4_matvec_rows_int(xin[0], xq, xg, codes, scale, 0, n_out, out[0])
+        return out
     if T == 1 and fmt == FMT_FP4:
         _fp4_matvec_rows(xin[0], codes, scale, 0, n_out, out[0])
         return out

@@ -353,6 +353,32 @@ def test_get_record_flag(tmp_path):
     assert src.used["a"] == 2
 
 
+def test_resident_reads_give_the_mapped_bytes(tmp_path):
+    """get(resident=True): the same bytes, dtype and shape as the mapped view, read-only, in anonymous memory
+    (not a view of the file), counted as a read; every dtype and an empty tensor."""
+    rng = np.random.default_rng(1)
+    arrays = {f"t.{dt}.{i}": _random(dt, shape, rng) for dt in DTYPES for i, shape in enumerate([(3, 5), (), (0, 4)])}
+    arrays["big"] = _random("BF16", (300, 1000), rng)
+    src = TensorSource(_write(tmp_path / "a.safetensors", arrays))
+    for name, a in arrays.items():
+        got = src.get(name, resident=True)
+        assert _same(got, a) and _same(got, src.get(name, record=False)), name
+        assert not got.flags.writeable, name
+        assert src.used[name] == 1
+    assert not isinstance(np.asarray(src.get("big", resident=True)).base, np.memmap)
+
+
+def test_resident_read_of_a_file_cut_after_opening(tmp_path, monkeypatch):
+    """A shard cut short after its header was read: a CheckpointError naming the tensor, not a short array."""
+    import refimpl.formats.checkpoint as C
+    f = _write(tmp_path / "a.safetensors", {"x": np.arange(4096, dtype=np.float32)})
+    src = TensorSource(f)
+    monkeypatch.setattr(C, "RESIDENT_CHUNK", 1000)                # several reads, the last one short
+    os.truncate(f, f.stat().st_size - 5000)
+    with pytest.raises(CheckpointError, match=r"a\.safetensors: tensor 'x' is cut short"):
+        src.get("x", resident=True)
+
+
 # ---------------------------------------------------------------- fuzzing: only CheckpointError
 
 def _valid_file_bytes() -> bytes:

@@ -261,3 +261,22 @@ def test_load_refuses_a_config_implying_far_more_tensors_at_once(tiny_ckpt, tmp_
                         "describe these files (not compared tensor by tensor)"]
     few = TINY.replace(n_routed_experts=16)                     # twice the tensors: every one is still named
     assert sum(p.startswith("missing tensor") for p in validate(src, few, scan_scales=False)) == 6 * 8 * 7
+
+
+def test_the_head_is_resident_where_the_numba_kernel_runs_its_product(tiny_ckpt):
+    """load() reads the head into anonymous memory when fp32_linear runs the Numba kernel (or when asked),
+    and maps it otherwise; the values and the logits are the same either way."""
+    from refimpl.formats.weights import load
+    mapped = load(tiny_ckpt, precision="mirror", kernels="numpy")
+    assert isinstance(mapped.weights.head.base, np.memmap) or isinstance(mapped.weights.head, np.memmap)
+    for kernels, resident in (("numba", None), ("numba,fp32_linear=numpy", True), ("numpy", True)):
+        m = load(tiny_ckpt, precision="mirror", kernels=kernels, resident_head=resident)
+        head = m.weights.head
+        assert not isinstance(head, np.memmap) and not isinstance(head.base, np.memmap), kernels
+        assert not head.flags.writeable and head.tobytes() == mapped.weights.head.tobytes()
+        assert m.weights_id == mapped.weights_id
+    assert isinstance(load(tiny_ckpt, kernels="numba,fp32_linear=numpy").weights.head.base, np.memmap)
+    ids = np.arange(5)
+    a = load(tiny_ckpt, precision="mirror", kernels="numba", resident_head=False).forward(ids)
+    b = load(tiny_ckpt, precision="mirror", kernels="numba").forward(ids)
+    assert np.array_equal(a, b)

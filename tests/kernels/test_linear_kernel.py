@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numba import njit
 
 from packed_weights import fp4_matrix, fp8_matrix, on_fp32_boundary
 from refimpl.kernels import linear as K
+from refimpl.kernels.formats import dense_lanes128, fp4_dot32, fp4_dot128, fp4_times4
 from refimpl.model import linear as spec
 from refimpl.model.attention import grouped_wo_a
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix
@@ -428,3 +430,172 @@ def test_float64_kernel_row_is_the_same_alone_and_among_any_rows(seed, rows, kin
     for r in {0, rows // 2, rows - 1}:
         assert np.array_equal(f(x[r:r + 1][None], w, "float64")[0, 0], y[r])   # [1, 1, k]: a decode step's shape
     assert np.all(np.abs(y - ref(x, w, "float64")) <= _abs_product(x, w) * 1e-12)
+@njit
+def _dot32(codes, n, j, xq, i):
+    """formats.fp4_dot32 (an intrinsic: callable from compiled code only)."""
+    return fp4_dot32(codes, n, j, xq, i)
+
+
+def test_fp4_times4_on_every_code():
+    """formats.fp4_times4 and the compiled fp4_dot32 decode all 16 e2m1 codes to 4 · their value."""
+    want = np.arange(16, dtype=np.uint8).view(ml_dtypes.float4_e2m1fn).astype(np.float64) * 4
+    assert [fp4_times4(c) for c in range(16)] == want.tolist()
+    one = np.zeros(32, np.int32)
+    for c in range(16):                                            # the byte's low nibble alone, then the high one
+        one[:] = 0
+        one[3] = 1
+        assert _dot32(np.array([[0] * 3 + [c] + [0] * 12], np.uint8), 0, 0, one, 0) == want[c]
+        one[3], one[16 + 3] = 0, 1
+        assert _dot32(np.array([[0] * 3 + [c << 4] + [0] * 12], np.uint8), 0, 0, one, 0) == want[c]
+
+
+def test_fp4_dot32_hand_worked():
+    """Σ of 16 bytes' two nibbles against their own columns, with an offset into both arrays."""
+    codes = np.zeros((2, 20), np.uint8)
+    codes[1, 4:20] = 0x7A                                          # low nibble 0xA = -1.0 (x4: -4), high 0x7 = 6.0 (x4: 24)
+    xq = np.zeros(40, np.int32)
+    xq[8:24] = np.arange(16)                                       # even columns
+    xq[24:40] = 1000                                               # odd columns
+    assert _dot32(codes, 1, 4, xq, 8) == -4 * sum(range(16)) + 24 * 1000 * 16
+
+
+def _fp4_x(rng, k, kind):
+    """One input row [k] of the kinds the integer path must take or refuse (float64, FP4 lane order later)."""
+    x = act_fp8(rng.standard_normal((1, k)).astype(np.float32) * np.float32(2.0 ** rng.integers(-20, 20)), "mirror")
+    x = x.astype(np.float64)[0]
+    if kind == "wide":                                             # 2^-60 beside 1: no int32 form, float64 lanes
+        x[rng.integers(0, k)] = 2.0 ** -60
+    elif kind == "nonfinite":
+        x[rng.integers(0, k)] = rng.choice([np.inf, -np.inf, np.nan])
+    elif kind == "zeros":
+        x[:64] = 0.0
+        x[64:96] = -0.0
+    elif kind == "tiny":                                           # subnormal float64 values: E below the normal range
+        x *= 2.0 ** -1060
+    elif kind == "any":                                            # float64 mode: arbitrary values
+        x = rng.standard_normal(k) * 2.0 ** rng.integers(-30, 30, k)
+    return x
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 70), kblocks=st.integers(1, 3),
+       kind=st.sampled_from(["mirror", "wide", "nonfinite", "zeros", "tiny", "any"]),
+       lo=st.integers(0, 250), span=st.sampled_from([0, 4, 30, 255]))
+def test_fp4_integer_one_row_path_is_the_float_lanes_bit_for_bit(seed, n, kblocks, kind, lo, span):
+    """The one-row FP4 path in integers (_fp4_matvec_rows_int) gives the float64 lanes' bits
+    (_fp4_matvec_rows) for every input: mirror's activations, blocks with no int32 form, inf/NaN,
+    signed zeros, products below float64's normal range, arbitrary float64 inputs, scales 0-254."""
+    rng = np.random.default_rng(seed)
+    k = 128 * kblocks
+    f, codes, scale, _ = K.checked_codes(fp4_matrix(rng, n, k, scale_lo=lo, scale_hi=min(255, lo + span + 1)))
+    xd = K._deinterleave_fp4(_fp4_x(rng, k, kind)[None])[0]
+    want, got = np.empty(n), np.empty(n)
+    K._fp4_matvec_rows(xd, codes, scale, 0, n, want)
+    xq, xg = K._fp4_int_x(xd)
+    with np.errstate(over="ignore", invalid="ignore"):
+        K._fp4_matvec_rows_int(xd, xq, xg, codes, scale, 0, n, got)
+    assert np.array_equal(got.view(np.uint64), want.view(np.uint64)) or (
+        np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(got[~np.isnan(got)], want[~np.isnan(want)]))
+    if kind == "mirror":
+        assert (xg != K.NO_GRAIN).all()                            # mirror's activations all take the integer path
+    if kind in ("wide", "nonfinite"):
+        assert (xg == K.NO_GRAIN).sum() >= 1
+
+
+def test_fp4_int_x_hand_worked():
+    """The integer form of a 1x32 block: x = xq · 2^g with g the least grain; even columns first."""
+    x = np.zeros(128)
+    x[0], x[1], x[2] = 1.5, -0.25, 3.0                             # grain 2^-2: xq = 6, -1, 12
+    x[40] = 2.0 ** 30                                              # block 1: 2^30 alone: xq = 1, g = 30
+    x[64] = 1.0                                                    # block 2: 1 and 2^-21: range 2^21, refused
+    x[66] = 2.0 ** -21
+    xq, g = K._fp4_int_x(K._deinterleave_fp4(x[None])[0])
+    assert g.tolist() == [-2, 30, K.NO_GRAIN, 0]                   # block 3: zeros (g = 0)
+    assert xq[0] == 6 and xq[1] == 12 and xq[16] == -1             # columns 0, 2 (even), then 1 (odd)
+    assert xq[32 + 4] == 1 and not xq[96:].any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 70), kblocks=st.integers(1, 3), odd_k=st.sampled_from([0, 0, 5]),
+       kind=st.sampled_from(["mirror", "wide", "nonfinite", "zeros", "tiny", "any"]),
+       lo=st.integers(0, 250), span=st.sampled_from([0, 4, 30, 255]))
+def test_fp8_exact_block_sums_are_the_float_lanes_bit_for_bit(seed, n, kblocks, odd_k, kind, lo, span):
+    """The one-row FP8 path with exact blocks taken in any order (formats.fp8_dot128, then the scale) gives the
+    float64 lanes' bits for every input kind and scales 0-254; a partial last block stays in lanes."""
+    rng = np.random.default_rng(seed)
+    k = 128 * kblocks + odd_k
+    f, codes, scale, _ = K.checked_codes(fp8_matrix(rng, n, k, scale_lo=lo, scale_hi=min(255, lo + span + 1)))
+    x = np.concatenate([_fp4_x(rng, 128 * kblocks, kind), rng.standard_normal(odd_k)])
+    exact = K._fp8_exact_blocks(x)
+    want, got = np.empty(n), np.empty(n)
+    with np.errstate(over="ignore", invalid="ignore"):
+        K._matvec_rows(f, x, codes, scale, 0, n, 0, want, np.zeros_like(exact))
+        K._matvec_rows(f, x, codes, scale, 0, n, 0, got, exact)
+    assert np.array_equal(got.view(np.uint64), want.view(np.uint64)) or (
+        np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(got[~np.isnan(got)], want[~np.isnan(want)]))
+    if kind in ("mirror", "zeros"):
+        assert exact[:kblocks].all()                               # mirror's activations take the exact path
+    assert not (odd_k and exact[-1])
+    if kind in ("wide", "nonfinite", "tiny"):
+        assert not exact.all()
+
+
+def test_fp8_exact_blocks_hand_worked():
+    """Blocks whose sums are exact in any order: integers below 2^28 times one power of two, in range."""
+    x = np.zeros(128 * 5)
+    x[0:2] = 448.0, 2.0 ** -9                                       # block 0: an e4m3 range (2^18): exact
+    x[128:130] = 1.0, 2.0 ** -28                                    # block 1: 2^28 apart: refused
+    x[256] = np.nan                                                 # block 2: NaN: refused
+    x[384] = 2.0 ** -1000                                           # block 3: grain 2^-1000 < 2^-938: refused
+    x[512:514] = 2.0 ** 27, -(2.0 ** 27) + 1                        # block 4: |xq| < 2^28: exact
+    assert K._fp8_exact_blocks(x).tolist() == [True, False, False, False, True]
+    assert K._fp8_exact_blocks(x[:600]).tolist() == [True, False, False, False, False]   # a partial block: lanes
+
+
+@njit
+def _lanes128(codes, n, j, x, i):
+    """formats.dense_lanes128 (an intrinsic: callable from compiled code only)."""
+    return dense_lanes128(codes, n, j, x, i)
+
+
+def _lanes_order(x, w):
+    """linear.py's block order, written out: lane l = Σ_p x[p + l]·w[p + l] over p = 0, 16, .. in order, then the
+    lanes added in ascending order from +0.0."""
+    a = [0.0] * 16
+    for p in range(0, 128, 16):
+        for lane in range(16):
+            a[lane] = a[lane] + float(x[p + lane]) * float(w[p + lane])
+    y = 0.0
+    for v in a:
+        y += v
+    return y
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from(["bf16", "f32"]), spread=st.integers(0, 60))
+def test_dense_lanes128_is_the_lane_order_bit_for_bit(seed, dtype, spread):
+    """The dense block sum held in a register gives the written-out lane order's bits on float64 inputs whose
+    products and sums round (float64 mode): no fused multiply-add, no reassociation."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(130) * 2.0 ** rng.integers(-spread, spread + 1, 130)
+    w = (rng.standard_normal((3, 140)) * 2.0 ** rng.integers(-spread, spread + 1, (3, 140))).astype(np.float32)
+    codes = (w.astype(ml_dtypes.bfloat16).view(np.uint16) if dtype == "bf16" else w.view(np.uint32))
+    wv = codes.astype(np.uint32) << 16 if dtype == "bf16" else codes
+    for n, j, i in ((0, 0, 0), (2, 12, 2)):
+        want = _lanes_order(x[i:i + 128], wv[n, j:j + 128].view(np.float32))
+        got = _lanes128(codes, n, j, x, i)
+        assert np.float64(got).view(np.uint64) == np.float64(want).view(np.uint64)
+
+
+@njit
+def _dot128(codes, n, j, xq, i):
+    """formats.fp4_dot128 (an intrinsic: callable from compiled code only)."""
+    return fp4_dot128(codes, n, j, xq, i)
+
+
+def test_fp4_dot128_is_four_dot32():
+    """A 128-column block's four 1x32 sums reduced together equal four separate fp4_dot32 sums."""
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 256, (3, 80), dtype=np.uint8)
+    xq = rng.integers(-(1 << 20), 1 << 20, 140).astype(np.int32)
+    assert _dot128(codes, 2, 16, xq, 12) == tuple(_dot32(codes, 2, 16 + 16 * q, xq, 12 + 32 * q) for q in range(4))
