@@ -44,6 +44,15 @@ def _rows(x) -> np.ndarray:
     return x.astype(np.float64).reshape(x.shape[0], -1)                   # [rows, width]
 
 
+def _rms(x: np.ndarray, count, axis=None):
+    """sqrt(Σx² / count) over axis, scaled by the largest magnitude first so that no square under- or
+    overflows (errors of 1e-165 or 1e+200 keep their size, and a power-of-two scale of x scales it exactly)."""
+    m = np.max(np.abs(x), axis=axis, initial=0.0)
+    s = np.where(m > 0, m, 1.0)
+    y = x / (s if axis is None else np.expand_dims(s, axis))
+    return s * np.sqrt((y * y).sum(axis=axis) / count)
+
+
 def row_error(a, b) -> np.ndarray:
     """RMS over each row of a - b -> [rows]; entries non-finite in both and equal count as 0, a
     non-finite entry facing another value makes the row inf."""
@@ -51,7 +60,7 @@ def row_error(a, b) -> np.ndarray:
     valid = np.isfinite(a) & np.isfinite(b)
     broken = (~valid & ~((a == b) & ~np.isfinite(b))).any(axis=1)
     err = np.subtract(a, b, out=np.zeros_like(a), where=valid)
-    rms = np.sqrt((err ** 2).sum(axis=1) / np.maximum(valid.sum(axis=1), 1))
+    rms = _rms(err, np.maximum(valid.sum(axis=1), 1), axis=1)
     return np.where(broken, np.inf, rms)
 
 
@@ -62,14 +71,14 @@ def site_error(a, b) -> float:
     if (~valid & ~((a == b) & ~np.isfinite(b))).any():
         return float("inf")
     err = np.subtract(a, b, out=np.zeros_like(a), where=valid)
-    return float(np.sqrt((err ** 2).sum() / max(int(valid.sum()), 1)))
+    return float(_rms(err, max(int(valid.sum()), 1)))
 
 
 def site_rms(b) -> float:
     """The RMS of the finite entries of a site (its scale)."""
     b = _rows(b)
     f = b[np.isfinite(b)]
-    return float(np.sqrt((f ** 2).mean())) if f.size else 0.0
+    return float(_rms(f, f.size)) if f.size else 0.0
 
 
 def noise_floor(reference, fmt: str) -> float:

@@ -70,6 +70,21 @@ def test_check_names_the_first_row_over_the_jump():
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=64)
 
 
+def test_rms_keeps_errors_whose_squares_under_or_overflow():
+    """An error of 1e-165 (its square underflows to 0) or 1e200 (overflows) keeps its size, and a power of
+    two scales the ratio not at all (found by Hypothesis: ref 0, one error of 2.1e-165, scale 2^10 gave 0 vs inf)."""
+    for size in (2.13345144e-165, 1e200, 1e-300):
+        err = np.zeros((2, 6))
+        err[0, 0] = size
+        assert np.isclose(noise.row_error(err, np.zeros_like(err))[0], size / np.sqrt(6), rtol=1e-14, atol=0)
+        assert np.isclose(noise.site_error(err, np.zeros_like(err)), size / np.sqrt(12), rtol=1e-14, atol=0)
+    ref, comp = np.zeros((4, 6)), np.zeros((4, 6))
+    comp[0, 0] = 2.13345144e-165
+    for k in (0, 10, -10):
+        r = noise.check(3 * comp * 2.0 ** k, ref, comp * 2.0 ** k, "float32").ratio
+        assert np.allclose(r, [6 / np.sqrt(6) / (2 / np.sqrt(6)), 0, 0, 0], rtol=1e-12)
+
+
 @settings(deadline=None, max_examples=50)
 @given(arrays(np.float64, (4, 6), elements=finite), arrays(np.float64, (4, 6), elements=st.floats(-1e-3, 1e-3)),
        st.integers(-10, 10))
