@@ -534,20 +534,31 @@ def _rounding_safe(y, a, gx, gw, gamma):
     return safe
 
 
+def _norm_bound(v: np.ndarray, gamma: float) -> np.ndarray:
+    """v [R, K] float64 (values of at most 24 significant bits) -> [R], at least each row's Euclidean norm.
+
+    Every square is exact (48 bits); a float64 sum of K of them is at least (1 - γ) times the exact
+    one, its square root at least (1 - γ/2)(1 - 2^-53) times the exact root: dividing by (1 - γ - 2^-52)
+    and rounding up once more (the factor's own rounding) bounds the norm from above.
+    """
+    return np.sqrt(np.einsum("rk,rk->r", v, v)) * ((1 + 2 ** -50) / (1 - gamma - 2.0 ** -52))
+
+
 def blas_rounding_checked(fmt, x, codes, scale, n_out, row0):
     """mirror's dense products (bf16/fp32 weights, or FP8 weights times bf16 activations: grouped wo_a) on many
     rows: a float64 [T, n_out] whose rounding to fp32 is product_kernel's, taken through BLAS.
 
     Each product x·w is exact in float64 (24 + 24 bits at most), so any order of summation, BLAS's
     (dgemm, s) or the kernel's (k), lies within γ·A of the exact sum, A = Σ|x·w|, γ = K·2^-53/(1 - K·2^-53):
-    |s - k| <= 2γA. A second dgemm gives A (to within a factor 1 + γ). Where the interval s ± 2γA(1 + 2γ)
+    |s - k| <= 2γA. A is bounded by the product of the two rows' Euclidean norms (Cauchy-Schwarz;
+    `_norm_bound` rounds them up), which costs no second product. Where the interval s ± 2γA(1 + 2γ)
     holds no fp32 rounding midpoint, fp32(s) = fp32(k); every other output (and any non-finite one) is
     computed again by product_kernel, row by row of the rows concerned. So the rounded results are the
     kernel's bit for bit, for any number of rows: BLAS decides only how fast they come.
     """
     T, K = x.shape
     gamma = K * 2.0 ** -53 / (1 - K * 2.0 ** -53)
-    ax = np.abs(x)
+    nx = _norm_bound(x, gamma)                                       # [T] >= ||x[t]||
     gx = _min_grain(x)                                               # [T] every x[t, k] is a multiple of gx[t]
     out = np.empty((T, n_out))
 
@@ -556,7 +567,7 @@ def blas_rounding_checked(fmt, x, codes, scale, n_out, row0):
         w = np.empty((p1 - p0, K))
         decode_rows(fmt, codes, scale, p0, p1, row0, w)
         y = x @ w.T                                                  # [T, p] float64, BLAS's order
-        a = ax @ np.abs(w).T                                         # Σ|x·w| (to within a factor 1 + γ)
+        a = np.multiply.outer(nx, _norm_bound(w, gamma)) * (1 + 4 * 2.0 ** -53)   # >= ||x||·||w|| >= Σ|x·w|
         safe = _rounding_safe(y, a, gx, _min_grain(w), gamma)
         y[y == 0] = 0.0                                              # the kernel's sums start at +0: never -0
         out[:, p0:p1] = y

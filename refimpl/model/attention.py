@@ -32,13 +32,14 @@ import numpy as np
 
 from refimpl.config import Layer
 from refimpl.context import check_layout
+from refimpl.model import chunks
 from refimpl.model.compressor import CompressorState, CompressorWeights, compress
 from refimpl.model.indexer import IndexerState, IndexerWeights, indexer
 from refimpl.model.linear import Fp8Matrix, bf16_linear, product, quantized_linear
 from refimpl.model.norm import head_rms_norm, rms_norm
 from refimpl.numerics import (KV_FP8_BLOCK, MIRROR, SPARSE_ATTN_BLOCK, bf16, exp, qdq_fp8, reduce_sum, storage_dtype,
                               work_dtype)
-from refimpl.model.rope import apply_rope, layer_rope_table
+from refimpl.model.rope import RopeTable, apply_rope, layer_rope_table
 from refimpl.sites import record
 from refimpl.ops import swappable
 
@@ -205,6 +206,28 @@ def grouped_wo_a(o: np.ndarray, wo_a: Fp8Matrix, groups: int, prec: str) -> np.n
     return np.stack([bf16_linear(o[:, :, gi], w[gi], prec) for gi in range(groups)], axis=2)
 
 
+def _queries_out(qr, rows, topk_idxs, table, w: AttentionWeights, layer: Layer, ctx, out, at: int, s: int):
+    """Steps 1, 5 and 6 for a chunk of queries: qr [b, q_rows, q] -> out[:, at:at+q_rows] ([b, s, c], made if None)."""
+    cfg, prec, i = ctx.cfg, ctx.prec, layer.id
+    b, n = qr.shape[:2]
+    q = quantized_linear(qr, w.wq_b, prec).reshape(b, n, cfg.n_heads, cfg.head_dim)   # [b, n, h, d]
+    q = head_rms_norm(q, eps=cfg.norm_eps, prec=prec)                 # weightless, bf16 ops (docs/architecture.md §19.5)
+    q = apply_rope(q, table, prec)
+    record(ctx, f"layers.{i}.attn.q", q)
+    # step 5: sparse attention with sink, step 6: de-rotation and grouped output projection
+    o = sparse_attention(q, rows, w.attn_sink, topk_idxs, cfg.softmax_scale, prec)   # [b, n, h, d]
+    del q
+    o = apply_rope(o, table, prec, inverse=True)                       # by the query position (docs/architecture.md §19.4)
+    g = cfg.o_groups
+    o = o.reshape(b, n, g, -1)                                         # [b, n, g, h*d/g] head-major groups
+    u = grouped_wo_a(o, w.wo_a, g, prec)                               # [b, n, g, r]
+    y = quantized_linear(u.reshape(b, n, -1), w.wo_b, prec)            # [b, n, c]
+    if out is None:
+        out = np.empty((b, s, y.shape[-1]), y.dtype)
+    out[:, at:at + n] = y
+    return out
+
+
 def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: AttentionWeights, layer: Layer, ctx):
     """One layer's attention for tokens start_pos .. start_pos+s-1. x [b,s,c] -> ([b,s,c], state).
 
@@ -218,12 +241,8 @@ def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: Attention
     positions = start_pos + np.arange(s)
     table = layer_rope_table(positions, cfg, i, prec)                 # one table for every site (M:L475-482)
 
-    # step 1: query
+    # step 1: the query's low-rank part (the queries themselves per chunk, below)
     qr = rms_norm(quantized_linear(x, w.wq_a, prec), w.q_norm, eps=cfg.norm_eps, prec=prec)   # [b, s, q]
-    q = quantized_linear(qr, w.wq_b, prec).reshape(b, s, h, d)                                 # [b, s, h, d]
-    q = head_rms_norm(q, eps=cfg.norm_eps, prec=prec)                 # weightless, bf16 ops (docs/architecture.md §19.5)
-    q = apply_rope(q, table, prec)
-    record(ctx, f"layers.{i}.attn.q", q)
 
     # step 2: the single K=V head of this call's tokens
     kv = rms_norm(quantized_linear(x, w.wkv, prec), w.kv_norm, eps=cfg.norm_eps, prec=prec)  # [b, s, d]
@@ -255,12 +274,12 @@ def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: Attention
         topk_idxs = np.concatenate([topk_idxs, np.where(sel >= 0, sel + offset, -1)], axis=-1)
         rows = np.concatenate([rows, compressed.astype(dt)], axis=1)   # [b, n_prev+s+n_entries, d]
 
-    # step 5: sparse attention with sink, step 6: de-rotation and grouped output projection
-    o = sparse_attention(q, rows, w.attn_sink, topk_idxs, cfg.softmax_scale, prec)   # [b, s, h, d]
-    o = apply_rope(o, table, prec, inverse=True)                       # by the query position (docs/architecture.md §19.4)
-    g = cfg.o_groups
-    o = o.reshape(b, s, g, -1)                                         # [b, s, g, h*d/g] head-major groups
-    u = grouped_wo_a(o, w.wo_a, g, prec)                               # [b, s, g, r]
-    out = quantized_linear(u.reshape(b, s, -1), w.wo_b, prec)          # [b, s, c]
+    # steps 1 (the queries), 5 and 6 per chunk of queries (chunks.py), each over all the rows and index sets
+    part, finish = chunks.chunked(ctx)
+    out = None
+    for lo, hi in chunks.spans(s, 2 * h * d * 8):                      # [rows, h, d] in float64 inside wq_b
+        out = _queries_out(qr[:, lo:hi], rows, topk_idxs[:, lo:hi], RopeTable(table.cos[lo:hi], table.sin[lo:hi]), w,
+                           layer, part, out, lo, s)
+    finish()
     record(ctx, f"layers.{i}.attn.out", out)
     return out, AttentionState(window=new_window, compressed=compressed, compressor=cstate, indexer=istate)

@@ -24,6 +24,7 @@ import numpy as np
 
 from refimpl.config import Config, ConfigError
 from refimpl.context import RunContext
+from refimpl.model import chunks
 from refimpl.model.attention import AttentionState
 from refimpl.model.block import BlockWeights, block
 from refimpl.model.state import State, StateError, config_id, weights_id
@@ -78,20 +79,36 @@ def fingerprint(w: ModelWeights) -> str:
 
 
 def head_logits(h: np.ndarray, hc: HyperConnWeights, norm: np.ndarray, head: np.ndarray, site: str, ctx) -> np.ndarray:
-    """Streams to logits at every position. h [b,s,n,c] -> [b,s,v] fp32 (float64 in float64 mode)."""
-    x = rms_norm(hc_head(h, hc, ctx), norm, eps=ctx.cfg.norm_eps, prec=ctx.prec)   # [b, s, c]
-    record(ctx, site, x)
-    return fp32_linear(x, head, ctx.prec)              # official: F.linear(x.float(), head fp32)
+    """Streams to logits at every position. h [b,s,n,c] -> [b,s,v] fp32 (float64 in float64 mode).
+
+    In chunks of positions (chunks.py: the product's float64 [rows, v] for one chunk at a time).
+    """
+    b, s = h.shape[:2]
+    part, finish = chunks.chunked(ctx)
+    logits = None
+    for lo, hi in chunks.spans(s, head.shape[0] * 8):
+        x = rms_norm(hc_head(h[:, lo:hi], hc, part), norm, eps=ctx.cfg.norm_eps, prec=ctx.prec)   # [b, rows, c]
+        record(part, site, x)
+        y = fp32_linear(x, head, ctx.prec)             # official: F.linear(x.float(), head fp32)
+        if logits is None:
+            logits = np.empty((b, s, y.shape[-1]), y.dtype)
+        logits[:, lo:hi] = y
+    finish()
+    return logits
 
 
 def mtp_input(h: np.ndarray, ids: np.ndarray, embed: np.ndarray, e_proj: Fp8Matrix, h_proj: Fp8Matrix,
               enorm: np.ndarray, hnorm: np.ndarray, *, norm_eps: float, prec: str) -> np.ndarray:
     """The MTP block's input: position t pairs streams h_t with token t+1. h [b,s,n,c], ids [b,s] -> [b,s-1,n,c]."""
     dt = work_dtype(prec)
-    nxt = ids[:, 1:]                                                    # [b, s-1] token t+1
-    e = rms_norm(np.asarray(embed[nxt]).astype(dt), enorm, eps=norm_eps, prec=prec)
-    hs = rms_norm(h[:, :-1], hnorm, eps=norm_eps, prec=prec)            # [b, s-1, n, c] streams of t, per stream
-    return bf16(quantized_linear(e, e_proj, prec)[:, :, None, :] + quantized_linear(hs, h_proj, prec), prec)
+    b, s, n, c = h.shape
+    out = np.empty((b, s - 1, n, c), dt)
+    for lo, hi in chunks.spans(s - 1, n * c * 8):                       # row-wise: in chunks of positions (chunks.py)
+        nxt = ids[:, 1 + lo:1 + hi]                                     # [b, rows] token t+1
+        e = rms_norm(np.asarray(embed[nxt]).astype(dt), enorm, eps=norm_eps, prec=prec)
+        hs = rms_norm(h[:, lo:hi], hnorm, eps=norm_eps, prec=prec)      # [b, rows, n, c] streams of t, per stream
+        out[:, lo:hi] = bf16(quantized_linear(e, e_proj, prec)[:, :, None, :] + quantized_linear(hs, h_proj, prec), prec)
+    return out
 
 
 def mtp(h: np.ndarray, ids: np.ndarray, w: ModelWeights, ctx) -> np.ndarray:
