@@ -5,7 +5,8 @@ A prefill of s tokens holds every position's activations at once; most of the wo
 the norms, the projections, the MoE, the queries and their sparse attention over the full keys,
 the head. `block`, `attention` and the head take that work in chunks of positions (`spans`), so
 that the largest temporaries (hc_post's [rows, n, n, c], the queries [rows, h, d], the head's
-float64 [rows, vocab] inside its product) exist for one chunk at a time. The index layout is the
+float64 [rows, vocab] inside its product, taken in slices of the vocabulary: the head's weight is
+then read once per call) exist for one chunk at a time. The index layout is the
 call's (window_width of the whole call), never a chunk's: a chunk changes no index set.
 
 Results. In float64 and mirror every product is independent of the number of rows in the call
@@ -29,6 +30,14 @@ from refimpl.sites import Recording
 
 ROWS = 2048          # positions per chunk at most (the MoE half: its experts decode their weights once per chunk)
 BYTES = 1 << 27      # a chunk's largest temporary stays under this (128 MiB), e.g. the head's float64 [rows, vocab]
+COLUMNS = 2048       # the head's vocabulary is split at multiples of this (the products' weight slices: 512 / 2048 rows)
+
+
+def columns(n: int, column_bytes: int) -> list[tuple[int, int]]:
+    """Chunks (lo, hi) of a weight's n output rows (the head's vocabulary): multiples of COLUMNS rows,
+    at most BYTES / column_bytes of them (at least COLUMNS)."""
+    step = max(COLUMNS, BYTES // max(1, column_bytes) // COLUMNS * COLUMNS)
+    return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
 
 
 def spans(s: int, row_bytes: int = 0) -> list[tuple[int, int]]:

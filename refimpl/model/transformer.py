@@ -81,19 +81,22 @@ def fingerprint(w: ModelWeights) -> str:
 def head_logits(h: np.ndarray, hc: HyperConnWeights, norm: np.ndarray, head: np.ndarray, site: str, ctx) -> np.ndarray:
     """Streams to logits at every position. h [b,s,n,c] -> [b,s,v] fp32 (float64 in float64 mode).
 
-    In chunks of positions (chunks.py: the product's float64 [rows, v] for one chunk at a time).
+    hc_head and the norm in chunks of positions, the product in slices of the vocabulary (chunks.py: its
+    float64 [s, v] for one slice at a time; the head's weight is read once).
     """
-    b, s = h.shape[:2]
+    b, s, n, c = h.shape
     part, finish = chunks.chunked(ctx)
-    logits = None
-    for lo, hi in chunks.spans(s, head.shape[0] * 8):
-        x = rms_norm(hc_head(h[:, lo:hi], hc, part), norm, eps=ctx.cfg.norm_eps, prec=ctx.prec)   # [b, rows, c]
-        record(part, site, x)
-        y = fp32_linear(x, head, ctx.prec)             # official: F.linear(x.float(), head fp32)
-        if logits is None:
-            logits = np.empty((b, s, y.shape[-1]), y.dtype)
-        logits[:, lo:hi] = y
+    x = [rms_norm(hc_head(h[:, lo:hi], hc, part), norm, eps=ctx.cfg.norm_eps, prec=ctx.prec)   # [b, rows, c]
+         for lo, hi in chunks.spans(s, n * c * 8)]
     finish()
+    x = x[0] if len(x) == 1 else np.concatenate(x, axis=1)                                  # [b, s, c]
+    record(ctx, site, x)
+    logits = None
+    for v0, v1 in chunks.columns(head.shape[0], b * s * 8):
+        y = fp32_linear(x, head[v0:v1], ctx.prec)      # official: F.linear(x.float(), head fp32)
+        if logits is None:
+            logits = np.empty((b, s, head.shape[0]), y.dtype)
+        logits[..., v0:v1] = y
     return logits
 
 

@@ -1,7 +1,8 @@
 """A prefill's row-wise work taken in chunks of positions (refimpl/model/chunks.py) changes no result.
 
 float64 and mirror: the logits, the MTP logits, every recorded site and the state are bit-identical
-with chunks of a few positions forced (chunks.ROWS, chunks.BYTES) and without (one chunk), with the
+with chunks of a few positions and slices of the head's vocabulary forced (chunks.ROWS, chunks.BYTES,
+chunks.COLUMNS) and without (one chunk), with the
 kernels and with the spec functions, from position 0 and from a later position. float32: the same
 chunking gives the same bits every time, and another chunking agrees within float32 rounding (its
 many-row products are sgemm calls whose last bits may depend on the row count; chunks.py says so).
@@ -30,14 +31,17 @@ def unchunked(monkeypatch, fn):
     with monkeypatch.context() as m:
         m.setattr(chunks, "ROWS", 1 << 30)
         m.setattr(chunks, "BYTES", 1 << 60)
+        m.setattr(chunks, "COLUMNS", 1 << 30)
         return fn()
 
 
-def forced(monkeypatch, fn, rows=3, nbytes=1):
-    """fn() with chunks of `rows` positions, and one position where a row is wide (BYTES = 1)."""
+def forced(monkeypatch, fn, rows=3, nbytes=1, columns=96):
+    """fn() with chunks of `rows` positions, one position where a row is wide (BYTES = 1), and the head's
+    vocabulary in slices of `columns` rows (not a divisor of the tiny vocabulary, 1280)."""
     with monkeypatch.context() as m:
         m.setattr(chunks, "ROWS", rows)
         m.setattr(chunks, "BYTES", nbytes)
+        m.setattr(chunks, "COLUMNS", columns)
         return fn()
 
 
@@ -67,14 +71,16 @@ def assert_same(a, b, exact: bool):
 def test_spans():
     assert chunks.spans(7) == [(0, 7)]
     assert chunks.spans(0) == []
-    old = chunks.ROWS, chunks.BYTES
+    old = chunks.ROWS, chunks.BYTES, chunks.COLUMNS
     try:
-        chunks.ROWS, chunks.BYTES = 3, 100
+        chunks.ROWS, chunks.BYTES, chunks.COLUMNS = 3, 100, 4
+        assert chunks.columns(10, 10) == [(0, 8), (8, 10)]                       # 100 bytes: 10 columns, 8 of them whole
+        assert chunks.columns(10, 1000) == [(0, 4), (4, 8), (8, 10)]             # at least COLUMNS
         assert chunks.spans(7) == [(0, 3), (3, 6), (6, 7)]
         assert chunks.spans(7, row_bytes=50) == [(0, 2), (2, 4), (4, 6), (6, 7)]   # 100 bytes: 2 rows of 50
         assert chunks.spans(3, row_bytes=1000) == [(0, 1), (1, 2), (2, 3)]        # wider than BYTES: one row
     finally:
-        chunks.ROWS, chunks.BYTES = old
+        chunks.ROWS, chunks.BYTES, chunks.COLUMNS = old
 
 
 @pytest.mark.parametrize("prec", ["float64", "mirror"])
