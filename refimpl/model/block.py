@@ -46,8 +46,11 @@ def block(h: np.ndarray, tokens: np.ndarray, start_pos: int, state: AttentionSta
     h = _hc_post(x, h, post, comb, ctx, np.empty(h.shape, ctx.dtype), 0)
     record(ctx, f"layers.{i}.hc_attn.out", h)
 
-    out = np.empty(h.shape, ctx.dtype)
-    for lo, hi in chunks.spans(s):                                     # the MoE half, chunk by chunk
+    # the MoE half, chunk by chunk, written over the attention half's streams (read before they are written;
+    # a new array where a trace keeps them: a recording holds a view)
+    kept = ctx.trace is not None and ctx.trace.wants(f"layers.{i}.hc_attn.out")
+    out = np.empty(h.shape, ctx.dtype) if kept else h
+    for lo, hi in chunks.spans(s):
         residual = h[:, lo:hi]
         x, post, comb = _hc_pre(residual, w.hc_ffn, f"layers.{i}.hc_ffn", part)
         x = rms_norm(x, w.ffn_norm, eps=eps, prec=ctx.prec)
