@@ -206,17 +206,22 @@ def grouped_wo_a(o: np.ndarray, wo_a: Fp8Matrix, groups: int, prec: str) -> np.n
     return np.stack([bf16_linear(o[:, :, gi], w[gi], prec) for gi in range(groups)], axis=2)
 
 
-def _queries_out(qr, rows, topk_idxs, table, w: AttentionWeights, layer: Layer, ctx, out, at: int, s: int):
-    """Steps 1, 5 and 6 for a chunk of queries: qr [b, q_rows, q] -> out[:, at:at+q_rows] ([b, s, c], made if None)."""
-    cfg, prec, i = ctx.cfg, ctx.prec, layer.id
+def _queries(qr, table, w: AttentionWeights, layer: Layer, ctx) -> np.ndarray:
+    """Step 1 for a chunk of queries: qr [b, n, q] -> q [b, n, h, d] (recorded: attn.q)."""
+    cfg, prec = ctx.cfg, ctx.prec
     b, n = qr.shape[:2]
     q = quantized_linear(qr, w.wq_b, prec).reshape(b, n, cfg.n_heads, cfg.head_dim)   # [b, n, h, d]
     q = head_rms_norm(q, eps=cfg.norm_eps, prec=prec)                 # weightless, bf16 ops (docs/architecture.md §19.5)
     q = apply_rope(q, table, prec)
-    record(ctx, f"layers.{i}.attn.q", q)
-    # step 5: sparse attention with sink, step 6: de-rotation and grouped output projection
+    record(ctx, f"layers.{layer.id}.attn.q", q)
+    return q
+
+
+def _attend_out(q, rows, topk_idxs, table, w: AttentionWeights, ctx, out, at: int, s: int):
+    """Steps 5 and 6 for a chunk of queries q [b, n, h, d] -> out[:, at:at+n] ([b, s, c], made if None)."""
+    cfg, prec = ctx.cfg, ctx.prec
+    b, n = q.shape[:2]
     o = sparse_attention(q, rows, w.attn_sink, topk_idxs, cfg.softmax_scale, prec)   # [b, n, h, d]
-    del q
     o = apply_rope(o, table, prec, inverse=True)                       # by the query position (docs/architecture.md §19.4)
     g = cfg.o_groups
     o = o.reshape(b, n, g, -1)                                         # [b, n, g, h*d/g] head-major groups
@@ -241,8 +246,12 @@ def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: Attention
     positions = start_pos + np.arange(s)
     table = layer_rope_table(positions, cfg, i, prec)                 # one table for every site (M:L475-482)
 
-    # step 1: the query's low-rank part (the queries themselves per chunk, below)
+    # step 1: the queries, in chunks of positions (chunks.py): the first chunk here, the others below
     qr = rms_norm(quantized_linear(x, w.wq_a, prec), w.q_norm, eps=cfg.norm_eps, prec=prec)   # [b, s, q]
+    part, finish = chunks.chunked(ctx)
+    spans = chunks.spans(s, 2 * h * d * 8)                             # [rows, h, d] in float64 inside wq_b
+    tables = [RopeTable(table.cos[lo:hi], table.sin[lo:hi]) for lo, hi in spans]
+    q = _queries(qr[:, :spans[0][1]], tables[0], w, layer, part)
 
     # step 2: the single K=V head of this call's tokens
     kv = rms_norm(quantized_linear(x, w.wkv, prec), w.kv_norm, eps=cfg.norm_eps, prec=prec)  # [b, s, d]
@@ -274,12 +283,13 @@ def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: Attention
         topk_idxs = np.concatenate([topk_idxs, np.where(sel >= 0, sel + offset, -1)], axis=-1)
         rows = np.concatenate([rows, compressed.astype(dt)], axis=1)   # [b, n_prev+s+n_entries, d]
 
-    # steps 1 (the queries), 5 and 6 per chunk of queries (chunks.py), each over all the rows and index sets
-    part, finish = chunks.chunked(ctx)
+    # step 5: sparse attention with sink, step 6: de-rotation and grouped output projection; per chunk of
+    # queries, each over all the rows and index sets of the call
     out = None
-    for lo, hi in chunks.spans(s, 2 * h * d * 8):                      # [rows, h, d] in float64 inside wq_b
-        out = _queries_out(qr[:, lo:hi], rows, topk_idxs[:, lo:hi], RopeTable(table.cos[lo:hi], table.sin[lo:hi]), w,
-                           layer, part, out, lo, s)
+    for k, (lo, hi) in enumerate(spans):
+        q = q if k == 0 else _queries(qr[:, lo:hi], tables[k], w, layer, part)
+        out = _attend_out(q, rows, topk_idxs[:, lo:hi], tables[k], w, part, out, lo, s)
+        del q
     finish()
     record(ctx, f"layers.{i}.attn.out", out)
     return out, AttentionState(window=new_window, compressed=compressed, compressor=cstate, indexer=istate)

@@ -31,11 +31,13 @@ class BlockWeights:
 
 
 def block(h: np.ndarray, tokens: np.ndarray, start_pos: int, state: AttentionState, w: BlockWeights,
-          layer: Layer, ctx):
+          layer: Layer, ctx, *, overwrite: bool = False):
     """One block. h [b,s,n,c] streams, tokens [b,s] from start_pos -> ([b,s,n,c], new attention state).
 
     The row-wise steps run in chunks of positions (chunks.py; the same results): mHC before and after
-    the attention, and the whole MoE half (hc_pre, norm, MoE, hc_post) chunk by chunk.
+    the attention, and the whole MoE half (hc_pre, norm, MoE, hc_post) chunk by chunk. overwrite: h
+    is the caller's to give up (the forward pass's own streams, no trace holding them): the new
+    streams are written over it, each chunk's rows after they are read.
     """
     eps, i = ctx.cfg.norm_eps, layer.id
     s = h.shape[1]
@@ -43,7 +45,7 @@ def block(h: np.ndarray, tokens: np.ndarray, start_pos: int, state: AttentionSta
     x, post, comb = _hc_pre(h, w.hc_attn, f"layers.{i}.hc_attn", part)   # [b, s, c], [b, s, n], [b, s, n, n]
     x = rms_norm(x, w.attn_norm, eps=eps, prec=ctx.prec)
     x, state = attention(x, start_pos, state, w.attn, layer, ctx)
-    h = _hc_post(x, h, post, comb, ctx, np.empty(h.shape, ctx.dtype), 0)
+    h = _hc_post(x, h, post, comb, ctx, h if overwrite and h.dtype == ctx.dtype else np.empty(h.shape, ctx.dtype), 0)
     record(ctx, f"layers.{i}.hc_attn.out", h)
 
     # the MoE half, chunk by chunk, written over the attention half's streams (read before they are written;

@@ -249,8 +249,9 @@ class Model:
         b, s = ids.shape
         h = self._embed(ids, ctx)                                           # [b, s, n, c]
         layers = []
-        for i in range(cfg.n_layers):
-            h, ls = block(h, ids, state.pos, state.layers[i], w.layers[i], ctx.layers[i], ctx)
+        for i in range(cfg.n_layers):           # without a trace (none holds a view of h) a block writes over h
+            h, ls = block(h, ids, state.pos, state.layers[i], w.layers[i], ctx.layers[i], ctx,
+                          overwrite=ctx.trace is None)
             layers.append(ls)
         logits = head_logits(h, w.hc_head, w.norm, w.head, "final.x", ctx)   # [b, s, v]
         record(ctx, "logits", logits)
