@@ -22,7 +22,7 @@ chunk's largest temporary is held under (fewer rows where a row is wide).
 """
 from __future__ import annotations
 
-import dataclasses
+import copy
 
 import numpy as np
 
@@ -75,4 +75,6 @@ def chunked(ctx):
     if ctx.trace is None:
         return ctx, lambda: None
     pieces = Pieces(ctx.trace)
-    return dataclasses.replace(ctx, trace=pieces), pieces.close      # the same options and replay
+    sub = copy.copy(ctx)                         # the same options and replay, checked once already (context.py)
+    object.__setattr__(sub, "trace", pieces)
+    return sub, pieces.close
