@@ -41,7 +41,7 @@ def test_smallest_mode_prints_positive_ratios(tiny_ckpt):
     assert report["mode"] == "smallest"
     assert {"date", "machine", "kernels", "precision", "kernel_ops", "limits", "tiny", "ratios"} <= set(report)
     lim = report["limits"]
-    assert _positive(lim["read_GBps"]) and _positive(lim["sgemm_GFLOPs"])
+    assert _positive(lim["read_GBps"]) and _positive(lim["sgemm_GFLOPs"]) and _positive(lim["dgemm_GFLOPs"])
     assert lim["threads"]["cpu_count"] >= 1
     assert report["numba_num_threads_env"] == "1"
     tiny = report["tiny"]
@@ -123,3 +123,12 @@ def test_peers_benchmark_runs_where_the_peers_extra_is_installed(tmp_path):
     assert all(0 < v < math.inf for v in report["ratios"].values())
     assert set(report["cpu_ratios"]) == set(report["ratios"])
     assert all(0 < v < math.inf for v in report["cpu_ratios"].values())
+
+
+def test_prefill_limits():
+    """The Flash prefill is measured in --precision and float32, each against its own BLAS rate (issue 23)."""
+    bench = _bench()
+    assert bench.prefill_precisions("mirror") == ["mirror", "float32"]
+    assert bench.prefill_precisions("float32") == ["float32"]
+    assert bench.prefill_limit("mirror")[0] == bench.prefill_limit("float64")[0] == "dgemm"
+    assert bench.prefill_limit("float32")[0] == "sgemm"

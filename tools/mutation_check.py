@@ -223,10 +223,10 @@ MUTATIONS = [
      [("z = fp32_linear(x.astype(dt), w.weight, prec)", "z = bf16(fp32_linear(x.astype(dt), w.weight, prec), prec)")]),
     # head and MTP
     ("head: logits rounded to bf16", T,
-     [("return fp32_linear(x, head, ctx.prec)", "return bf16(fp32_linear(x, head, ctx.prec), ctx.prec)")]),
+     [("y = fp32_linear(x, head[v0:v1], ctx.prec)", "y = bf16(fp32_linear(x, head[v0:v1], ctx.prec), ctx.prec)")]),
     ("mtp: e_proj + h_proj not bf16", T,
-     [("return bf16(quantized_linear(e, e_proj, prec)[:, :, None, :] + quantized_linear(hs, h_proj, prec), prec)",
-       "return quantized_linear(e, e_proj, prec)[:, :, None, :] + quantized_linear(hs, h_proj, prec)")]),
+     [("= bf16(quantized_linear(e, e_proj, prec)[:, :, None, :] + quantized_linear(hs, h_proj, prec), prec)",
+       "= quantized_linear(e, e_proj, prec)[:, :, None, :] + quantized_linear(hs, h_proj, prec)")]),
 ]
 
 K_ATTN, K_POOL, K_NORM, K_IDX = ("refimpl/kernels/attention.py", "refimpl/kernels/compressor.py",
@@ -269,7 +269,7 @@ ORDER_AND_THREADS = [
      [("    def task(span):\n", "    shared = _scratch(kp, hs, d)\n\n    def task(span):\n"),
       ("jbuf = _scratch(kp, hs, d)", "jbuf = shared")]),
     # the MTP pairing (seen only by the golden set before issue 27)
-    ("mtp: streams h_{t+1} paired with token t+1", T, [("rms_norm(h[:, :-1],", "rms_norm(h[:, 1:],")]),
+    ("mtp: streams h_{t+1} paired with token t+1", T, [("rms_norm(h[:, lo:hi],", "rms_norm(h[:, lo + 1:hi + 1],")]),
     # one-row products' shortcuts (issue 23, decode): each holds only where its precondition does
     ("linear kernel: FP4 integer block sums scaled by 2^(S-128+g)", K_LIN,
      [("E = np.int64(scale[n, j]) - 129 + xg[j]", "E = np.int64(scale[n, j]) - 128 + xg[j]")]),

@@ -699,20 +699,41 @@ def _rounding_safe(y, a, gx, gw, gamma):
     return safe
 
 
+def _abs_bound(ax: np.ndarray, w: np.ndarray, mx: np.ndarray, K: int) -> np.ndarray:
+    """An upper bound of A = Σ_k |x[t, k]·w[n, k]| from a float32 product: ax = |x| [T, K] float32 (exact),
+    w [p, K] float64 holding float32 values, mx [T] = max_k |x[t, k]| -> [T, p] float64.
+
+    A sum of K non-negative float32 terms is within a factor 1 ± γ32 of the exact sum, γ32 = K·2^-24 /
+    (1 - K·2^-24), in any order and with fused multiply-adds; a product or an input below the normal
+    range (2^-126) may be flushed to zero or rounded absolutely, which loses at most
+    2^-126·(max|x| + max|w| + 1) per term. So A <= a / (1 - γ32) + K·2^-126·(max|x| + max|w| + 1) (both
+    rounded up by a further factor), and an overflow (inf) only makes an output go to the recomputation.
+    """
+    aw = np.abs(w).astype(np.float32)                                # exact (a value not of float32: within 2^-24)
+    if K * 2.0 ** -24 >= 0.5:                                        # no useful bound: every output recomputed
+        return np.full((ax.shape[0], w.shape[0]), np.inf)
+    g32 = K * 2.0 ** -24 / (1 - K * 2.0 ** -24)
+    a = (ax @ aw.T).astype(np.float64)                               # [T, p] float32 sums of |x·w|
+    slack = K * 2.0 ** -126 * (mx[:, None] + float(aw.max(initial=0.0)) + 1.0)
+    return (a / (1 - g32) + slack) * (1 + 2.0 ** -22)                # 2^-22: the inputs' and these ops' roundings
+
+
 def blas_rounding_checked(fmt, x, codes, scale, n_out, row0):
     """mirror's dense products (bf16/fp32 weights, or FP8 weights times bf16 activations: grouped wo_a) on many
     rows: a float64 [T, n_out] whose rounding to fp32 is product_kernel's, taken through BLAS.
 
     Each product x·w is exact in float64 (24 + 24 bits at most), so any order of summation, BLAS's
     (dgemm, s) or the kernel's (k), lies within γ·A of the exact sum, A = Σ|x·w|, γ = K·2^-53/(1 - K·2^-53):
-    |s - k| <= 2γA. A second dgemm gives A (to within a factor 1 + γ). Where the interval s ± 2γA(1 + 2γ)
+    |s - k| <= 2γA. A comes from a second product, of |x| and |w| in float32 (sgemm, half a dgemm's time;
+    `_abs_bound` makes it an upper bound). Where the interval s ± 2γA(1 + 2γ)
     holds no fp32 rounding midpoint, fp32(s) = fp32(k); every other output (and any non-finite one) is
     computed again by product_kernel, row by row of the rows concerned. So the rounded results are the
     kernel's bit for bit, for any number of rows: BLAS decides only how fast they come.
     """
     T, K = x.shape
     gamma = K * 2.0 ** -53 / (1 - K * 2.0 ** -53)
-    ax = np.abs(x)
+    ax = np.abs(x).astype(np.float32)                                # x holds float32 values: exact
+    mx = ax.max(axis=1, initial=0.0).astype(np.float64)              # [T] max |x[t, k]|
     gx = _min_grain(x)                                               # [T] every x[t, k] is a multiple of gx[t]
     out = np.empty((T, n_out))
 
@@ -721,7 +742,7 @@ def blas_rounding_checked(fmt, x, codes, scale, n_out, row0):
         w = np.empty((p1 - p0, K))
         decode_rows(fmt, codes, scale, p0, p1, row0, w)
         y = x @ w.T                                                  # [T, p] float64, BLAS's order
-        a = ax @ np.abs(w).T                                         # Σ|x·w| (to within a factor 1 + γ)
+        a = _abs_bound(ax, w, mx, K)                                 # >= Σ|x·w|
         safe = _rounding_safe(y, a, gx, _min_grain(w), gamma)
         y[y == 0] = 0.0                                              # the kernel's sums start at +0: never -0
         out[:, p0:p1] = y

@@ -32,13 +32,14 @@ import numpy as np
 
 from refimpl.config import Layer
 from refimpl.context import check_layout
+from refimpl.model import chunks
 from refimpl.model.compressor import CompressorState, CompressorWeights, compress
 from refimpl.model.indexer import IndexerState, IndexerWeights, indexer
 from refimpl.model.linear import Fp8Matrix, bf16_linear, product, quantized_linear
 from refimpl.model.norm import head_rms_norm, rms_norm
 from refimpl.numerics import (KV_FP8_BLOCK, MIRROR, SPARSE_ATTN_BLOCK, bf16, exp, qdq_fp8, reduce_sum, storage_dtype,
                               work_dtype)
-from refimpl.model.rope import apply_rope, layer_rope_table
+from refimpl.model.rope import RopeTable, apply_rope, layer_rope_table
 from refimpl.sites import record
 from refimpl.ops import swappable
 
@@ -205,6 +206,33 @@ def grouped_wo_a(o: np.ndarray, wo_a: Fp8Matrix, groups: int, prec: str) -> np.n
     return np.stack([bf16_linear(o[:, :, gi], w[gi], prec) for gi in range(groups)], axis=2)
 
 
+def _queries(qr, table, w: AttentionWeights, layer: Layer, ctx) -> np.ndarray:
+    """Step 1 for a chunk of queries: qr [b, n, q] -> q [b, n, h, d] (recorded: attn.q)."""
+    cfg, prec = ctx.cfg, ctx.prec
+    b, n = qr.shape[:2]
+    q = quantized_linear(qr, w.wq_b, prec).reshape(b, n, cfg.n_heads, cfg.head_dim)   # [b, n, h, d]
+    q = head_rms_norm(q, eps=cfg.norm_eps, prec=prec)                 # weightless, bf16 ops (docs/architecture.md §19.5)
+    q = apply_rope(q, table, prec)
+    record(ctx, f"layers.{layer.id}.attn.q", q)
+    return q
+
+
+def _attend_out(q, rows, topk_idxs, table, w: AttentionWeights, ctx, out, at: int, s: int):
+    """Steps 5 and 6 for a chunk of queries q [b, n, h, d] -> out[:, at:at+n] ([b, s, c], made if None)."""
+    cfg, prec = ctx.cfg, ctx.prec
+    b, n = q.shape[:2]
+    o = sparse_attention(q, rows, w.attn_sink, topk_idxs, cfg.softmax_scale, prec)   # [b, n, h, d]
+    o = apply_rope(o, table, prec, inverse=True)                       # by the query position (docs/architecture.md §19.4)
+    g = cfg.o_groups
+    o = o.reshape(b, n, g, -1)                                         # [b, n, g, h*d/g] head-major groups
+    u = grouped_wo_a(o, w.wo_a, g, prec)                               # [b, n, g, r]
+    y = quantized_linear(u.reshape(b, n, -1), w.wo_b, prec)            # [b, n, c]
+    if out is None:
+        out = np.empty((b, s, y.shape[-1]), y.dtype)
+    out[:, at:at + n] = y
+    return out
+
+
 def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: AttentionWeights, layer: Layer, ctx):
     """One layer's attention for tokens start_pos .. start_pos+s-1. x [b,s,c] -> ([b,s,c], state).
 
@@ -218,12 +246,12 @@ def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: Attention
     positions = start_pos + np.arange(s)
     table = layer_rope_table(positions, cfg, i, prec)                 # one table for every site (M:L475-482)
 
-    # step 1: query
+    # step 1: the queries, in chunks of positions (chunks.py): the first chunk here, the others below
     qr = rms_norm(quantized_linear(x, w.wq_a, prec), w.q_norm, eps=cfg.norm_eps, prec=prec)   # [b, s, q]
-    q = quantized_linear(qr, w.wq_b, prec).reshape(b, s, h, d)                                 # [b, s, h, d]
-    q = head_rms_norm(q, eps=cfg.norm_eps, prec=prec)                 # weightless, bf16 ops (docs/architecture.md §19.5)
-    q = apply_rope(q, table, prec)
-    record(ctx, f"layers.{i}.attn.q", q)
+    part, finish = chunks.chunked(ctx)
+    spans = chunks.spans(s, 2 * h * d * 8)                             # [rows, h, d] in float64 inside wq_b
+    tables = [RopeTable(table.cos[lo:hi], table.sin[lo:hi]) for lo, hi in spans]
+    q = _queries(qr[:, :spans[0][1]], tables[0], w, layer, part)
 
     # step 2: the single K=V head of this call's tokens
     kv = rms_norm(quantized_linear(x, w.wkv, prec), w.kv_norm, eps=cfg.norm_eps, prec=prec)  # [b, s, d]
@@ -255,12 +283,13 @@ def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: Attention
         topk_idxs = np.concatenate([topk_idxs, np.where(sel >= 0, sel + offset, -1)], axis=-1)
         rows = np.concatenate([rows, compressed.astype(dt)], axis=1)   # [b, n_prev+s+n_entries, d]
 
-    # step 5: sparse attention with sink, step 6: de-rotation and grouped output projection
-    o = sparse_attention(q, rows, w.attn_sink, topk_idxs, cfg.softmax_scale, prec)   # [b, s, h, d]
-    o = apply_rope(o, table, prec, inverse=True)                       # by the query position (docs/architecture.md §19.4)
-    g = cfg.o_groups
-    o = o.reshape(b, s, g, -1)                                         # [b, s, g, h*d/g] head-major groups
-    u = grouped_wo_a(o, w.wo_a, g, prec)                               # [b, s, g, r]
-    out = quantized_linear(u.reshape(b, s, -1), w.wo_b, prec)          # [b, s, c]
+    # step 5: sparse attention with sink, step 6: de-rotation and grouped output projection; per chunk of
+    # queries, each over all the rows and index sets of the call
+    out = None
+    for k, (lo, hi) in enumerate(spans):
+        q = q if k == 0 else _queries(qr[:, lo:hi], tables[k], w, layer, part)
+        out = _attend_out(q, rows, topk_idxs[:, lo:hi], tables[k], w, part, out, lo, s)
+        del q
+    finish()
     record(ctx, f"layers.{i}.attn.out", out)
     return out, AttentionState(window=new_window, compressed=compressed, compressor=cstate, indexer=istate)

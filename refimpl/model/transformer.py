@@ -24,6 +24,7 @@ import numpy as np
 
 from refimpl.config import Config, ConfigError
 from refimpl.context import RunContext
+from refimpl.model import chunks
 from refimpl.model.attention import AttentionState
 from refimpl.model.block import BlockWeights, block
 from refimpl.model.state import State, StateError, config_id, weights_id
@@ -78,20 +79,39 @@ def fingerprint(w: ModelWeights) -> str:
 
 
 def head_logits(h: np.ndarray, hc: HyperConnWeights, norm: np.ndarray, head: np.ndarray, site: str, ctx) -> np.ndarray:
-    """Streams to logits at every position. h [b,s,n,c] -> [b,s,v] fp32 (float64 in float64 mode)."""
-    x = rms_norm(hc_head(h, hc, ctx), norm, eps=ctx.cfg.norm_eps, prec=ctx.prec)   # [b, s, c]
+    """Streams to logits at every position. h [b,s,n,c] -> [b,s,v] fp32 (float64 in float64 mode).
+
+    hc_head and the norm in chunks of positions, the product in slices of the vocabulary (chunks.py: its
+    float64 [s, v] for one slice at a time; the head's weight is read once).
+    """
+    b, s, n, c = h.shape
+    part, finish = chunks.chunked(ctx)
+    x = [rms_norm(hc_head(h[:, lo:hi], hc, part), norm, eps=ctx.cfg.norm_eps, prec=ctx.prec)   # [b, rows, c]
+         for lo, hi in chunks.spans(s, n * c * 8)]
+    finish()
+    x = x[0] if len(x) == 1 else np.concatenate(x, axis=1)                                  # [b, s, c]
     record(ctx, site, x)
-    return fp32_linear(x, head, ctx.prec)              # official: F.linear(x.float(), head fp32)
+    logits = None
+    for v0, v1 in chunks.columns(head.shape[0], b * s * 8):
+        y = fp32_linear(x, head[v0:v1], ctx.prec)      # official: F.linear(x.float(), head fp32)
+        if logits is None:
+            logits = np.empty((b, s, head.shape[0]), y.dtype)
+        logits[..., v0:v1] = y
+    return logits
 
 
 def mtp_input(h: np.ndarray, ids: np.ndarray, embed: np.ndarray, e_proj: Fp8Matrix, h_proj: Fp8Matrix,
               enorm: np.ndarray, hnorm: np.ndarray, *, norm_eps: float, prec: str) -> np.ndarray:
     """The MTP block's input: position t pairs streams h_t with token t+1. h [b,s,n,c], ids [b,s] -> [b,s-1,n,c]."""
     dt = work_dtype(prec)
-    nxt = ids[:, 1:]                                                    # [b, s-1] token t+1
-    e = rms_norm(np.asarray(embed[nxt]).astype(dt), enorm, eps=norm_eps, prec=prec)
-    hs = rms_norm(h[:, :-1], hnorm, eps=norm_eps, prec=prec)            # [b, s-1, n, c] streams of t, per stream
-    return bf16(quantized_linear(e, e_proj, prec)[:, :, None, :] + quantized_linear(hs, h_proj, prec), prec)
+    b, s, n, c = h.shape
+    out = np.empty((b, s - 1, n, c), dt)
+    for lo, hi in chunks.spans(s - 1, n * c * 8):                       # row-wise: in chunks of positions (chunks.py)
+        nxt = ids[:, 1 + lo:1 + hi]                                     # [b, rows] token t+1
+        e = rms_norm(np.asarray(embed[nxt]).astype(dt), enorm, eps=norm_eps, prec=prec)
+        hs = rms_norm(h[:, lo:hi], hnorm, eps=norm_eps, prec=prec)      # [b, rows, n, c] streams of t, per stream
+        out[:, lo:hi] = bf16(quantized_linear(e, e_proj, prec)[:, :, None, :] + quantized_linear(hs, h_proj, prec), prec)
+    return out
 
 
 def mtp(h: np.ndarray, ids: np.ndarray, w: ModelWeights, ctx) -> np.ndarray:
@@ -229,8 +249,9 @@ class Model:
         b, s = ids.shape
         h = self._embed(ids, ctx)                                           # [b, s, n, c]
         layers = []
-        for i in range(cfg.n_layers):
-            h, ls = block(h, ids, state.pos, state.layers[i], w.layers[i], ctx.layers[i], ctx)
+        for i in range(cfg.n_layers):           # without a trace (none holds a view of h) a block writes over h
+            h, ls = block(h, ids, state.pos, state.layers[i], w.layers[i], ctx.layers[i], ctx,
+                          overwrite=ctx.trace is None)
             layers.append(ls)
         logits = head_logits(h, w.hc_head, w.norm, w.head, "final.x", ctx)   # [b, s, v]
         record(ctx, "logits", logits)

@@ -130,7 +130,7 @@ def _entries_rotated_at_pool_index(mp):
 
 def _output_derotation_missing(mp):
     # the attention output goes to wo_a still rotated (no inverse RoPE at the query position)
-    real = attention_mod.attention
+    real = attention_mod._attend_out                    # steps 5 and 6 of a chunk of queries
     patch_everywhere(mp, real, mutated(real, [("o = apply_rope(o, table, prec, inverse=True)", "pass")]))
 
 
@@ -379,7 +379,7 @@ def _fp4_nibble_order(mp):
 def _mtp_pairing(mp):
     # the MTP block pairs the streams of position t with token t (not t+1)
     from refimpl.model import transformer as tf_mod
-    mp.setattr(tf_mod, "mtp_input", mutated(tf_mod.mtp_input, [("nxt = ids[:, 1:]", "nxt = ids[:, :-1]")]))
+    mp.setattr(tf_mod, "mtp_input", mutated(tf_mod.mtp_input, [("nxt = ids[:, 1 + lo:1 + hi]", "nxt = ids[:, lo:hi]")]))
     mp.setattr(tf_mod, "mtp", mutated(tf_mod.mtp, [("nxt = ids[:, 1:]", "nxt = ids[:, :-1]")]))
 
 
