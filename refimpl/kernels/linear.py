@@ -747,13 +747,21 @@ def blas_rounding_checked(fmt, x, codes, scale, n_out, row0):
         y[y == 0] = 0.0                                              # the kernel's sums start at +0: never -0
         out[:, p0:p1] = y
         for t in np.flatnonzero(~safe.all(axis=1)):                  # rows with an output near a rounding midpoint
-            sc = scale[p0:p1] if fmt == FMT_FP4 else scale           # an FP4 grid is per row; FP8's by absolute row
-            redo = product_kernel_serial(fmt, x[t:t + 1], codes[p0:p1], sc, p1 - p0, row0 + p0)[0]
-            out[t, p0:p1] = np.where(safe[t], y[t], redo)
+            cols = np.flatnonzero(~safe[t])
+            if len(cols) > REDO_ROW_AT:                              # many: the row's whole panel in one call
+                sc = scale[p0:p1] if fmt == FMT_FP4 else scale       # an FP4 grid is per row; FP8's by absolute row
+                redo = product_kernel_serial(fmt, x[t:t + 1], codes[p0:p1], sc, p1 - p0, row0 + p0)[0]
+                out[t, p0:p1] = np.where(safe[t], y[t], redo)
+                continue
+            for n in p0 + cols:                                      # a few (about 1 in 1000 outputs): each alone
+                sc = scale[n:n + 1] if fmt == FMT_FP4 else scale
+                out[t, n] = product_kernel_serial(fmt, x[t:t + 1], codes[n:n + 1], sc, 1, row0 + n)[0, 0]
     run_tasks(panel, range(0, n_out, PANEL_ROWS))
     return out
 
 
+REDO_ROW_AT = 16         # blas_rounding_checked: a row with more outputs than this near a rounding midpoint is
+                         # recomputed over its whole panel, one with fewer output by output (a call each)
 PARALLEL_MIN = 1 << 23   # multiply-adds below which a product runs on one thread (on a loaded 2-core
                          # machine a parallel start measured up to ~5 ms; 2^23 is about that much work)
 
