@@ -258,7 +258,7 @@ def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: Attention
     kv = apply_rope(kv, table, prec)
     if ctx.revision == "current":   # FP8-simulate non-rope dims (QAT); identity in the initial revision
         kv = np.concatenate([qdq_fp8(kv[..., :d - p], prec, block=KV_FP8_BLOCK), kv[..., d - p:]], axis=-1)
-    record(ctx, f"layers.{i}.attn.kv", kv)
+    record(part, f"layers.{i}.attn.kv", kv)       # part: after the first chunk's queries (data-flow order)
 
     # step 3: window rows = the last W' positions from the ring, then this call's rows
     win_idx, n_prev = window_indices(start_pos, s, W, ctx.layout)          # [s, width]
@@ -272,11 +272,11 @@ def attention(x: np.ndarray, start_pos: int, state: AttentionState, w: Attention
     topk_idxs = np.broadcast_to(win_idx, (b, s, win_idx.shape[1]))
     compressed, cstate, istate = state.compressed, state.compressor, state.indexer
     if m:
-        entries, cstate = compress(x, start_pos, state.compressor, w.compressor, layer, ctx, head_dim=d, rotate=False)
-        record(ctx, f"layers.{i}.attn.compressed_kv", entries)
+        entries, cstate = compress(x, start_pos, state.compressor, w.compressor, layer, part, head_dim=d, rotate=False)
+        record(part, f"layers.{i}.attn.compressed_kv", entries)
         compressed = np.concatenate([state.compressed, entries.astype(state.compressed.dtype)], axis=1)  # [b, n_entries, d]
         if layer.uses_indexer:
-            sel, istate = indexer(x, qr, start_pos, state.indexer, w.indexer, table, layer, ctx)   # [b, s, k] entry ids
+            sel, istate = indexer(x, qr, start_pos, state.indexer, w.indexer, table, layer, part)  # [b, s, k] entry ids
         else:
             sel = np.broadcast_to(compressed_indices(start_pos, s, m), (b, s, compressed.shape[1]))
         offset = rows.shape[1]                                         # entries follow the raw rows

@@ -43,6 +43,7 @@ def block(h: np.ndarray, tokens: np.ndarray, start_pos: int, state: AttentionSta
     s = h.shape[1]
     part, finish = chunks.chunked(ctx)
     x, post, comb = _hc_pre(h, w.hc_attn, f"layers.{i}.hc_attn", part)   # [b, s, c], [b, s, n], [b, s, n, n]
+    finish()                                     # hc_attn's sites into the trace before the attention's
     x = rms_norm(x, w.attn_norm, eps=eps, prec=ctx.prec)
     x, state = attention(x, start_pos, state, w.attn, layer, ctx)
     h = _hc_post(x, h, post, comb, ctx, h if overwrite and h.dtype == ctx.dtype else np.empty(h.shape, ctx.dtype), 0)
@@ -52,6 +53,7 @@ def block(h: np.ndarray, tokens: np.ndarray, start_pos: int, state: AttentionSta
     # a new array where a trace keeps them: a recording holds a view)
     kept = ctx.trace is not None and ctx.trace.wants(f"layers.{i}.hc_attn.out")
     out = np.empty(h.shape, ctx.dtype) if kept else h
+    part, finish = chunks.chunked(ctx)
     for lo, hi in chunks.spans(s):
         residual = h[:, lo:hi]
         x, post, comb = _hc_pre(residual, w.hc_ffn, f"layers.{i}.hc_ffn", part)
