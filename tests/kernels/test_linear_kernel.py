@@ -474,6 +474,7 @@ def _fp4_x(rng, k, kind):
         x[64:96] = -0.0
     elif kind == "tiny":                                           # subnormal float64 values: E below the normal range
         x *= 2.0 ** -1060
+        x[rng.integers(0, k)] = 2.0 ** -1074                       # at least one (the rest may all underflow to 0)
     elif kind == "any":                                            # float64 mode: arbitrary values
         x = rng.standard_normal(k) * 2.0 ** rng.integers(-30, 30, k)
     return x
