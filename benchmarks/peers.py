@@ -72,6 +72,7 @@ def main(argv=None) -> int:
             print(f"error: no checkpoint at {ckpt}", file=sys.stderr)
             return 2
         cli = [sys.executable, "-c", "import sys; from refimpl.cli.main import main; sys.exit(main())"]
+        ckpt.parent.mkdir(parents=True, exist_ok=True)                           # a fresh machine has no such folder
         subprocess.run(cli + ["make-checkpoint", "tiny", str(ckpt)], check=True, stdout=subprocess.DEVNULL)
     torch.set_num_threads(a.threads)
     tool = _tool()
