@@ -37,6 +37,13 @@ if numba.config.DISABLE_JIT:                     # plain Python (NUMBA_DISABLE_J
         """The float64 whose bits are `bits` (uint64)."""
         return np.uint64(bits).view(np.float64)
 else:
+    def _element_ptr(context, builder, aty, arr, idx_vals, idx_tys):
+        """LLVM pointer to arr[idx] (array type aty; indices of types idx_tys), for the intrinsics below."""
+        from numba.core import cgutils
+        ary = context.make_array(aty)(context, builder, arr)
+        idx = [context.cast(builder, v, t, types.intp) for v, t in zip(idx_vals, idx_tys)]
+        return cgutils.get_item_pointer(context, builder, aty, ary, idx, wraparound=False)
+
     @intrinsic
     def f32_from_bits(typingctx, bits):
         """The float32 whose bits are `bits` (uint32): one LLVM bitcast."""
@@ -198,12 +205,8 @@ else:
             def splat(k):
                 return ir.Constant(v32, [k] * lanes)
 
-            def ptr(aty, arr, idx_vals, idx_tys):
-                ary = context.make_array(aty)(context, builder, arr)
-                idx = [context.cast(builder, v, t, types.intp) for v, t in zip(idx_vals, idx_tys)]
-                return cgutils.get_item_pointer(context, builder, aty, ary, idx, wraparound=False)
-            pc = ptr(c_ty, args[0], args[1:3], signature.args[1:3])
-            px = ptr(x_ty, args[3], args[4:5], signature.args[4:5])
+            pc = _element_ptr(context, builder, c_ty, args[0], args[1:3], signature.args[1:3])
+            px = _element_ptr(context, builder, x_ty, args[3], args[4:5], signature.args[4:5])
             c = builder.zext(builder.load(builder.bitcast(pc, v8.as_pointer()), align=1), v32)
             xp = builder.bitcast(px, v32.as_pointer())
             xe = builder.load(xp, align=4)
@@ -262,12 +265,8 @@ else:
             v8, v32 = ir.VectorType(ir.IntType(8), lanes), ir.VectorType(i32, lanes)
             vf, vd = ir.VectorType(ir.FloatType(), lanes), ir.VectorType(ir.DoubleType(), lanes)
 
-            def ptr(aty, arr, idx_vals, idx_tys):
-                ary = context.make_array(aty)(context, builder, arr)
-                idx = [context.cast(builder, v, t, types.intp) for v, t in zip(idx_vals, idx_tys)]
-                return cgutils.get_item_pointer(context, builder, aty, ary, idx, wraparound=False)
-            pc = builder.bitcast(ptr(c_ty, args[0], args[1:3], signature.args[1:3]), v8.as_pointer())
-            px = builder.bitcast(ptr(x_ty, args[3], args[4:5], signature.args[4:5]), vd.as_pointer())
+            pc = builder.bitcast(_element_ptr(context, builder, c_ty, args[0], args[1:3], signature.args[1:3]), v8.as_pointer())
+            px = builder.bitcast(_element_ptr(context, builder, x_ty, args[3], args[4:5], signature.args[4:5]), vd.as_pointer())
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vd, vd, vd]), "llvm.fma.v8f64")
             acc = [ir.Constant(vd, [0.0] * lanes)] * 4
             for c in range(128 // lanes):
@@ -326,12 +325,8 @@ else:
             vc, v32 = ir.VectorType(ir.IntType(bits), lanes), ir.VectorType(i32, lanes)
             vf, vd = ir.VectorType(ir.FloatType(), lanes), ir.VectorType(ir.DoubleType(), lanes)
 
-            def ptr(aty, arr, idx_vals, idx_tys):
-                ary = context.make_array(aty)(context, builder, arr)
-                idx = [context.cast(builder, v, t, types.intp) for v, t in zip(idx_vals, idx_tys)]
-                return cgutils.get_item_pointer(context, builder, aty, ary, idx, wraparound=False)
-            pc = builder.bitcast(ptr(c_ty, args[0], args[1:3], signature.args[1:3]), vc.as_pointer())
-            px = builder.bitcast(ptr(x_ty, args[3], args[4:5], signature.args[4:5]), vd.as_pointer())
+            pc = builder.bitcast(_element_ptr(context, builder, c_ty, args[0], args[1:3], signature.args[1:3]), vc.as_pointer())
+            px = builder.bitcast(_element_ptr(context, builder, x_ty, args[3], args[4:5], signature.args[4:5]), vd.as_pointer())
             acc = ir.Constant(vd, [0.0] * lanes)
             for c in range(128 // lanes):
                 k = ir.Constant(i32, c)
@@ -364,7 +359,6 @@ else:
 
         def codegen(context, builder, signature, args):
             from llvmlite import ir
-            from numba.core import cgutils
             c_ty, _, _, x_ty, _ = signature.args
             i32, lanes = ir.IntType(32), 16
             v8, v32 = ir.VectorType(ir.IntType(8), lanes), ir.VectorType(i32, lanes)
@@ -372,12 +366,8 @@ else:
             def splat(k):
                 return ir.Constant(v32, [k] * lanes)
 
-            def ptr(aty, arr, idx_vals, idx_tys):
-                ary = context.make_array(aty)(context, builder, arr)
-                idx = [context.cast(builder, v, t, types.intp) for v, t in zip(idx_vals, idx_tys)]
-                return cgutils.get_item_pointer(context, builder, aty, ary, idx, wraparound=False)
-            pc = builder.bitcast(ptr(c_ty, args[0], args[1:3], signature.args[1:3]), v8.as_pointer())
-            xp = builder.bitcast(ptr(x_ty, args[3], args[4:5], signature.args[4:5]), v32.as_pointer())
+            pc = builder.bitcast(_element_ptr(context, builder, c_ty, args[0], args[1:3], signature.args[1:3]), v8.as_pointer())
+            xp = builder.bitcast(_element_ptr(context, builder, x_ty, args[3], args[4:5], signature.args[4:5]), v32.as_pointer())
 
             def times4(nib):                                          # as fp4_dot32
                 m = builder.and_(nib, splat(7))
