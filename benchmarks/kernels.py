@@ -76,12 +76,17 @@ from pathlib import Path
 import numpy as np
 
 RESULT_TAG = "BENCH-RESULT "
+PROGRESS_TAG = "BENCH-PROGRESS "        # a worker's progress line: printed by the parent as it arrives
 GB = 1e9
 MiB = 1 << 20
 GiB = 1 << 30
 EXPERT_MATRICES = ("w1", "w2", "w3")
 DEFAULT_TINY_DIR = Path(tempfile.gettempdir()) / "refimpl-bench" / "tiny"
 DEFAULT_LONG_DIR = Path(tempfile.gettempdir()) / "refimpl-flash-long"
+# --long-budget-s: what 65,536 tokens through the two layers need on an idle 2-core machine, with a margin
+# (benchmarks/README.md, "Issue 23: long context, second pass": measured rates and the projection)
+LONG_BUDGET_S = 3600.0
+LONG_BUDGET_QUICK_S = 120.0
 
 
 # ============================================================== helpers (both sides)
@@ -606,13 +611,8 @@ def job_long(ckpt: str, kernels: str, precision: str, n_tokens: int, chunk: int,
     from refimpl.ops import use_kernels
     model = load(ckpt, precision=precision, kernels=kernels, max_seq_len=n_tokens + ops_tokens)
     cfg, w, prec = model.cfg, model.weights, precision
-    csa = [i for i in range(cfg.n_layers) if cfg.compress_ratio(i) and cfg.uses_indexer(i)]
-    hca = [i for i in range(cfg.n_layers) if cfg.compress_ratio(i) and not cfg.uses_indexer(i)]
-    if not csa or not hca:
-        raise ValueError(f"{ckpt}: the long-context run needs a CSA and an HCA layer (compress_ratios "
-                         f"{cfg.compress_ratios[:cfg.n_layers]})")
-    layers = sorted([csa[0], hca[0]])                                   # the first of each kind
-    kinds = {i: "CSA" if i in csa else "HCA" for i in layers}
+    kinds = long_layers(cfg, ckpt)
+    layers = sorted(kinds)
     toks = fixed_tokens(n_tokens + ops_tokens, cfg.vocab_size, seed=2)
     states = {i: AttentionState.empty(cfg, i, 1, prec) for i in layers}
     empty = {i: states[i].nbytes() for i in layers}
@@ -634,9 +634,17 @@ def job_long(ckpt: str, kernels: str, precision: str, n_tokens: int, chunk: int,
         took = time.perf_counter() - t0
         chunks.append({"from": done, "tokens": hi - done, "s": took})
         done = hi
+        elapsed = time.perf_counter() - t_start
+        projected = elapsed + long_time_left(chunks[1:] or chunks, done, n_tokens)   # the first chunk pays the start-up
+        chunks[-1]["projected_total_s"] = projected
+        progress(f"long        {done:>6,} / {n_tokens:,} tokens in {elapsed:7.0f} s: this chunk {hi - chunks[-1]['from']} "
+                 f"tokens at {(hi - chunks[-1]['from']) / took:5.1f} tokens/s, so far {done / elapsed:5.1f} tokens/s; "
+                 f"projected total {projected:,.0f} s "
+                 + ("(complete)" if done == n_tokens else "(within the budget)" if projected <= budget_s else
+                    f"(OVER the budget of {budget_s:,.0f} s: it will stop early)"))
         # the next chunk: as long as --long-chunk allows and the rest of the budget holds (the
         # per-token cost grows with the position: the last chunk's pace with a margin of 1.5)
-        left = budget_s - (time.perf_counter() - t_start)
+        left = budget_s - elapsed
         size = min(chunk, n_tokens - done, int(left / (1.5 * took / (hi - chunks[-1]["from"]))))
         if size < min_chunk and done + size < n_tokens:
             break
@@ -658,6 +666,126 @@ def job_long(ckpt: str, kernels: str, precision: str, n_tokens: int, chunk: int,
         out["ops"] = cap.time_ops(repeats=2, spec_repeats=1)
         out["ops_at"] = {"from": done, "tokens": ops_tokens}
     return out
+
+
+def long_layers(cfg, ckpt: str) -> dict[int, str]:
+    """{layer: "CSA" / "HCA"}: the first CSA layer and the first HCA layer of the checkpoint."""
+    csa = [i for i in range(cfg.n_layers) if cfg.compress_ratio(i) and cfg.uses_indexer(i)]
+    hca = [i for i in range(cfg.n_layers) if cfg.compress_ratio(i) and not cfg.uses_indexer(i)]
+    if not csa or not hca:
+        raise ValueError(f"{ckpt}: the long-context run needs a CSA and an HCA layer (compress_ratios "
+                         f"{cfg.compress_ratios[:cfg.n_layers]})")
+    return {csa[0]: "CSA", hca[0]: "HCA"}
+
+
+def synthetic_long_state(cfg, layer: int, n: int, prec: str, rng):
+    """A layer's attention state at position n (a multiple of every compress ratio) as the long prefill
+    would leave it, with random bf16 values: n // m compressed entries (and index keys), a full window,
+    the compressors' pending rows empty. For timing a chunk at context n without the prefill before it."""
+    from refimpl.model.attention import AttentionState
+    from refimpl.model.indexer import IndexerState
+    from refimpl.numerics import round_bf16, storage_dtype
+    st = AttentionState.empty(cfg, layer, 1, prec)
+    m, dt = cfg.compress_ratio(layer), storage_dtype(prec)
+
+    def values(shape):
+        return round_bf16(rng.standard_normal(shape) * 0.5).astype(dt)
+    idx = st.indexer
+    if idx is not None:
+        idx = IndexerState(keys=values((1, n // m, cfg.index_head_dim)), compressor=idx.compressor)
+    return AttentionState(window=values(st.window.shape), compressed=values((1, n // m, cfg.head_dim)),
+                          compressor=st.compressor, indexer=idx)
+
+
+def job_long_rate(ckpt: str, kernels: str, precision: str, contexts: list[int], chunk: int,
+                  n_tokens: int = 65536) -> dict:
+    """Seconds of one chunk of `chunk` tokens through the long-context layers at each context position in
+    `contexts`, from a synthetic state (synthetic_long_state), after a warm-up chunk; per operation the
+    wall time inside each swappable operation (inclusive of any operation it calls); and the total time
+    of an n_tokens prefill projected from them (long_time_left's fit of a + b·position)."""
+    from refimpl import ops
+    from refimpl.formats.weights import load
+    from refimpl.model.block import block
+    from refimpl.numerics import work_dtype
+    model = load(ckpt, precision=precision, kernels=kernels, max_seq_len=max(contexts) + chunk)
+    cfg, w = model.cfg, model.weights
+    kinds = long_layers(cfg, ckpt)
+    m = max(cfg.compress_ratio(i) for i in kinds)
+    rng = np.random.default_rng(4)
+    toks = fixed_tokens(max(contexts) + chunk, cfg.vocab_size, seed=2)
+    spent: dict[str, float] = {}
+    sel = model.kernels
+    timed_sel = ops.Kernels(sel.default, sel.overrides + ((sorted(ops.SPEC)[0], sel.backend(sorted(ops.SPEC)[0])),))
+    orig_impl = ops.Kernels.impl
+
+    def impl(kernels_self, op):                            # every operation of timed_sel, timed
+        fn = orig_impl(kernels_self, op) or ops.SPEC[op]
+        if kernels_self != timed_sel:
+            return fn
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[op] = spent.get(op, 0.0) + time.perf_counter() - t0
+        return timed
+
+    def one_chunk(n: int, s: int) -> dict:
+        if n % m:
+            raise ValueError(f"context {n}: must be a multiple of the compress ratios (of {m})")
+        states = {i: synthetic_long_state(cfg, i, n, precision, rng) for i in kinds}
+        ids = toks[None, n:n + s]
+        x = np.asarray(w.embed[ids]).astype(work_dtype(precision))
+        h = np.repeat(x[:, :, None, :], cfg.hc_mult, axis=2)
+        spent.clear()
+        t0, c0 = time.perf_counter(), time.process_time()
+        with ops.use_kernels(timed_sel):
+            for i in sorted(kinds):
+                h, _ = block(h, ids, n, states[i], w.layers[i], cfg.layer(i), model.ctx)
+        sec = time.perf_counter() - t0
+        return {"from": n, "tokens": s, "s": sec, "cpu_s": time.process_time() - c0, "tokens_per_s": s / sec,
+                "ops_s": dict(sorted(spent.items(), key=lambda kv: -kv[1]))}
+
+    ops.Kernels.impl = impl
+    try:
+        one_chunk(0, min(chunk, 64))                        # warm-up: compiled kernels loaded, pools started
+        points = []
+        for n in contexts:
+            points.append(one_chunk(n, chunk))
+            progress(f"long rate   {chunk} tokens at context {n:>6,}: {points[-1]['s']:6.1f} s "
+                     f"({points[-1]['tokens_per_s']:.1f} tokens/s; CPU {points[-1]['cpu_s']:.1f} s)")
+    finally:
+        ops.Kernels.impl = orig_impl
+    return {"precision": precision, "kernels": kernels, "chunk": chunk, "layers": {str(i): k for i, k in kinds.items()},
+            "points": points, "target_tokens": n_tokens, "projected_s": long_time_left(points, 0, n_tokens)}
+
+
+def long_time_left(fit: list[dict], done: int, n_tokens: int) -> float:
+    """Seconds a long-context prefill should take from `done` tokens to n_tokens, from measured chunks
+    ({"from", "tokens", "s"}, in position order).
+
+    A token at context position p costs a + b·p seconds (the products are the same for every token;
+    the indexer's scores and the HCA layer's attention grow with p). a and b come from a least-squares
+    fit of each chunk's seconds per token against its middle position, weighted by its tokens; with
+    one chunk, or a fit whose b is negative (a loaded machine's noise), the last chunk's pace for every
+    remaining token. The rest: the integral of a + b·p from done to n_tokens.
+    """
+    a, b = fit[-1]["s"] / fit[-1]["tokens"], 0.0
+    if len(fit) >= 2:
+        p = np.array([c["from"] + c["tokens"] / 2 for c in fit])
+        y = np.array([c["s"] / c["tokens"] for c in fit])
+        wts = np.array([c["tokens"] for c in fit], float)                # longer chunks count more
+        A = np.stack([np.ones_like(p), p], axis=1) * np.sqrt(wts)[:, None]
+        (a_fit, b_fit), *_ = np.linalg.lstsq(A, y * np.sqrt(wts), rcond=None)
+        if b_fit >= 0:
+            a, b = a_fit, b_fit
+    return float(a * (n_tokens - done) + b * (n_tokens ** 2 - done ** 2) / 2)
+
+
+def progress(text: str) -> None:
+    """A progress line of a worker: the parent prints it while the worker runs (run_child)."""
+    print(PROGRESS_TAG + text, flush=True)
 
 
 def job_profile(ckpt: str, kernels: str, precision: str, position: int, warmup: int, top: int) -> dict:
@@ -686,7 +814,7 @@ def job_profile(ckpt: str, kernels: str, precision: str, position: int, warmup: 
 
 
 JOBS = {"profile": job_profile, "limits": job_limits, "tiny": job_tiny, "flash_decode": job_flash_decode,
-        "flash_prefill": job_flash_prefill, "long": job_long}
+        "flash_prefill": job_flash_prefill, "long": job_long, "long_rate": job_long_rate}
 
 
 def worker(name: str, args: str) -> None:
@@ -707,14 +835,18 @@ def _json_default(x):
 # ============================================================== the parent: subprocesses and the report
 
 def run_child(cmd: list[str], env: dict | None = None, timeout: float | None = None) -> dict:
-    """Run cmd; -> {"rc", "s" (wall), "peak_rss_bytes" (ru_maxrss of that child), "stdout", "stderr"}."""
+    """Run cmd; -> {"rc", "s" (wall), "peak_rss_bytes" (ru_maxrss of that child), "stdout", "stderr"}.
+
+    Lines of the child's stdout that start with PROGRESS_TAG are printed (without the tag) as they arrive."""
     with tempfile.TemporaryFile() as so, tempfile.TemporaryFile() as se:
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=so, stderr=se, env=dict(env or os.environ, **CHILD_ENV))
         deadline = None if timeout is None else t0 + timeout
         timed_out = False
+        seen = 0                                          # bytes of the child's stdout already scanned
         while True:
             pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            seen = _echo_progress(so, seen)
             if pid:
                 break
             if deadline is not None and time.perf_counter() > deadline:
@@ -731,17 +863,30 @@ def run_child(cmd: list[str], env: dict | None = None, timeout: float | None = N
                 "stdout": so.read().decode(errors="replace"), "stderr": se.read().decode(errors="replace")}
 
 
+def _echo_progress(f, seen: int) -> int:
+    """Print the complete PROGRESS_TAG lines written to the file f after byte `seen`; -> the new `seen`.
+    os.pread: the child shares the file's offset, which must not move."""
+    data = os.pread(f.fileno(), 1 << 20, seen)
+    end = data.rfind(b"\n") + 1
+    for line in data[:end].decode(errors="replace").splitlines():
+        if line.startswith(PROGRESS_TAG):
+            say(line[len(PROGRESS_TAG):])
+    return seen + end
+
+
 JOB_TIMEOUT_S = 3600.0                   # --job-timeout-s: a job still running then is killed and reported
 CHILD_ENV: dict[str, str] = {}           # set for every subprocess (--numba-threads: NUMBA_NUM_THREADS)
 
 
-def run_job(name: str, **kwargs) -> dict:
-    """One worker job in a subprocess; its result dict, with the child's wall time and peak RSS."""
+def run_job(name: str, *, job_timeout_s: float | None = None, **kwargs) -> dict:
+    """One worker job in a subprocess; its result dict, with the child's wall time and peak RSS.
+    job_timeout_s: this job's limit, if longer than --job-timeout-s (the long context's budget)."""
+    timeout = max(JOB_TIMEOUT_S, job_timeout_s or 0)
     r = run_child([sys.executable, str(Path(__file__).resolve()), "--worker", name, json.dumps(kwargs)],
-                  timeout=JOB_TIMEOUT_S)
+                  timeout=timeout)
     lines = [ln for ln in r["stdout"].splitlines() if ln.startswith(RESULT_TAG)]
     if r["timed_out"]:
-        return {"error": f"killed after {JOB_TIMEOUT_S:.0f} s (--job-timeout-s)", "process_s": r["s"]}
+        return {"error": f"killed after {timeout:.0f} s (--job-timeout-s)", "process_s": r["s"]}
     if r["rc"] != 0 or not lines:
         tail = (r["stderr"].strip().splitlines() or ["(no output)"])[-1]
         return {"error": f"exit {r['rc']}: {tail[:300]}", "process_s": r["s"]}
@@ -838,7 +983,13 @@ def main(argv=None) -> int:
     ap.add_argument("--long-tokens", type=int, default=None)
     ap.add_argument("--long-chunk", type=int, default=4096)
     ap.add_argument("--budget-s", type=float, default=None, help="time budget of one prefill measurement")
-    ap.add_argument("--long-budget-s", type=float, default=None)
+    ap.add_argument("--long-budget-s", type=float, default=None,
+                    help=f"time budget of the long context (default {LONG_BUDGET_S:.0f} s, {LONG_BUDGET_QUICK_S:.0f} s "
+                         "with --quick); the run stops early, marked incomplete, where the next chunk would not fit")
+    ap.add_argument("--long-rate", default=None, metavar="N,N,..",
+                    help="context positions (multiples of 128) at which one chunk (--long-chunk, at most 2048 tokens) is "
+                         "timed from a synthetic state before the long run, to project its total (default: a quarter "
+                         "and half of --long-tokens and its last chunk, 16384,32768,63488; none with --quick; '' for none)")
     ap.add_argument("--no-flash", action="store_true", help="skip every Flash-dimension measurement")
     ap.add_argument("--profile", action="store_true",
                     help="only: cProfile one Flash-dimension decode step (--ckpt, --kernels) and print what dominates")
@@ -876,7 +1027,7 @@ def main(argv=None) -> int:
     prefill = [int(x) for x in (a.prefill or ("256" if quick else "1024,4096")).split(",") if x]
     long_tokens = a.long_tokens or (2048 if quick else 65536)
     budget = a.budget_s or (120 if quick else 900)
-    long_budget = a.long_budget_s or (120 if quick else 1200)
+    long_budget = a.long_budget_s or (LONG_BUDGET_QUICK_S if quick else LONG_BUDGET_S)
     report: dict = {"benchmark": "refimpl kernels", "mode": mode,
                     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                     "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -1105,9 +1256,28 @@ def long_section(a, report, ratios, quick, mm, long_tokens, long_budget) -> None
     if missing:
         note = (f"no {' / '.join(missing)} kernel under {a.kernels!r}: the prefill runs as far as the "
                 f"budget of {long_budget:.0f} s allows (--long-budget-s)")
+    rate_chunk = min(a.long_chunk, 2048)
+    if a.long_rate is not None:
+        contexts = [int(x) for x in a.long_rate.split(",") if x]
+    else:                                          # a quarter, half, and the last chunk of the run (multiples of 128)
+        contexts = [] if quick else sorted({p // 128 * 128 for p in (long_tokens // 4, long_tokens // 2,
+                                                                      long_tokens - rate_chunk)} - {0})
+    if contexts:                                   # the pace at long contexts first: the projection before the run
+        say(f"long rate   one {rate_chunk}-token chunk at each of {', '.join(map(str, contexts))} tokens "
+            f"of (synthetic) context ...")
+        rate = run_job("long_rate", ckpt=str(path), kernels=a.kernels, precision=a.precision, contexts=contexts,
+                       chunk=rate_chunk, n_tokens=long_tokens)
+        report["long_rate"] = rate
+        if "error" in rate:
+            say(f"long rate   FAILED {rate['error']}")
+        else:
+            say(f"long rate   a {long_tokens:,}-token prefill projected at {rate['projected_s']:,.0f} s "
+                f"(budget {long_budget:,.0f} s, --long-budget-s)")
+    say(f"long        {long_tokens:,} tokens through one CSA + one HCA layer in chunks of up to {a.long_chunk} "
+        f"(budget {long_budget:,.0f} s); progress after each chunk:")
     r = run_job("long", ckpt=str(path), kernels=a.kernels, precision=a.precision, n_tokens=long_tokens,
                 chunk=min(a.long_chunk, long_tokens), budget_s=long_budget, ops=True, ops_tokens=16 if quick else 32,
-                first_chunk=32 if quick else 64)
+                first_chunk=32 if quick else 64, job_timeout_s=long_budget * 1.5 + 600)
     if note:
         r["note"] = note
     report["long_context"] = r

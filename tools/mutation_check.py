@@ -232,6 +232,7 @@ MUTATIONS = [
 K_ATTN, K_POOL, K_NORM, K_IDX = ("refimpl/kernels/attention.py", "refimpl/kernels/compressor.py",
                                  "refimpl/kernels/norm.py", "refimpl/kernels/indexer.py")
 K_MOE = "refimpl/kernels/moe.py"
+K_HC, HC_KERNEL = "refimpl/kernels/hyperconn.py", "tests/kernels/test_hyperconn_kernel.py"
 SIDE_THREADS = "tests/kernels/test_threads_kernel.py::test_thread_count_does_not_change_results"
 ATTN_KERNEL = "tests/kernels/test_attention_kernel.py"
 K_LIN, K_FMT = "refimpl/kernels/linear.py", "refimpl/kernels/formats.py"
@@ -283,6 +284,17 @@ ORDER_AND_THREADS = [
      [("acc = builder.fadd(acc, builder.fmul(builder.load(builder.gep(px, [k]), align=8), w))",
        "acc = builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vd, vd, vd]), "
        "'llvm.fma.v16f64'), [builder.load(builder.gep(px, [k]), align=8), w, acc])")]),
+    # hc_post's kernel (issue 23, long context): the sum over the old streams, post·x, the bf16 store
+    ("hyperconn kernel: hc_post stream sum rounded to fp32 at each term", K_HC,
+     [("acc += np.float64(comb[r, j, k] * res[r, j, ch])", "acc = np.float32(acc + comb[r, j, k] * res[r, j, ch])")]),
+    ("hyperconn kernel: hc_post stream sum from its first term, not from +0", K_HC,
+     [("acc = 0.0\n                for j in range(n):",
+       "acc = np.float64(comb[r, 0, k] * res[r, 0, ch])\n                for j in range(1, n):")]),
+    ("hyperconn kernel: hc_post post·x and the add as one float64 op", K_HC,
+     [("bf16_f32(np.float32(pk * x[r, ch]) + rounded_once_f32(acc))",
+       "bf16_f32(rounded_once_f32(np.float64(pk) * np.float64(x[r, ch]) + acc))")]),
+    ("hyperconn kernel: hc_post without the bf16 store", K_HC,
+     [("bf16_f32(np.float32(pk * x[r, ch]) + rounded_once_f32(acc))", "np.float32(pk * x[r, ch]) + rounded_once_f32(acc)")]),
 ]
 
 PINNED_BY = {
@@ -307,6 +319,10 @@ PINNED_BY = {
         [f"{LIN_KERNEL}::test_fp8_exact_block_sums_are_the_float_lanes_bit_for_bit",
          f"{LIN_KERNEL}::test_fp8_exact_blocks_hand_worked"],
     "linear kernel: dense lanes with fused multiply-adds": [f"{LIN_KERNEL}::test_dense_lanes128_is_the_lane_order_bit_for_bit"],
+    "hyperconn kernel: hc_post stream sum rounded to fp32 at each term": [HC_KERNEL],
+    "hyperconn kernel: hc_post stream sum from its first term, not from +0": [HC_KERNEL],
+    "hyperconn kernel: hc_post post·x and the add as one float64 op": [HC_KERNEL],
+    "hyperconn kernel: hc_post without the bf16 store": [HC_KERNEL],
 }
 ALL = MUTATIONS + ORDER_AND_THREADS
 

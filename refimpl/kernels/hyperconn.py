@@ -1,9 +1,11 @@
-"""Numba kernel of the mHC mix split with Sinkhorn normalisation (spec: refimpl/model/hyperconn.py).
+"""Numba kernels of mHC (spec: refimpl/model/hyperconn.py): the mix split with Sinkhorn normalisation, and hc_post.
 
     split_sinkhorn(mixes, scale, base, *, n, iters, eps, prec)
         mixes [.., (2+n)·n] -> pre [.., n], post [.., n], comb [.., n, n]      (K:L386-425)
+    hc_post(x, residual, post, comb, ctx)
+        x [b,s,c], residual [b,s,n,c] -> [b,s,n,c]                              (M:L683-687; see hc_post below)
 
-One row of mixes per task (prange). mirror: every fp32 op of the official kernel is one fp32 op
+split_sinkhorn: one row of mixes per task (prange). mirror: every fp32 op of the official kernel is one fp32 op
 here (products, sums with base and eps, divisions); sigmoid and exp are computed in float64 and
 rounded once to fp32 (numerics.sigmoid / exp), and each row or column sum of comb is a float64
 sum in index order (what NumPy does for these short axes), rounded once. float64: the same steps
@@ -17,9 +19,12 @@ import math
 import numba
 import numpy as np
 
-from refimpl.kernels.rounding import rounded_once_f32
+from refimpl.kernels.rounding import bf16_f32, rounded_once_f32
 from refimpl.kernels.threads import serial_below
+from refimpl.model.hyperconn import hc_post as _hc_post_op
 from refimpl.numerics import check_precision, work_dtype
+
+spec_hc_post = _hc_post_op.spec
 
 
 @numba.njit(cache=True, inline="always")
@@ -150,3 +155,67 @@ def split_sinkhorn(mixes, scale, base, *, n, iters, eps, prec):
         with serial_below(rows * n * n * (2 * iters + 4) * 8):
             _split_sinkhorn(mx, sc, bs, n, int(iters), eps_in, prec == "mirror", pre, post, comb)
     return pre.reshape(*lead, n), post.reshape(*lead, n), comb.reshape(*lead, n, n)
+
+
+# ------------------------------------------------------------------------------------------------ hc_post
+
+@numba.njit(cache=True, parallel=True)
+def _hc_post_mirror(x, res, post, comb, out):
+    """out[r, k, ch] = bf16(fp32(post[r,k]·x[r,ch]) + fp32(Σ_j fp32(comb[r,j,k]·res[r,j,ch]))), the sum in
+    float64 from +0 (NumPy's identity: a sum of -0 terms is +0) over j ascending (NumPy's order along the
+    streams axis)."""
+    rows, n, c = res.shape
+    for r in numba.prange(rows):
+        for k in range(n):
+            pk = post[r, k]
+            for ch in range(c):
+                acc = 0.0
+                for j in range(n):
+                    acc += np.float64(comb[r, j, k] * res[r, j, ch])      # fp32 product, exact in float64
+                out[r, k, ch] = bf16_f32(np.float32(pk * x[r, ch]) + rounded_once_f32(acc))
+
+
+@numba.njit(cache=True, parallel=True)
+def _hc_post_plain(x, res, post, comb, out, zero):
+    """The same in the arrays' own dtype (float32 or float64; zero: +0 of it) throughout, without the bf16 store."""
+    rows, n, c = res.shape
+    for r in numba.prange(rows):
+        for k in range(n):
+            pk = post[r, k]
+            for ch in range(c):
+                acc = zero
+                for j in range(n):
+                    acc = acc + comb[r, j, k] * res[r, j, ch]
+                out[r, k, ch] = pk * x[r, ch] + acc
+
+
+def hc_post(x, residual, post, comb, ctx):
+    """Kernel of model.hyperconn.hc_post (same signature and results). x [b,s,c], residual [b,s,n,c] -> [b,s,n,c].
+
+    One row (position) per task. mirror: each comb·h product is an fp32 op, the sum over the n old
+    streams is a float64 sum from +0 in stream order (what NumPy's sum over that axis does), rounded
+    once; post·x is an fp32 op, the add an fp32 op, then the bf16 store. float32 /
+    float64: the same steps in that dtype. Inputs whose dtypes differ from the working dtype (NumPy
+    would promote them) take the spec.
+    """
+    prec, dt = ctx.prec, ctx.dtype
+    x, residual, post, comb = (np.asarray(a) for a in (x, residual, post, comb))
+    if residual.ndim != 4 or x.shape != residual.shape[:2] + residual.shape[3:] \
+            or post.shape != residual.shape[:3] or comb.shape != residual.shape[:3] + residual.shape[2:3]:
+        raise ValueError(f"hc_post: need x [b,s,c], residual [b,s,n,c], post [b,s,n], comb [b,s,n,n]; got "
+                         f"{x.shape}, {residual.shape}, {post.shape}, {comb.shape}")
+    if post.dtype != dt or comb.dtype != dt or x.dtype not in (np.float32, dt) \
+            or residual.dtype not in (np.float32, dt):
+        return spec_hc_post(x, residual, post, comb, ctx)
+    b, s, n, c = residual.shape
+    rows = b * s
+    flat = [np.ascontiguousarray(a.astype(dt, copy=False).reshape(rows, *a.shape[2:]))
+            for a in (x, residual, post, comb)]
+    out = np.empty((rows, n, c), dt)
+    if rows:
+        with serial_below(rows * n * n * c):
+            if prec == "mirror":
+                _hc_post_mirror(*flat, out)
+            else:
+                _hc_post_plain(*flat, out, dt(0))
+    return out.reshape(b, s, n, c)

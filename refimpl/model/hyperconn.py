@@ -87,8 +87,12 @@ def hc_pre(h: np.ndarray, w: HyperConnWeights, site: str, ctx):
     return bf16(x, prec), post, comb                                             # official: y.to(bf16)
 
 
+@swappable
 def hc_post(x: np.ndarray, residual: np.ndarray, post: np.ndarray, comb: np.ndarray, ctx) -> np.ndarray:
-    """Expand a sublayer output back into n streams. x [b,s,c], residual [b,s,n,c] -> [b,s,n,c]."""
+    """Expand a sublayer output back into n streams. x [b,s,c], residual [b,s,n,c] -> [b,s,n,c].
+
+    The sum over the old streams j is one official reduction (exact, rounded once in mirror); NumPy
+    adds the n terms of that axis in order to +0 (so -0 terms sum to +0); a kernel does the same."""
     prec, dt = ctx.prec, ctx.dtype
     mixed = reduce_sum(comb[..., None] * residual.astype(dt)[:, :, :, None, :], 2, prec)  # [b,s,k,c]: Σ_j comb[j,k]·h[j]
     y = post[..., None] * x.astype(dt)[:, :, None, :] + mixed                        # [b, s, n, c] fp32

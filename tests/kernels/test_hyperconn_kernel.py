@@ -3,9 +3,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kernel_checks import PRECS, check, dtype_of
+from kernel_checks import PRECS, bf16, check, dtype_of
+from refimpl.config import Config
+from refimpl.context import RunContext
 from refimpl.kernels import hyperconn as kh
-from refimpl.model.hyperconn import split_sinkhorn
+from refimpl.model.hyperconn import hc_post, split_sinkhorn
+from refimpl.ops import parse_kernels, use_kernels
 
 
 @pytest.mark.parametrize("prec", PRECS)
@@ -22,3 +25,66 @@ def test_split_sinkhorn(prec, seed, rows, n, iters, gain):
     got = kh.split_sinkhorn(mixes, scale, base, n=n, iters=iters, eps=1e-6, prec=prec)
     for g, w in zip(got, want):            # values in [0, 2]; 20 float32 Sinkhorn steps: ~20 ulps of 1
         check(g, w, prec, f32_atol=5e-6)
+
+
+# ------------------------------------------------------------------------------------------------ hc_post
+
+def _post_inputs(rng, rows, n, c, dt, spread):
+    """x, residual bf16 values; post, comb with magnitudes 2^-spread .. 2^spread (the float64 sum over the
+    streams then rounds, and its order shows); -0 in x and h (channels 0, 35, ..: every term of the sum
+    and post·x are ±0, so the sign of 0 shows)."""
+    def wide(shape):
+        return (rng.standard_normal(shape) * np.exp2(rng.integers(-spread, spread + 1, shape))).astype(np.float32)
+    x = bf16(rng.standard_normal((1, rows, c)))
+    x[..., ::5] = -0.0
+    res = bf16(wide((1, rows, n, c)))
+    res[..., ::7] = -0.0
+    post, comb = wide((1, rows, n)), wide((1, rows, n, n))
+    return [a.astype(dt) for a in (x, res, post, comb)]
+
+
+@pytest.mark.parametrize("prec", PRECS)
+@settings(deadline=None, max_examples=25)
+@given(seed=st.integers(0, 2**31), rows=st.integers(1, 9), n=st.sampled_from([1, 2, 4]),
+       c=st.sampled_from([1, 8, 130]), spread=st.sampled_from([0, 12, 40]))
+def test_hc_post_equals_spec_bit_for_bit(prec, seed, rows, n, c, spread):
+    """Every precision: the same IEEE ops in the same order as the spec, so every bit agrees (signs of 0 too)."""
+    ctx = RunContext(cfg=Config.tiny(), prec=prec)
+    args = _post_inputs(np.random.default_rng(seed), rows, n, c, dtype_of(prec), spread)
+    want = hc_post.spec(*args, ctx)
+    got = kh.hc_post(*args, ctx)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert np.array_equal(got.view(np.uint32 if got.dtype == np.float32 else np.uint64),
+                          want.view(np.uint32 if want.dtype == np.float32 else np.uint64))
+
+
+def test_hc_post_mirror_sums_the_streams_in_order_in_float64():
+    """A hand-worked row: old streams h = (2^30, 3, -2^30) (second channel: 3 + 2^-6), all with weight 1
+    in new stream 0, post = 0. The fp32 products are exact; the float64 sum in stream order is exactly
+    3 (3 + 2^-6), which fp32 adds would lose (fl32(2^30 + 3) = 2^30, then 0); 3 + 2^-6 = 3.015625 is
+    a bf16 value, so the bf16 store keeps it. New streams 1 and 2 have weight 0: exact 0."""
+    ctx = RunContext(cfg=Config.tiny(), prec="mirror")
+    res = np.array([[[[2.0 ** 30, 2.0 ** 30], [3.0, 3.0 + 2 ** -6], [-(2.0 ** 30), -(2.0 ** 30)]]]], np.float32)
+    x = np.ones((1, 1, 2), np.float32)
+    post = np.zeros((1, 1, 3), np.float32)
+    comb = np.zeros((1, 1, 3, 3), np.float32)
+    comb[..., :, 0] = 1.0
+    got = kh.hc_post(x, res, post, comb, ctx)
+    assert got[0, 0].tolist() == [[3.0, 3.015625], [0.0, 0.0], [0.0, 0.0]]
+    assert np.array_equal(got, hc_post.spec(x, res, post, comb, ctx))
+
+
+def test_hc_post_is_the_numba_selections_kernel():
+    assert parse_kernels("numba").impl("hc_post") is kh.hc_post
+    assert parse_kernels("numba,hc_post=numpy").impl("hc_post") is None
+    ctx = RunContext(cfg=Config.tiny(), prec="mirror")
+    args = _post_inputs(np.random.default_rng(1), 3, 4, 16, np.float32, 4)
+    with use_kernels("numba"):
+        assert np.array_equal(hc_post(*args, ctx), hc_post.spec(*args, ctx))
+
+
+def test_hc_post_refuses_mismatched_shapes():
+    ctx = RunContext(cfg=Config.tiny(), prec="mirror")
+    x, res, post, comb = _post_inputs(np.random.default_rng(2), 2, 4, 8, np.float32, 0)
+    with pytest.raises(ValueError, match="hc_post: need"):
+        kh.hc_post(x, res, post[..., :3], comb, ctx)

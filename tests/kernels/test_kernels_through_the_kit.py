@@ -15,8 +15,8 @@ from kernel_checks import PRECS, check
 from refimpl.testing import OPS, assert_matches
 
 # the records whose operation (or the swappable operations inside it) has a Numba kernel (refimpl/ops.py KERNELS)
-KERNEL_OPS = ["fp8_linear", "fp4_linear", "rms_norm", "head_rms_norm", "apply_rope", "split_sinkhorn", "hc_pre", "hc_head",
-              "compress", "index_topk", "sparse_attention", "expert_sum"]
+KERNEL_OPS = ["fp8_linear", "fp4_linear", "rms_norm", "head_rms_norm", "apply_rope", "split_sinkhorn", "hc_pre", "hc_post",
+              "hc_head", "compress", "index_topk", "sparse_attention", "expert_sum"]
 
 
 @pytest.mark.parametrize("prec", PRECS)

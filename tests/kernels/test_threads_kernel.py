@@ -32,7 +32,9 @@ SCRIPT = textwrap.dedent("""
     import refimpl.kernels.threads
     refimpl.kernels.threads.SMALL_WORK = 0            # small calls too run in the parallel regions
     from refimpl.model.compressor import gated_pool
-    from refimpl.model.hyperconn import split_sinkhorn
+    from refimpl.config import Config
+    from refimpl.context import RunContext
+    from refimpl.model.hyperconn import hc_post, split_sinkhorn
     from refimpl.model.indexer import index_topk
     from refimpl.model.norm import head_rms_norm, rms_norm
     from refimpl.model.rope import apply_rope, rope_table
@@ -49,13 +51,17 @@ SCRIPT = textwrap.dedent("""
         mixes, x = rng.standard_normal((1, 5, 24)).astype(dt), bf(rng.standard_normal((1, 3, 200))).astype(dt)
         table = rope_table(np.arange(3), dim=8, base=1e4, original_seq_len=0, factor=1, beta_fast=32, beta_slow=1,
                            prec=prec)
+        ctx = RunContext(cfg=Config.tiny(), prec=prec)
+        res, post, comb = bf(rng.standard_normal((1, 3, 4, 200))).astype(dt), rng.random((1, 3, 4)).astype(dt), \\
+            rng.random((1, 3, 4, 4)).astype(dt)
         calls = [(ki.index_topk, index_topk.spec, (q, keys, w, 1197, 4, 5, prec), dict()),
                  (kc.gated_pool, gated_pool.spec, (kv, sc, prec), dict()),
                  (kh.split_sinkhorn, split_sinkhorn.spec, (mixes, np.float32([.3, .4, .5]), np.zeros(24, np.float32)),
                   dict(n=4, iters=5, eps=1e-6, prec=prec)),
                  (kn.rms_norm, rms_norm.spec, (x, np.ones(200, np.float32)), dict(eps=1e-6, prec=prec)),
                  (kn.head_rms_norm, head_rms_norm.spec, (q,), dict(eps=1e-6, prec=prec)),
-                 (kr.apply_rope, apply_rope.spec, (q, table, prec), dict(inverse=True))]
+                 (kr.apply_rope, apply_rope.spec, (q, table, prec), dict(inverse=True)),
+                 (kh.hc_post, hc_post.spec, (x, res, post, comb, ctx), dict())]
         for kernel, spec, args, kw in calls:
             got = kernel(*args, **kw)
             if {check_spec}:
@@ -89,7 +95,11 @@ SCRIPT = textwrap.dedent("""
                   dict(n=4, iters=20, eps=1e-6, prec=prec)),
                  (8, kn.rms_norm, (x, np.ones(512, np.float32)), dict(eps=1e-6, prec=prec)),
                  (8, kn.head_rms_norm, (qh,), dict(eps=1e-6, prec=prec)),
-                 (3, kr.apply_rope, (qh, table, prec), dict(inverse=False))]
+                 (3, kr.apply_rope, (qh, table, prec), dict(inverse=False)),
+                 (5, kh.hc_post, (x.reshape(1, 2048, 4096), bf(rng.standard_normal((1, 2048, 4, 4096))),
+                                  rng.random((1, 2048, 4)).astype(np.float32),
+                                  rng.random((1, 2048, 4, 4)).astype(np.float32), RunContext(cfg=Config.tiny(), prec=prec)),
+                  dict())]
         for repeats, kernel, args, kw in calls:
             for _ in range(repeats):
                 got = kernel(*args, **kw)
