@@ -12,7 +12,7 @@ peak RSS (ru_maxrss of that process) is its own.
     options: --ckpt /tmp/flash2 (Flash dims, 2 layers: `refimpl make-checkpoint flash /tmp/flash2 --layers 2`)
              --long-ckpt DIR (4 Flash layers SWA, SWA, CSA, HCA, 8 experts; made there if missing)
              --kernels numba (the selection measured against "numpy"), --precision mirror
-             --prefill 1024,4096  --budget-s S  --long-tokens 65536  --long-budget-s S
+             --prefill 1024,4096  --budget-s S  --long-tokens 65536  --long-budget-s S  --long-rate N,N,..
              --decode-position 128  --markdown (the README's table)  --job-timeout-s S
 
 What is measured (the JSON keys):
@@ -47,7 +47,14 @@ What is measured (the JSON keys):
                 a 4-layer Flash checkpoint) in chunks of at most --long-chunk tokens up to
                 --long-tokens, each chunk sized to fit the rest of --long-budget-s; stopped early, it
                 marks itself incomplete. Time, tokens/s, state bytes per token per layer (total
-                State.nbytes() / tokens, and the growth: compressed entries and index keys).
+                State.nbytes() / tokens, and the growth: compressed entries and index keys). After
+                each chunk a progress line: tokens done, tokens/s, and the projected total time
+                (seconds per token fitted as a + b·position over the chunks so far, integrated to
+                --long-tokens), so that a run that will not fit its budget says so early.
+  long_rate     (before long_context, full mode) one chunk at each of --long-rate context positions,
+                from a synthetic state (random bf16 entries and keys as a prefill to that position
+                would hold): seconds, tokens/s, wall time per swappable operation, and the total of
+                a --long-tokens prefill projected from them (the same fit).
   ops           (in tiny, flash_decode, long_context) each kernel's speed-up over its spec function:
                 the arguments of every call a kernel gets during one step (tiny: a prefill and a
                 decode step; Flash: one decode step; long: one 32-token chunk after the prefill) are

@@ -74,6 +74,21 @@ def test_hc_post_mirror_sums_the_streams_in_order_in_float64():
     assert np.array_equal(got, hc_post.spec(x, res, post, comb, ctx))
 
 
+def test_hc_post_mirror_rounds_the_stream_sum_before_the_add():
+    """Hand-worked: the stream sum is rounded to fp32 on its own, then added to post·x in fp32 (two
+    roundings), not rounded once with it. Old streams h = (2^-24, 2^-25) with weights (1, 2^-25): the
+    sum 2^-24 + 2^-50 rounds to 2^-24; post·x = 1 + 2^-8; (1 + 2^-8) + 2^-24 is an fp32 tie, to even:
+    1 + 2^-8, itself a bf16 tie, to even: 1. Rounded once (exact in float64), 1 + 2^-8 + 2^-24 + 2^-50
+    is above the fp32 tie (to 1 + 2^-8 + 2^-23) and then above the bf16 one: 1 + 2^-7."""
+    ctx = RunContext(cfg=Config.tiny(), prec="mirror")
+    res = np.array([[[[2.0 ** -24], [2.0 ** -25]]]], np.float32)
+    x = np.ones((1, 1, 1), np.float32)
+    post = np.array([[[1 + 2.0 ** -8, 0.0]]], np.float32)
+    comb = np.array([[[[1.0, 0.0], [2.0 ** -25, 0.0]]]], np.float32)
+    for f in (kh.hc_post, hc_post.spec):
+        assert f(x, res, post, comb, ctx)[0, 0, :, 0].tolist() == [1.0, 0.0]     # new stream 1: weights 0
+
+
 def test_hc_post_is_the_numba_selections_kernel():
     assert parse_kernels("numba").impl("hc_post") is kh.hc_post
     assert parse_kernels("numba,hc_post=numpy").impl("hc_post") is None
