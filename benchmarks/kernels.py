@@ -9,6 +9,7 @@ peak RSS (ru_maxrss of that process) is its own.
     python benchmarks/kernels.py --quick               # a subset in a few minutes
     python benchmarks/kernels.py --smallest --tiny-ckpt DIR   # seconds: the tiny model only (tests)
     python benchmarks/kernels.py --profile             # cProfile of one Flash-dimension decode step
+    python benchmarks/kernels.py --long-only           # the limits and the 65,536-token long context alone (~35 min)
     options: --ckpt /tmp/flash2 (Flash dims, 2 layers: `refimpl make-checkpoint flash /tmp/flash2 --layers 2`)
              --long-ckpt DIR (4 Flash layers SWA, SWA, CSA, HCA, 8 experts; made there if missing)
              --kernels numba (the selection measured against "numpy"), --precision mirror
@@ -998,6 +999,8 @@ def main(argv=None) -> int:
                          "timed from a synthetic state before the long run, to project its total (default: a quarter "
                          "and half of --long-tokens and its last chunk, 16384,32768,63488; none with --quick; '' for none)")
     ap.add_argument("--no-flash", action="store_true", help="skip every Flash-dimension measurement")
+    ap.add_argument("--long-only", action="store_true",
+                    help="only the limits and the long context (with --quick: its quick sizes)")
     ap.add_argument("--profile", action="store_true",
                     help="only: cProfile one Flash-dimension decode step (--ckpt, --kernels) and print what dominates")
     ap.add_argument("--job-timeout-s", type=float, default=JOB_TIMEOUT_S,
@@ -1063,6 +1066,12 @@ def main(argv=None) -> int:
     say(f"limits      read {bw:.2f} GB/s (NumPy sum of {lim['read_bytes'] / MiB:.0f} MiB, one thread), "
         f"sgemm {mm:.1f} GFLOP/s, dgemm {lim['dgemm_GFLOPs']:.1f} GFLOP/s (n={lim['sgemm_n']}), threads {lim['threads']}")
     ratios: dict = {}
+    if a.long_only:                                 # the long context alone, against this run's limits
+        long_section(a, report, ratios, quick, mm, long_tokens, long_budget)
+        report["ratios"] = ratios
+        report["machine"]["load_average_end"] = load_average()
+        print(json.dumps(report, default=_json_default, sort_keys=True))
+        return 0
 
     # ---- tiny
     tiny_dir = Path(a.tiny_ckpt) if a.tiny_ckpt else ensure_tiny(DEFAULT_TINY_DIR)
