@@ -95,6 +95,12 @@ DEFAULT_LONG_DIR = Path(tempfile.gettempdir()) / "refimpl-flash-long"
 # (benchmarks/README.md, "Issue 23: long context, second pass": measured rates and the projection)
 LONG_BUDGET_S = 3600.0
 LONG_BUDGET_QUICK_S = 120.0
+# Cost of a token of the long context relative to one at position 0, per token of context: a + b·p with
+# b/a = LONG_GROWTH (the indexer's scores and the HCA layer's attention grow with p; the products do
+# not). Measured: CPU seconds of a 2048-token chunk at 2,048 / 16,384 / 32,768 / 63,488 tokens of
+# context, 93.4 / 99.7 / 108.3 / 122.8 s (benchmarks/README.md, "Issue 23: long context, second pass"):
+# a least-squares line through the seconds per token has b/a = 5.2e-6, a token at 65,536 costs x1.34.
+LONG_GROWTH = 5e-6
 
 
 # ============================================================== helpers (both sides)
@@ -606,11 +612,13 @@ def make_long_ckpt(path: Path) -> None:
 
 
 def job_long(ckpt: str, kernels: str, precision: str, n_tokens: int, chunk: int, budget_s: float,
-             ops: bool, ops_tokens: int, first_chunk: int = 64, min_chunk: int = 16) -> dict:
+             ops: bool, ops_tokens: int, first_chunk: int = 64, min_chunk: int = 16,
+             growth: float = LONG_GROWTH) -> dict:
     """Chunked prefill through layers 2 (CSA) and 3 (HCA) only: time, state bytes per token.
 
     Chunks of at most `chunk` tokens (the first one `first_chunk`), each sized to fit the rest of
-    budget_s; it stops early (complete: false) when fewer than min_chunk tokens would fit.
+    budget_s; it stops early (complete: false) when fewer than min_chunk tokens would fit. After each
+    chunk a progress line with the projected total (long_time_left, with `growth`).
     """
     from refimpl.formats.weights import load
     from refimpl.model.attention import AttentionState
@@ -643,7 +651,7 @@ def job_long(ckpt: str, kernels: str, precision: str, n_tokens: int, chunk: int,
         chunks.append({"from": done, "tokens": hi - done, "s": took})
         done = hi
         elapsed = time.perf_counter() - t_start
-        projected = elapsed + long_time_left(chunks[1:] or chunks, done, n_tokens)   # the first chunk pays the start-up
+        projected = elapsed + long_time_left(chunks, done, n_tokens, growth)
         chunks[-1]["projected_total_s"] = projected
         progress(f"long        {done:>6,} / {n_tokens:,} tokens in {elapsed:7.0f} s: this chunk {hi - chunks[-1]['from']} "
                  f"tokens at {(hi - chunks[-1]['from']) / took:5.1f} tokens/s, so far {done / elapsed:5.1f} tokens/s; "
@@ -709,8 +717,9 @@ def job_long_rate(ckpt: str, kernels: str, precision: str, contexts: list[int], 
                   n_tokens: int = 65536) -> dict:
     """Seconds of one chunk of `chunk` tokens through the long-context layers at each context position in
     `contexts`, from a synthetic state (synthetic_long_state), after a warm-up chunk; per operation the
-    wall time inside each swappable operation (inclusive of any operation it calls); and the total time
-    of an n_tokens prefill projected from them (long_time_left's fit of a + b·position)."""
+    wall time inside each swappable operation (inclusive of any operation it calls); the cost's growth
+    per token of context (a line through the chunks' CPU seconds per token: b/a); and the total time of
+    an n_tokens prefill projected from the last chunk's pace with that growth (long_time_left)."""
     from refimpl import ops
     from refimpl.formats.weights import load
     from refimpl.model.block import block
@@ -765,30 +774,41 @@ def job_long_rate(ckpt: str, kernels: str, precision: str, contexts: list[int], 
                      f"({points[-1]['tokens_per_s']:.1f} tokens/s; CPU {points[-1]['cpu_s']:.1f} s)")
     finally:
         ops.Kernels.impl = orig_impl
+    # growth per token of context: from CPU seconds (less swayed by other jobs than wall time), two points at least
+    a, b = growth_fit([dict(p, s=p["cpu_s"]) for p in points])
+    growth = b / a if len(points) >= 2 and a > 0 else LONG_GROWTH
     return {"precision": precision, "kernels": kernels, "chunk": chunk, "layers": {str(i): k for i, k in kinds.items()},
-            "points": points, "target_tokens": n_tokens, "projected_s": long_time_left(points, 0, n_tokens)}
+            "points": points, "target_tokens": n_tokens, "growth": growth,
+            "projected_s": long_time_left(points, 0, n_tokens, growth)}
 
 
-def long_time_left(fit: list[dict], done: int, n_tokens: int) -> float:
-    """Seconds a long-context prefill should take from `done` tokens to n_tokens, from measured chunks
+
+
+def long_time_left(fit: list[dict], done: int, n_tokens: int, growth: float = LONG_GROWTH) -> float:
+    """Seconds a long-context prefill should take from `done` tokens to n_tokens, from the chunks measured
     ({"from", "tokens", "s"}, in position order).
 
-    A token at context position p costs a + b·p seconds (the products are the same for every token;
-    the indexer's scores and the HCA layer's attention grow with p). a and b come from a least-squares
-    fit of each chunk's seconds per token against its middle position, weighted by its tokens; with
-    one chunk, or a fit whose b is negative (a loaded machine's noise), the last chunk's pace for every
-    remaining token. The rest: the integral of a + b·p from done to n_tokens.
+    A token at context position p costs c·(1 + growth·p) seconds: c from the last chunk (the machine's
+    pace now), growth per token of context as measured (LONG_GROWTH, or the long_rate fit). A fit of
+    both from the run's own chunks is not used: on a shared machine the chunks' paces swing with the
+    load by more than the growth, and a steep line through two chunks projected 40,000 s for a run
+    of about 2,000. The rest: the integral of c·(1 + growth·p) from done to n_tokens.
     """
-    a, b = fit[-1]["s"] / fit[-1]["tokens"], 0.0
-    if len(fit) >= 2:
-        p = np.array([c["from"] + c["tokens"] / 2 for c in fit])
-        y = np.array([c["s"] / c["tokens"] for c in fit])
-        wts = np.array([c["tokens"] for c in fit], float)                # longer chunks count more
-        A = np.stack([np.ones_like(p), p], axis=1) * np.sqrt(wts)[:, None]
-        (a_fit, b_fit), *_ = np.linalg.lstsq(A, y * np.sqrt(wts), rcond=None)
-        if b_fit >= 0:
-            a, b = a_fit, b_fit
-    return float(a * (n_tokens - done) + b * (n_tokens ** 2 - done ** 2) / 2)
+    last = fit[-1]
+    c = last["s"] / last["tokens"] / (1 + growth * (last["from"] + last["tokens"] / 2))
+    return float(c * ((n_tokens - done) + growth * (n_tokens ** 2 - done ** 2) / 2))
+
+
+def growth_fit(points: list[dict]) -> tuple[float, float]:
+    """(a, b) of a least-squares line a + b·p through the chunks' seconds per token against their middle
+    position p (weighted by their tokens); b >= 0."""
+    p = np.array([c["from"] + c["tokens"] / 2 for c in points], float)
+    y = np.array([c["s"] / c["tokens"] for c in points], float)
+    if len(points) < 2:
+        return float(y[-1]), 0.0
+    wts = np.sqrt(np.array([c["tokens"] for c in points], float))
+    (a, b), *_ = np.linalg.lstsq(np.stack([np.ones_like(p), p], axis=1) * wts[:, None], y * wts, rcond=None)
+    return (float(a), float(b)) if b >= 0 else (float(y.mean()), 0.0)
 
 
 def progress(text: str) -> None:
@@ -1278,6 +1298,7 @@ def long_section(a, report, ratios, quick, mm, long_tokens, long_budget) -> None
     else:                                          # a quarter, half, and the last chunk of the run (multiples of 128)
         contexts = [] if quick else sorted({p // 128 * 128 for p in (long_tokens // 4, long_tokens // 2,
                                                                       long_tokens - rate_chunk)} - {0})
+    growth = LONG_GROWTH
     if contexts:                                   # the pace at long contexts first: the projection before the run
         say(f"long rate   one {rate_chunk}-token chunk at each of {', '.join(map(str, contexts))} tokens "
             f"of (synthetic) context ...")
@@ -1287,13 +1308,15 @@ def long_section(a, report, ratios, quick, mm, long_tokens, long_budget) -> None
         if "error" in rate:
             say(f"long rate   FAILED {rate['error']}")
         else:
+            growth = rate["growth"]
             say(f"long rate   a {long_tokens:,}-token prefill projected at {rate['projected_s']:,.0f} s "
-                f"(budget {long_budget:,.0f} s, --long-budget-s)")
+                f"(cost per token x{1 + growth * long_tokens:.2f} at {long_tokens:,} tokens of context; budget "
+                f"{long_budget:,.0f} s, --long-budget-s)")
     say(f"long        {long_tokens:,} tokens through one CSA + one HCA layer in chunks of up to {a.long_chunk} "
         f"(budget {long_budget:,.0f} s); progress after each chunk:")
     r = run_job("long", ckpt=str(path), kernels=a.kernels, precision=a.precision, n_tokens=long_tokens,
                 chunk=min(a.long_chunk, long_tokens), budget_s=long_budget, ops=True, ops_tokens=16 if quick else 32,
-                first_chunk=32 if quick else 64, job_timeout_s=long_budget * 1.5 + 600)
+                first_chunk=32 if quick else 64, growth=growth, job_timeout_s=long_budget * 1.5 + 600)
     if note:
         r["note"] = note
     report["long_context"] = r
