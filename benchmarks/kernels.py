@@ -776,7 +776,7 @@ def job_long_rate(ckpt: str, kernels: str, precision: str, contexts: list[int], 
         ops.Kernels.impl = orig_impl
     # growth per token of context: from CPU seconds (less swayed by other jobs than wall time), two points at least
     a, b = growth_fit([dict(p, s=p["cpu_s"]) for p in points])
-    growth = b / a if len(points) >= 2 and a > 0 else LONG_GROWTH
+    growth = b / a if len(points) >= 2 and a > 0 and b > 0 else LONG_GROWTH   # no growth seen: the noise is larger
     return {"precision": precision, "kernels": kernels, "chunk": chunk, "layers": {str(i): k for i, k in kinds.items()},
             "points": points, "target_tokens": n_tokens, "growth": growth,
             "projected_s": long_time_left(points, 0, n_tokens, growth)}
