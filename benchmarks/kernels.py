@@ -991,6 +991,13 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
+def _positions(text: str) -> str:
+    """--long-rate's value: comma-separated context positions (integers >= 0), or '' for none."""
+    if not all(x.strip().isdigit() for x in text.split(",") if x.strip()):
+        raise argparse.ArgumentTypeError(f"must be context positions such as 16384,32768 (or '' for none), got {text!r}")
+    return text
+
+
 def main(argv=None) -> int:
     global JOB_TIMEOUT_S
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -1012,9 +1019,11 @@ def main(argv=None) -> int:
     ap.add_argument("--long-chunk", type=int, default=4096)
     ap.add_argument("--budget-s", type=float, default=None, help="time budget of one prefill measurement")
     ap.add_argument("--long-budget-s", type=float, default=None,
-                    help=f"time budget of the long context (default {LONG_BUDGET_S:.0f} s, {LONG_BUDGET_QUICK_S:.0f} s "
-                         "with --quick); the run stops early, marked incomplete, where the next chunk would not fit")
-    ap.add_argument("--long-rate", default=None, metavar="N,N,..",
+                    help=f"time budget of the long context (default {LONG_BUDGET_S:.0f} s: about 1.9x the 1,870 s "
+                         "projected for 65,536 tokens on an idle 2-core machine, benchmarks/README.md; "
+                         f"{LONG_BUDGET_QUICK_S:.0f} s with --quick); the run stops early, marked incomplete, where the "
+                         "next chunk would not fit")
+    ap.add_argument("--long-rate", default=None, metavar="N,N,..", type=_positions,
                     help="context positions (multiples of 128) at which one chunk (--long-chunk, at most 2048 tokens) is "
                          "timed from a synthetic state before the long run, to project its total (default: a quarter "
                          "and half of --long-tokens and its last chunk, 16384,32768,63488; none with --quick; '' for none)")
@@ -1294,7 +1303,7 @@ def long_section(a, report, ratios, quick, mm, long_tokens, long_budget) -> None
                 f"budget of {long_budget:.0f} s allows (--long-budget-s)")
     rate_chunk = min(a.long_chunk, 2048)
     if a.long_rate is not None:
-        contexts = [int(x) for x in a.long_rate.split(",") if x]
+        contexts = [int(x) for x in a.long_rate.split(",") if x.strip()]
     else:                                          # a quarter, half, and the last chunk of the run (multiples of 128)
         contexts = [] if quick else sorted({p // 128 * 128 for p in (long_tokens // 4, long_tokens // 2,
                                                                       long_tokens - rate_chunk)} - {0})
