@@ -132,6 +132,34 @@ def _to_e4m3(x: np.ndarray) -> np.ndarray:
     return np.clip(x, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
 
 
+def e4m3_values(x) -> np.ndarray:
+    """float32 x (finite) -> float32: the nearest e4m3fn value (RNE), saturating at ±448, i.e. the value of
+    _to_e4m3(x), taken on the float32 bits (about 4x faster than the ml_dtypes cast and back; the act_quant step).
+
+    Normal e4m3 values (from 2^-6) keep 3 of float32's 23 fraction bits: adding 0x7FFFF plus the lowest
+    kept bit and cutting the low 20 bits is RNE (a carry into the exponent is the correct rounding up;
+    |x| <= 448 after the clamp, so nothing passes 448). Below 2^-6 the values are the multiples of 2^-9
+    (subnormals): |x| + 2^14 - 2^14 in float32 rounds |x| to one, ties to even (2^14's last fraction bit
+    is worth 2^-9), and the count's parity is the code's. The sign is put back (-0 stays -0).
+    tests/test_numerics.py checks it against the ml_dtypes cast at every tie and on random bits.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    a = np.abs(x)
+    np.minimum(a, np.float32(FP8_MAX), out=a)                     # clamp (the official kernels' saturation)
+    u = a.view(np.uint32)
+    r = u >> np.uint32(20)
+    r &= np.uint32(1)                                             # the lowest kept bit (ties to even)
+    r += np.uint32(0x7FFFF)
+    r += u
+    r &= np.uint32(0xFFF00000)
+    small = a < np.float32(2.0 ** -6)
+    a += np.float32(2.0 ** 14)                                    # multiples of 2^-9 (kept below 2^-6 only)
+    a -= np.float32(2.0 ** 14)
+    q = r.view(np.float32)
+    np.copyto(q, a, where=small)
+    return np.copysign(q, x, out=q)
+
+
 def _to_e2m1(x: np.ndarray) -> np.ndarray:
     """x (no NaN) -> ml_dtypes float4_e2m1fn, RNE, saturating at ±6."""
     return np.clip(x, -FP4_MAX, FP4_MAX).astype(ml_dtypes.float4_e2m1fn)
@@ -287,7 +315,7 @@ def act_quant_fp8(x, *, block: int = FP8_BLOCK) -> tuple[np.ndarray, np.ndarray]
     xb = _act_blocks(x, block, "act_quant_fp8")                  # [..., K/blk, blk]
     amax = np.maximum(np.abs(xb).max(axis=-1), FP8_AMAX_FLOOR)   # [..., K/blk]  fp32
     s = pow2_scale(amax, FP8_MAX_INV)                            # official: fast_round_scale
-    q = _to_e4m3(xb / s[..., None]).astype(np.float32)           # clamp, cast to e4m3 (RNE); x / s exact: s = 2^k
+    q = e4m3_values(xb / s[..., None])                           # clamp, e4m3 (RNE); x / s exact: s = 2^k
     return q.reshape(np.shape(x)), s
 
 

@@ -180,6 +180,24 @@ def test_decoders_equal_bit_field_formulas_on_every_code():
     same_floats(nx.decode_ue8m0(ALL_BYTES), want)
 
 
+def test_e4m3_values_equal_the_ml_dtypes_cast_at_every_tie_and_on_random_bits():
+    """e4m3_values (the bit-level RNE act_quant uses) against the clamp + ml_dtypes cast it replaces and the grid
+    reference: every e4m3 value and midpoint with their float32 neighbours, both signs, past 448, float32
+    subnormals, and random bit patterns over the whole finite float32 range."""
+    values, codes = e4m3_reference_table()
+    rng = np.random.default_rng(5)
+    bits = rng.integers(0, 2**32, 400_000, dtype=np.uint64).astype(np.uint32)
+    rand = bits.view(np.float32)
+    x = np.concatenate([tie_neighbourhoods(values, np.float32), rand[np.isfinite(rand)],
+                        rand[np.isfinite(rand)][:50_000] * np.float32(2.0 ** -100),          # the subnormal range
+                        np.array([0.0, -0.0, 2.0**-149, -2.0**-149, 448, 449, 464, -1e38, 3 * 2.0**-10], np.float32)])
+    with np.errstate(under="ignore"):
+        got = nx.e4m3_values(x)
+    same_floats(got, np.clip(x, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32))
+    same_floats(got, grid_round(x, values, codes)[0].astype(np.float32))
+    assert np.signbit(got).tolist() == np.signbit(x).tolist()                               # -0 stays -0
+
+
 def test_act_quant_casts_equal_reference_rounding():
     # the quantizers' own casts (after the clamp) round exactly as the reference, ties included
     values, codes = e4m3_reference_table()
