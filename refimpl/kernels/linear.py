@@ -641,7 +641,8 @@ class PanelCache:
             w = np.empty((p1 - p0, K), dtype)
             decode_rows(fmt, codes, scale, p0, p1, row0, w)
             return (w, derive(w) if derive else None)
-        wc, ws = self._where(codes), self._where(scale)
+        wc = self._where(codes)
+        ws = (_NO_SCALE, ("no scale",)) if scale is _NO_SCALE else self._where(scale)   # the dense products' constant
         if wc is None or ws is None or codes.shape[0] * K * 8 > PANEL_CACHE_MATRIX:
             return build()
         key = (kind, int(fmt), wc[1], ws[1], p0, p1, row0, K, np.dtype(dtype).str)
@@ -966,7 +967,7 @@ def _dense_codes(w: np.ndarray, name: str):
     return None
 
 
-_NO_SCALE = np.zeros((1, 1), np.uint8)
+_NO_SCALE = np.zeros((1, 1), np.uint8)         # bf16/fp32 weights have no scale grid (never written)
 
 
 def fp32_linear(x: np.ndarray, w: np.ndarray, prec: str) -> np.ndarray:
