@@ -597,8 +597,8 @@ def fp4_spans_fit(scale: np.ndarray) -> bool:
 BLAS_MIN_ROWS = 16       # products with at least this many input rows take BLAS: mirror's FP8/FP4 block sums
                          # (blas_block_sums, the same bits), float32 mode's products (blas_float32, the spec's sgemm)
 PANEL_ROWS = 512         # BLAS paths: weight rows decoded at a time, and input rows per block-sum product
-PANEL_CACHE_BYTES = 64 << 20   # decoded weight panels kept for the BLAS paths, all matrices together (least
-                               # recently used dropped first)
+PANEL_CACHE_BYTES = 96 << 20   # decoded weight panels kept for the BLAS paths, all matrices together (once
+                               # full, further panels are decoded on each call as before)
 PANEL_CACHE_MATRIX = 4 << 20   # only a matrix whose decoded form takes at most this many bytes is kept
 
 
@@ -610,16 +610,19 @@ class PanelCache:
     cached panel holds the bits the call would decode: the cache changes the speed only. Kept only for
     read-only codes and scales (checkpoint memory maps, the resident head; the rule of `checked_codes`:
     a writeable array may change between calls) of matrices whose decoded form takes at most
-    PANEL_CACHE_MATRIX bytes, in at most PANEL_CACHE_BYTES in all: at Flash dimensions only the small
-    matrices (hc_fn's 24 rows, the indexer's weights_proj) fit, and a large model's cost stays 64 MiB at
-    most. An entry is keyed by the memory it was decoded from (the array owning it, held by a weak
-    reference: when that array goes, so do its entries).
+    PANEL_CACHE_MATRIX bytes, in at most PANEL_CACHE_BYTES in all, first come first kept (an evicting
+    policy would miss on every call once a forward's panels pass the cap: they recur in the same
+    cycle). The tiny model's panels take 72.5 MiB in mirror (float64), 36.2 MiB in float32 mode; at
+    Flash dimensions only the small matrices qualify (hc_fn's 24 rows, the indexer's weights_proj:
+    about 8 MiB a layer), and the cost is 96 MiB at most. An entry is keyed by the memory it was
+    decoded from (the last array of its base chain, held by a weak reference: when that array goes,
+    so do its entries).
     """
 
     def __init__(self, cap: int):
         self.cap = cap
         self.used = 0
-        self.entries: dict = {}                  # key -> (payload, nbytes, owner refs); first = least recently used
+        self.entries: dict = {}                  # key -> (payload, nbytes, owner refs)
         self.gone: list = []                     # weak references whose owner died (appended by their callback)
         self.lock = threading.Lock()
 
@@ -628,7 +631,9 @@ class PanelCache:
         """(owner, key part) of a read-only array, or None: the array owning the memory and the view's place in it."""
         if a.flags.writeable:
             return None
-        owner = a.base if isinstance(a.base, np.ndarray) else a
+        owner = a
+        while isinstance(owner.base, np.ndarray):  # the last array of the chain: a checkpoint's memory map, whose
+            owner = owner.base                   # tensors may be fresh views on every access
         return owner, (id(owner), a.__array_interface__["data"][0], a.shape, a.strides, a.dtype.str)
 
     def _pop(self, key) -> None:
@@ -651,9 +656,8 @@ class PanelCache:
                 ref = self.gone.pop()
                 for k in [k for k, v in self.entries.items() if ref in v[2]]:
                     self._pop(k)
-            hit = self.entries.pop(key, None)
+            hit = self.entries.get(key)
             if hit is not None:
-                self.entries[key] = hit          # now the most recently used
                 return hit[0]
         payload = build()
         nbytes = payload[0].nbytes + sum(a.nbytes for a in (payload[1] or ()) if isinstance(a, np.ndarray))
@@ -667,12 +671,9 @@ class PanelCache:
             if isinstance(a, np.ndarray):
                 a.flags.writeable = False        # a kept panel is shared between calls: nobody may write it
         with self.lock:
-            if key in self.entries:              # another thread decoded it meanwhile
-                self._pop(key)
-            while self.used + nbytes > self.cap and self.entries:
-                self._pop(next(iter(self.entries)))
-            self.entries[key] = (payload, nbytes, refs)
-            self.used += nbytes
+            if key not in self.entries and self.used + nbytes <= self.cap:   # full: the panel is not kept
+                self.entries[key] = (payload, nbytes, refs)
+                self.used += nbytes
         return payload
 
     def clear(self) -> None:

@@ -84,7 +84,7 @@ def test_a_kept_panel_is_the_decoded_panel_and_read_only(fresh_cache):
     assert np.array_equal(other, w.dequantize()[:48])
 
 
-def test_entries_go_with_their_memory_and_stay_under_the_cap(monkeypatch):
+def test_entries_go_with_their_memory_and_stay_under_the_cap():
     rng = np.random.default_rng(5)
     panel_bytes = 32 * 128 * 8
     cache = K.PanelCache(3 * panel_bytes)
@@ -94,12 +94,14 @@ def test_entries_go_with_their_memory_and_stay_under_the_cap(monkeypatch):
         w, _ = cache.get("", FMT_F32, m, scale, 0, 32, 0, 128, np.float64)
         assert np.array_equal(w, m.view(np.float32))
         assert cache.used <= cache.cap
-    assert len(cache.entries) == 3 and cache.used == 3 * panel_bytes   # the two least recently used dropped
+    assert len(cache.entries) == 3 and cache.used == 3 * panel_bytes   # full: the last two were not kept
+    assert {id(v[2][0]()) for v in cache.entries.values()} == {id(mats[i].base) for i in range(3)}
     del m, w
-    mats.pop()                                                 # the newest matrix goes: its entry goes with it
+    del mats[0]                                                # the first matrix goes: its entry goes with it
     gc.collect()
-    cache.get("", FMT_F32, mats[0], scale, 0, 32, 0, 128, np.float64)
+    w3, _ = cache.get("", FMT_F32, mats[2], scale, 0, 32, 0, 128, np.float64)   # (was mats[3]): now kept
     assert len(cache.entries) == 3 and cache.used == 3 * panel_bytes
+    assert cache.get("", FMT_F32, mats[2], scale, 0, 32, 0, 128, np.float64)[0] is w3
     assert all(all(r() is not None for r in v[2]) for v in cache.entries.values())
     big = _read_only(np.zeros((K.PANEL_CACHE_MATRIX // (8 * 128) + 1, 128), np.uint32))[0]
     cache.get("", FMT_F32, big, scale, 0, 32, 0, 128, np.float64)      # a matrix over the per-matrix limit
