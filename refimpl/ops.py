@@ -36,6 +36,7 @@ KERNELS: dict[str, dict[str, str]] = {
         "sparse_attention": "refimpl.kernels.attention:sparse_attention",
         "index_topk": "refimpl.kernels.indexer:index_topk",
         "split_sinkhorn": "refimpl.kernels.hyperconn:split_sinkhorn",
+        "hc_post": "refimpl.kernels.hyperconn:hc_post",
         "rms_norm": "refimpl.kernels.norm:rms_norm",
         "head_rms_norm": "refimpl.kernels.norm:head_rms_norm",
         "apply_rope": "refimpl.kernels.rope:apply_rope",

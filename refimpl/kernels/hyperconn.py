@@ -1,7 +1,15 @@
-"""Numba kernel of the mHC mix split with Sinkhorn normalisation (spec: refimpl/model/hyperconn.py).
+"""Numba kernels of the mHC mix split with Sinkhorn normalisation and of hc_post (spec: refimpl/model/hyperconn.py).
 
     split_sinkhorn(mixes, scale, base, *, n, iters, eps, prec)
         mixes [.., (2+n)·n] -> pre [.., n], post [.., n], comb [.., n, n]      (K:L386-425)
+    hc_post(x, residual, post, comb, ctx)
+        x [b,s,c], residual [b,s,n,c] -> [b,s,n,c]: stream k = post[k]·x + Σ_j comb[j,k]·residual[j]   (M:L683-687)
+
+hc_post: one position per task, no [n, n, c] temporary (the spec's broadcast makes one); the spec's
+operations in its order: each product comb[j,k]·h[j] one op in the working dtype, the sum over j
+in ascending order starting from +0 (NumPy's reduction over that axis: in mirror the float64 sum
+of the fp32 products, rounded once; otherwise in the working dtype), post[k]·x one op, the add,
+then bf16 in mirror. Bit-identical to the spec in all three modes.
 
 One row of mixes per task (prange). mirror: every fp32 op of the official kernel is one fp32 op
 here (products, sums with base and eps, divisions); sigmoid and exp are computed in float64 and
@@ -17,7 +25,7 @@ import math
 import numba
 import numpy as np
 
-from refimpl.kernels.rounding import rounded_once_f32
+from refimpl.kernels.rounding import bf16_f32, rounded_once_f32
 from refimpl.kernels.threads import serial_below
 from refimpl.numerics import check_precision, work_dtype
 
@@ -150,3 +158,52 @@ def split_sinkhorn(mixes, scale, base, *, n, iters, eps, prec):
         with serial_below(rows * n * n * (2 * iters + 4) * 8):
             _split_sinkhorn(mx, sc, bs, n, int(iters), eps_in, prec == "mirror", pre, post, comb)
     return pre.reshape(*lead, n), post.reshape(*lead, n), comb.reshape(*lead, n, n)
+
+
+@numba.njit(cache=True, parallel=True)
+def _hc_post(x, res, post, comb, mirror, zero, out):
+    """out[r, k, c] = post[r, k]·x[r, c] + Σ_j comb[r, j, k]·res[r, j, c] (module docstring), r = a position.
+    The sums run j-outer over a row of accumulators, so the loops over c vectorize (each sum's order is j's)."""
+    rows, n, c = res.shape
+    for r in numba.prange(rows):
+        acc = np.empty(c)                                              # mirror: float64 sums
+        m = np.empty(c, res.dtype)                                     # otherwise: the working dtype
+        for k in range(n):
+            pk = post[r, k]
+            if mirror:
+                acc[:] = 0.0                                           # NumPy's sum starts at +0 (never -0)
+                for j in range(n):
+                    cj = comb[r, j, k]
+                    for e in range(c):
+                        acc[e] += np.float64(cj * res[r, j, e])        # fp32 products, exact float64 sum
+                for e in range(c):
+                    out[r, k, e] = bf16_f32(pk * x[r, e] + rounded_once_f32(acc[e]))   # fp32 ops, then bf16
+            else:
+                m[:] = zero
+                for j in range(n):
+                    cj = comb[r, j, k]
+                    for e in range(c):
+                        m[e] += cj * res[r, j, e]                      # the working dtype throughout
+                for e in range(c):
+                    out[r, k, e] = pk * x[r, e] + m[e]
+
+
+def hc_post(x, residual, post, comb, ctx):
+    """Kernel of model.hyperconn.hc_post (same signature and results; see the module docstring)."""
+    prec, dt = ctx.prec, ctx.dtype
+    residual = np.asarray(residual)
+    if residual.ndim != 4:
+        raise ValueError(f"hc_post: residual must be [b, s, n, c], got shape {residual.shape}")
+    b, s, n, c = residual.shape
+    if np.shape(x) != (b, s, c) or np.shape(post) != (b, s, n) or np.shape(comb) != (b, s, n, n):
+        raise ValueError(f"hc_post: x {np.shape(x)}, post {np.shape(post)}, comb {np.shape(comb)} do not match "
+                         f"residual {residual.shape}")
+
+    def rows(a, shape):
+        return np.ascontiguousarray(np.asarray(a).astype(dt, copy=False)).reshape(shape)
+    out = np.empty((b * s, n, c), dt)
+    if b * s:
+        with serial_below(b * s * n * n * c * 8):
+            _hc_post(rows(x, (b * s, c)), rows(residual, (b * s, n, c)), rows(post, (b * s, n)),
+                     rows(comb, (b * s, n, n)), prec == "mirror", dt(0), out)
+    return out.reshape(b, s, n, c)

@@ -87,6 +87,7 @@ def hc_pre(h: np.ndarray, w: HyperConnWeights, site: str, ctx):
     return bf16(x, prec), post, comb                                             # official: y.to(bf16)
 
 
+@swappable
 def hc_post(x: np.ndarray, residual: np.ndarray, post: np.ndarray, comb: np.ndarray, ctx) -> np.ndarray:
     """Expand a sublayer output back into n streams. x [b,s,c], residual [b,s,n,c] -> [b,s,n,c]."""
     prec, dt = ctx.prec, ctx.dtype
