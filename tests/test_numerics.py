@@ -198,6 +198,20 @@ def test_e4m3_values_equal_the_ml_dtypes_cast_at_every_tie_and_on_random_bits():
     assert np.signbit(got).tolist() == np.signbit(x).tolist()                               # -0 stays -0
 
 
+def test_e2m1_values_equal_the_ml_dtypes_cast_at_every_tie_and_on_random_bits():
+    """e2m1_values (fp4_act_quant's step) as e4m3_values above: the clamp + ml_dtypes cast and the grid reference."""
+    values, codes = e2m1_reference_table()
+    rng = np.random.default_rng(6)
+    rand = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    x = np.concatenate([tie_neighbourhoods(values, np.float32), rand[np.isfinite(rand)],
+                        rng.uniform(-7, 7, 50_000).astype(np.float32),
+                        np.array([0.0, -0.0, 0.25, -0.25, 0.75, 5.0, -5.0, 2.0**-149, 1e38], np.float32)])
+    got = nx.e2m1_values(x)
+    same_floats(got, np.clip(x, -6, 6).astype(ml_dtypes.float4_e2m1fn).astype(np.float32))
+    same_floats(got, grid_round(x, values, codes)[0].astype(np.float32))
+    assert np.signbit(got).tolist() == np.signbit(x).tolist()
+
+
 def test_act_quant_casts_equal_reference_rounding():
     # the quantizers' own casts (after the clamp) round exactly as the reference, ties included
     values, codes = e4m3_reference_table()
