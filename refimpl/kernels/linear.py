@@ -782,6 +782,30 @@ def _rounding_safe(y, a, gx, gw, gamma):
     return safe
 
 
+def _abs_bound(ax: np.ndarray, aw: np.ndarray, mx: np.ndarray, awmax: float, K: int) -> np.ndarray:
+    """An upper bound of A = Σ_k |x[t, k]·w[n, k]| from a float32 product: ax = |x| [T, K] float32 (exact),
+    aw = |w| [p, K] float32, mx [T] = max_k |x[t, k]|, awmax = max |w| -> [T, p] float64.
+
+    A sum of K non-negative float32 terms is within a factor 1 ± γ32 of the exact sum, γ32 = K·2^-24 /
+    (1 - K·2^-24), in any order and with fused multiply-adds; a product or an input below the normal
+    range (2^-126) may be flushed to zero or rounded absolutely, which loses at most
+    2^-126·(max|x| + max|w| + 1) per term. So A <= a / (1 - γ32) + K·2^-126·(max|x| + max|w| + 1) (both
+    rounded up by a further factor), and an overflow (inf) only makes an output go to the recomputation.
+    """
+    if K * 2.0 ** -24 >= 0.5:                                        # no useful bound: every output recomputed
+        return np.full((ax.shape[0], aw.shape[0]), np.inf)
+    g32 = K * 2.0 ** -24 / (1 - K * 2.0 ** -24)
+    a = (ax @ aw.T).astype(np.float64)                               # [T, p] float32 sums of |x·w|
+    slack = K * 2.0 ** -126 * (mx[:, None] + awmax + 1.0)
+    return (a / (1 - g32) + slack) * (1 + 2.0 ** -22)                # 2^-22: the inputs' and these ops' roundings
+
+
+def _weight_checks(w: np.ndarray):
+    """A decoded panel's side of blas_rounding_checked: (grains, norm bounds, |w| in float32, max |w|)."""
+    aw = np.abs(w).astype(np.float32)                                # exact (a value not of float32: within 2^-24)
+    return _min_grain(w), _norm_bound(w), aw, np.array(float(aw.max(initial=0.0)))
+
+
 def _norm_bound(v: np.ndarray) -> np.ndarray:
     """v [R, K] float64 -> [R] float64: an upper bound of each row's Euclidean norm ‖v[r]‖.
 
@@ -800,27 +824,35 @@ def blas_rounding_checked(fmt, x, codes, scale, n_out, row0):
 
     Each product x·w is exact in float64 (24 + 24 bits at most), so any order of summation, BLAS's
     (dgemm, s) or the kernel's (k), lies within γ·A of the exact sum, A = Σ|x·w|, γ = K·2^-53/(1 - K·2^-53):
-    |s - k| <= 2γA. A is bounded by Cauchy–Schwarz, A <= ‖x[t]‖·‖w[n]‖ = a (`_norm_bound` of each side:
-    an outer product, no second matrix product). Where the interval s ± 2γa(1 + 2γ) holds no fp32
-    rounding midpoint, fp32(s) = fp32(k); every other output (and any non-finite one) is computed
-    again by product_kernel, row by row of the rows concerned. So the rounded results are the
-    kernel's bit for bit, for any number of rows: BLAS decides only how fast they come. The weight
-    side (the decoded panel, its grains and norms) is kept by PANELS for small read-only matrices.
+    |s - k| <= 2γA. A is bounded first by Cauchy–Schwarz, A <= ‖x[t]‖·‖w[n]‖ = a (`_norm_bound` of each
+    side: an outer product, no second matrix product); rows with an output that bound leaves unproven
+    get the tighter bound of `_abs_bound` (a float32 product of |x| and |w|, for those rows only:
+    activations with outliers make Cauchy–Schwarz far too loose, measured at Flash dimensions). Where
+    the interval s ± 2γa(1 + 2γ) holds no fp32 rounding midpoint, fp32(s) = fp32(k); every other
+    output (and any non-finite one) is computed again by product_kernel, row by row of the rows
+    concerned. So the rounded results are the kernel's bit for bit, for any number of rows: BLAS
+    decides only how fast they come. The weight side (the decoded panel, its grains, norms and
+    |w|) is kept by PANELS for small read-only matrices.
     """
     T, K = x.shape
     gamma = K * 2.0 ** -53 / (1 - K * 2.0 ** -53)
     nx = _norm_bound(x)                                              # [T] >= ‖x[t]‖
     gx = _min_grain(x)                                               # [T] every x[t, k] is a multiple of gx[t]
+    ax = np.abs(x).astype(np.float32)                                # x holds float32 values: exact
+    mx = ax.max(axis=1, initial=0.0).astype(np.float64)              # [T] max |x[t, k]|
     out = np.empty((T, n_out))
 
     def panel(p0):
         p1 = min(n_out, p0 + PANEL_ROWS)
-        w, (gw, nw) = PANELS.get("grain+norm", fmt, codes, scale, p0, p1, row0, K, np.float64,
-                                 lambda w: (_min_grain(w), _norm_bound(w)))
+        w, (gw, nw, aw, awmax) = PANELS.get("checks", fmt, codes, scale, p0, p1, row0, K, np.float64, _weight_checks)
         y = x @ w.T                                                  # [T, p] float64, BLAS's order
         with np.errstate(invalid="ignore", over="ignore"):          # 0·inf: NaN, recomputed as any inf
             a = np.multiply.outer(nx, nw)                            # >= Σ|x·w|
         safe = _rounding_safe(y, a, gx, gw, gamma)
+        loose = np.flatnonzero(~safe.all(axis=1))                    # rows Cauchy–Schwarz leaves unproven
+        if len(loose):
+            a = _abs_bound(ax[loose], aw, mx[loose], float(awmax), K)
+            safe[loose] |= _rounding_safe(y[loose], a, gx[loose], gw, gamma)   # either bound proves it
         y[y == 0] = 0.0                                              # the kernel's sums start at +0: never -0
         out[:, p0:p1] = y
         for t in np.flatnonzero(~safe.all(axis=1)):                  # rows with an output near a rounding midpoint
