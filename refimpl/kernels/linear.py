@@ -695,7 +695,8 @@ def blas_block_sums(fmt, x, codes, scale, n_out, row0):
     on any number of rows and threads; an FP4 panel whose scales span more than 24 binades in some
     128-column block is taken in 32-column sums (the spec's definition), which are exact for any spans
     (where the spans fit, every partial sum of a block is exact, so its 128-column sum is its four
-    32-column sums added in order: the choice may differ between panels). Decoded panels of small read-only matrices are kept (PANELS).
+    32-column sums added in order: the choice may differ between panels). Decoded panels of small
+    read-only matrices are kept (PANELS).
     """
     T, K = x.shape
     out = np.empty((T, n_out))

@@ -1,4 +1,5 @@
-"""refimpl/kernels/hyperconn.py against model.hyperconn: split_sinkhorn (kernel_checks.py: the agreement), hc_post (bit for bit)."""
+"""refimpl/kernels/hyperconn.py against model.hyperconn: split_sinkhorn (kernel_checks.py: the agreement) and
+hc_post (bit for bit)."""
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
