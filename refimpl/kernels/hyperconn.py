@@ -203,7 +203,7 @@ def hc_post(x, residual, post, comb, ctx):
         return np.ascontiguousarray(np.asarray(a).astype(dt, copy=False)).reshape(shape)
     out = np.empty((b * s, n, c), dt)
     if b * s:
-        with serial_below(b * s * n * n * c * 8):
+        with serial_below(b * s * n * n * c):                          # multiply-adds
             _hc_post(rows(x, (b * s, c)), rows(residual, (b * s, n, c)), rows(post, (b * s, n)),
                      rows(comb, (b * s, n, n)), prec == "mirror", dt(0), out)
     return out.reshape(b, s, n, c)
