@@ -132,6 +132,49 @@ def _to_e4m3(x: np.ndarray) -> np.ndarray:
     return np.clip(x, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
 
 
+def _minifloat_values(x, top: float, frac_bits: int, min_normal: float) -> np.ndarray:
+    """float32 x (finite) -> float32: the nearest value (RNE) of a minifloat with frac_bits fraction bits, normal
+    from min_normal, saturating at ±top (its largest value); taken on the float32 bits.
+
+    A normal value keeps frac_bits of float32's 23 fraction bits: adding 2^(cut-1) - 1 plus the lowest
+    kept bit and cutting the low cut = 23 - frac_bits bits is RNE (a carry into the exponent is the
+    correct rounding up; |x| <= top after the clamp, so nothing passes top). Below min_normal the
+    values are the multiples of q = min_normal·2^-frac_bits (subnormals): |x| + 2^23·q - 2^23·q in
+    float32 rounds |x| to one, ties to even (2^23·q's last fraction bit is worth q), and the count's
+    parity is the code's. The sign is put back (-0 stays -0).
+    """
+    x = np.asarray(x, dtype=np.float32)
+    cut = 23 - frac_bits
+    a = np.abs(x)
+    np.minimum(a, np.float32(top), out=a)                         # clamp (the official kernels' saturation)
+    u = a.view(np.uint32)
+    r = u >> np.uint32(cut)
+    r &= np.uint32(1)                                             # the lowest kept bit (ties to even)
+    r += np.uint32((1 << (cut - 1)) - 1)
+    r += u
+    r &= np.uint32((0xFFFFFFFF >> cut) << cut)
+    small = a < np.float32(min_normal)
+    big = np.float32(2.0 ** 23 * min_normal * 2.0 ** -frac_bits)
+    a += big                                                      # multiples of q (kept below min_normal only)
+    a -= big
+    q = r.view(np.float32)
+    np.copyto(q, a, where=small)
+    return np.copysign(q, x, out=q)
+
+
+def e4m3_values(x) -> np.ndarray:
+    """float32 x (finite) -> float32: the nearest e4m3fn value (RNE), saturating at ±448: the value of _to_e4m3(x),
+    on the float32 bits (_minifloat_values: about 4x faster than the ml_dtypes cast and back; act_quant's step).
+    tests/test_numerics.py checks it against the ml_dtypes cast at every tie and on random bits."""
+    return _minifloat_values(x, FP8_MAX, 3, 2.0 ** -6)
+
+
+def e2m1_values(x) -> np.ndarray:
+    """float32 x (finite) -> float32: the nearest e2m1 value (RNE), saturating at ±6: the value of _to_e2m1(x),
+    on the float32 bits (_minifloat_values; fp4_act_quant's step), checked as e4m3_values is."""
+    return _minifloat_values(x, FP4_MAX, 1, 1.0)
+
+
 def _to_e2m1(x: np.ndarray) -> np.ndarray:
     """x (no NaN) -> ml_dtypes float4_e2m1fn, RNE, saturating at ±6."""
     return np.clip(x, -FP4_MAX, FP4_MAX).astype(ml_dtypes.float4_e2m1fn)
@@ -287,7 +330,7 @@ def act_quant_fp8(x, *, block: int = FP8_BLOCK) -> tuple[np.ndarray, np.ndarray]
     xb = _act_blocks(x, block, "act_quant_fp8")                  # [..., K/blk, blk]
     amax = np.maximum(np.abs(xb).max(axis=-1), FP8_AMAX_FLOOR)   # [..., K/blk]  fp32
     s = pow2_scale(amax, FP8_MAX_INV)                            # official: fast_round_scale
-    q = _to_e4m3(xb / s[..., None]).astype(np.float32)           # clamp, cast to e4m3 (RNE); x / s exact: s = 2^k
+    q = e4m3_values(xb / s[..., None])                           # clamp, e4m3 (RNE); x / s exact: s = 2^k
     return q.reshape(np.shape(x)), s
 
 
@@ -296,7 +339,7 @@ def act_quant_fp4(x, *, block: int = FP4_BLOCK) -> tuple[np.ndarray, np.ndarray]
     xb = _act_blocks(x, block, "act_quant_fp4")                  # [..., K/blk, blk]
     amax = np.maximum(np.abs(xb).max(axis=-1), FP4_AMAX_FLOOR)   # [..., K/blk]  fp32
     s = pow2_scale(amax, FP4_MAX_INV)
-    q = _to_e2m1(xb / s[..., None]).astype(np.float32)           # clamp, cast to e2m1 (RNE, as the GPU cast is assumed to); x / s exact
+    q = e2m1_values(xb / s[..., None])                           # clamp, e2m1 (RNE, as the GPU cast is assumed to); x / s exact
     return q.reshape(np.shape(x)), s
 
 

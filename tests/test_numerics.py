@@ -180,6 +180,38 @@ def test_decoders_equal_bit_field_formulas_on_every_code():
     same_floats(nx.decode_ue8m0(ALL_BYTES), want)
 
 
+def test_e4m3_values_equal_the_ml_dtypes_cast_at_every_tie_and_on_random_bits():
+    """e4m3_values (the bit-level RNE act_quant uses) against the clamp + ml_dtypes cast it replaces and the grid
+    reference: every e4m3 value and midpoint with their float32 neighbours, both signs, past 448, float32
+    subnormals, and random bit patterns over the whole finite float32 range."""
+    values, codes = e4m3_reference_table()
+    rng = np.random.default_rng(5)
+    bits = rng.integers(0, 2**32, 400_000, dtype=np.uint64).astype(np.uint32)
+    rand = bits.view(np.float32)
+    x = np.concatenate([tie_neighbourhoods(values, np.float32), rand[np.isfinite(rand)],
+                        rand[np.isfinite(rand)][:50_000] * np.float32(2.0 ** -100),          # the subnormal range
+                        np.array([0.0, -0.0, 2.0**-149, -2.0**-149, 448, 449, 464, -1e38, 3 * 2.0**-10], np.float32)])
+    with np.errstate(under="ignore"):
+        got = nx.e4m3_values(x)
+    same_floats(got, np.clip(x, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32))
+    same_floats(got, grid_round(x, values, codes)[0].astype(np.float32))
+    assert np.signbit(got).tolist() == np.signbit(x).tolist()                               # -0 stays -0
+
+
+def test_e2m1_values_equal_the_ml_dtypes_cast_at_every_tie_and_on_random_bits():
+    """e2m1_values (fp4_act_quant's step) as e4m3_values above: the clamp + ml_dtypes cast and the grid reference."""
+    values, codes = e2m1_reference_table()
+    rng = np.random.default_rng(6)
+    rand = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    x = np.concatenate([tie_neighbourhoods(values, np.float32), rand[np.isfinite(rand)],
+                        rng.uniform(-7, 7, 50_000).astype(np.float32),
+                        np.array([0.0, -0.0, 0.25, -0.25, 0.75, 5.0, -5.0, 2.0**-149, 1e38], np.float32)])
+    got = nx.e2m1_values(x)
+    same_floats(got, np.clip(x, -6, 6).astype(ml_dtypes.float4_e2m1fn).astype(np.float32))
+    same_floats(got, grid_round(x, values, codes)[0].astype(np.float32))
+    assert np.signbit(got).tolist() == np.signbit(x).tolist()
+
+
 def test_act_quant_casts_equal_reference_rounding():
     # the quantizers' own casts (after the clamp) round exactly as the reference, ties included
     values, codes = e4m3_reference_table()

@@ -286,15 +286,15 @@ ORDER_AND_THREADS = [
        "'llvm.fma.v16f64'), [builder.load(builder.gep(px, [k]), align=8), w, acc])")]),
     # hc_post's kernel (issue 23, long context): the sum over the old streams, post·x, the bf16 store
     ("hyperconn kernel: hc_post stream sum rounded to fp32 at each term", K_HC,
-     [("acc += np.float64(comb[r, j, k] * res[r, j, ch])", "acc = np.float32(acc + comb[r, j, k] * res[r, j, ch])")]),
-    ("hyperconn kernel: hc_post stream sum from its first term, not from +0", K_HC,
-     [("acc = 0.0\n                for j in range(n):",
-       "acc = np.float64(comb[r, 0, k] * res[r, 0, ch])\n                for j in range(1, n):")]),
+     [("acc[e] += np.float64(cj * res[r, j, e])", "acc[e] = np.float32(acc[e] + cj * res[r, j, e])")]),
+    ("hyperconn kernel: hc_post stream sum from -0, not from +0", K_HC,
+     [("acc[:] = 0.0                                           # NumPy's sum starts at +0 (never -0)",
+       "acc[:] = -0.0")]),
     ("hyperconn kernel: hc_post post·x and the add as one float64 op", K_HC,
-     [("bf16_f32(np.float32(pk * x[r, ch]) + rounded_once_f32(acc))",
-       "bf16_f32(rounded_once_f32(np.float64(pk) * np.float64(x[r, ch]) + acc))")]),
+     [("bf16_f32(pk * x[r, e] + rounded_once_f32(acc[e]))",
+       "bf16_f32(rounded_once_f32(np.float64(pk) * np.float64(x[r, e]) + acc[e]))")]),
     ("hyperconn kernel: hc_post without the bf16 store", K_HC,
-     [("bf16_f32(np.float32(pk * x[r, ch]) + rounded_once_f32(acc))", "np.float32(pk * x[r, ch]) + rounded_once_f32(acc)")]),
+     [("bf16_f32(pk * x[r, e] + rounded_once_f32(acc[e]))", "pk * x[r, e] + rounded_once_f32(acc[e])")]),
 ]
 
 PINNED_BY = {
@@ -320,7 +320,7 @@ PINNED_BY = {
          f"{LIN_KERNEL}::test_fp8_exact_blocks_hand_worked"],
     "linear kernel: dense lanes with fused multiply-adds": [f"{LIN_KERNEL}::test_dense_lanes128_is_the_lane_order_bit_for_bit"],
     "hyperconn kernel: hc_post stream sum rounded to fp32 at each term": [HC_KERNEL],
-    "hyperconn kernel: hc_post stream sum from its first term, not from +0": [HC_KERNEL],
+    "hyperconn kernel: hc_post stream sum from -0, not from +0": [HC_KERNEL],
     "hyperconn kernel: hc_post post·x and the add as one float64 op": [HC_KERNEL],
     "hyperconn kernel: hc_post without the bf16 store": [HC_KERNEL],
 }

@@ -1,9 +1,15 @@
-"""Numba kernels of mHC (spec: refimpl/model/hyperconn.py): the mix split with Sinkhorn normalisation, and hc_post.
+"""Numba kernels of the mHC mix split with Sinkhorn normalisation and of hc_post (spec: refimpl/model/hyperconn.py).
 
     split_sinkhorn(mixes, scale, base, *, n, iters, eps, prec)
         mixes [.., (2+n)·n] -> pre [.., n], post [.., n], comb [.., n, n]      (K:L386-425)
     hc_post(x, residual, post, comb, ctx)
-        x [b,s,c], residual [b,s,n,c] -> [b,s,n,c]                              (M:L683-687; see hc_post below)
+        x [b,s,c], residual [b,s,n,c] -> [b,s,n,c]: stream k = post[k]·x + Σ_j comb[j,k]·residual[j]   (M:L683-687)
+
+hc_post: one position per task, no [n, n, c] temporary (the spec's broadcast makes one); the spec's
+operations in its order: each product comb[j,k]·h[j] one op in the working dtype, the sum over j
+in ascending order starting from +0 (NumPy's reduction over that axis: in mirror the float64 sum
+of the fp32 products, rounded once; otherwise in the working dtype), post[k]·x one op, the add,
+then bf16 in mirror. Bit-identical to the spec in all three modes.
 
 split_sinkhorn: one row of mixes per task (prange). mirror: every fp32 op of the official kernel is one fp32 op
 here (products, sums with base and eps, divisions); sigmoid and exp are computed in float64 and
@@ -160,43 +166,38 @@ def split_sinkhorn(mixes, scale, base, *, n, iters, eps, prec):
 # ------------------------------------------------------------------------------------------------ hc_post
 
 @numba.njit(cache=True, parallel=True)
-def _hc_post_mirror(x, res, post, comb, out):
-    """out[r, k, ch] = bf16(fp32(post[r,k]·x[r,ch]) + fp32(Σ_j fp32(comb[r,j,k]·res[r,j,ch]))), the sum in
-    float64 from +0 (NumPy's identity: a sum of -0 terms is +0) over j ascending (NumPy's order along the
-    streams axis)."""
+def _hc_post(x, res, post, comb, mirror, zero, out):
+    """out[r, k, c] = post[r, k]·x[r, c] + Σ_j comb[r, j, k]·res[r, j, c] (module docstring), r = a position.
+    The sums run j-outer over a row of accumulators, so the loops over c vectorize (each sum's order is j's)."""
     rows, n, c = res.shape
     for r in numba.prange(rows):
+        acc = np.empty(c)                                              # mirror: float64 sums
+        m = np.empty(c, res.dtype)                                     # otherwise: the working dtype
         for k in range(n):
             pk = post[r, k]
-            for ch in range(c):
-                acc = 0.0
+            if mirror:
+                acc[:] = 0.0                                           # NumPy's sum starts at +0 (never -0)
                 for j in range(n):
-                    acc += np.float64(comb[r, j, k] * res[r, j, ch])      # fp32 product, exact in float64
-                out[r, k, ch] = bf16_f32(np.float32(pk * x[r, ch]) + rounded_once_f32(acc))
-
-
-@numba.njit(cache=True, parallel=True)
-def _hc_post_plain(x, res, post, comb, out, zero):
-    """The same in the arrays' own dtype (float32 or float64; zero: +0 of it) throughout, without the bf16 store."""
-    rows, n, c = res.shape
-    for r in numba.prange(rows):
-        for k in range(n):
-            pk = post[r, k]
-            for ch in range(c):
-                acc = zero
+                    cj = comb[r, j, k]
+                    for e in range(c):
+                        acc[e] += np.float64(cj * res[r, j, e])        # fp32 products, exact float64 sum
+                for e in range(c):
+                    out[r, k, e] = bf16_f32(pk * x[r, e] + rounded_once_f32(acc[e]))   # fp32 ops, then bf16
+            else:
+                m[:] = zero
                 for j in range(n):
-                    acc = acc + comb[r, j, k] * res[r, j, ch]
-                out[r, k, ch] = pk * x[r, ch] + acc
+                    cj = comb[r, j, k]
+                    for e in range(c):
+                        m[e] += cj * res[r, j, e]                      # the working dtype throughout
+                for e in range(c):
+                    out[r, k, e] = pk * x[r, e] + m[e]
 
 
 def hc_post(x, residual, post, comb, ctx):
     """Kernel of model.hyperconn.hc_post (same signature and results). x [b,s,c], residual [b,s,n,c] -> [b,s,n,c].
 
-    One row (position) per task. mirror: each comb·h product is an fp32 op, the sum over the n old
-    streams is a float64 sum from +0 in stream order (what NumPy's sum over that axis does), rounded
-    once; post·x is an fp32 op, the add an fp32 op, then the bf16 store. float32 /
-    float64: the same steps in that dtype. Inputs whose dtypes differ from the working dtype (NumPy
-    would promote them) take the spec.
+    See the module docstring for the order of operations. Inputs whose dtypes differ from the working
+    dtype (NumPy would promote them) take the spec.
     """
     prec, dt = ctx.prec, ctx.dtype
     x, residual, post, comb = (np.asarray(a) for a in (x, residual, post, comb))
@@ -213,9 +214,6 @@ def hc_post(x, residual, post, comb, ctx):
             for a in (x, residual, post, comb)]
     out = np.empty((rows, n, c), dt)
     if rows:
-        with serial_below(rows * n * n * c):
-            if prec == "mirror":
-                _hc_post_mirror(*flat, out)
-            else:
-                _hc_post_plain(*flat, out, dt(0))
+        with serial_below(rows * n * n * c):                              # multiply-adds
+            _hc_post(*flat, prec == "mirror", dt(0), out)
     return out.reshape(b, s, n, c)

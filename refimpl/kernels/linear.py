@@ -52,10 +52,12 @@ tests bound the difference by (K + 2)·2^-24·Σ|x·w|.
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 
 import numpy as np
 from numba import njit, prange
+from numba.cpython.unsafe.numbers import trailing_zeros
 
 from refimpl.kernels.formats import (BLOCK, FMT_BF16, FMT_F32, FMT_FP4, FMT_FP8, FP4_XQ_LIMIT, FP8_XQ_LIMIT,
                                      bf16_value, f32_from_bits, f64_from_bits, fp4_block_scale, fp4_dot128,
@@ -595,6 +597,93 @@ def fp4_spans_fit(scale: np.ndarray) -> bool:
 BLAS_MIN_ROWS = 16       # products with at least this many input rows take BLAS: mirror's FP8/FP4 block sums
                          # (blas_block_sums, the same bits), float32 mode's products (blas_float32, the spec's sgemm)
 PANEL_ROWS = 512         # BLAS paths: weight rows decoded at a time, and input rows per block-sum product
+PANEL_CACHE_BYTES = 96 << 20   # decoded weight panels kept for the BLAS paths, all matrices together (once
+                               # full, further panels are decoded on each call as before)
+PANEL_CACHE_MATRIX = 4 << 20   # only a matrix whose decoded form takes at most this many bytes is kept
+
+
+class PanelCache:
+    """Decoded weight panels of small read-only matrices, so that a product does not decode the same bytes again
+    on every call (a tiny model's forward makes a few hundred such calls, each decoding its whole matrix).
+
+    An entry is what `decode_rows` (and a function of its result, `derive`) gives for one panel, so a
+    cached panel holds the bits the call would decode: the cache changes the speed only. Kept only for
+    read-only codes and scales (checkpoint memory maps, the resident head; the rule of `checked_codes`:
+    a writeable array may change between calls) of matrices whose decoded form takes at most
+    PANEL_CACHE_MATRIX bytes, in at most PANEL_CACHE_BYTES in all, first come first kept (an evicting
+    policy would miss on every call once a forward's panels pass the cap: they recur in the same
+    cycle). The tiny model's panels take 72.5 MiB in mirror (float64), 36.2 MiB in float32 mode; at
+    Flash dimensions only the small matrices qualify (hc_fn's 24 rows, the indexer's weights_proj:
+    about 8 MiB a layer), and the cost is 96 MiB at most. An entry is keyed by the memory it was
+    decoded from (the last array of its base chain, held by a weak reference: when that array goes,
+    so do its entries).
+    """
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.used = 0
+        self.entries: dict = {}                  # key -> (payload, nbytes, owner refs)
+        self.gone: list = []                     # weak references whose owner died (appended by their callback)
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def _where(a: np.ndarray):
+        """(owner, key part) of a read-only array, or None: the array owning the memory and the view's place in it."""
+        if a.flags.writeable:
+            return None
+        owner = a
+        while isinstance(owner.base, np.ndarray):  # the last array of the chain: a checkpoint's memory map, whose
+            owner = owner.base                   # tensors may be fresh views on every access
+        return owner, (id(owner), a.__array_interface__["data"][0], a.shape, a.strides, a.dtype.str)
+
+    def _pop(self, key) -> None:
+        self.used -= self.entries.pop(key)[1]
+
+    def get(self, kind: str, fmt, codes, scale, p0: int, p1: int, row0: int, K: int, dtype, derive=None):
+        """Rows p0..p1-1 of the weight decoded as dtype (decode_rows), with derive(w) if given: (w, derive(w)).
+        kind names what derive computes (part of the key)."""
+        def build():
+            w = np.empty((p1 - p0, K), dtype)
+            decode_rows(fmt, codes, scale, p0, p1, row0, w)
+            return (w, derive(w) if derive else None)
+        wc = self._where(codes)
+        ws = (_NO_SCALE, ("no scale",)) if scale is _NO_SCALE else self._where(scale)   # the dense products' constant
+        if wc is None or ws is None or codes.shape[0] * K * 8 > PANEL_CACHE_MATRIX:
+            return build()
+        key = (kind, int(fmt), wc[1], ws[1], p0, p1, row0, K, np.dtype(dtype).str)
+        with self.lock:
+            while self.gone:                     # entries of owners that died since the last call
+                ref = self.gone.pop()
+                for k in [k for k, v in self.entries.items() if ref in v[2]]:
+                    self._pop(k)
+            hit = self.entries.get(key)
+            if hit is not None:
+                return hit[0]
+        payload = build()
+        nbytes = payload[0].nbytes + sum(a.nbytes for a in (payload[1] or ()) if isinstance(a, np.ndarray))
+        if nbytes > self.cap:
+            return payload
+        try:
+            refs = tuple(weakref.ref(o, self.gone.append) for o in {id(wc[0]): wc[0], id(ws[0]): ws[0]}.values())
+        except TypeError:                        # an owner without weak references: not kept
+            return payload
+        for a in (payload[0], *(payload[1] or ())):
+            if isinstance(a, np.ndarray):
+                a.flags.writeable = False        # a kept panel is shared between calls: nobody may write it
+        with self.lock:
+            if key not in self.entries and self.used + nbytes <= self.cap:   # full: the panel is not kept
+                self.entries[key] = (payload, nbytes, refs)
+                self.used += nbytes
+        return payload
+
+    def clear(self) -> None:
+        """Drop every entry (tests; a caller that wants the memory back)."""
+        with self.lock:
+            self.entries.clear()
+            self.used = 0
+
+
+PANELS = PanelCache(PANEL_CACHE_BYTES)
 
 
 def blas_block_sums(fmt, x, codes, scale, n_out, row0):
@@ -603,17 +692,20 @@ def blas_block_sums(fmt, x, codes, scale, n_out, row0):
     the panels spread over blas.run_tasks' threads.
 
     Every block sum is exact (model/linear.py), so each BLAS product gives the bits of any other order,
-    on any number of rows and threads; an FP4 weight whose scales span more than 24 binades in some
-    128-column block is taken in 32-column sums (the spec's definition), which are exact for any spans.
+    on any number of rows and threads; an FP4 panel whose scales span more than 24 binades in some
+    128-column block is taken in 32-column sums (the spec's definition), which are exact for any spans
+    (where the spans fit, every partial sum of a block is exact, so its 128-column sum is its four
+    32-column sums added in order: the choice may differ between panels). Decoded panels of small
+    read-only matrices are kept (PANELS).
     """
     T, K = x.shape
-    sub = BLOCK if fmt == FMT_FP8 or fp4_spans_fit(scale) else FP4_BLOCK
     out = np.empty((T, n_out))
 
     def panel(p0):
         p1 = min(n_out, p0 + PANEL_ROWS)
-        w = np.empty((p1 - p0, K))
-        decode_rows(fmt, codes, scale, p0, p1, row0, w)
+        w, (fits,) = PANELS.get("spans", fmt, codes, scale, p0, p1, row0, K, np.float64,
+                                lambda w: (fmt == FMT_FP8 or fp4_spans_fit(scale[p0:p1]),))
+        sub = BLOCK if fits else FP4_BLOCK                           # per panel: the same bits (docstring)
         for t0 in range(0, T, PANEL_ROWS):
             out[t0:t0 + PANEL_ROWS, p0:p1] = spec_linear.block_sums(x[t0:t0 + PANEL_ROWS], w, sub=sub)
     run_tasks(panel, range(0, n_out, PANEL_ROWS))
@@ -633,8 +725,7 @@ def blas_float32(fmt, x, codes, scale, n_out, row0):
 
     def panel(p0):
         p1 = min(n_out, p0 + PANEL_ROWS)
-        w = np.empty((p1 - p0, K), np.float32)
-        decode_rows(fmt, codes, scale, p0, p1, row0, w)
+        w, _ = PANELS.get("", fmt, codes, scale, p0, p1, row0, K, np.float32)
         np.matmul(x32, w.T, out=out[:, p0:p1])
     run_tasks(panel, range(0, n_out, PANEL_ROWS))
     return out
@@ -644,32 +735,25 @@ def blas_float32(fmt, x, codes, scale, n_out, row0):
 def _min_grain(v):
     """v [R, K] float64 (C-contiguous) -> [R]: the smallest grain (the largest power of two dividing a value:
     v = odd integer · grain) among each row's non-zero values; inf for a row of zeros, NaN for a row with
-    inf or NaN. From the bits: significand s (with its hidden bit), exponent e: grain = 2^(e + trailing zeros of s)."""
+    inf or NaN. From the bits: significand s (with its hidden bit), exponent e: grain = 2^(e + trailing zeros of s).
+
+    Without branches in the loop (LLVM vectorizes it): a zero counts as no grain, and a bit set at 2^62
+    bounds the count for it; inf and NaN are found from the largest exponent field afterwards."""
     R, K = v.shape
     bits = v.view(np.uint64)
-    one = np.empty(1)
-    one_bits = one.view(np.uint64)
     out = np.empty(R)
     for r in range(R):
-        lo = 100000                                                  # the least grain exponent so far
-        bad = False
+        lo = np.int64(100000)                                        # the least grain exponent so far
+        top = np.int64(0)                                            # the largest exponent field (0x7FF: inf or NaN)
         for k in range(K):
             b = bits[r, k] & np.uint64(0x7FFFFFFFFFFFFFFF)
-            if b == 0:
-                continue
             ef = np.int64(b >> np.uint64(52))
-            if ef == 0x7FF:
-                bad = True
-                break
-            sig = np.int64(b & np.uint64(0xFFFFFFFFFFFFF))
-            e = np.int64(-1074)
-            if ef:
-                sig |= np.int64(1) << 52
-                e = ef - 1075
-            one[0] = np.float64(sig & -sig)                          # the lowest set bit, exactly
-            tz = np.int64(one_bits[0] >> np.uint64(52)) - 1023
-            lo = min(lo, e + tz)
-        out[r] = np.nan if bad else (np.inf if lo == 100000 else math.ldexp(1.0, lo))
+            sig = ((b & np.uint64(0xFFFFFFFFFFFFF)) | (np.uint64(ef != 0) << np.uint64(52))
+                   | (np.uint64(1) << np.uint64(62)))                # hidden bit of a normal number; the bound
+            g = max(ef, np.int64(1)) - 1075 + np.int64(trailing_zeros(sig))
+            lo = min(lo, g if b != 0 else np.int64(100000))
+            top = max(top, ef)
+        out[r] = np.nan if top == 0x7FF else (np.inf if lo == 100000 else math.ldexp(1.0, lo))
     return out
 
 
@@ -699,9 +783,9 @@ def _rounding_safe(y, a, gx, gw, gamma):
     return safe
 
 
-def _abs_bound(ax: np.ndarray, w: np.ndarray, mx: np.ndarray, K: int) -> np.ndarray:
+def _abs_bound(ax: np.ndarray, aw: np.ndarray, mx: np.ndarray, awmax: float, K: int) -> np.ndarray:
     """An upper bound of A = Σ_k |x[t, k]·w[n, k]| from a float32 product: ax = |x| [T, K] float32 (exact),
-    w [p, K] float64 holding float32 values, mx [T] = max_k |x[t, k]| -> [T, p] float64.
+    aw = |w| [p, K] float32, mx [T] = max_k |x[t, k]|, awmax = max |w| -> [T, p] float64.
 
     A sum of K non-negative float32 terms is within a factor 1 ± γ32 of the exact sum, γ32 = K·2^-24 /
     (1 - K·2^-24), in any order and with fused multiply-adds; a product or an input below the normal
@@ -709,13 +793,30 @@ def _abs_bound(ax: np.ndarray, w: np.ndarray, mx: np.ndarray, K: int) -> np.ndar
     2^-126·(max|x| + max|w| + 1) per term. So A <= a / (1 - γ32) + K·2^-126·(max|x| + max|w| + 1) (both
     rounded up by a further factor), and an overflow (inf) only makes an output go to the recomputation.
     """
-    aw = np.abs(w).astype(np.float32)                                # exact (a value not of float32: within 2^-24)
     if K * 2.0 ** -24 >= 0.5:                                        # no useful bound: every output recomputed
-        return np.full((ax.shape[0], w.shape[0]), np.inf)
+        return np.full((ax.shape[0], aw.shape[0]), np.inf)
     g32 = K * 2.0 ** -24 / (1 - K * 2.0 ** -24)
     a = (ax @ aw.T).astype(np.float64)                               # [T, p] float32 sums of |x·w|
-    slack = K * 2.0 ** -126 * (mx[:, None] + float(aw.max(initial=0.0)) + 1.0)
+    slack = K * 2.0 ** -126 * (mx[:, None] + awmax + 1.0)
     return (a / (1 - g32) + slack) * (1 + 2.0 ** -22)                # 2^-22: the inputs' and these ops' roundings
+
+
+def _weight_checks(w: np.ndarray):
+    """A decoded panel's side of blas_rounding_checked: (grains, norm bounds, |w| in float32, max |w|)."""
+    aw = np.abs(w).astype(np.float32)                                # exact (a value not of float32: within 2^-24)
+    return _min_grain(w), _norm_bound(w), aw, np.array(float(aw.max(initial=0.0)))
+
+
+def _norm_bound(v: np.ndarray) -> np.ndarray:
+    """v [R, K] float64 -> [R] float64: an upper bound of each row's Euclidean norm ‖v[r]‖.
+
+    Σ v² of K terms in float64 is within a factor 1 ± γ(K+1) of the exact sum (u = 2^-53 per rounding), the
+    square root within u more; (1 + (K + 4)·2^-52)(1 + 2^-40) covers both with room. A square below
+    float64's normal range loses at most 2^-1074 absolutely, K of them at most sqrt(K)·2^-537 < 2^-500 of
+    the norm: added. An inf or NaN stays one (its outputs are recomputed).
+    """
+    K = v.shape[1]
+    return np.sqrt(np.einsum("rk,rk->r", v, v)) * ((1 + (K + 4) * 2.0 ** -52) * (1 + 2.0 ** -40)) + 2.0 ** -500
 
 
 def blas_rounding_checked(fmt, x, codes, scale, n_out, row0):
@@ -724,26 +825,35 @@ def blas_rounding_checked(fmt, x, codes, scale, n_out, row0):
 
     Each product x·w is exact in float64 (24 + 24 bits at most), so any order of summation, BLAS's
     (dgemm, s) or the kernel's (k), lies within γ·A of the exact sum, A = Σ|x·w|, γ = K·2^-53/(1 - K·2^-53):
-    |s - k| <= 2γA. A comes from a second product, of |x| and |w| in float32 (sgemm, half a dgemm's time;
-    `_abs_bound` makes it an upper bound). Where the interval s ± 2γA(1 + 2γ)
-    holds no fp32 rounding midpoint, fp32(s) = fp32(k); every other output (and any non-finite one) is
-    computed again by product_kernel, row by row of the rows concerned. So the rounded results are the
-    kernel's bit for bit, for any number of rows: BLAS decides only how fast they come.
+    |s - k| <= 2γA. A is bounded first by Cauchy–Schwarz, A <= ‖x[t]‖·‖w[n]‖ = a (`_norm_bound` of each
+    side: an outer product, no second matrix product); rows with an output that bound leaves unproven
+    get the tighter bound of `_abs_bound` (a float32 product of |x| and |w|, for those rows only:
+    activations with outliers make Cauchy–Schwarz far too loose, measured at Flash dimensions). Where
+    the interval s ± 2γa(1 + 2γ) holds no fp32 rounding midpoint, fp32(s) = fp32(k); every other
+    output (and any non-finite one) is computed again by product_kernel, row by row of the rows
+    concerned. So the rounded results are the kernel's bit for bit, for any number of rows: BLAS
+    decides only how fast they come. The weight side (the decoded panel, its grains, norms and
+    |w|) is kept by PANELS for small read-only matrices.
     """
     T, K = x.shape
     gamma = K * 2.0 ** -53 / (1 - K * 2.0 ** -53)
+    nx = _norm_bound(x)                                              # [T] >= ‖x[t]‖
+    gx = _min_grain(x)                                               # [T] every x[t, k] is a multiple of gx[t]
     ax = np.abs(x).astype(np.float32)                                # x holds float32 values: exact
     mx = ax.max(axis=1, initial=0.0).astype(np.float64)              # [T] max |x[t, k]|
-    gx = _min_grain(x)                                               # [T] every x[t, k] is a multiple of gx[t]
     out = np.empty((T, n_out))
 
     def panel(p0):
         p1 = min(n_out, p0 + PANEL_ROWS)
-        w = np.empty((p1 - p0, K))
-        decode_rows(fmt, codes, scale, p0, p1, row0, w)
+        w, (gw, nw, aw, awmax) = PANELS.get("checks", fmt, codes, scale, p0, p1, row0, K, np.float64, _weight_checks)
         y = x @ w.T                                                  # [T, p] float64, BLAS's order
-        a = _abs_bound(ax, w, mx, K)                                 # >= Σ|x·w|
-        safe = _rounding_safe(y, a, gx, _min_grain(w), gamma)
+        with np.errstate(invalid="ignore", over="ignore"):          # 0·inf: NaN, recomputed as any inf
+            a = np.multiply.outer(nx, nw)                            # >= Σ|x·w|
+        safe = _rounding_safe(y, a, gx, gw, gamma)
+        loose = np.flatnonzero(~safe.all(axis=1))                    # rows Cauchy–Schwarz leaves unproven
+        if len(loose):
+            a = _abs_bound(ax[loose], aw, mx[loose], float(awmax), K)
+            safe[loose] |= _rounding_safe(y[loose], a, gx[loose], gw, gamma)   # either bound proves it
         y[y == 0] = 0.0                                              # the kernel's sums start at +0: never -0
         out[:, p0:p1] = y
         for t in np.flatnonzero(~safe.all(axis=1)):                  # rows with an output near a rounding midpoint
@@ -891,7 +1001,7 @@ def _dense_codes(w: np.ndarray, name: str):
     return None
 
 
-_NO_SCALE = np.zeros((1, 1), np.uint8)
+_NO_SCALE = np.zeros((1, 1), np.uint8)         # bf16/fp32 weights have no scale grid (never written)
 
 
 def fp32_linear(x: np.ndarray, w: np.ndarray, prec: str) -> np.ndarray:
