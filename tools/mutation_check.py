@@ -283,6 +283,16 @@ ORDER_AND_THREADS = [
      [("acc = builder.fadd(acc, builder.fmul(builder.load(builder.gep(px, [k]), align=8), w))",
        "acc = builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vd, vd, vd]), "
        "'llvm.fma.v16f64'), [builder.load(builder.gep(px, [k]), align=8), w, acc])")]),
+    # decode's one-region paths (issue 23, Flash decode second pass)
+    ("moe kernel: one token's routed experts summed in descending id", K_MOE,
+     [("    for out in routed:", "    for out in routed[::-1]:")]),
+    ("moe kernel: one token's routing weights not sorted with its ids", K_MOE,
+     [("weights[order][:, None]", "weights[:, None]")]),
+    ("linear kernel: decode's wo_a groups read the scale grid from row 0", K_LIN,
+     [("[scale] * groups, [gi * r for gi in range(groups)], r)", "[scale] * groups, [0] * groups, r)")]),
+    ("linear kernel: FP4 lookup table decodes 1.5 as 1", K_FMT,
+     [("values = ir.Constant(v32, [fp4_times4(k) for k in range(16)])",
+       "values = ir.Constant(v32, [4 if k == 3 else fp4_times4(k) for k in range(16)])")]),
 ]
 
 PINNED_BY = {
@@ -307,6 +317,13 @@ PINNED_BY = {
         [f"{LIN_KERNEL}::test_fp8_exact_block_sums_are_the_float_lanes_bit_for_bit",
          f"{LIN_KERNEL}::test_fp8_exact_blocks_hand_worked"],
     "linear kernel: dense lanes with fused multiply-adds": [f"{LIN_KERNEL}::test_dense_lanes128_is_the_lane_order_bit_for_bit"],
+    "moe kernel: one token's routed experts summed in descending id":
+        ["tests/kernels/test_moe_kernel.py::test_one_token_path_is_the_general_path_bit_for_bit"],
+    "moe kernel: one token's routing weights not sorted with its ids":
+        ["tests/kernels/test_moe_kernel.py::test_one_token_path_is_the_general_path_bit_for_bit"],
+    "linear kernel: decode's wo_a groups read the scale grid from row 0":
+        [f"{LIN_KERNEL}::test_grouped_wo_a_decode_is_the_per_group_product"],
+    "linear kernel: FP4 lookup table decodes 1.5 as 1": [f"{LIN_KERNEL}::test_fp4_dot128_decodes_every_byte_as_the_reference"],
 }
 ALL = MUTATIONS + ORDER_AND_THREADS
 
