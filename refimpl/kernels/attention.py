@@ -230,7 +230,7 @@ def _scratch(kp: int, hs: int, d: int):
             np.empty(BLOCK), np.empty(BLOCK, np.int64))
 
 
-POOL_WORK_FACTOR = 8     # mirror: calls under this many times threads.SMALL_WORK multiply-adds run on one thread
+POOL_WORK_FACTOR = 16    # mirror: calls under this many times threads.SMALL_WORK multiply-adds run on one thread
 
 
 def _mirror(q, kv, sink, idx, scale32, out, store_bf16=True):
@@ -240,9 +240,10 @@ def _mirror(q, kv, sink, idx, scale32, out, store_bf16=True):
     kp = -(-k // BLOCK) * BLOCK
     nblk = kp // BLOCK
     n = b * s
-    # read at each call: tests set SMALL_WORK to 0. A decode step over a short window (Flash at position 32:
-    # 64 heads x 33 entries, about 0.6 ms) spends as long handing its two halves to the pool as computing
-    # them: it runs on the calling thread below POOL_WORK_FACTOR x SMALL_WORK (a full 128-entry window is above)
+    # read at each call: tests set SMALL_WORK to 0. A decode step over the window alone (Flash: 64 heads x
+    # 128 index entries, 2^23 multiply-adds, about 0.6 ms) took twice as long split over the pool as the
+    # spec on one thread: it runs on the calling thread below POOL_WORK_FACTOR x SMALL_WORK (a CSA layer's
+    # window + compressed entries, 640 and more, stay on the pool)
     small = 2 * n * h * d * k < threads.SMALL_WORK * POOL_WORK_FACTOR
     groups = 1 if small else _head_groups(n, h)
     hs = h // groups

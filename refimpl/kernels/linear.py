@@ -853,12 +853,23 @@ def matvec_many_serial(fmt, x, codes_t, scale_t, row0s, n_out):
     return out
 
 
+def _read_only(arrays) -> tuple:
+    """C-contiguous read-only views of the arrays: one Numba type for all (a tuple the kernel can index), whether
+    each came writeable (a matrix built in memory) or not (a checkpoint's memory map)."""
+    out = []
+    for a in arrays:
+        v = np.ascontiguousarray(a).view()
+        v.flags.writeable = False
+        out.append(v)
+    return tuple(out)
+
+
 def matvec_many(fmt, x, codes, scales, row0s, n_out):
     """x [M, K] float64 (row i for matrix i), codes / scales: sequences of M FP8 or FP4 matrices' codes of one
     shape [n_out, K or K/2] -> [M, n_out] float64, in one parallel region (on one thread when small).
     Matrix i's output is product(fmt, x[i:i+1], codes[i], scales[i], n_out, row0s[i])'s, bit for bit."""
     x = np.ascontiguousarray(x, dtype=np.float64)
-    codes, scales = tuple(codes), tuple(scales)
+    codes, scales = _read_only(codes), _read_only(scales)
     if x.ndim != 2 or len(codes) != x.shape[0] or len(scales) != x.shape[0] or len({c.shape for c in codes}) > 1:
         raise ValueError(f"matvec_many: {x.shape} input rows for {len(codes)} matrices of shapes "
                          f"{sorted({c.shape for c in codes})}")

@@ -642,6 +642,8 @@ def test_matvec_many_is_each_matrix_product_bit_for_bit(seed, fmt, m, n, kblocks
         parts = [K.checked_codes(fp4_matrix(rng, n, k, scale_lo=100, scale_hi=150)) for _ in range(m)]
         f = parts[0][0]
         mats, scales, row0s = [p[1] for p in parts], [p[2] for p in parts], [0] * m
+    mats[0] = mats[0].view()
+    mats[0].flags.writeable = False                                # read-only (a memory map's) beside writeable ones
     with np.errstate(over="ignore", invalid="ignore"):
         got = K.matvec_many(f, x, mats, scales, row0s, n)
         want = np.stack([_product_row(f, x[i], mats[i], scales[i], n, row0s[i]) for i in range(m)])
