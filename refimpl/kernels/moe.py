@@ -96,10 +96,10 @@ def _one_token(xq: np.ndarray, ids: np.ndarray, weights: np.ndarray, w: MoEWeigh
                revision: str) -> np.ndarray | None:
     """expert_sum for one token (decode): xq [1, c] quantized, ids / weights [a] -> y [1, c], the general path's
     bits (the same products, SwiGLU element by element, the fp32 adds in ascending expert id, then the shared
-    expert); None (the general path) for repeated ids or NaN weight codes."""
+    expert); None (the general path) for no ids, repeated ids or NaN weight codes."""
     order = np.argsort(ids, kind="stable")
     e_ids = ids[order]
-    if len(np.unique(e_ids)) != len(e_ids):
+    if len(e_ids) == 0 or len(np.unique(e_ids)) != len(e_ids):
         return None
     routed = _experts_of_one_token(xq, [w.experts[e] for e in e_ids], prec, cfg.swiglu_limit,
                                    weights[order][:, None])

@@ -187,6 +187,7 @@ def test_one_token_path_leaves_repeated_ids_and_nan_codes_to_the_general_path():
     w = _moe_weights(rng, 4, 128, 128)
     flat = round_bf16(rng.standard_normal((1, 128)))
     xq = K._rows(K.act_fp8(flat, "mirror"), 128, "t")
+    assert K._one_token(xq, np.zeros(0, np.int64), np.zeros(0, np.float32), w, TINY, "mirror", "current") is None
     ids, weights = np.array([[2, 2]], np.int64), np.ones((1, 2), np.float32)
     assert K._one_token(xq, ids[0], weights[0], w, TINY, "mirror", "current") is None
     assert np.array_equal(K.expert_sum(flat, ids, weights, w, TINY, "mirror", "current"),
