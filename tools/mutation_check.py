@@ -295,6 +295,16 @@ ORDER_AND_THREADS = [
        "bf16_f32(rounded_once_f32(np.float64(pk) * np.float64(x[r, e]) + acc[e]))")]),
     ("hyperconn kernel: hc_post without the bf16 store", K_HC,
      [("bf16_f32(pk * x[r, e] + rounded_once_f32(acc[e]))", "pk * x[r, e] + rounded_once_f32(acc[e])")]),
+    # decode's one-region paths (issue 23, Flash decode second pass)
+    ("moe kernel: one token's routed experts summed in descending id", K_MOE,
+     [("    for out in routed:", "    for out in routed[::-1]:")]),
+    ("moe kernel: one token's routing weights not sorted with its ids", K_MOE,
+     [("weights[order][:, None]", "weights[:, None]")]),
+    ("linear kernel: decode's wo_a groups read the scale grid from row 0", K_LIN,
+     [("[scale] * groups, [gi * r for gi in range(groups)], r)", "[scale] * groups, [0] * groups, r)")]),
+    ("linear kernel: FP4 lookup table decodes 1.5 as 1", K_FMT,
+     [("values = ir.Constant(v32, [fp4_times4(k) for k in range(16)])",
+       "values = ir.Constant(v32, [4 if k == 3 else fp4_times4(k) for k in range(16)])")]),
 ]
 
 PINNED_BY = {
@@ -323,6 +333,13 @@ PINNED_BY = {
     "hyperconn kernel: hc_post stream sum from -0, not from +0": [HC_KERNEL],
     "hyperconn kernel: hc_post post·x and the add as one float64 op": [HC_KERNEL],
     "hyperconn kernel: hc_post without the bf16 store": [HC_KERNEL],
+    "moe kernel: one token's routed experts summed in descending id":
+        ["tests/kernels/test_moe_kernel.py::test_one_token_path_is_the_general_path_bit_for_bit"],
+    "moe kernel: one token's routing weights not sorted with its ids":
+        ["tests/kernels/test_moe_kernel.py::test_one_token_path_is_the_general_path_bit_for_bit"],
+    "linear kernel: decode's wo_a groups read the scale grid from row 0":
+        [f"{LIN_KERNEL}::test_grouped_wo_a_decode_is_the_per_group_product"],
+    "linear kernel: FP4 lookup table decodes 1.5 as 1": [f"{LIN_KERNEL}::test_fp4_dot128_decodes_every_byte_as_the_reference"],
 }
 ALL = MUTATIONS + ORDER_AND_THREADS
 

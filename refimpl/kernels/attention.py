@@ -230,6 +230,9 @@ def _scratch(kp: int, hs: int, d: int):
             np.empty(BLOCK), np.empty(BLOCK, np.int64))
 
 
+POOL_WORK_FACTOR = 16    # mirror: calls under this many times threads.SMALL_WORK multiply-adds run on one thread
+
+
 def _mirror(q, kv, sink, idx, scale32, out, store_bf16=True):
     """mirror: every query of q [b,s,h,d] -> out (see the module docstring). sink [h] fp32, idx int64."""
     b, s, h, d = q.shape
@@ -237,7 +240,11 @@ def _mirror(q, kv, sink, idx, scale32, out, store_bf16=True):
     kp = -(-k // BLOCK) * BLOCK
     nblk = kp // BLOCK
     n = b * s
-    small = 2 * n * h * d * k < threads.SMALL_WORK             # read at each call: tests set it to 0
+    # read at each call: tests set SMALL_WORK to 0. A decode step over the window alone (Flash: 64 heads x
+    # 128 index entries, 2^23 multiply-adds, about 0.6 ms) took twice as long split over the pool as the
+    # spec on one thread: it runs on the calling thread below POOL_WORK_FACTOR x SMALL_WORK (a CSA layer's
+    # window + compressed entries, 640 and more, stay on the pool)
+    small = 2 * n * h * d * k < threads.SMALL_WORK * POOL_WORK_FACTOR
     groups = 1 if small else _head_groups(n, h)
     hs = h // groups
     per = n if small else max(1, -(-n // (4 * workers())))      # queries per task

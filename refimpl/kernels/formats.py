@@ -15,7 +15,9 @@ Formats (refimpl/numerics.py; codes are raw bytes or bits, never ml_dtypes array
     F32    uint32 [N, K] (a float32 matrix's bits).
 
 All decoding is integer bit work and one reinterpretation (`f32_from_bits`), which LLVM
-vectorizes; no table lookups. Every decoded value is exact in float64.
+vectorizes; the one table lookup is fp4_dot128's on AVX-512 machines (vpermd: 16 int32 entries,
+4 · e2m1 of each nibble; elsewhere the same values by bit arithmetic). Every decoded value is exact
+in float64.
 """
 from __future__ import annotations
 
@@ -37,6 +39,12 @@ if numba.config.DISABLE_JIT:                     # plain Python (NUMBA_DISABLE_J
         """The float64 whose bits are `bits` (uint64)."""
         return np.uint64(bits).view(np.float64)
 else:
+    def _target_has(context, feature: str) -> bool:
+        """True if the machine code is compiled for a CPU with `feature` (an LLVM name such as "avx512f"): Numba's
+        target features (the host's, or NUMBA_CPU_FEATURES)."""
+        features = getattr(context.codegen(), "_tm_features", "") or ""
+        return "+" + feature in features.split(",")
+
     def _element_ptr(context, builder, aty, arr, idx_vals, idx_tys):
         """LLVM pointer to arr[idx] (array type aty; indices of types idx_tys), for the intrinsics below."""
         from numba.core import cgutils
@@ -350,7 +358,12 @@ else:
     @intrinsic
     def fp4_dot128(typingctx, codes, n, j, xq, i):
         """The four 1x32 sums of fp4_dot32 over a 128-column block (bytes j..j+63, xq[i:i+128]), as a tuple of
-        int32: the four product vectors reduced together (pairwise shuffles), not one at a time."""
+        int32: the four product vectors reduced together (pairwise shuffles), not one at a time.
+
+        Compiled for AVX-512, each nibble's 4 · e2m1 comes from one vpermd (a 16-entry int32 table indexed
+        by bits 0-3 of each lane) instead of fp4_dot32's dozen bit operations: measured on the Flash
+        checkpoint's expert matrices (2048 x 4096), the one-row product took 0.93 instead of 1.67 ms of
+        thread CPU time. The integers, and so the sums, are the same."""
         if not (isinstance(codes, types.Array) and codes.ndim == 2 and isinstance(xq, types.Array)
                 and xq.ndim == 1 and xq.dtype == types.int32
                 and all(isinstance(t, types.Integer) for t in (n, j, i))):
@@ -359,6 +372,7 @@ else:
 
         def codegen(context, builder, signature, args):
             from llvmlite import ir
+            from numba.core import cgutils
             c_ty, _, _, x_ty, _ = signature.args
             i32, lanes = ir.IntType(32), 16
             v8, v32 = ir.VectorType(ir.IntType(8), lanes), ir.VectorType(i32, lanes)
@@ -369,7 +383,16 @@ else:
             pc = builder.bitcast(_element_ptr(context, builder, c_ty, args[0], args[1:3], signature.args[1:3]), v8.as_pointer())
             xp = builder.bitcast(_element_ptr(context, builder, x_ty, args[3], args[4:5], signature.args[4:5]), v32.as_pointer())
 
+            table = _target_has(context, "avx512f")
+            if table:                                                 # AVX-512's vpermd: a 16-entry int32 table
+                perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32, [v32, v32]),
+                                                      "llvm.x86.avx512.permvar.si.512")
+                values = ir.Constant(v32, [fp4_times4(k) for k in range(16)])
+
             def times4(nib):                                          # as fp4_dot32
+                if table:                                             # the lookup reads bits 0-3 of each index only
+                    return builder.call(perm, [values, nib])
+                nib = builder.and_(nib, splat(15))
                 m = builder.and_(nib, splat(7))
                 big = builder.shl(builder.or_(builder.and_(m, splat(1)), splat(2)), builder.lshr(m, splat(1)))
                 v = builder.select(builder.icmp_unsigned("<", m, splat(2)), builder.shl(m, splat(1)), big)
@@ -380,8 +403,7 @@ else:
                 c = builder.zext(builder.load(builder.gep(pc, [ir.Constant(i32, q)]), align=1), v32)
                 xe = builder.load(builder.gep(xp, [ir.Constant(i32, 2 * q)]), align=4)
                 xo = builder.load(builder.gep(xp, [ir.Constant(i32, 2 * q + 1)]), align=4)
-                p.append(builder.add(builder.mul(xe, times4(builder.and_(c, splat(15)))),
-                                     builder.mul(xo, times4(builder.lshr(c, splat(4))))))
+                p.append(builder.add(builder.mul(xe, times4(c)), builder.mul(xo, times4(builder.lshr(c, splat(4))))))
 
             def fold(a, b, idx_lo, idx_hi):
                 w = len(idx_lo)

@@ -4,6 +4,8 @@
     fp32_linear        bf16 (or fp32) weights read as their bits (no converted copy of the matrix)
     bf16_linear        the same, output rounded to bf16
     grouped_wo_a       attention step 6: o_g @ wo_a[g]ᵀ for each group, from the FP8 bytes
+    matvec_many        one row each against several matrices of one shape, in one parallel region
+                       (decode: a token's experts in kernels/moe.py, wo_a's groups)
 
 One kernel, `product_kernel` (and `product_kernel_serial`, the same operations on one thread for
 small products), does all of them; mirror's FP8/FP4 products with many rows take BLAS instead
@@ -894,6 +896,99 @@ def product(fmt, x, codes, scale, n_out, row0, *, prec: str = "float64", exact_b
     return product_kernel(fmt, x, codes, scale, n_out, row0)
 
 
+# ---------------------------------------------------------------- one row against several matrices (decode)
+#
+# A decode step multiplies one row by many small matrices: a token's six routed experts (w1 and w3
+# take the same row, w2 each expert's own), the shared expert, wo_a's eight groups. Each such
+# product alone is a short parallel region (about 1 ms of work), and a step made about twenty of
+# them per layer, plus wo_a's groups on one thread (below PARALLEL_MIN each). `matvec_many` takes
+# them in one region: the rows of every matrix split into the same tasks of ROWS_PER_TASK rows,
+# each task the one-row code of product_kernel (_matvec_rows, _fp4_matvec_rows_int,
+# _fp4_matvec_rows) on one matrix, so every output has the bits of product_kernel's on that matrix.
+
+@njit(cache=True)
+def _matvec_prep(fmt, x):
+    """The per-row inputs of the one-row paths, x [M, K] float64 -> (xin [M, K], xq [M, K'] int32, xg [M, K''],
+    exact [M, B] bool): FP4 lane order and the integer form (_fp4_int_x, K % 128 == 0), or FP8's exact blocks."""
+    M, K = x.shape
+    xin = _deinterleave_fp4(x) if fmt == FMT_FP4 else x
+    int_fp4 = fmt == FMT_FP4 and K % BLOCK == 0
+    xq = np.zeros((M, K if int_fp4 else 1), np.int32)
+    xg = np.zeros((M, K // 32 if int_fp4 else 1), np.int64)
+    exact = np.zeros((M, (K + BLOCK - 1) // BLOCK), np.bool_)
+    for i in range(M):
+        if int_fp4:
+            xq[i], xg[i] = _fp4_int_x(xin[i])
+        elif fmt == FMT_FP8:
+            exact[i] = _fp8_exact_blocks(x[i])
+    return xin, xq, xg, exact, int_fp4
+
+
+@njit(cache=True, inline="always")
+def _matvec_task(fmt, x1, xq, xg, codes, scale, n_lo, n_hi, row0, out1, exact, int_fp4):
+    """Rows n_lo..n_hi-1 of one matrix times one row: product_kernel's one-row path for the format."""
+    if fmt == FMT_FP4:
+        if int_fp4:
+            _fp4_matvec_rows_int(x1, xq, xg, codes, scale, n_lo, n_hi, out1)
+        else:
+            _fp4_matvec_rows(x1, codes, scale, n_lo, n_hi, out1)
+    else:
+        _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, out1, exact)
+
+
+@njit(parallel=True, cache=True)
+def matvec_many_kernel(fmt, x, codes_t, scale_t, row0s, n_out):
+    """x [M, K] float64, codes_t / scale_t: tuples of M matrices of n_out rows (one format), row0s [M] (the first
+    row of each in its FP8 scale grid) -> [M, n_out]: out[i] = x[i] @ matrix iᵀ, as product_kernel computes it."""
+    M, K = x.shape
+    xin, xq, xg, exact, int_fp4 = _matvec_prep(fmt, x)
+    out = np.empty((M, n_out))
+    per = (n_out + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in prange(M * per):               # every output row belongs to one task: one thread
+        i = task // per
+        lo = (task - i * per) * ROWS_PER_TASK
+        _matvec_task(fmt, xin[i], xq[i], xg[i], codes_t[i], scale_t[i], lo, min(n_out, lo + ROWS_PER_TASK), row0s[i],
+                     out[i], exact[i], int_fp4)
+    return out
+
+
+@njit(cache=True)
+def matvec_many_serial(fmt, x, codes_t, scale_t, row0s, n_out):
+    """matvec_many_kernel on the calling thread only (small products); the same results."""
+    M, K = x.shape
+    xin, xq, xg, exact, int_fp4 = _matvec_prep(fmt, x)
+    out = np.empty((M, n_out))
+    for i in range(M):
+        _matvec_task(fmt, xin[i], xq[i], xg[i], codes_t[i], scale_t[i], 0, n_out, row0s[i], out[i], exact[i], int_fp4)
+    return out
+
+
+def _read_only(arrays) -> tuple:
+    """C-contiguous read-only views of the arrays: one Numba type for all (a tuple the kernel can index), whether
+    each came writeable (a matrix built in memory) or not (a checkpoint's memory map)."""
+    out = []
+    for a in arrays:
+        v = np.ascontiguousarray(a).view()
+        v.flags.writeable = False
+        out.append(v)
+    return tuple(out)
+
+
+def matvec_many(fmt, x, codes, scales, row0s, n_out):
+    """x [M, K] float64 (row i for matrix i), codes / scales: sequences of M FP8 or FP4 matrices' codes of one
+    shape [n_out, K or K/2] -> [M, n_out] float64, in one parallel region (on one thread when small).
+    Matrix i's output is product(fmt, x[i:i+1], codes[i], scales[i], n_out, row0s[i])'s, bit for bit."""
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    codes, scales = _read_only(codes), _read_only(scales)
+    if x.ndim != 2 or len(codes) != x.shape[0] or len(scales) != x.shape[0] or len({c.shape for c in codes}) > 1:
+        raise ValueError(f"matvec_many: {x.shape} input rows for {len(codes)} matrices of shapes "
+                         f"{sorted({c.shape for c in codes})}")
+    row0s = np.asarray(row0s, np.int64)
+    if x.shape[0] * x.shape[1] * n_out < PARALLEL_MIN:
+        return matvec_many_serial(fmt, x, codes, scales, row0s, n_out)
+    return matvec_many_kernel(fmt, x, codes, scales, row0s, n_out)
+
+
 def spec_matmul(x, w, prec):
     """The spec's matmul (for inputs the kernel leaves to the spec)."""
     return _matmul.spec(x, w, prec)
@@ -1032,6 +1127,11 @@ def grouped_wo_a(o: np.ndarray, wo_a: Fp8Matrix, groups: int, prec: str) -> np.n
     r = n // groups
     b, s = o.shape[:2]
     u = np.empty((b, s, groups, r), np.float64 if prec == "float64" else np.float32)
+    if b * s == 1:                                                # decode: every group in one region
+        y = matvec_many(fmt, _rows(o[0, 0], k, "grouped_wo_a"), [codes[gi * r:(gi + 1) * r] for gi in range(groups)],
+                        [scale] * groups, [gi * r for gi in range(groups)], r)
+        u[0, 0] = bf16(_finish(y, (groups,), prec), prec)
+        return u
     for gi in range(groups):                                      # official: einsum over groups (M:L538)
         y = product(fmt, _rows(o[:, :, gi], k, "grouped_wo_a"), codes[gi * r:(gi + 1) * r], scale, r, gi * r, prec=prec)
         u[:, :, gi] = bf16(_finish(y, (b, s), prec), prec)

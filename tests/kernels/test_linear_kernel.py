@@ -602,3 +602,75 @@ def test_fp4_dot128_is_four_dot32():
     codes = rng.integers(0, 256, (3, 80), dtype=np.uint8)
     xq = rng.integers(-(1 << 20), 1 << 20, 140).astype(np.int32)
     assert _dot128(codes, 2, 16, xq, 12) == tuple(_dot32(codes, 2, 16 + 16 * q, xq, 12 + 32 * q) for q in range(4))
+
+
+def test_fp4_dot128_decodes_every_byte_as_the_reference():
+    """fp4_dot128 (on AVX-512 a table lookup, elsewhere bit arithmetic) against fp4_times4 in plain Python: the
+    256 byte values, each in a lane of its own 1x32 block, times large integers of both signs."""
+    rng = np.random.default_rng(11)
+    codes = np.arange(256, dtype=np.uint8)[rng.permutation(256)].reshape(4, 64)   # 4 blocks of 64 bytes
+    for row in range(4):
+        xq = rng.integers(-(1 << 20), 1 << 20, 128).astype(np.int32)
+        want = [sum(int(xq[32 * q + i]) * fp4_times4(int(codes[row, 16 * q + i]) & 15)
+                    + int(xq[32 * q + 16 + i]) * fp4_times4(int(codes[row, 16 * q + i]) >> 4) for i in range(16))
+                for q in range(4)]
+        assert _dot128(codes, row, 0, xq, 0) == tuple(want)
+
+
+def _product_row(fmt, x1, codes, scale, n, row0):
+    """product_kernel's one-row output for one matrix (serial and parallel agree: test above)."""
+    return K.product_kernel_serial(fmt, x1[None], codes, scale, n, row0)[0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), fmt=st.sampled_from(["fp8", "fp4"]), m=st.integers(1, 5),
+       n=st.integers(1, 70), kblocks=st.integers(1, 3), odd_k=st.booleans(),
+       kind=st.sampled_from(["mirror", "mirror", "wide", "nonfinite", "any"]), parallel=st.booleans())
+def test_matvec_many_is_each_matrix_product_bit_for_bit(seed, fmt, m, n, kblocks, odd_k, kind, parallel, monkeypatch):
+    """matvec_many (one region for several matrices, decode) gives for each matrix the one-row product's bits:
+    FP8 matrices as row ranges of one larger matrix (wo_a's groups: the scale grid by absolute row), FP4 with
+    K a multiple of 128 (the integer path) or not (the float lanes), any input kind, serial and parallel."""
+    if parallel:
+        monkeypatch.setattr(K, "PARALLEL_MIN", 0)
+    rng = np.random.default_rng(seed)
+    k = 128 * kblocks - (64 if odd_k else 0)
+    x = np.stack([_fp4_x(rng, 128 * kblocks, kind)[:k] for _ in range(m)])
+    if fmt == "fp8":
+        f, codes, scale, _ = K.checked_codes(fp8_matrix(rng, m * n, k, scale_lo=100, scale_hi=150))
+        mats, scales, row0s = [codes[i * n:(i + 1) * n] for i in range(m)], [scale] * m, [i * n for i in range(m)]
+    else:
+        parts = [K.checked_codes(fp4_matrix(rng, n, k, scale_lo=100, scale_hi=150)) for _ in range(m)]
+        f = parts[0][0]
+        mats, scales, row0s = [p[1] for p in parts], [p[2] for p in parts], [0] * m
+    mats[0] = mats[0].view()
+    mats[0].flags.writeable = False                                # read-only (a memory map's) beside writeable ones
+    with np.errstate(over="ignore", invalid="ignore"):
+        got = K.matvec_many(f, x, mats, scales, row0s, n)
+        want = np.stack([_product_row(f, x[i], mats[i], scales[i], n, row0s[i]) for i in range(m)])
+    assert got.shape == (m, n)
+    assert np.array_equal(got.view(np.uint64), want.view(np.uint64)) or (
+        np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(got[~np.isnan(got)], want[~np.isnan(want)]))
+
+
+def test_matvec_many_refuses_mismatched_matrices():
+    rng = np.random.default_rng(0)
+    f, a, sa, _ = K.checked_codes(fp4_matrix(rng, 4, 128))
+    _, b, sb, _ = K.checked_codes(fp4_matrix(rng, 5, 128))
+    with pytest.raises(ValueError, match="matvec_many"):
+        K.matvec_many(f, np.zeros((2, 128)), [a, b], [sa, sb], [0, 0], 4)
+    with pytest.raises(ValueError, match="matvec_many"):
+        K.matvec_many(f, np.zeros((3, 128)), [a, a], [sa, sa], [0, 0], 4)
+
+
+@pytest.mark.parametrize("prec", ["mirror", "float64", "float32"])
+def test_grouped_wo_a_decode_is_the_per_group_product(prec, monkeypatch):
+    """A decode step's grouped wo_a (every group in one matvec_many call) equals the per-group products."""
+    rng = np.random.default_rng(3)
+    groups, r, kg = 4, 40, 256
+    w = fp8_matrix(rng, groups * r, kg, scale_lo=110, scale_hi=140)
+    o = _inputs(rng, groups, kg, prec).reshape(1, 1, groups, kg)
+    got = K.grouped_wo_a(o, w, groups, prec)
+    calls = []
+    monkeypatch.setattr(K, "matvec_many", lambda *a: calls.append(a) or None)
+    want = K.grouped_wo_a(np.concatenate([o, o], axis=1), w, groups, prec)[:, :1]   # two positions: per group
+    assert not calls and got.dtype == want.dtype and np.array_equal(got, want)

@@ -145,3 +145,59 @@ def test_replay_with_these_kernels_matches_the_spec(tiny_ckpt, weights):
     assert runs[0].tensors.keys() == runs[1].tensors.keys()
     for name, a in runs[0].tensors.items():
         assert np.array_equal(a, runs[1].tensors[name]), name
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), a=st.integers(1, 6), prec=st.sampled_from(["mirror", "float64", "float32"]),
+       revision=st.sampled_from(["current", "initial"]), parallel=st.booleans())
+def test_one_token_path_is_the_general_path_bit_for_bit(seed, a, prec, revision, parallel):
+    """A decode step's expert_sum (w1/w3 of every selected expert in one matvec_many call, w2 in another,
+    SwiGLU on all rows at once) gives the bits of the expert-by-expert path, with routing weights spread
+    over 2^28 so that the order of the fp32 additions shows; in mirror also the spec's."""
+    import refimpl.kernels.linear as KL
+    rng = np.random.default_rng(seed)
+    e, c, f = 8, 256, 128
+    w = _moe_weights(rng, e, c, f)
+    flat = round_bf16(rng.standard_normal((1, c)))
+    if prec == "float64":
+        flat = flat.astype(np.float64)
+    ids = rng.choice(e, a, replace=False)[None].astype(np.int64)
+    weights = (2.0 ** rng.uniform(-26, 2, (1, a))).astype(flat.dtype)
+    before = KL.PARALLEL_MIN
+    KL.PARALLEL_MIN = 0 if parallel else before
+    try:
+        taken = K._one_token(K._rows(K.act_fp8(flat, prec), c, "t"), ids[0], weights[0], w, TINY, prec, revision)
+        ky = K.expert_sum(flat, ids, weights, w, TINY, prec, revision)
+    finally:
+        KL.PARALLEL_MIN = before
+    general = K._one_token
+    try:
+        K._one_token = lambda *args: None
+        gy = K.expert_sum(flat, ids, weights, w, TINY, prec, revision)
+    finally:
+        K._one_token = general
+    assert taken is not None and np.array_equal(taken, ky)
+    assert ky.dtype == gy.dtype and np.array_equal(ky.view(np.uint8), gy.view(np.uint8))
+    if prec == "mirror":
+        assert np.array_equal(ky, expert_sum.spec(flat, ids, weights, w, TINY, prec, revision))
+
+
+def test_one_token_path_leaves_repeated_ids_and_nan_codes_to_the_general_path():
+    rng = np.random.default_rng(4)
+    w = _moe_weights(rng, 4, 128, 128)
+    flat = round_bf16(rng.standard_normal((1, 128)))
+    xq = K._rows(K.act_fp8(flat, "mirror"), 128, "t")
+    assert K._one_token(xq, np.zeros(0, np.int64), np.zeros(0, np.float32), w, TINY, "mirror", "current") is None
+    ids, weights = np.array([[2, 2]], np.int64), np.ones((1, 2), np.float32)
+    assert K._one_token(xq, ids[0], weights[0], w, TINY, "mirror", "current") is None
+    assert np.array_equal(K.expert_sum(flat, ids, weights, w, TINY, "mirror", "current"),
+                          expert_sum.spec(flat, ids, weights, w, TINY, "mirror", "current"))
+    sv = np.array(w.shared.w2.values)
+    sv.view(np.uint8)[3, 5] = 0x7F                                 # an e4m3fn NaN code in the shared expert
+    shared = ExpertWeights(w1=w.shared.w1, w2=type(w.shared.w2)(sv, w.shared.w2.scale), w3=w.shared.w3)
+    wn = MoEWeights(gate=w.gate, experts=w.experts, shared=shared)
+    ids = np.array([[3, 0]], np.int64)
+    assert K._one_token(xq, ids[0], weights[0], wn, TINY, "mirror", "current") is None
+    ky = K.expert_sum(flat, ids, weights, wn, TINY, "mirror", "current")
+    sy = expert_sum.spec(flat, ids, weights, wn, TINY, "mirror", "current")
+    assert np.isnan(sy).any() and np.array_equal(np.isnan(ky), np.isnan(sy)) and np.array_equal(ky[~np.isnan(sy)], sy[~np.isnan(sy)])
