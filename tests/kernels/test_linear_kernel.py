@@ -141,9 +141,9 @@ def test_mirror_block_order_hand_worked_on_every_path(rows):
     assert np.array_equal(y, np.tile(want[:6], (rows, 1)))
 
 
-@pytest.mark.parametrize("redo_row_at", [0, 1000])       # unsafe outputs recomputed with their whole panel row / alone
+@pytest.mark.parametrize("abs_block", [1, 16, 1000])     # the bound on Σ|x·w|: tightest, the default, the loosest
 @pytest.mark.parametrize("wdtype", ["bf16", "f32"])
-def test_mirror_dense_products_on_many_rows_are_the_kernel_row_by_row(wdtype, redo_row_at, monkeypatch):
+def test_mirror_dense_products_on_many_rows_are_the_kernel_row_by_row(wdtype, abs_block, monkeypatch):
     """mirror, bf16/fp32 weights, >= BLAS_MIN_ROWS rows (blas_rounding_checked): each row's fp32 result is the
     one-row kernel's bit for bit. The rows cancel massively (x = [a, b, ..., -b, -a] plus a small term), so
     BLAS's own float64 order rounds to another fp32 value on many of them: the midpoint check and the
@@ -157,7 +157,7 @@ def test_mirror_dense_products_on_many_rows_are_the_kernel_row_by_row(wdtype, re
     w[1] = rng.standard_normal(k)
     w = w.astype(ml_dtypes.bfloat16) if wdtype == "bf16" else w
     one = np.stack([K.fp32_linear(x[r:r + 1], w, "mirror")[0] for r in range(rows)])
-    monkeypatch.setattr(K, "REDO_ROW_AT", redo_row_at)
+    monkeypatch.setattr(K, "ABS_BLOCK", abs_block)
     blas = (x.astype(np.float64) @ np.asarray(w, np.float64).T).astype(np.float32)
     assert np.sum(blas[:, 0] != one[:, 0]) > 10                        # BLAS alone rounds otherwise
     assert np.array_equal(K.fp32_linear(x, w, "mirror"), one)
