@@ -283,6 +283,13 @@ ORDER_AND_THREADS = [
      [("acc = builder.fadd(acc, builder.fmul(builder.load(builder.gep(px, [k]), align=8), w))",
        "acc = builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vd, vd, vd]), "
        "'llvm.fma.v16f64'), [builder.load(builder.gep(px, [k]), align=8), w, acc])")]),
+    # Flash prefill, second pass (issue 23): the BLAS paths' FP4 panel decode, the dense products' bound
+    ("linear kernel: FP4 panel decode with the previous 1x32 block's scale", K_LIN,
+     [("s = fp4_block_scale(srow[b])", "s = fp4_block_scale(srow[max(b - 1, 0)])")]),
+    ("linear kernel: dense products' bound on Σ|x·w| from block means, not maxima", K_LIN,
+     [("m = max(m, abs(w[n, k]))", "m += abs(w[n, k]) / B")]),
+    ("linear kernel: FP4 128-column sums with scales spanning 25 binades", K_LIN,
+     [("if np.int32(hi) - np.int32(lo) > 24:", "if np.int32(hi) - np.int32(lo) > 25:")]),
 ]
 
 PINNED_BY = {
@@ -307,6 +314,11 @@ PINNED_BY = {
         [f"{LIN_KERNEL}::test_fp8_exact_block_sums_are_the_float_lanes_bit_for_bit",
          f"{LIN_KERNEL}::test_fp8_exact_blocks_hand_worked"],
     "linear kernel: dense lanes with fused multiply-adds": [f"{LIN_KERNEL}::test_dense_lanes128_is_the_lane_order_bit_for_bit"],
+    "linear kernel: FP4 panel decode with the previous 1x32 block's scale":
+        [f"{LIN_KERNEL}::test_fp4_decode_rows_is_the_spec_dequantization"],
+    "linear kernel: dense products' bound on Σ|x·w| from block means, not maxima":
+        [f"{LIN_KERNEL}::test_abs_bound_is_an_upper_bound", f"{LIN_KERNEL}::test_abs_bound_blocks_hand_worked"],
+    "linear kernel: FP4 128-column sums with scales spanning 25 binades": [f"{LIN_KERNEL}::test_fp4_spans_fit_hand_worked"],
 }
 ALL = MUTATIONS + ORDER_AND_THREADS
 

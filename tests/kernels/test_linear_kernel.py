@@ -602,3 +602,42 @@ def test_fp4_dot128_is_four_dot32():
     codes = rng.integers(0, 256, (3, 80), dtype=np.uint8)
     xq = rng.integers(-(1 << 20), 1 << 20, 140).astype(np.int32)
     assert _dot128(codes, 2, 16, xq, 12) == tuple(_dot32(codes, 2, 16 + 16 * q, xq, 12 + 32 * q) for q in range(4))
+
+
+@pytest.mark.parametrize("k", [32, 80, 4096])                          # whole 1x32 blocks, a last half block
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fp4_decode_rows_is_the_spec_dequantization(k, dtype):
+    """decode_rows (the BLAS paths' weight panels) gives the spec's exact FP4 weights, a 1x32 scale per block,
+    for rows taken from the middle of the matrix and a last, partial block."""
+    rng = np.random.default_rng(k)
+    w = fp4_matrix(rng, 37, k, scale_lo=100, scale_hi=140)
+    fmt, codes, scale, _ = K.checked_codes(w)
+    out = np.full((20, k), np.nan, dtype)
+    K.decode_rows(fmt, codes, scale, 9, 29, 0, out)
+    assert np.array_equal(out, w.dequantize()[9:29].astype(dtype))
+
+
+def test_abs_bound_blocks_hand_worked():
+    """Blocks of 2 columns: Σ|x| per block 3, 7, 7 and max |w| 2, 5, 0.5; blocks of 16: one, 17 · 5."""
+    x = np.array([[1.0, -2.0, 3.0, 4.0, -7.0]])
+    w = np.array([[2.0, -1.0, 0.0, -5.0, 0.5]])
+    assert np.array_equal(K._block_abs_sums(x, 2), [[3.0, 7.0, 7.0]])
+    assert np.array_equal(K._block_abs_max(w, 2), [[2.0, 5.0, 0.5]])
+    a, f = K._abs_bound(K._block_abs_sums(x, K.ABS_BLOCK), w, 5)
+    assert a[0, 0] == 17.0 * 5 and 1 < f < 1 + 2.0 ** -40              # one block of 16 (the default)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), k=st.integers(1, 700), spread=st.integers(0, 60))
+def test_abs_bound_is_an_upper_bound(seed, k, spread):
+    """a · f bounds Σ_k |x·w| (math.fsum of the exact float64 products, correctly rounded) for any column count
+    and values spread over many binades, so blas_rounding_checked's midpoint test never trusts a wrong sum."""
+    import math
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((5, k)) * np.exp2(rng.integers(-spread, spread + 1, (5, k)))).astype(np.float32)
+    w = (rng.standard_normal((7, k)) * np.exp2(rng.integers(-spread, spread + 1, (7, k)))).astype(np.float32)
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    a, f = K._abs_bound(K._block_abs_sums(x64, K.ABS_BLOCK), w64, k)
+    for t in range(5):
+        for n in range(7):
+            assert a[t, n] * f >= math.fsum(np.abs(x64[t] * w64[n]))
