@@ -700,8 +700,7 @@ def _rounding_safe(y, a, f, gx, gw, gamma, out, p0):
     order, is a multiple of gx·gw below 2^53 of them) and those where y ± 2γa(1 + 2γ) holds no fp32 rounding
     midpoint; the others (and any non-finite one) are listed, in row-major order."""
     T, N = y.shape
-    ts = np.empty(T * N, np.int64)
-    ns = np.empty(T * N, np.int64)
+    unsafe = np.zeros((T, N), np.bool_)
     m = 0
     for t in range(T):
         for n in range(N):
@@ -722,10 +721,18 @@ def _rounding_safe(y, a, f, gx, gw, gamma, out, p0):
                     fv = np.float64(r)
                     safe = yv - b > (fv + down) / 2 and yv + b < (fv + up) / 2
             if not safe:
-                ts[m] = t
-                ns[m] = p0 + n
+                unsafe[t, n] = True
                 m += 1
-    return ts[:m], ns[:m]
+    ts = np.empty(m, np.int64)
+    ns = np.empty(m, np.int64)
+    i = 0
+    for t in range(T):
+        for n in range(N):
+            if unsafe[t, n]:
+                ts[i] = t
+                ns[i] = p0 + n
+                i += 1
+    return ts, ns
 
 
 ABS_BLOCK = 16           # blas_rounding_checked: columns per block of its bound on Σ|x·w|
