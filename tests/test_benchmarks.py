@@ -132,3 +132,21 @@ def test_prefill_limits():
     assert bench.prefill_precisions("float32") == ["float32"]
     assert bench.prefill_limit("mirror")[0] == bench.prefill_limit("float64")[0] == "dgemm"
     assert bench.prefill_limit("float32")[0] == "sgemm"
+
+
+def test_prefill_cpu_prints_positive_figures(tiny_ckpt):
+    """benchmarks/prefill_cpu.py on the tiny checkpoint: one line of positive figures (CPU seconds, FLOP, rates,
+    efficiency), the RSS samples with --sample; a missing checkpoint is a message and exit 2."""
+    import re
+    script = str(ROOT / "benchmarks" / "prefill_cpu.py")
+    r = subprocess.run([sys.executable, script, "--ckpt", str(tiny_ckpt), "--tokens", "24", "--sample"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = r.stdout.splitlines()[0]
+    cpu = float(re.search(r"process CPU ([0-9.]+) s", first).group(1))
+    eff = float(re.search(r"CPU efficiency ([0-9.]+)", first).group(1))
+    assert cpu > 0 and 0 < eff
+    assert any("GiB" in line and "<" in line for line in r.stdout.splitlines()[1:])   # sampled stacks
+    r = subprocess.run([sys.executable, script, "--ckpt", str(ROOT / "no-such-checkpoint")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "no checkpoint" in r.stderr and "Traceback" not in r.stderr

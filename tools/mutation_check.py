@@ -305,6 +305,13 @@ ORDER_AND_THREADS = [
     ("linear kernel: FP4 lookup table decodes 1.5 as 1", K_FMT,
      [("values = ir.Constant(v32, [fp4_times4(k) for k in range(16)])",
        "values = ir.Constant(v32, [4 if k == 3 else fp4_times4(k) for k in range(16)])")]),
+    # Flash prefill, second pass (issue 23): the BLAS paths' FP4 panel decode, the dense products' bound
+    ("linear kernel: FP4 panel decode with the previous 1x32 block's scale", K_LIN,
+     [("s = fp4_block_scale(srow[b])", "s = fp4_block_scale(srow[max(b - 1, 0)])")]),
+    ("linear kernel: dense products' bound on Σ|x·w| from block means, not maxima", K_LIN,
+     [("m = max(m, abs(w[n, k]))", "m += abs(w[n, k]) / B")]),
+    ("linear kernel: FP4 128-column sums with scales spanning 25 binades", K_LIN,
+     [("if np.int32(hi) - np.int32(lo) > 24:", "if np.int32(hi) - np.int32(lo) > 25:")]),
 ]
 
 PINNED_BY = {
@@ -340,6 +347,11 @@ PINNED_BY = {
     "linear kernel: decode's wo_a groups read the scale grid from row 0":
         [f"{LIN_KERNEL}::test_grouped_wo_a_decode_is_the_per_group_product"],
     "linear kernel: FP4 lookup table decodes 1.5 as 1": [f"{LIN_KERNEL}::test_fp4_dot128_decodes_every_byte_as_the_reference"],
+    "linear kernel: FP4 panel decode with the previous 1x32 block's scale":
+        [f"{LIN_KERNEL}::test_fp4_decode_rows_is_the_spec_dequantization"],
+    "linear kernel: dense products' bound on Σ|x·w| from block means, not maxima":
+        [f"{LIN_KERNEL}::test_abs_bound_is_an_upper_bound", f"{LIN_KERNEL}::test_abs_bound_blocks_hand_worked"],
+    "linear kernel: FP4 128-column sums with scales spanning 25 binades": [f"{LIN_KERNEL}::test_fp4_spans_fit_hand_worked"],
 }
 ALL = MUTATIONS + ORDER_AND_THREADS
 

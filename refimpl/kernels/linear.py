@@ -573,9 +573,17 @@ def decode_rows(fmt, codes, scale, n_lo, n_hi, row0, out):
                 for k in range(k0, min(K, k0 + BLOCK)):
                     o[k] = fp8_raw(codes[n, k]) * s
         elif fmt == FMT_FP4:
-            for j in range(K // 2):
-                s = fp4_block_scale(scale[n, (2 * j) // 32])
-                lo, hi = fp4_pair_raw(codes[n, j])
+            c = codes[n]
+            srow = scale[n]
+            for b in range(K // 32):                          # one scale per 1x32 block (16 packed bytes): a
+                s = fp4_block_scale(srow[b])                  # fixed trip that LLVM vectorizes (5x the speed)
+                for j in range(16 * b, 16 * b + 16):
+                    lo, hi = fp4_pair_raw(c[j])
+                    o[2 * j] = lo * s
+                    o[2 * j + 1] = hi * s
+            for j in range(16 * (K // 32), K // 2):           # a last, partial block
+                s = fp4_block_scale(srow[K // 32])
+                lo, hi = fp4_pair_raw(c[j])
                 o[2 * j] = lo * s
                 o[2 * j + 1] = hi * s
         elif fmt == FMT_BF16:
@@ -590,10 +598,21 @@ def fp4_spans_fit(scale: np.ndarray) -> bool:
     """True if every 128-column block of an FP4 weight has scales spanning at most 24 binades: then its
     128-column sums against FP8 activations are exact in float64 (model/linear.py), as its 32-column sums are."""
     n, nb = scale.shape
-    if nb % 4:
-        return False
-    s = scale.reshape(n, nb // 4, 4)
-    return bool((s.max(axis=-1).astype(np.int16) - s.min(axis=-1) <= 24).all())
+    return nb % 4 == 0 and _spans_fit(np.ascontiguousarray(scale, np.uint8))
+
+
+@njit(cache=True, nogil=True)
+def _spans_fit(scale):
+    """fp4_spans_fit's scan in one pass (NumPy's max, min and int16 temporaries took ~5 ms per expert matrix,
+    on the main thread, ~7 s of a 1024-token Flash prefill)."""
+    n, nb = scale.shape
+    for r in range(n):
+        for b0 in range(0, nb, 4):
+            lo = min(scale[r, b0], scale[r, b0 + 1], scale[r, b0 + 2], scale[r, b0 + 3])
+            hi = max(scale[r, b0], scale[r, b0 + 1], scale[r, b0 + 2], scale[r, b0 + 3])
+            if np.int32(hi) - np.int32(lo) > 24:
+                return False
+    return True
 
 
 BLAS_MIN_ROWS = 16       # products with at least this many input rows take BLAS: mirror's FP8/FP4 block sums
@@ -760,65 +779,101 @@ def _min_grain(v):
 
 
 @njit(cache=True, nogil=True)
-def _rounding_safe(y, a, gx, gw, gamma):
-    """[T, N] bool: fp32(y) is the fp32 rounding of every float64 sum of the same exact products (see
-    blas_rounding_checked): either the sum is exact (a < 2^52 · gx · gw: every partial sum, in any
-    order, is a multiple of gx·gw below 2^53 of them), or y ± 2γa(1 + 2γ) holds no fp32 rounding midpoint."""
+def _rounding_safe(y, a, f, gx, gw, gamma, out, p0):
+    """Writes y [T, N] into out[:, p0:p0+N] (-0 as +0: the kernel's sums start at +0) and returns (ts, ns): the
+    outputs whose fp32(y) may not be the fp32 rounding of every float64 sum of the same exact products (see
+    blas_rounding_checked), a · f bounding Σ|x·w|. Safe are those whose sum is exact (a·f < 2^52 · gx · gw: every partial sum, in any
+    order, is a multiple of gx·gw below 2^53 of them) and those where y ± 2γa(1 + 2γ) holds no fp32 rounding
+    midpoint; the others (and any non-finite one) are listed, in row-major order."""
     T, N = y.shape
-    safe = np.zeros((T, N), np.bool_)
+    unsafe = np.zeros((T, N), np.bool_)
+    m = 0
     for t in range(T):
         for n in range(N):
             yv = y[t, n]
-            f = np.float32(yv)
-            if not np.isfinite(f):
-                continue
-            if a[t, n] < gx[t] * gw[n] * 2.0 ** 52:
-                safe[t, n] = True
-                continue
-            up = np.float64(np.nextafter(f, np.float32(np.inf)))
-            down = np.float64(np.nextafter(f, np.float32(-np.inf)))
-            if not (np.isfinite(up) and np.isfinite(down)):
-                continue
-            b = a[t, n] * (2 * gamma * (1 + 2 * gamma))
-            fv = np.float64(f)
-            safe[t, n] = yv - b > (fv + down) / 2 and yv + b < (fv + up) / 2
-    return safe
+            out[t, p0 + n] = yv if yv != 0 else 0.0
+            r = np.float32(yv)
+            av = a[t, n] * f
+            safe = False
+            if not np.isfinite(r):
+                safe = False
+            elif av < gx[t] * gw[n] * 2.0 ** 52:
+                safe = True
+            else:
+                up = np.float64(np.nextafter(r, np.float32(np.inf)))
+                down = np.float64(np.nextafter(r, np.float32(-np.inf)))
+                if np.isfinite(up) and np.isfinite(down):
+                    b = av * (2 * gamma * (1 + 2 * gamma))
+                    fv = np.float64(r)
+                    safe = yv - b > (fv + down) / 2 and yv + b < (fv + up) / 2
+            if not safe:
+                unsafe[t, n] = True
+                m += 1
+    ts = np.empty(m, np.int64)
+    ns = np.empty(m, np.int64)
+    i = 0
+    for t in range(T):
+        for n in range(N):
+            if unsafe[t, n]:
+                ts[i] = t
+                ns[i] = p0 + n
+                i += 1
+    return ts, ns
 
 
-def _abs_bound(ax: np.ndarray, aw: np.ndarray, mx: np.ndarray, awmax: float, K: int) -> np.ndarray:
-    """An upper bound of A = Σ_k |x[t, k]·w[n, k]| from a float32 product: ax = |x| [T, K] float32 (exact),
-    aw = |w| [p, K] float32, mx [T] = max_k |x[t, k]|, awmax = max |w| -> [T, p] float64.
+ABS_BLOCK = 16           # blas_rounding_checked: columns per block of its bound on Σ|x·w|
 
-    A sum of K non-negative float32 terms is within a factor 1 ± γ32 of the exact sum, γ32 = K·2^-24 /
-    (1 - K·2^-24), in any order and with fused multiply-adds; a product or an input below the normal
-    range (2^-126) may be flushed to zero or rounded absolutely, which loses at most
-    2^-126·(max|x| + max|w| + 1) per term. So A <= a / (1 - γ32) + K·2^-126·(max|x| + max|w| + 1) (both
-    rounded up by a further factor), and an overflow (inf) only makes an output go to the recomputation.
+
+@njit(cache=True, nogil=True)
+def _block_abs_sums(x, B):
+    """x [T, K] -> [T, ceil(K/B)] float64: Σ |x[t, k]| over each block of B columns (in column order)."""
+    T, K = x.shape
+    nb = (K + B - 1) // B
+    out = np.zeros((T, nb))
+    for t in range(T):
+        for k in range(K):
+            out[t, k // B] += abs(x[t, k])
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _block_abs_max(w, B):
+    """w [p, K] -> [p, ceil(K/B)] float64: max |w[n, k]| over each block of B columns (a NaN is passed over: a
+    NaN weight makes its outputs NaN, which blas_rounding_checked recomputes whatever their bound)."""
+    p, K = w.shape
+    nb = (K + B - 1) // B
+    out = np.zeros((p, nb))
+    for n in range(p):
+        for b in range(nb):
+            m = 0.0
+            for k in range(b * B, min(K, b * B + B)):
+                m = max(m, abs(w[n, k]))
+            out[n, b] = m
+    return out
+
+
+def _abs_bound(xs: np.ndarray, wm: np.ndarray) -> tuple[np.ndarray, float]:
+    """(a, f): a · f [T, p] is an upper bound of A = Σ_k |x[t, k]·w[n, k]|, from xs = _block_abs_sums(x, ABS_BLOCK)
+    [T, nb] and wm = _block_abs_max(w, ABS_BLOCK) [p, nb] of the panel w [p, K] float64: A <= Σ_b (Σ_{k in b} |x[t, k]|) · max_{k in b} |w[n, k]|, a
+    product with K / ABS_BLOCK inner terms (a sixteenth of the panel's dgemm).
+
+    Every term is non-negative and float64 (x holds float32 values, w float32 or bf16 ones: no product or
+    sum leaves float64's normal range unless it overflows to inf, which only sends an output to the
+    recomputation), so each computed sum is within a factor 1 - γ of the exact one, in any order and with
+    fused multiply-adds, γ = n·2^-53 / (1 - n·2^-53) for n terms: the block sums (n = ABS_BLOCK) and the
+    product (n = nb + 1 with its multiplications). f divides by both factors' lower ends (times a further
+    2^-50 for f's own roundings and _rounding_safe's product a · f).
     """
-    if K * 2.0 ** -24 >= 0.5:                                        # no useful bound: every output recomputed
-        return np.full((ax.shape[0], aw.shape[0]), np.inf)
-    g32 = K * 2.0 ** -24 / (1 - K * 2.0 ** -24)
-    a = (ax @ aw.T).astype(np.float64)                               # [T, p] float32 sums of |x·w|
-    slack = K * 2.0 ** -126 * (mx[:, None] + awmax + 1.0)
-    return (a / (1 - g32) + slack) * (1 + 2.0 ** -22)                # 2^-22: the inputs' and these ops' roundings
+    g = (ABS_BLOCK + xs.shape[1] + 2) * 2.0 ** -53
+    if g >= 0.25:                                                     # no useful bound: every output recomputed
+        return np.full((xs.shape[0], wm.shape[0]), np.inf), 1.0
+    return xs @ wm.T, 1 / ((1 - g) * (1 - g)) * (1 + 2.0 ** -50)
 
 
 def _weight_checks(w: np.ndarray):
-    """A decoded panel's side of blas_rounding_checked: (grains, norm bounds, |w| in float32, max |w|)."""
-    aw = np.abs(w).astype(np.float32)                                # exact (a value not of float32: within 2^-24)
-    return _min_grain(w), _norm_bound(w), aw, np.array(float(aw.max(initial=0.0)))
-
-
-def _norm_bound(v: np.ndarray) -> np.ndarray:
-    """v [R, K] float64 -> [R] float64: an upper bound of each row's Euclidean norm ‖v[r]‖.
-
-    Σ v² of K terms in float64 is within a factor 1 ± γ(K+1) of the exact sum (u = 2^-53 per rounding), the
-    square root within u more; (1 + (K + 4)·2^-52)(1 + 2^-40) covers both with room. A square below
-    float64's normal range loses at most 2^-1074 absolutely, K of them at most sqrt(K)·2^-537 < 2^-500 of
-    the norm: added. An inf or NaN stays one (its outputs are recomputed).
-    """
-    K = v.shape[1]
-    return np.sqrt(np.einsum("rk,rk->r", v, v)) * ((1 + (K + 4) * 2.0 ** -52) * (1 + 2.0 ** -40)) + 2.0 ** -500
+    """A decoded panel's side of blas_rounding_checked: (grains [p], block maxima of |w| [p, nb]), kept with
+    the panel by PANELS for small read-only matrices."""
+    return _min_grain(w), _block_abs_max(w, ABS_BLOCK)
 
 
 def blas_rounding_checked(fmt, x, codes, scale, n_out, row0):
@@ -827,53 +882,43 @@ def blas_rounding_checked(fmt, x, codes, scale, n_out, row0):
 
     Each product x·w is exact in float64 (24 + 24 bits at most), so any order of summation, BLAS's
     (dgemm, s) or the kernel's (k), lies within γ·A of the exact sum, A = Σ|x·w|, γ = K·2^-53/(1 - K·2^-53):
-    |s - k| <= 2γA. A is bounded first by Cauchy–Schwarz, A <= ‖x[t]‖·‖w[n]‖ = a (`_norm_bound` of each
-    side: an outer product, no second matrix product); rows with an output that bound leaves unproven
-    get the tighter bound of `_abs_bound` (a float32 product of |x| and |w|, for those rows only:
-    activations with outliers make Cauchy–Schwarz far too loose, measured at Flash dimensions). Where
-    the interval s ± 2γa(1 + 2γ) holds no fp32 rounding midpoint, fp32(s) = fp32(k); every other
-    output (and any non-finite one) is computed again by product_kernel, row by row of the rows
-    concerned. So the rounded results are the kernel's bit for bit, for any number of rows: BLAS
-    decides only how fast they come. The weight side (the decoded panel, its grains, norms and
-    |w|) is kept by PANELS for small read-only matrices.
+    |s - k| <= 2γA. `_abs_bound` bounds A from the blocks' sums of |x| and maxima of |w| (a product a
+    sixteenth of the dgemm's size; a float32 product of |x| and |w| was tighter but took about 0.6 of the
+    dgemm's time, measured on the Flash head). Where the interval s ± 2γA(1 + 2γ)
+    holds no fp32 rounding midpoint, fp32(s) = fp32(k); every other output (and any non-finite one) is
+    computed again by the kernel's order (_redo_outputs, all of a panel's in one call). So the rounded
+    results are the kernel's bit for bit, for any number of rows: BLAS decides only how fast they come.
+    The weight side (the decoded panel, its grains and block maxima) is kept by PANELS for small
+    read-only matrices.
     """
     T, K = x.shape
     gamma = K * 2.0 ** -53 / (1 - K * 2.0 ** -53)
-    nx = _norm_bound(x)                                              # [T] >= ‖x[t]‖
+    xs = _block_abs_sums(x, ABS_BLOCK)                                # [T, nb] Σ|x| per block of columns
     gx = _min_grain(x)                                               # [T] every x[t, k] is a multiple of gx[t]
-    ax = np.abs(x).astype(np.float32)                                # x holds float32 values: exact
-    mx = ax.max(axis=1, initial=0.0).astype(np.float64)              # [T] max |x[t, k]|
     out = np.empty((T, n_out))
 
     def panel(p0):
         p1 = min(n_out, p0 + PANEL_ROWS)
-        w, (gw, nw, aw, awmax) = PANELS.get("checks", fmt, codes, scale, p0, p1, row0, K, np.float64, _weight_checks)
+        w, (gw, wm) = PANELS.get("checks", fmt, codes, scale, p0, p1, row0, K, np.float64, _weight_checks)
         y = x @ w.T                                                  # [T, p] float64, BLAS's order
-        with np.errstate(invalid="ignore", over="ignore"):          # 0·inf: NaN, recomputed as any inf
-            a = np.multiply.outer(nx, nw)                            # >= Σ|x·w|
-        safe = _rounding_safe(y, a, gx, gw, gamma)
-        loose = np.flatnonzero(~safe.all(axis=1))                    # rows Cauchy–Schwarz leaves unproven
-        if len(loose):
-            a = _abs_bound(ax[loose], aw, mx[loose], float(awmax), K)
-            safe[loose] |= _rounding_safe(y[loose], a, gx[loose], gw, gamma)   # either bound proves it
-        y[y == 0] = 0.0                                              # the kernel's sums start at +0: never -0
-        out[:, p0:p1] = y
-        for t in np.flatnonzero(~safe.all(axis=1)):                  # rows with an output near a rounding midpoint
-            cols = np.flatnonzero(~safe[t])
-            if len(cols) > REDO_ROW_AT:                              # many: the row's whole panel in one call
-                sc = scale[p0:p1] if fmt == FMT_FP4 else scale       # an FP4 grid is per row; FP8's by absolute row
-                redo = product_kernel_serial(fmt, x[t:t + 1], codes[p0:p1], sc, p1 - p0, row0 + p0)[0]
-                out[t, p0:p1] = np.where(safe[t], y[t], redo)
-                continue
-            for n in p0 + cols:                                      # a few (about 1 in 1000 outputs): each alone
-                sc = scale[n:n + 1] if fmt == FMT_FP4 else scale
-                out[t, n] = product_kernel_serial(fmt, x[t:t + 1], codes[n:n + 1], sc, 1, row0 + n)[0, 0]
+        a, f = _abs_bound(xs, wm)                                    # a · f >= Σ|x·w|
+        ts, ns = _rounding_safe(y, a, f, gx, gw, gamma, out, p0)    # y into out; the unsafe outputs
+        if len(ts):
+            _redo_outputs(fmt, x, codes, scale, row0, ts, ns, out)
     run_tasks(panel, range(0, n_out, PANEL_ROWS))
     return out
 
 
-REDO_ROW_AT = 16         # blas_rounding_checked: a row with more outputs than this near a rounding midpoint is
-                         # recomputed over its whole panel, one with fewer output by output (a call each)
+@njit(cache=True, nogil=True)
+def _redo_outputs(fmt, x, codes, scale, row0, ts, ns, out):
+    """out[t, n] = product_kernel's x[t] · W[row0 + n] for each pair (ts[i], ns[i]): each output alone (its own
+    sum in the kernel's order, the same bits as among others), all in one call without the GIL."""
+    for i in range(len(ts)):
+        t, n = ts[i], ns[i]
+        sc = scale[n:n + 1] if fmt == FMT_FP4 else scale             # an FP4 grid is per row; FP8's by absolute row
+        out[t, n] = product_kernel_serial(fmt, x[t:t + 1], codes[n:n + 1], sc, 1, row0 + n)[0, 0]
+
+
 PARALLEL_MIN = 1 << 23   # multiply-adds below which a product runs on one thread (on a loaded 2-core
                          # machine a parallel start measured up to ~5 ms; 2^23 is about that much work)
 

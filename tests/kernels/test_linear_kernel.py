@@ -141,9 +141,9 @@ def test_mirror_block_order_hand_worked_on_every_path(rows):
     assert np.array_equal(y, np.tile(want[:6], (rows, 1)))
 
 
-@pytest.mark.parametrize("redo_row_at", [0, 1000])       # unsafe outputs recomputed with their whole panel row / alone
+@pytest.mark.parametrize("abs_block", [1, 16, 1000])     # the bound on Σ|x·w|: tightest, the default, the loosest
 @pytest.mark.parametrize("wdtype", ["bf16", "f32"])
-def test_mirror_dense_products_on_many_rows_are_the_kernel_row_by_row(wdtype, redo_row_at, monkeypatch):
+def test_mirror_dense_products_on_many_rows_are_the_kernel_row_by_row(wdtype, abs_block, monkeypatch):
     """mirror, bf16/fp32 weights, >= BLAS_MIN_ROWS rows (blas_rounding_checked): each row's fp32 result is the
     one-row kernel's bit for bit. The rows cancel massively (x = [a, b, ..., -b, -a] plus a small term), so
     BLAS's own float64 order rounds to another fp32 value on many of them: the midpoint check and the
@@ -157,7 +157,7 @@ def test_mirror_dense_products_on_many_rows_are_the_kernel_row_by_row(wdtype, re
     w[1] = rng.standard_normal(k)
     w = w.astype(ml_dtypes.bfloat16) if wdtype == "bf16" else w
     one = np.stack([K.fp32_linear(x[r:r + 1], w, "mirror")[0] for r in range(rows)])
-    monkeypatch.setattr(K, "REDO_ROW_AT", redo_row_at)
+    monkeypatch.setattr(K, "ABS_BLOCK", abs_block)
     blas = (x.astype(np.float64) @ np.asarray(w, np.float64).T).astype(np.float32)
     assert np.sum(blas[:, 0] != one[:, 0]) > 10                        # BLAS alone rounds otherwise
     assert np.array_equal(K.fp32_linear(x, w, "mirror"), one)
@@ -674,3 +674,40 @@ def test_grouped_wo_a_decode_is_the_per_group_product(prec, monkeypatch):
     monkeypatch.setattr(K, "matvec_many", lambda *a: calls.append(a) or None)
     want = K.grouped_wo_a(np.concatenate([o, o], axis=1), w, groups, prec)[:, :1]   # two positions: per group
     assert not calls and got.dtype == want.dtype and np.array_equal(got, want)
+@pytest.mark.parametrize("k", [32, 80, 4096])                          # whole 1x32 blocks, a last half block
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fp4_decode_rows_is_the_spec_dequantization(k, dtype):
+    """decode_rows (the BLAS paths' weight panels) gives the spec's exact FP4 weights, a 1x32 scale per block,
+    for rows taken from the middle of the matrix and a last, partial block."""
+    rng = np.random.default_rng(k)
+    w = fp4_matrix(rng, 37, k, scale_lo=100, scale_hi=140)
+    fmt, codes, scale, _ = K.checked_codes(w)
+    out = np.full((20, k), np.nan, dtype)
+    K.decode_rows(fmt, codes, scale, 9, 29, 0, out)
+    assert np.array_equal(out, w.dequantize()[9:29].astype(dtype))
+
+
+def test_abs_bound_blocks_hand_worked():
+    """Blocks of 2 columns: Σ|x| per block 3, 7, 7 and max |w| 2, 5, 0.5; blocks of 16: one, 17 · 5."""
+    x = np.array([[1.0, -2.0, 3.0, 4.0, -7.0]])
+    w = np.array([[2.0, -1.0, 0.0, -5.0, 0.5]])
+    assert np.array_equal(K._block_abs_sums(x, 2), [[3.0, 7.0, 7.0]])
+    assert np.array_equal(K._block_abs_max(w, 2), [[2.0, 5.0, 0.5]])
+    a, f = K._abs_bound(K._block_abs_sums(x, K.ABS_BLOCK), K._block_abs_max(w, K.ABS_BLOCK))
+    assert a[0, 0] == 17.0 * 5 and 1 < f < 1 + 2.0 ** -40              # one block of 16 (the default)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), k=st.integers(1, 700), spread=st.integers(0, 60))
+def test_abs_bound_is_an_upper_bound(seed, k, spread):
+    """a · f bounds Σ_k |x·w| (math.fsum of the exact float64 products, correctly rounded) for any column count
+    and values spread over many binades, so blas_rounding_checked's midpoint test never trusts a wrong sum."""
+    import math
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((5, k)) * np.exp2(rng.integers(-spread, spread + 1, (5, k)))).astype(np.float32)
+    w = (rng.standard_normal((7, k)) * np.exp2(rng.integers(-spread, spread + 1, (7, k)))).astype(np.float32)
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    a, f = K._abs_bound(K._block_abs_sums(x64, K.ABS_BLOCK), K._block_abs_max(w64, K.ABS_BLOCK))
+    for t in range(5):
+        for n in range(7):
+            assert a[t, n] * f >= math.fsum(np.abs(x64[t] * w64[n]))

@@ -2,8 +2,8 @@
 
 PanelCache keeps decoded panels of small read-only matrices; a kept panel must be the bits a fresh
 decode gives, for every panel of a matrix, and never outlive (or be confused with) the memory it
-was decoded from. _min_grain and _norm_bound feed blas_rounding_checked's proof that an output needs
-no recomputation: each must be a true bound (checked exactly, with Python's fractions).
+was decoded from. _min_grain feeds blas_rounding_checked's proof that an output needs no
+recomputation: it must be the exact grain (checked with Python's fractions).
 """
 import gc
 import math
@@ -150,22 +150,3 @@ def test_min_grain_hand_worked():
     v = np.array([[3.0, 0.5, 6.0], [5e-324, 1.0, 0.0], [0.0, -0.0, 0.0], [2.0**1000, 3 * 2.0**-1074, 1.0],
                   [12.0, -40.0, 2.0**60]])
     assert np.array_equal(K._min_grain(v), [0.5, 5e-324, np.inf, 2.0**-1074, 4.0])
-
-
-@settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), k=st.integers(1, 300), lg=st.integers(-700, 140))
-def test_norm_bound_bounds_every_sum_of_absolute_products(seed, k, lg):
-    """_norm_bound(x)·_norm_bound(w) >= Σ|x·w| exactly (rationals), for values down to where squares underflow,
-    and it is tight for ordinary values (within 2^-30 of the norm)."""
-    rng = np.random.default_rng(seed)
-    x = (rng.standard_normal((3, k)) * 2.0 ** lg).astype(np.float64)
-    w = rng.standard_normal((2, k)) * np.exp2(rng.integers(-30, 30, (2, k)))
-    nx, nw = K._norm_bound(x), K._norm_bound(w)
-    for t in range(3):
-        for n in range(2):
-            exact = sum(abs(Fraction(float(a)) * Fraction(float(b))) for a, b in zip(x[t], w[n]))
-            assert Fraction(float(nx[t] * nw[n])) >= exact
-        sq = sum(Fraction(float(a)) ** 2 for a in x[t])
-        assert Fraction(float(nx[t])) ** 2 >= sq
-        if -400 < lg < 100:
-            assert nx[t] <= math.sqrt(float(sq)) * (1 + 2.0 ** -30)
