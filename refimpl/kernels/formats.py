@@ -189,6 +189,21 @@ if numba.config.DISABLE_JIT:
         c = codes[n, j:j + 16].astype(np.int64) & 0xFF
         return int(np.dot(xq[i:i + 16], _TIMES4[c & 15]) + np.dot(xq[i + 16:i + 32], _TIMES4[c >> 4]))
 else:
+    def _row_operands(codes, n, j, x, i, x_dtype) -> bool:
+        """Typing of the one-row intrinsics below: codes a 2-D array, x a 1-D array of x_dtype, n, j, i integers."""
+        return (isinstance(codes, types.Array) and codes.ndim == 2 and isinstance(x, types.Array)
+                and x.ndim == 1 and x.dtype == x_dtype and all(isinstance(t, types.Integer) for t in (n, j, i)))
+
+    def _times4_ir(builder, nib, splat):
+        """LLVM IR: 4·e2m1 of each nibble of a vector of int32 nibbles (0-15): nibble s·8 + m decodes to 2m for
+        m < 2, else (2 | m & 1) << (m >> 1), negated for s = 1 (fp4_times4 on vectors; splat(k) is the
+        constant vector of k)."""
+        m = builder.and_(nib, splat(7))
+        big = builder.shl(builder.or_(builder.and_(m, splat(1)), splat(2)), builder.lshr(m, splat(1)))
+        v = builder.select(builder.icmp_unsigned("<", m, splat(2)), builder.shl(m, splat(1)), big)
+        s = builder.sub(splat(0), builder.lshr(nib, splat(3)))          # 0 or -1
+        return builder.sub(builder.xor(v, s), s)
+
     @intrinsic
     def fp4_dot32(typingctx, codes, n, j, xq, i):
         """Σ_l xq[i + l] · 4·e2m1(low nibble of codes[n, j + l]) + xq[i + 16 + l] · 4·e2m1(high nibble), l < 16,
@@ -198,9 +213,7 @@ else:
         AVX2, or plain registers): each nibble n = s·8 + m decodes to v = 2m for m < 2, else
         (2 | m & 1) << (m >> 1), negated for s = 1; the 32 products are added in one reduction.
         """
-        if not (isinstance(codes, types.Array) and codes.ndim == 2 and isinstance(xq, types.Array)
-                and xq.ndim == 1 and xq.dtype == types.int32
-                and all(isinstance(t, types.Integer) for t in (n, j, i))):
+        if not _row_operands(codes, n, j, xq, i, types.int32):
             return None
 
         def codegen(context, builder, signature, args):
@@ -220,14 +233,8 @@ else:
             xe = builder.load(xp, align=4)
             xo = builder.load(builder.gep(xp, [ir.Constant(i32, 1)]), align=4)
 
-            def times4(nib):
-                m = builder.and_(nib, splat(7))
-                big = builder.shl(builder.or_(builder.and_(m, splat(1)), splat(2)), builder.lshr(m, splat(1)))
-                v = builder.select(builder.icmp_unsigned("<", m, splat(2)), builder.shl(m, splat(1)), big)
-                s = builder.sub(splat(0), builder.lshr(nib, splat(3)))      # 0 or -1
-                return builder.sub(builder.xor(v, s), s)
-            lo = times4(builder.and_(c, splat(15)))
-            hi = times4(builder.lshr(c, splat(4)))
+            lo = _times4_ir(builder, builder.and_(c, splat(15)), splat)
+            hi = _times4_ir(builder, builder.lshr(c, splat(4)), splat)
             prod = builder.add(builder.mul(xe, lo), builder.mul(xo, hi))
             fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [v32]),
                                                 "llvm.vector.reduce.add.v16i32")
@@ -260,9 +267,7 @@ else:
         widened to float64, fused multiply-adds into four accumulators (a product is exact, so the fused
         and the separate forms agree), then the accumulators and their lanes added pairwise.
         """
-        if not (isinstance(codes, types.Array) and codes.ndim == 2 and isinstance(x, types.Array)
-                and x.ndim == 1 and x.dtype == types.float64
-                and all(isinstance(t, types.Integer) for t in (n, j, i))):
+        if not _row_operands(codes, n, j, x, i, types.float64):
             return None
 
         def codegen(context, builder, signature, args):
@@ -317,9 +322,7 @@ else:
         added in ascending order from +0.0. The same operations as the kernel's lane loops, bit for bit,
         with the lanes held in a vector register instead of memory.
         """
-        if not (isinstance(codes, types.Array) and codes.ndim == 2 and isinstance(codes.dtype, types.Integer)
-                and isinstance(x, types.Array) and x.ndim == 1 and x.dtype == types.float64
-                and all(isinstance(t, types.Integer) for t in (n, j, i))):
+        if not (_row_operands(codes, n, j, x, i, types.float64) and isinstance(codes.dtype, types.Integer)):
             return None
 
         def codegen(context, builder, signature, args):
@@ -364,9 +367,7 @@ else:
         by bits 0-3 of each lane) instead of fp4_dot32's dozen bit operations: measured on the Flash
         checkpoint's expert matrices (2048 x 4096), the one-row product took 0.93 instead of 1.67 ms of
         thread CPU time. The integers, and so the sums, are the same."""
-        if not (isinstance(codes, types.Array) and codes.ndim == 2 and isinstance(xq, types.Array)
-                and xq.ndim == 1 and xq.dtype == types.int32
-                and all(isinstance(t, types.Integer) for t in (n, j, i))):
+        if not _row_operands(codes, n, j, xq, i, types.int32):
             return None
         sig = types.UniTuple(types.int32, 4)(codes, n, j, xq, i)
 
@@ -392,12 +393,7 @@ else:
             def times4(nib):                                          # as fp4_dot32
                 if table:                                             # the lookup reads bits 0-3 of each index only
                     return builder.call(perm, [values, nib])
-                nib = builder.and_(nib, splat(15))
-                m = builder.and_(nib, splat(7))
-                big = builder.shl(builder.or_(builder.and_(m, splat(1)), splat(2)), builder.lshr(m, splat(1)))
-                v = builder.select(builder.icmp_unsigned("<", m, splat(2)), builder.shl(m, splat(1)), big)
-                s = builder.sub(splat(0), builder.lshr(nib, splat(3)))
-                return builder.sub(builder.xor(v, s), s)
+                return _times4_ir(builder, builder.and_(nib, splat(15)), splat)
             p = []
             for q in range(4):
                 c = builder.zext(builder.load(builder.gep(pc, [ir.Constant(i32, q)]), align=1), v32)
