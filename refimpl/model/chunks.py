@@ -5,8 +5,9 @@ A prefill of s tokens holds every position's activations at once; most of the wo
 the norms, the projections, the MoE, the queries and their sparse attention over the full keys,
 the head. `block`, `attention` and the head take that work in chunks of positions (`spans`), so
 that the largest temporaries (hc_post's [rows, n, n, c], the queries [rows, h, d], the head's
-float64 [rows, vocab] inside its product, taken in slices of the vocabulary: the head's weight is
-then read once per call) exist for one chunk at a time. The index layout is the
+float64 [rows, vocab] inside its product, taken in spans of HEAD_ROWS positions and slices of the
+vocabulary: the head's weight is read once per span) exist for one chunk at a time. A prefill (which
+returns no streams) lets go of the final streams before the head's product. The index layout is the
 call's (window_width of the whole call), never a chunk's: a chunk changes no index set.
 
 Results. In float64 and mirror every product is independent of the number of rows in the call
@@ -31,6 +32,8 @@ from refimpl.sites import Recording
 ROWS = 2048          # positions per chunk at most (the MoE half: its experts decode their weights once per chunk)
 BYTES = 1 << 27      # a chunk's largest temporary stays under this (128 MiB), e.g. the head's float64 [rows, vocab]
 COLUMNS = 2048       # the head's vocabulary is split at multiples of this (the products' weight slices: 512 / 2048 rows)
+HEAD_ROWS = 1024     # the head's product takes positions in spans of at most this many (its float64 copy of the
+                     # input and its panels' [rows, 512] products grow with them; each span reads the head once)
 
 
 def columns(n: int, column_bytes: int) -> list[tuple[int, int]]:
@@ -40,9 +43,11 @@ def columns(n: int, column_bytes: int) -> list[tuple[int, int]]:
     return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
 
 
-def spans(s: int, row_bytes: int = 0) -> list[tuple[int, int]]:
-    """Chunks (lo, hi) of positions 0..s-1: ROWS at most, and at most BYTES / row_bytes (at least 1)."""
-    rows = ROWS if row_bytes <= 0 else min(ROWS, BYTES // row_bytes)
+def spans(s: int, row_bytes: int = 0, *, most: int | None = None) -> list[tuple[int, int]]:
+    """Chunks (lo, hi) of positions 0..s-1: ROWS (or `most`, if fewer) at most, and at most BYTES / row_bytes
+    (at least 1)."""
+    rows = ROWS if most is None else min(ROWS, most)
+    rows = rows if row_bytes <= 0 else min(rows, BYTES // row_bytes)
     rows = max(1, int(rows))
     return [(lo, min(s, lo + rows)) for lo in range(0, s, rows)]
 

@@ -79,11 +79,13 @@ def fingerprint(w: ModelWeights) -> str:
 
 
 def head_logits(h: np.ndarray, hc: HyperConnWeights, norm: np.ndarray, head: np.ndarray, site: str, ctx) -> np.ndarray:
-    """Streams to logits at every position. h [b,s,n,c] -> [b,s,v] fp32 (float64 in float64 mode).
+    """Streams to logits at every position. h [b,s,n,c] -> [b,s,v] fp32 (float64 in float64 mode)."""
+    return head_product(head_input(h, hc, norm, site, ctx), head, ctx)
 
-    hc_head and the norm in chunks of positions, the product in slices of the vocabulary (chunks.py: its
-    float64 [s, v] for one slice at a time; the head's weight is read once).
-    """
+
+def head_input(h: np.ndarray, hc: HyperConnWeights, norm: np.ndarray, site: str, ctx) -> np.ndarray:
+    """The head's input: hc_head mixes the streams, then the final norm. h [b,s,n,c] -> x [b,s,c] (in chunks of
+    positions, chunks.py)."""
     b, s, n, c = h.shape
     part, finish = chunks.chunked(ctx)
     x = [rms_norm(hc_head(h[:, lo:hi], hc, part), norm, eps=ctx.cfg.norm_eps, prec=ctx.prec)   # [b, rows, c]
@@ -91,12 +93,21 @@ def head_logits(h: np.ndarray, hc: HyperConnWeights, norm: np.ndarray, head: np.
     finish()
     x = x[0] if len(x) == 1 else np.concatenate(x, axis=1)                                  # [b, s, c]
     record(ctx, site, x)
+    return x
+
+
+def head_product(x: np.ndarray, head: np.ndarray, ctx) -> np.ndarray:
+    """x [b,s,c] @ headᵀ -> logits [b,s,v]: in spans of at most chunks.HEAD_ROWS positions, each against the
+    vocabulary in slices (chunks.py: a slice's float64 product and its fp32 rounding held for one slice at a
+    time; each span reads the head's weight once)."""
+    b, s, _ = x.shape
     logits = None
-    for v0, v1 in chunks.columns(head.shape[0], b * s * 8):
-        y = fp32_linear(x, head[v0:v1], ctx.prec)      # official: F.linear(x.float(), head fp32)
-        if logits is None:
-            logits = np.empty((b, s, head.shape[0]), y.dtype)
-        logits[..., v0:v1] = y
+    for lo, hi in chunks.spans(s, most=chunks.HEAD_ROWS):
+        for v0, v1 in chunks.columns(head.shape[0], b * (hi - lo) * 12):
+            y = fp32_linear(x[:, lo:hi], head[v0:v1], ctx.prec)   # official: F.linear(x.float(), head fp32)
+            if logits is None:
+                logits = np.empty((b, s, head.shape[0]), y.dtype)
+            logits[:, lo:hi, v0:v1] = y
     return logits
 
 
@@ -182,7 +193,7 @@ class Model:
         """Run tokens from state.pos on (any chunk). -> (logits [s, v] or [b, s, v], new state)."""
         ids, single = self._as_batch(tokens)
         state = self.new_state(ids.shape[0]) if state is None else state
-        logits, _, new_state = self._run(ids, state, trace)
+        logits, _, new_state = self._run(ids, state, trace, streams=False)
         return (logits[0] if single else logits), new_state
 
     def decode(self, token, state: State, *, trace=None):
@@ -201,11 +212,12 @@ class Model:
         return ids[0] if single else ids
 
     # ---- the forward pass ----
-    def _run(self, ids: np.ndarray, state: State, trace):
-        """ids [b, s] from state.pos -> (logits [b, s, v], final streams [b, s, n, c], new state)."""
+    def _run(self, ids: np.ndarray, state: State, trace, *, streams: bool = True):
+        """ids [b, s] from state.pos -> (logits [b, s, v], final streams [b, s, n, c] (None without `streams`),
+        new state)."""
         ctx = self.ctx.running(_check_trace(trace))
         with use_kernels(ctx.kernels):
-            return self._forward(ids, state, ctx)
+            return self._forward(ids, state, ctx, streams=streams)
 
     def forward_layers(self, tokens, h: np.ndarray | None = None, *, start: int = 0, stop: int | None = None,
                        trace=None) -> np.ndarray:
@@ -243,7 +255,7 @@ class Model:
         record(ctx, "embed", h)
         return np.repeat(h[:, :, None, :], self.cfg.hc_mult, axis=2)        # [b, s, n, c] identical streams
 
-    def _forward(self, ids: np.ndarray, state: State, ctx):
+    def _forward(self, ids: np.ndarray, state: State, ctx, *, streams: bool = True):
         cfg, w = self.cfg, self.weights
         self._check_state(state, ids)
         b, s = ids.shape
@@ -253,7 +265,10 @@ class Model:
             h, ls = block(h, ids, state.pos, state.layers[i], w.layers[i], ctx.layers[i], ctx,
                           overwrite=ctx.trace is None)
             layers.append(ls)
-        logits = head_logits(h, w.hc_head, w.norm, w.head, "final.x", ctx)   # [b, s, v]
+        x = head_input(h, w.hc_head, w.norm, "final.x", ctx)                 # [b, s, c]
+        if not streams:            # prefill returns no streams: the head's product runs without them
+            h = None
+        logits = head_product(x, w.head, ctx)                               # [b, s, v]
         record(ctx, "logits", logits)
         new_state = State(pos=state.pos + s, layers=tuple(layers), batch=b, precision=ctx.prec, revision=ctx.revision,
                           config_id=state.config_id, weights_id=state.weights_id, layout=ctx.layout)

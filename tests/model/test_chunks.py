@@ -32,6 +32,7 @@ def unchunked(monkeypatch, fn):
         m.setattr(chunks, "ROWS", 1 << 30)
         m.setattr(chunks, "BYTES", 1 << 60)
         m.setattr(chunks, "COLUMNS", 1 << 30)
+        m.setattr(chunks, "HEAD_ROWS", 1 << 30)
         return fn()
 
 
@@ -79,6 +80,8 @@ def test_spans():
         assert chunks.spans(7) == [(0, 3), (3, 6), (6, 7)]
         assert chunks.spans(7, row_bytes=50) == [(0, 2), (2, 4), (4, 6), (6, 7)]   # 100 bytes: 2 rows of 50
         assert chunks.spans(3, row_bytes=1000) == [(0, 1), (1, 2), (2, 3)]        # wider than BYTES: one row
+        assert chunks.spans(7, most=2) == [(0, 2), (2, 4), (4, 6), (6, 7)]         # fewer than ROWS: `most`
+        assert chunks.spans(7, most=5) == [(0, 3), (3, 6), (6, 7)]                 # never more than ROWS
     finally:
         chunks.ROWS, chunks.BYTES, chunks.COLUMNS = old
 
