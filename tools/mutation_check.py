@@ -223,7 +223,7 @@ MUTATIONS = [
      [("z = fp32_linear(x.astype(dt), w.weight, prec)", "z = bf16(fp32_linear(x.astype(dt), w.weight, prec), prec)")]),
     # head and MTP
     ("head: logits rounded to bf16", T,
-     [("y = fp32_linear(x, head[v0:v1], ctx.prec)", "y = bf16(fp32_linear(x, head[v0:v1], ctx.prec), ctx.prec)")]),
+     [("y = fp32_linear(x[:, lo:hi], head[v0:v1], ctx.prec)", "y = bf16(fp32_linear(x[:, lo:hi], head[v0:v1], ctx.prec), ctx.prec)")]),
     ("mtp: e_proj + h_proj not bf16", T,
      [("= bf16(quantized_linear(e, e_proj, prec)[:, :, None, :] + quantized_linear(hs, h_proj, prec), prec)",
        "= quantized_linear(e, e_proj, prec)[:, :, None, :] + quantized_linear(hs, h_proj, prec)")]),

@@ -291,12 +291,20 @@ def test_sampling_parameters_are_checked_before_anything_is_loaded(tmp_path, cap
     refused(capsys, "generate", tmp_path / "nothing", "--tokens", "0", flag, value, code=code, words=words)
 
 
+def _ctrl_c_as_in_a_terminal():
+    """A child's Ctrl-C as a user's terminal gives it (SIG_DFL, which Python turns into KeyboardInterrupt): a test
+    suite started in the background by a shell without job control inherits SIGINT ignored, and a process that
+    ignores SIGINT rightly goes on."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_while_writing(tmp_path, sig):
     """Start `make-checkpoint`, send sig once its temporary folder exists; -> (exit code, stderr)."""
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "refimpl.cli.main", "make-checkpoint", "tiny", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=_ctrl_c_as_in_a_terminal)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob("out.tmp-*")):
         assert proc.poll() is None, "make-checkpoint ended before it could be interrupted"

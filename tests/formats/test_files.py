@@ -179,13 +179,32 @@ def test_the_target_is_checked_again_before_the_rename(tmp_path):
 
 
 def test_interrupts_wait_for_the_end_of_a_deferred_block():
-    done = []
-    with pytest.raises(KeyboardInterrupt):
+    # Python's own Ctrl-C handler, as in a terminal (a suite started in the background by a shell without job
+    # control runs with SIGINT ignored, and then an interrupt rightly does nothing: the test below)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        done = []
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred():
+                signal.raise_signal(signal.SIGINT)
+                done.append("rest of the block")
+        assert done == ["rest of the block"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def test_an_ignored_interrupt_stays_ignored_after_a_deferred_block():
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        done = []
         with interrupts_deferred():
             signal.raise_signal(signal.SIGINT)
             done.append("rest of the block")
-    assert done == ["rest of the block"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert done == ["rest of the block"]
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def test_replace_folder_swaps_and_puts_the_old_back_on_failure(tmp_path, monkeypatch):
