@@ -318,7 +318,7 @@ ORDER_AND_THREADS = [
     ("linear kernel: rounding check's fast pass without widening its interval's ends", K_LIN,
      [("e = b + ay * 2.0 ** -51", "e = b")]),
     ("linear kernel: dense products' interval without BLAS's error term", K_LIN,
-     [("return (gamma(K + 2) + gamma(", "return (0 * gamma(K + 2) + gamma(")]),
+     [("return (gamma(K + 2) + gamma(BLOCK // LANES", "return (0 * gamma(K + 2) + gamma(BLOCK // LANES")]),
     ("linear kernel: mirror FP8/FP4 BLAS outputs never recomputed", K_LIN,
      [("if len(ts) * RECOMPUTE_MAX > y.size:", "if False:"), ("elif len(ts):", "elif False:")]),
     ("linear kernel: FP4 scale bounds without e2m1's largest value 6", K_LIN,
