@@ -732,8 +732,8 @@ def blas_block_sums(fmt, x, codes, scale, n_out, row0):
     checks both, with a · f >= Σ|x·w| from the 128-column blocks' Σ|x| and bounds of |w|). The others are
     computed again in the kernel's order, whose float64 is the spec's (_redo_outputs); a panel with more
     than one output in RECOMPUTE_MAX of them takes the spec's block sums whole (`_panel_block_sums`).
-    One dgemm over K ran 1.10-1.18 times as fast as the 32 (or 128) block products per panel it replaces
-    (one thread, 24 and 1024 rows x 4096 columns x 512 weight rows). Decoded panels of small read-only
+    One dgemm over K ran 1.08 (24 rows) to 1.15-1.18 (512-1024 rows) times as fast as the 32 block
+    products per panel it replaces (one thread, x 4096 columns x 512 weight rows). Decoded panels of small read-only
     matrices are kept with their weight-side bounds (PANELS).
     """
     T, K = x.shape
