@@ -247,7 +247,7 @@ ORDER_AND_THREADS = [
        "swiglu_limit=cfg.swiglu_limit if revision == \"current\" else 0.0)"),
       ("return y + expert(flat, w.shared, prec, swiglu_limit=limit)", "return y")]),
     ("moe kernel: routed experts summed in descending id", K_MOE,
-     [("for e in np.unique(ids):", "for e in np.unique(ids)[::-1]:")]),
+     [("for e in np.unique(ids)]", "for e in np.unique(ids)[::-1]]")]),
     # reductions next to an fp32 rounding midpoint
     ("attention kernel: block sum of p sequential, not NumPy's pairwise order", K_ATTN,
      [("bsum = pairwise_sum(s64, 0, nb)", "bsum = 0.0\n            for jj in range(nb):\n                bsum += s64[jj]")]),
@@ -312,6 +312,19 @@ ORDER_AND_THREADS = [
      [("m = max(m, abs(w[n, k]))", "m += abs(w[n, k]) / B")]),
     ("linear kernel: FP4 128-column sums with scales spanning 25 binades", K_LIN,
      [("if np.int32(hi) - np.int32(lo) > 24:", "if np.int32(hi) - np.int32(lo) > 25:")]),
+    # Flash prefill, third pass (issue 23): FP8 panel decode, the dense products' rounding check
+    ("linear kernel: FP8 panel decode with the previous 128-column block's scale", K_LIN,
+     [("s = fp8_block_scale(srow[b])", "s = fp8_block_scale(srow[max(b - 1, 0)])")]),
+    ("linear kernel: rounding check's fast pass without widening its interval's ends", K_LIN,
+     [("e = b + ay * 2.0 ** -51", "e = b")]),
+    ("linear kernel: dense products' interval without BLAS's error term", K_LIN,
+     [("return (gamma(K + 2) + gamma(BLOCK // LANES", "return (0 * gamma(K + 2) + gamma(BLOCK // LANES")]),
+    ("linear kernel: mirror FP8/FP4 BLAS outputs never recomputed", K_LIN,
+     [("if len(ts) * RECOMPUTE_MAX > y.size:", "if False:"), ("elif len(ts):", "elif False:")]),
+    ("linear kernel: FP4 scale bounds without e2m1's largest value 6", K_LIN,
+     [("wm[i, b] = 6.0 * hi", "wm[i, b] = hi")]),
+    ("linear kernel: FP4 scale bounds with a grain of 1, not 0.5", K_LIN,
+     [("gw[i] = 0.5 * lo", "gw[i] = lo")]),
 ]
 
 PINNED_BY = {
@@ -352,6 +365,18 @@ PINNED_BY = {
     "linear kernel: dense products' bound on Σ|x·w| from block means, not maxima":
         [f"{LIN_KERNEL}::test_abs_bound_is_an_upper_bound", f"{LIN_KERNEL}::test_abs_bound_blocks_hand_worked"],
     "linear kernel: FP4 128-column sums with scales spanning 25 binades": [f"{LIN_KERNEL}::test_fp4_spans_fit_hand_worked"],
+    "linear kernel: FP8 panel decode with the previous 128-column block's scale":
+        [f"{LIN_KERNEL}::test_fp8_decode_rows_is_the_spec_dequantization"],
+    "linear kernel: rounding check's fast pass without widening its interval's ends":
+        [f"{LIN_KERNEL}::test_rounding_safe_trusts_only_intervals_that_round_as_one"],
+    "linear kernel: dense products' interval without BLAS's error term": [f"{LIN_KERNEL}::test_half_width_hand_worked"],
+    "linear kernel: mirror FP8/FP4 BLAS outputs never recomputed":
+        [f"{LIN_KERNEL}::test_mirror_quantized_products_are_the_spec_on_every_path",
+         f"{LIN_KERNEL}::test_mirror_block_order_hand_worked_on_every_path"],
+    "linear kernel: FP4 scale bounds without e2m1's largest value 6":
+        [f"{LIN_KERNEL}::test_fp4_scale_bounds_hold_for_the_decoded_weights"],
+    "linear kernel: FP4 scale bounds with a grain of 1, not 0.5":
+        [f"{LIN_KERNEL}::test_fp4_scale_bounds_hold_for_the_decoded_weights"],
 }
 ALL = MUTATIONS + ORDER_AND_THREADS
 

@@ -687,6 +687,19 @@ def test_fp4_decode_rows_is_the_spec_dequantization(k, dtype):
     assert np.array_equal(out, w.dequantize()[9:29].astype(dtype))
 
 
+@pytest.mark.parametrize("k", [128, 200, 4096])                        # whole 128-column blocks, a last partial one
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fp8_decode_rows_is_the_spec_dequantization(k, dtype):
+    """decode_rows gives the spec's FP8 weights, the 128x128 scale of each block, for a row range of a larger
+    matrix (row0: the scale grid by absolute row, across a 128-row boundary) and a last, partial block."""
+    rng = np.random.default_rng(k)
+    w = fp8_matrix(rng, 300, k, scale_lo=100, scale_hi=140)
+    fmt, codes, scale, _ = K.checked_codes(w)
+    out = np.full((40, k), np.nan, dtype)
+    K.decode_rows(fmt, codes[110:], scale, 5, 45, 110, out)           # absolute rows 115..154
+    assert np.array_equal(out, w.dequantize()[115:155].astype(dtype))
+
+
 def test_abs_bound_blocks_hand_worked():
     """Blocks of 2 columns: Σ|x| per block 3, 7, 7 and max |w| 2, 5, 0.5; blocks of 16: one, 17 · 5."""
     x = np.array([[1.0, -2.0, 3.0, 4.0, -7.0]])
@@ -694,7 +707,7 @@ def test_abs_bound_blocks_hand_worked():
     assert np.array_equal(K._block_abs_sums(x, 2), [[3.0, 7.0, 7.0]])
     assert np.array_equal(K._block_abs_max(w, 2), [[2.0, 5.0, 0.5]])
     a, f = K._abs_bound(K._block_abs_sums(x, K.ABS_BLOCK), K._block_abs_max(w, K.ABS_BLOCK))
-    assert a[0, 0] == 17.0 * 5 and 1 < f < 1 + 2.0 ** -40              # one block of 16 (the default)
+    assert a[0, 0] == 17.0 * 5 and 1 < f < 1 + 2.0 ** -40              # one block (the default: 64 columns)
 
 
 @settings(max_examples=30, deadline=None)
@@ -711,3 +724,77 @@ def test_abs_bound_is_an_upper_bound(seed, k, spread):
     for t in range(5):
         for n in range(7):
             assert a[t, n] * f >= math.fsum(np.abs(x64[t] * w64[n]))
+
+
+def _f32_round_exact(q):
+    """The fp32 rounding (to nearest, ties to even) of a Fraction q, exactly."""
+    from fractions import Fraction
+    c = np.float32(float(q))
+    cands = [np.nextafter(c, np.float32(-np.inf)), c, np.nextafter(c, np.float32(np.inf))]
+    dist = [abs(Fraction(float(v)) - q) for v in cands]
+    best = min(dist)
+    near = [v for v, d in zip(cands, dist) if d == best]
+    return near[0] if len(near) == 1 else next(v for v in near if not int(v.view(np.uint32)) & 1)
+
+
+def test_rounding_safe_trusts_only_intervals_that_round_as_one():
+    """_rounding_safe (exactness test off: no grains) marks safe only outputs y whose whole interval y ± b rounds to
+    fp32(y), checked exactly with fractions, on y a few float64 ulps from fp32 midpoints (odd and even
+    neighbours, a power of two whose lower spacing is half), b from 0 to 6 ulps: the fast pass's widening
+    of its ends is what keeps a rounded end from crossing a midpoint. Many of them are safe (not vacuous)."""
+    from fractions import Fraction
+    ys, bs = [], []
+    for r in [np.float32(1.0), np.float32(1.0) + np.float32(2.0 ** -23), np.float32(-3.0), np.float32(2.0 ** -100)]:
+        for nb in (np.nextafter(r, np.float32(np.inf)), np.nextafter(r, np.float32(-np.inf))):
+            mid = (float(r) + float(nb)) / 2                           # exact in float64
+            for k in range(-6, 7):
+                y = mid
+                for _ in range(abs(k)):
+                    y = np.nextafter(y, np.inf if k > 0 else -np.inf)
+                u = abs(float(np.spacing(y)))
+                for j in range(25):
+                    ys.append(y)
+                    bs.append(j / 4 * u)
+    y = np.array(ys).reshape(1, -1)
+    a = np.array(bs).reshape(1, -1)
+    out = np.empty_like(y)
+    ts, ns = K._rounding_safe(y, a, 1.0, np.zeros(1), np.zeros(y.shape[1]), 1.0, out, 0)
+    unsafe = set(ns.tolist())
+    assert np.array_equal(out, y) and set(ts.tolist()) <= {0}
+    for n in range(y.shape[1]):
+        if n in unsafe:
+            continue
+        r = np.float32(y[0, n])
+        for end in (Fraction(float(y[0, n])) - Fraction(float(a[0, n])), Fraction(float(y[0, n])) + Fraction(float(a[0, n]))):
+            assert _f32_round_exact(end) == r, (n, y[0, n], a[0, n])
+    assert 0.3 * y.shape[1] < y.shape[1] - len(unsafe) < y.shape[1]
+
+
+def test_half_width_hand_worked():
+    """h = γ_{K+2} (BLAS, any order) + γ_d (the kernel: 8 additions in a lane, 16 lanes, one per 128-column block)."""
+    g = lambda d: d * 2.0 ** -53 / (1 - d * 2.0 ** -53)
+    assert K._half_width(4096) == pytest.approx(g(4098) + g(8 + 16 + 32), rel=1e-11)
+    assert K._half_width(64) == pytest.approx(g(66) + g(8 + 16 + 1), rel=1e-11)
+    assert K._half_width(4096) >= g(4098) + g(56)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fp4_scale_bounds_hold_for_the_decoded_weights(seed):
+    """_fp4_scale_bounds (blas_block_sums' weight side for FP4): every decoded weight of row n is a multiple of
+    gw[n], |w| <= wm[n, b] over each 128-column block b, and both are attained on a hand-set row (1x32
+    scales 2^-3, 2^5, 2^0, 2^-1: grain 0.5 · 2^-3, block maximum 6 · 2^5)."""
+    rng = np.random.default_rng(seed)
+    w = fp4_matrix(rng, 40, 512, scale_lo=100, scale_hi=150)
+    fmt, codes, scale, _ = K.checked_codes(w)
+    gw, wm = K._fp4_scale_bounds(scale, 3, 40)
+    wd = w.dequantize()[3:40].astype(np.float64)
+    assert np.all(np.mod(wd / gw[:, None], 1.0) == 0)
+    assert np.all(np.abs(wd).reshape(37, 4, 128).max(axis=2) <= wm)
+    from refimpl.numerics import pack_fp4
+    nib = np.zeros((1, 128), np.uint8)
+    nib[0, 0], nib[0, 40] = 1, 7                                       # e2m1 0.5 (block 0), 6 (block 1)
+    sc = np.array([[124, 132, 127, 126]], np.uint8)
+    w1 = Fp4Matrix(pack_fp4(nib), sc.view(ml_dtypes.float8_e8m0fnu))
+    gw1, wm1 = K._fp4_scale_bounds(K.checked_codes(w1)[2], 0, 1)
+    assert gw1[0] == 0.5 * 2.0 ** -3 and wm1[0, 0] == 6 * 2.0 ** 5
+    assert w1.dequantize()[0, 0] == gw1[0] and w1.dequantize()[0, 40] == wm1[0, 0]

@@ -81,20 +81,70 @@ class _Constant:
         self.value = value
 
 
+@pytest.mark.parametrize("task_min", [None, 0])          # the experts one after another / as pool tasks
 @pytest.mark.parametrize("prec", ["mirror", "float32", "float64"])
-def test_expert_sum_adds_routed_experts_in_ascending_id_hand_worked(monkeypatch, prec):
+def test_expert_sum_adds_routed_experts_in_ascending_id_hand_worked(monkeypatch, prec, task_min):
     """Experts stubbed to constant outputs, so that only the accumulation is left: token 0 routed to
     [2, 3, 1] (outputs 2^-24, 2^-24, 1), token 1 to [1, 3, 2], shared expert 0. In fp32 and ascending
     id (((0 + 1) + 2^-24) + 2^-24) + 0 = 1 (ties, to even); in descending id or slot order 2^-24 + 2^-24
     comes first and the sum is 1 + 2^-23, as the exact (float64) sum."""
     monkeypatch.setattr(K, "_expert", lambda xq, w, prec, limit, weights: np.full(
         xq.shape, w.value, np.float64 if prec == "float64" else np.float32))
+    if task_min is not None:
+        monkeypatch.setattr(K, "EXPERT_TASK_MIN", task_min)
     w = MoEWeights(gate=None, experts=tuple(_Constant(v) for v in (0.0, 1.0, 2.0 ** -24, 2.0 ** -24)),
                    shared=_Constant(0.0))
     ids = np.array([[2, 3, 1], [1, 3, 2]], np.int64)
     flat = np.ones((2, 128), np.float64 if prec == "float64" else np.float32)
     y = K.expert_sum(flat, ids, np.ones(ids.shape, flat.dtype), w, TINY, prec, "current")
     assert y.dtype == flat.dtype and np.all(y == (1.0 + 2.0 ** -23 if prec == "float64" else 1.0))
+
+
+@pytest.mark.parametrize("tokens", [7, 48])
+@pytest.mark.parametrize("prec", ["mirror", "float64", "float32"])
+def test_experts_as_pool_tasks_are_the_experts_in_turn_bit_for_bit(monkeypatch, prec, tokens):
+    """Each routed expert as one task of the BLAS pool (EXPERT_TASK_MIN 0: every expert; its products' panels
+    then run on the task's own thread, Numba products serial) gives the bits of the experts taken in turn
+    in every mode, and mirror's are the spec's: 7 tokens take the Numba products, 48 (about 20 rows per
+    expert) the BLAS paths, here nested in the tasks. Routing weights spread over 2^28 make the order of
+    the fp32 additions show."""
+    rng = np.random.default_rng(tokens)
+    e, a, c, f = 5, 2, 256, 128
+    w = _moe_weights(rng, e, c, f)
+    flat = round_bf16(rng.standard_normal((tokens, c)))
+    if prec == "float64":
+        flat = flat.astype(np.float64)
+    ids = np.stack([rng.choice(e, a, replace=False) for _ in range(tokens)]).astype(np.int64)
+    weights = (2.0 ** rng.uniform(-26, 2, (tokens, a))).astype(flat.dtype)
+    in_turn = K.expert_sum(flat, ids, weights, w, TINY, prec, "current")
+    monkeypatch.setattr(K, "EXPERT_TASK_MIN", 0)
+    tasks = K.expert_sum(flat, ids, weights, w, TINY, prec, "current")
+    assert tasks.dtype == in_turn.dtype and np.array_equal(tasks, in_turn)
+    if prec == "mirror":
+        assert np.array_equal(tasks, expert_sum.spec(flat, ids, weights, w, TINY, prec, "current"))
+
+
+def test_a_failing_expert_task_raises_and_leaves_the_pool_usable(monkeypatch):
+    """An error inside one expert's task is raised by expert_sum (the other tasks finished or dropped), and the
+    next call runs normally."""
+    rng = np.random.default_rng(1)
+    w = _moe_weights(rng, 4, 256, 128)
+    flat = round_bf16(rng.standard_normal((20, 256)))
+    ids = np.stack([rng.choice(4, 2, replace=False) for _ in range(20)]).astype(np.int64)
+    weights = np.ones(ids.shape, np.float32)
+    monkeypatch.setattr(K, "EXPERT_TASK_MIN", 0)
+    good = K.expert_sum(flat, ids, weights, w, TINY, "mirror", "current")
+    real = K._expert
+
+    def flaky(xq, ew, *args):
+        if ew is w.experts[2]:
+            raise ValueError("expert 2 failed")
+        return real(xq, ew, *args)
+    monkeypatch.setattr(K, "_expert", flaky)
+    with pytest.raises(ValueError, match="expert 2 failed"):
+        K.expert_sum(flat, ids, weights, w, TINY, "mirror", "current")
+    monkeypatch.setattr(K, "_expert", real)
+    assert np.array_equal(K.expert_sum(flat, ids, weights, w, TINY, "mirror", "current"), good)
 
 
 def test_expert_sum_refuses_mismatched_routing():
