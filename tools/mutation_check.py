@@ -279,7 +279,7 @@ ORDER_AND_THREADS = [
     ("linear kernel: FP4 rows never checked block by block", K_LIN,
      [("checked = g_hi == NO_GRAIN or s_lo - 129 + g_lo < -1022 or s_hi - 129 + g_hi > 992", "checked = False")]),
     ("linear kernel: FP8 any-order block sums without the exactness check", K_LIN,
-     [("(-938 <= lo <= 850 and top < math.ldexp(float(FP8_XQ_LIMIT), lo))", "True")]),
+     [("(-938 <= lo <= 850 and top < math.ldexp(float(FP8_XQ_LIMIT), int(lo)))", "True")]),
     ("linear kernel: dense lanes with fused multiply-adds", K_FMT,
      [("acc = builder.fadd(acc, builder.fmul(builder.load(builder.gep(px, [k]), align=8), w))",
        "acc = builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vd, vd, vd]), "
@@ -325,6 +325,16 @@ ORDER_AND_THREADS = [
      [("wm[i, b] = 6.0 * hi", "wm[i, b] = hi")]),
     ("linear kernel: FP4 scale bounds with a grain of 1, not 0.5", K_LIN,
      [("gw[i] = 0.5 * lo", "gw[i] = lo")]),
+    # Flash decode, third pass (issue 23): dense rows eight at a time, fused where exact; FP4 scaling in vectors
+    ("linear kernel: dense eight-row lane sums added in descending lane order", K_FMT,
+     [("for lane in _transpose_ir(builder, acc):", "for lane in _transpose_ir(builder, acc)[::-1]:")]),
+    ("linear kernel: dense one-row products fused for any finite input", K_LIN,
+     [("if not (abs(v) <= F32_MAX and np.float64(np.float32(v)) == v):", "if not abs(v) <= F32_MAX:")]),
+    ("linear kernel: FP4 block's scaled 1x32 sums added in descending order", K_FMT,
+     [("b = builder.extract_element(s, ir.Constant(i32, 0))\n            for q in range(1, 4):",
+       "b = builder.extract_element(s, ir.Constant(i32, 3))\n            for q in (2, 1, 0):")]),
+    ("linear kernel: FP4 block's vector scaling by 2^(S-128+g)", K_FMT,
+     [("[1023 - 129] * 4", "[1023 - 128] * 4")]),
 ]
 
 PINNED_BY = {
@@ -377,6 +387,15 @@ PINNED_BY = {
         [f"{LIN_KERNEL}::test_fp4_scale_bounds_hold_for_the_decoded_weights"],
     "linear kernel: FP4 scale bounds with a grain of 1, not 0.5":
         [f"{LIN_KERNEL}::test_fp4_scale_bounds_hold_for_the_decoded_weights"],
+    "linear kernel: dense eight-row lane sums added in descending lane order":
+        [f"{LIN_KERNEL}::test_dense_lanes128x8_hand_worked", f"{LIN_KERNEL}::test_dense_lanes128x8_is_eight_dense_lanes128"],
+    "linear kernel: dense one-row products fused for any finite input":
+        [f"{LIN_KERNEL}::test_dense_exact_hand_worked", f"{LIN_KERNEL}::test_dense_one_row_path_is_the_lane_order"],
+    "linear kernel: FP4 block's scaled 1x32 sums added in descending order":
+        [f"{LIN_KERNEL}::test_fp4_block128_is_the_scaled_sums_in_order"],
+    "linear kernel: FP4 block's vector scaling by 2^(S-128+g)":
+        [f"{LIN_KERNEL}::test_fp4_block128_is_the_scaled_sums_in_order",
+         f"{LIN_KERNEL}::test_fp4_integer_one_row_path_is_the_float_lanes_bit_for_bit"],
 }
 ALL = MUTATIONS + ORDER_AND_THREADS
 

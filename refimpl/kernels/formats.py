@@ -352,12 +352,173 @@ else:
         return types.float64(codes, n, j, x, i), codegen
 
 
+# ---------------------------------------------------------------- dense one-row products: eight rows at a time
+#
+# dense_lanes128's lanes end in an ordered sum of 16 scalars, one after the other: about a quarter of
+# the instructions of the Flash head's product (129280 bf16 rows). dense_lanes128x8 takes eight weight
+# rows against one x: each row's 16 lanes exactly as dense_lanes128 (one x load serves the eight),
+# then the 8 x 16 lanes transposed (shuffles), so that lane l of the eight rows is one vector, and the
+# ordered sum (+0.0, then lane 0, 1, .. 15) is 16 vector additions for all eight rows.
+# dense_fma128x8 is the same with fused multiply-adds, for an x of float32 values (finite; the caller
+# checks): a float32 value times a bf16 or float32 weight is exact in float64 (at most 24 + 24
+# significant bits, magnitudes within 2^-298 .. 2^256), so fma(x, w, lane) rounds once, as the
+# separate add of the exact product does: the same bits, one instruction less per product.
+
+ROWS8 = 8    # weight rows per dense_lanes128x8
+
+if numba.config.DISABLE_JIT:
+    def dense_lanes128x8(codes, n, j, x, i):
+        """(dense_lanes128 of rows n .. n+7): eight block sums."""
+        return tuple(dense_lanes128(codes, n + r, j, x, i) for r in range(ROWS8))
+
+    def dense_fma128x8(codes, n, j, x, i):
+        """dense_lanes128x8 with fused multiply-adds: the same values where every product x·w is exact."""
+        return dense_lanes128x8(codes, n, j, x, i)
+else:
+    def _transpose_ir(builder, rows):
+        """LLVM IR: rows, R vectors of R·m elements (R a power of two) -> R·m vectors of R, out[l][r] = rows[r][l]:
+        halves of the columns and pairs of row groups combined by two-vector shuffles (log2 R stages)."""
+        from llvmlite import ir
+        i32 = ir.IntType(32)
+        R = len(rows)
+        width = rows[0].type.count
+        items = []                                            # (vector, [(row, column) of each element])
+        for r, v in enumerate(rows):                          # each row cut into vectors of R elements
+            for c0 in range(0, width, R):
+                part = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, R), list(range(c0, c0 + R))))
+                items.append((part, [(r, c) for c in range(c0, c0 + R)]))
+        while any(len({c for _, c in lab}) > 1 for _, lab in items):
+            groups: dict = {}                                 # vectors holding the same columns, rows ascending
+            for v, lab in items:
+                groups.setdefault(tuple(sorted({c for _, c in lab})), []).append((v, lab))
+            items = []
+            for cols, vs in groups.items():
+                vs.sort(key=lambda it: min(r for r, _ in it[1]))
+                for (a, la), (b, lb) in zip(vs[0::2], vs[1::2]):
+                    where = {e: k for k, e in enumerate(la)} | {e: R + k for k, e in enumerate(lb)}
+                    rs = sorted({r for r, _ in la} | {r for r, _ in lb})
+                    h = len(cols) // 2
+                    for half in (cols[:h], cols[h:]):
+                        lab = [(r, c) for c in half for r in rs]
+                        mask = ir.Constant(ir.VectorType(i32, R), [where[e] for e in lab])
+                        items.append((builder.shuffle_vector(a, b, mask), lab))
+        return [v for v, _ in sorted(items, key=lambda it: it[1][0][1])]
+
+    def _dense_rows8_typing(codes, n, j, x, i):
+        """The signature of dense_lanes128x8 / dense_fma128x8, or None (as dense_lanes128's typing)."""
+        if not (_row_operands(codes, n, j, x, i, types.float64) and isinstance(codes.dtype, types.Integer)):
+            return None
+        return types.UniTuple(types.float64, ROWS8)(codes, n, j, x, i)
+
+    def _dense_rows8_codegen(fused: bool):
+        """The IR of dense_lanes128x8 (fused False) or dense_fma128x8 (True)."""
+        def codegen(context, builder, signature, args):
+            from llvmlite import ir
+            from numba.core import cgutils
+            c_ty, n_ty, j_ty, x_ty, _ = signature.args
+            f64 = ir.DoubleType()
+            if c_ty.dtype not in (types.uint16, types.uint32):         # a branch for other codes, typed, never run
+                return context.make_tuple(builder, signature.return_type, [ir.Constant(f64, float("nan"))] * ROWS8)
+            i32, lanes = ir.IntType(32), 16
+            bits = 16 if c_ty.dtype == types.uint16 else 32
+            vc, v32 = ir.VectorType(ir.IntType(bits), lanes), ir.VectorType(i32, lanes)
+            vf, vd = ir.VectorType(ir.FloatType(), lanes), ir.VectorType(f64, lanes)
+
+            px = builder.bitcast(_element_ptr(context, builder, x_ty, args[3], args[4:5], signature.args[4:5]), vd.as_pointer())
+            n0 = context.cast(builder, args[1], n_ty, types.intp)
+            pcs = [builder.bitcast(_element_ptr(context, builder, c_ty, args[0], [builder.add(n0, ir.Constant(n0.type, r)), args[2]],
+                                                [types.intp, j_ty]), vc.as_pointer()) for r in range(ROWS8)]
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vd, vd, vd]), "llvm.fma.v16f64")
+            acc = [ir.Constant(vd, [0.0] * lanes)] * ROWS8
+            for c in range(128 // lanes):
+                k = ir.Constant(i32, c)
+                xv = builder.load(builder.gep(px, [k]), align=8)
+                for r in range(ROWS8):
+                    v = builder.load(builder.gep(pcs[r], [k]), align=bits // 8)
+                    if bits == 16:                                    # bf16: the bits above 16 zeros
+                        v = builder.shl(builder.zext(v, v32), ir.Constant(v32, [16] * lanes))
+                    w = builder.fpext(builder.bitcast(v, vf), vd)
+                    acc[r] = builder.call(fma, [xv, w, acc[r]]) if fused else builder.fadd(acc[r], builder.fmul(xv, w))
+            s = ir.Constant(ir.VectorType(f64, ROWS8), [0.0] * ROWS8)
+            for lane in _transpose_ir(builder, acc):                  # lane l of the eight rows, l ascending
+                s = builder.fadd(s, lane)
+            return context.make_tuple(builder, signature.return_type,
+                                      [builder.extract_element(s, ir.Constant(i32, r)) for r in range(ROWS8)])
+        return codegen
+
+    @intrinsic
+    def dense_lanes128x8(typingctx, codes, n, j, x, i):
+        """(dense_lanes128(codes, n + r, j, x, i) for r < 8) as a tuple, bit for bit: the same multiplies and adds in
+        the same lanes, the lane sums taken for the eight rows at once (see above). Rows n..n+7 in bounds."""
+        sig = _dense_rows8_typing(codes, n, j, x, i)
+        return None if sig is None else (sig, _dense_rows8_codegen(False))
+
+    @intrinsic
+    def dense_fma128x8(typingctx, codes, n, j, x, i):
+        """dense_lanes128x8 with llvm.fma for each lane's multiply and add: its bits only where every product x·w is
+        exact in float64 (x holds finite float32 values: the caller checks)."""
+        sig = _dense_rows8_typing(codes, n, j, x, i)
+        return None if sig is None else (sig, _dense_rows8_codegen(True))
+
+
 if numba.config.DISABLE_JIT:
     def fp4_dot128(codes, n, j, xq, i):
         """(fp4_dot32 at j, j + 16, j + 32, j + 48 against xq at i, i + 32, i + 64, i + 96): a 128-column block's
         four 1x32 sums."""
         return tuple(fp4_dot32(codes, n, j + 16 * q, xq, i + 32 * q) for q in range(4))
+
+    def fp4_block128(codes, n, j, xq, i, scale, xg):
+        """Σ_q fp4_dot128's sum q · 2^(scale[n, i/32 + q] - 129 + xg[i/32 + q]), q ascending (see the compiled one)."""
+        b = None
+        for q, isum in enumerate(fp4_dot128(codes, n, j, xq, i)):
+            sq = float(isum) * 2.0 ** (int(scale[n, i // 32 + q]) - 129 + int(xg[i // 32 + q]))
+            b = sq if b is None else b + sq
+        return b
 else:
+    def _fp4_sums_ir(context, builder, signature, args):
+        """LLVM IR of fp4_dot128 (args: codes, n, j, xq, i): the four 1x32 sums of the block as a vector of 4 int32."""
+        from llvmlite import ir
+        from numba.core import cgutils
+        c_ty, _, _, x_ty, _ = signature.args[:5]
+        i32, lanes = ir.IntType(32), 16
+        v8, v32 = ir.VectorType(ir.IntType(8), lanes), ir.VectorType(i32, lanes)
+
+        def splat(k):
+            return ir.Constant(v32, [k] * lanes)
+
+        pc = builder.bitcast(_element_ptr(context, builder, c_ty, args[0], args[1:3], signature.args[1:3]), v8.as_pointer())
+        xp = builder.bitcast(_element_ptr(context, builder, x_ty, args[3], args[4:5], signature.args[4:5]), v32.as_pointer())
+
+        table = _target_has(context, "avx512f")
+        if table:                                                 # AVX-512's vpermd: a 16-entry int32 table
+            perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32, [v32, v32]),
+                                                  "llvm.x86.avx512.permvar.si.512")
+            values = ir.Constant(v32, [fp4_times4(k) for k in range(16)])
+
+        def times4(nib):                                          # as fp4_dot32
+            if table:                                             # the lookup reads bits 0-3 of each index only
+                return builder.call(perm, [values, nib])
+            return _times4_ir(builder, builder.and_(nib, splat(15)), splat)
+        p = []
+        for q in range(4):
+            c = builder.zext(builder.load(builder.gep(pc, [ir.Constant(i32, q)]), align=1), v32)
+            xe = builder.load(builder.gep(xp, [ir.Constant(i32, 2 * q)]), align=4)
+            xo = builder.load(builder.gep(xp, [ir.Constant(i32, 2 * q + 1)]), align=4)
+            p.append(builder.add(builder.mul(xe, times4(c)), builder.mul(xo, times4(builder.lshr(c, splat(4))))))
+
+        def fold(a, b, idx_lo, idx_hi):
+            w = len(idx_lo)
+            lo = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, w), idx_lo))
+            hi = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, w), idx_hi))
+            return builder.add(lo, hi)
+        halves = (list(range(8)) + list(range(16, 24)), list(range(8, 16)) + list(range(24, 32)))
+        a = fold(p[0], p[1], *halves)                             # [p0 (8 partial sums), p1 (8)]
+        b = fold(p[2], p[3], *halves)
+        c = fold(a, b, [k for g in range(0, 32, 8) for k in range(g, g + 4)],
+                 [k for g in range(0, 32, 8) for k in range(g + 4, g + 8)])     # [p0 (4), p1, p2, p3]
+        d = fold(c, c, [k for g in range(0, 16, 4) for k in (g, g + 1)], [k for g in range(0, 16, 4) for k in (g + 2, g + 3)])
+        return fold(d, d, [0, 2, 4, 6], [1, 3, 5, 7])             # [s0, s1, s2, s3]
+
     @intrinsic
     def fp4_dot128(typingctx, codes, n, j, xq, i):
         """The four 1x32 sums of fp4_dot32 over a 128-column block (bytes j..j+63, xq[i:i+128]), as a tuple of
@@ -373,46 +534,41 @@ else:
 
         def codegen(context, builder, signature, args):
             from llvmlite import ir
-            from numba.core import cgutils
-            c_ty, _, _, x_ty, _ = signature.args
-            i32, lanes = ir.IntType(32), 16
-            v8, v32 = ir.VectorType(ir.IntType(8), lanes), ir.VectorType(i32, lanes)
-
-            def splat(k):
-                return ir.Constant(v32, [k] * lanes)
-
-            pc = builder.bitcast(_element_ptr(context, builder, c_ty, args[0], args[1:3], signature.args[1:3]), v8.as_pointer())
-            xp = builder.bitcast(_element_ptr(context, builder, x_ty, args[3], args[4:5], signature.args[4:5]), v32.as_pointer())
-
-            table = _target_has(context, "avx512f")
-            if table:                                                 # AVX-512's vpermd: a 16-entry int32 table
-                perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32, [v32, v32]),
-                                                      "llvm.x86.avx512.permvar.si.512")
-                values = ir.Constant(v32, [fp4_times4(k) for k in range(16)])
-
-            def times4(nib):                                          # as fp4_dot32
-                if table:                                             # the lookup reads bits 0-3 of each index only
-                    return builder.call(perm, [values, nib])
-                return _times4_ir(builder, builder.and_(nib, splat(15)), splat)
-            p = []
-            for q in range(4):
-                c = builder.zext(builder.load(builder.gep(pc, [ir.Constant(i32, q)]), align=1), v32)
-                xe = builder.load(builder.gep(xp, [ir.Constant(i32, 2 * q)]), align=4)
-                xo = builder.load(builder.gep(xp, [ir.Constant(i32, 2 * q + 1)]), align=4)
-                p.append(builder.add(builder.mul(xe, times4(c)), builder.mul(xo, times4(builder.lshr(c, splat(4))))))
-
-            def fold(a, b, idx_lo, idx_hi):
-                w = len(idx_lo)
-                lo = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, w), idx_lo))
-                hi = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, w), idx_hi))
-                return builder.add(lo, hi)
-            halves = (list(range(8)) + list(range(16, 24)), list(range(8, 16)) + list(range(24, 32)))
-            a = fold(p[0], p[1], *halves)                             # [p0 (8 partial sums), p1 (8)]
-            b = fold(p[2], p[3], *halves)
-            c = fold(a, b, [k for g in range(0, 32, 8) for k in range(g, g + 4)],
-                     [k for g in range(0, 32, 8) for k in range(g + 4, g + 8)])     # [p0 (4), p1, p2, p3]
-            d = fold(c, c, [k for g in range(0, 16, 4) for k in (g, g + 1)], [k for g in range(0, 16, 4) for k in (g + 2, g + 3)])
-            e = fold(d, d, [0, 2, 4, 6], [1, 3, 5, 7])                # [s0, s1, s2, s3]
+            e = _fp4_sums_ir(context, builder, signature, args)
             return context.make_tuple(builder, signature.return_type,
-                                      [builder.extract_element(e, ir.Constant(i32, q)) for q in range(4)])
+                                      [builder.extract_element(e, ir.Constant(ir.IntType(32), q)) for q in range(4)])
+        return sig, codegen
+
+    @intrinsic
+    def fp4_block128(typingctx, codes, n, j, xq, i, scale, xg):
+        """Row n's sum over a 128-column FP4 block in _fp4_matvec_rows_int's order: the four 1x32 integer sums of
+        fp4_dot128 (bytes j..j+63, xq[i:i+128]), each times 2^E with E = scale[n, i/32 + q] - 129 + xg[i/32 + q],
+        then added in ascending order (b = s0, b + s1, + s2, + s3), in float64. The caller has checked that
+        every E of the row lies in [-1022, 992] (each 2^E a normal float64, built from its exponent bits) and
+        that scale's rows and xg are contiguous. The scaling is done on the 4 sums as one vector (integer to
+        float64, exponent bits, multiply) instead of four times in scalars; the same operations per sum."""
+        if not (_row_operands(codes, n, j, xq, i, types.int32) and isinstance(scale, types.Array)
+                and scale.ndim == 2 and scale.dtype == types.uint8 and isinstance(xg, types.Array)
+                and xg.ndim == 1 and xg.dtype == types.int64):
+            return None
+        sig = types.float64(codes, n, j, xq, i, scale, xg)
+
+        def codegen(context, builder, signature, args):
+            from llvmlite import ir
+            e = _fp4_sums_ir(context, builder, signature, args)
+            i32, i64 = ir.IntType(32), ir.IntType(64)
+            v4i64, v4d = ir.VectorType(i64, 4), ir.VectorType(ir.DoubleType(), 4)
+            s_ty, g_ty = signature.args[5], signature.args[6]
+            blk = builder.ashr(context.cast(builder, args[4], signature.args[4], types.intp), ir.Constant(i64, 5))
+            ps = _element_ptr(context, builder, s_ty, args[5], [args[1], blk], [signature.args[1], types.intp])
+            pg = _element_ptr(context, builder, g_ty, args[6], [blk], [types.intp])
+            sc = builder.zext(builder.load(builder.bitcast(ps, ir.VectorType(ir.IntType(8), 4).as_pointer()), align=1), v4i64)
+            g = builder.load(builder.bitcast(pg, v4i64.as_pointer()), align=8)
+            biased = builder.add(builder.add(sc, g), ir.Constant(v4i64, [1023 - 129] * 4))      # E + 1023
+            two_e = builder.bitcast(builder.shl(biased, ir.Constant(v4i64, [52] * 4)), v4d)     # 2^E
+            s = builder.fmul(builder.sitofp(e, v4d), two_e)
+            b = builder.extract_element(s, ir.Constant(i32, 0))
+            for q in range(1, 4):
+                b = builder.fadd(b, builder.extract_element(s, ir.Constant(i32, q)))
+            return b
         return sig, codegen

@@ -30,7 +30,7 @@ not; the kernel and the spec (a float64 BLAS product, row by row) differ by a fe
 most, and the one rounding to fp32 agrees except when the exact sum lies that close to an fp32
 rounding boundary (the tests check each differing output is such a case and count them).
 
-One-row products (decode), three shortcuts that give the bits of the order above:
+One-row products (decode), four shortcuts that give the bits of the order above:
   - FP4 (mirror's activations): each 1x32 block's sum in int32 vectors (formats.fp4_dot128): x as
     integers times a power of two per block (_fp4_int_x), the weights as 4·e2m1; the sum is exact
     and so equals the lanes' sum, scaled by powers of two. Blocks without an int32 form, or whose
@@ -39,7 +39,12 @@ One-row products (decode), three shortcuts that give the bits of the order above
     (_fp8_exact_blocks; mirror's always are) has an exact sum in any order: formats.fp8_dot128 takes
     it with fused multiply-adds in vectors, then the block scale.
   - bf16/fp32 weights: whole blocks through formats.dense_lanes128, the same multiplies and adds in
-    the same lanes and order, kept in a register rather than in memory (any input, any mode).
+    the same lanes and order, kept in a register rather than in memory (any input, any mode); where
+    K is a multiple of 128, eight rows at a time (formats.dense_lanes128x8: the lanes of eight rows
+    transposed, so that their ordered sums are vector additions), with fused multiply-adds where x
+    holds finite float32 values (_dense_exact: every product exact, so fma rounds as the add does).
+  - FP4 rows whose 1x32 scalings all stay in float64's normal range: the four scalings of a block
+    in one vector (formats.fp4_block128), the same operations.
 The tests check each against the lanes bit for bit, on inputs that take it and inputs that do not.
 
 float64 mode: the same kernel, for any number of rows (a row's bits never depend on the other rows: decode
@@ -58,13 +63,13 @@ import threading
 import weakref
 
 import numpy as np
-from numba import njit, prange
-from numba import config as numba_config
+from numba import config as numba_config, njit, prange
 from numba.cpython.unsafe.numbers import trailing_zeros
 
-from refimpl.kernels.formats import (BLOCK, FMT_BF16, FMT_F32, FMT_FP4, FMT_FP8, FP4_XQ_LIMIT, FP8_XQ_LIMIT,
-                                     bf16_value, f32_from_bits, f64_from_bits, fp4_block_scale, fp4_dot128,
-                                     dense_lanes128, fp4_pair_raw, fp8_block_scale, fp8_dot128, fp8_raw)
+from refimpl.kernels.formats import (BLOCK, FMT_BF16, FMT_F32, FMT_FP4, FMT_FP8, FP4_XQ_LIMIT, FP8_XQ_LIMIT, ROWS8,
+                                     bf16_value, dense_fma128x8, dense_lanes128, dense_lanes128x8, f32_from_bits,
+                                     f64_from_bits, fp4_block128, fp4_block_scale, fp4_dot128, fp4_pair_raw,
+                                     fp8_block_scale, fp8_dot128, fp8_raw)
 from refimpl.kernels.blas import in_task, run_tasks
 from refimpl.kernels.prefetch import prefetch
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix
@@ -180,11 +185,14 @@ def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, out1, exact):
     lanes a2 are allocated here, so LLVM knows they alias no argument. FP8 blocks marked in exact
     (_fp8_exact_blocks) have a sum that is exact in any order: it is taken by formats.fp8_dot128 and
     scaled, the lanes' bits. Whole bf16/fp32 blocks go through formats.dense_lanes128: the same
-    operations in the same order, the lanes kept in a register.
+    operations in the same order, the lanes kept in a register; where K is a multiple of 128, eight
+    rows at a time (_dense_rows8; exact[0]: the products are exact, _dense_exact), the rest two at a time.
     """
     K = x1.shape[0]
     a2 = np.empty((2, LANES))
     n = n_lo
+    if fmt != FMT_FP8 and K % BLOCK == 0:                      # whole dense blocks: eight rows at a time
+        n = _dense_rows8(x1, codes, n_lo, n_hi, out1, exact[0])
     while n < n_hi:
         sr = (row0 + n) // BLOCK
         two = n + 1 < n_hi and (row0 + n + 1) // BLOCK == sr   # both rows in one scale-grid row
@@ -230,6 +238,58 @@ def _matvec_rows(fmt, x1, codes, scale, n_lo, n_hi, row0, out1, exact):
         if two:
             out1[n + 1] = y1
         n += 1 + m
+
+
+F32_MAX = float(np.finfo(np.float32).max)
+PREFETCH_BLOCKS = 4  # _dense_rows8: weight columns read ahead, in blocks of 128 (the next rows' at a row group's end)
+
+
+@njit(cache=True)
+def _dense_exact(x1):
+    """x1 [K] -> [1] bool: every value finite and a float32 value, so that each product with a bf16 or float32
+    weight is exact in float64 (formats.dense_fma128x8's condition): mirror's and float32 mode's inputs."""
+    ok = np.ones(1, np.bool_)
+    for v in x1:
+        if not (abs(v) <= F32_MAX and np.float64(np.float32(v)) == v):      # not NaN, inf or beyond float32
+            ok[0] = False
+            break
+    return ok
+
+
+@njit(cache=True, inline="always")
+def _prefetch_rows8(codes, n, k0):
+    """Prefetch the 128-column block at column k0 of rows n..n+7 (those in bounds), one hint per cache line."""
+    for r in range(n, min(n + ROWS8, codes.shape[0])):
+        for k in range(k0, k0 + BLOCK, LINE // codes.itemsize):
+            prefetch(codes, r, k)
+
+
+@njit(cache=True)
+def _dense_rows8(x1, codes, n_lo, n_hi, out1, fused):
+    """bf16/fp32 weights (codes uint16/uint32), K % 128 == 0: rows n_lo.. of out1 in groups of eight, each block
+    through formats.dense_lanes128x8 (or dense_fma128x8 where fused: x1 passed _dense_exact), the block sums
+    added in ascending order from +0.0 as in _matvec_rows: its bits. -> the first row not done (fewer than
+    eight remain). The block PREFETCH_BLOCKS ahead is prefetched (at a group's end, the next group's first)."""
+    K = x1.shape[0]
+    y = np.empty(ROWS8)
+    n = n_lo
+    while n + ROWS8 <= n_hi:
+        y[:] = 0.0
+        for k0 in range(0, K, BLOCK):
+            kp = k0 + PREFETCH_BLOCKS * BLOCK
+            if kp < K:
+                _prefetch_rows8(codes, n, kp)
+            elif kp - K < K:
+                _prefetch_rows8(codes, n + ROWS8, kp - K)
+            if fused:
+                b = dense_fma128x8(codes, n, k0, x1, k0)
+            else:
+                b = dense_lanes128x8(codes, n, k0, x1, k0)
+            for r in range(ROWS8):
+                y[r] += b[r]
+        out1[n:n + ROWS8] = y
+        n += ROWS8
+    return n
 
 
 @njit(cache=True)
@@ -303,6 +363,18 @@ def _fp4_block(xd, codes, scale, n, k0, h, a):
     return b
 
 
+if numba_config.DISABLE_JIT:                    # plain Python (NUMBA_DISABLE_JIT=1): an intrinsic cannot run there
+    def _trailing_zeros64(v):
+        """The number of trailing zero bits of a non-zero integer."""
+        v = int(v)
+        return (v & -v).bit_length() - 1
+else:
+    @njit(cache=True, inline="always")
+    def _trailing_zeros64(v):
+        """The number of trailing zero bits of a non-zero integer (one tzcnt)."""
+        return trailing_zeros(np.uint64(v))
+
+
 @njit(cache=True, inline="always")
 def _grain_exponent(bits, p):
     """The exponent of the lowest set bit of the float64 whose bits are bits[p] (|v| = odd · 2^result); None-like
@@ -318,10 +390,8 @@ def _grain_exponent(bits, p):
     if ef:
         sig |= np.int64(1) << 52
         e = ef - 1075
-    tz = np.int64(0)
-    while not (sig >> tz) & 1:                                     # trailing zeros of the significand
-        tz += 1
-    return e + tz
+    return e + np.int64(_trailing_zeros64(sig))                    # sig != 0: trailing zeros of the significand
+                                                                   # (a loop here took ~49 steps for an e4m3 value)
 
 
 @njit(cache=True)
@@ -346,7 +416,7 @@ def _fp8_exact_blocks(x1):
             top = max(top, abs(x1[p]))
         if bad:                                                    # inf or NaN: the lanes
             continue
-        ok[k0 // BLOCK] = lo == 100000 or (-938 <= lo <= 850 and top < math.ldexp(float(FP8_XQ_LIMIT), lo))
+        ok[k0 // BLOCK] = lo == 100000 or (-938 <= lo <= 850 and top < math.ldexp(float(FP8_XQ_LIMIT), int(lo)))
     return ok
 
 
@@ -376,13 +446,13 @@ def _fp4_int_x(xd):
                     bad = bad or e == -100000                      # inf or NaN
                     lo = min(lo, e)
                     top = max(top, abs(xd[p]))
-            if bad or (lo != 100000 and top >= math.ldexp(float(FP4_XQ_LIMIT), lo)):
+            if bad or (lo != 100000 and top >= math.ldexp(float(FP4_XQ_LIMIT), int(lo))):
                 g[j] = NO_GRAIN
                 continue
             g[j] = 0 if lo == 100000 else lo
             for half in range(2):
                 for i in range(16):
-                    xq[k0 + 32 * q + 16 * half + i] = np.int32(math.ldexp(xd[k0 + 64 * half + 16 * q + i], -g[j]))
+                    xq[k0 + 32 * q + 16 * half + i] = np.int32(math.ldexp(xd[k0 + 64 * half + 16 * q + i], int(-g[j])))
     return xq, g
 
 
@@ -394,10 +464,12 @@ def _fp4_matvec_rows_int(xd, xq, xg, codes, scale, n_lo, n_hi, out1):
     value isum · 2^E is the lanes' sum bit for bit; a block whose E = g + S - 129 leaves float64's normal
     range (or whose x has no integer form: g = NO_GRAIN) is taken in float64 lanes as before. The 1x32
     sums are added in ascending order, the 128-column blocks too: product_kernel's order. A row whose
-    scales keep every block in range (checked once per row) takes a loop without the per-block check.
+    scales keep every block in range (checked once per row) takes formats.fp4_block128 for each block:
+    the same sums, scalings and additions, the four scalings in one vector.
     """
     K = xd.shape[0]
     a = np.empty(LANES)
+    contiguous = scale.strides[1] == 1 and xg.strides[0] == 8       # fp4_block128 loads 4 scales, 4 grains at once
     g_lo, g_hi = np.int64(NO_GRAIN), np.int64(-NO_GRAIN)
     for j in range(K // 32):
         g_lo = min(g_lo, xg[j])
@@ -412,6 +484,9 @@ def _fp4_matvec_rows_int(xd, xq, xg, codes, scale, n_lo, n_hi, out1):
         for k0 in range(0, K, BLOCK):
             if n + PREFETCH_ROWS < codes.shape[0]:                  # the block's 64 bytes, PREFETCH_ROWS rows ahead
                 prefetch(codes, n + PREFETCH_ROWS, k0 // 2)
+            if not checked and contiguous:                          # every E in range: the scaling in vectors
+                y += fp4_block128(codes, n, k0 // 2, xq, k0, scale, xg)
+                continue
             b = 0.0
             isum = fp4_dot128(codes, n, k0 // 2, xq, k0)          # the four 1x32 blocks' integer sums
             for q in range(4):
@@ -523,7 +598,7 @@ def product_kernel(fmt, x, codes, scale, n_out, row0):
     xin = _deinterleave_fp4(x) if fmt == FMT_FP4 else x
     n_tasks = (n_out + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     if T == 1 and fmt != FMT_FP4:
-        exact = _fp8_exact_blocks(x[0]) if fmt == FMT_FP8 else np.zeros(1, np.bool_)
+        exact = _fp8_exact_blocks(x[0]) if fmt == FMT_FP8 else _dense_exact(x[0])
         for task in prange(n_tasks):
             _matvec_rows(fmt, x[0], codes, scale, task * ROWS_PER_TASK, min(n_out, (task + 1) * ROWS_PER_TASK),
                          row0, out[0], exact)
@@ -551,7 +626,7 @@ def product_kernel_serial(fmt, x, codes, scale, n_out, row0):
     T, K = x.shape
     out = np.empty((T, n_out))
     if T == 1 and fmt != FMT_FP4:
-        exact = _fp8_exact_blocks(x[0]) if fmt == FMT_FP8 else np.zeros(1, np.bool_)
+        exact = _fp8_exact_blocks(x[0]) if fmt == FMT_FP8 else _dense_exact(x[0])
         _matvec_rows(fmt, x[0], codes, scale, 0, n_out, row0, out[0], exact)
         return out
     xin = _deinterleave_fp4(x) if fmt == FMT_FP4 else x
@@ -1060,6 +1135,9 @@ def product(fmt, x, codes, scale, n_out, row0, *, prec: str = "float64", exact_b
             return blas_float32(fmt, x, codes, scale, n_out, row0)
         if prec == "mirror":
             return blas_rounding_checked(fmt, x, codes, scale, n_out, row0)
+    # the one-row paths load a row's codes (and an FP4 block's scales) as vectors: C-contiguous rows (a checkpoint's
+    # always are; a strided view, such as a transposed matrix, is copied)
+    codes, scale = np.ascontiguousarray(codes), np.ascontiguousarray(scale)
     if x.shape[0] * x.shape[1] * n_out < PARALLEL_MIN or in_task():   # a pool task's products stay on its thread
         return product_kernel_serial(fmt, x, codes, scale, n_out, row0)
     return product_kernel(fmt, x, codes, scale, n_out, row0)
@@ -1090,6 +1168,8 @@ def _matvec_prep(fmt, x):
             xq[i], xg[i] = _fp4_int_x(xin[i])
         elif fmt == FMT_FP8:
             exact[i] = _fp8_exact_blocks(x[i])
+        else:
+            exact[i, 0] = _dense_exact(x[i])[0]
     return xin, xq, xg, exact, int_fp4
 
 
@@ -1106,29 +1186,32 @@ def _matvec_task(fmt, x1, xq, xg, codes, scale, n_lo, n_hi, row0, out1, exact, i
 
 
 @njit(parallel=True, cache=True)
-def matvec_many_kernel(fmt, x, codes_t, scale_t, row0s, n_out):
-    """x [M, K] float64, codes_t / scale_t: tuples of M matrices of n_out rows (one format), row0s [M] (the first
-    row of each in its FP8 scale grid) -> [M, n_out]: out[i] = x[i] @ matrix iᵀ, as product_kernel computes it."""
-    M, K = x.shape
+def matvec_many_kernel(fmt, x, xi, codes_t, scale_t, row0s, n_out):
+    """x [M', K] float64, xi [M] (matrix i takes row xi[i] of x), codes_t / scale_t: tuples of M matrices of n_out
+    rows (one format), row0s [M] (the first row of each in its FP8 scale grid) -> [M, n_out]:
+    out[i] = x[xi[i]] @ matrix iᵀ, as product_kernel computes it. Each row of x is prepared once."""
+    M = xi.shape[0]
     xin, xq, xg, exact, int_fp4 = _matvec_prep(fmt, x)
     out = np.empty((M, n_out))
     per = (n_out + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(M * per):               # every output row belongs to one task: one thread
         i = task // per
+        r = xi[i]
         lo = (task - i * per) * ROWS_PER_TASK
-        _matvec_task(fmt, xin[i], xq[i], xg[i], codes_t[i], scale_t[i], lo, min(n_out, lo + ROWS_PER_TASK), row0s[i],
-                     out[i], exact[i], int_fp4)
+        _matvec_task(fmt, xin[r], xq[r], xg[r], codes_t[i], scale_t[i], lo, min(n_out, lo + ROWS_PER_TASK), row0s[i],
+                     out[i], exact[r], int_fp4)
     return out
 
 
 @njit(cache=True)
-def matvec_many_serial(fmt, x, codes_t, scale_t, row0s, n_out):
+def matvec_many_serial(fmt, x, xi, codes_t, scale_t, row0s, n_out):
     """matvec_many_kernel on the calling thread only (small products); the same results."""
-    M, K = x.shape
+    M = xi.shape[0]
     xin, xq, xg, exact, int_fp4 = _matvec_prep(fmt, x)
     out = np.empty((M, n_out))
     for i in range(M):
-        _matvec_task(fmt, xin[i], xq[i], xg[i], codes_t[i], scale_t[i], 0, n_out, row0s[i], out[i], exact[i], int_fp4)
+        r = xi[i]
+        _matvec_task(fmt, xin[r], xq[r], xg[r], codes_t[i], scale_t[i], 0, n_out, row0s[i], out[i], exact[r], int_fp4)
     return out
 
 
@@ -1143,19 +1226,23 @@ def _read_only(arrays) -> tuple:
     return tuple(out)
 
 
-def matvec_many(fmt, x, codes, scales, row0s, n_out):
-    """x [M, K] float64 (row i for matrix i), codes / scales: sequences of M FP8 or FP4 matrices' codes of one
-    shape [n_out, K or K/2] -> [M, n_out] float64, in one parallel region (on one thread when small).
-    Matrix i's output is product(fmt, x[i:i+1], codes[i], scales[i], n_out, row0s[i])'s, bit for bit."""
+def matvec_many(fmt, x, codes, scales, row0s, n_out, rows=None):
+    """x [M', K] float64, codes / scales: sequences of M FP8 or FP4 matrices' codes of one shape [n_out, K or K/2],
+    rows: the row of x each matrix takes ([M] ints; None: row i for matrix i, M' = M) -> [M, n_out] float64, in one
+    parallel region (on one thread when small). Matrix i's output is product(fmt, x[rows[i]][None], codes[i],
+    scales[i], n_out, row0s[i])'s, bit for bit. A row shared by several matrices (a token's w1 and w3 of every
+    expert) is prepared once (FP4 lane order and integer form, FP8 exactness check)."""
     x = np.ascontiguousarray(x, dtype=np.float64)
     codes, scales = _read_only(codes), _read_only(scales)
-    if x.ndim != 2 or len(codes) != x.shape[0] or len(scales) != x.shape[0] or len({c.shape for c in codes}) > 1:
-        raise ValueError(f"matvec_many: {x.shape} input rows for {len(codes)} matrices of shapes "
-                         f"{sorted({c.shape for c in codes})}")
+    xi = np.arange(len(codes), dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+    if (x.ndim != 2 or xi.shape != (len(codes),) or len(scales) != len(codes) or len({c.shape for c in codes}) > 1
+            or (rows is None and x.shape[0] != len(codes)) or (len(xi) and not 0 <= xi.min() <= xi.max() < x.shape[0])):
+        raise ValueError(f"matvec_many: {x.shape} input rows (taken as {xi.tolist()[:8]}) for {len(codes)} matrices "
+                         f"of shapes {sorted({c.shape for c in codes})}")
     row0s = np.asarray(row0s, np.int64)
-    if x.shape[0] * x.shape[1] * n_out < PARALLEL_MIN:
-        return matvec_many_serial(fmt, x, codes, scales, row0s, n_out)
-    return matvec_many_kernel(fmt, x, codes, scales, row0s, n_out)
+    if len(codes) * x.shape[1] * n_out < PARALLEL_MIN:
+        return matvec_many_serial(fmt, x, xi, codes, scales, row0s, n_out)
+    return matvec_many_kernel(fmt, x, xi, codes, scales, row0s, n_out)
 
 
 def spec_matmul(x, w, prec):

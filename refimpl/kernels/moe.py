@@ -89,9 +89,10 @@ def expert_sum(flat: np.ndarray, ids: np.ndarray, weights: np.ndarray, w: MoEWei
     return y + _expert(xq, w.shared, prec, limit, None)            # shared expert last
 
 
-def _many(xq: np.ndarray, mats, prec: str):
-    """quantized_linear of row i of xq [M, K] float64 (FP8-quantized) by matrix i of mats (one format and shape)
-    -> [M, n] (bf16 values in mirror), in one call of linear.matvec_many; None if a matrix holds a NaN code."""
+def _many(xq: np.ndarray, mats, prec: str, rows=None):
+    """quantized_linear of row rows[i] of xq [M', K] float64 (FP8-quantized; rows None: row i) by matrix i of mats
+    (one format and shape) -> [len(mats), n] (bf16 values in mirror), in one call of linear.matvec_many; None if a
+    matrix holds a NaN code."""
     checked = [checked_codes(m) for m in mats]
     if any(nan for _, _, _, nan in checked) or len({f for f, _, _, _ in checked}) > 1:
         return None
@@ -100,7 +101,7 @@ def _many(xq: np.ndarray, mats, prec: str):
         raise ValueError(f"expert_sum: input has {xq.shape[1]} columns, the expert matrices "
                          f"{sorted({m.shape for m in mats})} need {k}")
     y = matvec_many(checked[0][0], xq, [c for _, c, _, _ in checked], [sc for _, _, sc, _ in checked],
-                    np.zeros(len(mats), np.int64), n)
+                    np.zeros(len(mats), np.int64), n, rows)
     return bf16(_finish(y, (len(mats),), prec), prec)
 
 
@@ -108,7 +109,7 @@ def _experts_of_one_token(xq: np.ndarray, experts, prec: str, swiglu_limit: floa
     """_expert for one token xq [1, c] and several experts at once (w1 and w3 of all in one call, w2 of all in
     another): -> [len(experts), c], row i = _expert(xq, experts[i], ..., weights[i]); None where _many declines."""
     a = len(experts)
-    gu = _many(np.repeat(xq, 2 * a, axis=0), [m for e in experts for m in (e.w1, e.w3)], prec)   # [2a, f]
+    gu = _many(xq, [m for e in experts for m in (e.w1, e.w3)], prec, np.zeros(2 * a, np.int64))   # [2a, f], one x
     if gu is None:
         return None
     h = swiglu(gu[0::2], gu[1::2], prec, swiglu_limit=swiglu_limit, weights=weights)   # [a, f] fp32, row by row

@@ -23,7 +23,8 @@ from numba import njit
 
 from packed_weights import fp4_matrix, fp8_matrix, on_fp32_boundary
 from refimpl.kernels import linear as K
-from refimpl.kernels.formats import dense_lanes128, fp4_dot32, fp4_dot128, fp4_times4
+from refimpl.kernels.formats import (dense_fma128x8, dense_lanes128, dense_lanes128x8, fp4_block128, fp4_dot32,
+                                     fp4_dot128, fp4_times4)
 from refimpl.model import linear as spec
 from refimpl.model.attention import grouped_wo_a
 from refimpl.model.linear import Fp4Matrix, Fp8Matrix
@@ -299,6 +300,12 @@ fmt, codes, scale, _ = K.checked_codes(w)                          # the paralle
 xp = np.repeat(x.astype(np.float64), 3, axis=0)
 out["parallel"] = K.product_kernel(fmt, xp, codes, scale, codes.shape[0], 0).tobytes().hex()
 out["serial"] = K.product_kernel_serial(fmt, xp, codes, scale, codes.shape[0], 0).tobytes().hex()
+# the one-row paths of decode: FP4 (integer sums, vector scaling), dense eight rows at a time (fused for float32 x)
+x1 = round_bf16(rng.standard_normal((1, 256)))
+out["fp4row"] = K.quantized_linear(x1, fp4_matrix(rng, 40, 256), "mirror").tobytes().hex()
+wd = rng.standard_normal((45, 256)).astype(np.float32)
+out["dense"] = [K.fp32_linear(x1.astype(np.float32), wd, "mirror").tobytes().hex(),
+                K.fp32_linear(rng.standard_normal((1, 256)), wd, "float64").tobytes().hex()]
 # thread-count test: products long enough that two threads overlap in each prange (64 tasks of 32
 # rows; the several-row path and both one-row paths), three times each: a scratch buffer the threads
 # share corrupts some of them
@@ -591,6 +598,129 @@ def test_dense_lanes128_is_the_lane_order_bit_for_bit(seed, dtype, spread):
 
 
 @njit
+def _lanes128x8(codes, n, j, x, i, fused):
+    """formats.dense_lanes128x8 / dense_fma128x8 (intrinsics: callable from compiled code only)."""
+    return dense_fma128x8(codes, n, j, x, i) if fused else dense_lanes128x8(codes, n, j, x, i)
+
+
+def _same_bits(got, want) -> bool:
+    """Equal bit for bit, or (NaN payloads aside) equal with NaN in the same places."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return bool(np.array_equal(got.view(np.uint64), want.view(np.uint64)) or (
+        np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(got[~np.isnan(got)], want[~np.isnan(want)])))
+
+
+def _dense_case(rng, dtype, spread, rows, k, kind):
+    """(codes [rows, k] bf16/fp32 bits, their float32 values, x [k] float64) for the dense one-row tests. kind:
+    "f32" x of finite float32 values (mirror, float32 mode: the fused path), "f64" arbitrary float64 values,
+    "nonfinite" float32 values with an inf or NaN; the weights have signed zeros, subnormals and (sometimes) inf/NaN."""
+    w = (rng.standard_normal((rows, k)) * 2.0 ** rng.integers(-spread, spread + 1, (rows, k))).astype(np.float32)
+    w.reshape(-1)[rng.integers(0, w.size, 3)] = np.float32(-0.0), np.float32(0.0), np.float32(2.0 ** -140)
+    if rng.random() < 0.3:
+        w.reshape(-1)[rng.integers(0, w.size)] = rng.choice([np.inf, -np.inf, np.nan])
+    codes = (w.astype(ml_dtypes.bfloat16).view(np.uint16) if dtype == "bf16" else w.view(np.uint32))
+    wv = (codes.astype(np.uint32) << 16).view(np.float32) if dtype == "bf16" else w
+    x = rng.standard_normal(k) * 2.0 ** rng.integers(-spread, spread + 1, k)
+    if kind != "f64":
+        x = x.astype(np.float32).astype(np.float64)
+        x[rng.integers(0, k)] = -0.0
+    if kind == "nonfinite":
+        x[rng.integers(0, k)] = rng.choice([np.inf, -np.inf, np.nan])
+    return codes, wv, x
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from(["bf16", "f32"]), spread=st.integers(0, 60),
+       kind=st.sampled_from(["f32", "f64", "nonfinite"]))
+def test_dense_lanes128x8_is_eight_dense_lanes128(seed, dtype, spread, kind):
+    """Eight rows at once (the lanes transposed and summed as vectors) give dense_lanes128's bits for each row, at
+    offsets into both arrays; with fused multiply-adds the same where x holds float32 values (exact products)."""
+    rng = np.random.default_rng(seed)
+    codes, _, x = _dense_case(rng, dtype, spread, 11, 140, kind)
+    for n, j, i in ((0, 0, 0), (3, 12, 2)):
+        want = [_lanes128(codes, n + r, j, x, i) for r in range(8)]
+        assert _same_bits(_lanes128x8(codes, n, j, x, i, False), want)
+        if kind == "f32":
+            assert _same_bits(_lanes128x8(codes, n, j, x, i, True), want)
+
+
+def test_dense_lanes128x8_hand_worked():
+    """Row r of eight: lane sums added in ascending order from +0.0. Row 0: lane 0 holds 2^53 and lane 1 holds
+    1 + 1 (two positions 16 apart): (2^53 + 2) ... exact; row 1: lane 0 holds 2^53, lanes 1 and 2 hold 1 each:
+    2^53 + 1 rounds to 2^53 (ties to even) twice: 2^53, where lanes added pairwise would give 2^53 + 2."""
+    x = np.ones(128)
+    codes = np.zeros((8, 128), np.float32)
+    codes[0, 0], codes[0, 1], codes[0, 17] = 2.0 ** 53, 1.0, 1.0
+    codes[1, 0], codes[1, 1], codes[1, 2] = 2.0 ** 53, 1.0, 1.0
+    codes[7, 127] = -3.0
+    got = _lanes128x8(codes.view(np.uint32), 0, 0, x, 0, False)
+    assert got == (2.0 ** 53 + 2, 2.0 ** 53, 0.0, 0.0, 0.0, 0.0, 0.0, -3.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from(["bf16", "f32"]), spread=st.integers(0, 40),
+       kind=st.sampled_from(["f32", "f32", "f64", "nonfinite"]), rows=st.integers(1, 30), kblocks=st.integers(1, 3),
+       n_lo=st.integers(0, 5))
+def test_dense_one_row_path_is_the_lane_order(seed, dtype, spread, kind, rows, kblocks, n_lo):
+    """The dense one-row path (_matvec_rows: eight rows at a time, fused multiply-adds for float32 inputs, the
+    remaining rows two at a time) gives linear.py's written-out order bit for bit, for any row range."""
+    rng = np.random.default_rng(seed)
+    k = 128 * kblocks
+    codes, wv, x = _dense_case(rng, dtype, spread, rows + n_lo, k, kind)
+    f = K.FMT_BF16 if dtype == "bf16" else K.FMT_F32
+    exact = K._dense_exact(x)
+    assert bool(exact[0]) == (kind == "f32")
+    got = np.full(rows + n_lo, 7.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        K._matvec_rows(f, x, codes, K._NO_SCALE, n_lo, n_lo + rows, 0, got, exact)
+        want = [sum((_lanes_order(x[b:b + 128], wv[n, b:b + 128]) for b in range(0, k, 128)), 0.0)
+                for n in range(n_lo, n_lo + rows)]
+    assert (got[:n_lo] == 7.0).all()                               # rows outside the range untouched
+    assert _same_bits(got[n_lo:], want)
+
+
+def test_dense_exact_hand_worked():
+    """The fused path's condition: finite float32 values only."""
+    x = np.array([1.5, -0.0, 2.0 ** -149, 3.4e38], np.float32).astype(np.float64)
+    assert K._dense_exact(x)[0]
+    for bad in (0.1, np.inf, np.nan, 2.0 ** -150, 1e39):
+        assert not K._dense_exact(np.append(x, bad))[0]
+
+
+@njit
+def _block128(codes, n, j, xq, i, scale, xg):
+    """formats.fp4_block128 (an intrinsic: callable from compiled code only)."""
+    return fp4_block128(codes, n, j, xq, i, scale, xg)
+
+
+def test_fp4_block128_is_the_scaled_sums_in_order():
+    """fp4_block128: the four 1x32 sums of fp4_dot128, each times 2^(scale - 129 + g), added in ascending order.
+    Hand-worked: one nibble per 1x32 block (1.0 or -1.0: 4·e2m1 = ±4) against xq = 1, scaled to 1, 2^53 or -2^53:
+    (1 + 2^53) - 2^53 + 0 = 0 (2^53 + 1 rounds to 2^53), and 2^53 + 1 + 1 + 1 = 2^53, where other orders give
+    1 or 2^53 + 2. Then random blocks at offsets into every array, against the formula in plain Python."""
+    codes = np.zeros((1, 64), np.uint8)
+    xq = np.zeros(128, np.int32)
+    xq[0::32] = 1                                                  # the low nibble of byte 16q meets xq[32q]
+    for nibbles, scales, want in (([2, 2, 10, 0], [127, 180, 180, 127], 0.0),
+                                  ([2, 2, 2, 2], [180, 127, 127, 127], 2.0 ** 53)):
+        codes[0, 0::16] = nibbles                                  # 2: 1.0, 10: -1.0, 0: 0
+        got = _block128(codes, 0, 0, xq, 0, np.array([scales], np.uint8), np.zeros(4, np.int64))
+        assert got == want
+    rng = np.random.default_rng(8)
+    codes = rng.integers(0, 256, (3, 96), dtype=np.uint8)
+    xq = rng.integers(-(1 << 20), 1 << 20, 160).astype(np.int32)
+    scale = np.array([[127] * 6, [20, 227, 200, 127, 127, 60], [100, 130, 160, 190, 127, 127]], np.uint8)
+    xg = np.array([0, -40, 3, -7, 100, -1], np.int64)
+    for n, j, i in ((1, 0, 0), (1, 32, 64), (2, 0, 0), (0, 16, 32)):
+        isum = _dot128(codes, n, j, xq, i)
+        want = None
+        for q in range(4):
+            sq = float(isum[q]) * 2.0 ** (int(scale[n, i // 32 + q]) - 129 + int(xg[i // 32 + q]))
+            want = sq if want is None else want + sq
+        assert np.float64(_block128(codes, n, j, xq, i, scale, xg)).view(np.uint64) == np.float64(want).view(np.uint64)
+
+
+@njit
 def _dot128(codes, n, j, xq, i):
     """formats.fp4_dot128 (an intrinsic: callable from compiled code only)."""
     return fp4_dot128(codes, n, j, xq, i)
@@ -650,6 +780,47 @@ def test_matvec_many_is_each_matrix_product_bit_for_bit(seed, fmt, m, n, kblocks
     assert got.shape == (m, n)
     assert np.array_equal(got.view(np.uint64), want.view(np.uint64)) or (
         np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(got[~np.isnan(got)], want[~np.isnan(want)]))
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_matvec_many_shared_rows_are_the_repeated_rows(fmt, parallel, monkeypatch):
+    """rows=: matrices taking the same input row (a token's w1 and w3 of every expert; the row prepared once) give
+    the bits of the call with that row repeated, in any order of the rows."""
+    if parallel:
+        monkeypatch.setattr(K, "PARALLEL_MIN", 0)
+    rng = np.random.default_rng(21)
+    k, n = 256, 40
+    make = fp8_matrix if fmt == "fp8" else fp4_matrix
+    parts = [K.checked_codes(make(rng, n, k, scale_lo=100, scale_hi=150)) for _ in range(5)]
+    f, mats, scales = parts[0][0], [q[1] for q in parts], [q[2] for q in parts]
+    x = np.stack([_fp4_x(rng, k, kind) for kind in ("mirror", "any", "mirror")])
+    rows = [2, 0, 2, 1, 0]
+    got = K.matvec_many(f, x, mats, scales, [0] * 5, n, rows)
+    want = K.matvec_many(f, x[rows], mats, scales, [0] * 5, n)
+    assert np.array_equal(got.view(np.uint64), want.view(np.uint64))
+    with pytest.raises(ValueError, match="matvec_many"):
+        K.matvec_many(f, x, mats, scales, [0] * 5, n, [0, 1, 2, 3, 0])          # no row 3
+    with pytest.raises(ValueError, match="matvec_many"):
+        K.matvec_many(f, x, mats, scales, [0] * 5, n, [0, 1])                   # a row for each matrix
+
+
+@pytest.mark.parametrize("kind", ["fp8", "fp4", "bf16", "f32"])
+def test_one_row_products_of_strided_weights(kind):
+    """A weight given as a strided view (column-major bytes, a transposed matrix) gives the contiguous weight's
+    bits on the one-row paths, whose intrinsics load a row's codes as vectors (they once read the wrong bytes)."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    if kind in ("fp8", "fp4"):
+        w = fp8_matrix(rng, 200, 256) if kind == "fp8" else fp4_matrix(rng, 60, 256)
+        strided = type(w)(values=np.asfortranarray(w.values), scale=np.asfortranarray(w.scale))
+        got, want = K.quantized_linear(x, strided, "mirror"), K.quantized_linear(x, w, "mirror")
+        assert np.array_equal(want, spec.quantized_linear.spec(x, w, "mirror"))
+    else:
+        w = rng.standard_normal((256, 45)).astype(np.float32)
+        w = (w.astype(ml_dtypes.bfloat16) if kind == "bf16" else w).T             # [45, 256], column-major
+        got, want = K.fp32_linear(x, w, "mirror"), K.fp32_linear(x, np.ascontiguousarray(w), "mirror")
+    assert np.array_equal(got, want)
 
 
 def test_matvec_many_refuses_mismatched_matrices():
