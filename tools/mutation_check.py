@@ -312,6 +312,9 @@ ORDER_AND_THREADS = [
      [("m = max(m, abs(w[n, k]))", "m += abs(w[n, k]) / B")]),
     ("linear kernel: FP4 128-column sums with scales spanning 25 binades", K_LIN,
      [("if np.int32(hi) - np.int32(lo) > 24:", "if np.int32(hi) - np.int32(lo) > 25:")]),
+    # the thread policy (issue 23, the small model, third pass)
+    ("threads: Numba's OpenMP workers left spinning between regions", "refimpl/kernels/threads.py",
+     [('    return {"OMP_WAIT_POLICY": WAIT_POLICY}', "    return {}")]),
 ]
 
 PINNED_BY = {
@@ -352,6 +355,7 @@ PINNED_BY = {
     "linear kernel: dense products' bound on Σ|x·w| from block means, not maxima":
         [f"{LIN_KERNEL}::test_abs_bound_is_an_upper_bound", f"{LIN_KERNEL}::test_abs_bound_blocks_hand_worked"],
     "linear kernel: FP4 128-column sums with scales spanning 25 binades": [f"{LIN_KERNEL}::test_fp4_spans_fit_hand_worked"],
+    "threads: Numba's OpenMP workers left spinning between regions": ["tests/kernels/test_thread_policy.py"],
 }
 ALL = MUTATIONS + ORDER_AND_THREADS
 
