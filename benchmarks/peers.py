@@ -4,9 +4,14 @@
     python benchmarks/peers.py                   # the tiny checkpoint (made under /tmp on first use), 300 tokens
     python benchmarks/peers.py --ckpt DIR --tokens 300 --threads 1 --repeats 3
 
-Both run in this process, with the same thread count (--threads, default: the CPUs this process
-may use) for torch, Numba and OpenBLAS, interleaved (transformers, refimpl float32, refimpl mirror,
-again), best of --repeats after a warm-up forward of each (Numba's compilation is not timed). The
+Both run with the same thread count (--threads, default: the CPUs this process may use) for torch,
+Numba and OpenBLAS, interleaved (transformers, refimpl float32, refimpl mirror, again), best of
+--repeats after a warm-up forward of each (Numba's compilation is not timed). refimpl runs in a
+process of its own, driven by this one (each times its own forwards), as a user's program would run
+it: in torch's process Numba's parallel regions would run on torch's OpenMP runtime (torch loads its
+libgomp with global symbols first), which spins between regions as it was configured at torch's import,
+not as refimpl starts Numba's threads (refimpl/kernels/threads.py). --one-process runs both in this
+process (how it was measured before 2026-12-08). The
 figures are ratios in the same run: refimpl's time over transformers' time for one forward pass of
 --tokens random token ids (logits at every position; transformers with use_cache=False, its eager
 attention, float32 on the CPU); the same in process CPU seconds ("cpu_ratios", steadier than wall
@@ -36,6 +41,61 @@ def _threads(n: int) -> None:
         os.environ[var] = str(n)
 
 
+def _thread_setup() -> dict:
+    """How refimpl's threads were set up (after its first forwards): Numba's threading layer and thread count, the
+    OpenMP wait variables as the environment has them now (refimpl sets its own only while Numba's threads
+    start: refimpl/kernels/threads.py)."""
+    import numba
+    return {"numba_threading_layer": numba.threading_layer(), "numba_threads": numba.get_num_threads(),
+            "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "NUMBA_THREADING_LAYER")}}
+
+
+def _refimpl_worker(ckpt: str, ids_file: str) -> int:
+    """The refimpl side (--refimpl-worker): loads both precisions, warms them up, then for each line NAME read from
+    stdin runs that forward and prints [NAME, wall seconds, process CPU seconds] (no torch in this process)."""
+    import numpy as np
+    import refimpl
+    ids = np.load(ids_file)
+    runs = {f"refimpl_{p}": (lambda m=refimpl.load(ckpt, precision=p): m.forward(ids)) for p in ("float32", "mirror")}
+    for fn in runs.values():                                                     # warm-up: compile, caches
+        fn()
+    print(json.dumps({"ready": list(runs), "thread_setup": _thread_setup()}), flush=True)
+    for line in sys.stdin:
+        name = line.strip()
+        t0, c0 = time.perf_counter(), time.process_time()
+        runs[name]()
+        print(json.dumps([name, time.perf_counter() - t0, time.process_time() - c0]), flush=True)
+    return 0
+
+
+class _Worker:
+    """The refimpl worker process: .names, and .run(name) -> (wall, CPU seconds) of one forward."""
+
+    def __init__(self, ckpt: Path, ids_file: str):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--refimpl-worker", ids_file, "--ckpt", str(ckpt)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = json.loads(self._line())
+        self.names, self.thread_setup = ready["ready"], ready["thread_setup"]
+
+    def _line(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the refimpl worker ended (status {self.proc.wait()})")
+        return line
+
+    def run(self, name: str) -> tuple[float, float]:
+        self.proc.stdin.write(name + "\n")
+        self.proc.stdin.flush()
+        got, wall, cpu = json.loads(self._line())
+        if got != name:
+            raise RuntimeError(f"the refimpl worker answered {got!r} for {name!r}")
+        return wall, cpu
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
 def _tool():
     """tools/trace_transformers.py as a module (how the project loads transformers' model)."""
     spec = importlib.util.spec_from_file_location("trace_transformers", ROOT / "tools" / "trace_transformers.py")
@@ -50,7 +110,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=300)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--one-process", action="store_true",
+                    help="refimpl in this process, after torch (Numba then runs on torch's OpenMP runtime)")
+    ap.add_argument("--refimpl-worker", metavar="IDS_NPY", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.refimpl_worker:
+        return _refimpl_worker(a.ckpt, a.refimpl_worker)
     if a.tokens < 1 or a.threads < 1 or a.repeats < 1:
         ap.error("--tokens, --threads and --repeats must be at least 1")
     _threads(a.threads)
@@ -80,34 +145,54 @@ def main(argv=None) -> int:
     hf = tool.load_transformers(ckpt, cfg)
     ids = np.random.default_rng(0).integers(2, cfg.vocab_size, a.tokens)
     tids = torch.from_numpy(ids)[None]
-    models = {prec: refimpl.load(str(ckpt), precision=prec) for prec in ("float32", "mirror")}
 
     def run_hf():
         with torch.no_grad():
             hf(tids)
 
-    runs = {"transformers": run_hf}
-    runs.update({f"refimpl_{p}": (lambda m=m: m.forward(ids)) for p, m in models.items()})
-    for fn in runs.values():                                                     # warm-up: compile, caches
+    timed = {"transformers": run_hf}                                            # name -> () run in this process
+    worker = None
+    if a.one_process:
+        models = {prec: refimpl.load(str(ckpt), precision=prec) for prec in ("float32", "mirror")}
+        timed.update({f"refimpl_{p}": (lambda m=m: m.forward(ids)) for p, m in models.items()})
+    else:
+        with tempfile.NamedTemporaryFile(suffix=".npy", delete=False) as f:
+            np.save(f, ids)
+        try:
+            worker = _Worker(ckpt, f.name)                                       # loads and warms up its models
+        finally:
+            os.unlink(f.name)
+    for fn in timed.values():                                                    # warm-up: compile, caches
         fn()
-    load_start = os.getloadavg()
-    times = {name: float("inf") for name in runs}
-    cpu = {name: float("inf") for name in runs}                                  # process CPU seconds: steadier
-    for _ in range(a.repeats):                                                   # interleaved                  under load
-        for name, fn in runs.items():
+
+    def measure(name):
+        if name in timed:
             t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            times[name] = min(times[name], time.perf_counter() - t0)
-            cpu[name] = min(cpu[name], time.process_time() - c0)
-    ratios = {f"{name}_over_transformers": times[name] / times["transformers"] for name in runs
+            timed[name]()
+            return time.perf_counter() - t0, time.process_time() - c0
+        return worker.run(name)
+
+    names = list(timed) + (worker.names if worker else [])
+    load_start = os.getloadavg()
+    times = {name: float("inf") for name in names}
+    cpu = {name: float("inf") for name in names}                                 # process CPU seconds: steadier
+    for _ in range(a.repeats):                                                   # interleaved                  under load
+        for name in names:
+            wall, c = measure(name)
+            times[name] = min(times[name], wall)
+            cpu[name] = min(cpu[name], c)
+    if worker:
+        worker.close()
+    ratios = {f"{name}_over_transformers": times[name] / times["transformers"] for name in names
               if name != "transformers"}
-    cpu_ratios = {f"{name}_over_transformers": cpu[name] / cpu["transformers"] for name in runs
+    cpu_ratios = {f"{name}_over_transformers": cpu[name] / cpu["transformers"] for name in names
                   if name != "transformers"}
     report = {"ckpt": str(ckpt), "tokens": a.tokens, "threads": a.threads, "seconds": times, "ratios": ratios,
               "cpu_seconds": cpu, "cpu_ratios": cpu_ratios,
+              "refimpl_process": "this one" if a.one_process else "its own",
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                            "refimpl": refimpl.__version__ if hasattr(refimpl, "__version__") else None},
-              "machine": {"load_start": load_start, "load_end": os.getloadavg()}}
+              "machine": {"load_start": load_start, "load_end": os.getloadavg()}, "thread_setup": worker.thread_setup if worker else _thread_setup()}
     for name, r in ratios.items():
         print(f"{name:40s} x{r:.2f}  (CPU time: x{cpu_ratios[name]:.2f})")
     print(json.dumps(report))

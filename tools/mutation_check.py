@@ -335,6 +335,9 @@ ORDER_AND_THREADS = [
        "b = builder.extract_element(s, ir.Constant(i32, 3))\n            for q in (2, 1, 0):")]),
     ("linear kernel: FP4 block's vector scaling by 2^(S-128+g)", K_FMT,
      [("[1023 - 129] * 4", "[1023 - 128] * 4")]),
+    # the thread policy (issue 23, the small model, third pass)
+    ("threads: Numba's OpenMP workers left spinning between regions", "refimpl/kernels/threads.py",
+     [('    return {"OMP_WAIT_POLICY": WAIT_POLICY}', "    return {}")]),
 ]
 
 PINNED_BY = {
@@ -396,6 +399,7 @@ PINNED_BY = {
     "linear kernel: FP4 block's vector scaling by 2^(S-128+g)":
         [f"{LIN_KERNEL}::test_fp4_block128_is_the_scaled_sums_in_order",
          f"{LIN_KERNEL}::test_fp4_integer_one_row_path_is_the_float_lanes_bit_for_bit"],
+    "threads: Numba's OpenMP workers left spinning between regions": ["tests/kernels/test_thread_policy.py"],
 }
 ALL = MUTATIONS + ORDER_AND_THREADS
 
