@@ -73,7 +73,10 @@ def test_rms_norm_backward(seed, rows, c, scale):
     x, w, cot = rng.standard_normal((rows, c)) * scale, rng.standard_normal(c), rng.standard_normal((rows, c))
     dx, dw = rms_norm_backward(cot, x, w, eps=1e-6)
     f = lambda x, w: float(np.sum(cot * rms_norm(x, w, eps=1e-6, prec="float64")))   # noqa: E731
-    assert_directional(f, {"x": dx, "w": dw}, {"x": x, "w": w}, rng, step=STEP * scale)
+    # the step follows the smallest row's RMS, the scale of rms_norm's curvature (a step of 1e-5 against a row
+    # of RMS 0.003 drawn at scale 1 left a truncation error of 1.5e-6, over RTOL: seed 268435457, 2 x 2)
+    rms = float(np.sqrt(np.mean(x * x, axis=1)).min())
+    assert_directional(f, {"x": dx, "w": dw}, {"x": x, "w": w}, rng, step=STEP * min(scale, rms))
 
 
 @given(seeds, st.integers(1, 3), st.integers(1, 4))
