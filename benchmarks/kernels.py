@@ -337,7 +337,8 @@ class LayerTimer:
 
     def __init__(self):
         import refimpl.model.transformer as tr
-        self.tr, self.block, self.head = tr, tr.block, tr.head_logits
+        self.tr, self.block = tr, tr.block
+        self.head = {name: getattr(tr, name) for name in ("head_input", "head_product")}   # the head: both parts
         self.layer_s: dict[int, float] = {}
         self.head_s = 0.0
 
@@ -350,16 +351,22 @@ class LayerTimer:
             self.layer_s[layer] = self.layer_s.get(layer, 0.0) + time.perf_counter() - t0
             return out
 
-        def head_logits(*args, **kwargs):
-            t0 = time.perf_counter()
-            out = self.head(*args, **kwargs)
-            self.head_s += time.perf_counter() - t0
-            return out
-        self.tr.block, self.tr.head_logits = block, head_logits
+        def timed(fn):
+            def head_part(*args, **kwargs):
+                t0 = time.perf_counter()
+                out = fn(*args, **kwargs)
+                self.head_s += time.perf_counter() - t0
+                return out
+            return head_part
+        self.tr.block = block
+        for name, fn in self.head.items():
+            setattr(self.tr, name, timed(fn))
         return self
 
     def __exit__(self, *exc):
-        self.tr.block, self.tr.head_logits = self.block, self.head
+        self.tr.block = self.block
+        for name, fn in self.head.items():
+            setattr(self.tr, name, fn)
 
     def reset(self):
         self.layer_s, self.head_s = {}, 0.0
