@@ -85,8 +85,10 @@ def test_quantized_linear_matches_spec(seed, prec, fmt, n, kblocks, odd_k, rows)
 
 @pytest.fixture
 def small_panels(monkeypatch):
-    """The BLAS path in panels of 64 weight and input rows, so that small products cross panel edges."""
+    """The BLAS path in panels of 64 weight and input rows, so that small products cross panel edges, and mirror's
+    FP8/FP4 products through one dgemm over K at any K (FULL_K_MIN; the other tests take the block products)."""
     monkeypatch.setattr(K, "PANEL_ROWS", 64)
+    monkeypatch.setattr(K, "FULL_K_MIN", 0)
 
 
 @settings(max_examples=25, deadline=None)
@@ -114,10 +116,14 @@ def test_mirror_quantized_products_are_the_spec_on_every_path(small_panels, seed
             assert np.array_equal(K.quantized_linear(x[r:r + 1], w, "mirror")[0], ky[r])
 
 
+@pytest.mark.parametrize("full_k_min", [0, None])
 @pytest.mark.parametrize("rows", [1, 3, 18])
-def test_mirror_block_order_hand_worked_on_every_path(rows):
+def test_mirror_block_order_hand_worked_on_every_path(rows, full_k_min, monkeypatch):
     """Blocks (1, 2^60, -2^60) in every order add to ((a + b) + c): 0 or 1, on each kernel path (FP8 128-column
-    blocks; FP4 32-column sums inside one block, whose spans of 60 binades send BLAS to the 32-column sums)."""
+    blocks; FP4 32-column sums inside one block, whose spans of 60 binades send BLAS to the 32-column sums;
+    from 16 rows BLAS's one dgemm over K (FULL_K_MIN 0) and its block products)."""
+    if full_k_min is not None:
+        monkeypatch.setattr(K, "FULL_K_MIN", full_k_min)
     import itertools
     big = 2.0 ** 60
     perms = [list(p) for p in itertools.permutations([1.0, big, -big])]

@@ -21,6 +21,22 @@ def test_check_finite_names_the_site_layer_and_first_index():
     check_finite("layers.3.ffn.expert_ids", np.full((1, 2), -1, np.int32))   # integer sites: nothing to check
 
 
+@pytest.mark.parametrize("where", [0, 4 * 7 - 1, 3 * 7 + 2])
+def test_check_finite_in_slices_finds_a_value_in_any_slice(monkeypatch, where):
+    """A contiguous site is checked a slice at a time (no mask of its size): a NaN in the first, a middle or
+    the last, partial slice is found; a strided view (checked whole) too."""
+    import refimpl.sites as sites
+    monkeypatch.setattr(sites, "CHECK_ELEMENTS", 5)
+    x = np.zeros((1, 4, 7), np.float32)
+    check_finite("logits", x)
+    x.reshape(-1)[where] = np.nan
+    with pytest.raises(NonFiniteError, match="1 NaN, 0 Inf of 28"):
+        check_finite("logits", x)
+    with pytest.raises(NonFiniteError, match="1 NaN, 0 Inf of 28"):
+        check_finite("logits", np.asfortranarray(x))
+    check_finite("logits", x[:, :, ::7][:, :, :0])                      # an empty view: nothing to find
+
+
 def test_check_finite_hidden_entries_must_be_exactly_minus_inf():
     """The indexer scores hold -inf where an entry is not visible, and only there."""
     hidden = np.array([[False, True], [False, False]])
