@@ -31,21 +31,26 @@ def _moe_weights(rng, n_experts: int, c: int, f: int) -> MoEWeights:
     return MoEWeights(gate=gate, experts=tuple(ew(fp4_matrix) for _ in range(n_experts)), shared=ew(fp8_matrix))
 
 
-@settings(max_examples=12)
-@given(seed=st.integers(0, 2**32 - 1), prec=st.sampled_from(["mirror", "float64", "float32"]),
-       tokens=st.integers(1, 9), revision=st.sampled_from(["current", "initial"]))
-def test_expert_sum_matches_spec(seed, prec, tokens, revision):
-    rng = np.random.default_rng(seed)
-    e, a, c, f = 5, 2, 256, 128
+def _routed_tokens(rng, prec, tokens, e=5, a=2, c=256, f=128):
+    """-> (weights of e experts, bf16 rows [tokens, c] (float64 in float64 mode), a distinct expert ids per row)."""
     w = _moe_weights(rng, e, c, f)
     flat = round_bf16(rng.standard_normal((tokens, c)))
     if prec == "float64":
         flat = flat.astype(np.float64)
     ids = np.stack([rng.choice(e, a, replace=False) for _ in range(tokens)]).astype(np.int64)
-    weights = rng.random((tokens, a)).astype(flat.dtype)
+    return w, flat, ids
+
+
+@settings(max_examples=12)
+@given(seed=st.integers(0, 2**32 - 1), prec=st.sampled_from(["mirror", "float64", "float32"]),
+       tokens=st.integers(1, 9), revision=st.sampled_from(["current", "initial"]))
+def test_expert_sum_matches_spec(seed, prec, tokens, revision):
+    rng = np.random.default_rng(seed)
+    w, flat, ids = _routed_tokens(rng, prec, tokens)
+    weights = rng.random(ids.shape).astype(flat.dtype)
     ky = K.expert_sum(flat, ids, weights, w, TINY, prec, revision)
     sy = expert_sum.spec(flat, ids, weights, w, TINY, prec, revision)
-    assert ky.dtype == sy.dtype and ky.shape == sy.shape == (tokens, c)
+    assert ky.dtype == sy.dtype and ky.shape == sy.shape == flat.shape
     scale = np.abs(sy).max()
     if prec == "mirror":
         assert np.array_equal(ky, sy)
@@ -109,13 +114,8 @@ def test_experts_as_pool_tasks_are_the_experts_in_turn_bit_for_bit(monkeypatch, 
     expert) the BLAS paths, here nested in the tasks. Routing weights spread over 2^28 make the order of
     the fp32 additions show."""
     rng = np.random.default_rng(tokens)
-    e, a, c, f = 5, 2, 256, 128
-    w = _moe_weights(rng, e, c, f)
-    flat = round_bf16(rng.standard_normal((tokens, c)))
-    if prec == "float64":
-        flat = flat.astype(np.float64)
-    ids = np.stack([rng.choice(e, a, replace=False) for _ in range(tokens)]).astype(np.int64)
-    weights = (2.0 ** rng.uniform(-26, 2, (tokens, a))).astype(flat.dtype)
+    w, flat, ids = _routed_tokens(rng, prec, tokens)
+    weights = (2.0 ** rng.uniform(-26, 2, ids.shape)).astype(flat.dtype)
     in_turn = K.expert_sum(flat, ids, weights, w, TINY, prec, "current")
     monkeypatch.setattr(K, "EXPERT_TASK_MIN", 0)
     tasks = K.expert_sum(flat, ids, weights, w, TINY, prec, "current")
